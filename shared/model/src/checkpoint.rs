@@ -1,0 +1,333 @@
+//! Loading and saving whole models: HuggingFace checkpoints (`config.json` + `model.safetensors`
+//! with f32/f16/bf16 tensors) and Starling's quantized container.
+//!
+//! The container is an ordinary safetensors file, so standard tools can list it. Each quantized
+//! matrix is a `U8` tensor holding its GGUF blocks (row-major, [`crate::quant`] describes the block
+//! layouts) under the HF tensor name; the header's `__metadata__` carries
+//! `"starling.format": "starling-q/1"` and `"starling.quant"`, a JSON object mapping each matrix
+//! name to `{"type": "q8_0"|"q4_0"|"f32", "shape": [rows, cols]}`. Norm weights stay F32 tensors.
+//! Nothing here runs the model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use safetensors::Dtype;
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::io::{write_atomic, write_safetensors, OutTensor, TensorFile};
+use crate::lora::Target;
+use crate::model::{Block, Frozen, Llama};
+use crate::quant::{QMatrix, QuantType};
+
+/// Metadata key that marks Starling's quantized container and its version.
+pub const FORMAT_KEY: &str = "starling.format";
+/// Current container version.
+pub const FORMAT_VALUE: &str = "starling-q/1";
+/// Metadata key of the per-matrix storage map.
+pub const QUANT_KEY: &str = "starling.quant";
+
+/// HF name of a block projection.
+fn proj_name(layer: usize, t: Target) -> String {
+    format!("model.layers.{layer}.{}.weight", t.module_path())
+}
+
+/// Reads matrices from either an HF checkpoint or a Starling container.
+struct Source {
+    file: TensorFile,
+    /// For containers: name → (type, rows, cols).
+    quant: Option<HashMap<String, (QuantType, usize, usize)>>,
+    /// Requested storage for HF checkpoints.
+    target: QuantType,
+}
+
+impl Source {
+    fn open(path: &Path, requested: Option<QuantType>) -> Result<Self> {
+        let file = TensorFile::open(path)?;
+        let bad = |message: String| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message,
+        };
+        let quant = match file.metadata().get(FORMAT_KEY) {
+            None => None,
+            Some(v) if v == FORMAT_VALUE => {
+                let map_text = file
+                    .metadata()
+                    .get(QUANT_KEY)
+                    .ok_or_else(|| bad(format!("missing `{QUANT_KEY}` metadata")))?;
+                let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(map_text)
+                    .map_err(|e| bad(format!("`{QUANT_KEY}` metadata: {e}")))?;
+                let mut map = HashMap::new();
+                for (name, v) in raw {
+                    let kind = v
+                        .get("type")
+                        .and_then(|t| t.as_str())
+                        .and_then(QuantType::from_name)
+                        .ok_or_else(|| bad(format!("`{name}`: unknown storage type")))?;
+                    let shape: Vec<usize> = v
+                        .get("shape")
+                        .and_then(|s| s.as_array())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_u64().map(|n| n as usize))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if shape.len() != 2 {
+                        return Err(bad(format!("`{name}`: shape must be [rows, cols]")));
+                    }
+                    map.insert(name, (kind, shape[0], shape[1]));
+                }
+                Some(map)
+            }
+            Some(other) => return Err(bad(format!("unknown container version `{other}`"))),
+        };
+        Ok(Self {
+            file,
+            quant,
+            target: requested.unwrap_or(QuantType::F32),
+        })
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.file.f32(name, &[len])
+    }
+
+    /// A `rows × cols` matrix in the requested storage (falls back to f32 when `cols` is not a
+    /// multiple of the block size, as llama.cpp does).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
+        match &self.quant {
+            None => {
+                let values = self.file.f32(name, &[rows, cols])?;
+                let kind = if cols % crate::quant::QK == 0 {
+                    self.target
+                } else {
+                    QuantType::F32
+                };
+                QMatrix::quantize(rows, cols, &values, kind)
+            }
+            Some(map) => {
+                let &(kind, r, c) = map.get(name).ok_or_else(|| ModelError::MissingTensor {
+                    path: self.file.path().to_path_buf(),
+                    name: name.to_string(),
+                })?;
+                if (r, c) != (rows, cols) {
+                    return Err(ModelError::ShapeMismatch {
+                        path: self.file.path().to_path_buf(),
+                        name: name.to_string(),
+                        found: vec![r, c],
+                        expected: vec![rows, cols],
+                    });
+                }
+                let (_, bytes) = self.file.u8(name)?;
+                QMatrix::from_bytes(rows, cols, kind, bytes).map_err(|e| ModelError::Safetensors {
+                    path: self.file.path().to_path_buf(),
+                    message: format!("`{name}`: {e}"),
+                })
+            }
+        }
+    }
+}
+
+impl Llama {
+    /// Loads a model directory: `config.json` plus `model.safetensors` (an HF checkpoint, quantized
+    /// on load to `quant` if given, or a Starling container, whose stored format is kept).
+    pub fn load(dir: &Path, quant: Option<QuantType>, device: &Device) -> Result<Self> {
+        let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() && dir.join("model.safetensors.index.json").is_file() {
+            return Err(ModelError::Safetensors {
+                path: weights,
+                message: "sharded checkpoints are not supported; merge the shards into one model.safetensors".into(),
+            });
+        }
+        let src = Source::open(&weights, quant)?;
+        if let (Some(_), Some(q)) = (&src.quant, quant) {
+            let stored = src
+                .quant
+                .as_ref()
+                .and_then(|m| m.values().map(|v| v.0).find(|k| *k != QuantType::F32));
+            if stored.is_some_and(|s| s != q) {
+                return Err(ModelError::InvalidArgument(format!(
+                    "{} is stored as {}; re-import the original checkpoint to get {q}",
+                    weights.display(),
+                    stored.map_or("f32", QuantType::name)
+                )));
+            }
+        }
+        let c = &config;
+        let h = c.hidden_size;
+        let embed = Arc::new(src.matrix("model.embed_tokens.weight", c.vocab_size, h)?);
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let proj = Target::ALL.map(|t| {
+                let (fan_in, fan_out) = t.shape(c);
+                src.matrix(&proj_name(i, t), fan_out, fan_in)
+                    .map(|m| Frozen(Arc::new(m)))
+            });
+            let [q, k, v, o, g, u, d] = proj;
+            blocks.push(Block {
+                attn_norm: src.vector(&format!("model.layers.{i}.input_layernorm.weight"), h)?,
+                proj: [q?, k?, v?, o?, g?, u?, d?],
+                mlp_norm: src.vector(
+                    &format!("model.layers.{i}.post_attention_layernorm.weight"),
+                    h,
+                )?,
+            });
+        }
+        let norm = src.vector("model.norm.weight", h)?;
+        let lm_head = if c.tie_word_embeddings {
+            Frozen(embed.clone())
+        } else {
+            Frozen(Arc::new(src.matrix("lm_head.weight", c.vocab_size, h)?))
+        };
+        let quant = src
+            .quant
+            .as_ref()
+            .and_then(|m| m.values().map(|v| v.0).find(|k| *k != QuantType::F32))
+            .unwrap_or(src.target);
+        Ok(Self {
+            config,
+            quant,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// Saves the model as `config.json` + a Starling container `model.safetensors` in `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let mut tensors = Vec::new();
+        let mut map = BTreeMap::new();
+        let mut push_matrix = |name: String, m: &QMatrix| {
+            map.insert(
+                name.clone(),
+                serde_json::json!({"type": m.kind().name(), "shape": [m.rows(), m.cols()]}),
+            );
+            let bytes = m.to_bytes();
+            tensors.push(OutTensor {
+                name,
+                dtype: Dtype::U8,
+                shape: vec![bytes.len()],
+                data: bytes,
+            });
+        };
+        push_matrix("model.embed_tokens.weight".into(), &self.embed);
+        for (i, b) in self.blocks.iter().enumerate() {
+            for t in Target::ALL {
+                push_matrix(proj_name(i, t), &b.proj[t as usize].0);
+            }
+        }
+        if !self.config.tie_word_embeddings {
+            push_matrix("lm_head.weight".into(), &self.lm_head.0);
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            tensors.push(OutTensor::f32(
+                format!("model.layers.{i}.input_layernorm.weight"),
+                vec![b.attn_norm.len()],
+                &b.attn_norm,
+            ));
+            tensors.push(OutTensor::f32(
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                vec![b.mlp_norm.len()],
+                &b.mlp_norm,
+            ));
+        }
+        tensors.push(OutTensor::f32(
+            "model.norm.weight",
+            vec![self.norm.len()],
+            &self.norm,
+        ));
+        let meta = HashMap::from([
+            (FORMAT_KEY.to_string(), FORMAT_VALUE.to_string()),
+            (
+                QUANT_KEY.to_string(),
+                serde_json::to_string(&map).expect("JSON map serialises"),
+            ),
+        ]);
+        write_safetensors(&dir.join("model.safetensors"), &tensors, meta)?;
+        write_atomic(
+            &dir.join("config.json"),
+            self.config.to_hf_json().as_bytes(),
+        )
+    }
+}
+
+impl Llama {
+    /// A randomly initialised model (weights ~ N(0, 0.02), norms 1), for benchmarks and tests
+    /// that need a given shape rather than a trained model.
+    pub fn random(
+        config: LlamaConfig,
+        quant: QuantType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand_distr_normal::sample_normal;
+        config.validate().map_err(ModelError::InvalidArgument)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let c = &config;
+        let mut matrix = |rows: usize, cols: usize| -> Result<QMatrix> {
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|_| 0.02 * sample_normal(&mut rng))
+                .collect();
+            let kind = if cols % crate::quant::QK == 0 {
+                quant
+            } else {
+                QuantType::F32
+            };
+            QMatrix::quantize(rows, cols, &values, kind)
+        };
+        let embed = Arc::new(matrix(c.vocab_size, c.hidden_size)?);
+        let mut blocks = Vec::new();
+        for _ in 0..c.num_hidden_layers {
+            let mut proj = Vec::new();
+            for t in Target::ALL {
+                let (fan_in, fan_out) = t.shape(c);
+                proj.push(Frozen(Arc::new(matrix(fan_out, fan_in)?)));
+            }
+            let proj: [Frozen; 7] = proj.try_into().expect("seven projections");
+            blocks.push(Block {
+                attn_norm: vec![1.0; c.hidden_size],
+                proj,
+                mlp_norm: vec![1.0; c.hidden_size],
+            });
+        }
+        let lm_head = if c.tie_word_embeddings {
+            Frozen(embed.clone())
+        } else {
+            Frozen(Arc::new(matrix(c.vocab_size, c.hidden_size)?))
+        };
+        Ok(Self {
+            norm: vec![1.0; c.hidden_size],
+            config,
+            quant,
+            embed,
+            blocks,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+}
+
+/// A standard normal sample by the polar method (used only for weight initialisation, never for
+/// privacy noise).
+mod rand_distr_normal {
+    use rand::Rng;
+
+    pub fn sample_normal(rng: &mut impl Rng) -> f32 {
+        loop {
+            let u: f64 = rng.random_range(-1.0..1.0);
+            let v: f64 = rng.random_range(-1.0..1.0);
+            let s = u * u + v * v;
+            if s > 0.0 && s < 1.0 {
+                return (u * (-2.0 * s.ln() / s).sqrt()) as f32;
+            }
+        }
+    }
+}

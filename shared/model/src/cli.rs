@@ -1,0 +1,378 @@
+//! Command-line front ends shared by `starling-client` and `starling-coordinator`: argument
+//! structs (clap) and the commands that load models, fine-tune, generate and print logits.
+//!
+//! This is the binaries' edge, so errors are `anyhow` with context; library code stays typed.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::data::{text_files, Batcher, TextData};
+use crate::{
+    eval_loss, generate, Backend, Llama, LoraAdapter, LoraConfig, QuantType, SamplingConfig,
+    Target, Tokenizer, TrainConfig, Trainer,
+};
+
+/// Which model to load and how.
+#[derive(Debug, Clone, Args)]
+pub struct ModelOpts {
+    /// Model directory (HF checkpoint or Starling container).
+    #[arg(long, default_value = "assets/models/starling-tiny")]
+    pub model: PathBuf,
+    /// Store frozen weights as f32, q8_0 or q4_0 (HF checkpoints are quantized on load).
+    #[arg(long)]
+    pub quant: Option<QuantType>,
+    /// burn CPU backend.
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    pub backend: Backend,
+    /// PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelOpts {
+    /// Loads model, optional adapter and tokenizer.
+    pub fn load(&self) -> anyhow::Result<(Llama, Option<LoraAdapter>, Tokenizer)> {
+        let device = self.backend.device();
+        let model = Llama::load(&self.model, self.quant, &device)
+            .with_context(|| format!("loading model {}", self.model.display()))?;
+        let adapter = match &self.adapter {
+            Some(dir) => Some(
+                LoraAdapter::load_peft(dir, &model.config, &device)
+                    .with_context(|| format!("loading adapter {}", dir.display()))?,
+            ),
+            None => None,
+        };
+        let tok = Tokenizer::for_model_dir(&self.model, model.config.vocab_size)?;
+        Ok((model, adapter, tok))
+    }
+}
+
+/// How to sample text.
+#[derive(Debug, Clone, Args)]
+pub struct SampleOpts {
+    /// Text to continue.
+    #[arg(long, default_value = "ROMEO.\n")]
+    pub prompt: String,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// Softmax temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SampleOpts {
+    fn config(&self) -> SamplingConfig {
+        SamplingConfig {
+            max_new_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Continues `prompt` with `model` (+ adapter) and returns the text.
+pub fn sample_text(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    tok: &Tokenizer,
+    s: &SampleOpts,
+) -> anyhow::Result<String> {
+    let ids = tok.encode(&s.prompt)?;
+    let out = generate(model, adapter, &ids, &s.config())?;
+    Ok(tok.decode(&out))
+}
+
+/// `generate`: prints a continuation and the decoding speed.
+pub fn run_generate(m: &ModelOpts, s: &SampleOpts) -> anyhow::Result<()> {
+    let (model, adapter, tok) = m.load()?;
+    let t = Instant::now();
+    let text = sample_text(&model, adapter.as_ref(), &tok, s)?;
+    let secs = t.elapsed().as_secs_f64();
+    println!("{}{}", s.prompt, text);
+    eprintln!("[{} tokens in {secs:.2}s]", tok.encode(&text)?.len());
+    Ok(())
+}
+
+/// Arguments of `finetune`.
+#[derive(Debug, Clone, Args)]
+pub struct FinetuneArgs {
+    /// Model and backend.
+    #[command(flatten)]
+    pub model: ModelOpts,
+    /// Text files or directories of .txt files to train on.
+    #[arg(long, num_args = 1.., default_value = "assets/shakespeare/sonnets.txt")]
+    pub data: Vec<PathBuf>,
+    /// Where to write the PEFT adapter.
+    #[arg(long, default_value = "runs/adapter")]
+    pub out: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 60)]
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
+    /// Adapted projections (comma-separated: q,k,v,o,gate,up,down).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o")]
+    pub targets: Vec<String>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 6)]
+    pub warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Fraction of each file held out for evaluation.
+    #[arg(long, default_value_t = 0.1)]
+    pub eval_fraction: f64,
+    /// Seed of initialisation, batches and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompt to sample before and after training (empty: no samples).
+    #[arg(long, default_value = "Shall I compare thee")]
+    pub sample: String,
+}
+
+/// `finetune`: LoRA fine-tuning with a progress bar, train/eval loss, adapter written in PEFT format.
+pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
+    let (model, init, tok) = a.model.load()?;
+    let files = text_files(&a.data)?;
+    let data = TextData::load(&files, &tok, a.eval_fraction)?;
+    eprintln!(
+        "model {} ({} params, {} base, {:.1} MB resident), {} train / {} eval tokens from {} file(s)",
+        a.model.model.display(),
+        model.config.num_parameters(),
+        model.quant,
+        model.resident_weight_bytes() as f64 / 1e6,
+        data.train.len(),
+        data.eval.len(),
+        files.len()
+    );
+    let targets = a
+        .targets
+        .iter()
+        .map(|t| Target::parse(t.trim()).with_context(|| format!("unknown LoRA target `{t}`")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let adapter = match init {
+        Some(ad) => ad,
+        None => LoraAdapter::new(
+            &model.config,
+            LoraConfig::new(a.rank, a.alpha, a.dropout, &targets)?,
+            &model.device,
+            a.seed,
+        ),
+    };
+    let cfg = TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch,
+        seq_len: a.seq,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        warmup_steps: a.warmup.min(a.steps),
+        weight_decay: a.weight_decay,
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        seed: a.seed,
+        ..TrainConfig::default()
+    };
+    let eval_windows = 16;
+    let eval =
+        |ad: &LoraAdapter| eval_loss(&model, Some(ad), &data.eval, a.seq, eval_windows, a.batch);
+    let sample = SampleOpts {
+        prompt: a.sample.clone(),
+        max_tokens: 160,
+        temperature: 0.7,
+        top_k: 40,
+        top_p: 0.95,
+        seed: a.seed,
+    };
+    if !a.sample.is_empty() {
+        println!(
+            "--- before fine-tuning ---\n{}{}",
+            a.sample,
+            sample_text(&model, Some(&adapter), &tok, &sample)?
+        );
+    }
+    let before = eval(&adapter)?;
+    println!(
+        "eval loss before: {before:.4} (perplexity {:.2})",
+        before.exp()
+    );
+    let mut trainer = Trainer::new(adapter, cfg.clone())?;
+    let mut batcher = Batcher::new(a.seq, a.batch, a.seed);
+    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("static template"),
+    );
+    let t0 = Instant::now();
+    for _ in 0..a.steps {
+        let micro: Vec<Vec<u32>> = (0..a.grad_accum)
+            .map(|_| batcher.sample(&data.train))
+            .collect::<Result<_, _>>()?;
+        let s = trainer.step(&model, &micro)?;
+        bar.set_message(format!(
+            "loss {:.4} |g| {:.3} lr {:.2e}",
+            s.loss, s.grad_norm, s.lr
+        ));
+        bar.inc(1);
+        if s.step % 20 == 0 || s.step == a.steps {
+            bar.println(format!(
+                "step {:>4}  train loss {:.4}  grad norm {:.3}  lr {:.2e}",
+                s.step, s.loss, s.grad_norm, s.lr
+            ));
+        }
+    }
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    let tokens = (a.steps * a.grad_accum * a.batch * a.seq) as f64;
+    let after = eval(&trainer.adapter)?;
+    println!(
+        "eval loss after:  {after:.4} (perplexity {:.2})",
+        after.exp()
+    );
+    println!(
+        "trained {} steps in {secs:.1}s ({:.0} tokens/s)",
+        a.steps,
+        tokens / secs
+    );
+    trainer
+        .adapter
+        .save_peft(&a.out)
+        .with_context(|| format!("writing adapter to {}", a.out.display()))?;
+    println!(
+        "adapter ({} parameters) written to {}",
+        trainer.adapter.num_parameters(),
+        a.out.display()
+    );
+    if !a.sample.is_empty() {
+        println!(
+            "--- after fine-tuning ---\n{}{}",
+            a.sample,
+            sample_text(&model, Some(&trainer.adapter), &tok, &sample)?
+        );
+    }
+    if !after.is_finite() {
+        bail!("evaluation loss is not finite");
+    }
+    Ok(())
+}
+
+/// Arguments of `model import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json]).
+    pub hf_dir: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage of the frozen weights.
+    #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
+    pub quant: QuantType,
+}
+
+/// `model import`: HF checkpoint → Starling container (quantized), tokenizer copied along.
+pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
+    let device = Backend::Flex.device();
+    let model = Llama::load(&a.hf_dir, Some(a.quant), &device)
+        .with_context(|| format!("importing {}", a.hf_dir.display()))?;
+    model
+        .save(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let tok = a.hf_dir.join("tokenizer.json");
+    if tok.is_file() {
+        Tokenizer::from_file(&tok)?;
+        std::fs::copy(&tok, a.out.join("tokenizer.json"))
+            .with_context(|| format!("copying {}", tok.display()))?;
+    }
+    println!(
+        "imported {} → {} ({}, {} parameters, {:.2} MB of weights, {:.3} bytes/param)",
+        a.hf_dir.display(),
+        a.out.display(),
+        model.quant,
+        model.config.num_parameters(),
+        model.resident_weight_bytes() as f64 / 1e6,
+        model.resident_weight_bytes() as f64 / model.config.num_parameters() as f64
+    );
+    Ok(())
+}
+
+/// `model inspect`: architecture and storage of a model directory, as text or JSON.
+pub fn run_inspect(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let model = Llama::load(path, None, &Backend::Flex.device())
+        .with_context(|| format!("loading {}", path.display()))?;
+    let c = &model.config;
+    let v = serde_json::json!({
+        "path": path.display().to_string(),
+        "config": c,
+        "storage": model.quant.name(),
+        "parameters": c.num_parameters(),
+        "resident_weight_bytes": model.resident_weight_bytes(),
+        "bytes_per_parameter": model.resident_weight_bytes() as f64 / c.num_parameters() as f64,
+        "tokenizer": if path.join("tokenizer.json").is_file() { "tokenizer.json" } else { "byte-level" },
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(())
+}
+
+/// `model logits`: logits of the last position (or all) for given ids, as JSON.
+pub fn run_logits(m: &ModelOpts, ids: &[u32], all: bool) -> anyhow::Result<()> {
+    let (model, adapter, _) = m.load()?;
+    if ids.is_empty() {
+        bail!("--ids needs at least one token id");
+    }
+    let logits = model.forward(ids, 1, adapter.as_ref(), None, None)?;
+    let [_, seq, vocab] = logits.dims();
+    let values = logits
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let rows: Vec<&[f32]> = values.chunks_exact(vocab).collect();
+    let v = if all {
+        serde_json::json!({"ids": ids, "logits": rows})
+    } else {
+        serde_json::json!({"ids": ids, "position": seq - 1, "logits": rows[seq - 1]})
+    };
+    println!("{v}");
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! Bounded reading of untrusted model files: whole-file reads with a size cap, and a safetensors
+//! reader that checks every tensor's dtype and shape before converting it.
+//!
+//! All conversions from f16/bf16 happen here. Nothing in this module knows about the model's
+//! structure beyond "a named tensor of an expected shape".
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{ModelError, Result};
+
+/// Largest weights file read (16 GiB); anything beyond is refused before reading.
+pub const MAX_WEIGHTS_BYTES: u64 = 16 << 30;
+
+/// Reads a whole file, refusing files larger than `max` bytes before allocating for them.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if meta.len() > max {
+        return Err(ModelError::FileTooLarge {
+            path: path.to_path_buf(),
+            len: meta.len(),
+            max,
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(ModelError::FileTooLarge {
+            path: path.to_path_buf(),
+            len: bytes.len() as u64,
+            max,
+        });
+    }
+    Ok(bytes)
+}
+
+/// A parsed safetensors file held in memory, with the path it came from for error messages.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// Name → (dtype, shape, byte range within `bytes`), validated at open.
+    index: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
+    metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    /// Reads and validates a safetensors file (header, offsets, sizes) without trusting any field.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = read_bounded(path, MAX_WEIGHTS_BYTES)?;
+        Self::from_bytes(bytes, path)
+    }
+
+    /// Validates safetensors bytes already in memory; `path` names them in errors.
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+        let bad = |message: String| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message,
+        };
+        // The safetensors crate bounds the header size, checks the JSON, and checks that every
+        // tensor's byte range matches its dtype × shape and lies inside the buffer.
+        let (header_len, meta) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let data_start = 8 + header_len;
+        let mut index = HashMap::new();
+        for (name, view) in st.tensors() {
+            let info = meta
+                .info(&name)
+                .ok_or_else(|| bad(format!("tensor `{name}` has no header entry")))?;
+            let (s, e) = info.data_offsets;
+            let range = data_start
+                .checked_add(s)
+                .zip(data_start.checked_add(e))
+                .filter(|(a, b)| a <= b && *b <= bytes.len())
+                .map(|(a, b)| a..b)
+                .ok_or_else(|| bad(format!("tensor `{name}` lies outside the file")))?;
+            index.insert(name, (view.dtype(), view.shape().to_vec(), range));
+        }
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(Self {
+            path: path.to_path_buf(),
+            bytes,
+            index,
+            metadata,
+        })
+    }
+
+    /// The path this file was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The free-form `__metadata__` map of the header.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Names of all tensors in the file.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|(_, s, _)| s.as_slice())
+    }
+
+    fn entry(&self, name: &str) -> Result<&(Dtype, Vec<usize>, std::ops::Range<usize>)> {
+        self.index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    /// Reads a float tensor (f32, f16 or bf16) of exactly `shape` as f32 values.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (dtype, found, range) = self.entry(name)?;
+        if found.as_slice() != shape {
+            return Err(ModelError::ShapeMismatch {
+                path: self.path.clone(),
+                name: name.to_string(),
+                found: found.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        let raw = &self.bytes[range.clone()];
+        let out: Vec<f32> = match dtype {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(out)
+    }
+
+    /// Reads an integer tensor (i64 or i32) of any shape, returning its shape and values.
+    pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        let (dtype, shape, range) = self.entry(name)?;
+        let raw = &self.bytes[range.clone()];
+        let values = match dtype {
+            Dtype::I64 => raw
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("chunks_exact(8)")))
+                .collect(),
+            Dtype::I32 => raw
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("chunks_exact(4)")) as i64)
+                .collect(),
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        Ok((shape.clone(), values))
+    }
+
+    /// Raw bytes of a U8 tensor (used by the quantized container), with its shape.
+    pub fn u8(&self, name: &str) -> Result<(&[usize], &[u8])> {
+        let (dtype, shape, range) = self.entry(name)?;
+        if *dtype != Dtype::U8 {
+            return Err(ModelError::UnsupportedDtype {
+                path: self.path.clone(),
+                name: name.to_string(),
+                dtype: format!("{dtype:?} (expected U8)"),
+            });
+        }
+        Ok((shape.as_slice(), &self.bytes[range.clone()]))
+    }
+}
+
+/// One tensor to write: name, dtype, shape and little-endian bytes.
+pub struct OutTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Stored dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Little-endian data, `shape.product() * dtype.size()` bytes.
+    pub data: Vec<u8>,
+}
+
+impl OutTensor {
+    /// An f32 tensor.
+    pub fn f32(name: impl Into<String>, shape: Vec<usize>, values: &[f32]) -> Self {
+        Self {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+impl safetensors::View for &OutTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes tensors and header metadata as a safetensors file (atomically: temp file + rename).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[OutTensor],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let views: Vec<(&str, &OutTensor)> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let bytes =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes a file atomically: a sibling temporary file, then a rename over the target.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let t = OutTensor::f32("w", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        safetensors::serialize(vec![("w", &t)], None).unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_shape_check() {
+        let f = TensorFile::from_bytes(sample(), Path::new("m.safetensors")).unwrap();
+        assert_eq!(f.f32("w", &[2, 3]).unwrap()[5], 6.0);
+        assert!(matches!(
+            f.f32("w", &[3, 2]),
+            Err(ModelError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            f.f32("x", &[1]),
+            Err(ModelError::MissingTensor { .. })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_is_a_typed_error() {
+        let bytes = sample();
+        for cut in 0..bytes.len() {
+            let r = TensorFile::from_bytes(bytes[..cut].to_vec(), Path::new("m.safetensors"));
+            match r {
+                Err(ModelError::Safetensors { path, .. }) => {
+                    assert_eq!(path, Path::new("m.safetensors"))
+                }
+                Err(e) => panic!("cut {cut}: unexpected error {e}"),
+                Ok(_) => panic!("cut {cut}: truncated file accepted"),
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_without_allocating() {
+        // Header length claims 2^63 bytes.
+        let mut b = (1u64 << 63).to_le_bytes().to_vec();
+        b.extend_from_slice(b"{}");
+        assert!(TensorFile::from_bytes(b, Path::new("h")).is_err());
+        // Offsets beyond the buffer, and a shape whose size overflows.
+        for header in [
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8000]}}"#,
+            r#"{"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#,
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+        ] {
+            let mut b = (header.len() as u64).to_le_bytes().to_vec();
+            b.extend_from_slice(header.as_bytes());
+            b.extend_from_slice(&[0u8; 16]);
+            assert!(
+                TensorFile::from_bytes(b, Path::new("h")).is_err(),
+                "{header}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_file_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big");
+        std::fs::write(&p, vec![0u8; 100]).unwrap();
+        assert!(matches!(
+            read_bounded(&p, 10),
+            Err(ModelError::FileTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,294 @@
+//! LoRA fine-tuning: next-token cross-entropy, AdamW with decoupled weight decay (PyTorch's
+//! semantics), linear warm-up then cosine decay, gradient accumulation and global gradient-norm
+//! clipping. Only the adapter's A/B tensors are ever updated; the base model is borrowed
+//! immutably, so it cannot change.
+//!
+//! Data loading lives in `data`; the network in `model`. Privacy (per-example clipping and noise)
+//! will hook in at `Trainer::step`, between the gradient and the optimizer.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::data::eval_windows;
+use crate::error::{ModelError, Result};
+use crate::lora::LoraAdapter;
+use crate::model::{Dropout, Llama};
+
+/// Optimisation hyper-parameters.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches whose gradients are summed before one optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup_steps: usize,
+    /// Learning rate at the end of the cosine decay, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Adam β₁.
+    pub beta1: f64,
+    /// Adam β₂.
+    pub beta2: f64,
+    /// Adam ε.
+    pub eps: f64,
+    /// Clip the global gradient norm to this value, if set.
+    pub max_grad_norm: Option<f64>,
+    /// Seed of data sampling and dropout.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            batch_size: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            lr: 2e-3,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: Some(1.0),
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok = self.batch_size > 0
+            && self.seq_len >= 2
+            && self.grad_accum > 0
+            && self.lr.is_finite()
+            && self.lr > 0.0
+            && (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2)
+            && self.eps > 0.0
+            && self.weight_decay >= 0.0
+            && (0.0..=1.0).contains(&self.min_lr_ratio)
+            && self.max_grad_norm.is_none_or(|m| m > 0.0);
+        if ok {
+            Ok(())
+        } else {
+            Err(ModelError::InvalidArgument(format!(
+                "invalid training configuration: {self:?}"
+            )))
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Step index (1-based after the step).
+    pub step: usize,
+    /// Mean training loss over the step's micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// Mean next-token cross-entropy of `logits` (`[b, t, v]`) against `ids` (`[b, t]`).
+pub fn next_token_loss(logits: Tensor<3>, ids: &[u32], batch: usize) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    debug_assert_eq!(b, batch);
+    let n = b * (t - 1);
+    let device = logits.device();
+    let pred = logits.narrow(1, 0, t - 1).reshape([n, v]);
+    let targets: Vec<i64> = ids
+        .chunks_exact(t)
+        .flat_map(|row| row[1..].iter().map(|&x| x as i64))
+        .collect();
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+    log_softmax(pred, 1).gather(1, targets).mean().neg()
+}
+
+/// Sum of squares of a tensor as f64.
+fn sum_sq(t: &Tensor<2>) -> f64 {
+    t.clone().powi_scalar(2).sum().into_scalar::<f32>() as f64
+}
+
+/// A LoRA fine-tuning run: adapter, AdamW state and schedule.
+pub struct Trainer {
+    /// The adapter being trained.
+    pub adapter: LoraAdapter,
+    /// Hyper-parameters.
+    pub config: TrainConfig,
+    m: Vec<Tensor<2>>,
+    v: Vec<Tensor<2>>,
+    step: usize,
+    dropout: Dropout,
+}
+
+impl Trainer {
+    /// Starts training `adapter` (fresh AdamW moments).
+    pub fn new(adapter: LoraAdapter, config: TrainConfig) -> Result<Self> {
+        config.validate()?;
+        let m = adapter
+            .tensors()
+            .iter()
+            .map(|t| t.zeros_like())
+            .collect::<Vec<_>>();
+        let v = m.clone();
+        let seed = config.seed;
+        Ok(Self {
+            adapter,
+            config,
+            m,
+            v,
+            step: 0,
+            dropout: Dropout::new(seed ^ 0x5eed_d20f),
+        })
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// Gradients of the mean loss over `micro_batches` with respect to the adapter tensors, in
+    /// canonical order, and that mean loss.
+    pub fn gradients(
+        &mut self,
+        model: &Llama,
+        micro_batches: &[Vec<u32>],
+    ) -> Result<(Vec<Tensor<2>>, f64)> {
+        let k = micro_batches.len();
+        if k == 0 {
+            return Err(ModelError::InvalidArgument(
+                "a step needs at least one micro-batch".into(),
+            ));
+        }
+        let mut grads: Option<Vec<Tensor<2>>> = None;
+        let mut loss_sum = 0.0;
+        for ids in micro_batches {
+            let batch = ids.len() / self.config.seq_len;
+            let mut tracked = self.adapter.clone();
+            for t in tracked.tensors_mut() {
+                *t = t.clone().autodiff().require_grad();
+            }
+            let logits =
+                model.forward(ids, batch, Some(&tracked), None, Some(&mut self.dropout))?;
+            let loss = next_token_loss(logits, ids, batch) / k as f64;
+            let g = loss.backward();
+            loss_sum += loss.clone().inner().into_scalar::<f32>() as f64;
+            let step_grads: Vec<Tensor<2>> = tracked
+                .tensors()
+                .iter()
+                .map(|t| {
+                    t.grad(&g)
+                        .unwrap_or_else(|| (*t).clone().inner().zeros_like())
+                })
+                .collect();
+            grads = Some(match grads {
+                None => step_grads,
+                Some(acc) => acc
+                    .into_iter()
+                    .zip(step_grads)
+                    .map(|(a, b)| a + b)
+                    .collect(),
+            });
+        }
+        Ok((grads.expect("at least one micro-batch"), loss_sum))
+    }
+
+    /// One optimizer step over `micro_batches` (each row-major `[batch_size, seq_len]`).
+    pub fn step(&mut self, model: &Llama, micro_batches: &[Vec<u32>]) -> Result<StepStats> {
+        let (mut grads, loss) = self.gradients(model, micro_batches)?;
+        let step = self.step;
+        if !loss.is_finite() {
+            return Err(ModelError::Diverged {
+                step,
+                what: "loss".into(),
+            });
+        }
+        let norm = grads.iter().map(sum_sq).sum::<f64>().sqrt();
+        if !norm.is_finite() {
+            return Err(ModelError::Diverged {
+                step,
+                what: "gradient norm".into(),
+            });
+        }
+        if let Some(max) = self.config.max_grad_norm {
+            let coef = max / (norm + 1e-6);
+            if coef < 1.0 {
+                grads = grads.into_iter().map(|g| g * coef).collect();
+            }
+        }
+        let c = &self.config;
+        let lr = c.lr_at(step);
+        let t = (step + 1) as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        for (((p, g), m), v) in self
+            .adapter
+            .tensors_mut()
+            .into_iter()
+            .zip(grads)
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut())
+        {
+            *m = m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
+            *v = v.clone() * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
+            let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps);
+            *p = p.clone() * (1.0 - lr * c.weight_decay) - update * lr;
+        }
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            grad_norm: norm,
+            lr,
+        })
+    }
+}
+
+/// Mean next-token loss of `model` (+ `adapter`) over consecutive windows of `seq` tokens.
+pub fn eval_loss(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    tokens: &[u32],
+    seq: usize,
+    max_windows: usize,
+    batch: usize,
+) -> Result<f64> {
+    let windows = eval_windows(tokens, seq, max_windows);
+    if windows.is_empty() {
+        return Err(ModelError::Data(format!(
+            "evaluation needs at least {seq} tokens, found {}",
+            tokens.len()
+        )));
+    }
+    let mut total = 0.0;
+    for chunk in windows.chunks(batch.max(1)) {
+        let ids: Vec<u32> = chunk.concat();
+        let logits = model.forward(&ids, chunk.len(), adapter, None, None)?;
+        total += next_token_loss(logits, &ids, chunk.len()).into_scalar::<f32>() as f64
+            * chunk.len() as f64;
+    }
+    Ok(total / windows.len() as f64)
+}
