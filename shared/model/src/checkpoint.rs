@@ -101,11 +101,7 @@ impl Source {
         match &self.quant {
             None => {
                 let values = self.file.f32(name, &[rows, cols])?;
-                let kind = if cols % crate::quant::QK == 0 {
-                    self.target
-                } else {
-                    QuantType::F32
-                };
+                let kind = self.target.for_row_len(cols);
                 QMatrix::quantize(rows, cols, &values, kind)
             }
             Some(map) => {
@@ -276,11 +272,7 @@ impl Llama {
             let values: Vec<f32> = (0..rows * cols)
                 .map(|_| 0.02 * sample_normal(&mut rng))
                 .collect();
-            let kind = if cols % crate::quant::QK == 0 {
-                quant
-            } else {
-                QuantType::F32
-            };
+            let kind = quant.for_row_len(cols);
             QMatrix::quantize(rows, cols, &values, kind)
         };
         let embed = Arc::new(matrix(c.vocab_size, c.hidden_size)?);

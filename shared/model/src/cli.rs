@@ -35,6 +35,13 @@ pub struct ModelOpts {
 impl ModelOpts {
     /// Loads model, optional adapter and tokenizer.
     pub fn load(&self) -> anyhow::Result<(Llama, Option<LoraAdapter>, Tokenizer)> {
+        let (model, adapter) = self.load_model()?;
+        let tok = Tokenizer::for_model_dir(&self.model, model.config.vocab_size)?;
+        Ok((model, adapter, tok))
+    }
+
+    /// Loads model and optional adapter (no tokenizer: for commands that take token ids).
+    pub fn load_model(&self) -> anyhow::Result<(Llama, Option<LoraAdapter>)> {
         let device = self.backend.device();
         let model = Llama::load(&self.model, self.quant, &device)
             .with_context(|| format!("loading model {}", self.model.display()))?;
@@ -45,8 +52,7 @@ impl ModelOpts {
             ),
             None => None,
         };
-        let tok = Tokenizer::for_model_dir(&self.model, model.config.vocab_size)?;
-        Ok((model, adapter, tok))
+        Ok((model, adapter))
     }
 }
 
@@ -357,7 +363,7 @@ pub fn run_inspect(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 /// `model logits`: logits of the last position (or all) for given ids, as JSON.
 pub fn run_logits(m: &ModelOpts, ids: &[u32], all: bool) -> anyhow::Result<()> {
-    let (model, adapter, _) = m.load()?;
+    let (model, adapter) = m.load_model()?;
     if ids.is_empty() {
         bail!("--ids needs at least one token id");
     }

@@ -188,7 +188,7 @@ impl Llama {
         mut dropout: Option<&mut Dropout>,
     ) -> Result<Tensor<3>> {
         let c = &self.config;
-        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(ModelError::InvalidArgument(format!(
                 "{} ids do not form a batch of {batch} sequences",
                 ids.len()

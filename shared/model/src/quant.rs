@@ -57,6 +57,16 @@ impl QuantType {
         }
     }
 
+    /// This format if rows of `cols` values can use it, else f32 (quantized formats need whole
+    /// blocks; llama.cpp falls back the same way).
+    pub fn for_row_len(self, cols: usize) -> Self {
+        if cols.is_multiple_of(QK) {
+            self
+        } else {
+            Self::F32
+        }
+    }
+
     /// Bytes one block of `QK` values occupies (for f32, `QK` floats).
     pub fn block_bytes(self) -> usize {
         match self {
@@ -247,7 +257,7 @@ impl QMatrix {
                 values.len()
             )));
         }
-        if kind != QuantType::F32 && cols % QK != 0 {
+        if kind != QuantType::F32 && !cols.is_multiple_of(QK) {
             return Err(ModelError::InvalidArgument(format!(
                 "{kind} needs a row length that is a multiple of {QK}, found {cols}"
             )));
@@ -269,7 +279,7 @@ impl QMatrix {
                 .checked_mul(blocks_per_row)
                 .and_then(|n| n.checked_mul(kind.block_bytes())),
         };
-        if (kind != QuantType::F32 && cols % QK != 0) || expected != Some(bytes.len()) {
+        if (kind != QuantType::F32 && !cols.is_multiple_of(QK)) || expected != Some(bytes.len()) {
             return Err(ModelError::InvalidArgument(format!(
                 "{kind} matrix {rows}×{cols} cannot be made of {} bytes",
                 bytes.len()

@@ -55,16 +55,19 @@ impl Tokenizer {
     /// Refuses a tokenizer whose ids would not fit the model's vocabulary.
     pub fn for_model_dir(dir: &Path, vocab_size: usize) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let tok = if path.is_file() {
-            Self::from_file(&path)?
+        let (tok, what) = if path.is_file() {
+            (Self::from_file(&path)?, "tokenizer")
         } else {
-            Self::Byte
+            (
+                Self::Byte,
+                "model has no tokenizer.json and the byte-level tokenizer",
+            )
         };
         if tok.vocab_size() > vocab_size {
             return Err(ModelError::Tokenizer {
                 path,
                 message: format!(
-                    "tokenizer has {} tokens but the model's vocabulary has only {vocab_size}",
+                    "{what} has {} tokens but the model's vocabulary has only {vocab_size}",
                     tok.vocab_size()
                 ),
             });
