@@ -1,7 +1,7 @@
 //! `starling-client`: the device-side binary. For now: local LoRA fine-tuning and generation.
 
 use clap::{Parser, Subcommand};
-use starling_model::cli::{run_finetune, run_generate, FinetuneArgs, ModelOpts, SampleOpts};
+use starling_model::cli::{run_finetune, run_generate, FinetuneArgs, GenerateArgs};
 
 /// Starling device client.
 #[derive(Parser)]
@@ -26,17 +26,12 @@ enum Cmd {
     ///   starling-client generate --model assets/models/starling-tiny --adapter runs/sonnets \
     ///       --prompt "Shall I compare thee" --max-tokens 200 --temperature 0.7 --seed 1
     #[command(verbatim_doc_comment)]
-    Generate {
-        #[command(flatten)]
-        model: ModelOpts,
-        #[command(flatten)]
-        sample: SampleOpts,
-    },
+    Generate(GenerateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Finetune(a) => run_finetune(&a),
-        Cmd::Generate { model, sample } => run_generate(&model, &sample),
+        Cmd::Generate(a) => run_generate(&a),
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use starling_model::cli::{
-    run_generate, run_import, run_inspect, run_logits, ImportArgs, ModelOpts, SampleOpts,
+    run_generate, run_import, run_inspect, run_logits, GenerateArgs, ImportArgs, ModelOpts,
 };
 
 /// Starling aggregation coordinator.
@@ -73,12 +73,7 @@ enum ModelCmd {
     /// Example:
     ///   starling-coordinator model generate --model assets/models/starling-tiny --prompt "ROMEO." --seed 3
     #[command(verbatim_doc_comment)]
-    Generate {
-        #[command(flatten)]
-        model: ModelOpts,
-        #[command(flatten)]
-        sample: SampleOpts,
-    },
+    Generate(GenerateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +96,6 @@ fn main() -> anyhow::Result<()> {
             };
             run_logits(&opts, &ids, all).with_context(|| format!("logits of {}", path.display()))
         }
-        Cmd::Model(ModelCmd::Generate { model, sample }) => run_generate(&model, &sample),
+        Cmd::Model(ModelCmd::Generate(a)) => run_generate(&a),
     }
 }

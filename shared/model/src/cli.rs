@@ -104,8 +104,20 @@ pub fn sample_text(
     Ok(tok.decode(&out))
 }
 
+/// Arguments of `generate` (the same in both binaries).
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Model, adapter and backend.
+    #[command(flatten)]
+    pub model: ModelOpts,
+    /// Prompt and sampling.
+    #[command(flatten)]
+    pub sample: SampleOpts,
+}
+
 /// `generate`: prints a continuation and the decoding speed.
-pub fn run_generate(m: &ModelOpts, s: &SampleOpts) -> anyhow::Result<()> {
+pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
+    let (m, s) = (&a.model, &a.sample);
     let (model, adapter, tok) = m.load()?;
     let t = Instant::now();
     let text = sample_text(&model, adapter.as_ref(), &tok, s)?;

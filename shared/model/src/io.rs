@@ -111,6 +111,14 @@ impl TensorFile {
         self.index.get(name).map(|(_, s, _)| s.as_slice())
     }
 
+    fn unsupported(&self, name: &str, dtype: String) -> ModelError {
+        ModelError::UnsupportedDtype {
+            path: self.path.clone(),
+            name: name.to_string(),
+            dtype,
+        }
+    }
+
     fn entry(&self, name: &str) -> Result<&(Dtype, Vec<usize>, std::ops::Range<usize>)> {
         self.index
             .get(name)
@@ -145,13 +153,7 @@ impl TensorFile {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            other => {
-                return Err(ModelError::UnsupportedDtype {
-                    path: self.path.clone(),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                })
-            }
+            other => return Err(self.unsupported(name, format!("{other:?}"))),
         };
         Ok(out)
     }
@@ -169,13 +171,7 @@ impl TensorFile {
                 .chunks_exact(4)
                 .map(|c| i32::from_le_bytes(c.try_into().expect("chunks_exact(4)")) as i64)
                 .collect(),
-            other => {
-                return Err(ModelError::UnsupportedDtype {
-                    path: self.path.clone(),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                })
-            }
+            other => return Err(self.unsupported(name, format!("{other:?}"))),
         };
         Ok((shape.clone(), values))
     }
@@ -184,11 +180,7 @@ impl TensorFile {
     pub fn u8(&self, name: &str) -> Result<(&[usize], &[u8])> {
         let (dtype, shape, range) = self.entry(name)?;
         if *dtype != Dtype::U8 {
-            return Err(ModelError::UnsupportedDtype {
-                path: self.path.clone(),
-                name: name.to_string(),
-                dtype: format!("{dtype:?} (expected U8)"),
-            });
+            return Err(self.unsupported(name, format!("{dtype:?} (expected U8)")));
         }
         Ok((shape.as_slice(), &self.bytes[range.clone()]))
     }
