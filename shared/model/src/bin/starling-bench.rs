@@ -17,8 +17,10 @@ use starling_model::{
 /// Benchmark model shapes of the issue.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Shape {
+    #[value(name = "S", alias = "s")]
     /// hidden 256, 4 layers, 4 heads, 2 kv heads, intermediate 688, vocab 512, seq 128, batch 8.
     S,
+    #[value(name = "M", alias = "m")]
     /// SmolLM2-135M: hidden 576, 30 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152.
     M,
 }
