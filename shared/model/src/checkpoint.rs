@@ -91,6 +91,17 @@ impl Source {
         })
     }
 
+    /// For a container, the format its matrices are stored in (`f32` when none is quantized);
+    /// `None` for an HF checkpoint.
+    fn stored_kind(&self) -> Option<QuantType> {
+        self.quant.as_ref().map(|m| {
+            m.values()
+                .map(|v| v.0)
+                .find(|k| *k != QuantType::F32)
+                .unwrap_or(QuantType::F32)
+        })
+    }
+
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.file.f32(name, &[len])
     }
@@ -140,18 +151,13 @@ impl Llama {
             });
         }
         let src = Source::open(&weights, quant)?;
-        if let (Some(_), Some(q)) = (&src.quant, quant) {
-            let stored = src
-                .quant
-                .as_ref()
-                .and_then(|m| m.values().map(|v| v.0).find(|k| *k != QuantType::F32));
-            if stored.is_some_and(|s| s != q) {
-                return Err(ModelError::InvalidArgument(format!(
-                    "{} is stored as {}; re-import the original checkpoint to get {q}",
-                    weights.display(),
-                    stored.map_or("f32", QuantType::name)
-                )));
-            }
+        // A container keeps the format it was written in; an HF checkpoint gets the requested one.
+        let kind = src.stored_kind().unwrap_or(src.target);
+        if let Some(q) = quant.filter(|q| *q != kind) {
+            return Err(ModelError::InvalidArgument(format!(
+                "{} is stored as {kind}; re-import the original checkpoint to get {q}",
+                weights.display()
+            )));
         }
         let c = &config;
         let h = c.hidden_size;
@@ -179,14 +185,9 @@ impl Llama {
         } else {
             Frozen(Arc::new(src.matrix("lm_head.weight", c.vocab_size, h)?))
         };
-        let quant = src
-            .quant
-            .as_ref()
-            .and_then(|m| m.values().map(|v| v.0).find(|k| *k != QuantType::F32))
-            .unwrap_or(src.target);
         Ok(Self {
             config,
-            quant,
+            quant: kind,
             embed,
             blocks,
             norm,
