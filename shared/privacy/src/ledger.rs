@@ -1,0 +1,229 @@
+//! Privacy ledgers: a record of every charge against a privacy budget, refusing any charge that would exceed it.
+//! A per-client ledger lives on the device (example-level ε of DP-SGD); the global ledger lives at the
+//! coordinator (user-level ε of DP-FedAvg rounds). Both serialize to JSON for durable storage by their owner.
+//! What must never live here: storage or clocks — the owner persists the ledger it is handed back.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{accountant, AccountantKind, DpEvent, PrivacyError, PrivacySpent};
+
+/// A privacy budget: the largest ε allowed at this δ.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    /// The ε ceiling.
+    pub epsilon: f64,
+    /// The δ at which ε is measured.
+    pub delta: f64,
+}
+
+/// Whose privacy a ledger tracks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerScope {
+    /// Example-level privacy of one device's data (DP-SGD).
+    Client(String),
+    /// User-level privacy across all rounds at the coordinator (DP-FedAvg).
+    Global,
+}
+
+impl std::fmt::Display for LedgerScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LedgerScope::Client(id) => write!(f, "client {id}"),
+            LedgerScope::Global => write!(f, "the global (user-level) ledger"),
+        }
+    }
+}
+
+/// One accepted charge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// What was released (a run, a round).
+    pub label: String,
+    /// The mechanism steps charged.
+    pub event: DpEvent,
+    /// Total ε after this charge.
+    pub epsilon_after: f64,
+}
+
+/// A budget and the charges made against it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ledger {
+    scope: LedgerScope,
+    budget: Budget,
+    accountant: AccountantKind,
+    entries: Vec<LedgerEntry>,
+}
+
+impl Ledger {
+    /// An empty ledger with a checked budget.
+    pub fn new(
+        scope: LedgerScope,
+        budget: Budget,
+        accountant: AccountantKind,
+    ) -> Result<Self, PrivacyError> {
+        check_budget(&budget)?;
+        Ok(Self {
+            scope,
+            budget,
+            accountant,
+            entries: Vec::new(),
+        })
+    }
+
+    /// Whose ledger this is.
+    pub fn scope(&self) -> &LedgerScope {
+        &self.scope
+    }
+
+    /// The budget.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// The accepted charges, oldest first.
+    pub fn entries(&self) -> &[LedgerEntry] {
+        &self.entries
+    }
+
+    fn events(&self) -> Vec<DpEvent> {
+        self.entries.iter().map(|e| e.event).collect()
+    }
+
+    /// ε spent so far at the budget's δ.
+    pub fn spent(&self) -> f64 {
+        self.entries.last().map_or(0.0, |e| e.epsilon_after)
+    }
+
+    /// ε left before the budget is reached.
+    pub fn remaining(&self) -> f64 {
+        (self.budget.epsilon - self.spent()).max(0.0)
+    }
+
+    /// ε the ledger would show after `event`, without charging it.
+    pub fn preview(&self, event: DpEvent) -> Result<PrivacySpent, PrivacyError> {
+        let mut events = self.events();
+        events.push(event);
+        accountant::epsilon(&events, self.budget.delta, self.accountant)
+    }
+
+    /// Charges `event` if the total stays within budget; otherwise records nothing and returns
+    /// [`PrivacyError::BudgetExceeded`].
+    pub fn charge(
+        &mut self,
+        label: impl Into<String>,
+        event: DpEvent,
+    ) -> Result<PrivacySpent, PrivacyError> {
+        let after = self.preview(event)?;
+        if after.epsilon.is_nan() || after.epsilon > self.budget.epsilon {
+            return Err(PrivacyError::BudgetExceeded {
+                scope: self.scope.to_string(),
+                would_reach: after.epsilon,
+                delta: self.budget.delta,
+                budget: self.budget.epsilon,
+            });
+        }
+        self.entries.push(LedgerEntry {
+            label: label.into(),
+            event,
+            epsilon_after: after.epsilon,
+        });
+        Ok(after)
+    }
+
+    /// The ledger as JSON, for its owner to store.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// A ledger read back from JSON, its budget and events re-checked and its ε recomputed (a stored total is
+    /// never trusted).
+    pub fn from_json(text: &str) -> Result<Self, PrivacyError> {
+        let mut ledger: Ledger =
+            serde_json::from_str(text).map_err(|e| PrivacyError::Malformed(e.to_string()))?;
+        check_budget(&ledger.budget)?;
+        let mut events = Vec::new();
+        for entry in &mut ledger.entries {
+            events.push(entry.event);
+            entry.epsilon_after =
+                accountant::epsilon(&events, ledger.budget.delta, ledger.accountant)?.epsilon;
+        }
+        Ok(ledger)
+    }
+}
+
+fn check_budget(b: &Budget) -> Result<(), PrivacyError> {
+    if !(b.epsilon > 0.0 && b.epsilon.is_finite() && b.delta > 0.0 && b.delta < 1.0) {
+        return Err(PrivacyError::InvalidParameter(format!(
+            "budget needs ε > 0 finite and δ in (0, 1), got ε = {}, δ = {}",
+            b.epsilon, b.delta
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_the_charge_that_would_exceed_and_keeps_the_rest() {
+        let budget = Budget {
+            epsilon: 1.0,
+            delta: 1e-5,
+        };
+        let mut l = Ledger::new(LedgerScope::Global, budget, AccountantKind::Rdp).unwrap();
+        let round = DpEvent::new(1.0, 10.0, 1).unwrap();
+        let mut accepted = 0;
+        loop {
+            match l.charge(format!("round {accepted}"), round) {
+                Ok(s) => {
+                    assert!(s.epsilon <= 1.0);
+                    accepted += 1;
+                }
+                Err(PrivacyError::BudgetExceeded { would_reach, .. }) => {
+                    assert!(would_reach > 1.0);
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(accepted > 1);
+        assert_eq!(l.entries().len(), accepted);
+        let back = Ledger::from_json(&l.to_json()).unwrap();
+        assert_eq!(back, l);
+        assert!(l.spent() <= 1.0 && l.remaining() >= 0.0);
+    }
+
+    #[test]
+    fn tampered_or_malformed_ledgers_are_rejected_or_recomputed() {
+        let mut l = Ledger::new(
+            LedgerScope::Client("dev-1".into()),
+            Budget {
+                epsilon: 8.0,
+                delta: 1e-5,
+            },
+            AccountantKind::Rdp,
+        )
+        .unwrap();
+        l.charge("run", DpEvent::new(0.01, 1.0, 100).unwrap())
+            .unwrap();
+        let honest = l.spent();
+        let tampered = l.to_json().replace(&format!("{honest}"), "0.0");
+        assert_eq!(Ledger::from_json(&tampered).unwrap().spent(), honest);
+        assert!(Ledger::from_json("{not json").is_err());
+        assert!(
+            Ledger::from_json(&l.to_json().replace("1e-5", "2.0").replace("0.00001", "2.0"))
+                .is_err()
+        );
+        assert!(Ledger::new(
+            LedgerScope::Global,
+            Budget {
+                epsilon: -1.0,
+                delta: 1e-5
+            },
+            AccountantKind::Pld
+        )
+        .is_err());
+    }
+}
