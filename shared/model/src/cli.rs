@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::data::{text_files, Batcher, TextData};
+use crate::dp::{user_level_delta, DpSgd, DpSgdConfig};
 use crate::{
     eval_loss, generate, Backend, Llama, LoraAdapter, LoraConfig, QuantType, SamplingConfig,
     Target, Tokenizer, TrainConfig, Trainer,
@@ -184,6 +185,41 @@ pub struct FinetuneArgs {
     /// Prompt to sample before and after training (empty: no samples).
     #[arg(long, default_value = "Shall I compare thee")]
     pub sample: String,
+    /// Differential privacy (DP-SGD, user-level clipping).
+    #[command(flatten)]
+    pub dp: DpOpts,
+}
+
+/// Differential-privacy options of `finetune`.
+#[derive(Debug, Clone, Args)]
+pub struct DpOpts {
+    /// DP-SGD noise multiplier σ (> 0 turns DP-SGD on: Poisson sampling, per-example clipping, Gaussian noise).
+    #[arg(long, default_value_t = 0.0)]
+    pub dp_noise_multiplier: f64,
+    /// DP-SGD per-example gradient clip bound C.
+    #[arg(long, default_value_t = 1.0)]
+    pub dp_clip: f64,
+    /// DP-SGD Poisson sampling rate q (default: --batch / number of training sequences).
+    #[arg(long)]
+    pub dp_sampling_rate: Option<f64>,
+    /// δ at which ε is reported and budgeted.
+    #[arg(long, default_value_t = 1e-5)]
+    pub dp_delta: f64,
+    /// Example-level ε budget: the run is refused before it starts if it would exceed it.
+    #[arg(long)]
+    pub dp_epsilon_budget: Option<f64>,
+    /// Accountant for ε.
+    #[arg(long, value_enum, default_value_t = starling_privacy::AccountantKind::Pld)]
+    pub accountant: starling_privacy::AccountantKind,
+    /// User-level DP: clip the whole adapter delta to this L2 norm after training (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub user_clip: f64,
+    /// User-level DP: noise multiplier of the delta's noise (this client's share when --user-noise-clients > 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub user_noise_multiplier: f64,
+    /// User-level DP: clients whose noise shares add up to the full noise (distributed DP-FedAvg).
+    #[arg(long, default_value_t = 1)]
+    pub user_noise_clients: u32,
 }
 
 /// `finetune`: LoRA fine-tuning with a progress bar, train/eval loss, adapter written in PEFT format.
@@ -250,8 +286,56 @@ pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
         "eval loss before: {before:.4} (perplexity {:.2})",
         before.exp()
     );
+    let initial = adapter.clone();
     let mut trainer = Trainer::new(adapter, cfg.clone())?;
     let mut batcher = Batcher::new(a.seq, a.batch, a.seed);
+    let mut dp = if a.dp.dp_noise_multiplier > 0.0 {
+        let examples: Vec<Vec<u32>> = data
+            .train
+            .chunks_exact(a.seq)
+            .map(<[u32]>::to_vec)
+            .collect();
+        let q =
+            a.dp.dp_sampling_rate
+                .unwrap_or(a.batch as f64 / examples.len().max(1) as f64)
+                .min(1.0);
+        let dp_cfg = DpSgdConfig {
+            clip: a.dp.dp_clip,
+            noise_multiplier: a.dp.dp_noise_multiplier,
+            sampling_rate: q,
+            delta: a.dp.dp_delta,
+            accountant: a.dp.accountant,
+        };
+        let n_examples = examples.len();
+        let dp = DpSgd::new(dp_cfg, examples, trainer.adapter.num_parameters(), None)?;
+        let planned = dp.step_event(a.steps as u64)?;
+        let planned_eps =
+            starling_privacy::accountant::epsilon(&[planned], a.dp.dp_delta, a.dp.accountant)?;
+        if let Some(budget) = a.dp.dp_epsilon_budget {
+            let mut ledger = starling_privacy::Ledger::new(
+                starling_privacy::LedgerScope::Client("local".into()),
+                starling_privacy::Budget {
+                    epsilon: budget,
+                    delta: a.dp.dp_delta,
+                },
+                a.dp.accountant,
+            )?;
+            dp.charge_plan(&mut ledger, "finetune", a.steps as u64)?;
+        }
+        println!(
+            "DP-SGD: {n_examples} sequences, q = {q:.4} (expected batch {:.1}), σ = {}, C = {}; \
+             planned ε = {:.3} at δ = {:e} ({:?})",
+            dp.expected_batch(),
+            a.dp.dp_noise_multiplier,
+            a.dp.dp_clip,
+            planned_eps.epsilon,
+            a.dp.dp_delta,
+            a.dp.accountant
+        );
+        Some(dp)
+    } else {
+        None
+    };
     let bar = indicatif::ProgressBar::new(a.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -261,18 +345,27 @@ pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
     );
     let t0 = Instant::now();
     for _ in 0..a.steps {
-        let micro: Vec<Vec<u32>> = (0..a.grad_accum)
-            .map(|_| batcher.sample(&data.train))
-            .collect::<Result<_, _>>()?;
-        let s = trainer.step(&model, &micro)?;
+        let s = match dp.as_mut() {
+            Some(dp) => dp.step(&mut trainer, &model)?.step,
+            None => {
+                let micro: Vec<Vec<u32>> = (0..a.grad_accum)
+                    .map(|_| batcher.sample(&data.train))
+                    .collect::<Result<_, _>>()?;
+                trainer.step(&model, &micro)?
+            }
+        };
         bar.set_message(format!(
             "loss {:.4} |g| {:.3} lr {:.2e}",
             s.loss, s.grad_norm, s.lr
         ));
         bar.inc(1);
         if s.step % 20 == 0 || s.step == a.steps {
+            let eps = match dp.as_ref() {
+                Some(dp) => format!("  ε {:.3}", dp.epsilon()?),
+                None => String::new(),
+            };
             bar.println(format!(
-                "step {:>4}  train loss {:.4}  grad norm {:.3}  lr {:.2e}",
+                "step {:>4}  train loss {:.4}  grad norm {:.3}  lr {:.2e}{eps}",
                 s.step, s.loss, s.grad_norm, s.lr
             ));
         }
@@ -280,6 +373,41 @@ pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     let tokens = (a.steps * a.grad_accum * a.batch * a.seq) as f64;
+    if a.dp.user_clip > 0.0 {
+        let placement = if a.dp.user_noise_clients > 1 {
+            starling_privacy::NoisePlacement::Distributed {
+                clients: a.dp.user_noise_clients,
+            }
+        } else {
+            starling_privacy::NoisePlacement::Central
+        };
+        let (mut delta, norm) = user_level_delta(
+            &initial,
+            &trainer.adapter,
+            a.dp.user_clip,
+            a.dp.user_noise_multiplier,
+            placement,
+        )?;
+        if a.dp.user_noise_multiplier > 0.0
+            && placement == starling_privacy::NoisePlacement::Central
+        {
+            // A single device publishing its own delta: the "central" noise is added here.
+            starling_privacy::add_central_noise(
+                &mut delta,
+                a.dp.user_clip,
+                a.dp.user_noise_multiplier,
+            )?;
+        }
+        let mut flat = initial.to_flat();
+        for (p, d) in flat.iter_mut().zip(&delta) {
+            *p += d;
+        }
+        trainer.adapter.set_flat(&flat)?;
+        println!(
+            "user-level DP: delta norm {norm:.4} clipped to {}, noise multiplier {} ({placement:?})",
+            a.dp.user_clip, a.dp.user_noise_multiplier
+        );
+    }
     let after = eval(&trainer.adapter)?;
     println!(
         "eval loss after:  {after:.4} (perplexity {:.2})",
@@ -290,6 +418,15 @@ pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
         a.steps,
         tokens / secs
     );
+    if let Some(dp) = dp.as_ref() {
+        println!(
+            "privacy spent (example level): ε = {:.3} at δ = {:e} after {} DP-SGD steps ({:?} accountant)",
+            dp.epsilon()?,
+            a.dp.dp_delta,
+            dp.steps(),
+            a.dp.accountant
+        );
+    }
     trainer
         .adapter
         .save_peft(&a.out)

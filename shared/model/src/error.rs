@@ -110,6 +110,9 @@ pub enum ModelError {
     /// Training data is unusable (empty, too short for one sequence, unreadable).
     #[error("training data: {0}")]
     Data(String),
+    /// A differential-privacy parameter, mechanism or budget refused the operation.
+    #[error(transparent)]
+    Privacy(#[from] starling_privacy::PrivacyError),
     /// Training diverged: the loss or a gradient became NaN or infinite.
     #[error("training diverged at step {step}: {what} is not finite")]
     Diverged {

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dp;
 pub mod error;
 pub mod generate;
 pub mod io;

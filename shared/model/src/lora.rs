@@ -2,9 +2,11 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`, PEFT's tensor names), so adapters move
 //! between Starling and PEFT unchanged.
 //!
-//! Only A and B live here; the frozen base is in `model`. The canonical order of the adapter's
-//! tensors (layer, then q,k,v,o,gate,up,down, then A before B) is what later flattens into update
-//! deltas, so it must never depend on hash-map iteration.
+//! Only A and B live here; the frozen base is in `model`. Two orders exist and neither may depend on
+//! hash-map iteration: the structural order of [`LoraAdapter::tensors`] (layer, then q,k,v,o,gate,up,
+//! down, then A before B), used for gradients inside training; and the wire order of
+//! [`LoraAdapter::to_flat`] / [`LoraAdapter::specs`] — tensors sorted by PEFT name, the canonical order of
+//! starling-protocol's adapter schema — which is how update deltas and published adapters are laid out.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -243,6 +245,59 @@ impl LoraAdapter {
             .sum()
     }
 
+    /// Indices into [`LoraAdapter::tensors`] in wire order (sorted by PEFT name).
+    fn wire_order(&self) -> Vec<usize> {
+        let names = self.tensor_names();
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        order.sort_by(|&a, &b| names[a].cmp(&names[b]));
+        order
+    }
+
+    /// PEFT name and shape of every tensor, in wire order: the adapter schema of update deltas.
+    pub fn specs(&self) -> Vec<(String, [usize; 2])> {
+        let names = self.tensor_names();
+        let tensors = self.tensors();
+        self.wire_order()
+            .into_iter()
+            .map(|i| (names[i].clone(), tensors[i].dims()))
+            .collect()
+    }
+
+    /// All trainable values flattened in wire order (the layout of an update delta).
+    pub fn to_flat(&self) -> Vec<f32> {
+        let tensors = self.tensors();
+        flatten(
+            &self
+                .wire_order()
+                .into_iter()
+                .map(|i| tensors[i].clone())
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Overwrites the trainable values from a flat vector in wire order.
+    pub fn set_flat(&mut self, flat: &[f32]) -> Result<()> {
+        if flat.len() != self.num_parameters() {
+            return Err(ModelError::InvalidArgument(format!(
+                "flat adapter has {} values, the adapter {}",
+                flat.len(),
+                self.num_parameters()
+            )));
+        }
+        let order = self.wire_order();
+        let mut tensors = self.tensors_mut();
+        let mut at = 0;
+        for i in order {
+            let t = &mut tensors[i];
+            let dims = t.dims();
+            let n = dims[0] * dims[1];
+            let device = t.device();
+            **t = Tensor::from_data(TensorData::new(flat[at..at + n].to_vec(), dims), &device);
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Writes the adapter in HuggingFace PEFT format into `dir` (created if needed).
     pub fn save_peft(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
@@ -392,4 +447,58 @@ fn peft_name(layer: usize, t: Target, ab: &str) -> String {
         "base_model.model.model.layers.{layer}.{}.lora_{ab}.weight",
         t.module_path()
     )
+}
+
+/// Concatenates tensors' values (row-major) into one flat vector.
+pub fn flatten(tensors: &[Tensor<2>]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tensors.iter().map(|t| t.dims()[0] * t.dims()[1]).sum());
+    for t in tensors {
+        out.extend(t.clone().into_data().iter::<f32>());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Backend;
+
+    #[test]
+    fn wire_order_sorts_by_peft_name_and_round_trips() {
+        let c = LlamaConfig {
+            vocab_size: 16,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 12, // "layers.10" sorts before "layers.2"
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+            max_position_embeddings: 64,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        };
+        let device = Backend::default().device();
+        let lora = LoraConfig::new(2, 4.0, 0.0, &[Target::Q, Target::V]).unwrap();
+        let mut a = LoraAdapter::new(&c, lora, &device, 3);
+        let specs = a.specs();
+        assert!(specs.windows(2).all(|w| w[0].0 < w[1].0), "strictly sorted");
+        // layers.0 (4 tensors), layers.1 (4), then layers.10 before layers.2.
+        assert!(specs[8].0.contains("layers.10."), "{}", specs[8].0);
+        let flat = a.to_flat();
+        // The first values are the first-named tensor's.
+        let first = a
+            .tensor_names()
+            .iter()
+            .position(|n| *n == specs[0].0)
+            .unwrap();
+        let t0 = flatten(&[a.tensors()[first].clone()]);
+        assert_eq!(&flat[..t0.len()], &t0[..]);
+        let shifted: Vec<f32> = flat.iter().map(|x| x + 1.0).collect();
+        a.set_flat(&shifted).unwrap();
+        assert_eq!(a.to_flat(), shifted);
+        assert!(a.set_flat(&shifted[1..]).is_err());
+    }
 }

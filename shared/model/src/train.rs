@@ -218,8 +218,21 @@ impl Trainer {
 
     /// One optimizer step over `micro_batches` (each row-major `[batch_size, seq_len]`).
     pub fn step(&mut self, model: &Llama, micro_batches: &[Vec<u32>]) -> Result<StepStats> {
-        let (mut grads, loss) = self.gradients(model, micro_batches)?;
+        let (grads, loss) = self.gradients(model, micro_batches)?;
+        self.apply_gradients(grads, loss)
+    }
+
+    /// One AdamW step with given gradients (canonical order), after the configured norm clipping;
+    /// `loss` is only reported. DP-SGD hands in its clipped, noised gradient here.
+    pub fn apply_gradients(&mut self, mut grads: Vec<Tensor<2>>, loss: f64) -> Result<StepStats> {
         let step = self.step;
+        if grads.len() != self.m.len() {
+            return Err(ModelError::InvalidArgument(format!(
+                "{} gradient tensors for {} adapter tensors",
+                grads.len(),
+                self.m.len()
+            )));
+        }
         if !loss.is_finite() {
             return Err(ModelError::Diverged {
                 step,

@@ -107,13 +107,9 @@ impl Ledger {
         accountant::epsilon(&events, self.budget.delta, self.accountant)
     }
 
-    /// Charges `event` if the total stays within budget; otherwise records nothing and returns
-    /// [`PrivacyError::BudgetExceeded`].
-    pub fn charge(
-        &mut self,
-        label: impl Into<String>,
-        event: DpEvent,
-    ) -> Result<PrivacySpent, PrivacyError> {
+    /// ε after `event` if it stays within budget, else [`PrivacyError::BudgetExceeded`]; charges nothing
+    /// (for callers that must refuse before doing the private work).
+    pub fn check(&self, event: DpEvent) -> Result<PrivacySpent, PrivacyError> {
         let after = self.preview(event)?;
         if after.epsilon.is_nan() || after.epsilon > self.budget.epsilon {
             return Err(PrivacyError::BudgetExceeded {
@@ -123,6 +119,17 @@ impl Ledger {
                 budget: self.budget.epsilon,
             });
         }
+        Ok(after)
+    }
+
+    /// Charges `event` if the total stays within budget; otherwise records nothing and returns
+    /// [`PrivacyError::BudgetExceeded`].
+    pub fn charge(
+        &mut self,
+        label: impl Into<String>,
+        event: DpEvent,
+    ) -> Result<PrivacySpent, PrivacyError> {
+        let after = self.check(event)?;
         self.entries.push(LedgerEntry {
             label: label.into(),
             event,

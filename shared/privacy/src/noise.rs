@@ -82,14 +82,7 @@ impl GaussianMechanism {
         if f64::from(sens) < sensitivity {
             sens = sens.next_up();
         }
-        let domain = VectorDomain::new(AtomDomain::<f32>::new_non_nan()).with_size(dim);
-        let measurement = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-            domain,
-            L2Distance::<f32>::default(),
-            scale,
-            Some(k),
-        )
-        .map_err(|e| PrivacyError::Opendp(e.to_string()))?;
+        let measurement = opendp_gaussian(scale, dim, Some(k))?;
         let rho = measurement
             .map(&sens)
             .map_err(|e| PrivacyError::Opendp(e.to_string()))?;
@@ -177,6 +170,30 @@ impl GaussianMechanism {
         }
         Ok(())
     }
+}
+
+/// opendp's Gaussian measurement over non-NaN f32 vectors of length `dim` with noise scale `scale` and
+/// granularity `2^k` (`None`: opendp's own default granularity). [`GaussianMechanism`] builds its guarantee
+/// with this; benchmarks and tests use it to run opendp's sampler as the reference.
+pub fn opendp_gaussian(
+    scale: f64,
+    dim: usize,
+    k: Option<i32>,
+) -> Result<OpendpGaussian, PrivacyError> {
+    let domain = VectorDomain::new(AtomDomain::<f32>::new_non_nan()).with_size(dim);
+    make_gaussian::<_, _, ZeroConcentratedDivergence>(
+        domain,
+        L2Distance::<f32>::default(),
+        scale,
+        k,
+    )
+    .map_err(|e| PrivacyError::Opendp(e.to_string()))
+}
+
+/// Runs an opendp measurement on `v` and returns its release; opendp's errors become [`PrivacyError::Opendp`].
+pub fn invoke_opendp(m: &OpendpGaussian, v: &[f32]) -> Result<Vec<f32>, PrivacyError> {
+    m.invoke(&v.to_vec())
+        .map_err(|e| PrivacyError::Opendp(e.to_string()))
 }
 
 /// `x` rounded to the nearest multiple of `2^k` (ties up), as an exact integer count of `2^k`; `None` when the

@@ -3,6 +3,8 @@
 //! `train --config S|M [--quant f32|q8_0|q4_0] [--backend flex|ndarray]`: forward + backward +
 //! AdamW on LoRA r=8 over q,k,v,o with a frozen base; `decode --config S|M --quant ...`: greedy
 //! decoding with the KV cache. Each line carries tokens/s, an MFU estimate and peak RSS.
+//! `privacy`: exact Gaussian noise samples/s of Starling's sampler beside opendp's own, and the time to
+//! noise a 1M-parameter delta.
 
 use std::time::Instant;
 
@@ -13,6 +15,8 @@ use starling_model::{
     generate, Backend, Llama, LlamaConfig, LoraAdapter, LoraConfig, QuantType, Target, TrainConfig,
     Trainer,
 };
+use starling_privacy::noise::{invoke_opendp, opendp_gaussian};
+use starling_privacy::GaussianMechanism;
 
 /// Benchmark model shapes of the issue.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -82,6 +86,21 @@ enum Cmd {
         /// New tokens to decode.
         #[arg(long, default_value_t = 64)]
         tokens: usize,
+    },
+    /// Gaussian-noise throughput: Starling's exact sampler beside opendp's on the same vectors.
+    Privacy {
+        /// Vector lengths noised by Starling's sampler.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+        sizes: Vec<usize>,
+        /// Vector length noised by opendp's own (slow, arbitrary-precision) sampler.
+        #[arg(long, default_value_t = 20_000)]
+        opendp_size: usize,
+        /// Noise multiplier σ/C (C = 1).
+        #[arg(long, default_value_t = 1.0)]
+        noise_multiplier: f64,
+        /// Timed repetitions per size (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
 }
 
@@ -197,6 +216,55 @@ fn main() -> Result<()> {
                 })
             );
         }
+        Cmd::Privacy {
+            sizes,
+            opendp_size,
+            noise_multiplier,
+            repeats,
+        } => bench_privacy(&sizes, opendp_size, noise_multiplier, repeats.max(1))?,
     }
+    Ok(())
+}
+
+/// Prints one JSON line per (sampler, size): samples/s and the time to noise the vector once.
+fn bench_privacy(sizes: &[usize], opendp_size: usize, sigma: f64, repeats: usize) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let line = |sampler: &str, k: Option<i32>, n: usize, secs: f64| {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "privacy", "sampler": sampler, "noise_multiplier": sigma, "granularity_exponent": k,
+                "size": n, "seconds": secs, "samples_per_s": n as f64 / secs,
+                "seconds_per_1m": secs * 1e6 / n as f64, "threads": threads, "peak_rss_bytes": peak_rss(),
+            })
+        );
+    };
+    for &n in sizes {
+        let mech = GaussianMechanism::with_multiplier(1.0, sigma, n)?;
+        let mut v: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats {
+            let t = Instant::now();
+            mech.add_noise(&mut v)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        line("starling", Some(mech.granularity_exponent()), n, best);
+    }
+    let n = opendp_size.max(1);
+    let v: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+    let ours = GaussianMechanism::with_multiplier(1.0, sigma, n)?;
+    let t = Instant::now();
+    invoke_opendp(ours.opendp_measurement(), &v)?;
+    line(
+        "opendp",
+        Some(ours.granularity_exponent()),
+        n,
+        t.elapsed().as_secs_f64(),
+    );
+    // opendp with its own default granularity: what a caller of make_gaussian gets without choosing k.
+    let default_k = opendp_gaussian(ours.scale(), n, None)?;
+    let t = Instant::now();
+    invoke_opendp(&default_k, &v)?;
+    line("opendp_default_k", None, n, t.elapsed().as_secs_f64());
     Ok(())
 }
