@@ -1,0 +1,560 @@
+//! The messages of a round, one per frame: `version u16 LE | kind u8 | body`, the body being the kind's
+//! structure in the crate's canonical bincode encoding.
+//!
+//! Versions and kinds are explicit bytes rather than serde enum tags, so an unknown version or kind is a
+//! typed error ([`ProtocolError::UnsupportedVersion`], [`ProtocolError::UnknownMessageKind`]) and not a
+//! generic decode failure. Exchanges (each on its own bidirectional QUIC stream):
+//! `Hello → Welcome`, `Enrol → Enrolled`, `TaskRequest → Task | NoTask`, `ManifestRequest → Manifest`,
+//! `ModelFetch → Blob + bytes`, `Upload + bytes → Ack`; any request may be answered by `Error`; `Goodbye` ends
+//! a session. What must never live here: I/O or round logic.
+
+use crate::bulk::BulkHeader;
+use crate::identity::Fingerprint;
+use crate::identity::SigningIdentity;
+use crate::manifest::SignedManifest;
+use crate::manifest::{DpMode, DpRecord, Manifest};
+use crate::update::Encoding;
+use crate::update::{AdapterSchema, TensorSpec};
+use crate::{codec, Digest, ModelVersion, ProtocolError, RoundId, UpdateId};
+
+/// The protocol version this build speaks natively.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Every version this build can speak, newest last.
+pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+/// Cap on free-text fields (names, reasons, error messages).
+pub const MAX_TEXT: usize = 4096;
+
+/// Opens a session: the versions the client speaks and what it runs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Hello {
+    /// Protocol versions the client speaks.
+    pub versions: Vec<u16>,
+    /// Client software and version, for the operator's logs.
+    pub software: String,
+}
+
+/// The coordinator's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Welcome {
+    /// The version both will speak.
+    pub version: u16,
+    /// The client's id as the coordinator sees it (its key fingerprint).
+    pub client_id: Fingerprint,
+    /// The newest published model version.
+    pub latest_model: ModelVersion,
+}
+
+/// Enrolment: the one exchange a not-yet-enrolled key may make (its key is the TLS client key).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Enrol {
+    /// The one-time token the operator handed over.
+    pub token: String,
+    /// A human-readable device name.
+    pub name: String,
+}
+
+/// Enrolment succeeded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Enrolled {
+    /// The client's id from now on.
+    pub client_id: Fingerprint,
+}
+
+/// A client asks for work.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskRequest {
+    /// The model version the client holds, if any.
+    pub held_model: Option<ModelVersion>,
+}
+
+/// Local training hyper-parameters of a task.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainParams {
+    /// Optimizer steps to run locally.
+    pub local_steps: u32,
+    /// Sequences per step.
+    pub batch_size: u32,
+    /// Tokens per sequence.
+    pub seq_len: u32,
+    /// Learning rate.
+    pub learning_rate: f32,
+    /// FedProx proximal term μ (0 = plain local training).
+    pub fedprox_mu: f32,
+}
+
+/// Privacy settings a client must apply to its update.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DpTask {
+    /// Clip the whole delta to this L2 norm (0 = no user-level clipping).
+    pub update_clip: f64,
+    /// Noise multiplier of the client's own noise share (0 = none, noise is central or absent).
+    pub client_noise_multiplier: f64,
+    /// Clients the noise is split across (distributed DP), 1 otherwise.
+    pub noise_clients: u32,
+}
+
+/// Work for one round.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Task {
+    /// The round.
+    pub round: RoundId,
+    /// The model to start from, with its signed manifest.
+    pub manifest: SignedManifest,
+    /// Reply no later than this (milliseconds since the Unix epoch).
+    pub deadline_unix_ms: u64,
+    /// Local training settings.
+    pub params: TrainParams,
+    /// Privacy settings.
+    pub dp: DpTask,
+    /// How to encode the update.
+    pub encoding: Encoding,
+    /// Largest encoded update the coordinator accepts.
+    pub max_update_bytes: u64,
+}
+
+/// No work now.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NoTask {
+    /// Ask again after this many milliseconds.
+    pub retry_after_ms: u64,
+    /// Why, for logs.
+    pub reason: String,
+}
+
+/// Asks for a model version's signed manifest.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestRequest {
+    /// The version, or `None` for the newest.
+    pub version: Option<ModelVersion>,
+}
+
+/// Which blob of a model version to fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BlobKind {
+    /// The adapter (what changes between versions).
+    Adapter,
+    /// The quantized frozen base model container.
+    Base,
+}
+
+/// Asks for a blob; answered by [`Message::Blob`] followed by the bytes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelFetch {
+    /// The model version.
+    pub version: ModelVersion,
+    /// Which blob.
+    pub kind: BlobKind,
+}
+
+/// Training figures a client reports with its update.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpdateMetrics {
+    /// Mean training loss over the local steps.
+    pub train_loss: f32,
+    /// Local steps run.
+    pub steps: u32,
+    /// Example-level ε the device spent on this update (0 without DP-SGD).
+    pub epsilon_spent: f64,
+}
+
+/// Announces an update upload; the encoded update's bytes follow.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Upload {
+    /// Idempotency key: re-sending the same id is acknowledged without counting twice.
+    pub update_id: UpdateId,
+    /// The round it answers.
+    pub round: RoundId,
+    /// The model version it was trained from.
+    pub model_version: ModelVersion,
+    /// The adapter schema it is laid out by.
+    pub schema: Digest,
+    /// Local training examples behind it (FedAvg weight).
+    pub num_examples: u64,
+    /// Training figures.
+    pub metrics: UpdateMetrics,
+    /// Size and digest of the encoded update that follows.
+    pub body: BulkHeader,
+}
+
+/// The update is durably stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Ack {
+    /// The update acknowledged.
+    pub update_id: UpdateId,
+    /// It had been received before (counted once).
+    pub duplicate: bool,
+}
+
+/// What went wrong, in terms a client can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ErrorCode {
+    /// The request was malformed or out of place.
+    BadRequest,
+    /// The key is not enrolled.
+    NotEnrolled,
+    /// The key was revoked.
+    Revoked,
+    /// The enrolment token is unknown or used.
+    BadToken,
+    /// Too many requests; back off.
+    RateLimited,
+    /// The round is closed.
+    LateUpdate,
+    /// The update is for another model version.
+    WrongModelVersion,
+    /// The update is for another adapter schema.
+    SchemaMismatch,
+    /// Something exceeded a size cap.
+    TooLarge,
+    /// Bytes did not match their declared digest.
+    DigestMismatch,
+    /// The requested thing does not exist.
+    NotFound,
+    /// The privacy budget would be exceeded.
+    BudgetExhausted,
+    /// Temporarily unavailable; retry later.
+    Unavailable,
+    /// The coordinator failed internally.
+    Internal,
+}
+
+/// A typed error reply.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorReply {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// Details for logs.
+    pub message: String,
+}
+
+/// Ends a session.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Goodbye {
+    /// Why, for logs.
+    pub reason: String,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Client opens a session.
+    Hello(Hello),
+    /// Coordinator accepts it.
+    Welcome(Welcome),
+    /// Client enrols its key with a token.
+    Enrol(Enrol),
+    /// Enrolment succeeded.
+    Enrolled(Enrolled),
+    /// Client asks for work.
+    TaskRequest(TaskRequest),
+    /// Work for one round.
+    Task(Box<Task>),
+    /// No work now.
+    NoTask(NoTask),
+    /// Client asks for a signed manifest.
+    ManifestRequest(ManifestRequest),
+    /// A signed manifest.
+    Manifest(SignedManifest),
+    /// Client asks for a blob.
+    ModelFetch(ModelFetch),
+    /// A blob's size and digest; the bytes follow.
+    Blob(BulkHeader),
+    /// An update's header; the bytes follow.
+    Upload(Box<Upload>),
+    /// The update is durable.
+    Ack(Ack),
+    /// A typed error.
+    Error(ErrorReply),
+    /// End of session.
+    Goodbye(Goodbye),
+}
+
+macro_rules! kinds {
+    ($($variant:ident = $code:literal),* $(,)?) => {
+        impl Message {
+            /// The kind byte on the wire.
+            pub fn kind(&self) -> u8 {
+                match self { $(Message::$variant(_) => $code,)* }
+            }
+
+            /// The kind's name, for errors and logs.
+            pub fn kind_name(&self) -> &'static str {
+                match self { $(Message::$variant(_) => stringify!($variant),)* }
+            }
+
+            fn encode_body(&self) -> Vec<u8> {
+                match self { $(Message::$variant(m) => codec::encode(m),)* }
+            }
+
+            fn decode_body(kind: u8, body: &[u8]) -> Result<Self, ProtocolError> {
+                match kind {
+                    $($code => Ok(Message::$variant(codec::decode(body, stringify!($variant))?)),)*
+                    k => Err(ProtocolError::UnknownMessageKind(k)),
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    Hello = 1, Welcome = 2, Enrol = 3, Enrolled = 4, TaskRequest = 5, Task = 6, NoTask = 7,
+    ManifestRequest = 8, Manifest = 9, ModelFetch = 10, Blob = 11, Upload = 12, Ack = 13, Error = 14,
+    Goodbye = 15,
+}
+
+impl Message {
+    /// The frame payload: version, kind, body.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = self.encode_body();
+        let mut out = Vec::with_capacity(3 + body.len());
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out.push(self.kind());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a frame payload: unknown versions and kinds, malformed bodies, trailing bytes, oversized text
+    /// and non-finite numbers are typed errors.
+    pub fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let (head, body) = payload
+            .split_at_checked(3)
+            .ok_or(ProtocolError::Truncated {
+                expected: 3,
+                got: payload.len() as u64,
+            })?;
+        let version = u16::from_le_bytes([head[0], head[1]]);
+        if !SUPPORTED_VERSIONS.contains(&version) {
+            return Err(ProtocolError::UnsupportedVersion(version));
+        }
+        let m = Self::decode_body(head[2], body)?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Semantic checks that the structure alone cannot express.
+    fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |detail: &str| {
+            Err(ProtocolError::Malformed {
+                what: "message",
+                detail: detail.into(),
+            })
+        };
+        let long = |s: &str| s.len() > MAX_TEXT;
+        match self {
+            Message::Hello(h)
+                if h.versions.is_empty() || h.versions.len() > 64 || long(&h.software) =>
+            {
+                bad("hello needs 1..=64 versions and short software text")
+            }
+            Message::Enrol(e) if long(&e.token) || long(&e.name) => bad("enrolment text too long"),
+            Message::NoTask(n) if long(&n.reason) => bad("reason too long"),
+            Message::Error(e) if long(&e.message) => bad("error text too long"),
+            Message::Goodbye(g) if long(&g.reason) => bad("reason too long"),
+            Message::Task(t)
+                if !(t.params.learning_rate.is_finite()
+                    && t.params.fedprox_mu.is_finite()
+                    && t.params.fedprox_mu >= 0.0
+                    && t.dp.update_clip.is_finite()
+                    && t.dp.update_clip >= 0.0
+                    && t.dp.client_noise_multiplier.is_finite()
+                    && t.dp.client_noise_multiplier >= 0.0
+                    && t.dp.noise_clients >= 1) =>
+            {
+                bad("task parameters must be finite and in range")
+            }
+            Message::Upload(u)
+                if !(u.metrics.train_loss.is_finite()
+                    && u.metrics.epsilon_spent.is_finite()
+                    && u.metrics.epsilon_spent >= 0.0) =>
+            {
+                bad("update metrics must be finite")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The version both sides speak: the newest one offered that this build supports.
+pub fn negotiate(offered: &[u16]) -> Result<u16, ProtocolError> {
+    SUPPORTED_VERSIONS
+        .iter()
+        .rev()
+        .find(|v| offered.contains(v))
+        .copied()
+        .ok_or_else(|| ProtocolError::NoCommonVersion {
+            offered: offered.to_vec(),
+            supported: SUPPORTED_VERSIONS.to_vec(),
+        })
+}
+
+/// One message of every kind with plausible contents: for tests, fuzz seed corpora and documentation.
+pub fn examples() -> Vec<Message> {
+    let key = SigningIdentity::from_seed([3; 32]);
+    let manifest = Manifest {
+        version: ModelVersion(4),
+        parent_digest: Some(Digest::of(b"p")),
+        base_digest: Digest::of(b"b"),
+        adapter_digest: Digest::of(b"a"),
+        adapter_schema: AdapterSchema::new(vec![TensorSpec {
+            name: "t".into(),
+            shape: vec![2, 3],
+        }])
+        .expect("a one-tensor schema of 6 values is valid"),
+        round: RoundId(4),
+        strategy: "fedavg".into(),
+        dp: DpRecord {
+            mode: DpMode::Off,
+            noise_multiplier: 0.0,
+            clip: 0.0,
+            epsilon_spent: 0.0,
+            delta: 0.0,
+        },
+        created_at_unix_ms: 5,
+    }
+    .sign(&key);
+    let body = BulkHeader::describe(b"delta");
+    vec![
+        Message::Hello(Hello {
+            versions: vec![1],
+            software: "starling-client 0.1".into(),
+        }),
+        Message::Welcome(Welcome {
+            version: 1,
+            client_id: key.fingerprint(),
+            latest_model: ModelVersion(4),
+        }),
+        Message::Enrol(Enrol {
+            token: "stk1_00".into(),
+            name: "pi-7".into(),
+        }),
+        Message::Enrolled(Enrolled {
+            client_id: key.fingerprint(),
+        }),
+        Message::TaskRequest(TaskRequest {
+            held_model: Some(ModelVersion(3)),
+        }),
+        Message::Task(Box::new(Task {
+            round: RoundId(4),
+            manifest: manifest.clone(),
+            deadline_unix_ms: 99,
+            params: TrainParams {
+                local_steps: 10,
+                batch_size: 8,
+                seq_len: 128,
+                learning_rate: 1e-3,
+                fedprox_mu: 0.01,
+            },
+            dp: DpTask {
+                update_clip: 1.0,
+                client_noise_multiplier: 0.0,
+                noise_clients: 1,
+            },
+            encoding: Encoding::Int8 { block: 64 },
+            max_update_bytes: 1 << 20,
+        })),
+        Message::NoTask(NoTask {
+            retry_after_ms: 500,
+            reason: "waiting for clients".into(),
+        }),
+        Message::ManifestRequest(ManifestRequest { version: None }),
+        Message::Manifest(manifest),
+        Message::ModelFetch(ModelFetch {
+            version: ModelVersion(4),
+            kind: BlobKind::Adapter,
+        }),
+        Message::Blob(body),
+        Message::Upload(Box::new(Upload {
+            update_id: UpdateId([9; 16]),
+            round: RoundId(4),
+            model_version: ModelVersion(4),
+            schema: Digest::of(b"s"),
+            num_examples: 120,
+            metrics: UpdateMetrics {
+                train_loss: 1.5,
+                steps: 10,
+                epsilon_spent: 0.3,
+            },
+            body,
+        })),
+        Message::Ack(Ack {
+            update_id: UpdateId([9; 16]),
+            duplicate: false,
+        }),
+        Message::Error(ErrorReply {
+            code: ErrorCode::LateUpdate,
+            message: "round 3 closed".into(),
+        }),
+        Message::Goodbye(Goodbye {
+            reason: "done".into(),
+        }),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips() {
+        let all = examples();
+        assert_eq!(all.len(), 15);
+        for m in all {
+            let bytes = m.encode();
+            assert_eq!(Message::decode(&bytes).unwrap(), m, "{}", m.kind_name());
+        }
+    }
+
+    #[test]
+    fn unknown_versions_kinds_and_trailing_bytes_are_typed_errors() {
+        let m = Message::Ack(Ack {
+            update_id: UpdateId([1; 16]),
+            duplicate: true,
+        });
+        let mut b = m.encode();
+        b[0] = 9;
+        assert_eq!(
+            Message::decode(&b),
+            Err(ProtocolError::UnsupportedVersion(9))
+        );
+        let mut b = m.encode();
+        b[2] = 200;
+        assert_eq!(
+            Message::decode(&b),
+            Err(ProtocolError::UnknownMessageKind(200))
+        );
+        let mut b = m.encode();
+        b.push(0);
+        assert!(matches!(
+            Message::decode(&b),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Message::decode(&[1]),
+            Err(ProtocolError::Truncated { .. })
+        ));
+        // A body claiming a 2^60-byte string is refused without allocating it.
+        let mut b = Message::Goodbye(Goodbye {
+            reason: String::new(),
+        })
+        .encode();
+        b.truncate(3);
+        b.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(matches!(
+            Message::decode(&b),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        let long = Message::Goodbye(Goodbye {
+            reason: "x".repeat(MAX_TEXT + 1),
+        });
+        assert!(Message::decode(&long.encode()).is_err());
+    }
+
+    #[test]
+    fn negotiation_picks_the_newest_common_version() {
+        assert_eq!(negotiate(&[0, 1, 7]).unwrap(), 1);
+        assert!(matches!(
+            negotiate(&[2, 3]),
+            Err(ProtocolError::NoCommonVersion { .. })
+        ));
+    }
+}
