@@ -1,0 +1,291 @@
+//! transport-bench: the wire's figures as JSON lines (one per measurement).
+//!
+//! Upload throughput of f32 deltas (4 MB and 40 MB) through the full protocol over loopback QUIC (frame,
+//! bulk transfer with SHA-256, update decoding, ack) beside a raw quinn stream of the same size on the same
+//! TLS and transport settings; handshakes per second (mutual TLS + Hello/Welcome); and encode/decode
+//! throughput of f32 and int8 updates.
+//!
+//! `cargo run --release -p starling-transport --bin transport-bench`
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rand::SeedableRng;
+use starling_protocol::bulk::BulkHeader;
+use starling_protocol::message::{Ack, Enrol, ErrorCode, ErrorReply, UpdateMetrics, Upload};
+use starling_protocol::update::{decode_update, encode_update};
+use starling_protocol::{
+    AdapterSchema, Encoding, Fingerprint, Message, ModelVersion, RoundId, SigningIdentity,
+    TensorSpec, UpdateId, UpdateLimits,
+};
+use starling_transport::client::quic_client_config;
+use starling_transport::server::EnrolmentLimits;
+use starling_transport::tls::{self, ClientPolicy, EnrolledClientVerifier};
+use starling_transport::{
+    Access, Authorizer, Client, Handler, Limits, Request, Response, Server, TransportError,
+};
+
+#[derive(Parser)]
+#[command(about = "Transport benchmarks; every figure is printed as one JSON line")]
+struct Args {
+    /// Delta sizes in MB of f32 (1 MB = 262,144 parameters).
+    #[arg(long, value_delimiter = ',', default_value = "4,40")]
+    sizes_mb: Vec<usize>,
+    /// Timed uploads per size (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Seconds spent opening connections for the handshake rate.
+    #[arg(long, default_value_t = 2.0)]
+    handshake_seconds: f64,
+}
+
+#[derive(Debug)]
+struct Everyone;
+
+impl Authorizer for Everyone {
+    fn access(&self, _: &Fingerprint) -> Access {
+        Access::Allowed
+    }
+}
+
+/// Accepts f32/int8 updates for one schema: decodes them (as the coordinator must) and acknowledges.
+struct Sink {
+    schema: AdapterSchema,
+}
+
+impl Handler for Sink {
+    fn latest_model(&self) -> ModelVersion {
+        ModelVersion(0)
+    }
+    fn max_upload_bytes(&self) -> u64 {
+        1 << 30
+    }
+    async fn handle(&self, _: Fingerprint, request: Request) -> Response {
+        match request {
+            Request::Upload { header, body } => {
+                match decode_update(&body, &self.schema, &UpdateLimits::default()) {
+                    Ok(_) => Response::Message(Message::Ack(Ack {
+                        update_id: header.update_id,
+                        duplicate: false,
+                    })),
+                    Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+                }
+            }
+            _ => Response::error(ErrorCode::NotFound, "benchmark server"),
+        }
+    }
+    async fn enrol(&self, _: Fingerprint, _: Enrol) -> Result<(), ErrorReply> {
+        Ok(())
+    }
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn schema_for(params: usize) -> AdapterSchema {
+    AdapterSchema::new(vec![TensorSpec {
+        name: "delta".into(),
+        shape: vec![params as u64],
+    }])
+    .expect("valid schema")
+}
+
+fn bench_limits() -> Limits {
+    Limits {
+        exchange_timeout: Duration::from_secs(300),
+        ..Limits::default()
+    }
+}
+
+/// A plain quinn server on the same TLS and transport settings: reads a stream to its end, answers one byte.
+fn raw_server(identity: &SigningIdentity) -> Result<quinn::Endpoint, TransportError> {
+    let verifier = Arc::new(EnrolledClientVerifier::new(
+        Arc::new(Everyone),
+        ClientPolicy::EnrolledOnly,
+    ));
+    let tls = tls::server_tls(identity, verifier, tls::ALPN)?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TransportError::Config(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(bench_limits().transport_config()?));
+    let ep = quinn::Endpoint::server(
+        cfg,
+        "127.0.0.1:0"
+            .parse()
+            .map_err(|_| TransportError::Config("addr".into()))?,
+    )?;
+    let accept = ep.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = accept.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    if recv.read_to_end(1 << 30).await.is_ok() {
+                        let _ = send.write_all(&[1]).await;
+                        let _ = send.finish();
+                    }
+                }
+            });
+        }
+    });
+    Ok(ep)
+}
+
+fn line(v: serde_json::Value) {
+    println!("{v}");
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let server_id = SigningIdentity::from_seed([1; 32]);
+    let device = SigningIdentity::from_seed([2; 32]);
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+
+    for &mb in &args.sizes_mb {
+        let params = mb * (1 << 20) / 4;
+        let schema = schema_for(params);
+        let delta: Vec<f32> = (0..params)
+            .map(|i| ((i % 1999) as f32 - 999.0) * 1e-5)
+            .collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+
+        // Encode / decode throughput (MB of f32 delta per second).
+        for (name, enc) in [
+            ("f32", Encoding::F32),
+            ("int8", Encoding::Int8 { block: 64 }),
+        ] {
+            let t = Instant::now();
+            let bytes = encode_update(&schema, &delta, enc, &mut rng)?;
+            let enc_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let back = decode_update(&bytes, &schema, &UpdateLimits::default())?;
+            let dec_s = t.elapsed().as_secs_f64();
+            assert_eq!(back.len(), params);
+            let mbytes = (params * 4) as f64 / 1e6;
+            line(serde_json::json!({
+                "bench": "update_codec", "encoding": name, "params": params, "encoded_bytes": bytes.len(),
+                "encode_mb_per_s": mbytes / enc_s, "decode_mb_per_s": mbytes / dec_s, "peak_rss_bytes": peak_rss(),
+            }));
+        }
+
+        // Full protocol upload.
+        let sink = Arc::new(Sink {
+            schema: schema.clone(),
+        });
+        let server = Server::bind(
+            any,
+            any,
+            &server_id,
+            Arc::new(Everyone),
+            sink,
+            bench_limits(),
+            EnrolmentLimits::default(),
+        )?;
+        let client = Client::new(
+            &device,
+            server.fingerprint(),
+            server.local_addr()?,
+            bench_limits(),
+        )?;
+        let session = client.connect().await?;
+        let body = encode_update(&schema, &delta, Encoding::F32, &mut rng)?;
+        let mut best = f64::INFINITY;
+        for r in 0..args.repeats.max(1) {
+            let t = Instant::now(); // the sender's SHA-256 of the body is part of the cost
+            let upload = Upload {
+                update_id: UpdateId([r as u8; 16]),
+                round: RoundId(1),
+                model_version: ModelVersion(0),
+                schema: schema.hash(),
+                num_examples: 1,
+                metrics: UpdateMetrics {
+                    train_loss: 0.0,
+                    steps: 1,
+                    epsilon_spent: 0.0,
+                },
+                body: BulkHeader::describe(&body),
+            };
+            session.upload(upload, &body).await?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        line(serde_json::json!({
+            "bench": "upload", "path": "starling_protocol", "bytes": body.len(), "seconds": best,
+            "mb_per_s": body.len() as f64 / 1e6 / best, "peak_rss_bytes": peak_rss(),
+            "includes": "sender SHA-256 + frame + bulk + receiver SHA-256 + f32 decode + ack",
+        }));
+        drop(session);
+        server.shutdown().await;
+
+        // Raw quinn stream, same size, same TLS and windows.
+        let raw = raw_server(&server_id)?;
+        let tls = tls::client_tls(&device, server_id.fingerprint(), tls::ALPN)?;
+        let ep = quinn::Endpoint::client(any)?;
+        let conn = ep
+            .connect_with(
+                quic_client_config(tls, &bench_limits())?,
+                raw.local_addr()?,
+                tls::SERVER_NAME,
+            )?
+            .await?;
+        let mut best = f64::INFINITY;
+        for _ in 0..args.repeats.max(1) {
+            let t = Instant::now();
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&body).await?;
+            send.finish()?;
+            recv.read_to_end(16).await?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        line(serde_json::json!({
+            "bench": "upload", "path": "raw_quinn_stream", "bytes": body.len(), "seconds": best,
+            "mb_per_s": body.len() as f64 / 1e6 / best, "peak_rss_bytes": peak_rss(),
+        }));
+        conn.close(0u32.into(), b"done");
+        raw.close(0u32.into(), b"done");
+    }
+
+    // Handshakes per second: a fresh connection each time (mutual TLS 1.3 + Hello/Welcome), sequential.
+    let sink = Arc::new(Sink {
+        schema: schema_for(1),
+    });
+    let server = Server::bind(
+        any,
+        any,
+        &server_id,
+        Arc::new(Everyone),
+        sink,
+        bench_limits(),
+        EnrolmentLimits::default(),
+    )?;
+    let client = Client::new(
+        &device,
+        server.fingerprint(),
+        server.local_addr()?,
+        bench_limits(),
+    )?;
+    let t = Instant::now();
+    let mut n = 0u32;
+    while t.elapsed().as_secs_f64() < args.handshake_seconds {
+        let s = client.connect().await?;
+        s.connection().close(0u32.into(), b"bench");
+        n += 1;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    line(serde_json::json!({
+        "bench": "handshake", "connections": n, "seconds": secs, "handshakes_per_s": f64::from(n) / secs,
+        "mode": "sequential, mutual TLS 1.3 Ed25519 + Hello/Welcome", "peak_rss_bytes": peak_rss(),
+    }));
+    server.shutdown().await;
+    Ok(())
+}
