@@ -19,7 +19,7 @@ enum Cmd {
     ///   starling-client finetune --model assets/models/starling-tiny --quant q8_0 \
     ///       --data assets/shakespeare/sonnets.txt --out runs/sonnets --steps 60 --rank 8
     #[command(verbatim_doc_comment)]
-    Finetune(FinetuneArgs),
+    Finetune(Box<FinetuneArgs>),
     /// Generate text from a model (optionally with an adapter).
     ///
     /// Example:

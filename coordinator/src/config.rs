@@ -1,0 +1,309 @@
+//! `coordinator.toml`: every knob of the engine, strategy, privacy, task and network, with defaults.
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::engine::EngineConfig;
+use crate::strategy::StrategyConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// Where to listen.
+    pub network: NetworkConfig,
+    /// Round lifecycle.
+    pub rounds: EngineConfig,
+    /// Aggregation rule (ignored, except `server_lr`, when user-level DP is on: DP-FedAvg aggregates).
+    pub strategy: StrategyConfig,
+    /// User-level differential privacy across rounds.
+    pub privacy: PrivacyConfig,
+    /// What clients are asked to do.
+    pub task: TaskConfig,
+    /// The LoRA adapter every client trains.
+    pub adapter: AdapterConfig,
+}
+
+/// Listening addresses.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// QUIC protocol endpoint (ALPN starling/1).
+    pub listen: SocketAddr,
+    /// QUIC enrolment endpoint (ALPN starling-enrol/1).
+    pub enrol_listen: SocketAddr,
+    /// HTTP status page and Prometheus `/metrics` (read-only, unauthenticated: keep it local).
+    pub http_listen: SocketAddr,
+    /// Whether to serve the status page at all.
+    pub http: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7870)),
+            enrol_listen: SocketAddr::from(([0, 0, 0, 0], 7871)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 7872)),
+            http: true,
+        }
+    }
+}
+
+/// Where user-level noise is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DpPlacement {
+    /// No user-level DP.
+    Off,
+    /// The coordinator adds N(0, z²C²) to the clipped sum.
+    Central,
+    /// Each client adds N(0, z²C²/n); the coordinator only clips and sums.
+    Distributed,
+}
+
+/// User-level DP-FedAvg settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Off, central or distributed.
+    pub mode: DpPlacement,
+    /// L2 clip bound C of one client's delta.
+    pub clip: f64,
+    /// Noise multiplier z.
+    pub noise_multiplier: f64,
+    /// δ of the reported ε.
+    pub delta: f64,
+    /// ε budget; a round that would exceed it is refused.
+    pub epsilon_budget: f64,
+    /// Accountant.
+    pub accountant: starling_privacy::AccountantKind,
+    /// Distributed mode: clients whose noise shares add up to the full noise.
+    pub noise_clients: u32,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            mode: DpPlacement::Off,
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            delta: 1e-6,
+            epsilon_budget: 10.0,
+            accountant: starling_privacy::AccountantKind::Pld,
+            noise_clients: 1,
+        }
+    }
+}
+
+/// Update encoding clients use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateEncoding {
+    /// Exact f32.
+    F32,
+    /// int8 blocks with stochastic rounding.
+    Int8,
+}
+
+/// Local training settings sent with each task.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskConfig {
+    /// Local optimizer steps.
+    pub local_steps: u32,
+    /// Sequences per step.
+    pub batch_size: u32,
+    /// Tokens per sequence.
+    pub seq_len: u32,
+    /// Local learning rate.
+    pub learning_rate: f32,
+    /// Update encoding.
+    pub encoding: UpdateEncoding,
+    /// Values per int8 block.
+    pub int8_block: u32,
+    /// Largest encoded update accepted, bytes.
+    pub max_update_bytes: u64,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        Self {
+            local_steps: 20,
+            batch_size: 8,
+            seq_len: 128,
+            learning_rate: 2e-3,
+            encoding: UpdateEncoding::F32,
+            int8_block: 64,
+            max_update_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The adapter trained by every client.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f32,
+    /// Target modules (q, k, v, o, gate, up, down).
+    pub targets: Vec<String>,
+    /// Seed of the initial A matrices (B starts at zero: version 0 leaves the base model unchanged).
+    pub seed: u64,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            targets: vec!["q".into(), "v".into()],
+            seed: 0,
+        }
+    }
+}
+
+/// What can be wrong with a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// It could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It is not valid TOML for this schema (unknown keys included).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message (line, column, key).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl CoordinatorConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        Self::parse(&text, &p)
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        let invalid = |m: String| ConfigError::Invalid {
+            path: origin.into(),
+            message: m,
+        };
+        cfg.rounds.validate().map_err(|e| invalid(e.to_string()))?;
+        crate::strategy::build(&cfg.strategy).map_err(|e| invalid(e.to_string()))?;
+        let p = &cfg.privacy;
+        if p.mode != DpPlacement::Off
+            && !(p.clip > 0.0
+                && p.noise_multiplier >= 0.0
+                && p.delta > 0.0
+                && p.delta < 1.0
+                && p.epsilon_budget > 0.0)
+        {
+            return Err(invalid(
+                "privacy needs clip > 0, noise_multiplier ≥ 0, 0 < delta < 1, epsilon_budget > 0"
+                    .into(),
+            ));
+        }
+        if p.mode == DpPlacement::Distributed && p.noise_clients == 0 {
+            return Err(invalid("privacy.noise_clients must be at least 1".into()));
+        }
+        let t = &cfg.task;
+        if t.local_steps == 0
+            || t.batch_size == 0
+            || t.seq_len == 0
+            || t.learning_rate.is_nan()
+            || t.learning_rate <= 0.0
+        {
+            return Err(invalid(
+                "task needs positive local_steps, batch_size, seq_len and learning_rate".into(),
+            ));
+        }
+        if !(1..=65_536).contains(&t.int8_block) {
+            return Err(invalid("task.int8_block must lie in 1..=65536".into()));
+        }
+        if cfg.adapter.rank == 0 || cfg.adapter.targets.is_empty() {
+            return Err(invalid(
+                "adapter needs rank ≥ 1 and at least one target".into(),
+            ));
+        }
+        for t in &cfg.adapter.targets {
+            if starling_model::Target::parse(t).is_none() {
+                return Err(invalid(format!(
+                    "unknown adapter target {t:?} (q, k, v, o, gate, up, down)"
+                )));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The documented default file written by `init`.
+    pub fn default_toml() -> String {
+        let body = toml::to_string_pretty(&Self::default()).unwrap_or_default();
+        format!(
+            "# Starling coordinator configuration. Every key is optional; unknown keys are errors.\n\
+             # [network] listen (QUIC), enrol_listen (QUIC enrolment), http_listen (status page, /metrics), http\n\
+             # [rounds] min_clients, selection ({{ fraction = q }} or {{ count = m }}), min_updates,\n\
+             #   round_timeout_ms, presence_timeout_ms, rounds (omit: forever), seed, retry_after_ms\n\
+             # [strategy] kind = fed-avg | fed-prox | fed-avg-m | fed-adam | fed-yogi | fed-adagrad | median |\n\
+             #   trimmed-mean | krum | multi-krum; server_lr, momentum, beta1, beta2, tau, proximal_mu,\n\
+             #   trim_beta, byzantine, multi_krum_m, norm_bound\n\
+             # [privacy] mode = off | central | distributed; clip, noise_multiplier, delta, epsilon_budget,\n\
+             #   accountant = pld | rdp, noise_clients\n\
+             # [task] local_steps, batch_size, seq_len, learning_rate, encoding = f32 | int8, int8_block,\n\
+             #   max_update_bytes\n\
+             # [adapter] rank, alpha, targets, seed\n\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_unknown_keys_are_refused() {
+        let text = CoordinatorConfig::default_toml();
+        assert_eq!(
+            CoordinatorConfig::parse(&text, "x").unwrap(),
+            CoordinatorConfig::default()
+        );
+        let typo = "[rounds]\nmin_client = 3\n";
+        let err = CoordinatorConfig::parse(typo, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("min_client"), "{err}");
+        let bad = "[privacy]\nmode = \"central\"\nclip = 0.0\n";
+        assert!(CoordinatorConfig::parse(bad, "c.toml").is_err());
+        let sel = "[rounds]\nselection = { count = 5 }\nrounds = 3\n[strategy]\nkind = \"fed-adam\"\nserver_lr = 0.01\n";
+        let c = CoordinatorConfig::parse(sel, "c.toml").unwrap();
+        assert_eq!(c.rounds.selection, crate::engine::Selection::Count(5));
+        assert_eq!(c.rounds.rounds, Some(3));
+        assert!(CoordinatorConfig::parse("[adapter]\ntargets = [\"qq\"]\n", "c").is_err());
+    }
+}

@@ -1,0 +1,863 @@
+//! The round engine: a pure state machine. The driver (the QUIC server in `serve`, a simulation, a test)
+//! feeds it what happened — a client was seen, asked for work, uploaded — with an explicit time in
+//! milliseconds, and carries out what it answers: persist a round, aggregate, publish.
+//!
+//! Lifecycle of a round: wait until `min_clients` eligible clients were seen recently → select a sample
+//! (fraction q or count m, uniformly without replacement, seeded by `(seed, round)` so a restarted
+//! coordinator selects the same) → selected clients get the task when they ask → collect until every selected
+//! client reported or the deadline passed → aggregate if at least `min_updates` arrived, else abandon and
+//! start a new round → after the driver published the new version, the next round. Round ids only grow,
+//! abandoned rounds included.
+//!
+//! Durability is the driver's, in this order: persist [`Action::RoundStarted`] before serving its tasks;
+//! write an upload durably between [`Engine::check_update`] and [`Engine::record_update`], and only then ack.
+//! What must never live here: sockets, clocks, threads, files, randomness not derived from the seed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use starling_protocol::{Digest, Fingerprint, ModelVersion, RoundId, UpdateId};
+
+/// Milliseconds on the driver's clock (Unix time in deployment, simulated time in simulations).
+pub type Millis = u64;
+
+/// How many clients a round selects.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selection {
+    /// A fraction q of the eligible clients (at least one).
+    Fraction(f64),
+    /// Exactly m clients (or all eligible, if fewer — never fewer than `min_clients`).
+    Count(usize),
+}
+
+/// Engine settings (the `[rounds]` table of coordinator.toml).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Eligible clients needed before a round starts.
+    pub min_clients: usize,
+    /// How many of them a round selects.
+    pub selection: Selection,
+    /// Updates needed to aggregate; fewer by the deadline abandons the round.
+    pub min_updates: usize,
+    /// Time from selection to the deadline.
+    pub round_timeout_ms: u64,
+    /// A client counts as connected if seen this recently.
+    pub presence_timeout_ms: u64,
+    /// Rounds to run (`None`: forever).
+    pub rounds: Option<u64>,
+    /// Seed of client selection.
+    pub seed: u64,
+    /// What unselected clients are told to wait before asking again.
+    pub retry_after_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            min_clients: 2,
+            selection: Selection::Fraction(1.0),
+            min_updates: 2,
+            round_timeout_ms: 600_000,
+            presence_timeout_ms: 120_000,
+            rounds: None,
+            seed: 0,
+            retry_after_ms: 5_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks the settings; the message names the setting at fault.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: &str| Err(EngineError::Config(m.into()));
+        match self.selection {
+            Selection::Fraction(q) if !(q > 0.0 && q <= 1.0) => {
+                return bad("selection fraction must lie in (0, 1]")
+            }
+            Selection::Count(0) => return bad("selection count must be at least 1"),
+            _ => {}
+        }
+        if self.min_clients == 0 {
+            return bad("min_clients must be at least 1");
+        }
+        if self.min_updates == 0 {
+            return bad("min_updates must be at least 1");
+        }
+        if self.round_timeout_ms == 0 {
+            return bad("round_timeout_ms must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Where a round is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RoundPhase {
+    /// Tasks out, updates coming in.
+    Collecting,
+    /// Closed; the driver aggregates and publishes.
+    Aggregating,
+}
+
+/// A round as it is persisted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoundRecord {
+    /// The round.
+    pub id: RoundId,
+    /// The model version clients train from.
+    pub model_version: ModelVersion,
+    /// The selected clients.
+    pub selected: Vec<Fingerprint>,
+    /// When it started.
+    pub started_at: Millis,
+    /// When collection ends.
+    pub deadline: Millis,
+    /// Collecting or aggregating.
+    pub phase: RoundPhase,
+    /// Eligible clients when it was selected (for the sampling rate of DP accounting).
+    pub eligible: usize,
+}
+
+/// What an upload claims, as the engine needs it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpdateMeta {
+    /// Idempotency key.
+    pub update_id: UpdateId,
+    /// Who sent it.
+    pub client: Fingerprint,
+    /// The round it answers.
+    pub round: RoundId,
+    /// The model version it was trained from.
+    pub model_version: ModelVersion,
+    /// Its adapter schema.
+    pub schema: Digest,
+    /// Its FedAvg weight.
+    pub num_examples: u64,
+}
+
+/// The answer to a task request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskDecision {
+    /// Train for this round.
+    Task {
+        /// The round.
+        round: RoundId,
+        /// The model to start from.
+        model_version: ModelVersion,
+        /// Report by then.
+        deadline: Millis,
+    },
+    /// Nothing to do now.
+    NoTask {
+        /// Ask again after this long.
+        retry_after_ms: u64,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// Whether an upload is new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateCheck {
+    /// Store it durably, then call [`Engine::record_update`], then ack.
+    New,
+    /// Already counted: ack again, store nothing.
+    Duplicate,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Persist this round before serving its tasks.
+    RoundStarted(RoundRecord),
+    /// The round closed with enough updates: persist the phase, aggregate these, publish, then call
+    /// [`Engine::published`].
+    Aggregate {
+        /// The round, now in the aggregating phase.
+        round: RoundRecord,
+        /// The updates to aggregate, in id order.
+        updates: Vec<UpdateId>,
+    },
+    /// The round closed with too few updates; its stored updates may be dropped.
+    RoundAbandoned {
+        /// The round.
+        round: RoundId,
+        /// Updates that had arrived.
+        received: usize,
+    },
+    /// The configured number of rounds is done.
+    Finished,
+}
+
+/// Refusals and misuse.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    /// The update is for a round that is not collecting (closed, abandoned, or never existed).
+    #[error("update for round {got:?} refused: round {current:?} is collecting")]
+    LateUpdate {
+        /// The update's round.
+        got: RoundId,
+        /// The collecting round, if any.
+        current: Option<RoundId>,
+    },
+    /// The update was trained from another model version.
+    #[error("update trained from model {got:?}, round expects {expected:?}")]
+    WrongModelVersion {
+        /// The round's version.
+        expected: ModelVersion,
+        /// The update's version.
+        got: ModelVersion,
+    },
+    /// The update is for another adapter schema.
+    #[error("update for adapter schema {got}, expected {expected}")]
+    SchemaMismatch {
+        /// The model's schema.
+        expected: Digest,
+        /// The update's.
+        got: Digest,
+    },
+    /// The client was not selected for this round.
+    #[error("client not selected for round {0:?}")]
+    NotSelected(RoundId),
+    /// The client already contributed another update to this round.
+    #[error("client already sent an update for round {0:?}")]
+    AlreadyReported(RoundId),
+    /// A driver call did not fit the engine's state (a bug in the driver).
+    #[error("engine misuse: {0}")]
+    Misuse(String),
+    /// A setting is out of range.
+    #[error("invalid engine setting: {0}")]
+    Config(String),
+}
+
+#[derive(Debug)]
+struct Round {
+    record: RoundRecord,
+    received: BTreeMap<UpdateId, Fingerprint>,
+    reported: HashMap<Fingerprint, UpdateId>,
+}
+
+/// The round engine.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    schema: Digest,
+    latest: ModelVersion,
+    next_round: u64,
+    completed: u64,
+    seen: HashMap<Fingerprint, Millis>,
+    round: Option<Round>,
+    finished_reported: bool,
+}
+
+impl Engine {
+    /// A fresh engine: `latest` is the newest published version, `next_round` the first unused round id,
+    /// `completed` the rounds aggregated so far (for the round limit).
+    pub fn new(
+        cfg: EngineConfig,
+        schema: Digest,
+        latest: ModelVersion,
+        next_round: u64,
+        completed: u64,
+    ) -> Result<Self, EngineError> {
+        cfg.validate()?;
+        Ok(Self {
+            cfg,
+            schema,
+            latest,
+            next_round,
+            completed,
+            seen: HashMap::new(),
+            round: None,
+            finished_reported: false,
+        })
+    }
+
+    /// Resumes a persisted round with the updates already stored for it (after a restart).
+    pub fn resume(
+        &mut self,
+        record: RoundRecord,
+        stored: &[UpdateMeta],
+    ) -> Result<(), EngineError> {
+        if self.round.is_some() {
+            return Err(EngineError::Misuse("a round is already open".into()));
+        }
+        let mut round = Round {
+            record,
+            received: BTreeMap::new(),
+            reported: HashMap::new(),
+        };
+        for u in stored.iter().filter(|u| u.round == round.record.id) {
+            round.received.insert(u.update_id, u.client);
+            round.reported.insert(u.client, u.update_id);
+        }
+        self.next_round = self.next_round.max(round.record.id.0 + 1);
+        self.round = Some(round);
+        Ok(())
+    }
+
+    /// The newest published version.
+    pub fn latest(&self) -> ModelVersion {
+        self.latest
+    }
+
+    /// The round in progress, if any.
+    pub fn current(&self) -> Option<&RoundRecord> {
+        self.round.as_ref().map(|r| &r.record)
+    }
+
+    /// Updates counted in the current round.
+    pub fn received(&self) -> usize {
+        self.round.as_ref().map_or(0, |r| r.received.len())
+    }
+
+    /// Rounds aggregated so far.
+    pub fn completed(&self) -> u64 {
+        self.completed
+    }
+
+    /// Clients seen within the presence timeout.
+    pub fn connected(&self, now: Millis) -> usize {
+        self.eligible(now).len()
+    }
+
+    /// Whether the configured number of rounds is done.
+    pub fn finished(&self) -> bool {
+        self.cfg.rounds.is_some_and(|n| self.completed >= n)
+    }
+
+    /// A client connected or made a request.
+    pub fn client_seen(&mut self, client: Fingerprint, now: Millis) {
+        self.seen.insert(client, now);
+    }
+
+    /// A client asks for work.
+    pub fn task_request(&mut self, client: Fingerprint, now: Millis) -> TaskDecision {
+        self.client_seen(client, now);
+        let wait = |reason| TaskDecision::NoTask {
+            retry_after_ms: self.cfg.retry_after_ms,
+            reason,
+        };
+        if self.finished() {
+            return wait("training finished");
+        }
+        match &self.round {
+            Some(r) if r.record.phase == RoundPhase::Collecting && now < r.record.deadline => {
+                if !r.record.selected.contains(&client) {
+                    wait("not selected for this round")
+                } else if r.reported.contains_key(&client) {
+                    wait("update already received")
+                } else {
+                    TaskDecision::Task {
+                        round: r.record.id,
+                        model_version: r.record.model_version,
+                        deadline: r.record.deadline,
+                    }
+                }
+            }
+            Some(_) => wait("round closing"),
+            None => wait("waiting for clients"),
+        }
+    }
+
+    /// Checks an upload before it is stored.
+    pub fn check_update(&self, meta: &UpdateMeta, now: Millis) -> Result<UpdateCheck, EngineError> {
+        let collecting = self
+            .round
+            .as_ref()
+            .filter(|r| r.record.phase == RoundPhase::Collecting);
+        let Some(r) = collecting else {
+            return Err(EngineError::LateUpdate {
+                got: meta.round,
+                current: None,
+            });
+        };
+        if r.received.contains_key(&meta.update_id) {
+            return Ok(UpdateCheck::Duplicate);
+        }
+        if meta.round != r.record.id || now >= r.record.deadline {
+            return Err(EngineError::LateUpdate {
+                got: meta.round,
+                current: Some(r.record.id),
+            });
+        }
+        if meta.model_version != r.record.model_version {
+            return Err(EngineError::WrongModelVersion {
+                expected: r.record.model_version,
+                got: meta.model_version,
+            });
+        }
+        if meta.schema != self.schema {
+            return Err(EngineError::SchemaMismatch {
+                expected: self.schema,
+                got: meta.schema,
+            });
+        }
+        if !r.record.selected.contains(&meta.client) {
+            return Err(EngineError::NotSelected(r.record.id));
+        }
+        if r.reported.contains_key(&meta.client) {
+            return Err(EngineError::AlreadyReported(r.record.id));
+        }
+        Ok(UpdateCheck::New)
+    }
+
+    /// Counts an update the driver has stored durably (after [`Engine::check_update`] said `New`).
+    pub fn record_update(&mut self, meta: &UpdateMeta, now: Millis) -> Result<(), EngineError> {
+        match self.check_update(meta, now)? {
+            UpdateCheck::Duplicate => Ok(()),
+            UpdateCheck::New => {
+                let r = self
+                    .round
+                    .as_mut()
+                    .ok_or_else(|| EngineError::Misuse("no round".into()))?;
+                r.received.insert(meta.update_id, meta.client);
+                r.reported.insert(meta.client, meta.update_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Advances time: starts, closes or abandons rounds.
+    pub fn tick(&mut self, now: Millis) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(r) = &mut self.round {
+            let all_in = r.record.selected.iter().all(|c| r.reported.contains_key(c));
+            match r.record.phase {
+                RoundPhase::Collecting if all_in || now >= r.record.deadline => {
+                    if r.received.len() >= self.cfg.min_updates {
+                        r.record.phase = RoundPhase::Aggregating;
+                        actions.push(Action::Aggregate {
+                            round: r.record.clone(),
+                            updates: r.received.keys().copied().collect(),
+                        });
+                    } else {
+                        actions.push(Action::RoundAbandoned {
+                            round: r.record.id,
+                            received: r.received.len(),
+                        });
+                        self.round = None;
+                    }
+                }
+                _ => {}
+            }
+            if self.round.is_some() {
+                return actions;
+            }
+        }
+        if self.finished() {
+            if !self.finished_reported {
+                self.finished_reported = true;
+                actions.push(Action::Finished);
+            }
+            return actions;
+        }
+        let eligible = self.eligible(now);
+        if eligible.len() >= self.cfg.min_clients {
+            let id = RoundId(self.next_round);
+            self.next_round += 1;
+            let selected = self.select(&eligible, id);
+            let record = RoundRecord {
+                id,
+                model_version: self.latest,
+                selected,
+                started_at: now,
+                deadline: now.saturating_add(self.cfg.round_timeout_ms),
+                phase: RoundPhase::Collecting,
+                eligible: eligible.len(),
+            };
+            actions.push(Action::RoundStarted(record.clone()));
+            self.round = Some(Round {
+                record,
+                received: BTreeMap::new(),
+                reported: HashMap::new(),
+            });
+        }
+        actions
+    }
+
+    /// Re-issues the aggregation of a round found in the aggregating phase after a restart.
+    pub fn pending_aggregation(&self) -> Option<Action> {
+        let r = self
+            .round
+            .as_ref()
+            .filter(|r| r.record.phase == RoundPhase::Aggregating)?;
+        Some(Action::Aggregate {
+            round: r.record.clone(),
+            updates: r.received.keys().copied().collect(),
+        })
+    }
+
+    /// The driver published `version` as the result of `round`.
+    pub fn published(&mut self, round: RoundId, version: ModelVersion) -> Result<(), EngineError> {
+        match &self.round {
+            Some(r) if r.record.id == round && r.record.phase == RoundPhase::Aggregating => {
+                if version <= self.latest {
+                    return Err(EngineError::Misuse(format!(
+                        "version {version:?} is not newer than {:?}",
+                        self.latest
+                    )));
+                }
+                self.latest = version;
+                self.completed += 1;
+                self.round = None;
+                Ok(())
+            }
+            _ => Err(EngineError::Misuse(format!(
+                "round {round:?} is not aggregating"
+            ))),
+        }
+    }
+
+    /// Aggregation failed (e.g. the privacy budget refused it): the round is dropped.
+    pub fn abandon(&mut self, round: RoundId) -> Result<(), EngineError> {
+        match &self.round {
+            Some(r) if r.record.id == round => {
+                self.round = None;
+                Ok(())
+            }
+            _ => Err(EngineError::Misuse(format!("round {round:?} is not open"))),
+        }
+    }
+
+    fn eligible(&self, now: Millis) -> Vec<Fingerprint> {
+        let mut v: Vec<Fingerprint> = self
+            .seen
+            .iter()
+            .filter(|(_, &t)| now.saturating_sub(t) <= self.cfg.presence_timeout_ms)
+            .map(|(c, _)| *c)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn select(&self, eligible: &[Fingerprint], round: RoundId) -> Vec<Fingerprint> {
+        let n = eligible.len();
+        let m = match self.cfg.selection {
+            Selection::Fraction(q) => ((q * n as f64).ceil() as usize).clamp(1, n),
+            Selection::Count(m) => m.min(n),
+        };
+        let seed = self.cfg.seed ^ round.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut chosen: Vec<Fingerprint> = sample(&mut rng, n, m)
+            .into_iter()
+            .map(|i| eligible[i])
+            .collect();
+        chosen.sort();
+        chosen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(i: u8) -> Fingerprint {
+        Fingerprint([i; 32])
+    }
+
+    fn schema() -> Digest {
+        Digest::of(b"schema")
+    }
+
+    fn engine(cfg: EngineConfig) -> Engine {
+        Engine::new(cfg, schema(), ModelVersion(0), 1, 0).unwrap()
+    }
+
+    fn meta(client: u8, id: u8, round: u64) -> UpdateMeta {
+        UpdateMeta {
+            update_id: UpdateId([id; 16]),
+            client: fp(client),
+            round: RoundId(round),
+            model_version: ModelVersion(0),
+            schema: schema(),
+            num_examples: 10,
+        }
+    }
+
+    fn upload(e: &mut Engine, m: &UpdateMeta, now: Millis) -> Result<UpdateCheck, EngineError> {
+        let c = e.check_update(m, now)?;
+        e.record_update(m, now)?;
+        Ok(c)
+    }
+
+    #[test]
+    fn a_full_round_waits_selects_collects_aggregates_and_moves_on() {
+        let cfg = EngineConfig {
+            min_clients: 3,
+            min_updates: 2,
+            round_timeout_ms: 1000,
+            ..Default::default()
+        };
+        let mut e = engine(cfg);
+        e.client_seen(fp(1), 0);
+        e.client_seen(fp(2), 0);
+        assert!(e.tick(10).is_empty(), "two clients are not enough");
+        assert!(matches!(
+            e.task_request(fp(1), 10),
+            TaskDecision::NoTask { .. }
+        ));
+        e.client_seen(fp(3), 20);
+        let a = e.tick(20);
+        let Action::RoundStarted(r) = &a[0] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            (r.id, r.selected.len(), r.deadline, r.eligible),
+            (RoundId(1), 3, 1020, 3)
+        );
+        assert_eq!(
+            e.task_request(fp(2), 30),
+            TaskDecision::Task {
+                round: RoundId(1),
+                model_version: ModelVersion(0),
+                deadline: 1020
+            }
+        );
+        assert_eq!(upload(&mut e, &meta(1, 1, 1), 40), Ok(UpdateCheck::New));
+        assert_eq!(
+            upload(&mut e, &meta(1, 1, 1), 41),
+            Ok(UpdateCheck::Duplicate),
+            "same id: acked, counted once"
+        );
+        assert_eq!(e.received(), 1);
+        assert_eq!(
+            e.check_update(&meta(1, 9, 1), 42),
+            Err(EngineError::AlreadyReported(RoundId(1)))
+        );
+        assert!(matches!(
+            e.task_request(fp(1), 43),
+            TaskDecision::NoTask {
+                reason: "update already received",
+                ..
+            }
+        ));
+        upload(&mut e, &meta(2, 2, 1), 50).unwrap();
+        assert!(e.tick(60).is_empty(), "client 3 may still report");
+        upload(&mut e, &meta(3, 3, 1), 70).unwrap();
+        let a = e.tick(80);
+        let Action::Aggregate { round, updates } = &a[0] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(round.phase, RoundPhase::Aggregating);
+        assert_eq!(updates.len(), 3);
+        assert!(matches!(
+            e.check_update(&meta(1, 7, 1), 85),
+            Err(EngineError::LateUpdate { .. })
+        ));
+        e.published(RoundId(1), ModelVersion(1)).unwrap();
+        assert_eq!(e.latest(), ModelVersion(1));
+        let a = e.tick(90);
+        let Action::RoundStarted(r2) = &a[0] else {
+            panic!("{a:?}")
+        };
+        assert_eq!((r2.id, r2.model_version), (RoundId(2), ModelVersion(1)));
+        // An update for the closed round 1 is late; one trained from the old model is refused.
+        assert!(matches!(
+            e.check_update(&meta(1, 10, 1), 95),
+            Err(EngineError::LateUpdate { .. })
+        ));
+        assert!(matches!(
+            e.check_update(&meta(1, 11, 2), 95),
+            Err(EngineError::WrongModelVersion { .. })
+        ));
+        let mut wrong = meta(1, 12, 2);
+        wrong.model_version = ModelVersion(1);
+        wrong.schema = Digest::of(b"other");
+        assert!(matches!(
+            e.check_update(&wrong, 95),
+            Err(EngineError::SchemaMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn too_few_updates_by_the_deadline_abandon_the_round() {
+        let cfg = EngineConfig {
+            min_clients: 2,
+            min_updates: 2,
+            round_timeout_ms: 100,
+            ..Default::default()
+        };
+        let mut e = engine(cfg);
+        e.client_seen(fp(1), 0);
+        e.client_seen(fp(2), 0);
+        e.tick(0);
+        upload(&mut e, &meta(1, 1, 1), 10).unwrap();
+        assert!(e.tick(99).is_empty());
+        assert!(matches!(
+            e.check_update(&meta(2, 2, 1), 100),
+            Err(EngineError::LateUpdate { .. })
+        ));
+        let a = e.tick(100);
+        assert_eq!(
+            a[0],
+            Action::RoundAbandoned {
+                round: RoundId(1),
+                received: 1
+            }
+        );
+        // Start over at once with the clients still present.
+        assert!(matches!(&a[1], Action::RoundStarted(r) if r.id == RoundId(2)));
+        // Clients seen long ago are no longer eligible: round 2 is abandoned and nothing starts.
+        assert_eq!(
+            e.tick(100_000_000),
+            vec![Action::RoundAbandoned {
+                round: RoundId(2),
+                received: 0
+            }]
+        );
+        assert!(e.tick(100_000_001).is_empty());
+        e.client_seen(fp(1), 100_000_002);
+        e.client_seen(fp(2), 100_000_002);
+        let a = e.tick(100_000_003);
+        assert!(
+            matches!(&a[0], Action::RoundStarted(r) if r.id == RoundId(3)),
+            "ids are never reused"
+        );
+    }
+
+    #[test]
+    fn selection_is_uniform_seeded_and_unselected_clients_are_refused() {
+        let cfg = EngineConfig {
+            min_clients: 10,
+            selection: Selection::Count(3),
+            seed: 5,
+            ..Default::default()
+        };
+        let mut counts = HashMap::new();
+        for round in 0..3000u64 {
+            let mut e = Engine::new(cfg.clone(), schema(), ModelVersion(0), round, 0).unwrap();
+            for i in 0..10 {
+                e.client_seen(fp(i), 0);
+            }
+            let a = e.tick(0);
+            let Action::RoundStarted(r) = &a[0] else {
+                panic!()
+            };
+            assert_eq!(r.selected.len(), 3);
+            for c in &r.selected {
+                *counts.entry(*c).or_insert(0u32) += 1;
+            }
+            if round == 0 {
+                let out = (0..10).map(fp).find(|c| !r.selected.contains(c)).unwrap();
+                assert!(matches!(
+                    e.task_request(out, 1),
+                    TaskDecision::NoTask {
+                        reason: "not selected for this round",
+                        ..
+                    }
+                ));
+                let mut m = meta(0, 1, r.id.0);
+                m.client = out;
+                assert_eq!(e.check_update(&m, 1), Err(EngineError::NotSelected(r.id)));
+                // Same seed and round → same selection (a restarted coordinator agrees with itself).
+                let mut again =
+                    Engine::new(cfg.clone(), schema(), ModelVersion(0), round, 0).unwrap();
+                for i in (0..10).rev() {
+                    again.client_seen(fp(i), 0);
+                }
+                assert_eq!(again.tick(0)[0], a[0]);
+            }
+        }
+        // 3000 rounds × 3/10: each client expects 900; chi-square with 9 dof, 99.9 % point ≈ 27.9.
+        let chi2: f64 = counts
+            .values()
+            .map(|&c| (f64::from(c) - 900.0).powi(2) / 900.0)
+            .sum();
+        assert_eq!(counts.len(), 10);
+        assert!(chi2 < 27.9, "chi2 {chi2}");
+        let frac = EngineConfig {
+            min_clients: 1,
+            selection: Selection::Fraction(0.25),
+            ..Default::default()
+        };
+        let mut e = engine(frac);
+        for i in 0..10 {
+            e.client_seen(fp(i), 0);
+        }
+        let Action::RoundStarted(r) = &e.tick(0)[0] else {
+            panic!()
+        };
+        assert_eq!(r.selected.len(), 3, "ceil(0.25 · 10)");
+    }
+
+    #[test]
+    fn a_resumed_round_continues_with_its_stored_updates_and_the_round_limit_holds() {
+        let cfg = EngineConfig {
+            min_clients: 2,
+            min_updates: 2,
+            rounds: Some(1),
+            ..Default::default()
+        };
+        let mut e = engine(cfg.clone());
+        e.client_seen(fp(1), 0);
+        e.client_seen(fp(2), 0);
+        let Action::RoundStarted(r) = e.tick(0).remove(0) else {
+            panic!()
+        };
+        upload(&mut e, &meta(1, 1, 1), 5).unwrap();
+        // Crash: a new engine resumes from what the store holds.
+        let mut back = engine(cfg);
+        back.resume(r.clone(), &[meta(1, 1, 1)]).unwrap();
+        assert_eq!(back.received(), 1);
+        assert_eq!(
+            upload(&mut back, &meta(1, 1, 1), 6),
+            Ok(UpdateCheck::Duplicate)
+        );
+        upload(&mut back, &meta(2, 2, 1), 7).unwrap();
+        let Action::Aggregate { round, updates } = back.tick(8).remove(0) else {
+            panic!()
+        };
+        assert_eq!(updates, vec![UpdateId([1; 16]), UpdateId([2; 16])]);
+        // Crash during aggregation: the aggregating round comes back and asks again.
+        let mut again = engine(EngineConfig {
+            rounds: Some(1),
+            ..Default::default()
+        });
+        again
+            .resume(round.clone(), &[meta(1, 1, 1), meta(2, 2, 1)])
+            .unwrap();
+        assert!(matches!(
+            again.pending_aggregation(),
+            Some(Action::Aggregate { .. })
+        ));
+        again.published(RoundId(1), ModelVersion(1)).unwrap();
+        assert_eq!(again.tick(9), vec![Action::Finished]);
+        assert!(again.tick(10).is_empty());
+        assert!(matches!(
+            again.task_request(fp(1), 11),
+            TaskDecision::NoTask {
+                reason: "training finished",
+                ..
+            }
+        ));
+        assert!(again.published(RoundId(1), ModelVersion(2)).is_err());
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for cfg in [
+            EngineConfig {
+                selection: Selection::Fraction(0.0),
+                ..Default::default()
+            },
+            EngineConfig {
+                selection: Selection::Count(0),
+                ..Default::default()
+            },
+            EngineConfig {
+                min_updates: 0,
+                ..Default::default()
+            },
+            EngineConfig {
+                round_timeout_ms: 0,
+                ..Default::default()
+            },
+        ] {
+            assert!(Engine::new(cfg, schema(), ModelVersion(0), 1, 0).is_err());
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Crash points for the recovery test. When the environment variable `STARLING_FAILPOINT` names a point,
+//! the process announces `failpoint <name>` on stderr when it reaches that point and stops there until it is
+//! killed, so a test can SIGKILL a real `serve` at an exact step of the upload / aggregate / publish path.
+//! Unset (always, in production), a point costs one cached comparison.
+//! What must never live here: anything that changes state or behaviour other than stopping.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The environment variable naming the point to stop at.
+pub const VAR: &str = "STARLING_FAILPOINT";
+
+/// The points: the body of an upload received but not yet stored; an update stored (flushed) but not yet
+/// acknowledged; a round aggregated but nothing published; a version published (one flushed transaction)
+/// but the engine and the update tree not yet told.
+pub const POINTS: [&str; 4] = [
+    "upload-received",
+    "upload-stored",
+    "aggregated",
+    "published",
+];
+
+/// Stops here, forever, when `STARLING_FAILPOINT` names `point`.
+pub fn hit(point: &str) {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var(VAR).ok().filter(|p| !p.is_empty()));
+    if armed.as_deref() == Some(point) {
+        eprintln!("failpoint {point}: stopped here until killed");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}

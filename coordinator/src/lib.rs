@@ -1,0 +1,22 @@
+//! starling-coordinator: the aggregation side of Starling.
+//!
+//! - [`strategy`]: aggregation rules behind one trait (FedAvg family, server optimizers, robust rules,
+//!   norm bounding, DP-FedAvg);
+//! - [`engine`]: the sans-IO round engine (events in, actions out, explicit time);
+//! - [`store`]: durable state in sled (clients, tokens, rounds, updates, models, ledger);
+//! - [`failpoint`]: named crash points for the SIGKILL recovery test;
+//! - [`status`]: the status document and metrics; [`http`]: the live status page and `/metrics`;
+//! - [`config`]: coordinator.toml; [`service`]: the QUIC driver (`serve`); [`ops`]: operator commands.
+//!
+//! What must never live here: training or model code paths of the devices (those are the client's), and
+//! in the engine and strategies, any I/O.
+
+pub mod config;
+pub mod engine;
+pub mod failpoint;
+pub mod http;
+pub mod ops;
+pub mod service;
+pub mod status;
+pub mod store;
+pub mod strategy;

@@ -1,0 +1,770 @@
+//! The running coordinator: the QUIC driver of the round engine. It owns the store, the engine, the strategy
+//! and the keys; implements the transport's `Handler` (requests) and `Authorizer` (handshakes); and ticks
+//! the engine, carrying out its actions (persist rounds, aggregate, publish signed versions).
+//!
+//! Order of durability: a round is stored before its tasks are served; an update is stored and flushed
+//! before the engine counts it and before the ack; a new version, its ledger charge, the strategy state and
+//! the closing of the round are one store transaction. After a crash, [`Coordinator::open`] resumes the
+//! open round with the updates already stored, re-aggregating if it was aggregating.
+//! What must never live here: protocol decoding (starling-protocol), sockets (starling-transport).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use starling_privacy::{Budget, DpEvent, Ledger, LedgerScope, NoisePlacement};
+use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
+use starling_protocol::message::{
+    Ack, BlobKind, DpTask, Enrol, ErrorCode, ErrorReply, Message, NoTask, Task, TrainParams,
+};
+use starling_protocol::update::{decode_update, UpdateLimits};
+use starling_protocol::{
+    AdapterSchema, Digest, Encoding, EnrolmentToken, Fingerprint, ModelVersion, RoundId,
+    SigningIdentity, UpdateId,
+};
+use starling_transport::server::EnrolmentLimits;
+use starling_transport::{Access, Authorizer, Handler, Limits, Request, Response, Server};
+
+use crate::config::{CoordinatorConfig, DpPlacement, UpdateEncoding};
+use crate::engine::{Action, Engine, RoundRecord, TaskDecision, UpdateCheck, UpdateMeta};
+use crate::status::{bump, Metrics};
+use crate::store::{manifest_body, ClientStatus, PublishedModel, RoundCharge, Store, StoredUpdate};
+use crate::strategy::{self, ClientUpdate, DpFedAvg, Strategy};
+
+/// Files inside a coordinator directory.
+pub struct Layout {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    /// The layout of `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+    /// coordinator.toml.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("coordinator.toml")
+    }
+    /// The sled store.
+    pub fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+    /// The TLS key (PKCS#8 DER, owner-only).
+    pub fn tls_key(&self) -> PathBuf {
+        self.dir.join("keys/tls.pk8")
+    }
+    /// The model-signing key (PKCS#8 DER, owner-only).
+    pub fn signing_key(&self) -> PathBuf {
+        self.dir.join("keys/signing.pk8")
+    }
+    /// The addresses of the running `serve` (written when it binds).
+    pub fn serving(&self) -> PathBuf {
+        self.dir.join("serve.json")
+    }
+    /// The copy of the base model.
+    pub fn base(&self) -> PathBuf {
+        self.dir.join("base")
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The adapter as little-endian bytes of its flat f32 vector.
+pub fn adapter_bytes(flat: &[f32]) -> Vec<u8> {
+    flat.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The flat f32 vector of adapter bytes written by [`adapter_bytes`].
+pub fn adapter_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Errors of the running coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The engine refused.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    /// Aggregation failed.
+    #[error(transparent)]
+    Aggregate(#[from] strategy::AggregateError),
+    /// Privacy accounting refused or failed.
+    #[error(transparent)]
+    Privacy(#[from] starling_privacy::PrivacyError),
+    /// A stored value is inconsistent.
+    #[error("inconsistent state: {0}")]
+    State(String),
+    /// A key file is unreadable.
+    #[error("key {path}: {detail}")]
+    Key {
+        /// The file.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+struct Inner {
+    engine: Engine,
+    strategy: Box<dyn Strategy>,
+    ledger: Option<Ledger>,
+}
+
+/// The coordinator's state behind the QUIC endpoints.
+pub struct Coordinator {
+    store: Store,
+    cfg: CoordinatorConfig,
+    schema: AdapterSchema,
+    signing: SigningIdentity,
+    base_digest: Digest,
+    inner: Mutex<Inner>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("schema", &self.schema.hash())
+            .finish()
+    }
+}
+
+/// Reads a PKCS#8 key file written by `init`.
+pub fn read_key(path: &Path) -> Result<SigningIdentity, ServiceError> {
+    let key = |detail: String| ServiceError::Key {
+        path: path.display().to_string(),
+        detail,
+    };
+    let der = std::fs::read(path).map_err(|e| key(e.to_string()))?;
+    SigningIdentity::from_pkcs8_der(&der).map_err(|e| key(e.to_string()))
+}
+
+fn build_strategy(
+    cfg: &CoordinatorConfig,
+    expected_clients: f64,
+) -> Result<Box<dyn Strategy>, ServiceError> {
+    let p = &cfg.privacy;
+    Ok(match p.mode {
+        DpPlacement::Off => strategy::build(&cfg.strategy)?,
+        DpPlacement::Central | DpPlacement::Distributed => {
+            let placement = if p.mode == DpPlacement::Central {
+                NoisePlacement::Central
+            } else {
+                NoisePlacement::Distributed {
+                    clients: p.noise_clients,
+                }
+            };
+            Box::new(DpFedAvg::new(
+                p.clip,
+                p.noise_multiplier,
+                expected_clients,
+                placement,
+                cfg.strategy.server_lr,
+            )?)
+        }
+    })
+}
+
+impl Coordinator {
+    /// Opens a coordinator directory made by `init`, resuming whatever round was open.
+    pub fn open(dir: &Path, cfg: CoordinatorConfig) -> Result<Self, ServiceError> {
+        let layout = Layout::new(dir);
+        let store = Store::open(&layout.store())?;
+        let signing = read_key(&layout.signing_key())?;
+        let latest = store
+            .latest_version()?
+            .ok_or_else(|| ServiceError::State("no published version".into()))?;
+        let v0 = store
+            .model(ModelVersion(0))?
+            .ok_or_else(|| ServiceError::State("version 0 missing".into()))?;
+        let m0 = manifest_body(&v0.manifest)?;
+        let schema = m0.adapter_schema.clone();
+        let mut engine = Engine::new(
+            cfg.rounds.clone(),
+            schema.hash(),
+            latest,
+            store.next_round()?,
+            store.completed()?,
+        )?;
+        let expected = match cfg.rounds.selection {
+            crate::engine::Selection::Count(m) => m as f64,
+            crate::engine::Selection::Fraction(_) => cfg.rounds.min_clients as f64,
+        };
+        let mut strategy = build_strategy(&cfg, expected.max(1.0))?;
+        strategy.restore(store.strategy_state()?)?;
+        let ledger = if cfg.privacy.mode == DpPlacement::Off {
+            None
+        } else {
+            let mut l = Ledger::new(
+                LedgerScope::Global,
+                Budget {
+                    epsilon: cfg.privacy.epsilon_budget,
+                    delta: cfg.privacy.delta,
+                },
+                cfg.privacy.accountant,
+            )?;
+            for (round, c) in store.ledger()? {
+                // Recomputed from the stored events: ε is never read back from disk. A budget lowered in the
+                // configuration below what was spent shows as exhausted (no further rounds), not as an error.
+                let event = DpEvent::new(c.sampling_rate, c.noise_multiplier, 1)?;
+                let _ = l.charge(format!("round {}", round.0), event);
+            }
+            Some(l)
+        };
+        let current = store.current_round()?;
+        let dropped = store.prune_stale_updates(current.as_ref().map(|r| r.id))?;
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                "dropped the deltas of closed rounds left by an interrupted run"
+            );
+        }
+        if let Some(round) = current {
+            let stored: Vec<UpdateMeta> = store
+                .updates(round.id)?
+                .into_iter()
+                .map(|u| u.meta)
+                .collect();
+            tracing::info!(round = round.id.0, updates = stored.len(), "resuming round");
+            engine.resume(round, &stored)?;
+        }
+        Ok(Self {
+            base_digest: m0.base_digest,
+            store,
+            cfg,
+            schema,
+            signing,
+            inner: Mutex::new(Inner {
+                engine,
+                strategy,
+                ledger,
+            }),
+            metrics: Metrics::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the engine half-updated in a way the store does not
+        // also reflect; keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The store (for status and export).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Advances the engine to `now` and carries out its actions; returns true once training is finished.
+    pub fn tick(&self, now: u64) -> Result<bool, ServiceError> {
+        let mut inner = self.lock();
+        let mut actions = inner
+            .engine
+            .pending_aggregation()
+            .into_iter()
+            .collect::<Vec<_>>();
+        if actions.is_empty() {
+            actions = inner.engine.tick(now);
+        }
+        for action in actions {
+            match action {
+                Action::RoundStarted(r) => {
+                    self.store.put_round(&r)?;
+                    tracing::info!(
+                        round = r.id.0,
+                        selected = r.selected.len(),
+                        eligible = r.eligible,
+                        "round started"
+                    );
+                }
+                Action::Aggregate { round, updates } => {
+                    self.store.put_round(&round)?;
+                    let started = std::time::Instant::now();
+                    match self.aggregate(&mut inner, &round, &updates, now) {
+                        Ok(version) => {
+                            crate::failpoint::hit("published");
+                            self.metrics.last_aggregation_us.store(
+                                started.elapsed().as_micros() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                            inner.engine.published(round.id, version)?;
+                            self.store.prune_updates(round.id)?;
+                            tracing::info!(
+                                round = round.id.0,
+                                version = version.0,
+                                updates = updates.len(),
+                                "published"
+                            );
+                        }
+                        Err(ServiceError::Privacy(e)) => {
+                            tracing::warn!(round = round.id.0, "round refused: {e}");
+                            bump(&self.metrics.rounds_refused_privacy);
+                            inner.engine.abandon(round.id)?;
+                            self.store.close_round()?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Action::RoundAbandoned { round, received } => {
+                    tracing::info!(
+                        round = round.0,
+                        received,
+                        "round abandoned: too few updates"
+                    );
+                    bump(&self.metrics.rounds_abandoned);
+                    self.store.close_round()?;
+                    self.store.prune_updates(round)?;
+                }
+                Action::Finished => tracing::info!("all rounds done"),
+            }
+        }
+        Ok(inner.engine.finished())
+    }
+
+    fn aggregate(
+        &self,
+        inner: &mut Inner,
+        round: &RoundRecord,
+        ids: &[UpdateId],
+        now: u64,
+    ) -> Result<ModelVersion, ServiceError> {
+        let stored = self.store.updates(round.id)?;
+        let mut deltas = Vec::with_capacity(ids.len());
+        let mut loss = 0f64;
+        for u in stored.iter().filter(|u| ids.contains(&u.meta.update_id)) {
+            let d = decode_update(&u.body, &self.schema, &UpdateLimits::default())
+                .map_err(|e| ServiceError::State(format!("stored update does not decode: {e}")))?;
+            deltas.push((u.meta.num_examples, d));
+            loss += f64::from(u.train_loss);
+        }
+        if deltas.len() != ids.len() {
+            return Err(ServiceError::State(format!(
+                "{} of {} updates stored",
+                deltas.len(),
+                ids.len()
+            )));
+        }
+        // Privacy first: a round that would exceed the budget is refused before anything is computed.
+        let sampling_rate = round.selected.len() as f64 / round.eligible.max(1) as f64;
+        let eff = self.effective_multiplier();
+        if let Some(l) = &inner.ledger {
+            l.check(DpEvent::new(sampling_rate.min(1.0), eff, 1)?)?;
+        }
+        let views: Vec<ClientUpdate<'_>> = deltas
+            .iter()
+            .map(|(n, d)| ClientUpdate {
+                num_examples: *n,
+                delta: d,
+            })
+            .collect();
+        let step = inner.strategy.aggregate(&views)?;
+        crate::failpoint::hit("aggregated");
+        let parent = self
+            .store
+            .model(round.model_version)?
+            .ok_or_else(|| ServiceError::State("parent missing".into()))?;
+        let mut adapter = adapter_values(&parent.adapter);
+        for (a, s) in adapter.iter_mut().zip(&step) {
+            *a += s;
+        }
+        let (dp, charge_event) = match &mut inner.ledger {
+            Some(l) => {
+                // Charge with the multiplier opendp certified for the noise actually drawn.
+                let event = DpEvent::new(sampling_rate.min(1.0), eff, 1)?;
+                let spent = l.charge(format!("round {}", round.id.0), event)?;
+                let mode = match self.cfg.privacy.mode {
+                    DpPlacement::Distributed => DpMode::UserDistributed {
+                        clients: self.cfg.privacy.noise_clients,
+                    },
+                    _ => DpMode::UserCentral,
+                };
+                (
+                    DpRecord {
+                        mode,
+                        noise_multiplier: eff,
+                        clip: self.cfg.privacy.clip,
+                        epsilon_spent: spent.epsilon,
+                        delta: self.cfg.privacy.delta,
+                    },
+                    Some((event, spent.epsilon)),
+                )
+            }
+            None => (
+                DpRecord {
+                    mode: DpMode::Off,
+                    noise_multiplier: 0.0,
+                    clip: 0.0,
+                    epsilon_spent: 0.0,
+                    delta: 0.0,
+                },
+                None,
+            ),
+        };
+        let version = ModelVersion(inner.engine.latest().0 + 1);
+        let latest = self
+            .store
+            .model(inner.engine.latest())?
+            .ok_or_else(|| ServiceError::State("latest missing".into()))?;
+        let bytes = adapter_bytes(&adapter);
+        let manifest = Manifest {
+            version,
+            parent_digest: Some(latest.manifest.digest()),
+            base_digest: self.base_digest,
+            adapter_digest: Digest::of(&bytes),
+            adapter_schema: self.schema.clone(),
+            round: round.id,
+            strategy: inner.strategy.name(),
+            dp,
+            created_at_unix_ms: now,
+        };
+        let charge = RoundCharge {
+            sampling_rate: charge_event.map_or(sampling_rate, |(e, _)| e.sampling_rate),
+            noise_multiplier: charge_event.map_or(0.0, |(e, _)| e.noise_multiplier),
+            epsilon_after: charge_event.map_or(0.0, |(_, eps)| eps),
+            mean_train_loss: (loss / deltas.len().max(1) as f64) as f32,
+            updates: deltas.len() as u32,
+        };
+        let model = PublishedModel {
+            manifest: manifest.sign(&self.signing),
+            adapter: bytes,
+        };
+        self.store.publish(
+            version,
+            &model,
+            Some((round.id, charge)),
+            &inner.strategy.state(),
+        )?;
+        Ok(version)
+    }
+
+    fn effective_multiplier(&self) -> f64 {
+        // The central mechanism's certified multiplier is 1/√(2ρ) of opendp's map for the delta's length,
+        // a deterministic function of the parameters DP-FedAvg uses. Distributed noise is accounted at the
+        // configured z (the clients' shares add up to it when the guaranteed number of clients report).
+        match self.cfg.privacy.mode {
+            DpPlacement::Central if self.cfg.privacy.noise_multiplier > 0.0 => {
+                starling_privacy::GaussianMechanism::with_multiplier(
+                    self.cfg.privacy.clip,
+                    self.cfg.privacy.noise_multiplier,
+                    self.schema.num_params(),
+                )
+                .map_or(self.cfg.privacy.noise_multiplier, |m| {
+                    m.effective_noise_multiplier()
+                })
+            }
+            _ => self.cfg.privacy.noise_multiplier,
+        }
+    }
+
+    fn task_for(&self, round: RoundId, version: ModelVersion, deadline: u64, mu: f32) -> Response {
+        let Ok(Some(model)) = self.store.model(version) else {
+            return Response::error(ErrorCode::Internal, "model version missing");
+        };
+        let t = &self.cfg.task;
+        let p = &self.cfg.privacy;
+        let dp = match p.mode {
+            DpPlacement::Off => DpTask {
+                update_clip: 0.0,
+                client_noise_multiplier: 0.0,
+                noise_clients: 1,
+            },
+            DpPlacement::Central => DpTask {
+                update_clip: p.clip,
+                client_noise_multiplier: 0.0,
+                noise_clients: 1,
+            },
+            DpPlacement::Distributed => DpTask {
+                update_clip: p.clip,
+                client_noise_multiplier: p.noise_multiplier,
+                noise_clients: p.noise_clients,
+            },
+        };
+        Response::Message(Message::Task(Box::new(Task {
+            round,
+            manifest: model.manifest,
+            deadline_unix_ms: deadline,
+            params: TrainParams {
+                local_steps: t.local_steps,
+                batch_size: t.batch_size,
+                seq_len: t.seq_len,
+                learning_rate: t.learning_rate,
+                fedprox_mu: mu,
+            },
+            dp,
+            encoding: match t.encoding {
+                UpdateEncoding::F32 => Encoding::F32,
+                UpdateEncoding::Int8 => Encoding::Int8 {
+                    block: t.int8_block,
+                },
+            },
+            max_update_bytes: t.max_update_bytes,
+        })))
+    }
+
+    fn upload(
+        &self,
+        client: Fingerprint,
+        header: &starling_protocol::message::Upload,
+        body: Vec<u8>,
+    ) -> Response {
+        let now = now_ms();
+        let meta = UpdateMeta {
+            update_id: header.update_id,
+            client,
+            round: header.round,
+            model_version: header.model_version,
+            schema: header.schema,
+            num_examples: header.num_examples,
+        };
+        let ack = |duplicate| {
+            if duplicate {
+                bump(&self.metrics.updates_duplicate);
+            }
+            Response::Message(Message::Ack(Ack {
+                update_id: header.update_id,
+                duplicate,
+            }))
+        };
+        // A retry of an update stored for an earlier round (its ack was lost): acknowledge again.
+        if let Ok(Some(r)) = self.store.update_round(&header.update_id) {
+            let current = self.lock().engine.current().map(|c| c.id);
+            if Some(r) != current {
+                return ack(true);
+            }
+        }
+        let mut inner = self.lock();
+        match inner.engine.check_update(&meta, now) {
+            Ok(UpdateCheck::Duplicate) => return ack(true),
+            Ok(UpdateCheck::New) => {}
+            Err(e) => {
+                use crate::engine::EngineError as E;
+                let code = match e {
+                    E::LateUpdate { .. } => ErrorCode::LateUpdate,
+                    E::WrongModelVersion { .. } => ErrorCode::WrongModelVersion,
+                    E::SchemaMismatch { .. } => ErrorCode::SchemaMismatch,
+                    _ => ErrorCode::BadRequest,
+                };
+                bump(&self.metrics.updates_refused);
+                return Response::error(code, e.to_string());
+            }
+        }
+        if let Err(e) = decode_update(&body, &self.schema, &UpdateLimits::default()) {
+            bump(&self.metrics.updates_refused);
+            return Response::error(
+                ErrorCode::BadRequest,
+                format!("update does not decode: {e}"),
+            );
+        }
+        crate::failpoint::hit("upload-received");
+        let stored = StoredUpdate {
+            meta: meta.clone(),
+            train_loss: header.metrics.train_loss,
+            body,
+        };
+        if let Err(e) = self.store.put_update(&stored) {
+            tracing::error!("storing update: {e}");
+            return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+        }
+        crate::failpoint::hit("upload-stored");
+        if let Err(e) = inner.engine.record_update(&meta, now) {
+            return Response::error(ErrorCode::Internal, e.to_string());
+        }
+        bump(&self.metrics.updates_accepted);
+        self.metrics.upload_bytes.fetch_add(
+            stored.body.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if let Some(r) = inner.engine.current() {
+            tracing::info!(
+                round = r.id.0,
+                "update {} of {} selected ({} needed)",
+                inner.engine.received(),
+                r.selected.len(),
+                self.cfg.rounds.min_updates
+            );
+        }
+        ack(false)
+    }
+
+    /// Runs the endpoints with `tls` as the server key until the configured rounds are done (forever if
+    /// none are configured); `on_bound` sees the bound QUIC endpoints and the status page's address (to
+    /// print them).
+    pub async fn serve_with(
+        self: Arc<Self>,
+        tls: &SigningIdentity,
+        limits: Limits,
+        on_bound: impl FnOnce(&Server, Option<SocketAddr>),
+    ) -> Result<(), anyhow::Error> {
+        let server = Server::bind(
+            self.cfg.network.listen,
+            self.cfg.network.enrol_listen,
+            tls,
+            self.clone(),
+            self.clone(),
+            limits,
+            EnrolmentLimits::default(),
+        )?;
+        let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+        let http = if self.cfg.network.http {
+            let listener = tokio::net::TcpListener::bind(self.cfg.network.http_listen)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "binding the status page to {}: {e}",
+                        self.cfg.network.http_listen
+                    )
+                })?;
+            let addr = listener.local_addr()?;
+            let app = crate::http::router(self.clone());
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+            });
+            Some((addr, task))
+        } else {
+            None
+        };
+        on_bound(&server, http.as_ref().map(|(a, _)| *a));
+        let mut interval = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            interval.tick().await;
+            let me = self.clone();
+            let finished = tokio::task::spawn_blocking(move || me.tick(now_ms())).await??;
+            if finished {
+                break;
+            }
+        }
+        server.shutdown().await;
+        let _ = stop_http.send(());
+        if let Some((_, task)) = http {
+            task.await??;
+        }
+        Ok(())
+    }
+
+    /// The status document (see [`crate::status::document`]) as of now.
+    pub fn status_document(&self) -> Result<serde_json::Value, crate::store::StoreError> {
+        crate::status::document(&self.store, now_ms())
+    }
+
+    /// The running counters behind `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+impl Authorizer for Coordinator {
+    fn access(&self, client: &Fingerprint) -> Access {
+        match self.store.client(client) {
+            Ok(Some(c)) if c.status == ClientStatus::Active => Access::Allowed,
+            Ok(Some(_)) => Access::Revoked,
+            Ok(None) => Access::NotEnrolled,
+            Err(e) => {
+                tracing::error!("client lookup failed: {e}");
+                Access::NotEnrolled
+            }
+        }
+    }
+}
+
+impl Handler for Coordinator {
+    fn latest_model(&self) -> ModelVersion {
+        self.lock().engine.latest()
+    }
+
+    fn max_upload_bytes(&self) -> u64 {
+        self.cfg.task.max_update_bytes
+    }
+
+    async fn handle(&self, client: Fingerprint, request: Request) -> Response {
+        let now = now_ms();
+        let _ = self.store.touch(&client, now);
+        match request {
+            Request::Task(_) => {
+                let (decision, mu) = {
+                    let mut inner = self.lock();
+                    (
+                        inner.engine.task_request(client, now),
+                        inner.strategy.proximal_mu(),
+                    )
+                };
+                match decision {
+                    TaskDecision::Task {
+                        round,
+                        model_version,
+                        deadline,
+                    } => {
+                        bump(&self.metrics.tasks_offered);
+                        self.task_for(round, model_version, deadline, mu)
+                    }
+                    TaskDecision::NoTask {
+                        retry_after_ms,
+                        reason,
+                    } => Response::Message(Message::NoTask(NoTask {
+                        retry_after_ms,
+                        reason: reason.into(),
+                    })),
+                }
+            }
+            Request::Manifest(m) => {
+                let version = m.version.unwrap_or_else(|| self.lock().engine.latest());
+                match self.store.model(version) {
+                    Ok(Some(p)) => Response::Message(Message::Manifest(p.manifest)),
+                    _ => Response::error(ErrorCode::NotFound, format!("no version {}", version.0)),
+                }
+            }
+            Request::Fetch(f) => match f.kind {
+                BlobKind::Adapter => match self.store.model(f.version) {
+                    Ok(Some(p)) => Response::Blob(p.adapter.into()),
+                    _ => {
+                        Response::error(ErrorCode::NotFound, format!("no version {}", f.version.0))
+                    }
+                },
+                BlobKind::Base => Response::error(
+                    ErrorCode::NotFound,
+                    "the base model is distributed out of band",
+                ),
+            },
+            Request::Upload { header, body } => {
+                self.lock().engine.client_seen(client, now);
+                self.upload(client, &header, body)
+            }
+        }
+    }
+
+    async fn enrol(&self, client: Fingerprint, request: Enrol) -> Result<(), ErrorReply> {
+        let bad = || ErrorReply {
+            code: ErrorCode::BadToken,
+            message: "unknown or used enrolment token".into(),
+        };
+        let token = EnrolmentToken::parse(&request.token).map_err(|_| bad())?;
+        match self.store.enrol(token.hash(), client, now_ms()) {
+            Ok(Some(rec)) => {
+                tracing::info!(client = %client, name = rec.name, "enrolled");
+                Ok(())
+            }
+            Ok(None) => Err(bad()),
+            Err(e) => Err(ErrorReply {
+                code: ErrorCode::Revoked,
+                message: e.to_string(),
+            }),
+        }
+    }
+}

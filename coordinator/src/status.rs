@@ -1,0 +1,224 @@
+//! What an operator sees of a coordinator: the status document (JSON: rounds, clients, ε, latest version),
+//! built from the store by both `status` (stopped coordinator) and the live status page, and the counters
+//! behind Prometheus `/metrics`.
+//! What must never live here: anything that changes state (this is a read-only view), or HTTP plumbing.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use starling_protocol::ModelVersion;
+
+use crate::store::{manifest_body, ClientStatus, Store, StoreError};
+
+/// The status document of the coordinator whose store is `store`, as of `now` (Unix ms).
+pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError> {
+    let clients = store.clients()?;
+    let active = clients
+        .iter()
+        .filter(|c| c.status == ClientStatus::Active)
+        .count();
+    let latest = store.latest_version()?.unwrap_or(ModelVersion(0));
+    let model = store
+        .model(latest)?
+        .map(|m| manifest_body(&m.manifest))
+        .transpose()?;
+    let ledger = store.ledger()?;
+    Ok(serde_json::json!({
+        "now_unix_ms": now,
+        "latest_version": latest.0,
+        "rounds_completed": store.completed()?,
+        "current_round": store.current_round()?.map(|r| serde_json::json!({
+            "id": r.id.0, "phase": format!("{:?}", r.phase).to_lowercase(), "model_version": r.model_version.0,
+            "selected": r.selected.len(), "eligible": r.eligible, "updates": store.update_count(r.id),
+            "started_unix_ms": r.started_at, "deadline_unix_ms": r.deadline,
+        })),
+        "clients": { "total": clients.len(), "active": active, "revoked": clients.len() - active,
+            "list": clients.iter().map(|c| serde_json::json!({
+                "fingerprint": c.fingerprint.to_hex(), "name": c.name,
+                "status": format!("{:?}", c.status).to_lowercase(),
+                "enrolled_unix_ms": c.enrolled_at, "last_seen_unix_ms": c.last_seen })).collect::<Vec<_>>() },
+        "epsilon_spent": model.as_ref().map_or(0.0, |m| m.dp.epsilon_spent),
+        "delta": model.as_ref().map_or(0.0, |m| m.dp.delta),
+        "strategy": model.as_ref().map(|m| m.strategy.clone()),
+        "rounds": ledger.iter().map(|(r, c)| serde_json::json!({
+            "round": r.0, "updates": c.updates, "mean_train_loss": c.mean_train_loss,
+            "epsilon_after": c.epsilon_after, "sampling_rate": c.sampling_rate })).collect::<Vec<_>>(),
+    }))
+}
+
+/// Counters of a running coordinator (since it started); the store supplies the durable figures.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Updates stored and counted.
+    pub updates_accepted: AtomicU64,
+    /// Retries of updates already counted (acknowledged again).
+    pub updates_duplicate: AtomicU64,
+    /// Updates refused (late, wrong version or schema, undecodable).
+    pub updates_refused: AtomicU64,
+    /// Bytes of accepted update bodies.
+    pub upload_bytes: AtomicU64,
+    /// Tasks handed out.
+    pub tasks_offered: AtomicU64,
+    /// Rounds abandoned for too few updates.
+    pub rounds_abandoned: AtomicU64,
+    /// Rounds refused because the privacy budget would be exceeded.
+    pub rounds_refused_privacy: AtomicU64,
+    /// Duration of the last aggregate-and-publish, in microseconds.
+    pub last_aggregation_us: AtomicU64,
+}
+
+/// Adds one to a counter.
+pub fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// The Prometheus text exposition (format 0.0.4) of these counters and the store's figures.
+    pub fn render(&self, store: &Store) -> Result<String, StoreError> {
+        let mut out = String::new();
+        let mut put = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        put(
+            "starling_updates_total",
+            "counter",
+            "Updates received since start, by outcome.",
+            &[
+                ("{outcome=\"accepted\"}", get(&self.updates_accepted)),
+                ("{outcome=\"duplicate\"}", get(&self.updates_duplicate)),
+                ("{outcome=\"refused\"}", get(&self.updates_refused)),
+            ],
+        );
+        put(
+            "starling_upload_bytes_total",
+            "counter",
+            "Bytes of accepted update bodies since start.",
+            &[("", get(&self.upload_bytes))],
+        );
+        put(
+            "starling_tasks_offered_total",
+            "counter",
+            "Training tasks handed out since start.",
+            &[("", get(&self.tasks_offered))],
+        );
+        put(
+            "starling_rounds_abandoned_total",
+            "counter",
+            "Rounds abandoned since start for too few updates.",
+            &[("", get(&self.rounds_abandoned))],
+        );
+        put(
+            "starling_rounds_refused_privacy_total",
+            "counter",
+            "Rounds refused since start because the privacy budget would be exceeded.",
+            &[("", get(&self.rounds_refused_privacy))],
+        );
+        put(
+            "starling_last_aggregation_seconds",
+            "gauge",
+            "Duration of the last aggregation and publication.",
+            &[("", get(&self.last_aggregation_us) / 1e6)],
+        );
+        put(
+            "starling_rounds_completed",
+            "gauge",
+            "Rounds aggregated into a published version (durable).",
+            &[("", store.completed()? as f64)],
+        );
+        let latest = store.latest_version()?.map_or(0, |v| v.0);
+        put(
+            "starling_model_version",
+            "gauge",
+            "Latest published model version.",
+            &[("", latest as f64)],
+        );
+        let current = store.current_round()?;
+        put(
+            "starling_current_round",
+            "gauge",
+            "Round in progress (0: none).",
+            &[("", current.as_ref().map_or(0.0, |r| r.id.0 as f64))],
+        );
+        put(
+            "starling_current_round_updates",
+            "gauge",
+            "Updates stored for the round in progress.",
+            &[(
+                "",
+                current
+                    .as_ref()
+                    .map_or(0.0, |r| store.update_count(r.id) as f64),
+            )],
+        );
+        let clients = store.clients()?;
+        let active = clients
+            .iter()
+            .filter(|c| c.status == ClientStatus::Active)
+            .count();
+        put(
+            "starling_clients",
+            "gauge",
+            "Enrolled clients, by status.",
+            &[
+                ("{status=\"active\"}", active as f64),
+                ("{status=\"revoked\"}", (clients.len() - active) as f64),
+            ],
+        );
+        let epsilon = match store.latest_version()? {
+            Some(v) => store
+                .model(v)?
+                .map(|m| manifest_body(&m.manifest))
+                .transpose()?
+                .map_or(0.0, |m| m.dp.epsilon_spent),
+            None => 0.0,
+        };
+        put(
+            "starling_epsilon_spent",
+            "gauge",
+            "Privacy loss ε spent by the published versions (global ledger).",
+            &[("", epsilon)],
+        );
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_valid_prometheus_text() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::create(&tmp.path().join("s")).unwrap();
+        let m = Metrics::default();
+        bump(&m.updates_accepted);
+        bump(&m.updates_accepted);
+        m.upload_bytes.fetch_add(4096, Ordering::Relaxed);
+        let text = m.render(&store).unwrap();
+        // Every sample line follows a TYPE line of its metric, names are valid, values parse.
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                declared.insert(parts.next().unwrap().to_string());
+                assert!(matches!(parts.next(), Some("counter" | "gauge")));
+            } else if !line.starts_with("# HELP ") {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                let name = series.split('{').next().unwrap();
+                assert!(declared.contains(name), "{line}");
+                assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                value.parse::<f64>().unwrap();
+            }
+        }
+        assert!(text.contains("starling_updates_total{outcome=\"accepted\"} 2\n"));
+        assert!(text.contains("starling_upload_bytes_total 4096\n"));
+        assert!(text.contains("starling_current_round 0\n"));
+        let doc = document(&store, 7).unwrap();
+        assert_eq!(doc["latest_version"], 0);
+        assert!(doc["current_round"].is_null());
+    }
+}

@@ -1,0 +1,645 @@
+//! Durable coordinator state in sled 0.34: every change an acknowledgement or a publication depends on is
+//! flushed to disk before the caller proceeds, and multi-tree changes (publishing a version) are one sled
+//! transaction, so a coordinator killed at any instant restarts into a consistent state.
+//!
+//! Trees (DESIGN.md §6): `clients` (fingerprint → [`ClientRecord`]), `tokens` (token hash → pending
+//! enrolment), `rounds` (round id → [`RoundRecord`]), `updates` (round ‖ update id → [`StoredUpdate`]),
+//! `update_index` (update id → round), `models` (version → [`PublishedModel`]), `ledger` (round →
+//! privacy charge), `meta` (strategy state, next round id, completed rounds, global ledger).
+//! Keys are big-endian so sled's order is numeric order. Values are bincode 2 (the protocol's config is not
+//! reused: this is storage, versioned by `meta/format`).
+//! What must never live here: decisions. The store records what the engine and strategy decided.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use starling_protocol::{
+    Digest, Fingerprint, ModelVersion, RoundId, SignedManifest, TokenHash, UpdateId,
+};
+
+use crate::engine::{RoundRecord, UpdateMeta};
+use crate::strategy::StrategyState;
+
+/// Storage format version written at creation and checked at open.
+const FORMAT: u32 = 1;
+
+/// What can go wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (I/O, corruption).
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored value did not decode.
+    #[error("store holds a malformed {what}: {detail}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// The directory holds another format or no store at all.
+    #[error("not a Starling store of format {FORMAT}: {0}")]
+    Format(String),
+    /// A write would break an invariant (e.g. publishing a version twice).
+    #[error("store conflict: {0}")]
+    Conflict(String),
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+/// Whether a client may connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ClientStatus {
+    /// Enrolled and allowed.
+    Active,
+    /// Revoked by the operator.
+    Revoked,
+}
+
+/// An enrolled device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientRecord {
+    /// Its key fingerprint (the client id).
+    pub fingerprint: Fingerprint,
+    /// The name given at enrolment.
+    pub name: String,
+    /// Active or revoked.
+    pub status: ClientStatus,
+    /// Enrolment time (Unix ms).
+    pub enrolled_at: u64,
+    /// Last request (Unix ms).
+    pub last_seen: u64,
+}
+
+/// A token issued by `enrol`, waiting for its device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingToken {
+    /// The device name the operator chose.
+    pub name: String,
+    /// Issue time (Unix ms).
+    pub created_at: u64,
+}
+
+/// An update as stored: what the engine needs plus the encoded delta and its report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredUpdate {
+    /// Engine metadata.
+    pub meta: UpdateMeta,
+    /// Mean local training loss reported.
+    pub train_loss: f32,
+    /// The encoded update (protocol update format).
+    pub body: Vec<u8>,
+}
+
+/// A published model version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PublishedModel {
+    /// The signed manifest, exactly as served.
+    pub manifest: SignedManifest,
+    /// The adapter as a flat f32 vector in schema order, little-endian bytes.
+    pub adapter: Vec<u8>,
+}
+
+/// What a round's aggregation charged to the global privacy ledger.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundCharge {
+    /// Client sampling rate q of the round.
+    pub sampling_rate: f64,
+    /// Effective noise multiplier certified for the round's noise.
+    pub noise_multiplier: f64,
+    /// ε spent in total after this round.
+    pub epsilon_after: f64,
+    /// Mean training loss of the round's updates.
+    pub mean_train_loss: f32,
+    /// Updates aggregated.
+    pub updates: u32,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard())
+        .expect("encoding into a Vec cannot fail")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| StoreError::Corrupt {
+            what,
+            detail: e.to_string(),
+        })
+}
+
+fn update_key(round: RoundId, id: &UpdateId) -> Vec<u8> {
+    [&round.0.to_be_bytes()[..], &id.0[..]].concat()
+}
+
+/// The coordinator's durable state.
+pub struct Store {
+    db: sled::Db,
+    clients: sled::Tree,
+    tokens: sled::Tree,
+    rounds: sled::Tree,
+    updates: sled::Tree,
+    update_index: sled::Tree,
+    models: sled::Tree,
+    ledger: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Store {
+    /// Creates a new store in `dir` (which must not hold one).
+    pub fn create(dir: &Path) -> Result<Self, StoreError> {
+        let s = Self::open_db(dir)?;
+        if s.meta.get("format")?.is_some() {
+            return Err(StoreError::Format(format!(
+                "{} already holds a store",
+                dir.display()
+            )));
+        }
+        s.meta.insert("format", &FORMAT.to_be_bytes())?;
+        s.db.flush()?;
+        Ok(s)
+    }
+
+    /// Opens an existing store.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        if !dir.join("db").exists() && !dir.join("conf").exists() {
+            return Err(StoreError::Format(format!("no store in {}", dir.display())));
+        }
+        let s = Self::open_db(dir)?;
+        match s.meta.get("format")? {
+            Some(v) if v.as_ref() == FORMAT.to_be_bytes() => Ok(s),
+            Some(_) => Err(StoreError::Format("unknown format version".into())),
+            None => Err(StoreError::Format(format!("no store in {}", dir.display()))),
+        }
+    }
+
+    fn open_db(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(Self {
+            clients: db.open_tree("clients")?,
+            tokens: db.open_tree("tokens")?,
+            rounds: db.open_tree("rounds")?,
+            updates: db.open_tree("updates")?,
+            update_index: db.open_tree("update_index")?,
+            models: db.open_tree("models")?,
+            ledger: db.open_tree("ledger")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Flushes everything written so far to disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // ---- clients and tokens ----
+
+    /// Records a pending enrolment token (only its hash).
+    pub fn add_token(&self, hash: TokenHash, token: &PendingToken) -> Result<(), StoreError> {
+        self.tokens.insert(hash.0 .0, encode(token))?;
+        self.flush()
+    }
+
+    /// Enrols `client` with a token: consumes the token and registers the key atomically. `None` if the
+    /// token is unknown or used.
+    pub fn enrol(
+        &self,
+        hash: TokenHash,
+        client: Fingerprint,
+        now: u64,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        let r = (&self.tokens, &self.clients).transaction(|(tokens, clients)| {
+            let Some(raw) = tokens.remove(&hash.0 .0)? else {
+                return Ok(None);
+            };
+            let pending: PendingToken =
+                decode(&raw, "token").map_err(ConflictableTransactionError::Abort)?;
+            if let Some(existing) = clients.get(client.0)? {
+                let rec: ClientRecord =
+                    decode(&existing, "client").map_err(ConflictableTransactionError::Abort)?;
+                if rec.status == ClientStatus::Revoked {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Conflict(
+                        "a revoked key cannot enrol again".into(),
+                    )));
+                }
+            }
+            let rec = ClientRecord {
+                fingerprint: client,
+                name: pending.name,
+                status: ClientStatus::Active,
+                enrolled_at: now,
+                last_seen: now,
+            };
+            clients.insert(&client.0, encode(&rec))?;
+            Ok(Some(rec))
+        })?;
+        self.flush()?;
+        Ok(r)
+    }
+
+    /// A client's record.
+    pub fn client(&self, fp: &Fingerprint) -> Result<Option<ClientRecord>, StoreError> {
+        self.clients
+            .get(fp.0)?
+            .map(|v| decode(&v, "client"))
+            .transpose()
+    }
+
+    /// Every client, in fingerprint order.
+    pub fn clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
+        self.clients
+            .iter()
+            .map(|kv| decode(&kv?.1, "client"))
+            .collect()
+    }
+
+    /// Revokes a client; `false` if unknown.
+    pub fn revoke(&self, fp: &Fingerprint) -> Result<bool, StoreError> {
+        let Some(mut rec) = self.client(fp)? else {
+            return Ok(false);
+        };
+        rec.status = ClientStatus::Revoked;
+        self.clients.insert(fp.0, encode(&rec))?;
+        self.flush()?;
+        Ok(true)
+    }
+
+    /// Notes a client's activity (not flushed: losing it costs nothing).
+    pub fn touch(&self, fp: &Fingerprint, now: u64) -> Result<(), StoreError> {
+        if let Some(mut rec) = self.client(fp)? {
+            rec.last_seen = now;
+            self.clients.insert(fp.0, encode(&rec))?;
+        }
+        Ok(())
+    }
+
+    // ---- rounds and updates ----
+
+    /// Persists a round (and the next unused round id), flushed.
+    pub fn put_round(&self, round: &RoundRecord) -> Result<(), StoreError> {
+        (&self.rounds, &self.meta).transaction(|(rounds, meta)| {
+            rounds.insert(&round.id.0.to_be_bytes(), encode(round))?;
+            meta.insert("next_round", &(round.id.0 + 1).to_be_bytes())?;
+            meta.insert("current_round", &round.id.0.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        self.flush()
+    }
+
+    /// The round that was open when the store was last written, if any.
+    pub fn current_round(&self) -> Result<Option<RoundRecord>, StoreError> {
+        let Some(id) = self.meta.get("current_round")? else {
+            return Ok(None);
+        };
+        let Some(raw) = self.rounds.get(id)? else {
+            return Ok(None);
+        };
+        decode(&raw, "round").map(Some)
+    }
+
+    /// Closes the current round without a model (abandoned), flushed.
+    pub fn close_round(&self) -> Result<(), StoreError> {
+        self.meta.remove("current_round")?;
+        self.flush()
+    }
+
+    /// The first unused round id.
+    pub fn next_round(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get("next_round")?.map_or(1, |v| be_u64(&v)))
+    }
+
+    /// Stores an update durably (flushed) — call before acknowledging it.
+    pub fn put_update(&self, update: &StoredUpdate) -> Result<(), StoreError> {
+        let key = update_key(update.meta.round, &update.meta.update_id);
+        (&self.updates, &self.update_index).transaction(|(updates, index)| {
+            updates.insert(key.clone(), encode(update))?;
+            index.insert(&update.meta.update_id.0, &update.meta.round.0.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        self.flush()
+    }
+
+    /// The round an update id was stored for, if it ever was (for re-acknowledging retries of closed rounds).
+    pub fn update_round(&self, id: &UpdateId) -> Result<Option<RoundId>, StoreError> {
+        Ok(self.update_index.get(id.0)?.map(|v| RoundId(be_u64(&v))))
+    }
+
+    /// Every update stored for a round, in update-id order.
+    pub fn updates(&self, round: RoundId) -> Result<Vec<StoredUpdate>, StoreError> {
+        self.updates
+            .scan_prefix(round.0.to_be_bytes())
+            .map(|kv| decode(&kv?.1, "update"))
+            .collect()
+    }
+
+    /// Drops the stored deltas of a finished or abandoned round (their ids stay indexed).
+    pub fn prune_updates(&self, round: RoundId) -> Result<(), StoreError> {
+        for kv in self.updates.scan_prefix(round.0.to_be_bytes()) {
+            self.updates.remove(kv?.0)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the stored deltas of every round but `current` (left behind by a crash between publishing or
+    /// abandoning a round and pruning it); returns how many were dropped.
+    pub fn prune_stale_updates(&self, current: Option<RoundId>) -> Result<usize, StoreError> {
+        let keep = current.map(|r| r.0.to_be_bytes());
+        let mut dropped = 0;
+        for kv in self.updates.iter() {
+            let key = kv?.0;
+            if keep.is_some_and(|k| key.starts_with(&k)) {
+                continue;
+            }
+            self.updates.remove(key)?;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.flush()?;
+        }
+        Ok(dropped)
+    }
+
+    /// How many updates are stored for a round (without reading them).
+    pub fn update_count(&self, round: RoundId) -> usize {
+        self.updates.scan_prefix(round.0.to_be_bytes()).count()
+    }
+
+    // ---- models, strategy state, ledger ----
+
+    /// Publishes a version atomically: the model, the round's ledger charge, the strategy state, the
+    /// closing of the round and the completed-round count, in one transaction, flushed.
+    pub fn publish(
+        &self,
+        version: ModelVersion,
+        model: &PublishedModel,
+        round: Option<(RoundId, RoundCharge)>,
+        state: &StrategyState,
+    ) -> Result<(), StoreError> {
+        (&self.models, &self.ledger, &self.meta).transaction(|(models, ledger, meta)| {
+            let key = version.0.to_be_bytes();
+            if models.get(key)?.is_some() {
+                return Err(ConflictableTransactionError::Abort(StoreError::Conflict(
+                    format!("version {} is already published", version.0),
+                )));
+            }
+            models.insert(&key, encode(model))?;
+            meta.insert("latest_version", &key)?;
+            meta.insert("strategy_state", encode(state))?;
+            if let Some((r, charge)) = round {
+                ledger.insert(&r.0.to_be_bytes(), encode(&charge))?;
+                let completed = meta.get("completed")?.map_or(0, |v| be_u64(&v)) + 1;
+                meta.insert("completed", &completed.to_be_bytes())?;
+                meta.remove("current_round")?;
+            }
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    /// The newest published version.
+    pub fn latest_version(&self) -> Result<Option<ModelVersion>, StoreError> {
+        Ok(self
+            .meta
+            .get("latest_version")?
+            .map(|v| ModelVersion(be_u64(&v))))
+    }
+
+    /// A published model.
+    pub fn model(&self, version: ModelVersion) -> Result<Option<PublishedModel>, StoreError> {
+        self.models
+            .get(version.0.to_be_bytes())?
+            .map(|v| decode(&v, "model"))
+            .transpose()
+    }
+
+    /// Rounds aggregated so far.
+    pub fn completed(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get("completed")?.map_or(0, |v| be_u64(&v)))
+    }
+
+    /// The strategy state saved with the newest version.
+    pub fn strategy_state(&self) -> Result<StrategyState, StoreError> {
+        self.meta
+            .get("strategy_state")?
+            .map_or(Ok(StrategyState::default()), |v| {
+                decode(&v, "strategy state")
+            })
+    }
+
+    /// Every round's privacy charge, in round order.
+    pub fn ledger(&self) -> Result<Vec<(RoundId, RoundCharge)>, StoreError> {
+        self.ledger
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((RoundId(be_u64(&k)), decode(&v, "ledger entry")?))
+            })
+            .collect()
+    }
+
+    /// Digest of a published version's manifest body (what its child names as parent).
+    pub fn manifest_digest(&self, version: ModelVersion) -> Result<Option<Digest>, StoreError> {
+        Ok(self.model(version)?.map(|m| m.manifest.digest()))
+    }
+}
+
+/// The manifest inside a signed manifest this coordinator wrote itself (no signature check needed: the
+/// store is trusted, its bytes came from our own signing).
+pub fn manifest_body(signed: &SignedManifest) -> Result<starling_protocol::Manifest, StoreError> {
+    bincode::serde::decode_from_slice(
+        &signed.body,
+        bincode::config::standard()
+            .with_little_endian()
+            .with_fixed_int_encoding(),
+    )
+    .map(|(m, _)| m)
+    .map_err(|e| StoreError::Corrupt {
+        what: "manifest",
+        detail: e.to_string(),
+    })
+}
+
+fn be_u64(v: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = v.len().min(8);
+    b[8 - n..].copy_from_slice(&v[v.len() - n..]);
+    u64::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::RoundPhase;
+
+    fn fp(i: u8) -> Fingerprint {
+        Fingerprint([i; 32])
+    }
+
+    fn update(round: u64, id: u8) -> StoredUpdate {
+        StoredUpdate {
+            meta: UpdateMeta {
+                update_id: UpdateId([id; 16]),
+                client: fp(id),
+                round: RoundId(round),
+                model_version: ModelVersion(0),
+                schema: Digest::of(b"s"),
+                num_examples: 3,
+            },
+            train_loss: 1.5,
+            body: vec![id; 10],
+        }
+    }
+
+    #[test]
+    fn state_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::create(dir.path()).unwrap();
+            let (tok, hash) = starling_protocol::EnrolmentToken::generate().unwrap();
+            s.add_token(
+                hash,
+                &PendingToken {
+                    name: "pi".into(),
+                    created_at: 1,
+                },
+            )
+            .unwrap();
+            assert!(s.enrol(tok.hash(), fp(1), 2).unwrap().is_some());
+            assert!(
+                s.enrol(tok.hash(), fp(2), 3).unwrap().is_none(),
+                "tokens are single-use"
+            );
+            let round = RoundRecord {
+                id: RoundId(4),
+                model_version: ModelVersion(0),
+                selected: vec![fp(1)],
+                started_at: 0,
+                deadline: 10,
+                phase: RoundPhase::Collecting,
+                eligible: 1,
+            };
+            s.put_round(&round).unwrap();
+            s.put_update(&update(4, 1)).unwrap();
+            s.put_update(&update(4, 2)).unwrap();
+            s.put_update(&update(5, 3)).unwrap();
+            assert!(Store::create(dir.path()).is_err());
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.clients().unwrap().len(), 1);
+        assert_eq!(s.current_round().unwrap().unwrap().id, RoundId(4));
+        assert_eq!(s.next_round().unwrap(), 5);
+        let ups = s.updates(RoundId(4)).unwrap();
+        assert_eq!(ups, vec![update(4, 1), update(4, 2)]);
+        assert_eq!(
+            s.update_round(&UpdateId([3; 16])).unwrap(),
+            Some(RoundId(5))
+        );
+        assert!(s.revoke(&fp(1)).unwrap());
+        assert_eq!(
+            s.client(&fp(1)).unwrap().unwrap().status,
+            ClientStatus::Revoked
+        );
+        assert!(!s.revoke(&fp(9)).unwrap());
+        s.prune_updates(RoundId(4)).unwrap();
+        assert!(s.updates(RoundId(4)).unwrap().is_empty());
+        assert_eq!(
+            s.update_round(&UpdateId([1; 16])).unwrap(),
+            Some(RoundId(4))
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Store::open(empty.path()),
+            Err(StoreError::Format(_))
+        ));
+    }
+
+    #[test]
+    fn publishing_is_atomic_and_refuses_a_second_copy_of_a_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = starling_protocol::SigningIdentity::from_seed([1; 32]);
+        let manifest = starling_protocol::Manifest {
+            version: ModelVersion(1),
+            parent_digest: None,
+            base_digest: Digest::of(b"b"),
+            adapter_digest: Digest::of(b"a"),
+            adapter_schema: starling_protocol::AdapterSchema::new(vec![
+                starling_protocol::TensorSpec {
+                    name: "t".into(),
+                    shape: vec![1],
+                },
+            ])
+            .unwrap(),
+            round: RoundId(3),
+            strategy: "fedavg".into(),
+            dp: starling_protocol::DpRecord {
+                mode: starling_protocol::DpMode::Off,
+                noise_multiplier: 0.0,
+                clip: 0.0,
+                epsilon_spent: 0.0,
+                delta: 0.0,
+            },
+            created_at_unix_ms: 9,
+        };
+        let model = PublishedModel {
+            manifest: manifest.sign(&key),
+            adapter: vec![0, 0, 128, 63],
+        };
+        let charge = RoundCharge {
+            sampling_rate: 0.5,
+            noise_multiplier: 1.0,
+            epsilon_after: 0.3,
+            mean_train_loss: 2.0,
+            updates: 4,
+        };
+        let state = StrategyState {
+            rounds: 1,
+            vectors: vec![("m".into(), vec![0.5])],
+        };
+        {
+            let s = Store::create(dir.path()).unwrap();
+            let round = RoundRecord {
+                id: RoundId(3),
+                model_version: ModelVersion(0),
+                selected: vec![],
+                started_at: 0,
+                deadline: 1,
+                phase: crate::engine::RoundPhase::Aggregating,
+                eligible: 0,
+            };
+            s.put_round(&round).unwrap();
+            s.publish(ModelVersion(1), &model, Some((RoundId(3), charge)), &state)
+                .unwrap();
+            assert!(matches!(
+                s.publish(ModelVersion(1), &model, None, &state),
+                Err(StoreError::Conflict(_))
+            ));
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.latest_version().unwrap(), Some(ModelVersion(1)));
+        assert_eq!(s.model(ModelVersion(1)).unwrap().unwrap(), model);
+        assert_eq!(manifest_body(&model.manifest).unwrap(), manifest);
+        assert_eq!(
+            s.current_round().unwrap(),
+            None,
+            "publishing closes the round in the same transaction"
+        );
+        assert_eq!(s.completed().unwrap(), 1);
+        assert_eq!(s.strategy_state().unwrap(), state);
+        assert_eq!(s.ledger().unwrap(), vec![(RoundId(3), charge)]);
+        assert_eq!(
+            s.manifest_digest(ModelVersion(1)).unwrap(),
+            Some(model.manifest.digest())
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! User-level DP-FedAvg (McMahan et al. 2018): clip every client's delta to C, sum, add Gaussian noise of
+//! standard deviation z·C (central) — or rely on the clients' noise shares z·C/√n (distributed) — and divide
+//! by the *expected* number of clients per round, a constant, so one client's influence on the step is at
+//! most C / expected. The noise comes from `starling-privacy` (exact, opendp-certified); the engine charges
+//! the global ledger with the effective multiplier this type reports. It never does accounting itself.
+
+use starling_privacy::{clip_l2, GaussianMechanism, NoisePlacement};
+
+use super::{check, weighted_sum, AggregateError, ClientUpdate, Strategy};
+
+/// DP-FedAvg with a fixed denominator.
+#[derive(Debug, Clone)]
+pub struct DpFedAvg {
+    clip: f64,
+    noise_multiplier: f64,
+    expected_clients: f64,
+    placement: NoisePlacement,
+    server_lr: f32,
+    /// Insecure, reproducible noise for simulations only (`None` in deployment: keys from the OS).
+    simulation_key: Option<[u8; 32]>,
+    rounds: u64,
+    last_effective_multiplier: f64,
+}
+
+impl DpFedAvg {
+    /// Clip bound C, noise multiplier z, expected clients per round, where the noise is added.
+    pub fn new(
+        clip: f64,
+        noise_multiplier: f64,
+        expected_clients: f64,
+        placement: NoisePlacement,
+        server_lr: f32,
+    ) -> Result<Self, AggregateError> {
+        let ok = clip.is_finite()
+            && clip > 0.0
+            && noise_multiplier.is_finite()
+            && noise_multiplier >= 0.0
+            && expected_clients.is_finite()
+            && expected_clients >= 1.0
+            && server_lr.is_finite()
+            && server_lr > 0.0;
+        if !ok {
+            return Err(AggregateError::InvalidParameter(format!(
+                "DP-FedAvg needs C > 0, z ≥ 0, expected clients ≥ 1, η > 0 (got {clip}, {noise_multiplier}, \
+                 {expected_clients}, {server_lr})"
+            )));
+        }
+        Ok(Self {
+            clip,
+            noise_multiplier,
+            expected_clients,
+            placement,
+            server_lr,
+            simulation_key: None,
+            rounds: 0,
+            last_effective_multiplier: noise_multiplier,
+        })
+    }
+
+    /// Draws the central noise from a fixed key (reproducible, **not private**): simulations and tests only.
+    pub fn with_simulation_key(mut self, key: [u8; 32]) -> Self {
+        self.simulation_key = Some(key);
+        self
+    }
+
+    /// The noise multiplier to account for the last round: what opendp certifies for the central noise
+    /// (slightly below the configured z because of the noise grid), or z for distributed noise.
+    pub fn effective_noise_multiplier(&self) -> f64 {
+        self.last_effective_multiplier
+    }
+
+    /// The clip bound C.
+    pub fn clip(&self) -> f64 {
+        self.clip
+    }
+}
+
+impl Strategy for DpFedAvg {
+    fn name(&self) -> String {
+        let place = match self.placement {
+            NoisePlacement::Central => "central".to_string(),
+            NoisePlacement::Distributed { clients } => format!("distributed/{clients}"),
+        };
+        format!(
+            "dp-fedavg(C={},z={},{place})",
+            self.clip, self.noise_multiplier
+        )
+    }
+
+    fn aggregate(&mut self, updates: &[ClientUpdate<'_>]) -> Result<Vec<f32>, AggregateError> {
+        let n = check(updates)?;
+        let mut clipped: Vec<Vec<f32>> = updates.iter().map(|u| u.delta.to_vec()).collect();
+        for c in &mut clipped {
+            clip_l2(c, self.clip)?;
+        }
+        let views: Vec<ClientUpdate<'_>> = clipped
+            .iter()
+            .map(|c| ClientUpdate {
+                num_examples: 1,
+                delta: c,
+            })
+            .collect();
+        let mut sum = weighted_sum(&views, &vec![1.0; views.len()])?;
+        if self.placement == NoisePlacement::Central && self.noise_multiplier > 0.0 {
+            let mech = GaussianMechanism::with_multiplier(self.clip, self.noise_multiplier, n)?;
+            match self.simulation_key {
+                Some(key) => {
+                    // A different stream every round.
+                    let mut k = key;
+                    for (b, r) in k[24..].iter_mut().zip(self.rounds.to_le_bytes()) {
+                        *b ^= r;
+                    }
+                    mech.add_noise_with_key(&mut sum, k)?
+                }
+                None => mech.add_noise(&mut sum)?,
+            }
+            self.last_effective_multiplier = mech.effective_noise_multiplier();
+        } else {
+            self.last_effective_multiplier = self.noise_multiplier;
+        }
+        self.rounds += 1;
+        let scale = self.server_lr / self.expected_clients as f32;
+        sum.iter_mut().for_each(|x| *x *= scale);
+        Ok(sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::ups;
+    use super::*;
+
+    #[test]
+    fn without_noise_it_is_a_clipped_sum_over_the_expected_count() {
+        let v = vec![(5, vec![3.0, 4.0]), (1, vec![0.0, 0.5])];
+        let mut s = DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, 1.0).unwrap();
+        // (0.6, 0.8) + (0, 0.5) = (0.6, 1.3), / 4
+        let got = s.aggregate(&ups(&v)).unwrap();
+        assert!((got[0] - 0.15).abs() < 1e-6 && (got[1] - 0.325).abs() < 1e-6);
+    }
+
+    #[test]
+    fn central_noise_has_the_configured_spread_and_one_client_moves_the_step_at_most_c_over_m() {
+        let dim = 200_000;
+        let zeros = vec![(1, vec![0f32; dim])];
+        let mut s = DpFedAvg::new(0.5, 2.0, 10.0, NoisePlacement::Central, 1.0)
+            .unwrap()
+            .with_simulation_key([7; 32]);
+        let step = s.aggregate(&ups(&zeros)).unwrap();
+        let mean = step.iter().map(|&x| f64::from(x)).sum::<f64>() / dim as f64;
+        let sd = (step
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / dim as f64)
+            .sqrt();
+        let want = 2.0 * 0.5 / 10.0; // z·C / m
+        assert!(mean.abs() < 5.0 * want / (dim as f64).sqrt(), "mean {mean}");
+        assert!((sd / want - 1.0).abs() < 0.01, "sd {sd} vs {want}");
+        // opendp charges the rounding of the inputs to the noise grid as extra sensitivity (≈ √d·2^k/2):
+        // a little below z for a 200k-dimensional delta, never above.
+        let eff = s.effective_noise_multiplier();
+        assert!(eff <= 2.0 && eff > 1.99, "{eff}");
+        // Sensitivity without noise: adding one huge client changes the step by at most C/m in L2.
+        let mut quiet = DpFedAvg::new(0.5, 0.0, 10.0, NoisePlacement::Central, 1.0).unwrap();
+        let base = vec![(1, vec![0.1f32; 8]), (1, vec![-0.2f32; 8])];
+        let mut more = base.clone();
+        more.push((1, vec![1e9f32; 8]));
+        let a = quiet.aggregate(&ups(&base)).unwrap();
+        let b = quiet.aggregate(&ups(&more)).unwrap();
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(diff <= 0.5 / 10.0 + 1e-6, "{diff}");
+        assert!(DpFedAvg::new(0.0, 1.0, 10.0, NoisePlacement::Central, 1.0).is_err());
+    }
+}
