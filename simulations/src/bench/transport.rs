@@ -1,18 +1,15 @@
-//! transport-bench: the wire's figures as JSON lines (one per measurement).
-//!
-//! Upload throughput of f32 deltas (4 MB and 40 MB) through the full protocol over loopback QUIC (frame,
-//! bulk transfer with SHA-256, update decoding, ack) beside a raw quinn stream of the same size on the same
-//! TLS and transport settings; handshakes per second (mutual TLS + Hello/Welcome); and encode/decode
-//! throughput of f32 and int8 updates.
-//!
-//! `cargo run --release -p starling-transport --bin transport-bench`
+//! Transport benchmark: upload throughput of f32 deltas (4 MB and 40 MB) through the full protocol over
+//! loopback QUIC (frame, bulk transfer with SHA-256, update decoding, ack) beside a raw quinn stream of the
+//! same size on the same TLS and transport settings; handshakes per second (mutual TLS + Hello/Welcome);
+//! encode/decode throughput of f32 and int8 updates.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use rand::SeedableRng;
+
+use super::peak_rss;
 use starling_protocol::bulk::BulkHeader;
 use starling_protocol::message::{Ack, Enrol, ErrorCode, ErrorReply, UpdateMetrics, Upload};
 use starling_protocol::update::{decode_update, encode_update};
@@ -27,18 +24,18 @@ use starling_transport::{
     Access, Authorizer, Client, Handler, Limits, Request, Response, Server, TransportError,
 };
 
-#[derive(Parser)]
-#[command(about = "Transport benchmarks; every figure is printed as one JSON line")]
-struct Args {
+/// Sizes and durations of the transport benchmark.
+#[derive(Debug, clap::Args)]
+pub struct Args {
     /// Delta sizes in MB of f32 (1 MB = 262,144 parameters).
     #[arg(long, value_delimiter = ',', default_value = "4,40")]
-    sizes_mb: Vec<usize>,
+    pub sizes_mb: Vec<usize>,
     /// Timed uploads per size (the best is reported).
     #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    pub repeats: usize,
     /// Seconds spent opening connections for the handshake rate.
     #[arg(long, default_value_t = 2.0)]
-    handshake_seconds: f64,
+    pub handshake_seconds: f64,
 }
 
 #[derive(Debug)]
@@ -79,17 +76,6 @@ impl Handler for Sink {
     async fn enrol(&self, _: Fingerprint, _: Enrol) -> Result<(), ErrorReply> {
         Ok(())
     }
-}
-
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 fn schema_for(params: usize) -> AdapterSchema {
@@ -145,9 +131,15 @@ fn line(v: serde_json::Value) {
     println!("{v}");
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Runs the transport benchmark on a multi-threaded runtime; prints one line per measurement.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_async(args))
+}
+
+async fn run_async(args: &Args) -> anyhow::Result<()> {
     let server_id = SigningIdentity::from_seed([1; 32]);
     let device = SigningIdentity::from_seed([2; 32]);
     let any: SocketAddr = "127.0.0.1:0".parse()?;

@@ -1,44 +1,32 @@
-//! aggregate-bench: aggregation throughput as JSON lines — FedAvg over K = 100 deltas of 1M f32, trimmed
-//! mean and median over K = 20, each beside a plain copy of the same bytes in the same run (the memory
-//! bandwidth ceiling). GB/s counts the input bytes read.
-//!
-//! `cargo run --release -p starling-coordinator --bin aggregate-bench`
+//! Aggregation benchmark: FedAvg over K = 100 deltas of 1M f32, trimmed mean and median over K = 20, each
+//! beside a plain copy of the same bytes in the same run (the memory-bandwidth ceiling). GB/s counts the
+//! input bytes read.
 
 use std::time::Instant;
 
-use clap::Parser;
+use super::peak_rss;
 use rayon::prelude::*;
 use starling_coordinator::strategy::{ClientUpdate, FedAvg, Median, Strategy, TrimmedMean};
 
-#[derive(Parser)]
-#[command(about = "Aggregation benchmarks; every figure is printed as one JSON line")]
-struct Args {
+/// Sizes of the aggregation benchmark.
+#[derive(Debug, clap::Args)]
+pub struct Args {
     /// Parameters per delta.
     #[arg(long, default_value_t = 1 << 20)]
-    params: usize,
+    pub params: usize,
     /// Deltas for FedAvg.
     #[arg(long, default_value_t = 100)]
-    fedavg_k: usize,
+    pub fedavg_k: usize,
     /// Deltas for the robust rules.
     #[arg(long, default_value_t = 20)]
-    robust_k: usize,
+    pub robust_k: usize,
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    pub repeats: usize,
 }
 
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn best(repeats: usize, mut f: impl FnMut()) -> f64 {
+/// The fastest of `repeats` runs of `f`, in seconds.
+pub fn best(repeats: usize, mut f: impl FnMut()) -> f64 {
     (0..repeats.max(1))
         .map(|_| {
             let t = Instant::now();
@@ -57,8 +45,8 @@ fn memcpy_all(deltas: &[Vec<f32>], dst: &mut [f32]) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
+/// Runs the aggregation benchmark; prints one line per strategy.
+pub fn run(a: &Args) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let make = |k: usize| -> Vec<Vec<f32>> {
         (0..k)

@@ -1,0 +1,89 @@
+//! starling-bench: every performance figure of Starling as JSON lines (one line per measurement).
+//!
+//! `train --config S|M [--quant f32|q8_0|q4_0] [--backend flex|ndarray]`: LoRA training throughput;
+//! `decode`: KV-cache decoding; `privacy`: exact Gaussian noise beside opendp's; `transport`: QUIC uploads,
+//! handshakes and update codecs; `aggregate`: FedAvg / trimmed mean / median beside memcpy.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use starling_model::{Backend, QuantType};
+use starling_simulations::bench::{self, model::Shape};
+
+#[derive(Parser)]
+#[command(about = "Starling benchmarks; every figure is printed as one JSON line")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// LoRA training throughput (forward + backward + AdamW).
+    Train {
+        #[arg(long, value_enum, default_value_t = Shape::S)]
+        config: Shape,
+        #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
+        quant: QuantType,
+        #[arg(long, value_enum, default_value_t = Backend::Flex)]
+        backend: Backend,
+        /// Timed optimizer steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
+    /// Decoding throughput with the KV cache (batch 1, greedy).
+    Decode {
+        #[arg(long, value_enum, default_value_t = Shape::S)]
+        config: Shape,
+        #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
+        quant: QuantType,
+        #[arg(long, value_enum, default_value_t = Backend::Flex)]
+        backend: Backend,
+        /// New tokens to decode.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+    },
+    /// Gaussian-noise throughput: Starling's exact sampler beside opendp's on the same vectors.
+    Privacy {
+        /// Vector lengths noised by Starling's sampler.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+        sizes: Vec<usize>,
+        /// Vector length noised by opendp's own (slow, arbitrary-precision) sampler.
+        #[arg(long, default_value_t = 20_000)]
+        opendp_size: usize,
+        /// Noise multiplier σ/C (C = 1).
+        #[arg(long, default_value_t = 1.0)]
+        noise_multiplier: f64,
+        /// Timed repetitions per size (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+    /// QUIC upload throughput beside raw quinn, handshakes/s, update encode/decode throughput.
+    Transport(bench::transport::Args),
+    /// Aggregation throughput (GB/s) beside a plain memcpy of the same bytes.
+    Aggregate(bench::aggregate::Args),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Train {
+            config,
+            quant,
+            backend,
+            steps,
+        } => bench::model::train(config, quant, backend, steps),
+        Cmd::Decode {
+            config,
+            quant,
+            backend,
+            tokens,
+        } => bench::model::decode(config, quant, backend, tokens),
+        Cmd::Privacy {
+            sizes,
+            opendp_size,
+            noise_multiplier,
+            repeats,
+        } => bench::privacy::run(&sizes, opendp_size, noise_multiplier, repeats.max(1)),
+        Cmd::Transport(args) => bench::transport::run(&args),
+        Cmd::Aggregate(args) => bench::aggregate::run(&args),
+    }
+}
