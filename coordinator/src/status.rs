@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use starling_protocol::ModelVersion;
+use starling_protocol::{Manifest, ModelVersion};
 
 use crate::store::{manifest_body, ClientStatus, Store, StoreError};
 
@@ -17,11 +17,7 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
         .iter()
         .filter(|c| c.status == ClientStatus::Active)
         .count();
-    let latest = store.latest_version()?.unwrap_or(ModelVersion(0));
-    let model = store
-        .model(latest)?
-        .map(|m| manifest_body(&m.manifest))
-        .transpose()?;
+    let (latest, model) = latest_manifest(store)?;
     let ledger = store.ledger()?;
     Ok(serde_json::json!({
         "now_unix_ms": now,
@@ -44,6 +40,16 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
             "round": r.0, "updates": c.updates, "mean_train_loss": c.mean_train_loss,
             "epsilon_after": c.epsilon_after, "sampling_rate": c.sampling_rate })).collect::<Vec<_>>(),
     }))
+}
+
+/// The latest published version and its manifest body (version 0 and none before `init` published it).
+fn latest_manifest(store: &Store) -> Result<(ModelVersion, Option<Manifest>), StoreError> {
+    let latest = store.latest_version()?.unwrap_or(ModelVersion(0));
+    let manifest = store
+        .model(latest)?
+        .map(|m| manifest_body(&m.manifest))
+        .transpose()?;
+    Ok((latest, manifest))
 }
 
 /// Counters of a running coordinator (since it started); the store supplies the durable figures.
@@ -129,12 +135,12 @@ impl Metrics {
             "Rounds aggregated into a published version (durable).",
             &[("", store.completed()? as f64)],
         );
-        let latest = store.latest_version()?.map_or(0, |v| v.0);
+        let (latest, manifest) = latest_manifest(store)?;
         put(
             "starling_model_version",
             "gauge",
             "Latest published model version.",
-            &[("", latest as f64)],
+            &[("", latest.0 as f64)],
         );
         let current = store.current_round()?;
         put(
@@ -168,14 +174,7 @@ impl Metrics {
                 ("{status=\"revoked\"}", (clients.len() - active) as f64),
             ],
         );
-        let epsilon = match store.latest_version()? {
-            Some(v) => store
-                .model(v)?
-                .map(|m| manifest_body(&m.manifest))
-                .transpose()?
-                .map_or(0.0, |m| m.dp.epsilon_spent),
-            None => 0.0,
-        };
+        let epsilon = manifest.map_or(0.0, |m| m.dp.epsilon_spent);
         put(
             "starling_epsilon_spent",
             "gauge",

@@ -127,6 +127,31 @@ fn raw_server(identity: &SigningIdentity) -> Result<quinn::Endpoint, TransportEr
     Ok(ep)
 }
 
+/// A loopback server that decodes and acknowledges updates for `schema`, and a client of `device` for it.
+fn sink_pair(
+    server_id: &SigningIdentity,
+    device: &SigningIdentity,
+    schema: AdapterSchema,
+) -> Result<(Server, Client), TransportError> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = Server::bind(
+        any,
+        any,
+        server_id,
+        Arc::new(Everyone),
+        Arc::new(Sink { schema }),
+        bench_limits(),
+        EnrolmentLimits::default(),
+    )?;
+    let client = Client::new(
+        device,
+        server.fingerprint(),
+        server.local_addr()?,
+        bench_limits(),
+    )?;
+    Ok((server, client))
+}
+
 fn line(v: serde_json::Value) {
     println!("{v}");
 }
@@ -172,24 +197,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         }
 
         // Full protocol upload.
-        let sink = Arc::new(Sink {
-            schema: schema.clone(),
-        });
-        let server = Server::bind(
-            any,
-            any,
-            &server_id,
-            Arc::new(Everyone),
-            sink,
-            bench_limits(),
-            EnrolmentLimits::default(),
-        )?;
-        let client = Client::new(
-            &device,
-            server.fingerprint(),
-            server.local_addr()?,
-            bench_limits(),
-        )?;
+        let (server, client) = sink_pair(&server_id, &device, schema.clone())?;
         let session = client.connect().await?;
         let body = encode_update(&schema, &delta, Encoding::F32, &mut rng)?;
         let mut best = f64::INFINITY;
@@ -248,24 +256,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     }
 
     // Handshakes per second: a fresh connection each time (mutual TLS 1.3 + Hello/Welcome), sequential.
-    let sink = Arc::new(Sink {
-        schema: schema_for(1),
-    });
-    let server = Server::bind(
-        any,
-        any,
-        &server_id,
-        Arc::new(Everyone),
-        sink,
-        bench_limits(),
-        EnrolmentLimits::default(),
-    )?;
-    let client = Client::new(
-        &device,
-        server.fingerprint(),
-        server.local_addr()?,
-        bench_limits(),
-    )?;
+    let (server, client) = sink_pair(&server_id, &device, schema_for(1))?;
     let t = Instant::now();
     let mut n = 0u32;
     while t.elapsed().as_secs_f64() < args.handshake_seconds {
