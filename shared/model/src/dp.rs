@@ -3,7 +3,6 @@
 //! module only computes per-example gradients and applies the result. What must never live here: noise drawn
 //! any other way, or ε computed any other way.
 
-use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use starling_privacy::{
@@ -11,7 +10,7 @@ use starling_privacy::{
 };
 
 use crate::error::{ModelError, Result};
-use crate::lora::{flatten, LoraAdapter};
+use crate::lora::{unflatten, LoraAdapter};
 use crate::model::Llama;
 use crate::train::{next_token_loss, StepStats, Trainer};
 
@@ -159,8 +158,10 @@ impl DpSgd {
         model: &Llama,
         example: &[u32],
     ) -> Result<(Vec<f32>, f64)> {
-        let (g, loss) = trainer.gradients(model, &[example.to_vec()])?;
-        Ok((flatten(&g), loss))
+        trainer
+            .example_gradients(model, &[example])?
+            .pop()
+            .ok_or_else(|| ModelError::InvalidArgument("no gradient for the example".into()))
     }
 
     /// Σ_i clip_C(∇ℓ_i) over `batch` (indices into the examples), accumulated in f64; also the mean loss and
@@ -174,24 +175,31 @@ impl DpSgd {
         let dim = self.mechanism.dim();
         let mut sum = vec![0f64; dim];
         let (mut loss, mut clipped) = (0.0, 0);
-        for &i in batch {
-            let ex = self
-                .examples
-                .get(i)
-                .ok_or_else(|| ModelError::InvalidArgument(format!("no example {i}")))?;
-            let (mut g, l) = Self::example_gradient(trainer, model, ex)?;
-            if g.len() != dim {
-                return Err(ModelError::InvalidArgument(format!(
-                    "gradient has {} values, expected {dim}",
-                    g.len()
-                )));
+        let examples = batch
+            .iter()
+            .map(|&i| {
+                self.examples
+                    .get(i)
+                    .map(Vec::as_slice)
+                    .ok_or_else(|| ModelError::InvalidArgument(format!("no example {i}")))
+            })
+            .collect::<Result<Vec<&[u32]>>>()?;
+        // Per-example gradients in bounded chunks: each is clipped before it touches the sum.
+        for chunk in examples.chunks(32) {
+            for (mut g, l) in trainer.example_gradients(model, chunk)? {
+                if g.len() != dim {
+                    return Err(ModelError::InvalidArgument(format!(
+                        "gradient has {} values, expected {dim}",
+                        g.len()
+                    )));
+                }
+                let norm = starling_privacy::clip_l2(&mut g, self.config.clip)?;
+                clipped += usize::from(norm > self.config.clip);
+                for (s, x) in sum.iter_mut().zip(&g) {
+                    *s += f64::from(*x);
+                }
+                loss += l;
             }
-            let norm = starling_privacy::clip_l2(&mut g, self.config.clip)?;
-            clipped += usize::from(norm > self.config.clip);
-            for (s, x) in sum.iter_mut().zip(&g) {
-                *s += f64::from(*x);
-            }
-            loss += l;
         }
         let mean_loss = if batch.is_empty() {
             f64::NAN
@@ -239,25 +247,6 @@ impl DpSgd {
             clipped,
         })
     }
-}
-
-/// Splits a flat vector back into tensors shaped like the adapter's (canonical order).
-fn unflatten(flat: &[f32], like: &LoraAdapter) -> Result<Vec<Tensor<2>>> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    for t in like.tensors() {
-        let dims = t.dims();
-        let n = dims[0] * dims[1];
-        let part = flat
-            .get(at..at + n)
-            .ok_or_else(|| ModelError::InvalidArgument("flat gradient too short".into()))?;
-        out.push(Tensor::from_data(
-            TensorData::new(part.to_vec(), dims),
-            &t.device(),
-        ));
-        at += n;
-    }
-    Ok(out)
 }
 
 /// User-level DP (the client side of DP-FedAvg): the delta `trained − initial`, clipped to L2 norm `clip`,

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod dp;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod io;

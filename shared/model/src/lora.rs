@@ -458,6 +458,25 @@ pub fn flatten(tensors: &[Tensor<2>]) -> Vec<f32> {
     out
 }
 
+/// Splits a flat vector back into tensors shaped like the adapter's (canonical order).
+pub fn unflatten(flat: &[f32], like: &LoraAdapter) -> Result<Vec<Tensor<2>>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for t in like.tensors() {
+        let dims = t.dims();
+        let n = dims[0] * dims[1];
+        let part = flat
+            .get(at..at + n)
+            .ok_or_else(|| ModelError::InvalidArgument("flat gradient too short".into()))?;
+        out.push(Tensor::from_data(
+            TensorData::new(part.to_vec(), dims),
+            &t.device(),
+        ));
+        at += n;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,6 +92,11 @@ impl Dropout {
         }
     }
 
+    /// A fresh seed for the native engine's masks (one per micro-batch).
+    pub(crate) fn next_seed(&mut self) -> u64 {
+        self.rng.random()
+    }
+
     fn apply(&mut self, x: Tensor<2>, p: f32) -> Tensor<2> {
         if p <= 0.0 {
             return x;

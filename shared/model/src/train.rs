@@ -10,9 +10,30 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::data::eval_windows;
+use crate::engine::{self, DropoutSpec, Reduction};
 use crate::error::{ModelError, Result};
-use crate::lora::LoraAdapter;
+use crate::lora::{unflatten, LoraAdapter};
 use crate::model::{Dropout, Llama};
+
+/// Which implementation computes the gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Engine {
+    /// The hand-derived forward/backward of `engine` (fast; the default).
+    #[default]
+    Native,
+    /// burn's autodiff over the burn model (the reference).
+    Burn,
+}
+
+impl Engine {
+    /// Short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Burn => "burn",
+        }
+    }
+}
 
 /// Optimisation hyper-parameters.
 #[derive(Debug, Clone)]
@@ -43,6 +64,8 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Seed of data sampling and dropout.
     pub seed: u64,
+    /// Gradient implementation.
+    pub engine: Engine,
 }
 
 impl Default for TrainConfig {
@@ -61,6 +84,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             max_grad_norm: Some(1.0),
             seed: 0,
+            engine: Engine::Native,
         }
     }
 }
@@ -183,6 +207,9 @@ impl Trainer {
                 "a step needs at least one micro-batch".into(),
             ));
         }
+        if self.config.engine == Engine::Native {
+            return self.native_gradients(model, micro_batches);
+        }
         let mut grads: Option<Vec<Tensor<2>>> = None;
         let mut loss_sum = 0.0;
         for ids in micro_batches {
@@ -214,6 +241,89 @@ impl Trainer {
             });
         }
         Ok((grads.expect("at least one micro-batch"), loss_sum))
+    }
+
+    /// [`Trainer::gradients`] by the native engine.
+    fn native_gradients(
+        &mut self,
+        model: &Llama,
+        micro_batches: &[Vec<u32>],
+    ) -> Result<(Vec<Tensor<2>>, f64)> {
+        let k = micro_batches.len() as f64;
+        let mut sum: Option<Vec<f32>> = None;
+        let mut loss = 0.0;
+        for ids in micro_batches {
+            let batch = ids.len() / self.config.seq_len.max(1);
+            let dropout = self.dropout_spec();
+            let g = engine::lora_gradients(
+                model,
+                &self.adapter,
+                ids,
+                batch,
+                Reduction::Sum {
+                    weight: 1.0 / (batch as f64 * k),
+                },
+                dropout,
+            )?;
+            loss += g.losses.iter().sum::<f64>() / (g.losses.len() as f64 * k);
+            let flat = g.grads.into_iter().next().unwrap_or_default();
+            sum = Some(match sum {
+                None => flat,
+                Some(mut acc) => {
+                    acc.iter_mut().zip(&flat).for_each(|(a, b)| *a += b);
+                    acc
+                }
+            });
+        }
+        Ok((unflatten(&sum.unwrap_or_default(), &self.adapter)?, loss))
+    }
+
+    /// The native engine's dropout for the next micro-batch (none when the adapter has none).
+    fn dropout_spec(&mut self) -> Option<DropoutSpec> {
+        let p = self.adapter.config.dropout;
+        (p > 0.0).then(|| DropoutSpec {
+            p,
+            seed: self.dropout.next_seed(),
+        })
+    }
+
+    /// Per-example gradients (flattened, canonical order) and losses of `examples`, each its own
+    /// mean next-token loss; DP-SGD clips these one by one.
+    pub fn example_gradients(
+        &mut self,
+        model: &Llama,
+        examples: &[&[u32]],
+    ) -> Result<Vec<(Vec<f32>, f64)>> {
+        let mut out = Vec::with_capacity(examples.len());
+        if self.config.engine == Engine::Burn {
+            for ex in examples {
+                let (g, loss) = self.gradients(model, &[ex.to_vec()])?;
+                out.push((crate::lora::flatten(&g), loss));
+            }
+            return Ok(out);
+        }
+        // Runs of equal length go through the engine together (bounded, to bound memory).
+        let mut i = 0;
+        while i < examples.len() {
+            let len = examples[i].len();
+            let mut j = i + 1;
+            while j < examples.len() && j - i < 32 && examples[j].len() == len {
+                j += 1;
+            }
+            let ids: Vec<u32> = examples[i..j].concat();
+            let dropout = self.dropout_spec();
+            let g = engine::lora_gradients(
+                model,
+                &self.adapter,
+                &ids,
+                j - i,
+                Reduction::PerSequence,
+                dropout,
+            )?;
+            out.extend(g.grads.into_iter().zip(g.losses));
+            i = j;
+        }
+        Ok(out)
     }
 
     /// One optimizer step over `micro_batches` (each row-major `[batch_size, seq_len]`).

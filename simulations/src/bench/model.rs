@@ -11,6 +11,8 @@ use starling_model::{
     Trainer,
 };
 
+use starling_model::train::Engine;
+
 use super::peak_rss;
 
 /// Benchmark model shapes.
@@ -65,7 +67,13 @@ pub fn peak_flops() -> f64 {
 }
 
 /// Times `steps` LoRA training steps (r = 8 over q, k, v, o) after one warm-up step; prints one line.
-pub fn train(config: Shape, quant: QuantType, backend: Backend, steps: usize) -> Result<()> {
+pub fn train(
+    config: Shape,
+    quant: QuantType,
+    engine: Engine,
+    backend: Backend,
+    steps: usize,
+) -> Result<()> {
     let (c, seq, batch) = config.config();
     let device = backend.device();
     let model = Llama::random(c.clone(), quant, &device, 1)?;
@@ -75,6 +83,7 @@ pub fn train(config: Shape, quant: QuantType, backend: Backend, steps: usize) ->
         steps: steps + 1,
         batch_size: batch,
         seq_len: seq,
+        engine,
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(adapter, cfg)?;
@@ -94,8 +103,8 @@ pub fn train(config: Shape, quant: QuantType, backend: Backend, steps: usize) ->
     println!(
         "{}",
         serde_json::json!({
-            "bench": "train", "config": format!("{config:?}"), "quant": quant.name(), "backend": backend.name(),
-            "batch": batch, "seq": seq, "lora_rank": 8, "steps": steps, "seconds": secs,
+            "bench": "train", "config": format!("{config:?}"), "quant": quant.name(), "engine": engine.name(),
+            "backend": backend.name(), "threads": rayon::current_num_threads(), "batch": batch, "seq": seq, "lora_rank": 8, "steps": steps, "seconds": secs,
             "tokens_per_s": tokens / secs, "gflops": flops / secs / 1e9, "mfu": flops / secs / peak_flops(),
             "final_loss": loss, "peak_rss_bytes": peak_rss(),
             "resident_weight_bytes": model.resident_weight_bytes(),

@@ -1,11 +1,13 @@
 //! starling-bench: every performance figure of Starling as JSON lines (one line per measurement).
 //!
-//! `train --config S|M [--quant f32|q8_0|q4_0] [--backend flex|ndarray]`: LoRA training throughput;
+//! `train --config S|M [--quant f32|q8_0|q4_0] [--engine native|burn] [--backend flex|ndarray]`: LoRA
+//! training throughput;
 //! `decode`: KV-cache decoding; `privacy`: exact Gaussian noise beside opendp's; `transport`: QUIC uploads,
 //! handshakes and update codecs; `aggregate`: FedAvg / trimmed mean / median beside memcpy.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use starling_model::train::Engine;
 use starling_model::{Backend, QuantType};
 use starling_simulations::bench::{self, model::Shape};
 
@@ -24,6 +26,10 @@ enum Cmd {
         config: Shape,
         #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
         quant: QuantType,
+        /// Gradient implementation: the native engine, or burn's autodiff (the reference).
+        #[arg(long, value_enum, default_value_t = Engine::Native)]
+        engine: Engine,
+        /// burn backend (used by the burn engine).
         #[arg(long, value_enum, default_value_t = Backend::Flex)]
         backend: Backend,
         /// Timed optimizer steps (after one warm-up step).
@@ -68,9 +74,10 @@ fn main() -> Result<()> {
         Cmd::Train {
             config,
             quant,
+            engine,
             backend,
             steps,
-        } => bench::model::train(config, quant, backend, steps),
+        } => bench::model::train(config, quant, engine, backend, steps),
         Cmd::Decode {
             config,
             quant,

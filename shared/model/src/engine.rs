@@ -1,0 +1,1094 @@
+//! The native LoRA training engine: the forward pass of [`Llama`] with a LoRA adapter and its
+//! hand-derived backward pass on plain row-major f32 buffers, producing the adapter's gradients.
+//!
+//! Why it exists: burn's autodiff (the reference path in `model` + `train`) records dozens of graph
+//! nodes per layer, keeps every intermediate as its own tensor and must see the frozen weights as
+//! whole f32 tensors. For LoRA over a frozen base almost all of that is waste. Here:
+//! - the batch is split by sequence across the worker threads, and each thread runs the whole
+//!   forward and backward of its sequences with single-threaded GEMMs, so no thread waits for
+//!   another inside a step (their adapter gradients are summed at the end);
+//! - the frozen weights stay quantized; each thread expands *one layer at a time* into a scratch
+//!   buffer (q, k and v rows side by side, gate and up side by side), so q/k/v and gate/up are one
+//!   GEMM each, forward and backward;
+//! - only the products a frozen base needs are computed: input gradients through frozen weights
+//!   (none below the first layer's projections), weight gradients for A and B only;
+//! - attention computes the causal lower triangle only (blocks of query rows see only the keys up
+//!   to their last row);
+//! - per-sequence gradients (for DP-SGD's per-example clipping) come from the same pass: only the
+//!   small A/B products are split by sequence.
+//!
+//! Tests check loss and gradients against burn's autodiff on the same model (`tests/engine.rs`).
+//! Nothing here knows of optimizers, files or privacy; it is only the differentiable network.
+
+use gemm::Parallelism;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+use crate::lora::{LoraAdapter, Target};
+use crate::model::Llama;
+use crate::quant::QMatrix;
+
+/// Query rows per block of causal attention (a block sees the keys up to its last row only).
+const ATT_BLOCK: usize = 32;
+/// Vocabulary rows of the output head expanded at a time.
+const HEAD_TILE: usize = 8192;
+/// Logit values held at a time per thread (rows of the head are processed in chunks of this size).
+const LOGIT_BUDGET: usize = 1 << 22;
+
+/// How the per-sequence losses are combined into the differentiated objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reduction {
+    /// `weight · Σ_s L_s`, one summed gradient (`weight = 1 / sequences` is the batch mean).
+    Sum {
+        /// Factor applied to every sequence's mean loss.
+        weight: f64,
+    },
+    /// One gradient of `L_s` per sequence (per-example gradients for DP-SGD).
+    PerSequence,
+}
+
+/// What one call computed.
+#[derive(Debug, Clone)]
+pub struct Gradients {
+    /// Mean next-token loss of each sequence.
+    pub losses: Vec<f64>,
+    /// Flattened gradients in canonical tensor order ([`LoraAdapter::tensors`]): one vector for
+    /// [`Reduction::Sum`], one per sequence for [`Reduction::PerSequence`].
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// LoRA dropout for one call: probability and the seed its masks derive from.
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutSpec {
+    /// Probability of zeroing an input value of an adapted projection.
+    pub p: f32,
+    /// Seed; the mask of (layer, target, sequence) is a function of it alone.
+    pub seed: u64,
+}
+
+/// A strided read-only view of a matrix stored in a slice.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// Row-major storage from `off` with row stride `ld`.
+    fn rm(data: &'a [f32], off: usize, ld: usize) -> Self {
+        View {
+            data,
+            off,
+            rs: ld,
+            cs: 1,
+        }
+    }
+
+    /// The transposed view.
+    fn t(self) -> Self {
+        View {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn assert_fits(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            assert!(
+                self.off + (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len(),
+                "engine: matrix view out of bounds"
+            );
+        }
+    }
+}
+
+/// `dst[m×n] = (acc ? dst : 0) + alpha · a[m×k] · b[k×n]`; `dst` row-major from `off`, stride `ld`.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    dst: &mut [f32],
+    off: usize,
+    ld: usize,
+    acc: bool,
+    a: View,
+    b: View,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        off + (m - 1) * ld + n <= dst.len() && n <= ld,
+        "engine: gemm output out of bounds"
+    );
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                dst[off + r * ld..off + r * ld + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    a.assert_fits(m, k);
+    b.assert_fits(k, n);
+    // SAFETY: every element the GEMM reads or writes lies inside the slices (checked above); the
+    // output does not alias the inputs (it is a distinct `&mut`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(off),
+            1,
+            ld as isize,
+            acc,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Expands `rows` rows of `w` starting at `r0` into `out` (row-major, `w.cols()` wide).
+fn expand(w: &QMatrix, r0: usize, rows: usize, out: &mut [f32]) {
+    let c = w.cols();
+    for (i, o) in out[..rows * c].chunks_exact_mut(c).enumerate() {
+        w.dequantize_row(r0 + i, o);
+    }
+}
+
+/// RMSNorm of each row of `x` (`rows × h`) into `y`, saving `1/rms` per row in `inv`.
+fn rms_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], inv: &mut [f32]) {
+    let h = w.len();
+    for ((xr, yr), iv) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)).zip(inv) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        *iv = r;
+        for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = a * r * g;
+        }
+    }
+}
+
+/// Backward of [`rms_forward`]: adds `∂L/∂x` to `dx` given `dy = ∂L/∂y`.
+fn rms_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let h = w.len();
+    for (((xr, dyr), dxr), &r) in x
+        .chunks_exact(h)
+        .zip(dy.chunks_exact(h))
+        .zip(dx.chunks_exact_mut(h))
+        .zip(inv)
+    {
+        let dot: f32 = xr.iter().zip(dyr).zip(w).map(|((a, d), g)| a * d * g).sum();
+        let c = r * r * r * dot / h as f32;
+        for (((o, &a), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+            *o += r * d * g - a * c;
+        }
+    }
+}
+
+/// Rotary tables `[seq × head_dim/2]` (cos, sin), computed in f64 like the burn model's.
+fn rope_tables(theta: f64, hd: usize, seq: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = hd / 2;
+    let mut cos = Vec::with_capacity(seq * half);
+    let mut sin = Vec::with_capacity(seq * half);
+    for p in 0..seq {
+        for i in 0..half {
+            let ang = p as f64 / theta.powf((2 * i) as f64 / hd as f64);
+            cos.push(ang.cos() as f32);
+            sin.push(ang.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotates (or, with `inverse`, back-propagates through the rotation of) `heads` heads of
+/// `hd` values starting at column `col` of every row of `buf` (row stride `ld`, `seq` rows per
+/// sequence).
+#[allow(clippy::too_many_arguments)]
+fn rope(
+    buf: &mut [f32],
+    ld: usize,
+    col: usize,
+    heads: usize,
+    hd: usize,
+    seq: usize,
+    (cos, sin): (&[f32], &[f32]),
+    inverse: bool,
+) {
+    let half = hd / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    for (r, row) in buf.chunks_exact_mut(ld).enumerate() {
+        let t = r % seq;
+        let (c, s) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
+        for h in 0..heads {
+            let x = &mut row[col + h * hd..col + (h + 1) * hd];
+            let (x1, x2) = x.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                let si = sign * s[i];
+                x1[i] = a * c[i] - b * si;
+                x2[i] = b * c[i] + a * si;
+            }
+        }
+    }
+}
+
+/// One adapted projection's matrices as flat f32.
+struct LoraMats {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    fan_in: usize,
+    fan_out: usize,
+    /// Offsets of A and B in the flat canonical gradient.
+    a_off: usize,
+    b_off: usize,
+}
+
+/// What a call needs that is the same for every thread.
+struct Ctx<'m> {
+    model: &'m Llama,
+    lora: Vec<[Option<LoraMats>; 7]>,
+    rank: usize,
+    scale: f32,
+    dropout: Option<DropoutSpec>,
+    seq: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    grad_len: usize,
+    reduction: Reduction,
+    par: Parallelism,
+}
+
+/// The frozen weights of one layer expanded to f32 (per thread).
+#[derive(Default)]
+struct LayerScratch {
+    qkv: Vec<f32>,
+    o: Vec<f32>,
+    gu: Vec<f32>,
+    down: Vec<f32>,
+}
+
+impl LayerScratch {
+    fn load(&mut self, model: &Llama, layer: usize) {
+        let p = &model.blocks[layer].proj;
+        let (q, k, v) = (&p[0].0, &p[1].0, &p[2].0);
+        let h = q.cols();
+        self.qkv.resize((q.rows() + k.rows() + v.rows()) * h, 0.0);
+        expand(q, 0, q.rows(), &mut self.qkv);
+        expand(k, 0, k.rows(), &mut self.qkv[q.rows() * h..]);
+        expand(v, 0, v.rows(), &mut self.qkv[(q.rows() + k.rows()) * h..]);
+        let o = &p[3].0;
+        self.o.resize(o.rows() * o.cols(), 0.0);
+        expand(o, 0, o.rows(), &mut self.o);
+        let (g, u) = (&p[4].0, &p[5].0);
+        self.gu.resize((g.rows() + u.rows()) * h, 0.0);
+        expand(g, 0, g.rows(), &mut self.gu);
+        expand(u, 0, u.rows(), &mut self.gu[g.rows() * h..]);
+        let d = &p[6].0;
+        self.down.resize(d.rows() * d.cols(), 0.0);
+        expand(d, 0, d.rows(), &mut self.down);
+    }
+}
+
+/// What the backward pass needs of one adapted projection's forward.
+struct LoraSaved {
+    /// `drop(x) · Aᵀ`, `rows × rank`.
+    u: Vec<f32>,
+    /// The dropped-out input `drop(x)` when dropout is active (else the input itself is used).
+    xd: Option<Vec<f32>>,
+    /// The dropout mask (0 or 1/(1-p)) when dropout is active.
+    mask: Option<Vec<f32>>,
+}
+
+/// Activations of one layer kept for the backward pass.
+struct Saved {
+    x_in: Vec<f32>,
+    inv1: Vec<f32>,
+    xn1: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    att: Vec<f32>,
+    x_mid: Vec<f32>,
+    inv2: Vec<f32>,
+    xn2: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    lora: [Option<LoraSaved>; 7],
+}
+
+impl Ctx<'_> {
+    /// Dropout mask of `(layer, target)` for global sequences `seqs`, `seq` rows each.
+    fn mask(
+        &self,
+        spec: DropoutSpec,
+        layer: usize,
+        t: Target,
+        seqs: std::ops::Range<usize>,
+        width: usize,
+    ) -> Vec<f32> {
+        let keep = 1.0 / (1.0 - spec.p);
+        let mut out = Vec::with_capacity(seqs.len() * self.seq * width);
+        for s in seqs {
+            let key = spec.seed
+                ^ (layer as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ (t as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+                ^ (s as u64 + 1).wrapping_mul(0x94d0_49bb_1331_11eb);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(key);
+            out.extend((0..self.seq * width).map(|_| {
+                if rng.random::<f32>() < spec.p {
+                    0.0
+                } else {
+                    keep
+                }
+            }));
+        }
+        out
+    }
+
+    /// LoRA forward of `(layer, t)`: adds `scale · drop(x)·Aᵀ·Bᵀ` into `y` (from column `col`,
+    /// stride `ldy`) for input `x` (`rows × fan_in`); returns what the backward pass needs.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_forward(
+        &self,
+        layer: usize,
+        t: Target,
+        seqs: std::ops::Range<usize>,
+        x: &[f32],
+        y: &mut [f32],
+        col: usize,
+        ldy: usize,
+    ) -> Option<LoraSaved> {
+        let l = self.lora[layer][t as usize].as_ref()?;
+        let rows = seqs.len() * self.seq;
+        let r = self.rank;
+        let (mask, xd) = match self.dropout {
+            Some(spec) if spec.p > 0.0 => {
+                let mask = self.mask(spec, layer, t, seqs, l.fan_in);
+                let xd: Vec<f32> = x.iter().zip(&mask).map(|(a, m)| a * m).collect();
+                (Some(mask), Some(xd))
+            }
+            _ => (None, None),
+        };
+        let input = xd.as_deref().unwrap_or(x);
+        let mut u = vec![0.0f32; rows * r];
+        mm(
+            &mut u,
+            0,
+            r,
+            false,
+            View::rm(input, 0, l.fan_in),
+            View::rm(&l.a, 0, l.fan_in).t(),
+            (rows, r, l.fan_in),
+            1.0,
+            self.par,
+        );
+        mm(
+            y,
+            col,
+            ldy,
+            true,
+            View::rm(&u, 0, r),
+            View::rm(&l.b, 0, r).t(),
+            (rows, l.fan_out, r),
+            self.scale,
+            self.par,
+        );
+        Some(LoraSaved { u, xd, mask })
+    }
+
+    /// LoRA backward of `(layer, t)` given `dy` (`rows × fan_out` from column `col`, stride `ldy`)
+    /// and the forward input `x`: accumulates dA, dB into `grads` (one vector, or one per local
+    /// sequence) and, when `dx` is given, adds the input gradient into it.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        layer: usize,
+        t: Target,
+        saved: &LoraSaved,
+        x: &[f32],
+        dy: &[f32],
+        col: usize,
+        ldy: usize,
+        grads: &mut [Vec<f32>],
+        dx: Option<&mut [f32]>,
+    ) {
+        let Some(l) = self.lora[layer][t as usize].as_ref() else {
+            return;
+        };
+        let r = self.rank;
+        let rows = saved.u.len() / r;
+        let input = saved.xd.as_deref().unwrap_or(x);
+        // du = scale · dy · B   (rows × r)
+        let mut du = vec![0.0f32; rows * r];
+        mm(
+            &mut du,
+            0,
+            r,
+            false,
+            View::rm(dy, col, ldy),
+            View::rm(&l.b, 0, r),
+            (rows, r, l.fan_out),
+            self.scale,
+            self.par,
+        );
+        let per = rows / grads.len();
+        for (i, g) in grads.iter_mut().enumerate() {
+            let r0 = i * per;
+            // dB += scale · dyᵀ · u   (fan_out × r)
+            mm(
+                &mut g[l.b_off..l.b_off + l.fan_out * r],
+                0,
+                r,
+                true,
+                View::rm(dy, col + r0 * ldy, ldy).t(),
+                View::rm(&saved.u, r0 * r, r),
+                (l.fan_out, r, per),
+                self.scale,
+                self.par,
+            );
+            // dA += duᵀ · drop(x)   (r × fan_in)
+            mm(
+                &mut g[l.a_off..l.a_off + r * l.fan_in],
+                0,
+                l.fan_in,
+                true,
+                View::rm(&du, r0 * r, r).t(),
+                View::rm(input, r0 * l.fan_in, l.fan_in),
+                (r, l.fan_in, per),
+                1.0,
+                self.par,
+            );
+        }
+        if let Some(dx) = dx {
+            match &saved.mask {
+                None => mm(
+                    dx,
+                    0,
+                    l.fan_in,
+                    true,
+                    View::rm(&du, 0, r),
+                    View::rm(&l.a, 0, l.fan_in),
+                    (rows, l.fan_in, r),
+                    1.0,
+                    self.par,
+                ),
+                Some(mask) => {
+                    let mut tmp = vec![0.0f32; rows * l.fan_in];
+                    mm(
+                        &mut tmp,
+                        0,
+                        l.fan_in,
+                        false,
+                        View::rm(&du, 0, r),
+                        View::rm(&l.a, 0, l.fan_in),
+                        (rows, l.fan_in, r),
+                        1.0,
+                        self.par,
+                    );
+                    for ((d, t), m) in dx.iter_mut().zip(&tmp).zip(mask) {
+                        *d += t * m;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forward and backward of the sequences `seqs` (global indices; `ids` holds their tokens).
+    fn run(&self, ids: &[u32], seqs: std::ops::Range<usize>) -> Result<(Vec<f64>, Vec<Vec<f32>>)> {
+        let m = self.model;
+        let c = &m.config;
+        let (h, hd, t_len) = (c.hidden_size, c.head_dim, self.seq);
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let rep = nh / nkv;
+        let (hq, hkv, inter) = (nh * hd, nkv * hd, c.intermediate_size);
+        let wq = hq + 2 * hkv;
+        let nseq = seqs.len();
+        let rows = nseq * t_len;
+        let eps = c.rms_norm_eps as f32;
+        let att_scale = 1.0 / (hd as f32).sqrt();
+        let par = self.par;
+        let n_grads = match self.reduction {
+            Reduction::Sum { .. } => 1,
+            Reduction::PerSequence => nseq,
+        };
+        let mut grads = vec![vec![0.0f32; self.grad_len]; n_grads];
+
+        // ---------------- forward ----------------
+        let mut x = m.embed.gather_rows(ids)?;
+        let mut w = LayerScratch::default();
+        let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
+        for (li, block) in m.blocks.iter().enumerate() {
+            w.load(m, li);
+            let mut inv1 = vec![0.0f32; rows];
+            let mut xn1 = vec![0.0f32; rows * h];
+            rms_forward(&x, &block.attn_norm, eps, &mut xn1, &mut inv1);
+            let mut qkv = vec![0.0f32; rows * wq];
+            mm(
+                &mut qkv,
+                0,
+                wq,
+                false,
+                View::rm(&xn1, 0, h),
+                View::rm(&w.qkv, 0, h).t(),
+                (rows, wq, h),
+                1.0,
+                par,
+            );
+            let mut lora: [Option<LoraSaved>; 7] = Default::default();
+            for (t, col) in [(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)] {
+                lora[t as usize] = self.lora_forward(li, t, seqs.clone(), &xn1, &mut qkv, col, wq);
+            }
+            let tables = (&self.cos[..], &self.sin[..]);
+            rope(&mut qkv, wq, 0, nh, hd, t_len, tables, false);
+            rope(&mut qkv, wq, hq, nkv, hd, t_len, tables, false);
+
+            let mut probs = vec![0.0f32; nseq * nh * t_len * t_len];
+            let mut att = vec![0.0f32; rows * hq];
+            for s in 0..nseq {
+                for head in 0..nh {
+                    let g = head / rep;
+                    let base = s * t_len * wq;
+                    let pb = (s * nh + head) * t_len * t_len;
+                    let qv = View::rm(&qkv, base + head * hd, wq);
+                    let kv = View::rm(&qkv, base + hq + g * hd, wq);
+                    let vv = View::rm(&qkv, base + hq + hkv + g * hd, wq);
+                    for r0 in (0..t_len).step_by(ATT_BLOCK) {
+                        let nr = ATT_BLOCK.min(t_len - r0);
+                        let keys = r0 + nr;
+                        let qb = View {
+                            off: qv.off + r0 * wq,
+                            ..qv
+                        };
+                        mm(
+                            &mut probs,
+                            pb + r0 * t_len,
+                            t_len,
+                            false,
+                            qb,
+                            kv.t(),
+                            (nr, keys, hd),
+                            att_scale,
+                            par,
+                        );
+                        for i in 0..nr {
+                            let tq = r0 + i;
+                            let row = &mut probs[pb + tq * t_len..pb + (tq + 1) * t_len];
+                            let (live, dead) = row.split_at_mut(tq + 1);
+                            let mx = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            let mut sum = 0.0f32;
+                            for p in live.iter_mut() {
+                                *p = (*p - mx).exp();
+                                sum += *p;
+                            }
+                            let inv = 1.0 / sum;
+                            live.iter_mut().for_each(|p| *p *= inv);
+                            dead.fill(0.0);
+                        }
+                        mm(
+                            &mut att,
+                            (s * t_len + r0) * hq + head * hd,
+                            hq,
+                            false,
+                            View::rm(&probs, pb + r0 * t_len, t_len),
+                            vv,
+                            (nr, hd, keys),
+                            1.0,
+                            par,
+                        );
+                    }
+                }
+            }
+            let x_in = x.clone();
+            // x ← x + att·Woᵀ (+ LoRA o)
+            mm(
+                &mut x,
+                0,
+                h,
+                true,
+                View::rm(&att, 0, hq),
+                View::rm(&w.o, 0, hq).t(),
+                (rows, h, hq),
+                1.0,
+                par,
+            );
+            lora[Target::O as usize] =
+                self.lora_forward(li, Target::O, seqs.clone(), &att, &mut x, 0, h);
+            let x_mid = x.clone();
+            let mut inv2 = vec![0.0f32; rows];
+            let mut xn2 = vec![0.0f32; rows * h];
+            rms_forward(&x, &block.mlp_norm, eps, &mut xn2, &mut inv2);
+            let mut gu = vec![0.0f32; rows * 2 * inter];
+            mm(
+                &mut gu,
+                0,
+                2 * inter,
+                false,
+                View::rm(&xn2, 0, h),
+                View::rm(&w.gu, 0, h).t(),
+                (rows, 2 * inter, h),
+                1.0,
+                par,
+            );
+            for (t, col) in [(Target::Gate, 0), (Target::Up, inter)] {
+                lora[t as usize] =
+                    self.lora_forward(li, t, seqs.clone(), &xn2, &mut gu, col, 2 * inter);
+            }
+            let mut act = vec![0.0f32; rows * inter];
+            for (a, row) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+                let (g, u) = row.split_at(inter);
+                for ((o, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
+                    *o = gv / (1.0 + (-gv).exp()) * uv;
+                }
+            }
+            mm(
+                &mut x,
+                0,
+                h,
+                true,
+                View::rm(&act, 0, inter),
+                View::rm(&w.down, 0, inter).t(),
+                (rows, h, inter),
+                1.0,
+                par,
+            );
+            lora[Target::Down as usize] =
+                self.lora_forward(li, Target::Down, seqs.clone(), &act, &mut x, 0, h);
+            saved.push(Saved {
+                x_in,
+                inv1,
+                xn1,
+                qkv,
+                probs,
+                att,
+                x_mid,
+                inv2,
+                xn2,
+                gu,
+                act,
+                lora,
+            });
+        }
+
+        // ---------------- head, loss and its gradient ----------------
+        let vocab = c.vocab_size;
+        let mut invf = vec![0.0f32; rows];
+        let mut xf = vec![0.0f32; rows * h];
+        rms_forward(&x, &m.norm, eps, &mut xf, &mut invf);
+        let mut dxf = vec![0.0f32; rows * h];
+        let mut losses = vec![0.0f64; nseq];
+        let head = &m.lm_head.0;
+        let chunk = (LOGIT_BUDGET / vocab).clamp(1, rows);
+        let tile = HEAD_TILE.min(vocab);
+        let mut wt = vec![0.0f32; tile * h];
+        let single_tile = tile == vocab;
+        if single_tile {
+            expand(head, 0, vocab, &mut wt);
+        }
+        let mut logits = vec![0.0f32; chunk * vocab];
+        for r0 in (0..rows).step_by(chunk) {
+            let nr = chunk.min(rows - r0);
+            for v0 in (0..vocab).step_by(tile) {
+                let nv = tile.min(vocab - v0);
+                if !single_tile {
+                    expand(head, v0, nv, &mut wt);
+                }
+                mm(
+                    &mut logits,
+                    v0,
+                    vocab,
+                    false,
+                    View::rm(&xf, r0 * h, h),
+                    View::rm(&wt, 0, h).t(),
+                    (nr, nv, h),
+                    1.0,
+                    par,
+                );
+            }
+            for i in 0..nr {
+                let r = r0 + i;
+                let (s, tpos) = (r / t_len, r % t_len);
+                let row = &mut logits[i * vocab..(i + 1) * vocab];
+                if tpos + 1 == t_len {
+                    row.fill(0.0);
+                    continue;
+                }
+                let target = ids[r + 1] as usize;
+                let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|z| (z - mx).exp()).sum();
+                let lse = mx + sum.ln();
+                losses[s] += f64::from(lse - row[target]);
+                let wgt = match self.reduction {
+                    Reduction::Sum { weight } => weight,
+                    Reduction::PerSequence => 1.0,
+                } as f32
+                    / (t_len - 1) as f32;
+                for z in row.iter_mut() {
+                    *z = (*z - lse).exp() * wgt;
+                }
+                row[target] -= wgt;
+            }
+            for v0 in (0..vocab).step_by(tile) {
+                let nv = tile.min(vocab - v0);
+                if !single_tile {
+                    expand(head, v0, nv, &mut wt);
+                }
+                mm(
+                    &mut dxf,
+                    r0 * h,
+                    h,
+                    true,
+                    View::rm(&logits, v0, vocab),
+                    View::rm(&wt, 0, h),
+                    (nr, h, nv),
+                    1.0,
+                    par,
+                );
+            }
+        }
+        for l in losses.iter_mut() {
+            *l /= (t_len - 1) as f64;
+        }
+        let mut dx = vec![0.0f32; rows * h];
+        rms_backward(&x, &m.norm, &invf, &dxf, &mut dx);
+        drop((xf, dxf, logits, wt));
+
+        // ---------------- backward through the layers ----------------
+        let mut dbuf_i = vec![0.0f32; rows * inter];
+        let mut dgu = vec![0.0f32; rows * 2 * inter];
+        let mut dxn = vec![0.0f32; rows * h];
+        let mut datt = vec![0.0f32; rows * hq];
+        let mut dqkv = vec![0.0f32; rows * wq];
+        let mut dp = vec![0.0f32; ATT_BLOCK * t_len];
+        for li in (0..c.num_hidden_layers).rev() {
+            let sv = saved
+                .pop()
+                .ok_or_else(|| ModelError::InvalidArgument("engine: missing activations".into()))?;
+            let block = &m.blocks[li];
+            w.load(m, li);
+            // MLP: x_out = x_mid + act·Wdᵀ; dx is ∂L/∂x_out.
+            mm(
+                &mut dbuf_i,
+                0,
+                inter,
+                false,
+                View::rm(&dx, 0, h),
+                View::rm(&w.down, 0, inter),
+                (rows, inter, h),
+                1.0,
+                par,
+            );
+            if let Some(ls) = &sv.lora[Target::Down as usize] {
+                self.lora_backward(
+                    li,
+                    Target::Down,
+                    ls,
+                    &sv.act,
+                    &dx,
+                    0,
+                    h,
+                    &mut grads,
+                    Some(&mut dbuf_i),
+                );
+            }
+            for ((drow, grow), dact) in dgu
+                .chunks_exact_mut(2 * inter)
+                .zip(sv.gu.chunks_exact(2 * inter))
+                .zip(dbuf_i.chunks_exact(inter))
+            {
+                let (dg, du) = drow.split_at_mut(inter);
+                let (g, u) = grow.split_at(inter);
+                for j in 0..inter {
+                    let sig = 1.0 / (1.0 + (-g[j]).exp());
+                    let silu = g[j] * sig;
+                    du[j] = dact[j] * silu;
+                    dg[j] = dact[j] * u[j] * sig * (1.0 + g[j] * (1.0 - sig));
+                }
+            }
+            mm(
+                &mut dxn,
+                0,
+                h,
+                false,
+                View::rm(&dgu, 0, 2 * inter),
+                View::rm(&w.gu, 0, h),
+                (rows, h, 2 * inter),
+                1.0,
+                par,
+            );
+            for (t, col) in [(Target::Gate, 0), (Target::Up, inter)] {
+                if let Some(ls) = &sv.lora[t as usize] {
+                    self.lora_backward(
+                        li,
+                        t,
+                        ls,
+                        &sv.xn2,
+                        &dgu,
+                        col,
+                        2 * inter,
+                        &mut grads,
+                        Some(&mut dxn),
+                    );
+                }
+            }
+            rms_backward(&sv.x_mid, &block.mlp_norm, &sv.inv2, &dxn, &mut dx);
+
+            // Attention: x_mid = x_in + att·Woᵀ; dx is now ∂L/∂x_mid.
+            mm(
+                &mut datt,
+                0,
+                hq,
+                false,
+                View::rm(&dx, 0, h),
+                View::rm(&w.o, 0, hq),
+                (rows, hq, h),
+                1.0,
+                par,
+            );
+            if let Some(ls) = &sv.lora[Target::O as usize] {
+                self.lora_backward(
+                    li,
+                    Target::O,
+                    ls,
+                    &sv.att,
+                    &dx,
+                    0,
+                    h,
+                    &mut grads,
+                    Some(&mut datt),
+                );
+            }
+            dqkv.fill(0.0);
+            for s in 0..nseq {
+                for head in 0..nh {
+                    let g = head / rep;
+                    let base = s * t_len * wq;
+                    let pb = (s * nh + head) * t_len * t_len;
+                    let qv = View::rm(&sv.qkv, base + head * hd, wq);
+                    let kv = View::rm(&sv.qkv, base + hq + g * hd, wq);
+                    let vv = View::rm(&sv.qkv, base + hq + hkv + g * hd, wq);
+                    for r0 in (0..t_len).step_by(ATT_BLOCK) {
+                        let nr = ATT_BLOCK.min(t_len - r0);
+                        let keys = r0 + nr;
+                        let dab = View::rm(&datt, (s * t_len + r0) * hq + head * hd, hq);
+                        let pblk = View::rm(&sv.probs, pb + r0 * t_len, t_len);
+                        // dP = dAtt · Vᵀ
+                        mm(
+                            &mut dp,
+                            0,
+                            t_len,
+                            false,
+                            dab,
+                            vv.t(),
+                            (nr, keys, hd),
+                            1.0,
+                            par,
+                        );
+                        // dV += Pᵀ · dAtt
+                        mm(
+                            &mut dqkv,
+                            base + hq + hkv + g * hd,
+                            wq,
+                            true,
+                            pblk.t(),
+                            dab,
+                            (keys, hd, nr),
+                            1.0,
+                            par,
+                        );
+                        // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale (in place in dp)
+                        for i in 0..nr {
+                            let p = &sv.probs[pb + (r0 + i) * t_len..pb + (r0 + i) * t_len + keys];
+                            let d = &mut dp[i * t_len..i * t_len + keys];
+                            let dot: f32 = p.iter().zip(d.iter()).map(|(a, b)| a * b).sum();
+                            for (dv, &pv) in d.iter_mut().zip(p) {
+                                *dv = pv * (*dv - dot) * att_scale;
+                            }
+                        }
+                        let ds = View::rm(&dp, 0, t_len);
+                        // dQ = dS · K ; dK += dSᵀ · Q
+                        mm(
+                            &mut dqkv,
+                            base + r0 * wq + head * hd,
+                            wq,
+                            false,
+                            ds,
+                            kv,
+                            (nr, hd, keys),
+                            1.0,
+                            par,
+                        );
+                        let qb = View {
+                            off: qv.off + r0 * wq,
+                            ..qv
+                        };
+                        mm(
+                            &mut dqkv,
+                            base + hq + g * hd,
+                            wq,
+                            true,
+                            ds.t(),
+                            qb,
+                            (keys, hd, nr),
+                            1.0,
+                            par,
+                        );
+                    }
+                }
+            }
+            let tables = (&self.cos[..], &self.sin[..]);
+            rope(&mut dqkv, wq, 0, nh, hd, t_len, tables, true);
+            rope(&mut dqkv, wq, hq, nkv, hd, t_len, tables, true);
+            let need_dx = li > 0;
+            if need_dx {
+                mm(
+                    &mut dxn,
+                    0,
+                    h,
+                    false,
+                    View::rm(&dqkv, 0, wq),
+                    View::rm(&w.qkv, 0, h),
+                    (rows, h, wq),
+                    1.0,
+                    par,
+                );
+            }
+            for (t, col) in [(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)] {
+                if let Some(ls) = &sv.lora[t as usize] {
+                    let dxn_opt = if need_dx { Some(&mut dxn[..]) } else { None };
+                    self.lora_backward(li, t, ls, &sv.xn1, &dqkv, col, wq, &mut grads, dxn_opt);
+                }
+            }
+            if need_dx {
+                rms_backward(&sv.x_in, &block.attn_norm, &sv.inv1, &dxn, &mut dx);
+            }
+        }
+        Ok((losses, grads))
+    }
+}
+
+/// Loss and LoRA gradients of `model` + `adapter` on `ids`: `batch` sequences of equal length,
+/// row-major. The frozen weights are only read.
+pub fn lora_gradients(
+    model: &Llama,
+    adapter: &LoraAdapter,
+    ids: &[u32],
+    batch: usize,
+    reduction: Reduction,
+    dropout: Option<DropoutSpec>,
+) -> Result<Gradients> {
+    let c = &model.config;
+    if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
+        return Err(ModelError::InvalidArgument(format!(
+            "{} ids do not form a batch of {batch} sequences",
+            ids.len()
+        )));
+    }
+    let seq = ids.len() / batch;
+    if seq < 2 {
+        return Err(ModelError::InvalidArgument(
+            "training sequences need at least 2 tokens".into(),
+        ));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+        return Err(ModelError::TokenOutOfRange {
+            id: bad,
+            vocab: c.vocab_size,
+        });
+    }
+    model.check_adapter(adapter)?;
+    if let Some(d) = dropout {
+        if !(0.0..1.0).contains(&d.p) {
+            return Err(ModelError::InvalidArgument(format!(
+                "dropout probability {} is outside [0, 1)",
+                d.p
+            )));
+        }
+    }
+    let rank = adapter.config.rank;
+    let mut off = 0;
+    let mut lora = Vec::with_capacity(adapter.layers.len());
+    for layer in &adapter.layers {
+        let mut slots: [Option<LoraMats>; 7] = Default::default();
+        for t in Target::ALL {
+            if let Some(p) = &layer[t as usize] {
+                let [_, fan_in] = p.a.dims();
+                let [fan_out, _] = p.b.dims();
+                let a: Vec<f32> = p.a.clone().into_data().iter::<f32>().collect();
+                let b: Vec<f32> = p.b.clone().into_data().iter::<f32>().collect();
+                slots[t as usize] = Some(LoraMats {
+                    a,
+                    b,
+                    fan_in,
+                    fan_out,
+                    a_off: off,
+                    b_off: off + rank * fan_in,
+                });
+                off += rank * fan_in + fan_out * rank;
+            }
+        }
+        lora.push(slots);
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let groups = threads.min(batch);
+    let (cos, sin) = rope_tables(c.rope_theta, c.head_dim, seq);
+    let ctx = Ctx {
+        model,
+        lora,
+        rank,
+        scale: adapter.config.scaling(),
+        dropout,
+        seq,
+        cos,
+        sin,
+        grad_len: off,
+        reduction,
+        par: if groups == 1 && threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        },
+    };
+    let bounds: Vec<std::ops::Range<usize>> = (0..groups)
+        .map(|g| g * batch / groups..(g + 1) * batch / groups)
+        .collect();
+    let parts: Vec<Result<(Vec<f64>, Vec<Vec<f32>>)>> = bounds
+        .par_iter()
+        .map(|r| ctx.run(&ids[r.start * seq..r.end * seq], r.clone()))
+        .collect();
+    let mut losses = Vec::with_capacity(batch);
+    let mut grads: Vec<Vec<f32>> = Vec::new();
+    for part in parts {
+        let (l, g) = part?;
+        losses.extend(l);
+        match reduction {
+            Reduction::PerSequence => grads.extend(g),
+            Reduction::Sum { .. } => match grads.first_mut() {
+                None => grads = g,
+                Some(acc) => {
+                    for (a, b) in acc.iter_mut().zip(&g[0]) {
+                        *a += b;
+                    }
+                }
+            },
+        }
+    }
+    Ok(Gradients { losses, grads })
+}

@@ -1,0 +1,250 @@
+//! The native training engine against burn's autodiff: same loss, same adapter gradients, for
+//! grouped-query and multi-head attention, tied and untied heads, f32, Q8_0 and Q4_0 bases, every
+//! LoRA target, sequence lengths that do not fill the attention blocks, uneven thread splits,
+//! several micro-batches; per-example gradients sum to the batch gradient; dropout gradients
+//! match finite differences; bad input is a typed error.
+
+use burn::tensor::{Tensor, TensorData};
+use starling_model::engine::{lora_gradients, DropoutSpec, Reduction};
+use starling_model::lora::flatten;
+use starling_model::train::Engine;
+use starling_model::{
+    Backend, Llama, LlamaConfig, LoraAdapter, LoraConfig, ModelError, QuantType, Target,
+    TrainConfig, Trainer,
+};
+
+fn config(heads: usize, kv: usize, tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 61,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_hidden_layers: 2,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: 64 / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500.0,
+        tie_word_embeddings: tied,
+        max_position_embeddings: 256,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+fn adapter(m: &Llama, targets: &[Target], dropout: f32) -> LoraAdapter {
+    let mut a = LoraAdapter::new(
+        &m.config,
+        LoraConfig::new(4, 8.0, dropout, targets).unwrap(),
+        &m.device,
+        3,
+    );
+    // Non-zero B so every gradient path is exercised.
+    for (i, t) in a.tensors_mut().into_iter().enumerate() {
+        let dims = t.dims();
+        let vals: Vec<f32> = (0..dims[0] * dims[1])
+            .map(|j| (((i * 131 + j * 7) % 17) as f32 - 8.0) * 0.02)
+            .collect();
+        *t = Tensor::from_data(TensorData::new(vals, dims), &m.device);
+    }
+    a
+}
+
+fn ids(vocab: usize, n: usize, seed: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 31 + seed * 17 + i * i * 5) % vocab) as u32)
+        .collect()
+}
+
+fn trainer(a: &LoraAdapter, engine: Engine, seq: usize) -> Trainer {
+    let cfg = TrainConfig {
+        seq_len: seq,
+        engine,
+        ..TrainConfig::default()
+    };
+    Trainer::new(a.clone(), cfg).unwrap()
+}
+
+/// Largest |x − y| relative to the largest |y|.
+fn rel_diff(x: &[f32], y: &[f32]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    x.iter()
+        .zip(y)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+fn compare(m: &Llama, a: &LoraAdapter, micro: &[Vec<u32>], seq: usize) {
+    let (gb, lb) = trainer(a, Engine::Burn, seq).gradients(m, micro).unwrap();
+    let (gn, ln) = trainer(a, Engine::Native, seq).gradients(m, micro).unwrap();
+    assert!(
+        (lb - ln).abs() < 1e-5 * lb.abs(),
+        "loss: burn {lb}, native {ln}"
+    );
+    assert_eq!(gb.len(), gn.len());
+    for (i, (b, n)) in gb.iter().zip(&gn).enumerate() {
+        let (b, n) = (
+            flatten(std::slice::from_ref(b)),
+            flatten(std::slice::from_ref(n)),
+        );
+        assert!(
+            b.iter().any(|v| *v != 0.0),
+            "tensor {i} has a zero gradient"
+        );
+        let d = rel_diff(&n, &b);
+        assert!(d < 1e-4, "tensor {i}: relative difference {d}");
+    }
+}
+
+#[test]
+fn matches_burn_autodiff_across_shapes_formats_and_targets() {
+    let device = Backend::default().device();
+    let cases = [
+        (4, 2, false, QuantType::F32, 37, 3),
+        (4, 4, true, QuantType::F32, 64, 2),
+        (4, 1, false, QuantType::Q8_0, 33, 2),
+        (2, 2, true, QuantType::Q4_0, 45, 1),
+    ];
+    for (heads, kv, tied, quant, seq, batch) in cases {
+        let m = Llama::random(config(heads, kv, tied), quant, &device, 7).unwrap();
+        let a = adapter(&m, &Target::ALL, 0.0);
+        let micro = vec![ids(61, seq * batch, heads + kv)];
+        compare(&m, &a, &micro, seq);
+    }
+}
+
+#[test]
+fn matches_burn_with_attention_only_targets_and_accumulation() {
+    let device = Backend::default().device();
+    let m = Llama::random(config(4, 2, false), QuantType::Q8_0, &device, 11).unwrap();
+    let a = adapter(&m, &[Target::Q, Target::K, Target::V, Target::O], 0.0);
+    let micro = vec![ids(61, 3 * 40, 1), ids(61, 3 * 40, 2)];
+    compare(&m, &a, &micro, 40);
+}
+
+#[test]
+fn per_example_gradients_sum_to_the_batch_gradient() {
+    let device = Backend::default().device();
+    let m = Llama::random(config(4, 2, false), QuantType::F32, &device, 5).unwrap();
+    let a = adapter(&m, &Target::ALL, 0.0);
+    let (seq, batch) = (24, 5);
+    let x = ids(61, seq * batch, 9);
+    let total = lora_gradients(&m, &a, &x, batch, Reduction::Sum { weight: 1.0 }, None).unwrap();
+    let per = lora_gradients(&m, &a, &x, batch, Reduction::PerSequence, None).unwrap();
+    assert_eq!(per.grads.len(), batch);
+    assert_eq!(per.losses.len(), batch);
+    let mut sum = vec![0.0f32; total.grads[0].len()];
+    for g in &per.grads {
+        sum.iter_mut().zip(g).for_each(|(s, v)| *s += v);
+    }
+    assert!(rel_diff(&sum, &total.grads[0]) < 1e-5);
+    // Each per-example gradient is that example alone.
+    for s in 0..batch {
+        let one = &x[s * seq..(s + 1) * seq];
+        let g = lora_gradients(&m, &a, one, 1, Reduction::PerSequence, None).unwrap();
+        assert!(rel_diff(&per.grads[s], &g.grads[0]) < 1e-5);
+        assert!((per.losses[s] - g.losses[0]).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn dropout_gradients_match_finite_differences_and_are_seeded() {
+    let device = Backend::default().device();
+    let m = Llama::random(config(4, 2, false), QuantType::F32, &device, 13).unwrap();
+    let a = adapter(&m, &Target::ALL, 0.3);
+    let (seq, batch) = (16, 2);
+    let x = ids(61, seq * batch, 4);
+    let spec = Some(DropoutSpec { p: 0.3, seed: 42 });
+    let run = |a: &LoraAdapter| {
+        lora_gradients(&m, a, &x, batch, Reduction::Sum { weight: 0.5 }, spec).unwrap()
+    };
+    let g = run(&a);
+    assert_eq!(g.grads, run(&a).grads, "same seed, same gradients");
+    let other = lora_gradients(
+        &m,
+        &a,
+        &x,
+        batch,
+        Reduction::Sum { weight: 0.5 },
+        Some(DropoutSpec { p: 0.3, seed: 43 }),
+    )
+    .unwrap();
+    assert_ne!(g.grads, other.grads, "another seed, other masks");
+    let no_drop = lora_gradients(&m, &a, &x, batch, Reduction::Sum { weight: 0.5 }, None).unwrap();
+    assert_ne!(g.grads, no_drop.grads);
+
+    // Central differences (f64 objective = 0.5 Σ L_s) on the largest coordinates of a few tensors.
+    let objective = |a: &LoraAdapter| -> f64 { run(a).losses.iter().sum::<f64>() * 0.5 };
+    let flat = &g.grads[0];
+    let sizes: Vec<usize> = a
+        .tensors()
+        .iter()
+        .map(|t| t.dims()[0] * t.dims()[1])
+        .collect();
+    let mut start = 0;
+    for (ti, &n) in sizes.iter().enumerate() {
+        if ti % 5 == 0 {
+            let (j, &gj) = flat[start..start + n]
+                .iter()
+                .enumerate()
+                .max_by(|p, q| p.1.abs().total_cmp(&q.1.abs()))
+                .unwrap();
+            let eps = 1e-2f32;
+            let bumped = |d: f32| {
+                let mut b = a.clone();
+                let t = &mut b.tensors_mut()[ti];
+                let dims = t.dims();
+                let mut v = flatten(std::slice::from_ref(*t));
+                v[j] += d;
+                **t = Tensor::from_data(TensorData::new(v, dims), &device);
+                b
+            };
+            let fd = (objective(&bumped(eps)) - objective(&bumped(-eps))) / (2.0 * eps as f64);
+            assert!(
+                (fd - gj as f64).abs() < 0.03 * (gj.abs() as f64) + 2e-4,
+                "tensor {ti}[{j}]: finite difference {fd}, engine {gj}"
+            );
+        }
+        start += n;
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let device = Backend::default().device();
+    let m = Llama::random(config(4, 2, false), QuantType::F32, &device, 5).unwrap();
+    let a = adapter(&m, &Target::ALL, 0.0);
+    let sum = Reduction::Sum { weight: 1.0 };
+    assert!(matches!(
+        lora_gradients(&m, &a, &[1, 2, 61, 3], 1, sum, None),
+        Err(ModelError::TokenOutOfRange { id: 61, .. })
+    ));
+    assert!(matches!(
+        lora_gradients(&m, &a, &[1, 2, 3], 2, sum, None),
+        Err(ModelError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        lora_gradients(&m, &a, &[1, 2], 2, sum, None),
+        Err(ModelError::InvalidArgument(_))
+    ));
+    assert!(lora_gradients(
+        &m,
+        &a,
+        &[1, 2],
+        1,
+        sum,
+        Some(DropoutSpec { p: 1.0, seed: 1 })
+    )
+    .is_err());
+    let other = Llama::random(
+        LlamaConfig {
+            num_hidden_layers: 3,
+            ..config(4, 2, false)
+        },
+        QuantType::F32,
+        &device,
+        5,
+    )
+    .unwrap();
+    assert!(lora_gradients(&other, &a, &[1, 2], 1, sum, None).is_err());
+}
