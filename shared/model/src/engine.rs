@@ -171,11 +171,136 @@ fn expand(w: &QMatrix, r0: usize, rows: usize, out: &mut [f32]) {
     }
 }
 
+thread_local! {
+    /// Buffers returned by finished passes on this thread, reused by the next (no page faults).
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Bytes of returned buffers a thread keeps for reuse.
+const POOL_MAX_BYTES: usize = 256 << 20;
+
+/// The smallest pooled buffer with room for `len` values (empty if there is none).
+fn pooled(len: usize) -> Vec<f32> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let fit = p
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        fit.map(|i| p.swap_remove(i)).unwrap_or_default()
+    })
+}
+
+/// A zeroed buffer of `len` values, reusing a returned one when one is large enough.
+fn buf(len: usize) -> Vec<f32> {
+    let mut v = pooled(len);
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+/// A buffer of `len` values with arbitrary (stale but initialised) contents, for outputs that are
+/// written in full before they are read.
+fn scratch(len: usize) -> Vec<f32> {
+    let mut v = pooled(len);
+    v.resize(len, 0.0);
+    v
+}
+
+/// Returns buffers to this thread's pool (beyond its budget they are freed).
+fn give<const N: usize>(bufs: [Vec<f32>; N]) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let mut held: usize = p.iter().map(|b| b.capacity() * 4).sum();
+        for b in bufs {
+            if b.capacity() > 0 && held + b.capacity() * 4 <= POOL_MAX_BYTES {
+                held += b.capacity() * 4;
+                p.push(b);
+            }
+        }
+    });
+}
+
+/// `e^x` in f32 (Cephes' polynomial, relative error ~1e-7), written so that loops over slices
+/// vectorize; inputs below -87 give ~1e-38 instead of 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let k = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = k - MAGIC;
+    let ni = k.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((ni + 127) as u32) << 23)
+}
+
+/// Σ aᵢ·bᵢ·cᵢ with eight partial sums (so the loop vectorizes).
+#[inline]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+        .map(|((x, y), z)| x * y * z)
+        .sum();
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i] * z[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ aᵢ·bᵢ with eight partial sums.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ aᵢ with eight partial sums.
+#[inline]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let c = a.chunks_exact(8);
+    let tail: f32 = c.remainder().iter().sum();
+    for x in c {
+        for i in 0..8 {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// RMSNorm of each row of `x` (`rows × h`) into `y`, saving `1/rms` per row in `inv`.
 fn rms_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], inv: &mut [f32]) {
     let h = w.len();
     for ((xr, yr), iv) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)).zip(inv) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let ms = dot(xr, xr) / h as f32;
         let r = 1.0 / (ms + eps).sqrt();
         *iv = r;
         for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
@@ -193,8 +318,8 @@ fn rms_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32]) {
         .zip(dx.chunks_exact_mut(h))
         .zip(inv)
     {
-        let dot: f32 = xr.iter().zip(dyr).zip(w).map(|((a, d), g)| a * d * g).sum();
-        let c = r * r * r * dot / h as f32;
+        let wx = dot3(xr, w, dyr);
+        let c = r * r * r * wx / h as f32;
         for (((o, &a), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
             *o += r * d * g - a * c;
         }
@@ -278,7 +403,6 @@ struct Ctx<'m> {
 }
 
 /// The frozen weights of one layer expanded to f32 (per thread).
-#[derive(Default)]
 struct LayerScratch {
     qkv: Vec<f32>,
     o: Vec<f32>,
@@ -287,6 +411,19 @@ struct LayerScratch {
 }
 
 impl LayerScratch {
+    /// Scratch sized for `model`'s layers, from the thread's pool.
+    fn new(model: &Llama) -> Self {
+        let c = &model.config;
+        let (h, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (hq, hkv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        Self {
+            qkv: scratch((hq + 2 * hkv) * h),
+            o: scratch(h * hq),
+            gu: scratch(2 * i * h),
+            down: scratch(h * i),
+        }
+    }
+
     fn load(&mut self, model: &Llama, layer: usize) {
         let p = &model.blocks[layer].proj;
         let (q, k, v) = (&p[0].0, &p[1].0, &p[2].0);
@@ -330,8 +467,24 @@ struct Saved {
     inv2: Vec<f32>,
     xn2: Vec<f32>,
     gu: Vec<f32>,
+    /// silu(gate) · up (empty unless the down projection is adapted).
     act: Vec<f32>,
+    /// sigmoid(gate).
+    sig: Vec<f32>,
     lora: [Option<LoraSaved>; 7],
+}
+
+impl Saved {
+    /// Hands every buffer back to the thread's pool.
+    fn recycle(self) {
+        give([
+            self.x_in, self.inv1, self.xn1, self.qkv, self.probs, self.att, self.x_mid, self.inv2,
+            self.xn2, self.gu, self.act, self.sig,
+        ]);
+        for l in self.lora.into_iter().flatten() {
+            give([l.u, l.xd.unwrap_or_default(), l.mask.unwrap_or_default()]);
+        }
+    }
 }
 
 impl Ctx<'_> {
@@ -388,7 +541,7 @@ impl Ctx<'_> {
             _ => (None, None),
         };
         let input = xd.as_deref().unwrap_or(x);
-        let mut u = vec![0.0f32; rows * r];
+        let mut u = scratch(rows * r);
         mm(
             &mut u,
             0,
@@ -437,7 +590,7 @@ impl Ctx<'_> {
         let rows = saved.u.len() / r;
         let input = saved.xd.as_deref().unwrap_or(x);
         // du = scale · dy · B   (rows × r)
-        let mut du = vec![0.0f32; rows * r];
+        let mut du = scratch(rows * r);
         mm(
             &mut du,
             0,
@@ -491,7 +644,7 @@ impl Ctx<'_> {
                     self.par,
                 ),
                 Some(mask) => {
-                    let mut tmp = vec![0.0f32; rows * l.fan_in];
+                    let mut tmp = scratch(rows * l.fan_in);
                     mm(
                         &mut tmp,
                         0,
@@ -506,9 +659,11 @@ impl Ctx<'_> {
                     for ((d, t), m) in dx.iter_mut().zip(&tmp).zip(mask) {
                         *d += t * m;
                     }
+                    give([tmp]);
                 }
             }
         }
+        give([du]);
     }
 
     /// Forward and backward of the sequences `seqs` (global indices; `ids` holds their tokens).
@@ -533,14 +688,14 @@ impl Ctx<'_> {
 
         // ---------------- forward ----------------
         let mut x = m.embed.gather_rows(ids)?;
-        let mut w = LayerScratch::default();
+        let mut w = LayerScratch::new(m);
         let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
         for (li, block) in m.blocks.iter().enumerate() {
             w.load(m, li);
-            let mut inv1 = vec![0.0f32; rows];
-            let mut xn1 = vec![0.0f32; rows * h];
+            let mut inv1 = scratch(rows);
+            let mut xn1 = scratch(rows * h);
             rms_forward(&x, &block.attn_norm, eps, &mut xn1, &mut inv1);
-            let mut qkv = vec![0.0f32; rows * wq];
+            let mut qkv = scratch(rows * wq);
             mm(
                 &mut qkv,
                 0,
@@ -560,8 +715,8 @@ impl Ctx<'_> {
             rope(&mut qkv, wq, 0, nh, hd, t_len, tables, false);
             rope(&mut qkv, wq, hq, nkv, hd, t_len, tables, false);
 
-            let mut probs = vec![0.0f32; nseq * nh * t_len * t_len];
-            let mut att = vec![0.0f32; rows * hq];
+            let mut probs = scratch(nseq * nh * t_len * t_len);
+            let mut att = scratch(rows * hq);
             for s in 0..nseq {
                 for head in 0..nh {
                     let g = head / rep;
@@ -593,12 +748,8 @@ impl Ctx<'_> {
                             let row = &mut probs[pb + tq * t_len..pb + (tq + 1) * t_len];
                             let (live, dead) = row.split_at_mut(tq + 1);
                             let mx = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            let mut sum = 0.0f32;
-                            for p in live.iter_mut() {
-                                *p = (*p - mx).exp();
-                                sum += *p;
-                            }
-                            let inv = 1.0 / sum;
+                            live.iter_mut().for_each(|p| *p = exp(*p - mx));
+                            let inv = 1.0 / sum(live);
                             live.iter_mut().for_each(|p| *p *= inv);
                             dead.fill(0.0);
                         }
@@ -616,7 +767,8 @@ impl Ctx<'_> {
                     }
                 }
             }
-            let x_in = x.clone();
+            let mut x_in = scratch(x.len());
+            x_in.copy_from_slice(&x);
             // x ← x + att·Woᵀ (+ LoRA o)
             mm(
                 &mut x,
@@ -631,11 +783,12 @@ impl Ctx<'_> {
             );
             lora[Target::O as usize] =
                 self.lora_forward(li, Target::O, seqs.clone(), &att, &mut x, 0, h);
-            let x_mid = x.clone();
-            let mut inv2 = vec![0.0f32; rows];
-            let mut xn2 = vec![0.0f32; rows * h];
+            let mut x_mid = scratch(x.len());
+            x_mid.copy_from_slice(&x);
+            let mut inv2 = scratch(rows);
+            let mut xn2 = scratch(rows * h);
             rms_forward(&x, &block.mlp_norm, eps, &mut xn2, &mut inv2);
-            let mut gu = vec![0.0f32; rows * 2 * inter];
+            let mut gu = scratch(rows * 2 * inter);
             mm(
                 &mut gu,
                 0,
@@ -651,11 +804,17 @@ impl Ctx<'_> {
                 lora[t as usize] =
                     self.lora_forward(li, t, seqs.clone(), &xn2, &mut gu, col, 2 * inter);
             }
-            let mut act = vec![0.0f32; rows * inter];
-            for (a, row) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+            let mut act = scratch(rows * inter);
+            let mut sig = scratch(rows * inter);
+            for ((a, sg), row) in act
+                .chunks_exact_mut(inter)
+                .zip(sig.chunks_exact_mut(inter))
+                .zip(gu.chunks_exact(2 * inter))
+            {
                 let (g, u) = row.split_at(inter);
-                for ((o, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
-                    *o = gv / (1.0 + (-gv).exp()) * uv;
+                for (((o, sv), &gv), &uv) in a.iter_mut().zip(sg.iter_mut()).zip(g).zip(u) {
+                    *sv = 1.0 / (1.0 + exp(-gv));
+                    *o = gv * *sv * uv;
                 }
             }
             mm(
@@ -671,6 +830,10 @@ impl Ctx<'_> {
             );
             lora[Target::Down as usize] =
                 self.lora_forward(li, Target::Down, seqs.clone(), &act, &mut x, 0, h);
+            if lora[Target::Down as usize].is_none() {
+                // Only the down projection's adapter reads `act` again.
+                give([std::mem::take(&mut act)]);
+            }
             saved.push(Saved {
                 x_in,
                 inv1,
@@ -683,26 +846,27 @@ impl Ctx<'_> {
                 xn2,
                 gu,
                 act,
+                sig,
                 lora,
             });
         }
 
         // ---------------- head, loss and its gradient ----------------
         let vocab = c.vocab_size;
-        let mut invf = vec![0.0f32; rows];
-        let mut xf = vec![0.0f32; rows * h];
+        let mut invf = scratch(rows);
+        let mut xf = scratch(rows * h);
         rms_forward(&x, &m.norm, eps, &mut xf, &mut invf);
-        let mut dxf = vec![0.0f32; rows * h];
+        let mut dxf = buf(rows * h);
         let mut losses = vec![0.0f64; nseq];
         let head = &m.lm_head.0;
         let chunk = (LOGIT_BUDGET / vocab).clamp(1, rows);
         let tile = HEAD_TILE.min(vocab);
-        let mut wt = vec![0.0f32; tile * h];
+        let mut wt = scratch(tile * h);
         let single_tile = tile == vocab;
         if single_tile {
             expand(head, 0, vocab, &mut wt);
         }
-        let mut logits = vec![0.0f32; chunk * vocab];
+        let mut logits = scratch(chunk * vocab);
         for r0 in (0..rows).step_by(chunk) {
             let nr = chunk.min(rows - r0);
             for v0 in (0..vocab).step_by(tile) {
@@ -732,17 +896,18 @@ impl Ctx<'_> {
                 }
                 let target = ids[r + 1] as usize;
                 let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|z| (z - mx).exp()).sum();
-                let lse = mx + sum.ln();
-                losses[s] += f64::from(lse - row[target]);
+                let z_target = row[target];
+                row.iter_mut().for_each(|z| *z = exp(*z - mx));
+                let total = sum(row);
+                let lse = mx + total.ln();
+                losses[s] += f64::from(lse - z_target);
                 let wgt = match self.reduction {
                     Reduction::Sum { weight } => weight,
                     Reduction::PerSequence => 1.0,
                 } as f32
                     / (t_len - 1) as f32;
-                for z in row.iter_mut() {
-                    *z = (*z - lse).exp() * wgt;
-                }
+                let f = wgt / total;
+                row.iter_mut().for_each(|z| *z *= f);
                 row[target] -= wgt;
             }
             for v0 in (0..vocab).step_by(tile) {
@@ -766,17 +931,17 @@ impl Ctx<'_> {
         for l in losses.iter_mut() {
             *l /= (t_len - 1) as f64;
         }
-        let mut dx = vec![0.0f32; rows * h];
+        let mut dx = buf(rows * h);
         rms_backward(&x, &m.norm, &invf, &dxf, &mut dx);
-        drop((xf, dxf, logits, wt));
+        give([xf, dxf, logits, wt, invf]);
 
         // ---------------- backward through the layers ----------------
-        let mut dbuf_i = vec![0.0f32; rows * inter];
-        let mut dgu = vec![0.0f32; rows * 2 * inter];
-        let mut dxn = vec![0.0f32; rows * h];
-        let mut datt = vec![0.0f32; rows * hq];
-        let mut dqkv = vec![0.0f32; rows * wq];
-        let mut dp = vec![0.0f32; ATT_BLOCK * t_len];
+        let mut dbuf_i = scratch(rows * inter);
+        let mut dgu = scratch(rows * 2 * inter);
+        let mut dxn = scratch(rows * h);
+        let mut datt = scratch(rows * hq);
+        let mut dqkv = scratch(rows * wq);
+        let mut dp = scratch(ATT_BLOCK * t_len);
         for li in (0..c.num_hidden_layers).rev() {
             let sv = saved
                 .pop()
@@ -808,18 +973,18 @@ impl Ctx<'_> {
                     Some(&mut dbuf_i),
                 );
             }
-            for ((drow, grow), dact) in dgu
+            for (((drow, grow), dact), sg) in dgu
                 .chunks_exact_mut(2 * inter)
                 .zip(sv.gu.chunks_exact(2 * inter))
                 .zip(dbuf_i.chunks_exact(inter))
+                .zip(sv.sig.chunks_exact(inter))
             {
                 let (dg, du) = drow.split_at_mut(inter);
                 let (g, u) = grow.split_at(inter);
                 for j in 0..inter {
-                    let sig = 1.0 / (1.0 + (-g[j]).exp());
-                    let silu = g[j] * sig;
-                    du[j] = dact[j] * silu;
-                    dg[j] = dact[j] * u[j] * sig * (1.0 + g[j] * (1.0 - sig));
+                    let (gj, sj) = (g[j], sg[j]);
+                    du[j] = dact[j] * gj * sj;
+                    dg[j] = dact[j] * u[j] * sj * (1.0 + gj * (1.0 - sj));
                 }
             }
             mm(
@@ -917,9 +1082,9 @@ impl Ctx<'_> {
                         for i in 0..nr {
                             let p = &sv.probs[pb + (r0 + i) * t_len..pb + (r0 + i) * t_len + keys];
                             let d = &mut dp[i * t_len..i * t_len + keys];
-                            let dot: f32 = p.iter().zip(d.iter()).map(|(a, b)| a * b).sum();
+                            let pd = dot(p, d);
                             for (dv, &pv) in d.iter_mut().zip(p) {
-                                *dv = pv * (*dv - dot) * att_scale;
+                                *dv = pv * (*dv - pd) * att_scale;
                             }
                         }
                         let ds = View::rm(&dp, 0, t_len);
@@ -979,7 +1144,10 @@ impl Ctx<'_> {
             if need_dx {
                 rms_backward(&sv.x_in, &block.attn_norm, &sv.inv1, &dxn, &mut dx);
             }
+            sv.recycle();
         }
+        give([dx, dbuf_i, dgu, dxn, datt, dqkv, dp, x]);
+        give([w.qkv, w.o, w.gu, w.down]);
         Ok((losses, grads))
     }
 }
@@ -1091,4 +1259,48 @@ pub fn lora_gradients(
         }
     }
     Ok(Gradients { losses, grads })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate_to_a_few_ulp() {
+        let mut worst = 0.0f64;
+        for i in -800_000..=800_000 {
+            let x = i as f32 * 1e-4;
+            let want = (x as f64).exp();
+            let rel = ((exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
+        assert!(exp(1000.0).is_finite());
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn pooled_buffers_come_back_zeroed() {
+        let mut a = buf(1000);
+        a.iter_mut().for_each(|v| *v = 7.0);
+        give([a]);
+        let b = buf(900);
+        assert_eq!(b.len(), 900);
+        assert!(b.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn rope_backward_is_the_transpose_of_rope() {
+        let (cos, sin) = rope_tables(10_000.0, 8, 3);
+        let x: Vec<f32> = (0..3 * 16).map(|i| (i as f32 * 0.37).sin()).collect();
+        let d: Vec<f32> = (0..3 * 16).map(|i| (i as f32 * 0.11).cos()).collect();
+        let (mut rx, mut bd) = (x.clone(), d.clone());
+        rope(&mut rx, 16, 0, 2, 8, 3, (&cos, &sin), false);
+        rope(&mut bd, 16, 0, 2, 8, 3, (&cos, &sin), true);
+        // <rope(x), d> == <x, ropeᵀ(d)>
+        let lhs: f32 = rx.iter().zip(&d).map(|(a, b)| a * b).sum();
+        let rhs: f32 = x.iter().zip(&bd).map(|(a, b)| a * b).sum();
+        assert!((lhs - rhs).abs() < 1e-5, "{lhs} vs {rhs}");
+    }
 }
