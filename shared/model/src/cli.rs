@@ -11,6 +11,7 @@ use clap::Args;
 
 use crate::data::{text_files, Batcher, TextData};
 use crate::dp::{user_level_delta, DpSgd, DpSgdConfig};
+use crate::train::Engine;
 use crate::{
     eval_loss, generate, Backend, Llama, LoraAdapter, LoraConfig, QuantType, SamplingConfig,
     Target, Tokenizer, TrainConfig, Trainer,
@@ -182,6 +183,10 @@ pub struct FinetuneArgs {
     /// Seed of initialisation, batches and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Gradient implementation: `native` (fast, hand-derived backward) or `burn` (burn's autodiff,
+    /// the reference; honours --backend).
+    #[arg(long, value_enum, default_value_t = Engine::Native)]
+    pub engine: Engine,
     /// Prompt to sample before and after training (empty: no samples).
     #[arg(long, default_value = "Shall I compare thee")]
     pub sample: String,
@@ -261,6 +266,7 @@ pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
         weight_decay: a.weight_decay,
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
         seed: a.seed,
+        engine: a.engine,
         ..TrainConfig::default()
     };
     let eval_windows = 16;

@@ -34,7 +34,7 @@ const ATT_BLOCK: usize = 32;
 /// Vocabulary rows of the output head expanded at a time.
 const HEAD_TILE: usize = 8192;
 /// Logit values held at a time per thread (rows of the head are processed in chunks of this size).
-const LOGIT_BUDGET: usize = 1 << 22;
+const LOGIT_BUDGET: usize = 1 << 24;
 
 /// How the per-sequence losses are combined into the differentiated objective.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -387,6 +387,9 @@ struct LoraMats {
     b_off: usize,
 }
 
+/// One thread's result: per-sequence losses and its gradient vector(s).
+type GroupOut = (Vec<f64>, Vec<Vec<f32>>);
+
 /// What a call needs that is the same for every thread.
 struct Ctx<'m> {
     model: &'m Llama,
@@ -667,7 +670,7 @@ impl Ctx<'_> {
     }
 
     /// Forward and backward of the sequences `seqs` (global indices; `ids` holds their tokens).
-    fn run(&self, ids: &[u32], seqs: std::ops::Range<usize>) -> Result<(Vec<f64>, Vec<Vec<f32>>)> {
+    fn run(&self, ids: &[u32], seqs: std::ops::Range<usize>) -> Result<GroupOut> {
         let m = self.model;
         let c = &m.config;
         let (h, hd, t_len) = (c.hidden_size, c.head_dim, self.seq);
@@ -1237,7 +1240,7 @@ pub fn lora_gradients(
     let bounds: Vec<std::ops::Range<usize>> = (0..groups)
         .map(|g| g * batch / groups..(g + 1) * batch / groups)
         .collect();
-    let parts: Vec<Result<(Vec<f64>, Vec<Vec<f32>>)>> = bounds
+    let parts: Vec<Result<GroupOut>> = bounds
         .par_iter()
         .map(|r| ctx.run(&ids[r.start * seq..r.end * seq], r.clone()))
         .collect();

@@ -52,18 +52,28 @@ impl Shape {
     }
 }
 
-/// Peak f32 FLOP/s of this machine's cores: cores × 2 FMA units × 8 lanes (AVX2) × 2 × clock.
+/// Peak f32 FLOP/s of this machine's cores at the clock /proc/cpuinfo reports: cores × 2 FMA pipes × lanes
+/// × 2 × clock, with 8 lanes (AVX2) except on AMD Zen 1 (family 0x17, model < 0x30), whose FMA pipes are
+/// 128 bits wide (4 lanes). Boost clocks above the reported one make the resulting MFU an overestimate.
 pub fn peak_flops() -> f64 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let mhz = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("cpu MHz"))
-                .and_then(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
-        })
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| -> Option<String> {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+    };
+    let mhz = field("cpu MHz")
+        .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(2500.0);
-    cores * 2.0 * 8.0 * 2.0 * mhz * 1e6
+    let zen1 = field("vendor_id").as_deref() == Some("AuthenticAMD")
+        && field("cpu family").as_deref() == Some("23")
+        && field("model")
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|m| m < 0x30);
+    let lanes = if zen1 { 4.0 } else { 8.0 };
+    cores * 2.0 * lanes * 2.0 * mhz * 1e6
 }
 
 /// Times `steps` LoRA training steps (r = 8 over q, k, v, o) after one warm-up step; prints one line.
@@ -106,7 +116,7 @@ pub fn train(
             "bench": "train", "config": format!("{config:?}"), "quant": quant.name(), "engine": engine.name(),
             "backend": backend.name(), "threads": rayon::current_num_threads(), "batch": batch, "seq": seq, "lora_rank": 8, "steps": steps, "seconds": secs,
             "tokens_per_s": tokens / secs, "gflops": flops / secs / 1e9, "mfu": flops / secs / peak_flops(),
-            "final_loss": loss, "peak_rss_bytes": peak_rss(),
+            "peak_gflops": peak_flops() / 1e9, "final_loss": loss, "peak_rss_bytes": peak_rss(),
             "resident_weight_bytes": model.resident_weight_bytes(),
         })
     );
