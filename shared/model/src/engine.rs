@@ -10,6 +10,9 @@
 //! - the frozen weights stay quantized; each thread expands *one layer at a time* into a scratch
 //!   buffer (q, k and v rows side by side, gate and up side by side), so q/k/v and gate/up are one
 //!   GEMM each, forward and backward;
+//! - without dropout the adapter is merged into the expanded layer (`W + s·B·A`, a rank-r update of
+//!   the scratch), so the big GEMMs carry the LoRA path forward and backward and only the small
+//!   products that A/B's gradients need remain;
 //! - only the products a frozen base needs are computed: input gradients through frozen weights
 //!   (none below the first layer's projections), weight gradients for A and B only;
 //! - attention computes the causal lower triangle only (blocks of query rows see only the keys up
@@ -403,6 +406,9 @@ struct Ctx<'m> {
     grad_len: usize,
     reduction: Reduction,
     par: Parallelism,
+    /// Adapters are merged into the expanded weights (no dropout): the LoRA forward only computes
+    /// `u = x·Aᵀ`, and input gradients flow through the merged weights.
+    merged: bool,
 }
 
 /// The frozen weights of one layer expanded to f32 (per thread).
@@ -427,7 +433,11 @@ impl LayerScratch {
         }
     }
 
-    fn load(&mut self, model: &Llama, layer: usize) {
+    /// Expands `layer`'s frozen weights; when the context merges adapters, adds `scale · B·A` of
+    /// every adapted projection to its rows, so the frozen GEMMs carry the LoRA path forward
+    /// (`x·(W + sBA)ᵀ`) and backward (`dy·(W + sBA)`).
+    fn load(&mut self, ctx: &Ctx, layer: usize) {
+        let model = ctx.model;
         let p = &model.blocks[layer].proj;
         let (q, k, v) = (&p[0].0, &p[1].0, &p[2].0);
         let h = q.cols();
@@ -445,6 +455,34 @@ impl LayerScratch {
         let d = &p[6].0;
         self.down.resize(d.rows() * d.cols(), 0.0);
         expand(d, 0, d.rows(), &mut self.down);
+        if !ctx.merged {
+            return;
+        }
+        for t in Target::ALL {
+            let Some(l) = ctx.lora[layer][t as usize].as_ref() else {
+                continue;
+            };
+            let (dst, row0) = match t {
+                Target::Q => (&mut self.qkv, 0),
+                Target::K => (&mut self.qkv, q.rows()),
+                Target::V => (&mut self.qkv, q.rows() + k.rows()),
+                Target::O => (&mut self.o, 0),
+                Target::Gate => (&mut self.gu, 0),
+                Target::Up => (&mut self.gu, g.rows()),
+                Target::Down => (&mut self.down, 0),
+            };
+            mm(
+                dst,
+                row0 * l.fan_in,
+                l.fan_in,
+                true,
+                View::rm(&l.b, 0, ctx.rank),
+                View::rm(&l.a, 0, l.fan_in),
+                (l.fan_out, l.fan_in, ctx.rank),
+                ctx.scale,
+                ctx.par,
+            );
+        }
     }
 }
 
@@ -519,8 +557,9 @@ impl Ctx<'_> {
         out
     }
 
-    /// LoRA forward of `(layer, t)`: adds `scale · drop(x)·Aᵀ·Bᵀ` into `y` (from column `col`,
-    /// stride `ldy`) for input `x` (`rows × fan_in`); returns what the backward pass needs.
+    /// LoRA forward of `(layer, t)` for input `x` (`rows × fan_in`): computes `u = drop(x)·Aᵀ` and,
+    /// unless the adapter is merged into the weights, adds `scale · u·Bᵀ` into `y` (from column
+    /// `col`, stride `ldy`); returns what the backward pass needs.
     #[allow(clippy::too_many_arguments)]
     fn lora_forward(
         &self,
@@ -556,23 +595,26 @@ impl Ctx<'_> {
             1.0,
             self.par,
         );
-        mm(
-            y,
-            col,
-            ldy,
-            true,
-            View::rm(&u, 0, r),
-            View::rm(&l.b, 0, r).t(),
-            (rows, l.fan_out, r),
-            self.scale,
-            self.par,
-        );
+        if !self.merged {
+            mm(
+                y,
+                col,
+                ldy,
+                true,
+                View::rm(&u, 0, r),
+                View::rm(&l.b, 0, r).t(),
+                (rows, l.fan_out, r),
+                self.scale,
+                self.par,
+            );
+        }
         Some(LoraSaved { u, xd, mask })
     }
 
     /// LoRA backward of `(layer, t)` given `dy` (`rows × fan_out` from column `col`, stride `ldy`)
     /// and the forward input `x`: accumulates dA, dB into `grads` (one vector, or one per local
-    /// sequence) and, when `dx` is given, adds the input gradient into it.
+    /// sequence) and, when `dx` is given and the adapter is not merged into the weights (where the
+    /// frozen GEMM already carried it), adds the input gradient into it.
     #[allow(clippy::too_many_arguments)]
     fn lora_backward(
         &self,
@@ -633,7 +675,7 @@ impl Ctx<'_> {
                 self.par,
             );
         }
-        if let Some(dx) = dx {
+        if let Some(dx) = dx.filter(|_| !self.merged) {
             match &saved.mask {
                 None => mm(
                     dx,
@@ -694,7 +736,7 @@ impl Ctx<'_> {
         let mut w = LayerScratch::new(m);
         let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
         for (li, block) in m.blocks.iter().enumerate() {
-            w.load(m, li);
+            w.load(self, li);
             let mut inv1 = scratch(rows);
             let mut xn1 = scratch(rows * h);
             rms_forward(&x, &block.attn_norm, eps, &mut xn1, &mut inv1);
@@ -950,7 +992,7 @@ impl Ctx<'_> {
                 .pop()
                 .ok_or_else(|| ModelError::InvalidArgument("engine: missing activations".into()))?;
             let block = &m.blocks[li];
-            w.load(m, li);
+            w.load(self, li);
             // MLP: x_out = x_mid + act·Wdᵀ; dx is ∂L/∂x_out.
             mm(
                 &mut dbuf_i,
@@ -1231,6 +1273,7 @@ pub fn lora_gradients(
         sin,
         grad_len: off,
         reduction,
+        merged: dropout.is_none_or(|d| d.p == 0.0),
         par: if groups == 1 && threads > 1 {
             Parallelism::Rayon(threads)
         } else {
