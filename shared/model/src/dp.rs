@@ -185,7 +185,7 @@ impl DpSgd {
             })
             .collect::<Result<Vec<&[u32]>>>()?;
         // Per-example gradients in bounded chunks: each is clipped before it touches the sum.
-        for chunk in examples.chunks(32) {
+        for chunk in examples.chunks(crate::train::EXAMPLES_PER_PASS) {
             for (mut g, l) in trainer.example_gradients(model, chunk)? {
                 if g.len() != dim {
                     return Err(ModelError::InvalidArgument(format!(

@@ -15,6 +15,10 @@ use crate::error::{ModelError, Result};
 use crate::lora::{unflatten, LoraAdapter};
 use crate::model::{Dropout, Llama};
 
+/// Sequences per engine pass when computing per-example gradients: enough rows per thread for
+/// efficient GEMMs, few enough that activations stay small on a device.
+pub const EXAMPLES_PER_PASS: usize = 8;
+
 /// Which implementation computes the gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Engine {
@@ -302,12 +306,13 @@ impl Trainer {
             }
             return Ok(out);
         }
-        // Runs of equal length go through the engine together (bounded, to bound memory).
+        // Runs of equal length go through the engine together, a few at a time (activation memory
+        // grows with every sequence in a pass).
         let mut i = 0;
         while i < examples.len() {
             let len = examples[i].len();
             let mut j = i + 1;
-            while j < examples.len() && j - i < 32 && examples[j].len() == len {
+            while j < examples.len() && j - i < EXAMPLES_PER_PASS && examples[j].len() == len {
                 j += 1;
             }
             let ids: Vec<u32> = examples[i..j].concat();
