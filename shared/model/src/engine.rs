@@ -711,6 +711,75 @@ impl Ctx<'_> {
         give([du]);
     }
 
+    /// `y (+)= x·Wᵀ` through an expanded layer weight `w` (`n × k`, row-major; with `acc` the
+    /// product is added to `y`, the residual stream), then the LoRA forward of each adapted
+    /// `(target, column of y)`; what their backward needs goes into `lora`.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        layer: usize,
+        seqs: std::ops::Range<usize>,
+        x: &[f32],
+        w: &[f32],
+        (n, k): (usize, usize),
+        y: &mut [f32],
+        acc: bool,
+        targets: &[(Target, usize)],
+        lora: &mut [Option<LoraSaved>; 7],
+    ) {
+        let rows = seqs.len() * self.seq;
+        mm(
+            y,
+            0,
+            n,
+            acc,
+            View::rm(x, 0, k),
+            View::rm(w, 0, k).t(),
+            (rows, n, k),
+            1.0,
+            self.par,
+        );
+        for &(t, col) in targets {
+            lora[t as usize] = self.lora_forward(layer, t, seqs.clone(), x, y, col, n);
+        }
+    }
+
+    /// Backward of [`Ctx::project`] given `dy` (`rows × n`): the input gradient `dx = dy·W` (not
+    /// computed when `dx` is `None`: nothing below needs it), then each adapted target's LoRA
+    /// backward, which accumulates its A/B gradients into `grads` (and, unmerged, adds to `dx`).
+    #[allow(clippy::too_many_arguments)]
+    fn project_back(
+        &self,
+        layer: usize,
+        saved: &[Option<LoraSaved>; 7],
+        x: &[f32],
+        w: &[f32],
+        (rows, n, k): (usize, usize, usize),
+        dy: &[f32],
+        mut dx: Option<&mut [f32]>,
+        targets: &[(Target, usize)],
+        grads: &mut [Vec<f32>],
+    ) {
+        if let Some(dx) = dx.as_deref_mut() {
+            mm(
+                dx,
+                0,
+                k,
+                false,
+                View::rm(dy, 0, n),
+                View::rm(w, 0, k),
+                (rows, k, n),
+                1.0,
+                self.par,
+            );
+        }
+        for &(t, col) in targets {
+            if let Some(ls) = &saved[t as usize] {
+                self.lora_backward(layer, t, ls, x, dy, col, n, grads, dx.as_deref_mut());
+            }
+        }
+    }
+
     /// Forward and backward of the sequences `seqs` (global indices; `ids` holds their tokens).
     fn run(&self, ids: &[u32], seqs: std::ops::Range<usize>) -> Result<GroupOut> {
         let m = self.model;
@@ -741,21 +810,18 @@ impl Ctx<'_> {
             let mut xn1 = scratch(rows * h);
             rms_forward(&x, &block.attn_norm, eps, &mut xn1, &mut inv1);
             let mut qkv = scratch(rows * wq);
-            mm(
-                &mut qkv,
-                0,
-                wq,
-                false,
-                View::rm(&xn1, 0, h),
-                View::rm(&w.qkv, 0, h).t(),
-                (rows, wq, h),
-                1.0,
-                par,
-            );
             let mut lora: [Option<LoraSaved>; 7] = Default::default();
-            for (t, col) in [(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)] {
-                lora[t as usize] = self.lora_forward(li, t, seqs.clone(), &xn1, &mut qkv, col, wq);
-            }
+            self.project(
+                li,
+                seqs.clone(),
+                &xn1,
+                &w.qkv,
+                (wq, h),
+                &mut qkv,
+                false,
+                &[(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)],
+                &mut lora,
+            );
             let tables = (&self.cos[..], &self.sin[..]);
             rope(&mut qkv, wq, 0, nh, hd, t_len, tables, false);
             rope(&mut qkv, wq, hq, nkv, hd, t_len, tables, false);
@@ -815,40 +881,34 @@ impl Ctx<'_> {
             let mut x_in = scratch(x.len());
             x_in.copy_from_slice(&x);
             // x ← x + att·Woᵀ (+ LoRA o)
-            mm(
+            self.project(
+                li,
+                seqs.clone(),
+                &att,
+                &w.o,
+                (h, hq),
                 &mut x,
-                0,
-                h,
                 true,
-                View::rm(&att, 0, hq),
-                View::rm(&w.o, 0, hq).t(),
-                (rows, h, hq),
-                1.0,
-                par,
+                &[(Target::O, 0)],
+                &mut lora,
             );
-            lora[Target::O as usize] =
-                self.lora_forward(li, Target::O, seqs.clone(), &att, &mut x, 0, h);
             let mut x_mid = scratch(x.len());
             x_mid.copy_from_slice(&x);
             let mut inv2 = scratch(rows);
             let mut xn2 = scratch(rows * h);
             rms_forward(&x, &block.mlp_norm, eps, &mut xn2, &mut inv2);
             let mut gu = scratch(rows * 2 * inter);
-            mm(
+            self.project(
+                li,
+                seqs.clone(),
+                &xn2,
+                &w.gu,
+                (2 * inter, h),
                 &mut gu,
-                0,
-                2 * inter,
                 false,
-                View::rm(&xn2, 0, h),
-                View::rm(&w.gu, 0, h).t(),
-                (rows, 2 * inter, h),
-                1.0,
-                par,
+                &[(Target::Gate, 0), (Target::Up, inter)],
+                &mut lora,
             );
-            for (t, col) in [(Target::Gate, 0), (Target::Up, inter)] {
-                lora[t as usize] =
-                    self.lora_forward(li, t, seqs.clone(), &xn2, &mut gu, col, 2 * inter);
-            }
             let mut act = scratch(rows * inter);
             let mut sig = scratch(rows * inter);
             for ((a, sg), row) in act
@@ -862,19 +922,17 @@ impl Ctx<'_> {
                     *o = gv * *sv * uv;
                 }
             }
-            mm(
+            self.project(
+                li,
+                seqs.clone(),
+                &act,
+                &w.down,
+                (h, inter),
                 &mut x,
-                0,
-                h,
                 true,
-                View::rm(&act, 0, inter),
-                View::rm(&w.down, 0, inter).t(),
-                (rows, h, inter),
-                1.0,
-                par,
+                &[(Target::Down, 0)],
+                &mut lora,
             );
-            lora[Target::Down as usize] =
-                self.lora_forward(li, Target::Down, seqs.clone(), &act, &mut x, 0, h);
             if lora[Target::Down as usize].is_none() {
                 // Only the down projection's adapter reads `act` again.
                 give([std::mem::take(&mut act)]);
@@ -912,6 +970,12 @@ impl Ctx<'_> {
             expand(head, 0, vocab, &mut wt);
         }
         let mut logits = scratch(chunk * vocab);
+        // ∂(objective)/∂(one position's loss): the reduction's weight over the sequence's mean.
+        let wgt = match self.reduction {
+            Reduction::Sum { weight } => weight,
+            Reduction::PerSequence => 1.0,
+        } as f32
+            / (t_len - 1) as f32;
         for r0 in (0..rows).step_by(chunk) {
             let nr = chunk.min(rows - r0);
             for v0 in (0..vocab).step_by(tile) {
@@ -946,11 +1010,6 @@ impl Ctx<'_> {
                 let total = sum(row);
                 let lse = mx + total.ln();
                 losses[s] += f64::from(lse - z_target);
-                let wgt = match self.reduction {
-                    Reduction::Sum { weight } => weight,
-                    Reduction::PerSequence => 1.0,
-                } as f32
-                    / (t_len - 1) as f32;
                 let f = wgt / total;
                 row.iter_mut().for_each(|z| *z *= f);
                 row[target] -= wgt;
@@ -994,30 +1053,17 @@ impl Ctx<'_> {
             let block = &m.blocks[li];
             w.load(self, li);
             // MLP: x_out = x_mid + act·Wdᵀ; dx is ∂L/∂x_out.
-            mm(
-                &mut dbuf_i,
-                0,
-                inter,
-                false,
-                View::rm(&dx, 0, h),
-                View::rm(&w.down, 0, inter),
-                (rows, inter, h),
-                1.0,
-                par,
+            self.project_back(
+                li,
+                &sv.lora,
+                &sv.act,
+                &w.down,
+                (rows, h, inter),
+                &dx,
+                Some(&mut dbuf_i),
+                &[(Target::Down, 0)],
+                &mut grads,
             );
-            if let Some(ls) = &sv.lora[Target::Down as usize] {
-                self.lora_backward(
-                    li,
-                    Target::Down,
-                    ls,
-                    &sv.act,
-                    &dx,
-                    0,
-                    h,
-                    &mut grads,
-                    Some(&mut dbuf_i),
-                );
-            }
             for (((drow, grow), dact), sg) in dgu
                 .chunks_exact_mut(2 * inter)
                 .zip(sv.gu.chunks_exact(2 * inter))
@@ -1032,59 +1078,31 @@ impl Ctx<'_> {
                     dg[j] = dact[j] * u[j] * sj * (1.0 + gj * (1.0 - sj));
                 }
             }
-            mm(
-                &mut dxn,
-                0,
-                h,
-                false,
-                View::rm(&dgu, 0, 2 * inter),
-                View::rm(&w.gu, 0, h),
-                (rows, h, 2 * inter),
-                1.0,
-                par,
+            self.project_back(
+                li,
+                &sv.lora,
+                &sv.xn2,
+                &w.gu,
+                (rows, 2 * inter, h),
+                &dgu,
+                Some(&mut dxn),
+                &[(Target::Gate, 0), (Target::Up, inter)],
+                &mut grads,
             );
-            for (t, col) in [(Target::Gate, 0), (Target::Up, inter)] {
-                if let Some(ls) = &sv.lora[t as usize] {
-                    self.lora_backward(
-                        li,
-                        t,
-                        ls,
-                        &sv.xn2,
-                        &dgu,
-                        col,
-                        2 * inter,
-                        &mut grads,
-                        Some(&mut dxn),
-                    );
-                }
-            }
             rms_backward(&sv.x_mid, &block.mlp_norm, &sv.inv2, &dxn, &mut dx);
 
             // Attention: x_mid = x_in + att·Woᵀ; dx is now ∂L/∂x_mid.
-            mm(
-                &mut datt,
-                0,
-                hq,
-                false,
-                View::rm(&dx, 0, h),
-                View::rm(&w.o, 0, hq),
-                (rows, hq, h),
-                1.0,
-                par,
+            self.project_back(
+                li,
+                &sv.lora,
+                &sv.att,
+                &w.o,
+                (rows, h, hq),
+                &dx,
+                Some(&mut datt),
+                &[(Target::O, 0)],
+                &mut grads,
             );
-            if let Some(ls) = &sv.lora[Target::O as usize] {
-                self.lora_backward(
-                    li,
-                    Target::O,
-                    ls,
-                    &sv.att,
-                    &dx,
-                    0,
-                    h,
-                    &mut grads,
-                    Some(&mut datt),
-                );
-            }
             dqkv.fill(0.0);
             for s in 0..nseq {
                 for head in 0..nh {
@@ -1166,26 +1184,19 @@ impl Ctx<'_> {
             let tables = (&self.cos[..], &self.sin[..]);
             rope(&mut dqkv, wq, 0, nh, hd, t_len, tables, true);
             rope(&mut dqkv, wq, hq, nkv, hd, t_len, tables, true);
+            // No input gradient below the first layer's projections: nothing there is trained.
             let need_dx = li > 0;
-            if need_dx {
-                mm(
-                    &mut dxn,
-                    0,
-                    h,
-                    false,
-                    View::rm(&dqkv, 0, wq),
-                    View::rm(&w.qkv, 0, h),
-                    (rows, h, wq),
-                    1.0,
-                    par,
-                );
-            }
-            for (t, col) in [(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)] {
-                if let Some(ls) = &sv.lora[t as usize] {
-                    let dxn_opt = if need_dx { Some(&mut dxn[..]) } else { None };
-                    self.lora_backward(li, t, ls, &sv.xn1, &dqkv, col, wq, &mut grads, dxn_opt);
-                }
-            }
+            self.project_back(
+                li,
+                &sv.lora,
+                &sv.xn1,
+                &w.qkv,
+                (rows, wq, h),
+                &dqkv,
+                need_dx.then_some(&mut dxn[..]),
+                &[(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)],
+                &mut grads,
+            );
             if need_dx {
                 rms_backward(&sv.x_in, &block.attn_norm, &sv.inv1, &dxn, &mut dx);
             }
