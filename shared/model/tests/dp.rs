@@ -2,11 +2,12 @@
 //! ε is advanced per step and equals the accountant's, a ledger refuses a
 //! run beyond its budget, and a user-level delta is clipped to C.
 
+mod common;
+
 use std::path::Path;
 
-use burn::tensor::{Tensor, TensorData};
 use starling_model::dp::{user_level_delta, DpSgd, DpSgdConfig};
-use starling_model::{Backend, Llama, LoraAdapter, LoraConfig, Target, TrainConfig, Trainer};
+use starling_model::{Backend, Llama, LoraAdapter, Target, TrainConfig, Trainer};
 use starling_privacy::{
     accountant, AccountantKind, Budget, DpEvent, Ledger, LedgerScope, NoisePlacement, PrivacyError,
 };
@@ -17,20 +18,7 @@ fn model() -> Llama {
 }
 
 fn adapter(m: &Llama) -> LoraAdapter {
-    let mut a = LoraAdapter::new(
-        &m.config,
-        LoraConfig::new(4, 8.0, 0.0, &[Target::Q, Target::V]).unwrap(),
-        &m.device,
-        3,
-    );
-    for (i, t) in a.tensors_mut().into_iter().enumerate() {
-        let dims = t.dims();
-        let vals: Vec<f32> = (0..dims[0] * dims[1])
-            .map(|j| (((i * 131 + j * 7) % 17) as f32 - 8.0) * 0.01)
-            .collect();
-        *t = Tensor::from_data(TensorData::new(vals, dims), &m.device);
-    }
-    a
+    common::patterned_adapter(m, &[Target::Q, Target::V], 0.0, 0.01)
 }
 
 fn examples(vocab: usize, n: usize, seq: usize) -> Vec<Vec<u32>> {

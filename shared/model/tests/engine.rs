@@ -4,13 +4,14 @@
 //! several micro-batches; per-example gradients sum to the batch gradient; dropout gradients
 //! match finite differences; bad input is a typed error.
 
+mod common;
+
 use burn::tensor::{Tensor, TensorData};
 use starling_model::engine::{lora_gradients, DropoutSpec, Reduction};
 use starling_model::lora::flatten;
 use starling_model::train::Engine;
 use starling_model::{
-    Backend, Llama, LlamaConfig, LoraAdapter, LoraConfig, ModelError, QuantType, Target,
-    TrainConfig, Trainer,
+    Backend, Llama, LlamaConfig, LoraAdapter, ModelError, QuantType, Target, TrainConfig, Trainer,
 };
 
 fn config(heads: usize, kv: usize, tied: bool) -> LlamaConfig {
@@ -32,21 +33,7 @@ fn config(heads: usize, kv: usize, tied: bool) -> LlamaConfig {
 }
 
 fn adapter(m: &Llama, targets: &[Target], dropout: f32) -> LoraAdapter {
-    let mut a = LoraAdapter::new(
-        &m.config,
-        LoraConfig::new(4, 8.0, dropout, targets).unwrap(),
-        &m.device,
-        3,
-    );
-    // Non-zero B so every gradient path is exercised.
-    for (i, t) in a.tensors_mut().into_iter().enumerate() {
-        let dims = t.dims();
-        let vals: Vec<f32> = (0..dims[0] * dims[1])
-            .map(|j| (((i * 131 + j * 7) % 17) as f32 - 8.0) * 0.02)
-            .collect();
-        *t = Tensor::from_data(TensorData::new(vals, dims), &m.device);
-    }
-    a
+    common::patterned_adapter(m, targets, dropout, 0.02)
 }
 
 fn ids(vocab: usize, n: usize, seed: usize) -> Vec<u32> {

@@ -1,6 +1,8 @@
 //! LoRA training: only A/B change, gradients are right (finite differences), the optimizer and
 //! schedule behave as PyTorch's, and training reduces the loss on real text.
 
+mod common;
+
 use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
@@ -32,21 +34,7 @@ fn ids(vocab: usize, n: usize, seed: usize) -> Vec<u32> {
 }
 
 fn adapter(m: &Llama, targets: &[Target]) -> LoraAdapter {
-    let mut a = LoraAdapter::new(
-        &m.config,
-        LoraConfig::new(4, 8.0, 0.0, targets).unwrap(),
-        &m.device,
-        3,
-    );
-    // Non-zero B so every gradient path is exercised.
-    for (i, t) in a.tensors_mut().into_iter().enumerate() {
-        let dims = t.dims();
-        let vals: Vec<f32> = (0..dims[0] * dims[1])
-            .map(|j| (((i * 131 + j * 7) % 17) as f32 - 8.0) * 0.01)
-            .collect();
-        *t = Tensor::from_data(TensorData::new(vals, dims), &m.device);
-    }
-    a
+    common::patterned_adapter(m, targets, 0.0, 0.01)
 }
 
 #[test]
