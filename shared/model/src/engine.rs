@@ -166,6 +166,37 @@ fn mm(
     }
 }
 
+/// Copies the `rep` heads of `nr` rows (`hd` wide, side by side from `off`, row stride `ld`) into
+/// `out` stacked head-major: row `k · nr + i` is row `i` of head `k`.
+fn gather(
+    src: &[f32],
+    off: usize,
+    ld: usize,
+    (nr, rep, hd): (usize, usize, usize),
+    out: &mut [f32],
+) {
+    for (j, o) in out[..rep * nr * hd].chunks_exact_mut(hd).enumerate() {
+        let (k, i) = (j / nr, j % nr);
+        let at = off + i * ld + k * hd;
+        o.copy_from_slice(&src[at..at + hd]);
+    }
+}
+
+/// The inverse of [`gather`]: writes the stacked rows of `src` back to their heads in `dst`.
+fn scatter(
+    src: &[f32],
+    dst: &mut [f32],
+    off: usize,
+    ld: usize,
+    (nr, rep, hd): (usize, usize, usize),
+) {
+    for (j, r) in src[..rep * nr * hd].chunks_exact(hd).enumerate() {
+        let (k, i) = (j / nr, j % nr);
+        let at = off + i * ld + k * hd;
+        dst[at..at + hd].copy_from_slice(r);
+    }
+}
+
 /// Expands `rows` rows of `w` starting at `r0` into `out` (row-major, `w.cols()` wide).
 fn expand(w: &QMatrix, r0: usize, rows: usize, out: &mut [f32]) {
     let c = w.cols();
@@ -793,6 +824,10 @@ impl Ctx<'_> {
         let rows = nseq * t_len;
         let eps = c.rms_norm_eps as f32;
         let att_scale = 1.0 / (hd as f32).sqrt();
+        // Attention probabilities: per (sequence, kv head, block of query rows), `rep · ATT_BLOCK`
+        // rows of `t_len` (head-major within the block).
+        let nblk = t_len.div_ceil(ATT_BLOCK);
+        let sblk = rep * ATT_BLOCK * t_len;
         let par = self.par;
         let n_grads = match self.reduction {
             Reduction::Sum { .. } => 1,
@@ -826,38 +861,39 @@ impl Ctx<'_> {
             rope(&mut qkv, wq, 0, nh, hd, t_len, tables, false);
             rope(&mut qkv, wq, hq, nkv, hd, t_len, tables, false);
 
-            let mut probs = scratch(nseq * nh * t_len * t_len);
+            // Causal attention per (sequence, kv head, block of query rows): the query heads that
+            // share the kv head are stacked (head-major) so each block is one GEMM per product.
+            let mut probs = scratch(nseq * nkv * nblk * sblk);
             let mut att = scratch(rows * hq);
+            let mut qs = scratch(rep * ATT_BLOCK * hd);
+            let mut os = scratch(rep * ATT_BLOCK * hd);
             for s in 0..nseq {
-                for head in 0..nh {
-                    let g = head / rep;
-                    let base = s * t_len * wq;
-                    let pb = (s * nh + head) * t_len * t_len;
-                    let qv = View::rm(&qkv, base + head * hd, wq);
+                let base = s * t_len * wq;
+                for g in 0..nkv {
                     let kv = View::rm(&qkv, base + hq + g * hd, wq);
                     let vv = View::rm(&qkv, base + hq + hkv + g * hd, wq);
-                    for r0 in (0..t_len).step_by(ATT_BLOCK) {
+                    for (b, r0) in (0..t_len).step_by(ATT_BLOCK).enumerate() {
                         let nr = ATT_BLOCK.min(t_len - r0);
-                        let keys = r0 + nr;
-                        let qb = View {
-                            off: qv.off + r0 * wq,
-                            ..qv
-                        };
+                        let (keys, mrows) = (r0 + nr, rep * nr);
+                        let pb = ((s * nkv + g) * nblk + b) * sblk;
+                        let heads = (nr, rep, hd);
+                        gather(&qkv, base + r0 * wq + g * rep * hd, wq, heads, &mut qs);
                         mm(
                             &mut probs,
-                            pb + r0 * t_len,
+                            pb,
                             t_len,
                             false,
-                            qb,
+                            View::rm(&qs, 0, hd),
                             kv.t(),
-                            (nr, keys, hd),
+                            (mrows, keys, hd),
                             att_scale,
                             par,
                         );
-                        for i in 0..nr {
-                            let tq = r0 + i;
-                            let row = &mut probs[pb + tq * t_len..pb + (tq + 1) * t_len];
-                            let (live, dead) = row.split_at_mut(tq + 1);
+                        for (j, row) in probs[pb..pb + mrows * t_len]
+                            .chunks_exact_mut(t_len)
+                            .enumerate()
+                        {
+                            let (live, dead) = row[..keys].split_at_mut(r0 + j % nr + 1);
                             let mx = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                             live.iter_mut().for_each(|p| *p = exp(*p - mx));
                             let inv = 1.0 / sum(live);
@@ -865,19 +901,27 @@ impl Ctx<'_> {
                             dead.fill(0.0);
                         }
                         mm(
-                            &mut att,
-                            (s * t_len + r0) * hq + head * hd,
-                            hq,
+                            &mut os,
+                            0,
+                            hd,
                             false,
-                            View::rm(&probs, pb + r0 * t_len, t_len),
+                            View::rm(&probs, pb, t_len),
                             vv,
-                            (nr, hd, keys),
+                            (mrows, hd, keys),
                             1.0,
                             par,
+                        );
+                        scatter(
+                            &os,
+                            &mut att,
+                            (s * t_len + r0) * hq + g * rep * hd,
+                            hq,
+                            heads,
                         );
                     }
                 }
             }
+            give([qs, os]);
             let mut x_in = scratch(x.len());
             x_in.copy_from_slice(&x);
             // x ← x + att·Woᵀ (+ LoRA o)
@@ -1045,7 +1089,10 @@ impl Ctx<'_> {
         let mut dxn = scratch(rows * h);
         let mut datt = scratch(rows * hq);
         let mut dqkv = scratch(rows * wq);
-        let mut dp = scratch(ATT_BLOCK * t_len);
+        let mut dp = scratch(rep * ATT_BLOCK * t_len);
+        let mut dos = scratch(rep * ATT_BLOCK * hd);
+        let mut dqs = scratch(rep * ATT_BLOCK * hd);
+        let mut qs = scratch(rep * ATT_BLOCK * hd);
         for li in (0..c.num_hidden_layers).rev() {
             let sv = saved
                 .pop()
@@ -1105,27 +1152,29 @@ impl Ctx<'_> {
             );
             dqkv.fill(0.0);
             for s in 0..nseq {
-                for head in 0..nh {
-                    let g = head / rep;
-                    let base = s * t_len * wq;
-                    let pb = (s * nh + head) * t_len * t_len;
-                    let qv = View::rm(&sv.qkv, base + head * hd, wq);
+                let base = s * t_len * wq;
+                for g in 0..nkv {
                     let kv = View::rm(&sv.qkv, base + hq + g * hd, wq);
                     let vv = View::rm(&sv.qkv, base + hq + hkv + g * hd, wq);
-                    for r0 in (0..t_len).step_by(ATT_BLOCK) {
+                    for (b, r0) in (0..t_len).step_by(ATT_BLOCK).enumerate() {
                         let nr = ATT_BLOCK.min(t_len - r0);
-                        let keys = r0 + nr;
-                        let dab = View::rm(&datt, (s * t_len + r0) * hq + head * hd, hq);
-                        let pblk = View::rm(&sv.probs, pb + r0 * t_len, t_len);
+                        let (keys, mrows) = (r0 + nr, rep * nr);
+                        let pb = ((s * nkv + g) * nblk + b) * sblk;
+                        let heads = (nr, rep, hd);
+                        let a0 = (s * t_len + r0) * hq + g * rep * hd;
+                        gather(&datt, a0, hq, heads, &mut dos);
+                        gather(&sv.qkv, base + r0 * wq + g * rep * hd, wq, heads, &mut qs);
+                        let (dov, qsv) = (View::rm(&dos, 0, hd), View::rm(&qs, 0, hd));
+                        let pblk = View::rm(&sv.probs, pb, t_len);
                         // dP = dAtt · Vᵀ
                         mm(
                             &mut dp,
                             0,
                             t_len,
                             false,
-                            dab,
+                            dov,
                             vv.t(),
-                            (nr, keys, hd),
+                            (mrows, keys, hd),
                             1.0,
                             par,
                         );
@@ -1136,15 +1185,15 @@ impl Ctx<'_> {
                             wq,
                             true,
                             pblk.t(),
-                            dab,
-                            (keys, hd, nr),
+                            dov,
+                            (keys, hd, mrows),
                             1.0,
                             par,
                         );
                         // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale (in place in dp)
-                        for i in 0..nr {
-                            let p = &sv.probs[pb + (r0 + i) * t_len..pb + (r0 + i) * t_len + keys];
-                            let d = &mut dp[i * t_len..i * t_len + keys];
+                        for j in 0..mrows {
+                            let p = &sv.probs[pb + j * t_len..pb + j * t_len + keys];
+                            let d = &mut dp[j * t_len..j * t_len + keys];
                             let pd = dot(p, d);
                             for (dv, &pv) in d.iter_mut().zip(p) {
                                 *dv = pv * (*dv - pd) * att_scale;
@@ -1152,29 +1201,16 @@ impl Ctx<'_> {
                         }
                         let ds = View::rm(&dp, 0, t_len);
                         // dQ = dS · K ; dK += dSᵀ · Q
-                        mm(
-                            &mut dqkv,
-                            base + r0 * wq + head * hd,
-                            wq,
-                            false,
-                            ds,
-                            kv,
-                            (nr, hd, keys),
-                            1.0,
-                            par,
-                        );
-                        let qb = View {
-                            off: qv.off + r0 * wq,
-                            ..qv
-                        };
+                        mm(&mut dqs, 0, hd, false, ds, kv, (mrows, hd, keys), 1.0, par);
+                        scatter(&dqs, &mut dqkv, base + r0 * wq + g * rep * hd, wq, heads);
                         mm(
                             &mut dqkv,
                             base + hq + g * hd,
                             wq,
                             true,
                             ds.t(),
-                            qb,
-                            (keys, hd, nr),
+                            qsv,
+                            (keys, hd, mrows),
                             1.0,
                             par,
                         );
@@ -1203,6 +1239,7 @@ impl Ctx<'_> {
             sv.recycle();
         }
         give([dx, dbuf_i, dgu, dxn, datt, dqkv, dp, x]);
+        give([dos, dqs, qs]);
         give([w.qkv, w.o, w.gu, w.down]);
         Ok((losses, grads))
     }
