@@ -172,6 +172,13 @@ pub struct Trainer {
     dropout: Dropout,
 }
 
+impl Drop for Trainer {
+    /// The engine's reusable activation buffers are only worth holding while a run goes on.
+    fn drop(&mut self) {
+        engine::release_buffers();
+    }
+}
+
 impl Trainer {
     /// Starts training `adapter` (fresh AdamW moments).
     pub fn new(adapter: LoraAdapter, config: TrainConfig) -> Result<Self> {
