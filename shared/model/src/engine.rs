@@ -16,7 +16,10 @@
 //! - only the products a frozen base needs are computed: input gradients through frozen weights
 //!   (none below the first layer's projections), weight gradients for A and B only;
 //! - attention computes the causal lower triangle only (blocks of query rows see only the keys up
-//!   to their last row);
+//!   to their last row), and the query heads sharing a kv head are stacked into one block, so each
+//!   attention product is one GEMM per (sequence, kv head, block);
+//! - buffers come from a per-thread pool that keeps a whole pass's activations between passes (no
+//!   re-allocation or page faults per step) until the training run ends ([`release_buffers`]);
 //! - per-sequence gradients (for DP-SGD's per-example clipping) come from the same pass: only the
 //!   small A/B products are split by sequence.
 //!
