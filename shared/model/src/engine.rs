@@ -169,34 +169,95 @@ fn mm(
     }
 }
 
-/// Copies the `rep` heads of `nr` rows (`hd` wide, side by side from `off`, row stride `ld`) into
-/// `out` stacked head-major: row `k · nr + i` is row `i` of head `k`.
-fn gather(
-    src: &[f32],
+/// Offsets of the rows of `rep` heads (`nr` rows each, `hd` wide, side by side from `off`, row
+/// stride `ld`) in stacked head-major order: stacked row `k · nr + i` is row `i` of head `k`.
+fn stacked_rows(
     off: usize,
     ld: usize,
     (nr, rep, hd): (usize, usize, usize),
-    out: &mut [f32],
-) {
-    for (j, o) in out[..rep * nr * hd].chunks_exact_mut(hd).enumerate() {
-        let (k, i) = (j / nr, j % nr);
-        let at = off + i * ld + k * hd;
+) -> impl Iterator<Item = usize> {
+    (0..rep * nr).map(move |j| off + (j % nr) * ld + (j / nr) * hd)
+}
+
+/// Copies the heads at `off` in `src` (see [`stacked_rows`]) into `out`, stacked head-major.
+fn gather(src: &[f32], off: usize, ld: usize, heads: (usize, usize, usize), out: &mut [f32]) {
+    let hd = heads.2;
+    for (o, at) in out.chunks_exact_mut(hd).zip(stacked_rows(off, ld, heads)) {
         o.copy_from_slice(&src[at..at + hd]);
     }
 }
 
 /// The inverse of [`gather`]: writes the stacked rows of `src` back to their heads in `dst`.
-fn scatter(
-    src: &[f32],
-    dst: &mut [f32],
-    off: usize,
-    ld: usize,
-    (nr, rep, hd): (usize, usize, usize),
-) {
-    for (j, r) in src[..rep * nr * hd].chunks_exact(hd).enumerate() {
-        let (k, i) = (j / nr, j % nr);
-        let at = off + i * ld + k * hd;
+fn scatter(src: &[f32], dst: &mut [f32], off: usize, ld: usize, heads: (usize, usize, usize)) {
+    let hd = heads.2;
+    for (r, at) in src.chunks_exact(hd).zip(stacked_rows(off, ld, heads)) {
         dst[at..at + hd].copy_from_slice(r);
+    }
+}
+
+/// Where one block of causal attention lives: query rows `r0..r0 + nr` of one sequence for the
+/// `rep` query heads that share one kv head, stacked head-major (`rep · nr` rows).
+#[derive(Clone, Copy)]
+struct AttBlock {
+    /// Query rows in the block (per head).
+    nr: usize,
+    /// Keys the block sees: `r0 + nr` (causal).
+    keys: usize,
+    /// The block's first query row within its sequence.
+    r0: usize,
+    /// Offset in `qkv` (and `dqkv`) of the block's first query row and first stacked head.
+    q: usize,
+    /// Offsets in `qkv` of the kv head's keys and values (row 0 of the sequence).
+    k: usize,
+    v: usize,
+    /// Offset in `att` (and `datt`) of the block's first row and first stacked head.
+    att: usize,
+    /// Offset of the block's probabilities (`rep · ATT_BLOCK` rows of `t_len`).
+    probs: usize,
+}
+
+/// Attention's shapes for one pass: how the probabilities are laid out and which blocks exist.
+struct AttLayout {
+    nseq: usize,
+    t_len: usize,
+    nkv: usize,
+    rep: usize,
+    hd: usize,
+    /// Row widths of `qkv` and `att`.
+    wq: usize,
+    hq: usize,
+}
+
+impl AttLayout {
+    fn nblk(&self) -> usize {
+        self.t_len.div_ceil(ATT_BLOCK)
+    }
+
+    /// Values of one pass's attention probabilities.
+    fn probs_len(&self) -> usize {
+        self.nseq * self.nkv * self.nblk() * self.rep * ATT_BLOCK * self.t_len
+    }
+
+    /// Every block, by sequence, kv head and query rows; forward and backward walk the same list.
+    fn blocks(&self) -> impl Iterator<Item = AttBlock> + '_ {
+        let (t, hd, nblk) = (self.t_len, self.hd, self.nblk());
+        let per_block = self.rep * ATT_BLOCK * t;
+        (0..self.nseq * self.nkv * nblk).map(move |i| {
+            let (s, g, b) = (i / (self.nkv * nblk), i / nblk % self.nkv, i % nblk);
+            let r0 = b * ATT_BLOCK;
+            let nr = ATT_BLOCK.min(t - r0);
+            let base = s * t * self.wq;
+            AttBlock {
+                nr,
+                keys: r0 + nr,
+                r0,
+                q: base + r0 * self.wq + g * self.rep * hd,
+                k: base + self.hq + g * hd,
+                v: base + self.hq + self.nkv * hd + g * hd,
+                att: (s * t + r0) * self.hq + g * self.rep * hd,
+                probs: i * per_block,
+            }
+        })
     }
 }
 
@@ -840,10 +901,15 @@ impl Ctx<'_> {
         let rows = nseq * t_len;
         let eps = c.rms_norm_eps as f32;
         let att_scale = 1.0 / (hd as f32).sqrt();
-        // Attention probabilities: per (sequence, kv head, block of query rows), `rep · ATT_BLOCK`
-        // rows of `t_len` (head-major within the block).
-        let nblk = t_len.div_ceil(ATT_BLOCK);
-        let sblk = rep * ATT_BLOCK * t_len;
+        let lay = AttLayout {
+            nseq,
+            t_len,
+            nkv,
+            rep,
+            hd,
+            wq,
+            hq,
+        };
         let par = self.par;
         let n_grads = match self.reduction {
             Reduction::Sum { .. } => 1,
@@ -879,63 +945,48 @@ impl Ctx<'_> {
 
             // Causal attention per (sequence, kv head, block of query rows): the query heads that
             // share the kv head are stacked (head-major) so each block is one GEMM per product.
-            let mut probs = scratch(nseq * nkv * nblk * sblk);
+            let mut probs = scratch(lay.probs_len());
             let mut att = scratch(rows * hq);
             let mut qs = scratch(rep * ATT_BLOCK * hd);
             let mut os = scratch(rep * ATT_BLOCK * hd);
-            for s in 0..nseq {
-                let base = s * t_len * wq;
-                for g in 0..nkv {
-                    let kv = View::rm(&qkv, base + hq + g * hd, wq);
-                    let vv = View::rm(&qkv, base + hq + hkv + g * hd, wq);
-                    for (b, r0) in (0..t_len).step_by(ATT_BLOCK).enumerate() {
-                        let nr = ATT_BLOCK.min(t_len - r0);
-                        let (keys, mrows) = (r0 + nr, rep * nr);
-                        let pb = ((s * nkv + g) * nblk + b) * sblk;
-                        let heads = (nr, rep, hd);
-                        gather(&qkv, base + r0 * wq + g * rep * hd, wq, heads, &mut qs);
-                        mm(
-                            &mut probs,
-                            pb,
-                            t_len,
-                            false,
-                            View::rm(&qs, 0, hd),
-                            kv.t(),
-                            (mrows, keys, hd),
-                            att_scale,
-                            par,
-                        );
-                        for (j, row) in probs[pb..pb + mrows * t_len]
-                            .chunks_exact_mut(t_len)
-                            .enumerate()
-                        {
-                            let (live, dead) = row[..keys].split_at_mut(r0 + j % nr + 1);
-                            let mx = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            live.iter_mut().for_each(|p| *p = exp(*p - mx));
-                            let inv = 1.0 / sum(live);
-                            live.iter_mut().for_each(|p| *p *= inv);
-                            dead.fill(0.0);
-                        }
-                        mm(
-                            &mut os,
-                            0,
-                            hd,
-                            false,
-                            View::rm(&probs, pb, t_len),
-                            vv,
-                            (mrows, hd, keys),
-                            1.0,
-                            par,
-                        );
-                        scatter(
-                            &os,
-                            &mut att,
-                            (s * t_len + r0) * hq + g * rep * hd,
-                            hq,
-                            heads,
-                        );
-                    }
+            for blk in lay.blocks() {
+                let (keys, mrows, pb) = (blk.keys, rep * blk.nr, blk.probs);
+                let heads = (blk.nr, rep, hd);
+                gather(&qkv, blk.q, wq, heads, &mut qs);
+                mm(
+                    &mut probs,
+                    pb,
+                    t_len,
+                    false,
+                    View::rm(&qs, 0, hd),
+                    View::rm(&qkv, blk.k, wq).t(),
+                    (mrows, keys, hd),
+                    att_scale,
+                    par,
+                );
+                for (j, row) in probs[pb..pb + mrows * t_len]
+                    .chunks_exact_mut(t_len)
+                    .enumerate()
+                {
+                    let (live, dead) = row[..keys].split_at_mut(blk.r0 + j % blk.nr + 1);
+                    let mx = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    live.iter_mut().for_each(|p| *p = exp(*p - mx));
+                    let inv = 1.0 / sum(live);
+                    live.iter_mut().for_each(|p| *p *= inv);
+                    dead.fill(0.0);
                 }
+                mm(
+                    &mut os,
+                    0,
+                    hd,
+                    false,
+                    View::rm(&probs, pb, t_len),
+                    View::rm(&qkv, blk.v, wq),
+                    (mrows, hd, keys),
+                    1.0,
+                    par,
+                );
+                scatter(&os, &mut att, blk.att, hq, heads);
             }
             give([qs, os]);
             let mut x_in = scratch(x.len());
@@ -1167,71 +1218,63 @@ impl Ctx<'_> {
                 &mut grads,
             );
             dqkv.fill(0.0);
-            for s in 0..nseq {
-                let base = s * t_len * wq;
-                for g in 0..nkv {
-                    let kv = View::rm(&sv.qkv, base + hq + g * hd, wq);
-                    let vv = View::rm(&sv.qkv, base + hq + hkv + g * hd, wq);
-                    for (b, r0) in (0..t_len).step_by(ATT_BLOCK).enumerate() {
-                        let nr = ATT_BLOCK.min(t_len - r0);
-                        let (keys, mrows) = (r0 + nr, rep * nr);
-                        let pb = ((s * nkv + g) * nblk + b) * sblk;
-                        let heads = (nr, rep, hd);
-                        let a0 = (s * t_len + r0) * hq + g * rep * hd;
-                        gather(&datt, a0, hq, heads, &mut dos);
-                        gather(&sv.qkv, base + r0 * wq + g * rep * hd, wq, heads, &mut qs);
-                        let (dov, qsv) = (View::rm(&dos, 0, hd), View::rm(&qs, 0, hd));
-                        let pblk = View::rm(&sv.probs, pb, t_len);
-                        // dP = dAtt · Vᵀ
-                        mm(
-                            &mut dp,
-                            0,
-                            t_len,
-                            false,
-                            dov,
-                            vv.t(),
-                            (mrows, keys, hd),
-                            1.0,
-                            par,
-                        );
-                        // dV += Pᵀ · dAtt
-                        mm(
-                            &mut dqkv,
-                            base + hq + hkv + g * hd,
-                            wq,
-                            true,
-                            pblk.t(),
-                            dov,
-                            (keys, hd, mrows),
-                            1.0,
-                            par,
-                        );
-                        // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale (in place in dp)
-                        for j in 0..mrows {
-                            let p = &sv.probs[pb + j * t_len..pb + j * t_len + keys];
-                            let d = &mut dp[j * t_len..j * t_len + keys];
-                            let pd = dot(p, d);
-                            for (dv, &pv) in d.iter_mut().zip(p) {
-                                *dv = pv * (*dv - pd) * att_scale;
-                            }
-                        }
-                        let ds = View::rm(&dp, 0, t_len);
-                        // dQ = dS · K ; dK += dSᵀ · Q
-                        mm(&mut dqs, 0, hd, false, ds, kv, (mrows, hd, keys), 1.0, par);
-                        scatter(&dqs, &mut dqkv, base + r0 * wq + g * rep * hd, wq, heads);
-                        mm(
-                            &mut dqkv,
-                            base + hq + g * hd,
-                            wq,
-                            true,
-                            ds.t(),
-                            qsv,
-                            (keys, hd, mrows),
-                            1.0,
-                            par,
-                        );
+            for blk in lay.blocks() {
+                let (keys, mrows, pb) = (blk.keys, rep * blk.nr, blk.probs);
+                let heads = (blk.nr, rep, hd);
+                gather(&datt, blk.att, hq, heads, &mut dos);
+                gather(&sv.qkv, blk.q, wq, heads, &mut qs);
+                let (dov, qsv) = (View::rm(&dos, 0, hd), View::rm(&qs, 0, hd));
+                let pblk = View::rm(&sv.probs, pb, t_len);
+                // dP = dAtt · Vᵀ
+                let vv = View::rm(&sv.qkv, blk.v, wq);
+                mm(
+                    &mut dp,
+                    0,
+                    t_len,
+                    false,
+                    dov,
+                    vv.t(),
+                    (mrows, keys, hd),
+                    1.0,
+                    par,
+                );
+                // dV += Pᵀ · dAtt
+                mm(
+                    &mut dqkv,
+                    blk.v,
+                    wq,
+                    true,
+                    pblk.t(),
+                    dov,
+                    (keys, hd, mrows),
+                    1.0,
+                    par,
+                );
+                // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale (in place in dp)
+                for j in 0..mrows {
+                    let p = &sv.probs[pb + j * t_len..pb + j * t_len + keys];
+                    let d = &mut dp[j * t_len..j * t_len + keys];
+                    let pd = dot(p, d);
+                    for (dv, &pv) in d.iter_mut().zip(p) {
+                        *dv = pv * (*dv - pd) * att_scale;
                     }
                 }
+                let ds = View::rm(&dp, 0, t_len);
+                // dQ = dS · K ; dK += dSᵀ · Q
+                let kv = View::rm(&sv.qkv, blk.k, wq);
+                mm(&mut dqs, 0, hd, false, ds, kv, (mrows, hd, keys), 1.0, par);
+                scatter(&dqs, &mut dqkv, blk.q, wq, heads);
+                mm(
+                    &mut dqkv,
+                    blk.k,
+                    wq,
+                    true,
+                    ds.t(),
+                    qsv,
+                    (keys, hd, mrows),
+                    1.0,
+                    par,
+                );
             }
             let tables = (&self.cos[..], &self.sin[..]);
             rope(&mut dqkv, wq, 0, nh, hd, t_len, tables, true);
