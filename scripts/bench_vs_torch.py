@@ -6,8 +6,8 @@ runs N pairs back to back, alternating which side goes first, and prints one JSO
 and one summary line (median ratio, ratio of total tokens over total time, ranges).
 
 Usage: python3 scripts/bench_vs_torch.py --config S --pairs 16 --steps 10
-Needs a release build of starling-bench (built here if missing) and a Python with torch,
-transformers and peft (`--python` picks it).
+Builds starling-bench (release) first; needs a Python with torch, transformers and peft
+(`--python` picks it).
 """
 import argparse
 import json
@@ -21,8 +21,13 @@ BENCH = os.path.join(ROOT, "target", "release", "starling-bench")
 
 
 def last_json(cmd: list) -> dict:
-    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    lines = [line for line in out.splitlines() if line.startswith("{")]
+    try:
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    except OSError as e:
+        sys.exit(f"cannot run {cmd[0]}: {e}")
+    if run.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr[-2000:]}")
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if not lines:
         sys.exit(f"no JSON line from {' '.join(cmd)}")
     return json.loads(lines[-1])
@@ -38,9 +43,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.pairs < 1 or args.steps < 1:
         sys.exit("--pairs and --steps must be at least 1")
-    if not os.path.exists(BENCH):
-        subprocess.run(["cargo", "build", "--release", "-p", "starling-simulations",
-                        "--bin", "starling-bench"], cwd=ROOT, check=True)
+    # Always (a no-op when up to date): timing a stale binary would compare the wrong code.
+    if subprocess.run(["cargo", "build", "--release", "--locked", "-p", "starling-simulations",
+                       "--bin", "starling-bench"], cwd=ROOT).returncode != 0:
+        sys.exit("building starling-bench failed")
     native_cmd = [BENCH, "train", "--config", args.config, "--quant", args.quant,
                   "--steps", str(args.steps)]
     torch_cmd = [args.python, os.path.join(ROOT, "scripts", "bench_torch_peft.py"),
