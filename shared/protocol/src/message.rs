@@ -5,8 +5,8 @@
 //! typed error ([`ProtocolError::UnsupportedVersion`], [`ProtocolError::UnknownMessageKind`]) and not a
 //! generic decode failure. Exchanges (each on its own bidirectional QUIC stream):
 //! `Hello → Welcome`, `Enrol → Enrolled`, `TaskRequest → Task | NoTask`, `ManifestRequest → Manifest`,
-//! `ModelFetch → Blob + bytes`, `Upload + bytes → Ack`; any request may be answered by `Error`; `Goodbye` ends
-//! a session. What must never live here: I/O or round logic.
+//! `ModelFetch → Blob + bytes`, `Upload + bytes → Ack`, `Decline → NoTask`; any request may be answered by
+//! `Error`; `Goodbye` ends a session. What must never live here: I/O or round logic.
 
 use crate::bulk::BulkHeader;
 use crate::identity::Fingerprint;
@@ -82,6 +82,19 @@ pub struct TrainParams {
     pub fedprox_mu: f32,
 }
 
+/// Example-level DP-SGD a client must run while training (Poisson sampling, per-example clipping, noise).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DpSgdTask {
+    /// Noise multiplier σ (> 0).
+    pub noise_multiplier: f64,
+    /// Per-example L2 clip bound C (> 0).
+    pub clip: f64,
+    /// Poisson sampling rate q in (0, 1]; 0 lets the client use batch size / its number of sequences.
+    pub sampling_rate: f64,
+    /// δ at which the device accounts ε, in (0, 1).
+    pub delta: f64,
+}
+
 /// Privacy settings a client must apply to its update.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DpTask {
@@ -91,6 +104,20 @@ pub struct DpTask {
     pub client_noise_multiplier: f64,
     /// Clients the noise is split across (distributed DP), 1 otherwise.
     pub noise_clients: u32,
+    /// Example-level DP-SGD during local training, if asked for.
+    pub dp_sgd: Option<DpSgdTask>,
+}
+
+/// The LoRA adapter a task trains: its shapes are the manifest's schema, these are the settings the schema
+/// cannot carry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSpec {
+    /// Rank r.
+    pub rank: u32,
+    /// Scaling numerator α (the update is scaled by α / r).
+    pub alpha: f32,
+    /// Adapted projections (q, k, v, o, gate, up, down).
+    pub targets: Vec<String>,
 }
 
 /// Work for one round.
@@ -106,6 +133,8 @@ pub struct Task {
     pub params: TrainParams,
     /// Privacy settings.
     pub dp: DpTask,
+    /// The adapter's LoRA settings.
+    pub lora: LoraSpec,
     /// How to encode the update.
     pub encoding: Encoding,
     /// Largest encoded update the coordinator accepts.
@@ -227,6 +256,18 @@ pub struct ErrorReply {
     pub message: String,
 }
 
+/// A client declines the task of a round (answered by [`NoTask`]): its device policy forbids it, e.g. the
+/// task would take the device past its own privacy budget.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Decline {
+    /// The round declined.
+    pub round: RoundId,
+    /// Why, as a code the coordinator counts (`BudgetExhausted`, `TooLarge`, `Unavailable`, ...).
+    pub code: ErrorCode,
+    /// Details for the operator's log.
+    pub reason: String,
+}
+
 /// Ends a session.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Goodbye {
@@ -267,6 +308,8 @@ pub enum Message {
     Error(ErrorReply),
     /// End of session.
     Goodbye(Goodbye),
+    /// Client declines a round's task.
+    Decline(Decline),
 }
 
 macro_rules! kinds {
@@ -299,7 +342,7 @@ macro_rules! kinds {
 kinds! {
     Hello = 1, Welcome = 2, Enrol = 3, Enrolled = 4, TaskRequest = 5, Task = 6, NoTask = 7,
     ManifestRequest = 8, Manifest = 9, ModelFetch = 10, Blob = 11, Upload = 12, Ack = 13, Error = 14,
-    Goodbye = 15,
+    Goodbye = 15, Decline = 16,
 }
 
 impl Message {
@@ -350,6 +393,29 @@ impl Message {
             Message::NoTask(n) if long(&n.reason) => bad("reason too long"),
             Message::Error(e) if long(&e.message) => bad("error text too long"),
             Message::Goodbye(g) if long(&g.reason) => bad("reason too long"),
+            Message::Decline(d) if long(&d.reason) => bad("reason too long"),
+            Message::Task(t)
+                if t.lora.rank == 0
+                    || !(t.lora.alpha.is_finite() && t.lora.alpha > 0.0)
+                    || t.lora.targets.is_empty()
+                    || t.lora.targets.len() > 7
+                    || t.lora.targets.iter().any(|n| n.len() > 16) =>
+            {
+                bad("task LoRA settings out of range")
+            }
+            Message::Task(t)
+                if t.dp.dp_sgd.is_some_and(|d| {
+                    !(d.noise_multiplier.is_finite()
+                        && d.noise_multiplier > 0.0
+                        && d.clip.is_finite()
+                        && d.clip > 0.0
+                        && (0.0..=1.0).contains(&d.sampling_rate)
+                        && d.delta > 0.0
+                        && d.delta < 1.0)
+                }) =>
+            {
+                bad("task DP-SGD settings out of range")
+            }
             Message::Task(t)
                 if !(t.params.learning_rate.is_finite()
                     && t.params.fedprox_mu.is_finite()
@@ -448,6 +514,17 @@ pub fn examples() -> Vec<Message> {
                 update_clip: 1.0,
                 client_noise_multiplier: 0.0,
                 noise_clients: 1,
+                dp_sgd: Some(DpSgdTask {
+                    noise_multiplier: 1.1,
+                    clip: 1.0,
+                    sampling_rate: 0.05,
+                    delta: 1e-5,
+                }),
+            },
+            lora: LoraSpec {
+                rank: 8,
+                alpha: 16.0,
+                targets: vec!["q".into(), "v".into()],
             },
             encoding: Encoding::Int8 { block: 64 },
             max_update_bytes: 1 << 20,
@@ -487,6 +564,11 @@ pub fn examples() -> Vec<Message> {
         Message::Goodbye(Goodbye {
             reason: "done".into(),
         }),
+        Message::Decline(Decline {
+            round: RoundId(4),
+            code: ErrorCode::BudgetExhausted,
+            reason: "device ε budget".into(),
+        }),
     ]
 }
 
@@ -497,7 +579,7 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         let all = examples();
-        assert_eq!(all.len(), 15);
+        assert_eq!(all.len(), 16);
         for m in all {
             let bytes = m.encode();
             assert_eq!(Message::decode(&bytes).unwrap(), m, "{}", m.kind_name());

@@ -48,6 +48,21 @@ impl AdapterSchema {
         Ok(s)
     }
 
+    /// The schema of 2-D tensors given as `(name, [rows, cols])` (an adapter's own description of itself).
+    pub fn from_matrices(
+        specs: impl IntoIterator<Item = (String, [usize; 2])>,
+    ) -> Result<Self, ProtocolError> {
+        Self::new(
+            specs
+                .into_iter()
+                .map(|(name, [r, c])| TensorSpec {
+                    name,
+                    shape: vec![r as u64, c as u64],
+                })
+                .collect(),
+        )
+    }
+
     /// Checks a schema that came from outside (e.g. inside a manifest): sorted, unique, sizes in range.
     pub fn validate(&self) -> Result<(), ProtocolError> {
         if self.tensors.is_empty() {

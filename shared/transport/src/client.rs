@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use quinn::{Connection, Endpoint, VarInt};
 use starling_protocol::message::{
-    Ack, BlobKind, Enrol, Goodbye, Hello, ManifestRequest, ModelFetch, NoTask, Task, TaskRequest,
-    Upload, Welcome, SUPPORTED_VERSIONS,
+    Ack, BlobKind, Decline, Enrol, Goodbye, Hello, ManifestRequest, ModelFetch, NoTask, Task,
+    TaskRequest, Upload, Welcome, SUPPORTED_VERSIONS,
 };
 use starling_protocol::{
     EnrolmentToken, Fingerprint, Message, ModelVersion, ProtocolError, SignedManifest,
@@ -24,6 +24,7 @@ use crate::framed::{read_bulk, read_message, write_bulk, write_message};
 use crate::server::CLOSE_OK;
 use crate::tls::{self, SERVER_NAME};
 use crate::{Limits, TransportError};
+use starling_protocol::message::ErrorCode;
 
 /// A device's endpoint towards one coordinator.
 pub struct Client {
@@ -79,6 +80,12 @@ impl Client {
             limits,
             software: format!("starling-transport {}", env!("CARGO_PKG_VERSION")),
         })
+    }
+
+    /// Names the software in `Hello` (the operator's logs show it).
+    pub fn with_software(mut self, software: impl Into<String>) -> Self {
+        self.software = software.into();
+        self
     }
 
     /// Where the coordinator's enrolment endpoint listens.
@@ -201,6 +208,54 @@ pub fn is_permanent(e: &TransportError) -> bool {
         | TransportError::Config(_)
         | TransportError::Connect(_) => true,
         _ => false,
+    }
+}
+
+/// A refusal of this device by the coordinator, or of the coordinator by this device, that retrying cannot
+/// fix: what a device runtime tells its operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The coordinator revoked this device's key.
+    Revoked,
+    /// The coordinator does not know this device's key (never enrolled, or enrolled elsewhere).
+    NotEnrolled,
+    /// The coordinator's key is not the pinned one (or its TLS is otherwise unacceptable).
+    UntrustedCoordinator,
+}
+
+/// QUIC carries TLS alerts as crypto errors 0x100 + alert code (RFC 9001 §4.8).
+const ALERT_CERTIFICATE_REVOKED: u64 = 0x100 + 44;
+const ALERT_ACCESS_DENIED: u64 = 0x100 + 49;
+
+/// Which permanent refusal `e` is, if any: the coordinator's TLS alerts (revoked, access denied), its
+/// close of a live connection whose key was revoked, its typed errors, or this side's refusal of the
+/// coordinator's certificate.
+pub fn refusal(e: &TransportError) -> Option<Refusal> {
+    use quinn::ConnectionError as C;
+    match e {
+        TransportError::Connection(C::ConnectionClosed(c)) => match u64::from(c.error_code) {
+            ALERT_CERTIFICATE_REVOKED => Some(Refusal::Revoked),
+            ALERT_ACCESS_DENIED => Some(Refusal::NotEnrolled),
+            0x100..=0x1ff => Some(Refusal::UntrustedCoordinator),
+            _ => None,
+        },
+        TransportError::Connection(C::ApplicationClosed(a))
+            if u64::from(a.error_code) == u64::from(crate::server::CLOSE_REVOKED) =>
+        {
+            Some(Refusal::Revoked)
+        }
+        // A crypto error raised on this side: our verifier refused the coordinator's certificate.
+        TransportError::Connection(C::TransportError(t))
+            if (0x100..0x200).contains(&u64::from(t.code)) =>
+        {
+            Some(Refusal::UntrustedCoordinator)
+        }
+        TransportError::Remote { code, .. } => match code {
+            ErrorCode::Revoked => Some(Refusal::Revoked),
+            ErrorCode::NotEnrolled => Some(Refusal::NotEnrolled),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -342,6 +397,17 @@ impl Session {
         {
             Message::Ack(a) => Ok(a),
             other => Err(unexpected("Ack", &other)),
+        }
+    }
+
+    /// Declines a round's task (the device's policy forbids it); returns the coordinator's `NoTask`.
+    pub async fn decline(&self, decline: Decline) -> Result<NoTask, TransportError> {
+        match exchange(&self.conn, &self.limits, &Message::Decline(decline), None)
+            .await?
+            .0
+        {
+            Message::NoTask(n) => Ok(n),
+            other => Err(unexpected("NoTask", &other)),
         }
     }
 

@@ -18,8 +18,8 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 use starling_protocol::bulk::BulkHeader;
 use starling_protocol::message::{
-    negotiate, Enrol, Enrolled, ErrorCode, ErrorReply, ManifestRequest, ModelFetch, TaskRequest,
-    Upload, Welcome,
+    negotiate, Decline, Enrol, Enrolled, ErrorCode, ErrorReply, ManifestRequest, ModelFetch,
+    TaskRequest, Upload, Welcome,
 };
 use starling_protocol::{Fingerprint, Message, ModelVersion, ProtocolError, SigningIdentity};
 use tokio::task::JoinHandle;
@@ -49,6 +49,8 @@ pub enum Request {
     Manifest(ManifestRequest),
     /// The client asks for a blob.
     Fetch(ModelFetch),
+    /// The client declines a round's task (answered with `NoTask`).
+    Decline(Decline),
     /// The client uploads an update (digest and size already verified).
     Upload {
         /// The announced header.
@@ -358,6 +360,7 @@ impl<H: Handler> Ctx<'_, H> {
             Message::TaskRequest(r) => Request::Task(r),
             Message::ManifestRequest(r) => Request::Manifest(r),
             Message::ModelFetch(r) => Request::Fetch(r),
+            Message::Decline(r) => Request::Decline(r),
             Message::Upload(header) => {
                 let body = read_bulk(recv, header.body, self.handler.max_upload_bytes()).await?;
                 Request::Upload { header, body }

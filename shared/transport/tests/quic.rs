@@ -12,8 +12,8 @@ use starling_protocol::bulk::BulkHeader;
 use starling_protocol::frame::encode_frame;
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
 use starling_protocol::message::{
-    Ack, BlobKind, DpTask, Enrol, ErrorCode, ErrorReply, Hello, Task, TaskRequest, TrainParams,
-    UpdateMetrics, Upload,
+    Ack, BlobKind, DpTask, Enrol, ErrorCode, ErrorReply, Hello, LoraSpec, NoTask, Task,
+    TaskRequest, TrainParams, UpdateMetrics, Upload,
 };
 use starling_protocol::update::{decode_update, encode_update};
 use starling_protocol::{
@@ -82,6 +82,12 @@ impl Handler for App {
                     update_clip: 1.0,
                     client_noise_multiplier: 0.0,
                     noise_clients: 1,
+                    dp_sgd: None,
+                },
+                lora: LoraSpec {
+                    rank: 4,
+                    alpha: 8.0,
+                    targets: vec!["q".into()],
                 },
                 encoding: Encoding::Int8 { block: 64 },
                 max_update_bytes: 1 << 20,
@@ -91,6 +97,10 @@ impl Handler for App {
                 Response::Blob(self.adapter.clone())
             }
             Request::Fetch(_) => Response::error(ErrorCode::NotFound, "no such blob"),
+            Request::Decline(_) => Response::Message(Message::NoTask(NoTask {
+                retry_after_ms: 10,
+                reason: "declined".into(),
+            })),
             Request::Upload { header, body } => {
                 if header.schema != self.schema.hash() {
                     return Response::error(ErrorCode::SchemaMismatch, "wrong adapter schema");
