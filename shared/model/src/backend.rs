@@ -7,7 +7,18 @@
 use burn::tensor::Device;
 
 /// A burn CPU backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// burn-flex, burn's current pure-Rust CPU backend.
     #[default]

@@ -138,6 +138,52 @@ impl Source {
     }
 }
 
+/// How the weights in `dir` are stored, read from the safetensors header alone: `Some(kind)` for a
+/// Starling container (its matrices' format, which loading keeps), `None` for an HF checkpoint (quantized
+/// on load to whatever is asked). Lets a caller size a model before loading it.
+pub fn stored_quant(dir: &Path) -> Result<Option<QuantType>> {
+    use std::io::Read as _;
+    let path = dir.join("model.safetensors");
+    let bad = |message: String| ModelError::Safetensors {
+        path: path.clone(),
+        message,
+    };
+    let mut f = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| ModelError::io(&path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(format!("header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| ModelError::io(&path, e))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let meta = &json["__metadata__"];
+    if meta[FORMAT_KEY].as_str() != Some(FORMAT_VALUE) {
+        return Ok(None);
+    }
+    let map: BTreeMap<String, serde_json::Value> = meta[QUANT_KEY]
+        .as_str()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .ok_or_else(|| bad(format!("missing or malformed `{QUANT_KEY}` metadata")))?;
+    // The container's format is that of its quantized matrices (rows whose width does not divide into
+    // blocks stay f32 in any container).
+    let kinds: Vec<QuantType> = map
+        .values()
+        .filter_map(|v| v["type"].as_str().and_then(QuantType::from_name))
+        .collect();
+    Ok(Some(
+        kinds
+            .iter()
+            .copied()
+            .find(|k| *k != QuantType::F32)
+            .unwrap_or(QuantType::F32),
+    ))
+}
+
 impl Llama {
     /// Loads a model directory: `config.json` plus `model.safetensors` (an HF checkpoint, quantized
     /// on load to `quant` if given, or a Starling container, whose stored format is kept).

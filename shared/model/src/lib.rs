@@ -7,6 +7,7 @@
 //! networks or clocks: callers hand it paths and data.
 
 pub mod backend;
+pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -30,4 +31,3 @@ pub use model::{KvCache, Llama};
 pub use quant::{QMatrix, QuantType};
 pub use tokenizer::Tokenizer;
 pub use train::{eval_loss, TrainConfig, Trainer};
-pub mod cli;

@@ -170,6 +170,8 @@ pub struct Trainer {
     v: Vec<Tensor<2>>,
     step: usize,
     dropout: Dropout,
+    /// FedProx: μ and the anchor (the round's starting adapter) of the proximal term μ/2·‖w − w₀‖².
+    proximal: Option<(f64, Vec<Tensor<2>>)>,
 }
 
 impl Drop for Trainer {
@@ -197,7 +199,22 @@ impl Trainer {
             v,
             step: 0,
             dropout: Dropout::new(seed ^ 0x5eed_d20f),
+            proximal: None,
         })
+    }
+
+    /// Adds FedProx's proximal term μ/2·‖w − w₀‖² to every step, anchored at the adapter's current values
+    /// (the round's starting point): its gradient μ(w − w₀) joins each step's gradient before norm clipping.
+    /// It depends only on public values, so it composes with DP-SGD as post-processing. μ = 0 removes it.
+    pub fn set_proximal(&mut self, mu: f64) -> Result<()> {
+        if !(mu.is_finite() && mu >= 0.0) {
+            return Err(ModelError::InvalidArgument(format!(
+                "proximal μ must be finite and non-negative, got {mu}"
+            )));
+        }
+        self.proximal =
+            (mu > 0.0).then(|| (mu, self.adapter.tensors().into_iter().cloned().collect()));
+        Ok(())
     }
 
     /// Optimizer steps taken so far.
@@ -360,6 +377,14 @@ impl Trainer {
                 step,
                 what: "loss".into(),
             });
+        }
+        if let Some((mu, anchor)) = &self.proximal {
+            grads = grads
+                .into_iter()
+                .zip(self.adapter.tensors())
+                .zip(anchor)
+                .map(|((g, p), a)| g + (p.clone() - a.clone()) * *mu)
+                .collect();
         }
         let norm = grads.iter().map(sum_sq).sum::<f64>().sqrt();
         if !norm.is_finite() {

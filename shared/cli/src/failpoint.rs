@@ -1,6 +1,6 @@
-//! Crash points for the recovery test. When the environment variable `STARLING_FAILPOINT` names a point,
-//! the process announces `failpoint <name>` on stderr when it reaches that point and stops there until it is
-//! killed, so a test can SIGKILL a real `serve` at an exact step of the upload / aggregate / publish path.
+//! Crash points for the recovery tests of both binaries. When the environment variable `STARLING_FAILPOINT`
+//! names a point, the process announces `failpoint <name>` on stderr when it reaches that point and stops
+//! there until it is killed, so a test can SIGKILL a real `serve` or `starling-client run` at an exact step.
 //! Unset (always, in production), a point costs one cached comparison.
 //! What must never live here: anything that changes state or behaviour other than stopping.
 
@@ -10,14 +10,16 @@ use std::time::Duration;
 /// The environment variable naming the point to stop at.
 pub const VAR: &str = "STARLING_FAILPOINT";
 
-/// The points: the body of an upload received but not yet stored; an update stored (flushed) but not yet
-/// acknowledged; a round aggregated but nothing published; a version published (one flushed transaction)
-/// but the engine and the update tree not yet told.
-pub const POINTS: [&str; 4] = [
+/// The points. Coordinator: the body of an upload received but not yet stored; an update stored (flushed)
+/// but not yet acknowledged; a round aggregated but nothing published; a version published (one flushed
+/// transaction) but the engine and the update tree not yet told. Device: an update computed and persisted
+/// but not yet uploaded.
+pub const POINTS: [&str; 5] = [
     "upload-received",
     "upload-stored",
     "aggregated",
     "published",
+    "update-persisted",
 ];
 
 /// Stops here, forever, when `STARLING_FAILPOINT` names `point`.
