@@ -124,6 +124,14 @@ pub struct TaskConfig {
     pub int8_block: u32,
     /// Largest encoded update accepted, bytes.
     pub max_update_bytes: u64,
+    /// Example-level DP-SGD on each device: noise multiplier σ (0 = off).
+    pub dp_sgd_noise_multiplier: f64,
+    /// DP-SGD per-example clip bound C.
+    pub dp_sgd_clip: f64,
+    /// DP-SGD Poisson sampling rate q (0 = each device uses batch_size / its number of sequences).
+    pub dp_sgd_sampling_rate: f64,
+    /// δ at which devices account their example-level ε.
+    pub dp_sgd_delta: f64,
 }
 
 impl Default for TaskConfig {
@@ -136,6 +144,10 @@ impl Default for TaskConfig {
             encoding: UpdateEncoding::F32,
             int8_block: 64,
             max_update_bytes: 256 << 20,
+            dp_sgd_noise_multiplier: 0.0,
+            dp_sgd_clip: 1.0,
+            dp_sgd_sampling_rate: 0.0,
+            dp_sgd_delta: 1e-5,
         }
     }
 }
@@ -244,6 +256,19 @@ impl CoordinatorConfig {
                 "task needs positive local_steps, batch_size, seq_len and learning_rate".into(),
             ));
         }
+        if !(t.dp_sgd_noise_multiplier >= 0.0
+            && t.dp_sgd_noise_multiplier.is_finite()
+            && t.dp_sgd_clip > 0.0
+            && t.dp_sgd_clip.is_finite()
+            && (0.0..=1.0).contains(&t.dp_sgd_sampling_rate)
+            && t.dp_sgd_delta > 0.0
+            && t.dp_sgd_delta < 1.0)
+        {
+            return Err(invalid(
+                "task DP-SGD needs noise_multiplier ≥ 0, clip > 0, 0 ≤ sampling_rate ≤ 1, 0 < delta < 1"
+                    .into(),
+            ));
+        }
         if !(1..=65_536).contains(&t.int8_block) {
             return Err(invalid("task.int8_block must lie in 1..=65536".into()));
         }
@@ -276,7 +301,8 @@ impl CoordinatorConfig {
              # [privacy] mode = off | central | distributed; clip, noise_multiplier, delta, epsilon_budget,\n\
              #   accountant = pld | rdp, noise_clients\n\
              # [task] local_steps, batch_size, seq_len, learning_rate, encoding = f32 | int8, int8_block,\n\
-             #   max_update_bytes\n\
+             #   max_update_bytes, dp_sgd_noise_multiplier (0 = no DP-SGD on devices), dp_sgd_clip,\n\
+             #   dp_sgd_sampling_rate (0 = batch_size / the device's sequences), dp_sgd_delta\n\
              # [adapter] rank, alpha, targets, seed\n\n{body}"
         )
     }

@@ -4,7 +4,7 @@
 //!   norm bounding, DP-FedAvg);
 //! - [`engine`]: the sans-IO round engine (events in, actions out, explicit time);
 //! - [`store`]: durable state in sled (clients, tokens, rounds, updates, models, ledger);
-//! - [`failpoint`]: named crash points for the SIGKILL recovery test;
+//! - [`failpoint`]: named crash points for the SIGKILL recovery test (shared with the device binary);
 //! - [`status`]: the status document and metrics; [`http`]: the live status page and `/metrics`;
 //! - [`config`]: coordinator.toml; [`service`]: the QUIC driver (`serve`); [`ops`]: operator commands.
 //!
@@ -13,7 +13,7 @@
 
 pub mod config;
 pub mod engine;
-pub mod failpoint;
+pub use starling_cli::failpoint;
 pub mod http;
 pub mod ops;
 pub mod service;

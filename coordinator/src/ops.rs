@@ -9,7 +9,6 @@ use starling_model::{Backend, Llama, LoraAdapter, LoraConfig, Target};
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
 use starling_protocol::{
     AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
-    TensorSpec,
 };
 
 use crate::config::CoordinatorConfig;
@@ -54,15 +53,7 @@ pub fn initial_adapter(
 
 /// The protocol schema of an adapter.
 pub fn schema_of(adapter: &LoraAdapter) -> anyhow::Result<AdapterSchema> {
-    let specs = adapter
-        .specs()
-        .into_iter()
-        .map(|(name, [r, c])| TensorSpec {
-            name,
-            shape: vec![r as u64, c as u64],
-        })
-        .collect();
-    Ok(AdapterSchema::new(specs)?)
+    Ok(AdapterSchema::from_matrices(adapter.specs())?)
 }
 
 /// What `init` created.
@@ -100,8 +91,9 @@ pub fn init(dir: &Path, base_model: &Path, config: Option<&Path>) -> anyhow::Res
     }
     let (_, adapter) = initial_adapter(&layout.base(), &cfg)?;
     let schema = schema_of(&adapter)?;
-    let weights =
-        std::fs::read(layout.base().join("model.safetensors")).context("reading the base model")?;
+    // Devices fetch the base as one bundle (config, weights, tokenizer); version 0 signs its digest.
+    let bundle =
+        starling_model::bundle::pack_dir(&layout.base()).context("bundling the base model")?;
     let tls = SigningIdentity::generate()?;
     let signing = SigningIdentity::generate()?;
     write_private(&layout.tls_key(), &tls.pkcs8_der())?;
@@ -111,7 +103,7 @@ pub fn init(dir: &Path, base_model: &Path, config: Option<&Path>) -> anyhow::Res
     let manifest = Manifest {
         version: ModelVersion(0),
         parent_digest: None,
-        base_digest: Digest::of(&weights),
+        base_digest: Digest::of(&bundle),
         adapter_digest: Digest::of(&bytes),
         adapter_schema: schema,
         round: RoundId(0),

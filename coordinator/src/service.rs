@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use starling_privacy::{Budget, DpEvent, Ledger, LedgerScope, NoisePlacement};
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
 use starling_protocol::message::{
-    Ack, BlobKind, DpTask, Enrol, ErrorCode, ErrorReply, Message, NoTask, Task, TrainParams,
+    Ack, BlobKind, Decline, DpSgdTask, DpTask, Enrol, ErrorCode, ErrorReply, LoraSpec, Message,
+    NoTask, Task, TrainParams,
 };
 use starling_protocol::update::{decode_update, UpdateLimits};
 use starling_protocol::{
@@ -132,6 +133,8 @@ pub struct Coordinator {
     schema: AdapterSchema,
     signing: SigningIdentity,
     base_digest: Digest,
+    /// The base model bundle devices fetch (its SHA-256 is `base_digest`).
+    base: Arc<[u8]>,
     inner: Mutex<Inner>,
     metrics: Metrics,
 }
@@ -194,6 +197,19 @@ impl Coordinator {
             .ok_or_else(|| ServiceError::State("version 0 missing".into()))?;
         let m0 = manifest_body(&v0.manifest)?;
         let schema = m0.adapter_schema.clone();
+        // The bundle devices fetch must be the one version 0 signed: a base directory changed since `init`
+        // would hand devices a model no manifest vouches for.
+        let base: Arc<[u8]> = starling_model::bundle::pack_dir(&layout.base())
+            .map_err(|e| ServiceError::State(format!("base model: {e}")))?
+            .into();
+        if Digest::of(&base) != m0.base_digest {
+            return Err(ServiceError::State(format!(
+                "the base model in {} is not the one version 0 was signed for (digest {}, signed {})",
+                layout.base().display(),
+                Digest::of(&base),
+                m0.base_digest
+            )));
+        }
         let mut engine = Engine::new(
             cfg.rounds.clone(),
             schema.hash(),
@@ -245,6 +261,7 @@ impl Coordinator {
         }
         Ok(Self {
             base_digest: m0.base_digest,
+            base,
             store,
             cfg,
             schema,
@@ -481,18 +498,31 @@ impl Coordinator {
                 update_clip: 0.0,
                 client_noise_multiplier: 0.0,
                 noise_clients: 1,
+                dp_sgd: None,
             },
             DpPlacement::Central => DpTask {
                 update_clip: p.clip,
                 client_noise_multiplier: 0.0,
                 noise_clients: 1,
+                dp_sgd: None,
             },
             DpPlacement::Distributed => DpTask {
                 update_clip: p.clip,
                 client_noise_multiplier: p.noise_multiplier,
                 noise_clients: p.noise_clients,
+                dp_sgd: None,
             },
         };
+        let dp = DpTask {
+            dp_sgd: (t.dp_sgd_noise_multiplier > 0.0).then_some(DpSgdTask {
+                noise_multiplier: t.dp_sgd_noise_multiplier,
+                clip: t.dp_sgd_clip,
+                sampling_rate: t.dp_sgd_sampling_rate,
+                delta: t.dp_sgd_delta,
+            }),
+            ..dp
+        };
+        let a = &self.cfg.adapter;
         Response::Message(Message::Task(Box::new(Task {
             round,
             manifest: model.manifest,
@@ -505,6 +535,11 @@ impl Coordinator {
                 fedprox_mu: mu,
             },
             dp,
+            lora: LoraSpec {
+                rank: a.rank as u32,
+                alpha: a.alpha,
+                targets: a.targets.clone(),
+            },
             encoding: match t.encoding {
                 UpdateEncoding::F32 => Encoding::F32,
                 UpdateEncoding::Int8 => Encoding::Int8 {
@@ -598,6 +633,25 @@ impl Coordinator {
             );
         }
         ack(false)
+    }
+
+    /// Records a device's refusal of a round's task and tells it when to ask again.
+    fn decline(&self, client: Fingerprint, d: &Decline, now: u64) -> Response {
+        tracing::warn!(client = %client, round = d.round.0, code = ?d.code, "task declined: {}", d.reason);
+        bump(&self.metrics.tasks_declined);
+        let record = crate::store::DeclineRecord {
+            round: d.round,
+            code: format!("{:?}", d.code),
+            reason: d.reason.clone(),
+            at: now,
+        };
+        if let Err(e) = self.store.record_decline(&client, record) {
+            tracing::error!("recording a decline: {e}");
+        }
+        Response::Message(Message::NoTask(NoTask {
+            retry_after_ms: self.cfg.rounds.retry_after_ms,
+            reason: "decline recorded".into(),
+        }))
     }
 
     /// Runs the endpoints with `tls` as the server key until the configured rounds are done (forever if
@@ -737,11 +791,14 @@ impl Handler for Coordinator {
                         Response::error(ErrorCode::NotFound, format!("no version {}", f.version.0))
                     }
                 },
-                BlobKind::Base => Response::error(
-                    ErrorCode::NotFound,
-                    "the base model is distributed out of band",
-                ),
+                BlobKind::Base => match self.store.model(f.version) {
+                    Ok(Some(_)) => Response::Blob(self.base.clone()),
+                    _ => {
+                        Response::error(ErrorCode::NotFound, format!("no version {}", f.version.0))
+                    }
+                },
             },
+            Request::Decline(d) => self.decline(client, &d, now),
             Request::Upload { header, body } => {
                 self.lock().engine.client_seen(client, now);
                 self.upload(client, &header, body)

@@ -32,7 +32,10 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
             "list": clients.iter().map(|c| serde_json::json!({
                 "fingerprint": c.fingerprint.to_hex(), "name": c.name,
                 "status": format!("{:?}", c.status).to_lowercase(),
-                "enrolled_unix_ms": c.enrolled_at, "last_seen_unix_ms": c.last_seen })).collect::<Vec<_>>() },
+                "enrolled_unix_ms": c.enrolled_at, "last_seen_unix_ms": c.last_seen, "declines": c.declines,
+                "last_decline": c.last_decline.as_ref().map(|d| serde_json::json!({
+                    "round": d.round.0, "code": d.code, "reason": d.reason, "at_unix_ms": d.at })),
+            })).collect::<Vec<_>>() },
         "epsilon_spent": model.as_ref().map_or(0.0, |m| m.dp.epsilon_spent),
         "delta": model.as_ref().map_or(0.0, |m| m.dp.delta),
         "strategy": model.as_ref().map(|m| m.strategy.clone()),
@@ -65,6 +68,8 @@ pub struct Metrics {
     pub upload_bytes: AtomicU64,
     /// Tasks handed out.
     pub tasks_offered: AtomicU64,
+    /// Tasks devices declined (their own policy: privacy budget, memory, ...).
+    pub tasks_declined: AtomicU64,
     /// Rounds abandoned for too few updates.
     pub rounds_abandoned: AtomicU64,
     /// Rounds refused because the privacy budget would be exceeded.
@@ -110,6 +115,12 @@ impl Metrics {
             "counter",
             "Training tasks handed out since start.",
             &[("", get(&self.tasks_offered))],
+        );
+        put(
+            "starling_tasks_declined_total",
+            "counter",
+            "Training tasks devices declined since start (device privacy budget, memory, ...).",
+            &[("", get(&self.tasks_declined))],
         );
         put(
             "starling_rounds_abandoned_total",

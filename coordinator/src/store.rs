@@ -77,6 +77,23 @@ pub struct ClientRecord {
     pub enrolled_at: u64,
     /// Last request (Unix ms).
     pub last_seen: u64,
+    /// Tasks this device declined (its own policy: privacy budget, memory, ...).
+    pub declines: u64,
+    /// The most recent decline, as the device stated it.
+    pub last_decline: Option<DeclineRecord>,
+}
+
+/// A task a device declined, as recorded for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeclineRecord {
+    /// The round declined.
+    pub round: RoundId,
+    /// The device's typed reason (an error code name, e.g. `BudgetExhausted`).
+    pub code: String,
+    /// The device's explanation.
+    pub reason: String,
+    /// When (Unix ms).
+    pub at: u64,
 }
 
 /// A token issued by `enrol`, waiting for its device.
@@ -240,6 +257,8 @@ impl Store {
                 status: ClientStatus::Active,
                 enrolled_at: now,
                 last_seen: now,
+                declines: 0,
+                last_decline: None,
             };
             clients.insert(&client.0, encode(&rec))?;
             Ok(Some(rec))
@@ -273,6 +292,21 @@ impl Store {
         self.clients.insert(fp.0, encode(&rec))?;
         self.flush()?;
         Ok(true)
+    }
+
+    /// Records that a client declined a round's task (flushed: the operator's record of it must survive).
+    pub fn record_decline(
+        &self,
+        fp: &Fingerprint,
+        decline: DeclineRecord,
+    ) -> Result<(), StoreError> {
+        if let Some(mut rec) = self.client(fp)? {
+            rec.declines += 1;
+            rec.last_decline = Some(decline);
+            self.clients.insert(fp.0, encode(&rec))?;
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Notes a client's activity (not flushed: losing it costs nothing).
