@@ -3,6 +3,7 @@
 //! What must never live here: assertions about speed (benchmarks report, tests decide correctness).
 
 pub mod aggregate;
+pub mod client;
 pub mod model;
 pub mod privacy;
 pub mod transport;

@@ -3,7 +3,8 @@
 //! `train --config S|M [--quant f32|q8_0|q4_0] [--engine native|burn] [--backend flex|ndarray]`: LoRA
 //! training throughput;
 //! `decode`: KV-cache decoding; `privacy`: exact Gaussian noise beside opendp's; `transport`: QUIC uploads,
-//! handshakes and update codecs; `aggregate`: FedAvg / trimmed mean / median beside memcpy.
+//! handshakes and update codecs; `aggregate`: FedAvg / trimmed mean / median beside memcpy; `client`: the
+//! device binary's size and its peak RSS during one real round.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -67,6 +68,9 @@ enum Cmd {
     Transport(bench::transport::Args),
     /// Aggregation throughput (GB/s) beside a plain memcpy of the same bytes.
     Aggregate(bench::aggregate::Args),
+    /// The device: stripped release size of starling-client, and its peak RSS during one real round
+    /// (real coordinator and client processes) on the shipped model and on config M.
+    Client(bench::client::Args),
 }
 
 fn main() -> Result<()> {
@@ -92,5 +96,6 @@ fn main() -> Result<()> {
         } => bench::privacy::run(&sizes, opendp_size, noise_multiplier, repeats.max(1)),
         Cmd::Transport(args) => bench::transport::run(&args),
         Cmd::Aggregate(args) => bench::aggregate::run(&args),
+        Cmd::Client(args) => bench::client::run(&args),
     }
 }

@@ -1,0 +1,147 @@
+//! Device benchmarks: the size of the stripped release `starling-client`, and the peak RSS of a real
+//! `starling-client run` process during one real round against a real `starling-coordinator serve` (QUIC on
+//! loopback) — on the shipped model, and on config M (SmolLM2-135M's shape, random weights, Q8_0).
+//! Needs the release binaries: `cargo build --release -p starling-client -p starling-coordinator`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use starling_model::{Llama, QuantType};
+use starling_tests::{Coord, Device, Serving};
+
+use super::model::Shape;
+
+/// Arguments of `starling-bench client`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Models to run a round on: `tiny` (the shipped model) and/or `M`.
+    #[arg(long, value_delimiter = ',', default_value = "tiny,M")]
+    pub models: Vec<String>,
+    /// Local steps of the round on the tiny model.
+    #[arg(long, default_value_t = 20)]
+    pub tiny_steps: u32,
+    /// Local steps of the round on config M.
+    #[arg(long, default_value_t = 2)]
+    pub m_steps: u32,
+    /// Training threads of the device.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+/// A process's peak resident set (VmHWM) in bytes, 0 when unreadable.
+fn peak_rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Size of `binary`, and of a stripped copy (when `strip` is installed).
+fn sizes(binary: &Path) -> Result<(u64, Option<u64>)> {
+    let size = std::fs::metadata(binary)
+        .with_context(|| format!("{} (build it with --release first)", binary.display()))?
+        .len();
+    let tmp = tempfile::tempdir()?;
+    let copy = tmp.path().join("starling-client");
+    std::fs::copy(binary, &copy)?;
+    let stripped = std::process::Command::new("strip")
+        .arg(&copy)
+        .status()
+        .ok()
+        .filter(|s| s.success())
+        .and_then(|_| std::fs::metadata(&copy).ok())
+        .map(|m| m.len());
+    Ok((size, stripped))
+}
+
+/// Runs the device benchmarks and prints one JSON line per figure.
+pub fn run(a: &Args) -> Result<()> {
+    let client = starling_tests::binary("starling-client");
+    let (size, stripped) = sizes(&client)?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "client", "metric": "binary_size", "bytes": size,
+            "stripped_bytes": stripped, "path": client.display().to_string()})
+    );
+    for m in &a.models {
+        let (label, steps, batch, seq) = match m.as_str() {
+            "tiny" => ("tiny", a.tiny_steps, 8, 128),
+            "M" | "m" => {
+                let (_, seq, batch) = Shape::M.config();
+                ("M", a.m_steps, batch as u32, seq as u32)
+            }
+            other => bail!("unknown model {other:?} (tiny or M)"),
+        };
+        round(label, steps, batch, seq, a.threads)?;
+    }
+    Ok(())
+}
+
+/// The base model directory of `label`: the shipped model, or a random config-M model stored as Q8_0.
+fn base_model(label: &str, tmp: &Path) -> Result<PathBuf> {
+    if label == "tiny" {
+        return Ok(starling_tests::root().join("assets/models/starling-tiny"));
+    }
+    let dir = tmp.join("base-m");
+    let (config, _, _) = Shape::M.config();
+    let model = Llama::random(
+        config,
+        QuantType::Q8_0,
+        &starling_model::Backend::Flex.device(),
+        1,
+    )?;
+    model.save(&dir)?;
+    Ok(dir)
+}
+
+/// One round on `label`: coordinator and device processes; prints the device's peak RSS.
+fn round(label: &str, steps: u32, batch: u32, seq: u32, threads: usize) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let base = base_model(label, tmp.path())?;
+    let config = format!(
+        "[network]\nlisten = \"127.0.0.1:0\"\nenrol_listen = \"127.0.0.1:0\"\nhttp = false\n\
+         [rounds]\nmin_clients = 1\nselection = {{ count = 1 }}\nmin_updates = 1\nrounds = 1\n\
+         retry_after_ms = 100\n[task]\nlocal_steps = {steps}\nbatch_size = {batch}\nseq_len = {seq}\n\
+         learning_rate = 0.002\n[adapter]\nrank = 8\ntargets = [\"q\", \"v\"]\n"
+    );
+    let coord = Coord::init_with_base(&tmp.path().join("coord"), &config, &base);
+    let enrolment = coord.enrol("bench-device");
+    let serving = Serving::start(&coord);
+    let device = Device::enrol(&tmp.path().join("device"), &serving, &enrolment);
+    device.edit_config("threads = 0", &format!("threads = {threads}"));
+    let text = starling_tests::root().join("assets/shakespeare/hamlet.txt");
+    let started = Instant::now();
+    let proc = device.run(&text, None);
+    let pid = proc.pid();
+    let mut peak = 0;
+    let done = loop {
+        peak = peak.max(peak_rss_of(pid));
+        if proc.printed("update acknowledged") {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    peak = peak.max(peak_rss_of(pid));
+    let secs = started.elapsed().as_secs_f64();
+    proc.terminate();
+    let _ = proc.wait_exit(60);
+    let _ = serving.proc.wait_exit(120);
+    if !done {
+        bail!("the {label} round did not finish within an hour");
+    }
+    println!(
+        "{}",
+        serde_json::json!({"bench": "client", "metric": "round_peak_rss", "model": label,
+            "local_steps": steps, "batch": batch, "seq": seq, "threads": threads,
+            "peak_rss_bytes": peak, "peak_rss_mb": peak as f64 / 1e6, "round_seconds": secs})
+    );
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! starling-tests: end-to-end tests that span crates and processes (in `tests/`); this library holds what
+//! they share — the real `starling-coordinator` and `starling-client` binaries, coordinator directories, a
+//! running `serve`, running devices, and reading published versions. What must never live here: product
+//! code or fakes of it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use starling_protocol::ModelVersion;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A workspace binary built beside the running program: next to it (a benchmark in `target/release`) or one
+/// folder up (a test in `target/debug/deps`; `cargo test --workspace` builds both binaries, since their
+/// packages have integration tests). `STARLING_BIN_DIR` names the folder instead.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let candidates: Vec<PathBuf> = match std::env::var_os("STARLING_BIN_DIR") {
+        Some(d) => vec![PathBuf::from(d)],
+        None => exe
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .map(Path::to_path_buf)
+            .collect(),
+    };
+    let path = candidates
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not built beside {}: run `cargo build -p starling-client -p \
+                 starling-coordinator` (with --release for benchmarks) first",
+                exe.display()
+            )
+        });
+    // `cargo test -p starling-tests` alone does not rebuild other packages' binaries: refuse a stale one
+    // rather than test old code.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some((newest, file))) = (built, newest_source()) {
+        assert!(
+            built >= newest,
+            "{} is older than {}: rebuild it (`cargo build -p starling-client -p starling-coordinator`, \
+             or run the whole `cargo test --workspace`)",
+            path.display(),
+            file.display()
+        );
+    }
+    path
+}
+
+/// The most recently modified Rust source of the crates the binaries are built from.
+fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
+    fn walk(dir: &Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, best);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    if best.as_ref().is_none_or(|(b, _)| t > *b) {
+                        *best = Some((t, p));
+                    }
+                }
+            }
+        }
+    }
+    let mut best = None;
+    for krate in [
+        "client",
+        "coordinator",
+        "shared/model",
+        "shared/privacy",
+        "shared/protocol",
+        "shared/transport",
+        "shared/cli",
+    ] {
+        walk(&root().join(krate).join("src"), &mut best);
+    }
+    best
+}
+
+fn command(name: &str) -> Command {
+    let mut c = Command::new(binary(name));
+    c.env_remove("RUST_BACKTRACE")
+        .env_remove("STARLING_FAILPOINT")
+        .env(
+            "RUST_LOG",
+            std::env::var("STARLING_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    c
+}
+
+/// `starling-coordinator ARGS`, which must succeed and print one JSON value.
+pub fn coordinator_json(args: &[&str]) -> serde_json::Value {
+    let out = command("starling-coordinator")
+        .args(args)
+        .output()
+        .expect("running starling-coordinator");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON value")
+}
+
+/// `starling-client ARGS`: (exit status, stdout, stderr).
+pub fn client_cmd(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = command("starling-client")
+        .args(args)
+        .output()
+        .expect("running starling-client");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A coordinator directory made by `init`.
+pub struct Coord {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Coord {
+    /// `init` with the shipped base model and `config`.
+    pub fn init(dir: &Path, config: &str) -> Self {
+        Self::init_with_base(dir, config, &root().join("assets/models/starling-tiny"))
+    }
+
+    /// `init` with the base model in `base` and `config`.
+    pub fn init_with_base(dir: &Path, config: &str, base: &Path) -> Self {
+        let cfg = dir.with_extension("toml");
+        std::fs::write(&cfg, config).expect("writing the configuration");
+        coordinator_json(&[
+            "init",
+            "--dir",
+            dir.to_str().unwrap_or_default(),
+            "--base-model",
+            base.to_str().unwrap_or_default(),
+            "--config",
+            cfg.to_str().unwrap_or_default(),
+        ]);
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The directory as an argument.
+    pub fn arg(&self) -> &str {
+        self.dir.to_str().unwrap_or_default()
+    }
+
+    /// `enrol --json` (the store must not be held by a running `serve`): token, pin and signing key.
+    pub fn enrol(&self, name: &str) -> Enrolment {
+        let v = coordinator_json(&["enrol", "--dir", self.arg(), "--name", name, "--json"]);
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Enrolment {
+            name: name.into(),
+            token: s("token"),
+            pin: s("fingerprint"),
+            signing_key: s("signing_key"),
+        }
+    }
+
+    /// `status --json` (from the store, or live from the running `serve`).
+    pub fn status(&self) -> serde_json::Value {
+        coordinator_json(&["status", "--dir", self.arg(), "--json"])
+    }
+
+    /// Rewrites one line of `coordinator.toml` (`from` must occur).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        edit(&self.dir.join("coordinator.toml"), from, to);
+    }
+
+    /// The published adapter of `version` as f32 values (the coordinator must be stopped).
+    pub fn adapter(&self, version: u64) -> Vec<f32> {
+        let store = starling_coordinator::store::Store::open(&self.dir.join("store"))
+            .expect("opening the store");
+        let model = store
+            .model(ModelVersion(version))
+            .expect("reading the store")
+            .unwrap_or_else(|| panic!("no version {version}"));
+        starling_coordinator::service::adapter_values(&model.adapter)
+    }
+}
+
+/// Replaces `from` with `to` in a text file; `from` must occur.
+pub fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).expect("reading a file to edit");
+    assert!(text.contains(from), "{} has no {from:?}", path.display());
+    std::fs::write(path, text.replace(from, to)).expect("writing an edited file");
+}
+
+/// What a device needs to enrol.
+#[derive(Debug, Clone)]
+pub struct Enrolment {
+    /// Device name.
+    pub name: String,
+    /// One-time token.
+    pub token: String,
+    /// Coordinator fingerprint to pin.
+    pub pin: String,
+    /// Model-signing key to trust.
+    pub signing_key: String,
+}
+
+/// A child process whose stderr is echoed (prefixed) and kept as lines to wait on. Killed when dropped.
+pub struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Spawns `cmd`; with `first_line`, waits for the first line it prints on stdout and returns it.
+    fn spawn(mut cmd: Command, tag: String, first_line: bool) -> (Self, Option<String>) {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning a process");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        if let Some(err) = child.stderr.take() {
+            let seen = seen.clone();
+            let tag = tag.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("[{tag}] {line}");
+                    if let Ok(mut s) = seen.lock() {
+                        s.push(line.clone());
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let mut first = None;
+        if let Some(out) = child.stdout.take() {
+            let mut reader = BufReader::new(out);
+            if first_line {
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_ok() && !line.is_empty() {
+                    first = Some(line);
+                }
+            }
+            std::thread::spawn(move || for _ in reader.lines() {});
+        }
+        (Self { child, lines, seen }, first)
+    }
+
+    /// Waits (up to `secs`) for a stderr line containing `needle`; returns it.
+    pub fn wait_for(&self, needle: &str, secs: u64) -> String {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            match self
+                .lines
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!("no line with {needle:?} in {secs} s"),
+                Err(RecvTimeoutError::Disconnected) => panic!("exited before printing {needle:?}"),
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether any stderr line so far contains `needle`.
+    pub fn printed(&self, needle: &str) -> bool {
+        self.seen
+            .lock()
+            .map(|s| s.iter().any(|l| l.contains(needle)))
+            .unwrap_or(false)
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (a device's clean shutdown).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits (up to `secs`) for the process to exit by itself.
+    pub fn wait_exit(mut self, secs: u64) -> ExitStatus {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < until, "still running after {secs} s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `serve`.
+pub struct Serving {
+    /// The process.
+    pub proc: Proc,
+    /// Its QUIC endpoint.
+    pub addr: String,
+    /// Its enrolment endpoint.
+    pub enrol: String,
+}
+
+impl Serving {
+    /// Starts `serve --dir`.
+    pub fn start(coord: &Coord) -> Self {
+        let mut cmd = command("starling-coordinator");
+        cmd.args(["serve", "--dir", coord.arg()]);
+        let (proc, first) = Proc::spawn(cmd, "serve".into(), true);
+        let line = first.unwrap_or_default();
+        let bound: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve printed {line:?}: {e}"));
+        let s = |k: &str| bound[k].as_str().unwrap_or_default().to_string();
+        Self {
+            proc,
+            addr: s("listening"),
+            enrol: s("enrol"),
+        }
+    }
+}
+
+/// A device's state directory.
+pub struct Device {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its name.
+    pub name: String,
+}
+
+impl Device {
+    /// `starling-client enrol` against `serving` with `e`; panics on failure.
+    pub fn enrol(dir: &Path, serving: &Serving, e: &Enrolment) -> Self {
+        let (status, out, err) = client_cmd(&[
+            "enrol",
+            "--dir",
+            dir.to_str().unwrap_or_default(),
+            "--coordinator",
+            &serving.addr,
+            "--enrol-address",
+            &serving.enrol,
+            "--token",
+            &e.token,
+            "--pin",
+            &e.pin,
+            "--signing-key",
+            &e.signing_key,
+            "--name",
+            &e.name,
+        ]);
+        assert!(status.success(), "enrol {}: {out}{err}", e.name);
+        let d = Self {
+            dir: dir.to_path_buf(),
+            name: e.name.clone(),
+        };
+        // Tests reconnect quickly after a coordinator restart.
+        d.edit_config("backoff_max_ms = 60000", "backoff_max_ms = 1000");
+        d
+    }
+
+    /// Rewrites one line of this device's `client.toml`.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        edit(&self.dir.join("client.toml"), from, to);
+    }
+
+    /// Starts `starling-client run` on `data`, with `failpoint` armed if given.
+    pub fn run(&self, data: &Path, failpoint: Option<&str>) -> Proc {
+        let mut cmd = command("starling-client");
+        cmd.args([
+            "run",
+            "--dir",
+            self.dir.to_str().unwrap_or_default(),
+            "--data",
+            data.to_str().unwrap_or_default(),
+            "--retry-ms",
+            "300",
+        ]);
+        if let Some(p) = failpoint {
+            cmd.env("STARLING_FAILPOINT", p);
+        }
+        Proc::spawn(cmd, self.name.clone(), false).0
+    }
+
+    /// `starling-client status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let (status, out, err) = client_cmd(&[
+            "status",
+            "--dir",
+            self.dir.to_str().unwrap_or_default(),
+            "--json",
+        ]);
+        assert!(status.success(), "status: {err}");
+        serde_json::from_str(&out).expect("status JSON")
+    }
+}
+
+/// Polls `f` every 100 ms for up to `secs` seconds until it returns true.
+pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < until,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
