@@ -104,6 +104,8 @@ pub struct NetworkSection {
     pub backoff_base_ms: u64,
     /// Longest reconnection delay, ms.
     pub backoff_max_ms: u64,
+    /// Time allowed for connecting (QUIC and TLS handshakes, version negotiation), seconds.
+    pub connect_timeout_s: u64,
     /// Time allowed for one exchange (a model download included), seconds.
     pub exchange_timeout_s: u64,
     /// Close a silent connection after this long, seconds.
@@ -115,6 +117,7 @@ impl Default for NetworkSection {
         Self {
             backoff_base_ms: 500,
             backoff_max_ms: 60_000,
+            connect_timeout_s: 10,
             exchange_timeout_s: 300,
             idle_timeout_s: 60,
         }
@@ -256,8 +259,11 @@ impl ClientConfig {
         if n.backoff_base_ms == 0 || n.backoff_max_ms < n.backoff_base_ms {
             return Err("network needs 0 < backoff_base_ms ≤ backoff_max_ms".into());
         }
-        if n.exchange_timeout_s == 0 || n.idle_timeout_s < 2 {
-            return Err("network needs exchange_timeout_s ≥ 1 and idle_timeout_s ≥ 2".into());
+        if n.exchange_timeout_s == 0 || n.connect_timeout_s == 0 || n.idle_timeout_s < 2 {
+            return Err(
+                "network needs connect_timeout_s ≥ 1, exchange_timeout_s ≥ 1 and idle_timeout_s ≥ 2"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -332,6 +338,8 @@ accountant = "{accountant}"
 # Reconnection backoff: first delay and cap, ms (exponential, full jitter).
 backoff_base_ms = {}
 backoff_max_ms = {}
+# Time allowed for connecting (handshakes included), seconds: a coordinator that is down costs this long.
+connect_timeout_s = {}
 # Time allowed for one exchange, model downloads included, seconds.
 exchange_timeout_s = {}
 # Close a silent connection after this long, seconds.
@@ -352,6 +360,7 @@ idle_timeout_s = {}
             p.delta,
             n.backoff_base_ms,
             n.backoff_max_ms,
+            n.connect_timeout_s,
             n.exchange_timeout_s,
             n.idle_timeout_s,
         )

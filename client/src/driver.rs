@@ -216,15 +216,26 @@ impl Runtime {
                         tokio::time::sleep(Duration::from_millis(delay)).await;
                         events.push_back(Event::Timer);
                     }
-                    Action::Connect => events.push_back(match client.connect().await {
-                        Ok(s) => {
-                            let id = s.welcome().client_id;
-                            tracing::info!(latest = s.welcome().latest_model.0, "connected");
-                            conn = Some(s);
-                            Event::Connected { client_id: id }
-                        }
-                        Err(e) => disconnected(&e),
-                    }),
+                    Action::Connect => events.push_back(
+                        match tokio::time::timeout(
+                            Duration::from_secs(self.cfg.network.connect_timeout_s),
+                            client.connect(),
+                        )
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(TransportError::Timeout(Duration::from_secs(
+                                self.cfg.network.connect_timeout_s,
+                            )))
+                        }) {
+                            Ok(s) => {
+                                let id = s.welcome().client_id;
+                                tracing::info!(latest = s.welcome().latest_model.0, "connected");
+                                conn = Some(s);
+                                Event::Connected { client_id: id }
+                            }
+                            Err(e) => disconnected(&e),
+                        },
+                    ),
                     Action::DiscardPending { round } => {
                         let path = self.dir.pending(round);
                         if let Err(e) = std::fs::remove_file(&path) {

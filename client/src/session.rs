@@ -141,6 +141,8 @@ pub struct Progress {
     pub user_level: Option<UserLevel>,
     /// Tasks declined.
     pub declined: u64,
+    /// The round declined last (its task is not evaluated again).
+    pub declined_round: Option<u64>,
     /// The last error.
     pub last_error: Option<ErrorNote>,
 }
@@ -592,7 +594,9 @@ impl Session {
             return self.upload_pending();
         }
         let round = task.round.0;
-        if self.progress.trained_rounds.contains(&round) {
+        if self.progress.trained_rounds.contains(&round)
+            || self.progress.declined_round == Some(round)
+        {
             // Trained once already (its update was acknowledged or refused): never spend privacy twice.
             return vec![self.wait(now.saturating_add(self.cfg.retry_ms), Next::RequestTask)];
         }
@@ -771,6 +775,7 @@ impl Session {
     ) -> Vec<Action> {
         self.note(now, format!("declining round {}: {reason}", round.0));
         self.progress.declined += 1;
+        self.progress.declined_round = Some(round.0);
         self.phase = Phase::Declining;
         vec![
             Action::Persist,

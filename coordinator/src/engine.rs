@@ -13,7 +13,7 @@
 //! write an upload durably between [`Engine::check_update`] and [`Engine::record_update`], and only then ack.
 //! What must never live here: sockets, clocks, threads, files, randomness not derived from the seed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -238,6 +238,8 @@ struct Round {
     record: RoundRecord,
     received: BTreeMap<UpdateId, Fingerprint>,
     reported: HashMap<Fingerprint, UpdateId>,
+    /// Selected clients that declined the task (their device's policy): they will send nothing.
+    declined: HashSet<Fingerprint>,
 }
 
 /// The round engine.
@@ -289,6 +291,7 @@ impl Engine {
             record,
             received: BTreeMap::new(),
             reported: HashMap::new(),
+            declined: HashSet::new(),
         };
         for u in stored.iter().filter(|u| u.round == round.record.id) {
             round.received.insert(u.update_id, u.client);
@@ -350,6 +353,8 @@ impl Engine {
                     wait("not selected for this round")
                 } else if r.reported.contains_key(&client) {
                     wait("update already received")
+                } else if r.declined.contains(&client) {
+                    wait("task declined")
                 } else {
                     TaskDecision::Task {
                         round: r.record.id,
@@ -421,11 +426,32 @@ impl Engine {
         }
     }
 
+    /// A selected client declined `round`'s task: it is not offered again, and the round closes as soon as
+    /// every other selected client has reported. Returns whether it counted (a decline for another round, or
+    /// from a client that was not selected or already reported, changes nothing).
+    pub fn declined(&mut self, client: Fingerprint, round: RoundId) -> bool {
+        match &mut self.round {
+            Some(r)
+                if r.record.id == round
+                    && r.record.phase == RoundPhase::Collecting
+                    && r.record.selected.contains(&client)
+                    && !r.reported.contains_key(&client) =>
+            {
+                r.declined.insert(client)
+            }
+            _ => false,
+        }
+    }
+
     /// Advances time: starts, closes or abandons rounds.
     pub fn tick(&mut self, now: Millis) -> Vec<Action> {
         let mut actions = Vec::new();
         if let Some(r) = &mut self.round {
-            let all_in = r.record.selected.iter().all(|c| r.reported.contains_key(c));
+            let all_in = r
+                .record
+                .selected
+                .iter()
+                .all(|c| r.reported.contains_key(c) || r.declined.contains(c));
             match r.record.phase {
                 RoundPhase::Collecting if all_in || now >= r.record.deadline => {
                     if r.received.len() >= self.cfg.min_updates {
@@ -474,6 +500,7 @@ impl Engine {
                 record,
                 received: BTreeMap::new(),
                 reported: HashMap::new(),
+                declined: HashSet::new(),
             });
         }
         actions
@@ -835,6 +862,38 @@ mod tests {
             }
         ));
         assert!(again.published(RoundId(1), ModelVersion(2)).is_err());
+    }
+
+    #[test]
+    fn a_declined_task_is_not_offered_again_and_the_round_closes_without_waiting() {
+        let cfg = EngineConfig {
+            min_clients: 2,
+            selection: Selection::Count(2),
+            min_updates: 1,
+            round_timeout_ms: 1000,
+            ..Default::default()
+        };
+        let mut e = engine(cfg);
+        e.client_seen(fp(1), 0);
+        e.client_seen(fp(2), 0);
+        assert!(matches!(e.tick(0)[0], Action::RoundStarted(_)));
+        assert!(!e.declined(fp(1), RoundId(7)), "another round: ignored");
+        assert!(!e.declined(fp(9), RoundId(1)), "not selected: ignored");
+        assert!(e.declined(fp(1), RoundId(1)));
+        assert!(matches!(
+            e.task_request(fp(1), 5),
+            TaskDecision::NoTask {
+                reason: "task declined",
+                ..
+            }
+        ));
+        assert!(e.tick(6).is_empty(), "client 2 has not reported yet");
+        upload(&mut e, &meta(2, 1, 1), 10).unwrap();
+        let a = e.tick(11);
+        assert!(
+            matches!(&a[..], [Action::Aggregate { updates, .. }] if updates.len() == 1),
+            "closes at once, long before the deadline: {a:?}"
+        );
     }
 
     #[test]

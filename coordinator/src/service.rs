@@ -639,6 +639,7 @@ impl Coordinator {
     fn decline(&self, client: Fingerprint, d: &Decline, now: u64) -> Response {
         tracing::warn!(client = %client, round = d.round.0, code = ?d.code, "task declined: {}", d.reason);
         bump(&self.metrics.tasks_declined);
+        self.lock().engine.declined(client, d.round);
         let record = crate::store::DeclineRecord {
             round: d.round,
             code: format!("{:?}", d.code),

@@ -48,7 +48,7 @@ pub fn binary(name: &str) -> PathBuf {
     // `cargo test -p starling-tests` alone does not rebuild other packages' binaries: refuse a stale one
     // rather than test old code.
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-    if let (Some(built), Some((newest, file))) = (built, newest_source()) {
+    if let (Some(built), Some((newest, file))) = (built, newest_source(name)) {
         assert!(
             built >= newest,
             "{} is older than {}: rebuild it (`cargo build -p starling-client -p starling-coordinator`, \
@@ -60,8 +60,8 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// The most recently modified Rust source of the crates the binaries are built from.
-fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
+/// The most recently modified Rust source of the crates binary `name` is built from.
+fn newest_source(name: &str) -> Option<(std::time::SystemTime, PathBuf)> {
     fn walk(dir: &Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
@@ -79,10 +79,14 @@ fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
             }
         }
     }
+    let own = if name == "starling-client" {
+        "client"
+    } else {
+        "coordinator"
+    };
     let mut best = None;
     for krate in [
-        "client",
-        "coordinator",
+        own,
         "shared/model",
         "shared/privacy",
         "shared/protocol",
@@ -182,6 +186,14 @@ impl Coord {
     /// `status --json` (from the store, or live from the running `serve`).
     pub fn status(&self) -> serde_json::Value {
         coordinator_json(&["status", "--dir", self.arg(), "--json"])
+    }
+
+    /// Makes the next `serve` listen where `serving` did (devices keep the address they enrolled with).
+    pub fn keep_address(&self, serving: &Serving) {
+        self.edit_config(
+            "\nlisten = \"127.0.0.1:0\"",
+            &format!("\nlisten = \"{}\"", serving.addr),
+        );
     }
 
     /// Rewrites one line of `coordinator.toml` (`from` must occur).
@@ -388,6 +400,7 @@ impl Device {
         };
         // Tests reconnect quickly after a coordinator restart.
         d.edit_config("backoff_max_ms = 60000", "backoff_max_ms = 1000");
+        d.edit_config("connect_timeout_s = 10", "connect_timeout_s = 2");
         d
     }
 
