@@ -148,13 +148,14 @@ fn a_tampered_adapter_is_refused_and_the_device_keeps_its_model() {
     coord.edit_config("rounds = 1", "rounds = 2");
     let serving = Serving::start(&coord);
     run.wait_for("refusing model version 1", 120);
+    // The refusal is persisted right after it is logged.
+    eventually(10, "the refusal in the device's status", || {
+        device.status()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("digest") && e.contains("keeping version 0"))
+    });
     let s = device.status();
     assert_eq!(s["model_version"], 0, "the previous model is kept: {s}");
-    let err = s["last_error"].as_str().unwrap();
-    assert!(
-        err.contains("digest") && err.contains("keeping version 0"),
-        "{err}"
-    );
     run.kill();
     serving.proc.kill();
 }
