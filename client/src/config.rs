@@ -219,7 +219,7 @@ impl ClientConfig {
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.into(),
-            message: e.to_string(),
+            message: one_line(text, &e),
         })?;
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: origin.into(),
@@ -364,6 +364,20 @@ idle_timeout_s = {}
             n.exchange_timeout_s,
             n.idle_timeout_s,
         )
+    }
+}
+
+/// A TOML error as one line: `line L, column C: message` (the parser's own text spans several lines).
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
     }
 }
 

@@ -452,6 +452,15 @@ impl Session {
         vec![self.wait(now.saturating_add(delay), Next::Connect)]
     }
 
+    /// Refuses an offered model (`what` says which and why), keeps the one held, asks again later.
+    fn refuse_model(&mut self, now: Millis, what: String) -> Vec<Action> {
+        let held = self
+            .held_version()
+            .map_or("none".into(), |v| v.0.to_string());
+        self.note(now, format!("{what}; keeping version {held}"));
+        self.retry_later(now)
+    }
+
     fn retry_later(&mut self, now: Millis) -> Vec<Action> {
         vec![
             Action::Persist,
@@ -501,14 +510,7 @@ impl Session {
                     self.reconnect_later(now)
                 }
                 PrepareFailure::Tampered | PrepareFailure::Local => {
-                    let held = self
-                        .held_version()
-                        .map_or("none".into(), |v| v.0.to_string());
-                    self.note(
-                        now,
-                        format!("refusing the offered model ({error}); keeping version {held}"),
-                    );
-                    self.retry_later(now)
+                    self.refuse_model(now, format!("refusing the offered model ({error})"))
                 }
                 PrepareFailure::Decline(code) => {
                     let round = match &self.phase {
@@ -609,21 +611,13 @@ impl Session {
                     return self.retry_later(now);
                 }
             },
-            _ => {
-                match self.verifier.verify(&task.manifest) {
-                    Ok(m) => (m, true),
-                    Err(e) => {
-                        let held = self
-                            .held_version()
-                            .map_or("none".into(), |v| v.0.to_string());
-                        self.note(
-                        now,
-                        format!("refusing the manifest of round {round}: {e}; keeping version {held}"),
-                    );
-                        return self.retry_later(now);
-                    }
+            _ => match self.verifier.verify(&task.manifest) {
+                Ok(m) => (m, true),
+                Err(e) => {
+                    return self
+                        .refuse_model(now, format!("refusing the manifest of round {round}: {e}"));
                 }
-            }
+            },
         };
         if let Some(w) = self.cfg.window {
             if !w.contains(local_minute) {
@@ -678,17 +672,8 @@ impl Session {
                     actions.push(Action::Persist);
                 }
                 Err(e) => {
-                    let held = self
-                        .held_version()
-                        .map_or("none".into(), |v| v.0.to_string());
-                    self.note(
-                        now,
-                        format!(
-                            "refusing model version {}: {e}; keeping version {held}",
-                            manifest.version.0
-                        ),
-                    );
-                    return self.retry_later(now);
+                    let what = format!("refusing model version {}: {e}", manifest.version.0);
+                    return self.refuse_model(now, what);
                 }
             }
         }

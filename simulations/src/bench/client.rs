@@ -31,14 +31,7 @@ pub struct Args {
 
 /// A process's peak resident set (VmHWM) in bytes, 0 when unreadable.
 fn peak_rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    super::peak_rss_in(&format!("/proc/{pid}/status"))
 }
 
 /// Size of `binary`, and of a stripped copy (when `strip` is installed).

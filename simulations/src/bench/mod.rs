@@ -10,7 +10,12 @@ pub mod transport;
 
 /// Peak resident set size of this process in bytes (Linux VmHWM; 0 where unavailable).
 pub fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_in("/proc/self/status")
+}
+
+/// Peak resident set size in bytes from a Linux `/proc/<pid>/status` file (0 where unavailable).
+pub fn peak_rss_in(status: &str) -> u64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| {
             s.lines()
