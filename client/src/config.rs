@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+pub use starling_cli::config::ConfigError;
+
 use starling_model::{Backend, QuantType};
 use starling_privacy::AccountantKind;
 use starling_protocol::Fingerprint;
@@ -124,35 +126,6 @@ impl Default for NetworkSection {
     }
 }
 
-/// What can be wrong with a configuration file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// It could not be read.
-    #[error("reading {path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// It is not valid TOML for this schema (unknown keys included).
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// The parser's message (line, column, key).
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 /// A daily window of local time in minutes since midnight, `[start, end)`; wraps when `end < start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimeWindow {
@@ -197,30 +170,15 @@ impl TimeWindow {
 impl ClientConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let p = path.display().to_string();
-        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        if meta.len() > 1 << 20 {
-            return Err(ConfigError::Invalid {
-                path: p,
-                message: "larger than 1 MiB".into(),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        Self::parse(&text, &p)
+        Self::parse(
+            &starling_cli::config::read(path)?,
+            &path.display().to_string(),
+        )
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.into(),
-            message: one_line(text, &e),
-        })?;
+        let cfg: Self = starling_cli::config::parse(text, origin)?;
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: origin.into(),
             message,
@@ -364,20 +322,6 @@ idle_timeout_s = {}
             n.exchange_timeout_s,
             n.idle_timeout_s,
         )
-    }
-}
-
-/// A TOML error as one line: `line L, column C: message` (the parser's own text spans several lines).
-fn one_line(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => {
-            let before = text.get(..span.start).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {message}")
-        }
-        None => message,
     }
 }
 

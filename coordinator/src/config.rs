@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+pub use starling_cli::config::ConfigError;
+
 use crate::engine::EngineConfig;
 use crate::strategy::StrategyConfig;
 
@@ -177,52 +179,18 @@ impl Default for AdapterConfig {
     }
 }
 
-/// What can be wrong with a configuration file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// It could not be read.
-    #[error("reading {path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// It is not valid TOML for this schema (unknown keys included).
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// The parser's message (line, column, key).
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 impl CoordinatorConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        Self::parse(&text, &p)
+        Self::parse(
+            &starling_cli::config::read(path)?,
+            &path.display().to_string(),
+        )
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.into(),
-            message: e.to_string(),
-        })?;
+        let cfg: Self = starling_cli::config::parse(text, origin)?;
         let invalid = |m: String| ConfigError::Invalid {
             path: origin.into(),
             message: m,

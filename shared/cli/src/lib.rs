@@ -4,6 +4,7 @@
 //! This is the binaries' edge, so errors are `anyhow` with context; library code stays typed. What must
 //! never live here: protocol, training loops or device logic (`starling-client` owns fine-tuning).
 
+pub mod config;
 pub mod failpoint;
 
 use std::path::PathBuf;
