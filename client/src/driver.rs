@@ -352,7 +352,7 @@ impl Runtime {
                 });
             }
         };
-        let (Some(id), Some(schema)) = (p.id(), digest_of(&p.schema)) else {
+        let (Some(id), Some(schema)) = (p.id(), Digest::from_hex(&p.schema)) else {
             return Ok(Event::Refused {
                 code: starling_protocol::ErrorCode::BadRequest,
                 message: "stored update metadata is malformed".into(),
@@ -632,12 +632,6 @@ impl Runtime {
             body_digest: Digest::of(&trained.body).to_hex(),
         }))
     }
-}
-
-fn digest_of(hex: &str) -> Option<Digest> {
-    starling_protocol::from_hex(hex)
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .map(Digest)
 }
 
 fn progress_bar(steps: u32) -> indicatif::ProgressBar {

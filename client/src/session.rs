@@ -48,19 +48,13 @@ pub struct HeldModel {
 impl HeldModel {
     /// The SHA-256 of the base bundle.
     pub fn base(&self) -> Option<Digest> {
-        digest_of_hex(&self.base_digest)
+        Digest::from_hex(&self.base_digest)
     }
 
     /// The SHA-256 of the adapter blob.
     pub fn adapter(&self) -> Option<Digest> {
-        digest_of_hex(&self.adapter_digest)
+        Digest::from_hex(&self.adapter_digest)
     }
-}
-
-fn digest_of_hex(s: &str) -> Option<Digest> {
-    from_hex(s)
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .map(Digest)
 }
 
 /// An update computed and persisted, not yet acknowledged.

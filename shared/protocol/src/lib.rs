@@ -43,6 +43,13 @@ impl Digest {
     pub fn to_hex(&self) -> String {
         hex(&self.0)
     }
+
+    /// The digest written by [`Digest::to_hex`]; `None` for anything but 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        from_hex(s)
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(Self)
+    }
 }
 
 impl std::fmt::Debug for Digest {
@@ -238,6 +245,8 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(from_hex(&d.to_hex()).unwrap(), d.0.to_vec());
+        assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+        assert_eq!(Digest::from_hex("abcd"), None);
         assert_eq!(from_hex("abc"), None);
         assert_eq!(from_hex("zz"), None);
         assert_eq!(from_hex("é1"), None);
