@@ -645,7 +645,7 @@ fn progress_bar(steps: u32) -> indicatif::ProgressBar {
 }
 
 /// The session event for a failed exchange: a typed refusal, or a lost connection.
-fn transport_event(e: &TransportError) -> Event {
+pub fn transport_event(e: &TransportError) -> Event {
     match e {
         TransportError::Remote { code, message } if refusal(e).is_none() => Event::Refused {
             code: *code,
@@ -655,14 +655,16 @@ fn transport_event(e: &TransportError) -> Event {
     }
 }
 
-fn disconnected(e: &TransportError) -> Event {
+/// The session event for a failed connection (with the refusal it is, if permanent).
+pub fn disconnected(e: &TransportError) -> Event {
     Event::Disconnected {
         error: e.to_string(),
         refusal: refusal(e),
     }
 }
 
-fn transport_prepare_failure(e: &TransportError) -> Event {
+/// The session event for a failed model fetch: tampered bytes, a refusal, or a transient failure.
+pub fn transport_prepare_failure(e: &TransportError) -> Event {
     match e {
         TransportError::Protocol(starling_protocol::ProtocolError::DigestMismatch { .. }) => {
             Event::PrepareFailed {

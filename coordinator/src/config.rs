@@ -191,6 +191,13 @@ impl CoordinatorConfig {
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let cfg: Self = starling_cli::config::parse(text, origin)?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Checks every setting; `origin` names the configuration in errors.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let cfg = self;
         let invalid = |m: String| ConfigError::Invalid {
             path: origin.into(),
             message: m,
@@ -252,7 +259,7 @@ impl CoordinatorConfig {
                 )));
             }
         }
-        Ok(cfg)
+        Ok(())
     }
 
     /// The documented default file written by `init`.

@@ -69,10 +69,6 @@ pub struct InitReport {
 
 /// Creates a coordinator directory: configuration, keys, store, base model copy and signed version 0.
 pub fn init(dir: &Path, base_model: &Path, config: Option<&Path>) -> anyhow::Result<InitReport> {
-    let layout = Layout::new(dir);
-    if layout.config().exists() || layout.store().exists() {
-        bail!("{} already holds a coordinator", dir.display());
-    }
     let (cfg, text) = match config {
         Some(p) => (CoordinatorConfig::load(p)?, std::fs::read_to_string(p)?),
         None => (
@@ -80,6 +76,22 @@ pub fn init(dir: &Path, base_model: &Path, config: Option<&Path>) -> anyhow::Res
             CoordinatorConfig::default_toml(),
         ),
     };
+    init_with(dir, base_model, &cfg, &text, now_ms())
+}
+
+/// [`init`] with a configuration in hand (`text` is written as coordinator.toml) and version 0 dated `now`
+/// (the simulator's clock).
+pub fn init_with(
+    dir: &Path,
+    base_model: &Path,
+    cfg: &CoordinatorConfig,
+    text: &str,
+    now: u64,
+) -> anyhow::Result<InitReport> {
+    let layout = Layout::new(dir);
+    if layout.config().exists() || layout.store().exists() {
+        bail!("{} already holds a coordinator", dir.display());
+    }
     std::fs::create_dir_all(dir.join("keys"))?;
     std::fs::create_dir_all(layout.base())?;
     for name in ["config.json", "model.safetensors", "tokenizer.json"] {
@@ -89,7 +101,7 @@ pub fn init(dir: &Path, base_model: &Path, config: Option<&Path>) -> anyhow::Res
                 .with_context(|| format!("copying {}", src.display()))?;
         }
     }
-    let (_, adapter) = initial_adapter(&layout.base(), &cfg)?;
+    let (_, adapter) = initial_adapter(&layout.base(), cfg)?;
     let schema = schema_of(&adapter)?;
     // Devices fetch the base as one bundle (config, weights, tokenizer); version 0 signs its digest.
     let bundle =
@@ -115,7 +127,7 @@ pub fn init(dir: &Path, base_model: &Path, config: Option<&Path>) -> anyhow::Res
             epsilon_spent: 0.0,
             delta: 0.0,
         },
-        created_at_unix_ms: now_ms(),
+        created_at_unix_ms: now,
     };
     let store = Store::create(&layout.store())?;
     let model = PublishedModel {

@@ -72,6 +72,36 @@ impl Layout {
     }
 }
 
+/// Where a coordinator reads the time: the system clock in deployment, or a clock its driver sets (the
+/// simulator runs the same coordinator on simulated time).
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    /// Milliseconds since the Unix epoch.
+    #[default]
+    System,
+    /// Whatever the driver last stored, in milliseconds.
+    Manual(Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Clock {
+    /// The time now, in milliseconds.
+    pub fn now(&self) -> u64 {
+        match self {
+            Clock::System => now_ms(),
+            Clock::Manual(t) => t.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+}
+
+/// How [`Coordinator::open_with`] runs the coordinator besides its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The clock (the system's unless a simulation sets its own).
+    pub clock: Clock,
+    /// Draws central DP noise from this fixed key: reproducible and **not private** — simulations only.
+    pub simulation_noise_key: Option<[u8; 32]>,
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -137,6 +167,7 @@ pub struct Coordinator {
     base: Arc<[u8]>,
     inner: Mutex<Inner>,
     metrics: Metrics,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -160,6 +191,7 @@ pub fn read_key(path: &Path) -> Result<SigningIdentity, ServiceError> {
 fn build_strategy(
     cfg: &CoordinatorConfig,
     expected_clients: f64,
+    simulation_noise_key: Option<[u8; 32]>,
 ) -> Result<Box<dyn Strategy>, ServiceError> {
     let p = &cfg.privacy;
     Ok(match p.mode {
@@ -172,13 +204,17 @@ fn build_strategy(
                     clients: p.noise_clients,
                 }
             };
-            Box::new(DpFedAvg::new(
+            let dp = DpFedAvg::new(
                 p.clip,
                 p.noise_multiplier,
                 expected_clients,
                 placement,
                 cfg.strategy.server_lr,
-            )?)
+            )?;
+            Box::new(match simulation_noise_key {
+                Some(key) => dp.with_simulation_key(key),
+                None => dp,
+            })
         }
     })
 }
@@ -186,6 +222,15 @@ fn build_strategy(
 impl Coordinator {
     /// Opens a coordinator directory made by `init`, resuming whatever round was open.
     pub fn open(dir: &Path, cfg: CoordinatorConfig) -> Result<Self, ServiceError> {
+        Self::open_with(dir, cfg, OpenOptions::default())
+    }
+
+    /// [`Coordinator::open`] with a clock and noise source of the caller's (the simulator's).
+    pub fn open_with(
+        dir: &Path,
+        cfg: CoordinatorConfig,
+        opts: OpenOptions,
+    ) -> Result<Self, ServiceError> {
         let layout = Layout::new(dir);
         let store = Store::open(&layout.store())?;
         let signing = read_key(&layout.signing_key())?;
@@ -221,7 +266,7 @@ impl Coordinator {
             crate::engine::Selection::Count(m) => m as f64,
             crate::engine::Selection::Fraction(_) => cfg.rounds.min_clients as f64,
         };
-        let mut strategy = build_strategy(&cfg, expected.max(1.0))?;
+        let mut strategy = build_strategy(&cfg, expected.max(1.0), opts.simulation_noise_key)?;
         strategy.restore(store.strategy_state()?)?;
         let ledger = if cfg.privacy.mode == DpPlacement::Off {
             None
@@ -272,7 +317,38 @@ impl Coordinator {
                 ledger,
             }),
             metrics: Metrics::default(),
+            clock: opts.clock,
         })
+    }
+
+    /// The round in progress, if any.
+    pub fn round(&self) -> Option<RoundRecord> {
+        self.lock().engine.current().cloned()
+    }
+
+    /// The newest published version.
+    pub fn latest(&self) -> ModelVersion {
+        self.lock().engine.latest()
+    }
+
+    /// The time on this coordinator's clock.
+    pub fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
+    }
+
+    /// The adapter schema every update must follow.
+    pub fn schema(&self) -> &AdapterSchema {
+        &self.schema
+    }
+
+    /// The size of the base model bundle devices fetch once.
+    pub fn base_bundle_len(&self) -> usize {
+        self.base.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -556,7 +632,7 @@ impl Coordinator {
         header: &starling_protocol::message::Upload,
         body: Vec<u8>,
     ) -> Response {
-        let now = now_ms();
+        let now = self.now();
         let meta = UpdateMeta {
             update_id: header.update_id,
             client,
@@ -701,7 +777,7 @@ impl Coordinator {
         loop {
             interval.tick().await;
             let me = self.clone();
-            let finished = tokio::task::spawn_blocking(move || me.tick(now_ms())).await??;
+            let finished = tokio::task::spawn_blocking(move || me.tick(me.now())).await??;
             if finished {
                 break;
             }
@@ -716,7 +792,7 @@ impl Coordinator {
 
     /// The status document (see [`crate::status::document`]) as of now.
     pub fn status_document(&self) -> Result<serde_json::Value, crate::store::StoreError> {
-        crate::status::document(&self.store, now_ms())
+        crate::status::document(&self.store, self.now())
     }
 
     /// The running counters behind `/metrics`.
@@ -749,7 +825,7 @@ impl Handler for Coordinator {
     }
 
     async fn handle(&self, client: Fingerprint, request: Request) -> Response {
-        let now = now_ms();
+        let now = self.now();
         let _ = self.store.touch(&client, now);
         match request {
             Request::Task(_) => {
@@ -813,7 +889,7 @@ impl Handler for Coordinator {
             message: "unknown or used enrolment token".into(),
         };
         let token = EnrolmentToken::parse(&request.token).map_err(|_| bad())?;
-        match self.store.enrol(token.hash(), client, now_ms()) {
+        match self.store.enrol(token.hash(), client, self.now()) {
             Ok(Some(rec)) => {
                 tracing::info!(client = %client, name = rec.name, "enrolled");
                 Ok(())
