@@ -5,8 +5,8 @@ Starling never downloads models at run time, so the default base model is made h
 committed as an ordinary HuggingFace Llama checkpoint in assets/models/starling-tiny/ (config.json +
 model.safetensors in f16). It is a byte-level model (vocab 259: bytes 0-255, <s>=256, </s>=257,
 <pad>=258 -- the same ids as starling-model's ByteTokenizer), trained on every work of the corpus
-except the held-out ones below, which stay unseen for evaluation (perplexity, quantization quality)
-and for the LoRA fine-tuning demo.
+except the held-out ones listed in assets/shakespeare/HELD_OUT (one list, shared with starling-sim's
+Shakespeare clients), which stay unseen for evaluation, the federated simulations and the fine-tuning demo.
 
 Usage: pip install torch transformers safetensors; python3 scripts/pretrain_base.py [--steps N]
 """
@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-HELD_OUT = {"hamlet.txt", "sonnets.txt"}
+HELD_OUT = {line.strip() for line in (ROOT / "assets" / "shakespeare" / "HELD_OUT").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
 BOS, EOS, PAD, VOCAB = 256, 257, 258, 259
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(2)
     corpus = ROOT / "assets" / "shakespeare"
     train = b"".join((corpus / p).read_bytes() for p in sorted(p.name for p in corpus.iterdir())
-                     if p not in HELD_OUT)
+                     if p.endswith(".txt") and p not in HELD_OUT)
     held = (corpus / "hamlet.txt").read_bytes()
     data = torch.tensor(list(train), dtype=torch.long)
     val = torch.tensor(list(held), dtype=torch.long)
