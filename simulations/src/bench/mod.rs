@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod client;
 pub mod model;
 pub mod privacy;
+pub mod sim;
 pub mod transport;
 
 /// Peak resident set size of this process in bytes (Linux VmHWM; 0 where unavailable).

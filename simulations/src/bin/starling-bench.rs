@@ -4,7 +4,8 @@
 //! training throughput;
 //! `decode`: KV-cache decoding; `privacy`: exact Gaussian noise beside opendp's; `transport`: QUIC uploads,
 //! handshakes and update codecs; `aggregate`: FedAvg / trimmed mean / median beside memcpy; `client`: the
-//! device binary's size and its peak RSS during one real round.
+//! device binary's size and its peak RSS during one real round; `sim`: the simulator's rounds per second and
+//! peak RSS with thousands of virtual clients.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -71,6 +72,8 @@ enum Cmd {
     /// The device: stripped release size of starling-client, and its peak RSS during one real round
     /// (real coordinator and client processes) on the shipped model and on config M.
     Client(bench::client::Args),
+    /// The simulator at scale: rounds per second and peak RSS with 1,000 and 10,000 virtual clients.
+    Sim(bench::sim::Args),
 }
 
 fn main() -> Result<()> {
@@ -97,5 +100,6 @@ fn main() -> Result<()> {
         Cmd::Transport(args) => bench::transport::run(&args),
         Cmd::Aggregate(args) => bench::aggregate::run(&args),
         Cmd::Client(args) => bench::client::run(&args),
+        Cmd::Sim(args) => bench::sim::run(&args),
     }
 }

@@ -1,0 +1,124 @@
+//! Simulator scale: rounds per second and peak RSS of `starling-sim`'s engine with many virtual clients
+//! (IID split of the whole corpus, the shipped model, a fixed cohort per round). Each population runs in a
+//! child process of its own, so its peak RSS is its own.
+
+use anyhow::{Context, Result};
+
+use crate::sim::{self, scenario::Scenario, RunOptions};
+
+/// Arguments of `starling-bench sim`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Virtual clients (one measurement, in its own process, per value).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub clients: Vec<usize>,
+    /// Clients per round.
+    #[arg(long, default_value_t = 100)]
+    pub per_round: usize,
+    /// Rounds to time.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u64,
+    /// Local steps per client and round.
+    #[arg(long, default_value_t = 1)]
+    pub local_steps: u32,
+    /// Run one population in this process (what the parent spawns).
+    #[arg(long, hide = true)]
+    pub single: bool,
+}
+
+/// The bench scenario for `clients` virtual clients.
+pub fn scenario(
+    clients: usize,
+    per_round: usize,
+    rounds: u64,
+    local_steps: u32,
+) -> Result<Scenario> {
+    let text = format!(
+        r#"
+[simulation]
+name = "bench-{clients}"
+seed = 1
+rounds = {rounds}
+clients_per_round = {per_round}
+
+[data]
+partition = "iid"
+works = "all"
+clients = {clients}
+min_bytes = 0
+
+[devices]
+startup_ms = 60000
+
+[evaluation]
+clients = 20
+windows_per_client = 1
+seq_len = 32
+every = 1000
+
+[rounds]
+round_timeout_ms = 600000
+retry_after_ms = 30000
+presence_timeout_ms = 120000
+
+[task]
+local_steps = {local_steps}
+batch_size = 4
+seq_len = 32
+
+[adapter]
+rank = 4
+targets = ["q", "v"]
+"#
+    );
+    Ok(Scenario::parse(&text, "bench scenario")?)
+}
+
+/// Runs the measurement(s) and prints one JSON line per population.
+pub fn run(a: &Args) -> Result<()> {
+    if a.single {
+        let n = *a.clients.first().context("--clients is empty")?;
+        let s = scenario(n, a.per_round, a.rounds, a.local_steps)?;
+        let o = sim::run(&s, &RunOptions::default())?;
+        let first = o.rounds.first().map_or(0.0, |r| r.wall_s);
+        let last = o.rounds.last().map_or(0.0, |r| r.wall_s);
+        let timed = (last - first).max(1e-9);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "sim",
+                "clients": o.summary.clients,
+                "clients_per_round": o.summary.clients_per_round,
+                "rounds": o.summary.rounds,
+                "local_steps": a.local_steps,
+                "setup_s": first,
+                "rounds_per_s": o.summary.rounds as f64 / timed,
+                "s_per_round": timed / o.summary.rounds.max(1) as f64,
+                "sim_time_s": o.summary.sim_time_s,
+                "peak_rss_bytes": super::peak_rss(),
+                "peak_rss_mib": super::peak_rss() as f64 / 1048576.0,
+            })
+        );
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    for &n in &a.clients {
+        let status = std::process::Command::new(&exe)
+            .args([
+                "sim",
+                "--single",
+                "--clients",
+                &n.to_string(),
+                "--per-round",
+                &a.per_round.to_string(),
+                "--rounds",
+                &a.rounds.to_string(),
+                "--local-steps",
+                &a.local_steps.to_string(),
+            ])
+            .status()
+            .with_context(|| format!("running {}", exe.display()))?;
+        anyhow::ensure!(status.success(), "the {n}-client run failed ({status})");
+    }
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! How a virtual device reaches the coordinator: in memory (the coordinator's request handler called
+//! directly, no sockets) or over real QUIC on loopback (the coordinator's transport server, one client
+//! endpoint and mutual-TLS session per device). Both answer with the client session's own [`Event`]s, made
+//! by the same mapping the device driver uses, so the simulated federation runs identical logic either way.
+//!
+//! What must never live here: protocol decisions (the session's and the round engine's).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use starling_client::driver::{disconnected, transport_event, transport_prepare_failure};
+use starling_client::session::{Event, PendingUpdate, PrepareFailure};
+use starling_coordinator::service::Coordinator;
+use starling_protocol::bulk::BulkHeader;
+use starling_protocol::message::{
+    BlobKind, Decline, Enrol, Message, ModelFetch, TaskRequest, Upload,
+};
+use starling_protocol::{
+    Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
+};
+use starling_transport::client::TaskReply;
+use starling_transport::server::{EnrolmentLimits, Request, Response};
+use starling_transport::{Access, Authorizer, Client, Handler, Limits, Server};
+
+use super::SimError;
+
+/// A request's outcome: the session event, and the bytes it moved (up, down).
+pub struct Exchange {
+    /// What the session is told.
+    pub event: Event,
+    /// Bytes sent by the device.
+    pub up: u64,
+    /// Bytes received by the device.
+    pub down: u64,
+}
+
+impl Exchange {
+    fn new(event: Event, up: u64, down: u64) -> Self {
+        Self { event, up, down }
+    }
+}
+
+/// A blob fetch's outcome.
+pub enum Fetched {
+    /// The bytes.
+    Bytes(Vec<u8>),
+    /// The session event for the failure.
+    Failed(Event),
+}
+
+struct QuicLink {
+    server: Server,
+    pin: Fingerprint,
+    clients: HashMap<usize, (Client, Option<starling_transport::Session>)>,
+}
+
+/// The path between the virtual devices and the coordinator.
+pub struct Link {
+    coord: Arc<Coordinator>,
+    rt: tokio::runtime::Runtime,
+    quic: Option<QuicLink>,
+}
+
+fn size(m: &Message) -> u64 {
+    m.encode().len() as u64
+}
+
+impl Link {
+    /// The in-memory path.
+    pub fn memory(coord: Arc<Coordinator>) -> Result<Self, SimError> {
+        Ok(Self {
+            coord,
+            rt: runtime()?,
+            quic: None,
+        })
+    }
+
+    /// The QUIC path: binds the coordinator's transport server on 127.0.0.1 (port 0) with its TLS key.
+    pub fn quic(coord: Arc<Coordinator>, tls: &SigningIdentity) -> Result<Self, SimError> {
+        let rt = runtime()?;
+        let server = {
+            let _g = rt.enter();
+            Server::bind(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                tls,
+                coord.clone(),
+                coord.clone(),
+                Limits::default(),
+                // Every virtual device enrols from 127.0.0.1 at once: the per-address limit that protects
+                // a real coordinator from token guessing would refuse all but the first few.
+                EnrolmentLimits {
+                    host_burst: u32::MAX,
+                    host_rate: 1e9,
+                    global_burst: u32::MAX,
+                    global_rate: 1e9,
+                },
+            )
+            .map_err(|e| SimError::Transport(e.to_string()))?
+        };
+        Ok(Self {
+            coord,
+            rt,
+            quic: Some(QuicLink {
+                server,
+                pin: tls.fingerprint(),
+                clients: HashMap::new(),
+            }),
+        })
+    }
+
+    /// Whether this is the QUIC path.
+    pub fn is_quic(&self) -> bool {
+        self.quic.is_some()
+    }
+
+    /// Enrols device `c` (key `id`) with a one-time token the coordinator issued.
+    pub fn enrol(
+        &mut self,
+        c: usize,
+        id: &SigningIdentity,
+        token: &EnrolmentToken,
+    ) -> Result<(), SimError> {
+        let name = format!("sim-{c}");
+        match &mut self.quic {
+            None => self
+                .rt
+                .block_on(self.coord.enrol(
+                    id.fingerprint(),
+                    Enrol {
+                        token: token.as_str().to_string(),
+                        name,
+                    },
+                ))
+                .map_err(|e| SimError::Coordinator(format!("enrolment: {}", e.message))),
+            Some(q) => {
+                let addrs = q
+                    .server
+                    .local_addr()
+                    .and_then(|a| Ok((a, q.server.enrol_addr()?)));
+                let (addr, enrol_addr) = addrs.map_err(|e| SimError::Transport(e.to_string()))?;
+                let _g = self.rt.enter();
+                let client = Client::new(id, q.pin, addr, Limits::default())
+                    .map_err(|e| SimError::Transport(e.to_string()))?
+                    .with_enrolment(enrol_addr)
+                    .with_software("starling-sim");
+                self.rt
+                    .block_on(client.enrol(token, &name))
+                    .map_err(|e| SimError::Transport(format!("enrolment: {e}")))?;
+                q.clients.insert(c, (client, None));
+                Ok(())
+            }
+        }
+    }
+
+    /// Opens a session for device `c` (`fp` is its key's fingerprint).
+    pub fn connect(&mut self, c: usize, fp: Fingerprint) -> Exchange {
+        match &mut self.quic {
+            None => match self.coord.access(&fp) {
+                Access::Allowed => Exchange::new(Event::Connected { client_id: fp }, 0, 0),
+                other => {
+                    let refusal = match other {
+                        Access::Revoked => starling_transport::client::Refusal::Revoked,
+                        _ => starling_transport::client::Refusal::NotEnrolled,
+                    };
+                    Exchange::new(
+                        Event::Disconnected {
+                            error: format!("{other:?}"),
+                            refusal: Some(refusal),
+                        },
+                        0,
+                        0,
+                    )
+                }
+            },
+            Some(q) => {
+                let Some((client, conn)) = q.clients.get_mut(&c) else {
+                    return Exchange::new(
+                        Event::Disconnected {
+                            error: "device not enrolled over QUIC".into(),
+                            refusal: None,
+                        },
+                        0,
+                        0,
+                    );
+                };
+                if let Some(s) = conn.as_ref() {
+                    let id = s.welcome().client_id;
+                    return Exchange::new(Event::Connected { client_id: id }, 0, 0);
+                }
+                match self.rt.block_on(client.connect()) {
+                    Ok(s) => {
+                        let id = s.welcome().client_id;
+                        *conn = Some(s);
+                        Exchange::new(Event::Connected { client_id: id }, 0, 0)
+                    }
+                    Err(e) => Exchange::new(disconnected(&e), 0, 0),
+                }
+            }
+        }
+    }
+
+    fn memory_request(&self, fp: Fingerprint, req: Request) -> Response {
+        self.rt.block_on(self.coord.handle(fp, req))
+    }
+
+    fn session(&self, c: usize) -> Result<&starling_transport::Session, Event> {
+        self.quic
+            .as_ref()
+            .and_then(|q| q.clients.get(&c))
+            .and_then(|(_, s)| s.as_ref())
+            .ok_or(Event::Disconnected {
+                error: "not connected".into(),
+                refusal: None,
+            })
+    }
+
+    fn drop_session(&mut self, c: usize, ev: &Event) {
+        if let (Some(q), Event::Disconnected { .. }) = (&mut self.quic, ev) {
+            if let Some((_, s)) = q.clients.get_mut(&c) {
+                *s = None;
+            }
+        }
+    }
+
+    /// Asks for a task; `local_minute` is the device's local time of day.
+    pub fn request_task(
+        &mut self,
+        c: usize,
+        fp: Fingerprint,
+        held: Option<ModelVersion>,
+        local_minute: u16,
+    ) -> Exchange {
+        let req = Message::TaskRequest(TaskRequest { held_model: held });
+        let up = size(&req);
+        if self.quic.is_none() {
+            let reply = self.memory_request(fp, Request::Task(TaskRequest { held_model: held }));
+            return match reply {
+                Response::Message(m @ Message::Task(_)) => {
+                    let down = size(&m);
+                    let Message::Task(task) = m else {
+                        unreachable!()
+                    };
+                    Exchange::new(Event::TaskOffered { task, local_minute }, up, down)
+                }
+                Response::Message(m) => Exchange::new(message_event(&m), up, size(&m)),
+                Response::Blob(_) => Exchange::new(unexpected("a blob"), up, 0),
+            };
+        }
+        let ev = match self.session(c) {
+            Err(ev) => ev,
+            Ok(s) => match self.rt.block_on(s.request_task(held)) {
+                Ok(TaskReply::Task(task)) => {
+                    let down = size(&Message::Task(task.clone()));
+                    return Exchange::new(Event::TaskOffered { task, local_minute }, up, down);
+                }
+                Ok(TaskReply::NoTask(n)) => {
+                    let down = size(&Message::NoTask(n.clone()));
+                    let ev = Event::NoTask {
+                        retry_after_ms: n.retry_after_ms,
+                    };
+                    return Exchange::new(ev, up, down);
+                }
+                Err(e) => transport_event(&e),
+            },
+        };
+        self.drop_session(c, &ev);
+        Exchange::new(ev, up, 0)
+    }
+
+    /// Fetches a blob (at most `max` bytes) for device `c`.
+    pub fn fetch(
+        &mut self,
+        c: usize,
+        fp: Fingerprint,
+        version: ModelVersion,
+        kind: BlobKind,
+        max: u64,
+    ) -> Fetched {
+        if self.quic.is_none() {
+            return match self.memory_request(fp, Request::Fetch(ModelFetch { version, kind })) {
+                Response::Blob(b) if b.len() as u64 <= max => Fetched::Bytes(b.to_vec()),
+                Response::Blob(b) => Fetched::Failed(Event::PrepareFailed {
+                    error: format!("blob of {} bytes exceeds {max}", b.len()),
+                    kind: PrepareFailure::Local,
+                }),
+                Response::Message(m) => Fetched::Failed(Event::PrepareFailed {
+                    error: format!("{m:?}"),
+                    kind: PrepareFailure::Local,
+                }),
+            };
+        }
+        let ev = match self.session(c) {
+            Err(ev) => ev,
+            Ok(s) => match self.rt.block_on(s.fetch(version, kind, max)) {
+                Ok(b) => return Fetched::Bytes(b),
+                Err(e) => transport_prepare_failure(&e),
+            },
+        };
+        self.drop_session(c, &ev);
+        Fetched::Failed(ev)
+    }
+
+    /// Uploads a pending update with its body.
+    pub fn upload(
+        &mut self,
+        c: usize,
+        fp: Fingerprint,
+        p: &PendingUpdate,
+        body: &[u8],
+    ) -> Exchange {
+        let (Some(id), Some(schema)) = (p.id(), Digest::from_hex(&p.schema)) else {
+            return Exchange::new(
+                Event::Refused {
+                    code: starling_protocol::ErrorCode::BadRequest,
+                    message: "pending update metadata is malformed".into(),
+                },
+                0,
+                0,
+            );
+        };
+        let header = Upload {
+            update_id: id,
+            round: RoundId(p.round),
+            model_version: ModelVersion(p.model_version),
+            schema,
+            num_examples: p.num_examples,
+            metrics: p.metrics,
+            body: BulkHeader::describe(body),
+        };
+        let up = size(&Message::Upload(Box::new(header.clone()))) + body.len() as u64;
+        if self.quic.is_none() {
+            let reply = self.memory_request(
+                fp,
+                Request::Upload {
+                    header: Box::new(header),
+                    body: body.to_vec(),
+                },
+            );
+            return match reply {
+                Response::Message(m) => Exchange::new(message_event(&m), up, size(&m)),
+                Response::Blob(_) => Exchange::new(unexpected("a blob"), up, 0),
+            };
+        }
+        let ev = match self.session(c) {
+            Err(ev) => ev,
+            Ok(s) => match self.rt.block_on(s.upload(header, body)) {
+                Ok(ack) => {
+                    let down = size(&Message::Ack(ack.clone()));
+                    let ev = Event::Acked {
+                        update_id: ack.update_id,
+                    };
+                    return Exchange::new(ev, up, down);
+                }
+                Err(e) => transport_event(&e),
+            },
+        };
+        self.drop_session(c, &ev);
+        Exchange::new(ev, up, 0)
+    }
+
+    /// Declines a round's task.
+    pub fn decline(&mut self, c: usize, fp: Fingerprint, d: Decline) -> Exchange {
+        let up = size(&Message::Decline(d.clone()));
+        if self.quic.is_none() {
+            return match self.memory_request(fp, Request::Decline(d)) {
+                Response::Message(m) => Exchange::new(message_event(&m), up, size(&m)),
+                Response::Blob(_) => Exchange::new(unexpected("a blob"), up, 0),
+            };
+        }
+        let ev = match self.session(c) {
+            Err(ev) => ev,
+            Ok(s) => match self.rt.block_on(s.decline(d)) {
+                Ok(n) => {
+                    let down = size(&Message::NoTask(n.clone()));
+                    let ev = Event::NoTask {
+                        retry_after_ms: n.retry_after_ms,
+                    };
+                    return Exchange::new(ev, up, down);
+                }
+                Err(e) => transport_event(&e),
+            },
+        };
+        self.drop_session(c, &ev);
+        Exchange::new(ev, up, 0)
+    }
+
+    /// Closes every QUIC session and the server.
+    pub fn shutdown(mut self) {
+        if let Some(q) = self.quic.take() {
+            let QuicLink {
+                server, clients, ..
+            } = q;
+            self.rt.block_on(async move {
+                for (_, (client, s)) in clients {
+                    if let Some(s) = s {
+                        let _ = s.goodbye("simulation over").await;
+                    }
+                    client.close().await;
+                }
+                server.shutdown().await;
+            });
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, SimError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| SimError::Transport(e.to_string()))
+}
+
+fn unexpected(what: &str) -> Event {
+    Event::Disconnected {
+        error: format!("the coordinator answered with {what}"),
+        refusal: None,
+    }
+}
+
+/// The session event for a coordinator message (what the device's transport turns it into).
+fn message_event(m: &Message) -> Event {
+    match m {
+        Message::NoTask(n) => Event::NoTask {
+            retry_after_ms: n.retry_after_ms,
+        },
+        Message::Ack(a) => Event::Acked {
+            update_id: a.update_id,
+        },
+        Message::Error(e) => transport_event(&starling_transport::TransportError::Remote {
+            code: e.code,
+            message: e.message.clone(),
+        }),
+        other => unexpected(&format!("{other:?}")),
+    }
+}

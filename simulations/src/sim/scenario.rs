@@ -1,0 +1,480 @@
+//! Scenario files: one TOML file describes a whole simulated federation — model, data and partition, the
+//! population of virtual devices, adversaries, evaluation — and carries the coordinator's own tables
+//! (`[rounds]`, `[strategy]`, `[privacy]`, `[task]`, `[adapter]`) exactly as `coordinator.toml` spells
+//! them, validated by the coordinator's own checks. Unknown keys are errors.
+//!
+//! What must never live here: running anything (that is [`super::run`]).
+
+use std::path::{Path, PathBuf};
+
+use starling_coordinator::config::{
+    AdapterConfig, CoordinatorConfig, DpPlacement, PrivacyConfig, TaskConfig,
+};
+use starling_coordinator::engine::{EngineConfig, Selection};
+use starling_coordinator::strategy::StrategyConfig;
+use starling_model::QuantType;
+use starling_privacy::{accountant, AccountantKind, DpEvent, GaussianMechanism};
+
+use super::SimError;
+
+/// The scenario `starling-sim run` runs with no argument (scenarios/default.toml, embedded).
+pub const DEFAULT: &str = include_str!("../../../scenarios/default.toml");
+
+/// A whole scenario file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name, seed, model, size of the run.
+    pub simulation: SimulationConfig,
+    /// Data set and partition.
+    #[serde(default)]
+    pub data: DataConfig,
+    /// The virtual devices: speed, bandwidth, dropouts.
+    #[serde(default)]
+    pub devices: DeviceConfig,
+    /// Adversarial clients.
+    #[serde(default)]
+    pub attack: AttackConfig,
+    /// How the published models are evaluated.
+    #[serde(default)]
+    pub evaluation: EvalConfig,
+    /// The baselines `--baselines` adds.
+    #[serde(default)]
+    pub baselines: BaselineConfig,
+    /// The coordinator's round engine (`[rounds]` of coordinator.toml; `rounds`, `seed` and `selection`
+    /// come from `[simulation]`).
+    #[serde(default)]
+    pub rounds: EngineConfig,
+    /// The coordinator's aggregation rule (`[strategy]` of coordinator.toml).
+    #[serde(default)]
+    pub strategy: StrategyConfig,
+    /// User-level DP-FedAvg (`[privacy]` of coordinator.toml).
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+    /// Local training each task asks for (`[task]` of coordinator.toml).
+    #[serde(default)]
+    pub task: TaskConfig,
+    /// The LoRA adapter (`[adapter]` of coordinator.toml).
+    #[serde(default)]
+    pub adapter: AdapterConfig,
+}
+
+/// How many clients a round selects: a count (`10`) or a fraction of the connected ones (`0.05`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum PerRound {
+    /// Exactly this many.
+    Count(usize),
+    /// This fraction.
+    Fraction(f64),
+}
+
+/// The `[simulation]` table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulationConfig {
+    /// Name, shown in reports.
+    pub name: String,
+    /// Seed of everything: data partition, devices, selection, training, noise.
+    pub seed: u64,
+    /// Base model directory (HF checkpoint); relative paths are looked up from the current directory,
+    /// then from the scenario file's directory, then from the Starling source tree.
+    pub base_model: PathBuf,
+    /// How devices hold the frozen weights.
+    pub quant: QuantType,
+    /// Rounds to publish.
+    pub rounds: u64,
+    /// Clients selected per round.
+    pub clients_per_round: PerRound,
+    /// User-level DP: the noise multiplier is calibrated so that `rounds` rounds spend at most this ε
+    /// at `[privacy] delta` (needs `[privacy] mode` central or distributed).
+    pub target_epsilon: Option<f64>,
+    /// Coordinator ticks, simulated milliseconds apart.
+    pub tick_ms: u64,
+}
+
+impl Default for SimulationConfig {
+    fn default() -> Self {
+        Self {
+            name: "unnamed".into(),
+            seed: 0,
+            base_model: PathBuf::from("assets/models/starling-tiny"),
+            quant: QuantType::Q8_0,
+            rounds: 10,
+            clients_per_round: PerRound::Count(10),
+            target_epsilon: None,
+            tick_ms: 1_000,
+        }
+    }
+}
+
+/// Where the clients' text comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataset {
+    /// The shipped Shakespeare corpus (LEAF-style), restricted to `works`.
+    Shakespeare,
+    /// `path` holds one sub-folder (or one `.txt` file) per client: the user's own text.
+    Folder,
+}
+
+/// How the text is dealt to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Partition {
+    /// One client per (play, speaking role), as LEAF's Shakespeare (naturally non-IID).
+    Roles,
+    /// Speeches shuffled and dealt evenly to `clients` clients.
+    Iid,
+    /// Each play's speeches split across `clients` clients by Dirichlet(`alpha`) proportions.
+    Dirichlet,
+    /// One client per sub-folder or file of `path` (the folder data set).
+    Folders,
+}
+
+/// Which works of the corpus are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Works {
+    /// Those in assets/shakespeare/HELD_OUT: the base model never saw them.
+    HeldOut,
+    /// Every work (the base model saw most of them; for load tests).
+    All,
+}
+
+/// The `[data]` table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Shakespeare or a folder of the user's text.
+    pub dataset: Dataset,
+    /// The corpus directory (Shakespeare) or the folder of clients.
+    pub path: PathBuf,
+    /// How text is dealt to clients.
+    pub partition: Partition,
+    /// Which works (Shakespeare).
+    pub works: Works,
+    /// Clients (IID and Dirichlet: how many to make; roles and folders: at most this many, 0 = all).
+    pub clients: usize,
+    /// Dirichlet concentration α (small: each client sees few plays).
+    pub alpha: f64,
+    /// Fraction of each client's text, by order, held out as its test split.
+    pub test_fraction: f64,
+    /// Clients with less text than this (bytes) are left out, as LEAF leaves out tiny roles.
+    pub min_bytes: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: Dataset::Shakespeare,
+            path: PathBuf::from("assets/shakespeare"),
+            partition: Partition::Roles,
+            works: Works::HeldOut,
+            clients: 0,
+            alpha: 0.5,
+            test_fraction: 0.2,
+            min_bytes: 600,
+        }
+    }
+}
+
+/// The `[devices]` table: heterogeneity of the virtual devices.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceConfig {
+    /// Simulated milliseconds one local step takes on a device of speed 1.
+    pub step_ms: u64,
+    /// Device speed factors, drawn log-uniformly from [min, max] (0.25: four times slower).
+    pub speed: [f64; 2],
+    /// Uplink bandwidth in Mbit/s, drawn log-uniformly from [min, max].
+    pub up_mbps: [f64; 2],
+    /// Downlink bandwidth in Mbit/s, drawn log-uniformly from [min, max].
+    pub down_mbps: [f64; 2],
+    /// Round-trip latency of one request, simulated milliseconds.
+    pub latency_ms: u64,
+    /// Probability that a device given a task drops out before it reports (it goes offline).
+    pub dropout: f64,
+    /// How long a device that dropped out stays offline, simulated milliseconds.
+    pub offline_ms: u64,
+    /// Spread of the devices' first connection, simulated milliseconds.
+    pub startup_ms: u64,
+    /// Each device's example-level ε limit (its `max_epsilon`; `None`: no limit).
+    pub max_epsilon: Option<f64>,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            step_ms: 1_000,
+            speed: [1.0, 1.0],
+            up_mbps: [10.0, 10.0],
+            down_mbps: [50.0, 50.0],
+            latency_ms: 50,
+            dropout: 0.0,
+            offline_ms: 600_000,
+            startup_ms: 1_000,
+            max_epsilon: None,
+        }
+    }
+}
+
+/// What an adversarial client does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttackKind {
+    /// Sends −scale × its honest delta.
+    SignFlip,
+    /// Sends scale × its honest delta (model replacement / boosting).
+    Scale,
+    /// Sends Gaussian noise with scale × the RMS of its honest delta.
+    Noise,
+    /// Trains honestly on corrupted text (bytes shuffled within each line).
+    CorruptText,
+}
+
+/// The `[attack]` table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttackConfig {
+    /// Fraction of the clients that are adversarial (chosen by the seed).
+    pub fraction: f64,
+    /// The attack.
+    pub kind: AttackKind,
+    /// Its strength (see [`AttackKind`]).
+    pub scale: f32,
+}
+
+impl Default for AttackConfig {
+    fn default() -> Self {
+        Self {
+            fraction: 0.0,
+            kind: AttackKind::SignFlip,
+            scale: 1.0,
+        }
+    }
+}
+
+/// The `[evaluation]` table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Clients whose test splits are evaluated (a fixed seeded sample; 0 = all).
+    pub clients: usize,
+    /// Test windows of `seq_len` tokens per client, at most.
+    pub windows_per_client: usize,
+    /// Window length (0: the task's `seq_len`).
+    pub seq_len: usize,
+    /// Evaluate every this many rounds (the last round always).
+    pub every: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            clients: 0,
+            windows_per_client: 2,
+            seq_len: 0,
+            every: 1,
+        }
+    }
+}
+
+/// The `[baselines]` table (used with `--baselines`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BaselineConfig {
+    /// Local-only training: how many of the evaluated clients train alone (a seeded sample).
+    pub local_only_clients: usize,
+}
+
+impl Default for BaselineConfig {
+    fn default() -> Self {
+        Self {
+            local_only_clients: 10,
+        }
+    }
+}
+
+impl Scenario {
+    /// Parses and checks a scenario; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, SimError> {
+        let s: Scenario = starling_cli::config::parse(text, origin)
+            .map_err(|e| SimError::Scenario(e.to_string()))?;
+        s.validate(origin)?;
+        Ok(s)
+    }
+
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Self, SimError> {
+        let text =
+            starling_cli::config::read(path).map_err(|e| SimError::Scenario(e.to_string()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The embedded default scenario.
+    pub fn default_scenario() -> Result<Self, SimError> {
+        Self::parse(DEFAULT, "scenarios/default.toml (embedded)")
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), SimError> {
+        let bad = |m: String| Err(SimError::Scenario(format!("{origin}: {m}")));
+        let s = &self.simulation;
+        if s.rounds == 0 {
+            return bad("simulation.rounds must be at least 1".into());
+        }
+        match s.clients_per_round {
+            PerRound::Count(0) => return bad("simulation.clients_per_round must be ≥ 1".into()),
+            PerRound::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                return bad("simulation.clients_per_round as a fraction must lie in (0, 1]".into())
+            }
+            _ => {}
+        }
+        if s.tick_ms == 0 {
+            return bad("simulation.tick_ms must be positive".into());
+        }
+        if let Some(e) = s.target_epsilon {
+            if !(e > 0.0 && e.is_finite()) {
+                return bad("simulation.target_epsilon must be positive".into());
+            }
+            if self.privacy.mode == DpPlacement::Off {
+                return bad("simulation.target_epsilon needs [privacy] mode = \"central\" or \"distributed\"".into());
+            }
+        }
+        let d = &self.data;
+        if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
+            return bad("data.test_fraction must lie in (0, 1)".into());
+        }
+        if d.partition == Partition::Dirichlet && !(d.alpha > 0.0 && d.alpha.is_finite()) {
+            return bad("data.alpha must be positive".into());
+        }
+        if matches!(d.partition, Partition::Iid | Partition::Dirichlet) && d.clients == 0 {
+            return bad("data.clients must be set for the iid and dirichlet partitions".into());
+        }
+        if (d.dataset == Dataset::Folder) != (d.partition == Partition::Folders) {
+            return bad(
+                "the folder data set goes with partition = \"folders\" (and only it)".into(),
+            );
+        }
+        let v = &self.devices;
+        let range_ok = |r: [f64; 2]| r[0] > 0.0 && r[0] <= r[1] && r[1].is_finite();
+        if !range_ok(v.speed) || !range_ok(v.up_mbps) || !range_ok(v.down_mbps) {
+            return bad(
+                "devices.speed, up_mbps and down_mbps are [min, max] with 0 < min ≤ max".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&v.dropout) {
+            return bad("devices.dropout must lie in [0, 1)".into());
+        }
+        if v.step_ms == 0 {
+            return bad("devices.step_ms must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.attack.fraction) {
+            return bad("attack.fraction must lie in [0, 1]".into());
+        }
+        if !(self.attack.scale.is_finite() && self.attack.scale >= 0.0) {
+            return bad("attack.scale must be finite and ≥ 0".into());
+        }
+        if self.evaluation.windows_per_client == 0 || self.evaluation.every == 0 {
+            return bad("evaluation.windows_per_client and evaluation.every must be ≥ 1".into());
+        }
+        self.coordinator_config(1, 1)?;
+        Ok(())
+    }
+
+    /// The coordinator configuration this scenario runs, for a population of `clients` (the sampling rate
+    /// of a target ε depends on it) and an adapter of `num_params` values (the certified noise multiplier
+    /// does), checked by the coordinator's own validation.
+    pub fn coordinator_config(
+        &self,
+        clients: usize,
+        num_params: usize,
+    ) -> Result<CoordinatorConfig, SimError> {
+        let s = &self.simulation;
+        let mut rounds = self.rounds.clone();
+        rounds.rounds = Some(s.rounds);
+        rounds.seed = s.seed;
+        rounds.selection = match s.clients_per_round {
+            PerRound::Count(m) => Selection::Count(m),
+            PerRound::Fraction(q) => Selection::Fraction(q),
+        };
+        let per_round = self.per_round(clients);
+        rounds.min_clients = rounds.min_clients.min(per_round).max(1);
+        rounds.min_updates = rounds.min_updates.min(per_round).max(1);
+        let mut privacy = self.privacy.clone();
+        if let Some(target) = s.target_epsilon {
+            let q = (per_round as f64 / clients.max(1) as f64).min(1.0);
+            privacy.noise_multiplier = calibrate(target, q, s.rounds, &privacy, num_params)?;
+            privacy.epsilon_budget = target;
+        }
+        let cfg = CoordinatorConfig {
+            rounds,
+            strategy: self.strategy.clone(),
+            privacy,
+            task: self.task.clone(),
+            adapter: self.adapter.clone(),
+            ..CoordinatorConfig::default()
+        };
+        cfg.validate("scenario")
+            .map_err(|e| SimError::Scenario(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Clients selected per round out of `clients`.
+    pub fn per_round(&self, clients: usize) -> usize {
+        match self.simulation.clients_per_round {
+            PerRound::Count(m) => m.min(clients.max(1)),
+            PerRound::Fraction(q) => {
+                ((q * clients as f64).round() as usize).clamp(1, clients.max(1))
+            }
+        }
+    }
+}
+
+/// The smallest noise multiplier whose certified value keeps `rounds` rounds at sampling rate `q`
+/// within `target` ε at the configured δ.
+pub fn calibrate(
+    target: f64,
+    q: f64,
+    rounds: u64,
+    privacy: &PrivacyConfig,
+    num_params: usize,
+) -> Result<f64, SimError> {
+    let kind: AccountantKind = privacy.accountant;
+    let mut z = accountant::calibrate_noise_multiplier(target, privacy.delta, q, rounds, kind)?;
+    for _ in 0..200 {
+        let eff = if privacy.mode == DpPlacement::Central {
+            GaussianMechanism::with_multiplier(privacy.clip, z, num_params.max(1))?
+                .effective_noise_multiplier()
+        } else {
+            z
+        };
+        let eps =
+            accountant::epsilon(&[DpEvent::new(q, eff, rounds)?], privacy.delta, kind)?.epsilon;
+        if eps <= target {
+            return Ok(z);
+        }
+        z *= 1.002;
+    }
+    Err(SimError::Scenario(format!(
+        "no noise multiplier reaches ε = {target} (q = {q}, {rounds} rounds)"
+    )))
+}
+
+/// Resolves a path of a scenario: as given, then beside the scenario file, then in the source tree.
+pub fn resolve(path: &Path, scenario_dir: Option<&Path>) -> PathBuf {
+    if path.is_absolute() || path.exists() {
+        return path.to_path_buf();
+    }
+    if let Some(d) = scenario_dir {
+        let p = d.join(path);
+        if p.exists() {
+            return p;
+        }
+    }
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    if tree.exists() {
+        return tree;
+    }
+    path.to_path_buf()
+}

@@ -1,0 +1,252 @@
+//! The simulator end to end on small scenarios: the real coordinator and device sessions, real training on
+//! the shipped model, in memory and over QUIC on loopback.
+
+use starling_model::Llama;
+use starling_privacy::{accountant, AccountantKind, DpEvent, GaussianMechanism};
+use starling_simulations::sim::scenario::{AttackKind, Scenario};
+use starling_simulations::sim::{self, Outcome, RunOptions, Transport};
+
+/// A small scenario: 16 LEAF roles, 4 per round, 3 rounds of 3 local steps on 64-token sequences.
+fn small(extra: &str) -> Scenario {
+    let text = format!(
+        r#"
+[simulation]
+name = "small"
+seed = 5
+rounds = 3
+clients_per_round = 4
+
+[data]
+clients = 16
+
+[evaluation]
+clients = 8
+windows_per_client = 1
+seq_len = 64
+
+[rounds]
+round_timeout_ms = 60000
+
+[task]
+local_steps = 3
+batch_size = 4
+seq_len = 64
+learning_rate = 0.004
+
+[adapter]
+rank = 4
+targets = ["q", "v"]
+{extra}
+"#
+    );
+    Scenario::parse(&text, "test scenario").unwrap()
+}
+
+fn run(s: &Scenario, transport: Transport) -> Outcome {
+    sim::run(
+        s,
+        &RunOptions {
+            transport,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn without_wall_time(o: &Outcome) -> Vec<String> {
+    o.rounds
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.wall_s = 0.0;
+            serde_json::to_string(&r).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn same_scenario_and_seed_give_the_same_metrics_and_models() {
+    let s = small("");
+    let (a, b) = (run(&s, Transport::Memory), run(&s, Transport::Memory));
+    assert_eq!(a.summary.rounds, 3);
+    assert_eq!(without_wall_time(&a), without_wall_time(&b));
+    assert_eq!(a.summary.adapter_digests, b.summary.adapter_digests);
+    assert_eq!(a.summary.adapter_digests.len(), 4, "v0 and three rounds");
+    // Every round aggregated what its selected clients sent, and the model moved.
+    for r in &a.rounds[1..] {
+        assert_eq!(r.participants, 4, "{r:?}");
+        assert!(r.bytes_up > 0 && r.bytes_down > 0);
+    }
+    assert_ne!(a.summary.adapter_digests[0], a.summary.adapter_digests[3]);
+    // Another seed is another run.
+    let mut other = s.clone();
+    other.simulation.seed = 6;
+    assert_ne!(
+        run(&other, Transport::Memory).summary.adapter_digests,
+        a.summary.adapter_digests
+    );
+}
+
+#[test]
+fn quic_and_memory_paths_publish_the_same_adapters() {
+    let s = small("");
+    let mem = run(&s, Transport::Memory);
+    let quic = run(&s, Transport::Quic);
+    assert_eq!(mem.summary.adapter_digests, quic.summary.adapter_digests);
+    assert_eq!(without_wall_time(&mem), without_wall_time(&quic));
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+#[test]
+fn a_robust_strategy_resists_sign_flipping_attackers_better_than_fedavg() {
+    // 20 roles, 10 a round, 5 local steps: 4 devices (20%) send −4× their honest delta.
+    let base = |extra: &str| {
+        let mut s = small(extra);
+        s.data.clients = 20;
+        s.simulation.clients_per_round = sim::scenario::PerRound::Count(10);
+        s.task.local_steps = 5;
+        s.task.learning_rate = 0.01;
+        s
+    };
+    let attack = r#"
+[attack]
+fraction = 0.2
+kind = "sign-flip"
+scale = 4.0
+"#;
+    let clean = run(&base(""), Transport::Memory);
+    let fedavg = run(&base(attack), Transport::Memory);
+    let robust = run(
+        &base(&format!(
+            "{attack}\n[strategy]\nkind = \"trimmed-mean\"\ntrim_beta = 0.2\n"
+        )),
+        Transport::Memory,
+    );
+    assert_eq!(fedavg.summary.attackers, 4);
+    assert_eq!(base(attack).attack.kind, AttackKind::SignFlip);
+    let loss = |o: &Outcome| o.summary.final_scores.loss;
+    let (gap_fedavg, gap_robust) = (
+        (loss(&fedavg) - loss(&clean)).abs(),
+        (loss(&robust) - loss(&clean)).abs(),
+    );
+    assert!(
+        gap_robust < gap_fedavg,
+        "test loss: clean {}, FedAvg attacked {}, trimmed mean attacked {}",
+        loss(&clean),
+        loss(&fedavg),
+        loss(&robust)
+    );
+    // The attack hurts plain averaging: its model is worse than the clean one.
+    assert!(loss(&fedavg) > loss(&clean));
+    let (d_fedavg, d_robust) = (
+        distance(&fedavg.final_adapter, &clean.final_adapter),
+        distance(&robust.final_adapter, &clean.final_adapter),
+    );
+    eprintln!("adapter distance from the clean run: FedAvg {d_fedavg}, trimmed mean {d_robust}");
+}
+
+#[test]
+fn rounds_complete_with_thirty_percent_dropouts() {
+    let s = small(
+        r#"
+[devices]
+dropout = 0.3
+offline_ms = 120000
+"#,
+    );
+    let mut s = s;
+    s.simulation.clients_per_round = sim::scenario::PerRound::Count(6);
+    s.rounds.min_updates = 2;
+    let o = run(&s, Transport::Memory);
+    assert_eq!(o.summary.rounds, 3, "{:?}", o.rounds);
+    let dropped: usize = o.rounds.iter().map(|r| r.dropouts).sum();
+    assert!(dropped > 0, "some selected devices dropped out");
+    for r in &o.rounds[1..] {
+        assert!(r.participants >= 2 && r.participants <= 6, "{r:?}");
+    }
+}
+
+#[test]
+fn a_dp_run_spends_exactly_the_accountants_epsilon() {
+    let s = small(
+        r#"
+[privacy]
+mode = "central"
+clip = 0.05
+noise_multiplier = 0.8
+delta = 1e-5
+epsilon_budget = 1000.0
+accountant = "pld"
+"#,
+    );
+    let o = run(&s, Transport::Memory);
+    assert_eq!(o.summary.rounds, 3);
+    let dir = starling_simulations::sim::scenario::resolve(&s.simulation.base_model, None);
+    let model = Llama::load(&dir, None, &starling_model::Backend::default().device()).unwrap();
+    let n = sim::adapter_params(&model, &s).unwrap();
+    let eff = GaussianMechanism::with_multiplier(0.05, 0.8, n)
+        .unwrap()
+        .effective_noise_multiplier();
+    let q = 4.0 / 16.0;
+    let expected = accountant::epsilon(
+        &[DpEvent::new(q, eff, 3).unwrap()],
+        1e-5,
+        AccountantKind::Pld,
+    )
+    .unwrap()
+    .epsilon;
+    let got = o.summary.epsilon_user;
+    assert!(
+        (got - expected).abs() <= 1e-9 * expected,
+        "ε {got} vs accountant {expected}"
+    );
+    // Rounds' ε grows monotonically to it.
+    let eps: Vec<f64> = o.rounds.iter().map(|r| r.epsilon_user).collect();
+    assert!(eps.windows(2).all(|w| w[1] > w[0]), "{eps:?}");
+}
+
+#[test]
+fn a_target_epsilon_is_met_and_not_exceeded() {
+    let s = small(
+        r#"
+[privacy]
+mode = "central"
+clip = 0.05
+delta = 1e-5
+"#,
+    );
+    let mut s = s;
+    s.simulation.target_epsilon = Some(4.0);
+    let o = run(&s, Transport::Memory);
+    assert_eq!(o.summary.rounds, 3);
+    let eps = o.summary.epsilon_user;
+    assert!(eps <= 4.0 && eps > 3.9, "ε {eps} for a target of 4");
+}
+
+#[test]
+fn shipped_scenarios_parse_and_bad_ones_are_refused_clearly() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            Scenario::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 5);
+    Scenario::default_scenario().unwrap();
+    let typo = Scenario::parse("[simulation]\nrounds = 3\nround = 4\n", "typo.toml").unwrap_err();
+    assert!(typo.to_string().contains("round"), "{typo}");
+    let bad = Scenario::parse("[simulation]\nclients_per_round = 0\n", "bad.toml").unwrap_err();
+    assert!(bad.to_string().contains("clients_per_round"), "{bad}");
+    let dp = Scenario::parse("[simulation]\ntarget_epsilon = 8.0\n", "dp.toml").unwrap_err();
+    assert!(dp.to_string().contains("privacy"), "{dp}");
+}
