@@ -16,16 +16,13 @@ use std::time::Duration;
 
 use starling_model::data::{text_files, TextData};
 use starling_model::{bundle, Llama, Tokenizer};
-use starling_protocol::bulk::BulkHeader;
-use starling_protocol::message::{BlobKind, Decline, Task, Upload};
-use starling_protocol::{Digest, Manifest, ModelVersion, RoundId, UpdateId};
+use starling_protocol::message::{BlobKind, Decline, Task};
+use starling_protocol::{Digest, Manifest, UpdateId};
 use starling_transport::client::{refusal, TaskReply};
 use starling_transport::{Client, Limits, TransportError};
 
 use crate::config::ClientConfig;
-use crate::session::{
-    update_id_hex, Action, Event, PendingUpdate, PrepareFailure, Session, SessionConfig,
-};
+use crate::session::{Action, Event, PendingUpdate, PrepareFailure, Session, SessionConfig};
 use crate::state::{StateDir, StateError};
 use crate::train::{adapter_values, train_task, training_memory_estimate, TaskTraining};
 
@@ -352,20 +349,11 @@ impl Runtime {
                 });
             }
         };
-        let (Some(id), Some(schema)) = (p.id(), Digest::from_hex(&p.schema)) else {
+        let Some(upload) = p.upload_header(&body) else {
             return Ok(Event::Refused {
                 code: starling_protocol::ErrorCode::BadRequest,
                 message: "stored update metadata is malformed".into(),
             });
-        };
-        let upload = Upload {
-            update_id: id,
-            round: RoundId(p.round),
-            model_version: ModelVersion(p.model_version),
-            schema,
-            num_examples: p.num_examples,
-            metrics: p.metrics,
-            body: BulkHeader::describe(&body),
         };
         tracing::info!(round = p.round, bytes = body.len(), "uploading update");
         let ack = c.upload(upload, &body).await?;
@@ -621,16 +609,11 @@ impl Runtime {
         }
         // The body is on disk before the session persists the progress that names it.
         crate::state::write_atomic(&self.dir.pending(task.round.0), &trained.body)?;
-        Ok(Event::Trained(PendingUpdate {
-            round: task.round.0,
-            update_id: update_id_hex(&UpdateId(id)),
-            model_version: manifest.version.0,
-            schema: manifest.adapter_schema.hash().to_hex(),
-            num_examples: trained.num_examples,
-            metrics: trained.metrics,
-            body_size: trained.body.len() as u64,
-            body_digest: Digest::of(&trained.body).to_hex(),
-        }))
+        Ok(Event::Trained(trained.pending(
+            task.round.0,
+            UpdateId(id),
+            manifest,
+        )))
     }
 }
 

@@ -19,7 +19,8 @@
 //! What must never live here: I/O of any kind, training itself, or protocol encoding.
 
 use starling_privacy::{accountant, AccountantKind, DpEvent, GaussianMechanism};
-use starling_protocol::message::{ErrorCode, Task, UpdateMetrics};
+use starling_protocol::bulk::BulkHeader;
+use starling_protocol::message::{ErrorCode, Task, UpdateMetrics, Upload};
 use starling_protocol::{
     from_hex, hex, Digest, Fingerprint, Manifest, ManifestVerifier, ModelVersion, RoundId,
     SignedManifest, UpdateId,
@@ -84,6 +85,20 @@ impl PendingUpdate {
         from_hex(&self.update_id)
             .and_then(|b| <[u8; 16]>::try_from(b).ok())
             .map(UpdateId)
+    }
+
+    /// The `Upload` header announcing this update with `body` (`None` if the stored id or schema is
+    /// malformed: the update can never be sent as computed).
+    pub fn upload_header(&self, body: &[u8]) -> Option<Upload> {
+        Some(Upload {
+            update_id: self.id()?,
+            round: RoundId(self.round),
+            model_version: ModelVersion(self.model_version),
+            schema: Digest::from_hex(&self.schema)?,
+            num_examples: self.num_examples,
+            metrics: self.metrics,
+            body: BulkHeader::describe(body),
+        })
     }
 }
 

@@ -16,7 +16,9 @@ use starling_model::{
 use starling_privacy::{AccountantKind, NoisePlacement};
 use starling_protocol::message::{Task, UpdateMetrics};
 use starling_protocol::update::encode_update;
-use starling_protocol::{AdapterSchema, Manifest};
+use starling_protocol::{AdapterSchema, Digest, Manifest, UpdateId};
+
+use crate::session::{update_id_hex, PendingUpdate};
 
 /// What can go wrong while training for a task.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,22 @@ pub struct TrainedUpdate {
     pub num_examples: u64,
     /// L2 norm of the delta before user-level clipping.
     pub delta_norm: f64,
+}
+
+impl TrainedUpdate {
+    /// The session's record of this update for `round`, with idempotency key `id`, trained from `manifest`.
+    pub fn pending(&self, round: u64, id: UpdateId, manifest: &Manifest) -> PendingUpdate {
+        PendingUpdate {
+            round,
+            update_id: update_id_hex(&id),
+            model_version: manifest.version.0,
+            schema: manifest.adapter_schema.hash().to_hex(),
+            num_examples: self.num_examples,
+            metrics: self.metrics,
+            body_size: self.body.len() as u64,
+            body_digest: Digest::of(&self.body).to_hex(),
+        }
+    }
 }
 
 /// Trains for a task; `on_step(step, loss)` sees each optimizer step (a progress bar, a log) and returns

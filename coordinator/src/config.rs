@@ -179,6 +179,18 @@ impl Default for AdapterConfig {
     }
 }
 
+impl AdapterConfig {
+    /// The model crate's LoRA settings for this adapter (unknown targets are refused by validation).
+    pub fn lora_config(&self) -> Result<starling_model::LoraConfig, starling_model::ModelError> {
+        let targets: Vec<starling_model::Target> = self
+            .targets
+            .iter()
+            .filter_map(|t| starling_model::Target::parse(t))
+            .collect();
+        starling_model::LoraConfig::new(self.rank, self.alpha, 0.0, &targets)
+    }
+}
+
 impl CoordinatorConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use starling_model::{Backend, Llama, LoraAdapter, LoraConfig, Target};
+use starling_model::{Backend, Llama, LoraAdapter};
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
 use starling_protocol::{
     AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
@@ -40,13 +40,7 @@ pub fn initial_adapter(
     let device = Backend::default().device();
     let model = Llama::load(base, None, &device)
         .with_context(|| format!("loading base model {}", base.display()))?;
-    let targets: Vec<Target> = cfg
-        .adapter
-        .targets
-        .iter()
-        .filter_map(|t| Target::parse(t))
-        .collect();
-    let lora = LoraConfig::new(cfg.adapter.rank, cfg.adapter.alpha, 0.0, &targets)?;
+    let lora = cfg.adapter.lora_config()?;
     let adapter = LoraAdapter::new(&model.config, lora, &device, cfg.adapter.seed);
     Ok((model, adapter))
 }

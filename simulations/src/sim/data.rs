@@ -124,10 +124,7 @@ fn speaker(line: &str) -> Option<String> {
     {
         return None;
     }
-    let words: Vec<&str> = body
-        .split(|c: char| c == ' ' || c == '.')
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> = body.split([' ', '.']).filter(|w| !w.is_empty()).collect();
     if words.is_empty() || words.len() > 4 {
         return None;
     }

@@ -12,13 +12,8 @@ use std::sync::Arc;
 use starling_client::driver::{disconnected, transport_event, transport_prepare_failure};
 use starling_client::session::{Event, PendingUpdate, PrepareFailure};
 use starling_coordinator::service::Coordinator;
-use starling_protocol::bulk::BulkHeader;
-use starling_protocol::message::{
-    BlobKind, Decline, Enrol, Message, ModelFetch, TaskRequest, Upload,
-};
-use starling_protocol::{
-    Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
-};
+use starling_protocol::message::{BlobKind, Decline, Enrol, Message, ModelFetch, TaskRequest};
+use starling_protocol::{EnrolmentToken, Fingerprint, ModelVersion, SigningIdentity};
 use starling_transport::client::TaskReply;
 use starling_transport::server::{EnrolmentLimits, Request, Response};
 use starling_transport::{Access, Authorizer, Client, Handler, Limits, Server};
@@ -237,36 +232,25 @@ impl Link {
         if self.quic.is_none() {
             let reply = self.memory_request(fp, Request::Task(TaskRequest { held_model: held }));
             return match reply {
-                Response::Message(m @ Message::Task(_)) => {
-                    let down = size(&m);
-                    let Message::Task(task) = m else {
-                        unreachable!()
-                    };
+                Response::Message(Message::Task(task)) => {
+                    let down = size(&Message::Task(task.clone()));
                     Exchange::new(Event::TaskOffered { task, local_minute }, up, down)
                 }
-                Response::Message(m) => Exchange::new(message_event(&m), up, size(&m)),
-                Response::Blob(_) => Exchange::new(unexpected("a blob"), up, 0),
+                other => memory_reply(up, other),
             };
         }
-        let ev = match self.session(c) {
-            Err(ev) => ev,
-            Ok(s) => match self.rt.block_on(s.request_task(held)) {
-                Ok(TaskReply::Task(task)) => {
-                    let down = size(&Message::Task(task.clone()));
-                    return Exchange::new(Event::TaskOffered { task, local_minute }, up, down);
-                }
-                Ok(TaskReply::NoTask(n)) => {
-                    let down = size(&Message::NoTask(n.clone()));
-                    let ev = Event::NoTask {
-                        retry_after_ms: n.retry_after_ms,
-                    };
-                    return Exchange::new(ev, up, down);
-                }
-                Err(e) => transport_event(&e),
-            },
+        let reply = match self.session(c) {
+            Err(ev) => return Exchange::new(ev, up, 0),
+            Ok(s) => self.rt.block_on(s.request_task(held)),
         };
-        self.drop_session(c, &ev);
-        Exchange::new(ev, up, 0)
+        match reply {
+            Ok(TaskReply::Task(task)) => {
+                let down = size(&Message::Task(task.clone()));
+                Exchange::new(Event::TaskOffered { task, local_minute }, up, down)
+            }
+            Ok(TaskReply::NoTask(n)) => self.quic_reply(c, up, Ok(Message::NoTask(n))),
+            Err(e) => self.quic_reply(c, up, Err(e)),
+        }
     }
 
     /// Fetches a blob (at most `max` bytes) for device `c`.
@@ -310,7 +294,7 @@ impl Link {
         p: &PendingUpdate,
         body: &[u8],
     ) -> Exchange {
-        let (Some(id), Some(schema)) = (p.id(), Digest::from_hex(&p.schema)) else {
+        let Some(header) = p.upload_header(body) else {
             return Exchange::new(
                 Event::Refused {
                     code: starling_protocol::ErrorCode::BadRequest,
@@ -319,15 +303,6 @@ impl Link {
                 0,
                 0,
             );
-        };
-        let header = Upload {
-            update_id: id,
-            round: RoundId(p.round),
-            model_version: ModelVersion(p.model_version),
-            schema,
-            num_examples: p.num_examples,
-            metrics: p.metrics,
-            body: BulkHeader::describe(body),
         };
         let up = size(&Message::Upload(Box::new(header.clone()))) + body.len() as u64;
         if self.quic.is_none() {
@@ -338,52 +313,44 @@ impl Link {
                     body: body.to_vec(),
                 },
             );
-            return match reply {
-                Response::Message(m) => Exchange::new(message_event(&m), up, size(&m)),
-                Response::Blob(_) => Exchange::new(unexpected("a blob"), up, 0),
-            };
+            return memory_reply(up, reply);
         }
-        let ev = match self.session(c) {
-            Err(ev) => ev,
-            Ok(s) => match self.rt.block_on(s.upload(header, body)) {
-                Ok(ack) => {
-                    let down = size(&Message::Ack(ack.clone()));
-                    let ev = Event::Acked {
-                        update_id: ack.update_id,
-                    };
-                    return Exchange::new(ev, up, down);
-                }
-                Err(e) => transport_event(&e),
-            },
+        let reply = match self.session(c) {
+            Err(ev) => return Exchange::new(ev, up, 0),
+            Ok(s) => self.rt.block_on(s.upload(header, body)).map(Message::Ack),
         };
-        self.drop_session(c, &ev);
-        Exchange::new(ev, up, 0)
+        self.quic_reply(c, up, reply)
     }
 
     /// Declines a round's task.
     pub fn decline(&mut self, c: usize, fp: Fingerprint, d: Decline) -> Exchange {
         let up = size(&Message::Decline(d.clone()));
         if self.quic.is_none() {
-            return match self.memory_request(fp, Request::Decline(d)) {
-                Response::Message(m) => Exchange::new(message_event(&m), up, size(&m)),
-                Response::Blob(_) => Exchange::new(unexpected("a blob"), up, 0),
-            };
+            return memory_reply(up, self.memory_request(fp, Request::Decline(d)));
         }
-        let ev = match self.session(c) {
-            Err(ev) => ev,
-            Ok(s) => match self.rt.block_on(s.decline(d)) {
-                Ok(n) => {
-                    let down = size(&Message::NoTask(n.clone()));
-                    let ev = Event::NoTask {
-                        retry_after_ms: n.retry_after_ms,
-                    };
-                    return Exchange::new(ev, up, down);
-                }
-                Err(e) => transport_event(&e),
-            },
+        let reply = match self.session(c) {
+            Err(ev) => return Exchange::new(ev, up, 0),
+            Ok(s) => self.rt.block_on(s.decline(d)).map(Message::NoTask),
         };
-        self.drop_session(c, &ev);
-        Exchange::new(ev, up, 0)
+        self.quic_reply(c, up, reply)
+    }
+
+    /// The exchange for a QUIC reply: the session event of the coordinator's message, or of the failure
+    /// (a lost connection is dropped, to be reopened by the session's next `Connect`).
+    fn quic_reply(
+        &mut self,
+        c: usize,
+        up: u64,
+        reply: Result<Message, starling_transport::TransportError>,
+    ) -> Exchange {
+        match reply {
+            Ok(m) => Exchange::new(message_event(&m), up, size(&m)),
+            Err(e) => {
+                let ev = transport_event(&e);
+                self.drop_session(c, &ev);
+                Exchange::new(ev, up, 0)
+            }
+        }
     }
 
     /// Closes every QUIC session and the server.
@@ -411,6 +378,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, SimError> {
         .enable_all()
         .build()
         .map_err(|e| SimError::Transport(e.to_string()))
+}
+
+/// The exchange for an in-memory answer that is a message (a blob here is a coordinator bug).
+fn memory_reply(up: u64, reply: Response) -> Exchange {
+    match reply {
+        Response::Message(m) => Exchange::new(message_event(&m), up, size(&m)),
+        Response::Blob(_) => Exchange::new(unexpected("a blob"), up, 0),
+    }
 }
 
 fn unexpected(what: &str) -> Event {

@@ -27,13 +27,11 @@ use std::time::Instant;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::{ChaCha20Rng, ChaCha8Rng};
-use starling_client::session::{
-    update_id_hex, Action, Event, HeldModel, PendingUpdate, Progress, Session, SessionConfig,
-};
+use starling_client::session::{Action, Event, HeldModel, Progress, Session, SessionConfig};
 use starling_client::train::{adapter_values, train_task, TaskTraining};
 use starling_coordinator::config::{CoordinatorConfig, DpPlacement};
 use starling_coordinator::service::{read_key, Clock, Coordinator, Layout, OpenOptions};
-use starling_model::{Backend, Llama, LoraAdapter, LoraConfig, Target, Tokenizer};
+use starling_model::{Backend, Llama, LoraAdapter, Tokenizer};
 use starling_privacy::AccountantKind;
 use starling_protocol::message::{BlobKind, Decline, Task};
 use starling_protocol::update::{decode_update, encode_update, UpdateLimits};
@@ -206,8 +204,11 @@ pub struct Summary {
     pub base_bytes_down: u64,
     /// Baselines, with `--baselines`.
     pub baselines: Option<Baselines>,
-    /// Fraction of the gap between base and centralized accuracy the federation closed.
+    /// Fraction of the gap between base and centralized accuracy the federation closed (`None` when the
+    /// centralized baseline is not more accurate than the base model).
     pub gap_closed: Option<f64>,
+    /// The same for test loss (`None` when the centralized baseline's loss is not lower).
+    pub gap_closed_loss: Option<f64>,
     /// SHA-256 (hex) of every published adapter, version by version.
     pub adapter_digests: Vec<String>,
     /// Simulated time, seconds.
@@ -745,16 +746,7 @@ impl Sim<'_> {
         let mut uid = [0u8; 16];
         uid[..8].copy_from_slice(&id);
         uid[8..].copy_from_slice(&id2);
-        let pending = PendingUpdate {
-            round,
-            update_id: update_id_hex(&UpdateId(uid)),
-            model_version: manifest.version.0,
-            schema: manifest.adapter_schema.hash().to_hex(),
-            num_examples: trained.num_examples,
-            metrics: trained.metrics,
-            body_size: trained.body.len() as u64,
-            body_digest: Digest::of(&trained.body).to_hex(),
-        };
+        let pending = trained.pending(round, UpdateId(uid), manifest);
         self.bodies.insert((c, round), trained.body);
         Ok(Event::Trained(pending))
     }
@@ -811,13 +803,9 @@ fn corrupt(text: &str, seed: u64) -> String {
 }
 
 fn lora(model: &Llama, scen: &Scenario) -> Result<LoraAdapter, SimError> {
-    let targets: Vec<Target> = scen
+    let cfg = scen
         .adapter
-        .targets
-        .iter()
-        .filter_map(|t| Target::parse(t))
-        .collect();
-    let cfg = LoraConfig::new(scen.adapter.rank, scen.adapter.alpha, 0.0, &targets)
+        .lora_config()
         .map_err(|e| SimError::Model(e.to_string()))?;
     Ok(LoraAdapter::new(&model.config, cfg, &model.device, 0))
 }
@@ -906,7 +894,7 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
     let clock = Arc::new(AtomicU64::new(EPOCH_MS));
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&derive(seed, "central-noise", 0, 0).to_le_bytes());
-    let coord = Arc::new(
+    let open = || {
         Coordinator::open_with(
             &dir,
             cfg.clone(),
@@ -915,8 +903,19 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
                 simulation_noise_key: Some(key),
             },
         )
-        .map_err(|e| SimError::Coordinator(e.to_string()))?,
-    );
+    };
+    // `init` has just closed the store; sled's flusher thread can hold its file lock for a moment longer.
+    let mut opened = open();
+    for _ in 0..100 {
+        match &opened {
+            Err(e) if e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                opened = open();
+            }
+            _ => break,
+        }
+    }
+    let coord = Arc::new(opened.map_err(|e| SimError::Coordinator(e.to_string()))?);
     let layout = Layout::new(&dir);
     let mut link = match opts.transport {
         Transport::Memory => Link::memory(coord.clone())?,
@@ -1069,26 +1068,22 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
                 if let Some(r) = &current {
                     started.entry(r.id.0).or_insert(r.selected.len());
                 }
-                // Started rounds that are neither published nor open were abandoned.
                 let open = current.as_ref().map(|r| r.id.0);
-                let abandoned = started
-                    .keys()
-                    .filter(|id| !published_rounds.contains(*id) && Some(**id) != open)
-                    .count() as u64;
                 let v = coord.latest().0;
                 if v > latest {
                     latest = v;
                     let evaluate_now =
                         v % scen.evaluation.every == 0 || v >= scen.simulation.rounds || finished;
-                    let m = sim.round_metrics(
-                        v,
-                        &started,
-                        evaluate_now.then_some(&evalset),
-                        abandoned.saturating_sub(abandoned_seen),
-                        wall,
-                    )?;
-                    abandoned_seen = abandoned;
+                    let mut m =
+                        sim.round_metrics(v, &started, evaluate_now.then_some(&evalset), wall)?;
                     published_rounds.insert(m.round);
+                    // Started rounds that are neither published nor open were abandoned.
+                    let abandoned = started
+                        .keys()
+                        .filter(|id| !published_rounds.contains(*id) && Some(**id) != open)
+                        .count() as u64;
+                    m.abandoned_before = abandoned.saturating_sub(abandoned_seen);
+                    abandoned_seen = abandoned;
                     if let (Some(loss), Some(acc)) = (m.test_loss, m.accuracy) {
                         final_scores = Scores {
                             loss,
@@ -1141,7 +1136,11 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
     };
     let gap_closed = baselines.as_ref().and_then(|b| {
         let gap = b.centralized.accuracy - base_scores.accuracy;
-        (gap.abs() > 1e-9).then(|| (final_scores.accuracy - base_scores.accuracy) / gap)
+        (gap > 0.0).then(|| (final_scores.accuracy - base_scores.accuracy) / gap)
+    });
+    let gap_closed_loss = baselines.as_ref().and_then(|b| {
+        let gap = base_scores.loss - b.centralized.loss;
+        (gap > 0.0).then(|| (base_scores.loss - final_scores.loss) / gap)
     });
     let summary = Summary {
         scenario: scen.simulation.name.clone(),
@@ -1177,6 +1176,7 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
         base_bytes_down: totals.base_bytes_down,
         baselines,
         gap_closed,
+        gap_closed_loss,
         adapter_digests: digests,
         sim_time_s,
         wall_s: wall.elapsed().as_secs_f64(),
@@ -1200,7 +1200,6 @@ impl Sim<'_> {
         version: u64,
         started: &BTreeMap<u64, usize>,
         evalset: Option<&EvalSet>,
-        abandoned_before: u64,
         wall: Instant,
     ) -> Result<RoundMetrics, SimError> {
         let store = self.coord.store();
@@ -1250,7 +1249,7 @@ impl Sim<'_> {
             bytes_up: c.bytes_up,
             bytes_down: c.bytes_down,
             base_bytes_down: c.base_bytes_down,
-            abandoned_before,
+            abandoned_before: 0,
             sim_time_s: self.now as f64 / 1000.0,
             wall_s: wall.elapsed().as_secs_f64(),
         })

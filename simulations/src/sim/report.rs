@@ -321,6 +321,14 @@ pub fn table(o: &Outcome) -> String {
             "gap closed: {:.0}% of the base → centralized accuracy gap\n",
             g * 100.0
         ));
+    } else if s.baselines.is_some() {
+        t.push_str("gap closed (accuracy): undefined — centralized is not more accurate than the base model\n");
+    }
+    if let Some(g) = s.gap_closed_loss {
+        t.push_str(&format!(
+            "gap closed: {:.0}% of the base → centralized test-loss gap\n",
+            g * 100.0
+        ));
     }
     if s.epsilon_user > 0.0 || s.noise_multiplier > 0.0 {
         t.push_str(&format!(
