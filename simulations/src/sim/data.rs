@@ -500,6 +500,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_folder_per_client_is_a_client_per_folder_or_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lines = |n: usize, who: &str| {
+            (0..n)
+                .map(|i| format!("{who} line {i} of some private text"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        std::fs::create_dir(tmp.path().join("alice")).unwrap();
+        std::fs::write(tmp.path().join("alice/a.txt"), lines(20, "alice")).unwrap();
+        std::fs::write(tmp.path().join("alice/b.txt"), lines(10, "alice-b")).unwrap();
+        std::fs::write(tmp.path().join("bob.txt"), lines(30, "bob")).unwrap();
+        std::fs::write(tmp.path().join("tiny.txt"), "too\nshort").unwrap();
+        std::fs::write(tmp.path().join("notes.md"), lines(30, "ignored")).unwrap();
+        let cfg = DataConfig {
+            dataset: Kind::Folder,
+            partition: Partition::Folders,
+            min_bytes: 100,
+            ..DataConfig::default()
+        };
+        let ds = load(&cfg, tmp.path(), 0).unwrap();
+        let names: Vec<&str> = ds.clients.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        // 30 lines of alice: the last 6 (20%) are her test split.
+        assert_eq!(ds.test(0).lines().count(), 6);
+        assert!(ds.train(0).contains("alice line 0") && ds.test(0).contains("alice-b line 9"));
+        assert!(!ds.train(1).contains("alice") && ds.test(1).contains("bob line 29"));
+        assert!(load(&cfg, &tmp.path().join("missing"), 0).is_err());
+    }
+
     fn speeches_len(cfg: &DataConfig) -> usize {
         corpus(cfg, &shakespeare())
             .unwrap()
