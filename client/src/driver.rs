@@ -24,7 +24,8 @@ use starling_transport::{Client, Limits, TransportError};
 use crate::config::ClientConfig;
 use crate::session::{Action, Event, PendingUpdate, PrepareFailure, Session, SessionConfig};
 use crate::state::{StateDir, StateError};
-use crate::train::{adapter_values, train_task, training_memory_estimate, TaskTraining};
+use crate::train::{train_task, training_memory_estimate, TaskTraining};
+use starling_protocol::update::adapter_values;
 
 /// Largest base model bundle fetched.
 const MAX_BASE_BYTES: u64 = 16 << 30;

@@ -74,24 +74,6 @@ pub fn task_adapter(
     Ok(adapter)
 }
 
-/// The flat f32 values of an adapter blob (little-endian, as the coordinator publishes it).
-pub fn adapter_values(bytes: &[u8]) -> Result<Vec<f32>, TrainError> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(TrainError::Task(format!(
-            "adapter blob of {} bytes is not a whole number of f32 values",
-            bytes.len()
-        )));
-    }
-    let values: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-        return Err(TrainError::Task(format!("adapter value {i} is not finite")));
-    }
-    Ok(values)
-}
-
 /// One task's training inputs.
 pub struct TaskTraining<'a> {
     /// The frozen base model.

@@ -12,9 +12,10 @@ use starling_protocol::{
 };
 
 use crate::config::CoordinatorConfig;
-use crate::service::{adapter_bytes, adapter_values, now_ms, read_key, Layout};
+use crate::service::{now_ms, read_key, Layout};
 use crate::store::{manifest_body, PendingToken, PublishedModel, Store};
 use crate::strategy::StrategyState;
+use starling_protocol::update::{adapter_bytes, adapter_values};
 
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
@@ -242,7 +243,7 @@ pub fn export(dir: &Path, version: u64, out: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no version {version}"))?;
     let cfg = CoordinatorConfig::load(&layout.config())?;
     let (_, mut adapter) = initial_adapter(&layout.base(), &cfg)?;
-    adapter.set_flat(&adapter_values(&model.adapter))?;
+    adapter.set_flat(&adapter_values(&model.adapter).context("the stored adapter")?)?;
     adapter.save_peft(out)?;
     std::fs::write(
         out.join("manifest.bin"),

@@ -19,7 +19,7 @@ use starling_protocol::message::{
     Ack, BlobKind, Decline, DpSgdTask, DpTask, Enrol, ErrorCode, ErrorReply, LoraSpec, Message,
     NoTask, Task, TrainParams,
 };
-use starling_protocol::update::{decode_update, UpdateLimits};
+use starling_protocol::update::{adapter_bytes, adapter_values, decode_update, UpdateLimits};
 use starling_protocol::{
     AdapterSchema, Digest, Encoding, EnrolmentToken, Fingerprint, ModelVersion, RoundId,
     SigningIdentity, UpdateId,
@@ -107,19 +107,6 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The adapter as little-endian bytes of its flat f32 vector.
-pub fn adapter_bytes(flat: &[f32]) -> Vec<u8> {
-    flat.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// The flat f32 vector of adapter bytes written by [`adapter_bytes`].
-pub fn adapter_values(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 /// Errors of the running coordinator.
@@ -470,7 +457,12 @@ impl Coordinator {
             .store
             .model(round.model_version)?
             .ok_or_else(|| ServiceError::State("parent missing".into()))?;
-        let mut adapter = adapter_values(&parent.adapter);
+        let mut adapter = adapter_values(&parent.adapter).map_err(|e| {
+            ServiceError::State(format!(
+                "stored adapter of version {}: {e}",
+                round.model_version.0
+            ))
+        })?;
         for (a, s) in adapter.iter_mut().zip(&step) {
             *a += s;
         }

@@ -209,7 +209,8 @@ impl Coord {
             .model(ModelVersion(version))
             .expect("reading the store")
             .unwrap_or_else(|| panic!("no version {version}"));
-        starling_coordinator::service::adapter_values(&model.adapter)
+        starling_protocol::update::adapter_values(&model.adapter)
+            .expect("the stored adapter decodes")
     }
 }
 

@@ -266,6 +266,35 @@ fn stochastic_round(y: f32, rng: &mut impl RngCore) -> i8 {
     q.clamp(-127.0, 127.0) as i8
 }
 
+/// A published adapter blob (what a manifest's `adapter_digest` hashes): the adapter's flat values, laid
+/// out by its schema, as little-endian f32.
+pub fn adapter_bytes(flat: &[f32]) -> Vec<u8> {
+    flat.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The values of an adapter blob written by [`adapter_bytes`], checked: a whole number of f32 values,
+/// every one finite.
+pub fn adapter_values(bytes: &[u8]) -> Result<Vec<f32>, ProtocolError> {
+    let bad = |detail: String| ProtocolError::Malformed {
+        what: "adapter blob",
+        detail,
+    };
+    if !bytes.len().is_multiple_of(4) {
+        return Err(bad(format!(
+            "{} bytes are not a whole number of f32 values",
+            bytes.len()
+        )));
+    }
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        return Err(bad(format!("value {i} is not finite")));
+    }
+    Ok(values)
+}
+
 /// Reads the fixed header of an encoded update.
 pub fn peek_header(bytes: &[u8]) -> Result<UpdateHeader, ProtocolError> {
     let bad = |detail: &str| ProtocolError::Malformed {
@@ -377,6 +406,21 @@ pub fn decode_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adapter_blobs_round_trip_and_refuse_bad_bytes() {
+        let flat = [0.0f32, -1.5, 3.25e-7, f32::MAX];
+        assert_eq!(adapter_values(&adapter_bytes(&flat)).unwrap(), flat);
+        assert!(adapter_values(&[0u8; 7])
+            .unwrap_err()
+            .to_string()
+            .contains("whole number"));
+        let nan = adapter_bytes(&[1.0, f32::NAN]);
+        assert!(adapter_values(&nan)
+            .unwrap_err()
+            .to_string()
+            .contains("value 1"));
+    }
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 

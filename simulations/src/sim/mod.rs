@@ -28,13 +28,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::{ChaCha20Rng, ChaCha8Rng};
 use starling_client::session::{Action, Event, HeldModel, Progress, Session, SessionConfig};
-use starling_client::train::{adapter_values, train_task, TaskTraining};
+use starling_client::train::{train_task, TaskTraining};
 use starling_coordinator::config::{CoordinatorConfig, DpPlacement};
 use starling_coordinator::service::{read_key, Clock, Coordinator, Layout, OpenOptions};
 use starling_model::{Backend, Llama, LoraAdapter, Tokenizer};
 use starling_privacy::AccountantKind;
 use starling_protocol::message::{BlobKind, Decline, Task};
-use starling_protocol::update::{decode_update, encode_update, UpdateLimits};
+use starling_protocol::update::{adapter_values, decode_update, encode_update, UpdateLimits};
 use starling_protocol::{
     Digest, Encoding, EnrolmentToken, Fingerprint, ModelVersion, SigningIdentity, UpdateId,
 };
