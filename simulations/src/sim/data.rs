@@ -337,6 +337,9 @@ pub fn load(cfg: &DataConfig, dir: &Path, seed: u64) -> Result<Dataset, SimError
     Ok(ds)
 }
 
+/// Largest text file read for one client of the folder data set.
+const MAX_CLIENT_FILE: u64 = 1 << 30;
+
 fn folders(cfg: &DataConfig, dir: &Path, ds: &mut Dataset) -> Result<(), SimError> {
     debug_assert_eq!(cfg.dataset, Kind::Folder);
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -353,8 +356,8 @@ fn folders(cfg: &DataConfig, dir: &Path, ds: &mut Dataset) -> Result<(), SimErro
             .map_err(|e| SimError::Data(e.to_string()))?;
         let mut text = String::new();
         for f in files {
-            let bytes =
-                std::fs::read(&f).map_err(|e| SimError::Data(format!("{}: {e}", f.display())))?;
+            let bytes = starling_model::io::read_bounded(&f, MAX_CLIENT_FILE)
+                .map_err(|e| SimError::Data(e.to_string()))?;
             text.push_str(&String::from_utf8_lossy(&bytes));
             text.push('\n');
         }

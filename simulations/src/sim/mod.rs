@@ -281,6 +281,8 @@ struct Active {
     inflight: Option<Action>,
     persisted: Progress,
     drop: Drop,
+    /// The device's training tokens, tokenized once when it prepares a task.
+    tokens: Option<Arc<Vec<u32>>>,
 }
 
 enum State {
@@ -377,6 +379,7 @@ impl Sim<'_> {
                     inflight: None,
                     persisted: progress,
                     drop: Drop::No,
+                    tokens: None,
                 }));
                 self.feed(c, Event::Start)
             }
@@ -449,37 +452,32 @@ impl Sim<'_> {
 
     /// Folds an idle device back into its persisted progress.
     fn fold(&mut self, c: usize) {
+        self.make_dormant(c, |a| a.session.progress().clone());
+    }
+
+    /// A device crashes: its session and anything not persisted are lost; it returns after `offline_ms`.
+    fn crash(&mut self, c: usize) {
+        self.make_dormant(c, |a| a.persisted);
+        self.counters.dropouts += 1;
+        let at = self.now + self.scen.devices.offline_ms.max(1);
+        self.schedule(at, Kind::Wake, c);
+    }
+
+    /// Replaces an active device by the progress `keep` takes from it (the held model goes to the shared
+    /// table by version).
+    fn make_dormant(&mut self, c: usize, keep: impl FnOnce(Active) -> Progress) {
         let state = std::mem::replace(&mut self.devices[c].state, State::Stopped);
         let State::Active(a) = state else {
             self.devices[c].state = state;
             return;
         };
-        let mut progress = a.session.progress().clone();
+        let mut progress = keep(*a);
         let held = progress.held.take().map(|h| {
             let v = h.version;
             self.held.entry(v).or_insert(h);
             v
         });
         self.devices[c].state = State::Dormant(Box::new(Dormant { progress, held }));
-    }
-
-    /// A device crashes: its session and anything not persisted are lost; it returns after `offline_ms`.
-    fn crash(&mut self, c: usize) {
-        let state = std::mem::replace(&mut self.devices[c].state, State::Stopped);
-        if let State::Active(a) = state {
-            let mut progress = a.persisted;
-            let held = progress.held.take().map(|h| {
-                let v = h.version;
-                self.held.entry(v).or_insert(h);
-                v
-            });
-            self.devices[c].state = State::Dormant(Box::new(Dormant { progress, held }));
-        } else {
-            self.devices[c].state = state;
-        }
-        self.counters.dropouts += 1;
-        let at = self.now + self.scen.devices.offline_ms.max(1);
-        self.schedule(at, Kind::Wake, c);
     }
 
     /// How long an action takes on device `c` (its effect happens when it completes).
@@ -677,7 +675,11 @@ impl Sim<'_> {
         } else {
             None
         };
-        let train_tokens = self.tokens(c)?.len() as u64;
+        let tokens = Arc::new(self.tokens(c)?);
+        let train_tokens = tokens.len() as u64;
+        if let State::Active(a) = &mut self.devices[c].state {
+            a.tokens = Some(tokens);
+        }
         Ok(Event::Prepared {
             adapter,
             train_tokens,
@@ -723,7 +725,10 @@ impl Sim<'_> {
             Ok(v) => v,
             Err(e) => return failed(e.to_string()),
         };
-        let tokens = self.tokens(c)?;
+        let tokens = match &a.tokens {
+            Some(t) => t.clone(),
+            None => Arc::new(self.tokens(c)?),
+        };
         let round = task.round.0;
         let t = TaskTraining {
             model: self.model,
