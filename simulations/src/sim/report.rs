@@ -123,31 +123,23 @@ fn plots(dir: &Path, o: &Outcome) -> Result<Vec<String>, SimError> {
     let b = &o.summary;
     let mut acc = vec![line("federated", &|r| r.accuracy, BLUE)];
     let mut loss = vec![line("federated", &|r| r.test_loss, BLUE)];
-    acc.push(hline("base model".into(), b.base.accuracy, BLACK));
-    loss.push(hline("base model".into(), b.base.loss, BLACK));
+    // Baselines are horizontal lines on both the accuracy and the loss plot.
+    let mut baselines = vec![("base model".to_string(), b.base, BLACK)];
     if let Some(bl) = &b.baselines {
-        let green = RGBColor(0, 150, 60);
-        let orange = RGBColor(230, 120, 0);
-        acc.push(hline(
+        baselines.push((
             format!("centralized ({} steps)", bl.centralized_steps),
-            bl.centralized.accuracy,
-            green,
+            bl.centralized,
+            RGBColor(0, 150, 60),
         ));
-        loss.push(hline(
-            format!("centralized ({} steps)", bl.centralized_steps),
-            bl.centralized.loss,
-            green,
-        ));
-        acc.push(hline(
+        baselines.push((
             format!("local only ({} clients)", bl.local_only_clients),
-            bl.local_only.accuracy,
-            orange,
+            bl.local_only,
+            RGBColor(230, 120, 0),
         ));
-        loss.push(hline(
-            format!("local only ({} clients)", bl.local_only_clients),
-            bl.local_only.loss,
-            orange,
-        ));
+    }
+    for (label, scores, color) in baselines {
+        acc.push(hline(label.clone(), scores.accuracy, color));
+        loss.push(hline(label, scores.loss, color));
     }
     let eps = vec![
         line(
