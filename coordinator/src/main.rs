@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use starling_cli::{
-    run_generate, run_import, run_inspect, run_logits, GenerateArgs, ImportArgs, ModelOpts,
+    run_export, run_generate, run_import, run_inspect, run_logits, ExportArgs, GenerateArgs,
+    ImportArgs, ModelOpts,
 };
 
 /// Starling aggregation coordinator.
@@ -114,12 +115,19 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ModelCmd {
-    /// Import a HuggingFace Llama checkpoint into Starling's (quantized) container.
+    /// Import a HuggingFace Llama checkpoint or a GGUF file into Starling's (quantized) container.
     ///
     /// Example:
     ///   starling-coordinator model import ./SmolLM2-135M --out models/smol-q8 --quant q8_0
+    ///   starling-coordinator model import tiny.gguf --out models/tiny --quant q8_0
     #[command(verbatim_doc_comment)]
     Import(ImportArgs),
+    /// Export a model as a llama-architecture GGUF file (llama.cpp, Ollama).
+    ///
+    /// Example:
+    ///   starling-coordinator model export assets/models/starling-tiny --gguf tiny.gguf
+    #[command(verbatim_doc_comment)]
+    Export(ExportArgs),
     /// Print a model's architecture, storage and size.
     ///
     /// Example:
@@ -268,6 +276,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Model(ModelCmd::Import(a)) => run_import(&a),
+        Cmd::Model(ModelCmd::Export(a)) => run_export(&a),
         Cmd::Model(ModelCmd::Inspect { path, json }) => run_inspect(&path, json),
         Cmd::Model(ModelCmd::Logits {
             path,

@@ -118,3 +118,88 @@ fn bad_input_is_a_clear_error_not_a_panic() {
         "{err}"
     );
 }
+
+fn logits(model: &Path, ids: &str) -> Vec<f64> {
+    let o = bin()
+        .args(["model", "logits"])
+        .arg(model)
+        .args(["--ids", ids, "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| match r.as_array() {
+            Some(row) => row.iter().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>(),
+            None => vec![r.as_f64().unwrap()],
+        })
+        .collect()
+}
+
+#[test]
+fn gguf_export_then_import_keeps_the_blocks_and_the_logits() {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/starling-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let q8 = dir.path().join("q8");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let o = bin().args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let os = |s: &str| std::ffi::OsStr::new(s).to_owned();
+    run(&[
+        &os("model"),
+        &os("import"),
+        tiny.as_os_str(),
+        &os("--out"),
+        q8.as_os_str(),
+        &os("--quant"),
+        &os("q8_0"),
+    ]);
+    let gguf = dir.path().join("tiny-q8.gguf");
+    run(&[
+        &os("model"),
+        &os("export"),
+        q8.as_os_str(),
+        &os("--gguf"),
+        gguf.as_os_str(),
+    ]);
+    let back = dir.path().join("back");
+    run(&[
+        &os("model"),
+        &os("import"),
+        gguf.as_os_str(),
+        &os("--out"),
+        back.as_os_str(),
+        &os("--quant"),
+        &os("q8_0"),
+    ]);
+    // The Q8_0 blocks crossed GGUF untouched: the containers are the same bytes, the logits equal.
+    assert_eq!(
+        std::fs::read(q8.join("model.safetensors")).unwrap(),
+        std::fs::read(back.join("model.safetensors")).unwrap()
+    );
+    assert_eq!(
+        logits(&q8, "72,101,108,108,111"),
+        logits(&back, "72,101,108,108,111")
+    );
+    // A truncated GGUF is one clear error.
+    let bytes = std::fs::read(&gguf).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let o = bin()
+        .args(["model", "import"])
+        .arg(&cut)
+        .arg("--out")
+        .arg(dir.path().join("never"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("invalid GGUF") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!dir.path().join("never").exists());
+}

@@ -131,21 +131,27 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
 /// Arguments of `model import`.
 #[derive(Debug, Clone, Args)]
 pub struct ImportArgs {
-    /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json]).
+    /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json]), or a
+    /// llama-architecture `.gguf` file (F32, F16, Q8_0, Q4_0 tensors; byte-level vocabulary).
     pub hf_dir: PathBuf,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// Storage of the frozen weights.
+    /// Storage of the frozen weights (GGUF tensors already stored so are kept bit for bit).
     #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
     pub quant: QuantType,
 }
 
-/// `model import`: HF checkpoint → Starling container (quantized), tokenizer copied along.
+/// `model import`: HF checkpoint or GGUF file → Starling container (quantized), tokenizer copied along.
 pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
     let device = Backend::Flex.device();
-    let model = Llama::load(&a.hf_dir, Some(a.quant), &device)
-        .with_context(|| format!("importing {}", a.hf_dir.display()))?;
+    let model = if a.hf_dir.extension().is_some_and(|e| e == "gguf") {
+        let g = starling_model::gguf::Gguf::read(&a.hf_dir, starling_model::io::MAX_WEIGHTS_BYTES)?;
+        starling_model::gguf::import(&g, &a.hf_dir, Some(a.quant), &device)?
+    } else {
+        Llama::load(&a.hf_dir, Some(a.quant), &device)
+            .with_context(|| format!("importing {}", a.hf_dir.display()))?
+    };
     model
         .save(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
@@ -163,6 +169,33 @@ pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
         model.config.num_parameters(),
         model.resident_weight_bytes() as f64 / 1e6,
         model.resident_weight_bytes() as f64 / model.config.num_parameters() as f64
+    );
+    Ok(())
+}
+
+/// Arguments of `model export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportArgs {
+    /// Model directory (a Starling container or an HF checkpoint).
+    pub model: PathBuf,
+    /// Write a llama-architecture GGUF file here (runs in llama.cpp and Ollama).
+    #[arg(long)]
+    pub gguf: PathBuf,
+}
+
+/// `model export --gguf`: a model directory → GGUF, weights in their stored format.
+pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
+    let model = Llama::load(&a.model, None, &Backend::Flex.device())
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let bytes = starling_model::gguf::export(&model)?.to_bytes();
+    starling_model::io::write_atomic(&a.gguf, &bytes)
+        .with_context(|| format!("writing {}", a.gguf.display()))?;
+    println!(
+        "exported {} → {} ({}, {} bytes)",
+        a.model.display(),
+        a.gguf.display(),
+        model.quant,
+        bytes.len()
     );
     Ok(())
 }

@@ -42,6 +42,14 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// A GGUF file is truncated, malformed, or holds something not supported.
+    #[error("{path}: invalid GGUF: {message}")]
+    Gguf {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A safetensors file is truncated, malformed or inconsistent.
     #[error("{path}: invalid safetensors: {message}")]
     Safetensors {

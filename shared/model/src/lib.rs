@@ -15,6 +15,7 @@ pub mod dp;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod io;
 pub mod lora;
 pub mod model;

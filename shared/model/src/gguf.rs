@@ -1,0 +1,871 @@
+//! GGUF, llama.cpp's model file: a checked reader and a writer of the container (header, typed
+//! metadata, tensor directory, aligned data), and the conversion of the llama architecture to and from
+//! [`Llama`] — F32, F16, Q8_0 and Q4_0 tensors, whose Q8_0 / Q4_0 blocks are byte for byte Starling's
+//! own (so a quantized round trip is bit-exact). Query and key rows are permuted as llama.cpp's converter
+//! does (GGUF keeps RoPE's pairs interleaved; HuggingFace halves them).
+//!
+//! Every count, length and offset read from a file is bounded and checked before anything is allocated
+//! for it; a malformed or truncated file is a [`ModelError::Gguf`]. What must never live here: running
+//! the model.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::Device;
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::lora::Target;
+use crate::model::{Block, Frozen, Llama};
+use crate::quant::{QMatrix, QuantType};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+/// Alignment of tensor data written (and the default when a file does not say).
+pub const ALIGNMENT: u64 = 32;
+const MAX_ENTRIES: u64 = 1 << 20;
+const MAX_STRING: u64 = 16 << 20;
+const MAX_DIM: u64 = 1 << 40;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// uint8.
+    U8(u8),
+    /// int8.
+    I8(i8),
+    /// uint16.
+    U16(u16),
+    /// int16.
+    I16(i16),
+    /// uint32.
+    U32(u32),
+    /// int32.
+    I32(i32),
+    /// float32.
+    F32(f32),
+    /// bool.
+    Bool(bool),
+    /// UTF-8 string.
+    Str(String),
+    /// Array of values of one type.
+    Array(Vec<Value>),
+    /// uint64.
+    U64(u64),
+    /// int64.
+    I64(i64),
+    /// float64.
+    F64(f64),
+}
+
+impl Value {
+    fn type_id(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::Str(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+
+    /// The value as an unsigned integer, if it is one.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, if it is a number (an f32 as the decimal it was written from: 1e-5 stays
+    /// 1e-5, not 9.99999974e-6).
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => v.to_string().parse().ok(),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+}
+
+/// The tensor types this module reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    /// float32.
+    F32,
+    /// float16.
+    F16,
+    /// 4-bit blocks of 32 with an f16 scale.
+    Q4_0,
+    /// 8-bit blocks of 32 with an f16 scale.
+    Q8_0,
+}
+
+impl GgmlType {
+    fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q8_0 => 8,
+        }
+    }
+
+    fn from_id(id: u32) -> std::result::Result<Self, String> {
+        Ok(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            8 => GgmlType::Q8_0,
+            12 => return Err("Q4_K tensors are not supported yet".into()),
+            14 => return Err("Q6_K tensors are not supported yet".into()),
+            other => return Err(format!("tensor type {other} is not supported")),
+        })
+    }
+
+    /// Bytes of `n` values laid out along rows of `row` values (`None`: not a whole number of blocks).
+    fn bytes(self, n: u64, row: u64) -> Option<u64> {
+        match self {
+            GgmlType::F32 => n.checked_mul(4),
+            GgmlType::F16 => n.checked_mul(2),
+            GgmlType::Q4_0 | GgmlType::Q8_0 => {
+                if !row.is_multiple_of(32) {
+                    return None;
+                }
+                let block = if self == GgmlType::Q8_0 { 34 } else { 18 };
+                (n / 32).checked_mul(block)
+            }
+        }
+    }
+}
+
+/// One tensor of the directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Its name (`token_embd.weight`, `blk.0.attn_q.weight`, ...).
+    pub name: String,
+    /// Its dimensions, innermost first (GGUF's `ne`: `[cols, rows]` for a matrix).
+    pub dims: Vec<u64>,
+    /// Its type.
+    pub kind: GgmlType,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+/// A whole GGUF file in memory.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Gguf {
+    /// Metadata, in file order.
+    pub metadata: Vec<(String, Value)>,
+    /// Tensors, in file order.
+    pub tensors: Vec<TensorInfo>,
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, message: impl Into<String>) -> ModelError {
+        ModelError::Gguf {
+            path: self.path.to_path_buf(),
+            message: format!("{} (at byte {})", message.into(), self.pos),
+        }
+    }
+
+    fn take(&mut self, n: u64) -> Result<&'a [u8]> {
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.pos.checked_add(n))
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| self.err(format!("truncated: {n} more bytes expected")))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let s = self.take(N as u64)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> Result<String> {
+        let len = self.u64()?;
+        if len > MAX_STRING {
+            return Err(self.err(format!("string of {len} bytes")));
+        }
+        let s = self.take(len)?;
+        String::from_utf8(s.to_vec()).map_err(|_| self.err("string is not UTF-8"))
+    }
+
+    fn value(&mut self, kind: u32, depth: u32) -> Result<Value> {
+        Ok(match kind {
+            0 => Value::U8(self.array::<1>()?[0]),
+            1 => Value::I8(i8::from_le_bytes(self.array()?)),
+            2 => Value::U16(u16::from_le_bytes(self.array()?)),
+            3 => Value::I16(i16::from_le_bytes(self.array()?)),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(i32::from_le_bytes(self.array()?)),
+            6 => Value::F32(f32::from_le_bytes(self.array()?)),
+            7 => match self.array::<1>()?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(self.err(format!("bool byte {b}"))),
+            },
+            8 => Value::Str(self.string()?),
+            9 => {
+                if depth > 0 {
+                    return Err(self.err("nested arrays are not supported"));
+                }
+                let elem = self.u32()?;
+                let count = self.u64()?;
+                // Every element takes at least one byte: a count beyond what is left is a lie.
+                if count > (self.bytes.len() - self.pos) as u64 {
+                    return Err(self.err(format!("array of {count} elements")));
+                }
+                let mut v = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    v.push(self.value(elem, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(i64::from_le_bytes(self.array()?)),
+            12 => Value::F64(f64::from_le_bytes(self.array()?)),
+            other => return Err(self.err(format!("metadata type {other}"))),
+        })
+    }
+}
+
+fn align(pos: u64, alignment: u64) -> u64 {
+    pos.div_ceil(alignment) * alignment
+}
+
+impl Gguf {
+    /// Reads a GGUF file (at most `max` bytes).
+    pub fn read(path: &Path, max: u64) -> Result<Self> {
+        let bytes = crate::io::read_bounded(path, max)?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Parses GGUF bytes (versions 2 and 3); `path` names them in errors.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        let mut c = Cursor {
+            bytes,
+            pos: 0,
+            path,
+        };
+        if c.take(4)? != MAGIC {
+            return Err(c.err("not a GGUF file (bad magic)"));
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(c.err(format!("GGUF version {version} (2 and 3 are supported)")));
+        }
+        let tensors = c.u64()?;
+        let kvs = c.u64()?;
+        if tensors > MAX_ENTRIES || kvs > MAX_ENTRIES {
+            return Err(c.err(format!("{tensors} tensors and {kvs} metadata entries")));
+        }
+        let mut metadata = Vec::with_capacity(kvs as usize);
+        for _ in 0..kvs {
+            let key = c.string()?;
+            let kind = c.u32()?;
+            let value = c.value(kind, 0)?;
+            metadata.push((key, value));
+        }
+        let alignment = metadata
+            .iter()
+            .find(|(k, _)| k == "general.alignment")
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or(ALIGNMENT);
+        if alignment == 0 || !alignment.is_power_of_two() || alignment > 1 << 20 {
+            return Err(c.err(format!("alignment {alignment}")));
+        }
+        let mut infos = Vec::with_capacity(tensors as usize);
+        for _ in 0..tensors {
+            let name = c.string()?;
+            let n_dims = c.u32()?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(c.err(format!("tensor {name}: {n_dims} dimensions")));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                let d = c.u64()?;
+                if d == 0 || d > MAX_DIM {
+                    return Err(c.err(format!("tensor {name}: dimension {d}")));
+                }
+                dims.push(d);
+            }
+            let kind =
+                GgmlType::from_id(c.u32()?).map_err(|m| c.err(format!("tensor {name}: {m}")))?;
+            let offset = c.u64()?;
+            let n = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= MAX_DIM)
+                .ok_or_else(|| c.err(format!("tensor {name}: too many values")))?;
+            let size = kind.bytes(n, dims[0]).ok_or_else(|| {
+                c.err(format!(
+                    "tensor {name}: rows of {} values do not form blocks",
+                    dims[0]
+                ))
+            })?;
+            infos.push((name, dims, kind, offset, size));
+        }
+        let data_start = align(c.pos as u64, alignment);
+        let mut out = Vec::with_capacity(infos.len());
+        for (name, dims, kind, offset, size) in infos {
+            let start = data_start
+                .checked_add(offset)
+                .filter(|s| s.is_multiple_of(alignment))
+                .ok_or_else(|| c.err(format!("tensor {name}: offset {offset}")))?;
+            let end = start
+                .checked_add(size)
+                .filter(|&e| e <= bytes.len() as u64)
+                .ok_or_else(|| {
+                    c.err(format!(
+                        "tensor {name}: data past the end of the file (truncated?)"
+                    ))
+                })?;
+            out.push(TensorInfo {
+                name,
+                dims,
+                kind,
+                data: bytes[start as usize..end as usize].to_vec(),
+            });
+        }
+        Ok(Self {
+            metadata,
+            tensors: out,
+        })
+    }
+
+    /// The file as bytes (version 3, tensors aligned to [`ALIGNMENT`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        fn value(out: &mut Vec<u8>, v: &Value) {
+            match v {
+                Value::U8(x) => out.push(*x),
+                Value::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::Bool(x) => out.push(u8::from(*x)),
+                Value::Str(s) => string(out, s),
+                Value::Array(items) => {
+                    let elem = items.first().map_or(0, Value::type_id);
+                    out.extend_from_slice(&elem.to_le_bytes());
+                    out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                    for i in items {
+                        value(out, i);
+                    }
+                }
+                Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+                Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+            }
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            string(&mut out, k);
+            out.extend_from_slice(&v.type_id().to_le_bytes());
+            value(&mut out, v);
+        }
+        let mut offset = 0u64;
+        let mut offsets = Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            string(&mut out, &t.name);
+            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&t.kind.id().to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offsets.push(offset);
+            offset = align(offset + t.data.len() as u64, ALIGNMENT);
+        }
+        let start = align(out.len() as u64, ALIGNMENT) as usize;
+        out.resize(start, 0);
+        for (t, off) in self.tensors.iter().zip(offsets) {
+            out.resize(start + off as usize, 0);
+            out.extend_from_slice(&t.data);
+        }
+        out
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// GGUF's name of a block projection.
+fn gguf_proj(layer: usize, t: Target) -> String {
+    let n = match t {
+        Target::Q => "attn_q",
+        Target::K => "attn_k",
+        Target::V => "attn_v",
+        Target::O => "attn_output",
+        Target::Gate => "ffn_gate",
+        Target::Up => "ffn_up",
+        Target::Down => "ffn_down",
+    };
+    format!("blk.{layer}.{n}.weight")
+}
+
+/// Row `r` of GGUF's layout holds row `source(r)` of HF's (query/key rows of `heads` heads of `head_dim`):
+/// HF keeps each head's rotary pairs in two halves, GGUF interleaves them.
+fn hf_row_of_gguf(r: usize, head_dim: usize) -> usize {
+    let (h, within) = (r / head_dim, r % head_dim);
+    let (i, j) = (within / 2, within % 2);
+    h * head_dim + j * (head_dim / 2) + i
+}
+
+/// `m` with its rows reordered: row `r` of the result is row `from(r)` of `m`.
+fn permute_rows(m: &QMatrix, from: impl Fn(usize) -> usize) -> Result<QMatrix> {
+    let bytes = m.to_bytes();
+    let row = bytes.len() / m.rows().max(1);
+    let mut out = Vec::with_capacity(bytes.len());
+    for r in 0..m.rows() {
+        let s = from(r);
+        out.extend_from_slice(&bytes[s * row..(s + 1) * row]);
+    }
+    QMatrix::from_bytes(m.rows(), m.cols(), m.kind(), &out)
+}
+
+fn matrix_tensor(name: String, m: &QMatrix) -> TensorInfo {
+    TensorInfo {
+        name,
+        dims: vec![m.cols() as u64, m.rows() as u64],
+        kind: match m.kind() {
+            QuantType::F32 => GgmlType::F32,
+            QuantType::Q8_0 => GgmlType::Q8_0,
+            QuantType::Q4_0 => GgmlType::Q4_0,
+        },
+        data: m.to_bytes(),
+    }
+}
+
+fn vector_tensor(name: String, v: &[f32]) -> TensorInfo {
+    TensorInfo {
+        name,
+        dims: vec![v.len() as u64],
+        kind: GgmlType::F32,
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Whether the model's vocabulary is Starling's byte-level one (bytes, then `<s>`, `</s>`, `<pad>`).
+fn byte_vocab(c: &LlamaConfig) -> bool {
+    c.vocab_size == 259
+}
+
+/// The llama-architecture GGUF of `model` (weights in their stored format; a byte-level vocabulary is
+/// written as byte tokens so llama.cpp tokenizes with byte fallback).
+pub fn export(model: &Llama) -> Result<Gguf> {
+    let c = &model.config;
+    if !byte_vocab(c) {
+        return Err(ModelError::InvalidArgument(
+            "GGUF export writes byte-level vocabularies only for now (this model has a tokenizer.json)"
+                .into(),
+        ));
+    }
+    let u32v = |x: usize| Value::U32(x as u32);
+    let mut tokens: Vec<Value> = (0..256)
+        .map(|b| Value::Str(format!("<0x{b:02X}>")))
+        .collect();
+    tokens.extend(["<s>", "</s>", "<pad>"].map(|s| Value::Str(s.into())));
+    let mut types: Vec<Value> = vec![Value::I32(6); 256];
+    types.extend(vec![Value::I32(3); 3]);
+    let file_type = match model.quant {
+        QuantType::F32 => 0,
+        QuantType::Q4_0 => 2,
+        QuantType::Q8_0 => 7,
+    };
+    let metadata = vec![
+        ("general.architecture".into(), Value::Str("llama".into())),
+        ("general.name".into(), Value::Str("starling".into())),
+        ("general.alignment".into(), Value::U32(ALIGNMENT as u32)),
+        ("general.file_type".into(), Value::U32(file_type)),
+        (
+            "llama.context_length".into(),
+            u32v(c.max_position_embeddings),
+        ),
+        ("llama.embedding_length".into(), u32v(c.hidden_size)),
+        ("llama.block_count".into(), u32v(c.num_hidden_layers)),
+        (
+            "llama.feed_forward_length".into(),
+            u32v(c.intermediate_size),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            u32v(c.num_attention_heads),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u32v(c.num_key_value_heads),
+        ),
+        ("llama.attention.key_length".into(), u32v(c.head_dim)),
+        ("llama.attention.value_length".into(), u32v(c.head_dim)),
+        ("llama.rope.dimension_count".into(), u32v(c.head_dim)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
+        ("llama.vocab_size".into(), u32v(c.vocab_size)),
+        ("tokenizer.ggml.model".into(), Value::Str("llama".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(vec![Value::F32(0.0); 259]),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
+        ("tokenizer.ggml.padding_token_id".into(), Value::U32(258)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ];
+    let mut tensors = vec![matrix_tensor("token_embd.weight".into(), &model.embed)];
+    for (i, b) in model.blocks.iter().enumerate() {
+        tensors.push(vector_tensor(
+            format!("blk.{i}.attn_norm.weight"),
+            &b.attn_norm,
+        ));
+        for t in Target::ALL {
+            let m = &b.proj[t as usize].0;
+            let m = match t {
+                Target::Q | Target::K => permute_rows(m, |r| hf_row_of_gguf(r, c.head_dim))?,
+                _ => (**m).clone(),
+            };
+            tensors.push(matrix_tensor(gguf_proj(i, t), &m));
+        }
+        tensors.push(vector_tensor(
+            format!("blk.{i}.ffn_norm.weight"),
+            &b.mlp_norm,
+        ));
+    }
+    tensors.push(vector_tensor("output_norm.weight".into(), &model.norm));
+    if !c.tie_word_embeddings {
+        tensors.push(matrix_tensor("output.weight".into(), &model.lm_head.0));
+    }
+    Ok(Gguf { metadata, tensors })
+}
+
+/// Loads a llama-architecture GGUF as a [`Llama`]: quantized tensors keep their blocks when `quant` is
+/// `None` or their own type; F32/F16 tensors are stored as `quant` (f32 by default).
+pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) -> Result<Llama> {
+    let bad = |m: String| ModelError::Gguf {
+        path: PathBuf::from(path),
+        message: m,
+    };
+    let arch = match g.get("general.architecture") {
+        Some(Value::Str(s)) => s.clone(),
+        _ => return Err(bad("no general.architecture".into())),
+    };
+    if arch != "llama" {
+        return Err(bad(format!(
+            "architecture {arch:?} (only llama is supported)"
+        )));
+    }
+    let num = |k: &str| -> Result<u64> {
+        g.get(&format!("llama.{k}"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad(format!("missing llama.{k}")))
+    };
+    let float = |k: &str, default: f64| {
+        g.get(&format!("llama.{k}"))
+            .and_then(Value::as_f64)
+            .unwrap_or(default)
+    };
+    let embd = g
+        .tensor("token_embd.weight")
+        .ok_or_else(|| bad("no token_embd.weight".into()))?;
+    let hidden = num("embedding_length")? as usize;
+    let heads = num("attention.head_count")? as usize;
+    let kv_heads = num("attention.head_count_kv").unwrap_or(heads as u64) as usize;
+    let vocab = embd.dims.get(1).copied().unwrap_or(0) as usize;
+    let head_dim = num("attention.key_length").map_or(hidden / heads.max(1), |v| v as usize);
+    let config = LlamaConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: num("feed_forward_length")? as usize,
+        num_hidden_layers: num("block_count")? as usize,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta: float("rope.freq_base", 10_000.0),
+        tie_word_embeddings: g.tensor("output.weight").is_none(),
+        max_position_embeddings: num("context_length")? as usize,
+        bos_token_id: g
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(Value::as_u64)
+            .map(|v| v as u32),
+        eos_token_ids: g
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(Value::as_u64)
+            .map(|v| vec![v as u32])
+            .unwrap_or_default(),
+    };
+    config
+        .validate()
+        .map_err(|m| bad(format!("inconsistent model: {m}")))?;
+    let target = quant.unwrap_or(QuantType::F32);
+    let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix> {
+        let t = g
+            .tensor(name)
+            .ok_or_else(|| bad(format!("no tensor {name}")))?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(bad(format!(
+                "{name}: dimensions {:?}, expected [{cols}, {rows}]",
+                t.dims
+            )));
+        }
+        let stored = match t.kind {
+            GgmlType::Q8_0 => Some(QuantType::Q8_0),
+            GgmlType::Q4_0 => Some(QuantType::Q4_0),
+            _ => None,
+        };
+        match stored {
+            Some(k) => {
+                let m = QMatrix::from_bytes(rows, cols, k, &t.data)
+                    .map_err(|e| bad(format!("{name}: {e}")))?;
+                match quant {
+                    Some(q) if q != k => {
+                        QMatrix::quantize(rows, cols, &m.to_f32(), q.for_row_len(cols))
+                    }
+                    _ => Ok(m),
+                }
+            }
+            None => {
+                let values = floats(t);
+                QMatrix::quantize(rows, cols, &values, target.for_row_len(cols))
+            }
+        }
+    };
+    let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
+        let t = g
+            .tensor(name)
+            .ok_or_else(|| bad(format!("no tensor {name}")))?;
+        if t.dims != [len as u64] || matches!(t.kind, GgmlType::Q4_0 | GgmlType::Q8_0) {
+            return Err(bad(format!("{name}: expected {len} f32/f16 values")));
+        }
+        Ok(floats(t))
+    };
+    let c = &config;
+    let embed = Arc::new(matrix("token_embd.weight", c.vocab_size, c.hidden_size)?);
+    let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let mut proj = Vec::with_capacity(7);
+        for t in Target::ALL {
+            let (fan_in, fan_out) = t.shape(c);
+            let m = matrix(&gguf_proj(i, t), fan_out, fan_in)?;
+            let m = match t {
+                Target::Q | Target::K => {
+                    // The inverse of the export permutation.
+                    let mut inverse = vec![0usize; m.rows()];
+                    for (r, slot) in (0..m.rows()).map(|r| (r, hf_row_of_gguf(r, c.head_dim))) {
+                        inverse[slot] = r;
+                    }
+                    permute_rows(&m, |r| inverse[r])?
+                }
+                _ => m,
+            };
+            proj.push(Frozen(Arc::new(m)));
+        }
+        let proj: [Frozen; 7] = proj
+            .try_into()
+            .map_err(|_| bad("seven projections expected".into()))?;
+        blocks.push(Block {
+            attn_norm: vector(&format!("blk.{i}.attn_norm.weight"), c.hidden_size)?,
+            proj,
+            mlp_norm: vector(&format!("blk.{i}.ffn_norm.weight"), c.hidden_size)?,
+        });
+    }
+    let norm = vector("output_norm.weight", c.hidden_size)?;
+    let lm_head = if c.tie_word_embeddings {
+        Frozen(embed.clone())
+    } else {
+        Frozen(Arc::new(matrix(
+            "output.weight",
+            c.vocab_size,
+            c.hidden_size,
+        )?))
+    };
+    let kind = if embed.kind() == QuantType::F32 {
+        blocks
+            .first()
+            .map_or(QuantType::F32, |b| b.proj[0].0.kind())
+    } else {
+        embed.kind()
+    };
+    Ok(Llama {
+        config,
+        quant: kind,
+        embed,
+        blocks,
+        norm,
+        lm_head,
+        device: device.clone(),
+    })
+}
+
+fn floats(t: &TensorInfo) -> Vec<f32> {
+    match t.kind {
+        GgmlType::F16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => t
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Backend;
+
+    fn tiny(quant: QuantType) -> Llama {
+        let cfg = LlamaConfig {
+            vocab_size: 259,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+            max_position_embeddings: 128,
+            bos_token_id: Some(256),
+            eos_token_ids: vec![257],
+        };
+        Llama::random(cfg, quant, &Backend::default().device(), 7).unwrap()
+    }
+
+    #[test]
+    fn quantized_round_trips_are_bit_exact_and_logits_match() {
+        let path = Path::new("mem.gguf");
+        for q in [QuantType::Q8_0, QuantType::Q4_0, QuantType::F32] {
+            let m = tiny(q);
+            let bytes = export(&m).unwrap().to_bytes();
+            let g = Gguf::parse(&bytes, path).unwrap();
+            assert_eq!(g.to_bytes(), bytes, "writer and reader agree");
+            let back = import(&g, path, None, &m.device).unwrap();
+            assert_eq!(back.config, m.config);
+            assert_eq!(back.quant, q);
+            assert_eq!(back.embed.to_bytes(), m.embed.to_bytes());
+            for (a, b) in back.blocks.iter().zip(&m.blocks) {
+                for t in 0..7 {
+                    assert_eq!(
+                        a.proj[t].0.to_bytes(),
+                        b.proj[t].0.to_bytes(),
+                        "{q:?} proj {t}"
+                    );
+                }
+                assert_eq!(a.attn_norm, b.attn_norm);
+            }
+            let ids = [1u32, 2, 3, 4, 5, 6];
+            let l1: Vec<f32> = m
+                .forward(&ids, 1, None, None, None)
+                .unwrap()
+                .into_data()
+                .iter::<f32>()
+                .collect();
+            let l2: Vec<f32> = back
+                .forward(&ids, 1, None, None, None)
+                .unwrap()
+                .into_data()
+                .iter::<f32>()
+                .collect();
+            assert_eq!(l1, l2);
+            // And again: import → export → import is a fixed point.
+            assert_eq!(export(&back).unwrap().to_bytes(), bytes);
+        }
+    }
+
+    #[test]
+    fn query_rows_are_interleaved_as_llama_cpp_expects() {
+        // head_dim 4: HF rows [a0 a1 | b0 b1] become GGUF rows [a0 b0 a1 b1].
+        let order: Vec<usize> = (0..8).map(|r| hf_row_of_gguf(r, 4)).collect();
+        assert_eq!(order, [0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+
+    #[test]
+    fn malformed_and_truncated_files_are_typed_errors() {
+        let path = Path::new("bad.gguf");
+        let bytes = export(&tiny(QuantType::Q8_0)).unwrap().to_bytes();
+        for cut in [0, 3, 4, 8, 20, 100, bytes.len() / 2, bytes.len() - 1] {
+            let e = Gguf::parse(&bytes[..cut], path).unwrap_err();
+            assert!(matches!(e, ModelError::Gguf { .. }), "cut {cut}: {e}");
+        }
+        let mut wrong = bytes.clone();
+        wrong[0] = b'X';
+        assert!(Gguf::parse(&wrong, path)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+        // A huge tensor count is refused before anything is allocated for it.
+        let mut huge = bytes.clone();
+        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Gguf::parse(&huge, path)
+            .unwrap_err()
+            .to_string()
+            .contains("tensors"));
+        // Not llama: a clear refusal.
+        let mut g = Gguf::parse(&bytes, path).unwrap();
+        g.metadata[0].1 = Value::Str("gpt2".into());
+        let e = import(&g, path, None, &Backend::default().device()).unwrap_err();
+        assert!(e.to_string().contains("only llama"), "{e}");
+    }
+}
