@@ -269,10 +269,14 @@ impl Link {
                     error: format!("blob of {} bytes exceeds {max}", b.len()),
                     kind: PrepareFailure::Local,
                 }),
-                Response::Message(m) => Fetched::Failed(Event::PrepareFailed {
-                    error: format!("{m:?}"),
-                    kind: PrepareFailure::Local,
-                }),
+                // A typed refusal becomes the event the device's transport gives it.
+                Response::Message(Message::Error(e)) => Fetched::Failed(transport_prepare_failure(
+                    &starling_transport::TransportError::Remote {
+                        code: e.code,
+                        message: e.message,
+                    },
+                )),
+                Response::Message(m) => Fetched::Failed(unexpected(&format!("{m:?}"))),
             };
         }
         let ev = match self.session(c) {
