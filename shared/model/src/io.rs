@@ -226,18 +226,79 @@ impl safetensors::View for &OutTensor {
 }
 
 /// Writes tensors and header metadata as a safetensors file (atomically: temp file + rename).
+///
+/// The bytes are a function of the arguments alone: the header's metadata is written in key order
+/// and the tensors in safetensors' own order (descending dtype alignment, then name). The
+/// `safetensors` crate writes its metadata map in hash order, which differs from run to run, so the
+/// same model saved twice would give different files (and different digests).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[OutTensor],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let views: Vec<(&str, &OutTensor)> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let bytes =
-        safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::Safetensors {
+        serialize_safetensors(tensors, &metadata).map_err(|message| ModelError::Safetensors {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message,
         })?;
     write_atomic(path, &bytes)
+}
+
+/// Serialises tensors and metadata to safetensors bytes, deterministically (see `write_safetensors`).
+fn serialize_safetensors(
+    tensors: &[OutTensor],
+    metadata: &HashMap<String, String>,
+) -> std::result::Result<Vec<u8>, String> {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    let mut order: Vec<&OutTensor> = tensors.iter().collect();
+    order.sort_by(|l, r| r.dtype.cmp(&l.dtype).then(l.name.cmp(&r.name)));
+    let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
+    let mut header = String::from("{");
+    if !sorted.is_empty() {
+        let _ = write!(header, "\"__metadata__\":{}", json(&sorted)?);
+    }
+    let mut offset = 0usize;
+    for t in &order {
+        let elements: usize = t.shape.iter().product();
+        let expected = (elements * t.dtype.bitsize()).div_ceil(8);
+        if expected != t.data.len() {
+            return Err(format!(
+                "tensor {} has {} bytes, its shape and dtype need {expected}",
+                t.name,
+                t.data.len()
+            ));
+        }
+        if header.len() > 1 {
+            header.push(',');
+        }
+        let _ = write!(
+            header,
+            "{}:{{\"dtype\":{},\"shape\":{},\"data_offsets\":[{offset},{}]}}",
+            json(&t.name)?,
+            json(&t.dtype)?,
+            json(&t.shape)?,
+            offset + t.data.len()
+        );
+        offset += t.data.len();
+    }
+    header.push('}');
+    // The data starts 8-byte aligned, as the safetensors crate writes it.
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for t in &order {
+        out.extend_from_slice(&t.data);
+    }
+    Ok(out)
+}
+
+/// The compact JSON text of a value (a header field).
+fn json<T: serde::Serialize + ?Sized>(value: &T) -> std::result::Result<String, String> {
+    serde_json::to_string(value).map_err(|e| e.to_string())
 }
 
 /// Writes a file atomically: a sibling temporary file, then a rename over the target.
@@ -254,6 +315,45 @@ mod tests {
     fn sample() -> Vec<u8> {
         let t = OutTensor::f32("w", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         safetensors::serialize(vec![("w", &t)], None).unwrap()
+    }
+
+    #[test]
+    fn written_files_are_deterministic_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = [
+            OutTensor {
+                name: "b".into(),
+                dtype: Dtype::U8,
+                shape: vec![3],
+                data: vec![1, 2, 3],
+            },
+            OutTensor::f32("a", vec![2], &[1.5, -2.0]),
+        ];
+        let meta: HashMap<String, String> =
+            (0..16).map(|i| (format!("k{i}"), "v".into())).collect();
+        let path = dir.path().join("m.safetensors");
+        write_safetensors(&path, &tensors, meta.clone()).unwrap();
+        let first = std::fs::read(&path).unwrap();
+        for _ in 0..4 {
+            // A fresh map has a fresh hash seed, so a hash-ordered header would differ here.
+            let again: HashMap<String, String> = meta.clone().into_iter().collect();
+            write_safetensors(&path, &tensors, again).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), first);
+        }
+        let (_, parsed) = SafeTensors::read_metadata(&first).unwrap();
+        assert_eq!(parsed.metadata().as_ref().unwrap().len(), 16);
+        let f = TensorFile::from_bytes(first, &path).unwrap();
+        assert_eq!(f.f32("a", &[2]).unwrap(), vec![1.5, -2.0]);
+        let wrong = [OutTensor {
+            name: "c".into(),
+            dtype: Dtype::F32,
+            shape: vec![2],
+            data: vec![0; 3],
+        }];
+        assert!(matches!(
+            write_safetensors(&path, &wrong, HashMap::new()),
+            Err(ModelError::Safetensors { .. })
+        ));
     }
 
     #[test]
