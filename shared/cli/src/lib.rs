@@ -181,13 +181,28 @@ pub struct ExportArgs {
     /// Write a llama-architecture GGUF file here (runs in llama.cpp and Ollama).
     #[arg(long)]
     pub gguf: PathBuf,
+    /// A PEFT LoRA adapter directory to merge into the weights before export (needs `--merge`).
+    #[arg(long, requires = "merge")]
+    pub adapter: Option<PathBuf>,
+    /// Merge `--adapter` into the weights (`W + s·B·A`, requantized to the model's format): the
+    /// exported file is the fine-tuned model, which llama.cpp and Ollama run as it is.
+    #[arg(long, requires = "adapter")]
+    pub merge: bool,
 }
 
-/// `model export --gguf`: a model directory → GGUF, weights in their stored format.
+/// `model export --gguf`: a model directory (with an adapter merged, if given) → GGUF, weights in
+/// their stored format.
 pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
-    let model = Llama::load(&a.model, None, &Backend::Flex.device())
+    let device = Backend::Flex.device();
+    let mut model = Llama::load(&a.model, None, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
-    let bytes = starling_model::gguf::export(&model)?.to_bytes();
+    let tokenizer = Tokenizer::for_model_dir(&a.model, model.config.vocab_size)?;
+    if let Some(dir) = &a.adapter {
+        let adapter = LoraAdapter::load_peft(dir, &model.config, &device)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        model = adapter.merge_into(&model)?;
+    }
+    let bytes = starling_model::gguf::export(&model, &tokenizer)?.to_bytes();
     starling_model::io::write_atomic(&a.gguf, &bytes)
         .with_context(|| format!("writing {}", a.gguf.display()))?;
     println!(

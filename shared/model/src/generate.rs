@@ -3,7 +3,10 @@
 
 use rand::{Rng, SeedableRng};
 
+use std::sync::Arc;
+
 use crate::error::{ModelError, Result};
+use crate::infer::Runner;
 use crate::lora::LoraAdapter;
 use crate::model::{KvCache, Llama};
 
@@ -61,10 +64,13 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
     if idx.is_empty() {
         return argmax();
     }
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if cfg.top_k > 0 {
+    // Only the top k need sorting: select them first (a full sort of a 50k vocabulary per token
+    // would cost more than the model's forward pass).
+    if cfg.top_k > 0 && cfg.top_k < idx.len() {
+        idx.select_nth_unstable_by(cfg.top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
         idx.truncate(cfg.top_k);
     }
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     let max = logits[idx[0]];
     let mut probs: Vec<f64> = idx
         .iter()
@@ -95,13 +101,43 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut impl Rng) -> u32 {
     idx[idx.len() - 1] as u32
 }
 
-/// Continues `prompt` and returns only the new tokens.
+/// Continues `prompt` and returns only the new tokens, on the native inference path
+/// ([`crate::infer`]: integer kernels, thread pool, LoRA at run time).
 pub fn generate(
     model: &Llama,
     adapter: Option<&LoraAdapter>,
     prompt: &[u32],
     cfg: &SamplingConfig,
 ) -> Result<Vec<u32>> {
+    let runner = Runner::new(Arc::new(model.clone()), adapter)?;
+    generate_with(&runner, prompt, cfg)
+}
+
+/// Continues `prompt` with a prepared [`Runner`] and returns only the new tokens.
+pub fn generate_with(runner: &Runner, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec<u32>> {
+    let model = runner.model();
+    check_prompt(model, prompt)?;
+    let limit = model.config.max_position_embeddings;
+    let mut stop = cfg.stop_tokens.clone();
+    stop.extend(&model.config.eos_token_ids);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut session = runner.session();
+    let mut out = Vec::new();
+    let mut next_input = prompt.to_vec();
+    while out.len() < cfg.max_new_tokens && session.len() + next_input.len() < limit {
+        let last = session.next_logits(&next_input)?;
+        let tok = sample(&last, cfg, &mut rng);
+        if stop.contains(&tok) {
+            break;
+        }
+        out.push(tok);
+        next_input = vec![tok];
+    }
+    Ok(out)
+}
+
+/// A prompt must hold a token and leave room in the context.
+fn check_prompt(model: &Llama, prompt: &[u32]) -> Result<()> {
     if prompt.is_empty() {
         return Err(ModelError::InvalidArgument(
             "the prompt must contain at least one token".into(),
@@ -114,6 +150,18 @@ pub fn generate(
             prompt.len()
         )));
     }
+    Ok(())
+}
+
+/// [`generate`] on the burn model (the reference the native path is tested against).
+pub fn generate_reference(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+) -> Result<Vec<u32>> {
+    check_prompt(model, prompt)?;
+    let limit = model.config.max_position_embeddings;
     let mut stop = cfg.stop_tokens.clone();
     stop.extend(&model.config.eos_token_ids);
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);

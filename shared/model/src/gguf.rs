@@ -18,6 +18,7 @@ use crate::error::{ModelError, Result};
 use crate::lora::Target;
 use crate::model::{Block, Frozen, Llama};
 use crate::quant::{QMatrix, QuantType};
+use crate::tokenizer::{Tokenizer, BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Alignment of tensor data written (and the default when a file does not say).
@@ -495,28 +496,33 @@ fn vector_tensor(name: String, v: &[f32]) -> TensorInfo {
     }
 }
 
-/// Whether the model's vocabulary is Starling's byte-level one (bytes, then `<s>`, `</s>`, `<pad>`).
-fn byte_vocab(c: &LlamaConfig) -> bool {
-    c.vocab_size == 259
-}
-
-/// The llama-architecture GGUF of `model` (weights in their stored format; a byte-level vocabulary is
-/// written as byte tokens so llama.cpp tokenizes with byte fallback).
-pub fn export(model: &Llama) -> Result<Gguf> {
+/// The llama-architecture GGUF of `model` (weights in their stored format) with the vocabulary of
+/// `tokenizer`: the byte-level one is written as byte tokens (so llama.cpp tokenizes with byte
+/// fallback), then `<s>`, `</s>`, `<pad>`, then the model's remaining ids as unused tokens.
+pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
     let c = &model.config;
-    if !byte_vocab(c) {
+    if !matches!(tokenizer, Tokenizer::Byte) {
         return Err(ModelError::InvalidArgument(
             "GGUF export writes byte-level vocabularies only for now (this model has a tokenizer.json)"
                 .into(),
         ));
+    }
+    if c.vocab_size < BYTE_VOCAB {
+        return Err(ModelError::InvalidArgument(format!(
+            "a vocabulary of {} ids cannot hold the byte-level tokenizer's {BYTE_VOCAB}",
+            c.vocab_size
+        )));
     }
     let u32v = |x: usize| Value::U32(x as u32);
     let mut tokens: Vec<Value> = (0..256)
         .map(|b| Value::Str(format!("<0x{b:02X}>")))
         .collect();
     tokens.extend(["<s>", "</s>", "<pad>"].map(|s| Value::Str(s.into())));
+    tokens.extend((BYTE_VOCAB..c.vocab_size).map(|i| Value::Str(format!("<unused{i}>"))));
+    // llama.cpp's token types: 6 byte, 3 control, 5 unused.
     let mut types: Vec<Value> = vec![Value::I32(6); 256];
     types.extend(vec![Value::I32(3); 3]);
+    types.extend(vec![Value::I32(5); c.vocab_size - BYTE_VOCAB]);
     let file_type = match model.quant {
         QuantType::F32 => 0,
         QuantType::Q4_0 => 2,
@@ -561,12 +567,15 @@ pub fn export(model: &Llama) -> Result<Gguf> {
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
         (
             "tokenizer.ggml.scores".into(),
-            Value::Array(vec![Value::F32(0.0); 259]),
+            Value::Array(vec![Value::F32(0.0); c.vocab_size]),
         ),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
-        ("tokenizer.ggml.padding_token_id".into(), Value::U32(258)),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(BYTE_BOS)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(BYTE_EOS)),
+        (
+            "tokenizer.ggml.padding_token_id".into(),
+            Value::U32(BYTE_PAD),
+        ),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
     ];
     let mut tensors = vec![matrix_tensor("token_embd.weight".into(), &model.embed)];
@@ -798,7 +807,7 @@ mod tests {
         let path = Path::new("mem.gguf");
         for q in [QuantType::Q8_0, QuantType::Q4_0, QuantType::F32] {
             let m = tiny(q);
-            let bytes = export(&m).unwrap().to_bytes();
+            let bytes = export(&m, &Tokenizer::Byte).unwrap().to_bytes();
             let g = Gguf::parse(&bytes, path).unwrap();
             assert_eq!(g.to_bytes(), bytes, "writer and reader agree");
             let back = import(&g, path, None, &m.device).unwrap();
@@ -830,7 +839,7 @@ mod tests {
                 .collect();
             assert_eq!(l1, l2);
             // And again: import → export → import is a fixed point.
-            assert_eq!(export(&back).unwrap().to_bytes(), bytes);
+            assert_eq!(export(&back, &Tokenizer::Byte).unwrap().to_bytes(), bytes);
         }
     }
 
@@ -844,7 +853,9 @@ mod tests {
     #[test]
     fn malformed_and_truncated_files_are_typed_errors() {
         let path = Path::new("bad.gguf");
-        let bytes = export(&tiny(QuantType::Q8_0)).unwrap().to_bytes();
+        let bytes = export(&tiny(QuantType::Q8_0), &Tokenizer::Byte)
+            .unwrap()
+            .to_bytes();
         for cut in [0, 3, 4, 8, 20, 100, bytes.len() / 2, bytes.len() - 1] {
             let e = Gguf::parse(&bytes[..cut], path).unwrap_err();
             assert!(matches!(e, ModelError::Gguf { .. }), "cut {cut}: {e}");

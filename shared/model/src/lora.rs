@@ -275,6 +275,42 @@ impl LoraAdapter {
         )
     }
 
+    /// The model with this adapter merged into its frozen weights (`W + s·B·A` for every adapted
+    /// projection), each merged matrix stored again in its own format: for running without the
+    /// adapter, or exporting a fine-tuned model (GGUF). Quantized weights are requantized once.
+    pub fn merge_into(&self, model: &crate::model::Llama) -> Result<crate::model::Llama> {
+        model.check_adapter(self)?;
+        let mut out = model.clone();
+        let s = self.config.scaling();
+        let r = self.config.rank;
+        let values = |t: &Tensor<2>| -> Result<Vec<f32>> {
+            t.to_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| ModelError::InvalidArgument(format!("adapter tensor: {e:?}")))
+        };
+        for (li, block) in out.blocks.iter_mut().enumerate() {
+            for t in Target::ALL {
+                let Some(p) = self.pair(li, t) else { continue };
+                let w = &block.proj[t.index()].0;
+                let (rows, cols) = (w.rows(), w.cols());
+                let (a, b) = (values(&p.a)?, values(&p.b)?);
+                let mut merged = w.to_f32();
+                for (o, row) in merged.chunks_exact_mut(cols).enumerate() {
+                    for j in 0..r {
+                        let f = s * b[o * r + j];
+                        for (v, x) in row.iter_mut().zip(&a[j * cols..(j + 1) * cols]) {
+                            *v += f * x;
+                        }
+                    }
+                }
+                let m = crate::quant::QMatrix::quantize(rows, cols, &merged, w.kind())?;
+                block.proj[t.index()] = crate::model::Frozen(std::sync::Arc::new(m));
+            }
+        }
+        Ok(out)
+    }
+
     /// Overwrites the trainable values from a flat vector in wire order.
     pub fn set_flat(&mut self, flat: &[f32]) -> Result<()> {
         if flat.len() != self.num_parameters() {

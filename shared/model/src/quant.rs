@@ -114,6 +114,17 @@ enum Data {
     Q4_0(Vec<BlockQ4_0>),
 }
 
+/// Borrowed view of a matrix's stored values (row-major; `cols / QK` blocks per quantized row).
+#[derive(Debug, Clone, Copy)]
+pub enum Storage<'a> {
+    /// Plain floats.
+    F32(&'a [f32]),
+    /// Q8_0 blocks.
+    Q8_0(&'a [BlockQ8_0]),
+    /// Q4_0 blocks.
+    Q4_0(&'a [BlockQ4_0]),
+}
+
 /// A frozen `rows × cols` weight matrix (PyTorch's `[out, in]` orientation), possibly quantized.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
@@ -218,7 +229,15 @@ const GEMV_MAX_ROWS: usize = 4;
 
 /// `out[m, n] = Σ_k a[m, k] · b[n, k]` for row-major `a` (`m × k`) and `b` (`n × k`), written
 /// into row-major `out` with row stride `ldo`, single-threaded.
-fn gemm_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32], ldo: usize) {
+pub(crate) fn gemm_nt(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     assert!(a.len() >= m * k && b.len() >= n * k && (m == 0 || out.len() >= (m - 1) * ldo + n));
     // SAFETY: the bounds are checked above; `b` read with column stride k is `b^T` (k × n).
     unsafe {
@@ -324,6 +343,15 @@ impl QMatrix {
             Data::F32(_) => QuantType::F32,
             Data::Q8_0(_) => QuantType::Q8_0,
             Data::Q4_0(_) => QuantType::Q4_0,
+        }
+    }
+
+    /// The stored values, for kernels that read blocks directly.
+    pub fn storage(&self) -> Storage<'_> {
+        match &self.data {
+            Data::F32(v) => Storage::F32(v),
+            Data::Q8_0(b) => Storage::Q8_0(b),
+            Data::Q4_0(b) => Storage::Q4_0(b),
         }
     }
 

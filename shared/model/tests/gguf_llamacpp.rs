@@ -42,7 +42,13 @@ fn the_exported_model_gives_llama_cpps_logits() {
     .unwrap();
     // Through the GGUF bytes llama.cpp read, and back.
     let path = Path::new("starling-tiny-q8.gguf");
-    let g = Gguf::parse(&export(&model).unwrap().to_bytes(), path).unwrap();
+    let g = Gguf::parse(
+        &export(&model, &starling_model::Tokenizer::Byte)
+            .unwrap()
+            .to_bytes(),
+        path,
+    )
+    .unwrap();
     let back = import(&g, path, None, &device).unwrap();
     let ours: Vec<f32> = back
         .forward(&ids, 1, None, None, None)

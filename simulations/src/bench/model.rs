@@ -5,9 +5,13 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::ValueEnum;
-use starling_model::generate::SamplingConfig;
+use std::sync::Arc;
+
+use starling_model::infer::Runner;
+use starling_model::kernels::Isa;
+use starling_model::pool::Pool;
 use starling_model::{
-    generate, Backend, Llama, LlamaConfig, LoraAdapter, LoraConfig, QuantType, Target, TrainConfig,
+    Backend, KvCache, Llama, LlamaConfig, LoraAdapter, LoraConfig, QuantType, Target, TrainConfig,
     Trainer,
 };
 
@@ -123,39 +127,133 @@ pub fn train(
     Ok(())
 }
 
-/// Times greedy decoding of `tokens` new tokens with the KV cache (batch 1); prints one line.
-pub fn decode(config: Shape, quant: QuantType, backend: Backend, tokens: usize) -> Result<()> {
-    let (c, _, _) = config.config();
-    let device = backend.device();
-    let model = Llama::random(c.clone(), quant, &device, 1)?;
-    let prompt: Vec<u32> = (0..16).map(|i| (i * 31 % c.vocab_size) as u32).collect();
-    let cfg = SamplingConfig {
-        max_new_tokens: tokens,
-        temperature: 0.0,
-        ..SamplingConfig::default()
+/// Which implementation `decode` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InferPath {
+    /// The native inference path (integer kernels, thread pool): what devices run.
+    Native,
+    /// The burn model with its KV cache (the reference).
+    Burn,
+}
+
+/// Arguments of `starling-bench decode`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecodeArgs {
+    /// Model shape (random weights).
+    #[arg(long, value_enum, default_value_t = Shape::S)]
+    pub config: Shape,
+    /// Storage of the weights.
+    #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
+    pub quant: QuantType,
+    /// Implementation timed.
+    #[arg(long, value_enum, default_value_t = InferPath::Native)]
+    pub path: InferPath,
+    /// burn backend (the burn path only).
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    pub backend: Backend,
+    /// Prompt tokens (timed as prefill).
+    #[arg(long, default_value_t = 32)]
+    pub prompt: usize,
+    /// New tokens decoded one at a time after the prompt.
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    /// Threads of the native path (default: one per core; the burn path uses rayon's).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Also write the random weights as GGUF here, so llama.cpp can run the very same model
+    /// (`scripts/bench_llamacpp.py`).
+    #[arg(long)]
+    pub gguf_out: Option<std::path::PathBuf>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Times a prefill of `prompt` tokens and the greedy decoding of `tokens` more (batch 1, KV
+/// cache); prints one line.
+pub fn decode(a: &DecodeArgs) -> Result<()> {
+    let (c, _, _) = a.config.config();
+    let device = a.backend.device();
+    let model = Arc::new(Llama::random(c.clone(), a.quant, &device, a.seed)?);
+    if let Some(out) = &a.gguf_out {
+        let g = starling_model::gguf::export(&model, &starling_model::Tokenizer::Byte)?;
+        starling_model::io::write_atomic(out, &g.to_bytes())?;
+    }
+    let prompt: Vec<u32> = (0..a.prompt.max(1))
+        .map(|i| (i * 31 % c.vocab_size) as u32)
+        .collect();
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let argmax = |l: &[f32]| {
+        l.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0 as u32
     };
-    let _ = generate(
-        &model,
-        None,
-        &prompt,
-        &SamplingConfig {
-            max_new_tokens: 2,
-            ..cfg.clone()
-        },
-    )?;
-    let t = Instant::now();
-    let out = generate(&model, None, &prompt, &cfg)?;
-    let secs = t.elapsed().as_secs_f64();
-    let n = out.len() as f64;
-    let flops = c.flops_per_token(16 + out.len() / 2) * n;
+    let (prefill_s, decode_s, isa) = match a.path {
+        InferPath::Native => {
+            let runner = Runner::with(
+                model.clone(),
+                None,
+                Arc::new(Pool::new(threads)),
+                Isa::detect(),
+            )?;
+            // Warm-up: page the weights in and let the workers start.
+            runner.session().next_logits(&prompt[..1])?;
+            let mut s = runner.session();
+            let t = Instant::now();
+            let mut next = argmax(&s.next_logits(&prompt)?);
+            let prefill_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for _ in 0..a.tokens {
+                next = argmax(&s.next_logits(&[next])?);
+            }
+            (prefill_s, t.elapsed().as_secs_f64(), runner.isa().name())
+        }
+        InferPath::Burn => {
+            let run = |ids: &[u32], cache: &mut KvCache| -> Result<u32> {
+                let logits = model.forward(ids, 1, None, Some(cache), None)?;
+                let [_, seq, vocab] = logits.dims();
+                let last = logits
+                    .narrow(1, seq - 1, 1)
+                    .reshape([vocab])
+                    .into_data()
+                    .try_into_vec::<f32>()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                Ok(argmax(&last))
+            };
+            run(&prompt[..1], &mut KvCache::new())?;
+            let mut cache = KvCache::new();
+            let t = Instant::now();
+            let mut next = run(&prompt, &mut cache)?;
+            let prefill_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for _ in 0..a.tokens {
+                next = run(&[next], &mut cache)?;
+            }
+            (prefill_s, t.elapsed().as_secs_f64(), "burn")
+        }
+    };
+    let n = a.tokens as f64;
+    let flops = c.flops_per_token(prompt.len() + a.tokens / 2) * n;
+    let weights = model.resident_weight_bytes() as f64;
     println!(
         "{}",
         serde_json::json!({
-            "bench": "decode", "config": format!("{config:?}"), "quant": quant.name(), "backend": backend.name(),
-            "new_tokens": out.len(), "seconds": secs, "tokens_per_s": n / secs,
-            "gflops": flops / secs / 1e9, "mfu": flops / secs / peak_flops(),
+            "bench": "decode", "config": format!("{:?}", a.config), "quant": a.quant.name(),
+            "path": format!("{:?}", a.path).to_lowercase(), "isa": isa, "threads": threads,
+            "prompt_tokens": prompt.len(), "new_tokens": a.tokens,
+            "prefill_seconds": prefill_s, "prefill_tokens_per_s": prompt.len() as f64 / prefill_s,
+            "decode_seconds": decode_s, "decode_tokens_per_s": n / decode_s,
+            "decode_gflops": flops / decode_s / 1e9,
+            // Every weight is read once per decoded token: the memory traffic it sustains.
+            "decode_weight_gb_per_s": weights * n / decode_s / 1e9,
             "peak_rss_bytes": peak_rss(), "resident_weight_bytes": model.resident_weight_bytes(),
-            "weight_bytes_per_param": model.resident_weight_bytes() as f64 / c.num_parameters() as f64,
+            "weight_bytes_per_param": weights / c.num_parameters() as f64,
         })
     );
     Ok(())

@@ -2,7 +2,8 @@
 //!
 //! `train --config S|M [--quant f32|q8_0|q4_0] [--engine native|burn] [--backend flex|ndarray]`: LoRA
 //! training throughput;
-//! `decode`: KV-cache decoding; `privacy`: exact Gaussian noise beside opendp's; `transport`: QUIC uploads,
+//! `decode --config M --quant q8_0|q4_0|f32 [--path native|burn] [--threads N] [--gguf-out F]`: prefill and
+//! KV-cache decoding (scripts/bench_llamacpp.py runs llama.cpp beside it); `privacy`: exact Gaussian noise beside opendp's; `transport`: QUIC uploads,
 //! handshakes and update codecs; `aggregate`: FedAvg / trimmed mean / median beside memcpy; `client`: the
 //! device binary's size and its peak RSS during one real round; `sim`: the simulator's rounds per second and
 //! peak RSS with thousands of virtual clients.
@@ -38,18 +39,8 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
-    /// Decoding throughput with the KV cache (batch 1, greedy).
-    Decode {
-        #[arg(long, value_enum, default_value_t = Shape::S)]
-        config: Shape,
-        #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
-        quant: QuantType,
-        #[arg(long, value_enum, default_value_t = Backend::Flex)]
-        backend: Backend,
-        /// New tokens to decode.
-        #[arg(long, default_value_t = 64)]
-        tokens: usize,
-    },
+    /// Prefill and decoding throughput with the KV cache (batch 1, greedy), native path or burn.
+    Decode(bench::model::DecodeArgs),
     /// Gaussian-noise throughput: Starling's exact sampler beside opendp's on the same vectors.
     Privacy {
         /// Vector lengths noised by Starling's sampler.
@@ -85,12 +76,7 @@ fn main() -> Result<()> {
             backend,
             steps,
         } => bench::model::train(config, quant, engine, backend, steps),
-        Cmd::Decode {
-            config,
-            quant,
-            backend,
-            tokens,
-        } => bench::model::decode(config, quant, backend, tokens),
+        Cmd::Decode(args) => bench::model::decode(&args),
         Cmd::Privacy {
             sizes,
             opendp_size,

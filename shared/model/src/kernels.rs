@@ -1,0 +1,558 @@
+//! Integer dot-product kernels of the inference path: activations quantized to 8-bit blocks once
+//! per matrix-vector product, then dotted against Q8_0 / Q4_0 weight blocks with integer
+//! multiply-adds (llama.cpp's `vec_dot_q8_0_q8_0` / `vec_dot_q4_0_q8_0` approach), and an f32 dot
+//! for unquantized weights.
+//!
+//! Each kernel has explicit SIMD through `std::arch` (AVX2 + FMA + F16C on x86-64, NEON on aarch64)
+//! chosen once at run time by feature detection ([`Isa::detect`]), and a portable scalar fallback
+//! that every SIMD path is tested against. Nothing here knows of models, threads or files: only
+//! slices of blocks and values.
+
+use half::f16;
+
+use crate::quant::{BlockQ4_0, BlockQ8_0, QK};
+
+/// The instruction set the kernels run on, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust, every target.
+    Portable,
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+    /// aarch64 Advanced SIMD (always present on aarch64).
+    Neon,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                return Self::Avx2;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                return Self::Neon;
+            }
+        }
+        Self::Portable
+    }
+
+    /// Every instruction set this CPU can run (the portable one first), for tests and benchmarks.
+    pub fn available() -> Vec<Self> {
+        let best = Self::detect();
+        if best == Self::Portable {
+            vec![Self::Portable]
+        } else {
+            vec![Self::Portable, best]
+        }
+    }
+
+    /// Lowercase name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2",
+            Self::Neon => "neon",
+        }
+    }
+}
+
+/// A vector quantized to 8-bit blocks of [`QK`] values: value = `d[b] * qs[b * QK + i]`, with
+/// every `qs` in −127..=127 (never −128, which the sign trick of the AVX2 kernels cannot negate).
+#[derive(Debug, Clone, Default)]
+pub struct ActQ8 {
+    /// One scale per block.
+    pub d: Vec<f32>,
+    /// The quantized values, `QK` per block.
+    pub qs: Vec<i8>,
+}
+
+impl ActQ8 {
+    /// Quantizes `x` (a multiple of [`QK`] long) into `self`, reusing its buffers.
+    pub fn quantize(&mut self, x: &[f32]) {
+        debug_assert!(x.len().is_multiple_of(QK));
+        let blocks = x.len() / QK;
+        self.d.resize(blocks, 0.0);
+        self.qs.resize(x.len(), 0);
+        for ((xs, d), qs) in x
+            .chunks_exact(QK)
+            .zip(self.d.iter_mut())
+            .zip(self.qs.chunks_exact_mut(QK))
+        {
+            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            *d = amax / 127.0;
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (q, v) in qs.iter_mut().zip(xs) {
+                // |v · id| ≤ 127 up to rounding; the clamp keeps −128 out whatever the rounding.
+                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> usize {
+        self.d.len()
+    }
+}
+
+/// Dot product of a Q8_0 weight row with a quantized activation (same number of blocks).
+#[inline]
+pub fn dot_q8_0(isa: Isa, w: &[BlockQ8_0], x: &ActQ8) -> f32 {
+    debug_assert_eq!(w.len(), x.blocks());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { x86::dot_q8_0(w, &x.d, &x.qs) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `Isa::Neon` is only produced when the CPU reports NEON.
+        Isa::Neon => unsafe { arm::dot_q8_0(w, &x.d, &x.qs) },
+        _ => portable::dot_q8_0(w, &x.d, &x.qs),
+    }
+}
+
+/// Dot product of a Q4_0 weight row with a quantized activation (same number of blocks).
+#[inline]
+pub fn dot_q4_0(isa: Isa, w: &[BlockQ4_0], x: &ActQ8) -> f32 {
+    debug_assert_eq!(w.len(), x.blocks());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { x86::dot_q4_0(w, &x.d, &x.qs) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `Isa::Neon` is only produced when the CPU reports NEON.
+        Isa::Neon => unsafe { arm::dot_q4_0(w, &x.d, &x.qs) },
+        _ => portable::dot_q4_0(w, &x.d, &x.qs),
+    }
+}
+
+/// f32 dot product of two equally long slices.
+#[inline]
+pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
+        Isa::Avx2 => unsafe { x86::dot_f32(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `Isa::Neon` is only produced when the CPU reports NEON.
+        Isa::Neon => unsafe { arm::dot_f32(a, b) },
+        _ => portable::dot_f32(a, b),
+    }
+}
+
+/// `y += alpha · x` over equally long slices.
+#[inline]
+pub fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
+        Isa::Avx2 => unsafe { x86::axpy(alpha, x, y) },
+        _ => {
+            for (o, v) in y.iter_mut().zip(x) {
+                *o += alpha * v;
+            }
+        }
+    }
+}
+
+/// Plain Rust kernels: the reference the SIMD ones are tested against, and the fallback.
+mod portable {
+    use super::*;
+
+    pub(super) fn dot_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8]) -> f32 {
+        let mut total = 0.0f32;
+        for ((b, d), xs) in w.iter().zip(xd).zip(xq.chunks_exact(QK)) {
+            let s: i32 =
+                b.qs.iter()
+                    .zip(xs)
+                    .map(|(&a, &c)| a as i32 * c as i32)
+                    .sum();
+            total += b.d.to_f32() * d * s as f32;
+        }
+        total
+    }
+
+    pub(super) fn dot_q4_0(w: &[BlockQ4_0], xd: &[f32], xq: &[i8]) -> f32 {
+        let mut total = 0.0f32;
+        for ((b, d), xs) in w.iter().zip(xd).zip(xq.chunks_exact(QK)) {
+            let (lo, hi) = xs.split_at(QK / 2);
+            let mut s = 0i32;
+            for j in 0..QK / 2 {
+                s += ((b.qs[j] & 0x0f) as i32 - 8) * lo[j] as i32;
+                s += ((b.qs[j] >> 4) as i32 - 8) * hi[j] as i32;
+            }
+            total += b.d.to_f32() * d * s as f32;
+        }
+        total
+    }
+
+    pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ac
+            .remainder()
+            .iter()
+            .zip(bc.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ac.zip(bc) {
+            for i in 0..8 {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Horizontal sum of eight floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// An f16 scale as f32 through the F16C instruction.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(h: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    }
+
+    /// Σ w·x over 32 signed bytes each, as eight i32 lanes converted to floats. `x` must not hold
+    /// −128 (its sign is moved onto it); `w` may.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_dot(w: __m256i, x: __m256i) -> __m256 {
+        let aw = _mm256_sign_epi8(w, w); // |w| as unsigned bytes (−128 reads as 128)
+        let sx = _mm256_sign_epi8(x, w); // x with w's sign
+        let pairs = _mm256_maddubs_epi16(aw, sx); // ≤ 2 · 128 · 127: no i16 saturation
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `xq` holds `QK` values per block of `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8]) -> f32 {
+        let n = w.len().min(xd.len()).min(xq.len() / QK);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 1 < n {
+            for (k, acc) in [(i, &mut acc0), (i + 1, &mut acc1)] {
+                let b = w.get_unchecked(k);
+                let wv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+                let xv = _mm256_loadu_si256(xq.as_ptr().add(k * QK) as *const __m256i);
+                let d = _mm256_set1_ps(half(b.d) * *xd.get_unchecked(k));
+                *acc = _mm256_fmadd_ps(d, block_dot(wv, xv), *acc);
+            }
+            i += 2;
+        }
+        if i < n {
+            let b = w.get_unchecked(i);
+            let wv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+            let xv = _mm256_loadu_si256(xq.as_ptr().add(i * QK) as *const __m256i);
+            let d = _mm256_set1_ps(half(b.d) * *xd.get_unchecked(i));
+            acc0 = _mm256_fmadd_ps(d, block_dot(wv, xv), acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// The 32 values of a Q4_0 block as signed bytes: 0..16 from the low nibbles, 16..32 from the
+    /// high ones, centred on zero.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(b: &BlockQ4_0) -> __m256i {
+        let low = _mm_set1_epi8(0x0f);
+        let q = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+        let lo = _mm_and_si128(q, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `xq` holds `QK` values per block of `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_0(w: &[BlockQ4_0], xd: &[f32], xq: &[i8]) -> f32 {
+        let n = w.len().min(xd.len()).min(xq.len() / QK);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 1 < n {
+            for (k, acc) in [(i, &mut acc0), (i + 1, &mut acc1)] {
+                let b = w.get_unchecked(k);
+                let xv = _mm256_loadu_si256(xq.as_ptr().add(k * QK) as *const __m256i);
+                let d = _mm256_set1_ps(half(b.d) * *xd.get_unchecked(k));
+                *acc = _mm256_fmadd_ps(d, block_dot(unpack(b), xv), *acc);
+            }
+            i += 2;
+        }
+        if i < n {
+            let b = w.get_unchecked(i);
+            let xv = _mm256_loadu_si256(xq.as_ptr().add(i * QK) as *const __m256i);
+            let d = _mm256_set1_ps(half(b.d) * *xd.get_unchecked(i));
+            acc0 = _mm256_fmadd_ps(d, block_dot(unpack(b), xv), acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
+                let y = _mm256_loadu_ps(b.as_ptr().add(i + 8 * j));
+                *acc = _mm256_fmadd_ps(x, y, *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(a.as_ptr().add(i));
+            let y = _mm256_loadu_ps(b.as_ptr().add(i));
+            acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = hsum(v);
+        while i < n {
+            total += a.get_unchecked(i) * b.get_unchecked(i);
+            i += 1;
+        }
+        total
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let a = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+            let yv = _mm256_loadu_ps(y.as_ptr().add(i));
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(a, xv, yv));
+            i += 8;
+        }
+        while i < n {
+            *y.get_unchecked_mut(i) += alpha * x.get_unchecked(i);
+            i += 1;
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    use super::*;
+
+    /// Σ w·x over 32 signed bytes each (two 16-byte halves), as four i32 lanes.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn block_dot(w0: int8x16_t, w1: int8x16_t, x0: int8x16_t, x1: int8x16_t) -> int32x4_t {
+        let mut s = vdupq_n_s32(0);
+        s = vpadalq_s16(s, vmull_s8(vget_low_s8(w0), vget_low_s8(x0)));
+        s = vpadalq_s16(s, vmull_high_s8(w0, x0));
+        s = vpadalq_s16(s, vmull_s8(vget_low_s8(w1), vget_low_s8(x1)));
+        vpadalq_s16(s, vmull_high_s8(w1, x1))
+    }
+
+    /// # Safety
+    /// The CPU must support NEON; `xq` holds `QK` values per block of `w`.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8]) -> f32 {
+        let n = w.len().min(xd.len()).min(xq.len() / QK);
+        let mut acc = vdupq_n_f32(0.0);
+        for i in 0..n {
+            let b = w.get_unchecked(i);
+            let x = xq.as_ptr().add(i * QK);
+            let s = block_dot(
+                vld1q_s8(b.qs.as_ptr()),
+                vld1q_s8(b.qs.as_ptr().add(16)),
+                vld1q_s8(x),
+                vld1q_s8(x.add(16)),
+            );
+            let d = b.d.to_f32() * *xd.get_unchecked(i);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(s), vdupq_n_f32(d));
+        }
+        vaddvq_f32(acc)
+    }
+
+    /// # Safety
+    /// The CPU must support NEON; `xq` holds `QK` values per block of `w`.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_q4_0(w: &[BlockQ4_0], xd: &[f32], xq: &[i8]) -> f32 {
+        let n = w.len().min(xd.len()).min(xq.len() / QK);
+        let low = vdupq_n_u8(0x0f);
+        let eight = vdupq_n_s8(8);
+        let mut acc = vdupq_n_f32(0.0);
+        for i in 0..n {
+            let b = w.get_unchecked(i);
+            let q = vld1q_u8(b.qs.as_ptr());
+            let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, low)), eight);
+            let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(q)), eight);
+            let x = xq.as_ptr().add(i * QK);
+            let s = block_dot(lo, hi, vld1q_s8(x), vld1q_s8(x.add(16)));
+            let d = b.d.to_f32() * *xd.get_unchecked(i);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(s), vdupq_n_f32(d));
+        }
+        vaddvq_f32(acc)
+    }
+
+    /// # Safety
+    /// The CPU must support NEON.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut acc0, mut acc1) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        let mut i = 0;
+        while i + 8 <= n {
+            acc0 = vfmaq_f32(
+                acc0,
+                vld1q_f32(a.as_ptr().add(i)),
+                vld1q_f32(b.as_ptr().add(i)),
+            );
+            acc1 = vfmaq_f32(
+                acc1,
+                vld1q_f32(a.as_ptr().add(i + 4)),
+                vld1q_f32(b.as_ptr().add(i + 4)),
+            );
+            i += 8;
+        }
+        let mut total = vaddvq_f32(vaddq_f32(acc0, acc1));
+        while i < n {
+            total += a.get_unchecked(i) * b.get_unchecked(i);
+            i += 1;
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::quant::{QMatrix, QuantType};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn activation_quantization_is_bounded_and_close() {
+        let mut x = random(96, 1);
+        x[40] = 0.0;
+        x[64..96].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+        let mut q = ActQ8::default();
+        q.quantize(&x);
+        assert_eq!(q.blocks(), 3);
+        assert!(q.qs.iter().all(|&v| v != -128));
+        assert_eq!(q.d[2], 0.0);
+        for (b, xs) in x.chunks(QK).enumerate() {
+            for (i, v) in xs.iter().enumerate() {
+                let back = q.d[b] * q.qs[b * QK + i] as f32;
+                assert!((back - v).abs() <= q.d[b] / 2.0 + 1e-7);
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_gives_the_portable_results() {
+        let k = 32 * 37; // an odd number of blocks exercises the unpaired tail
+        let w = random(3 * k, 2);
+        let mut x = random(k, 3);
+        x[5] = -1.0; // exact extremes of a block
+        let mut act = ActQ8::default();
+        act.quantize(&x);
+        let q8 = QMatrix::quantize(3, k, &w, QuantType::Q8_0).unwrap();
+        let q4 = QMatrix::quantize(3, k, &w, QuantType::Q4_0).unwrap();
+        let (crate::quant::Storage::Q8_0(b8), crate::quant::Storage::Q4_0(b4)) =
+            (q8.storage(), q4.storage())
+        else {
+            panic!("quantized storage expected");
+        };
+        // A weight block holding −128 (possible in imported files) is handled by every path.
+        let mut b8 = b8.to_vec();
+        b8[0].qs[3] = -128;
+        let bpr = k / QK;
+        for isa in Isa::available() {
+            for r in 0..3 {
+                let row8 = &b8[r * bpr..(r + 1) * bpr];
+                let row4 = &b4[r * bpr..(r + 1) * bpr];
+                let (p8, s8) = (
+                    portable::dot_q8_0(row8, &act.d, &act.qs),
+                    dot_q8_0(isa, row8, &act),
+                );
+                let (p4, s4) = (
+                    portable::dot_q4_0(row4, &act.d, &act.qs),
+                    dot_q4_0(isa, row4, &act),
+                );
+                assert!(
+                    (p8 - s8).abs() <= 1e-4 * p8.abs().max(1.0),
+                    "{isa:?} {p8} {s8}"
+                );
+                assert!(
+                    (p4 - s4).abs() <= 1e-4 * p4.abs().max(1.0),
+                    "{isa:?} {p4} {s4}"
+                );
+                let wr = &w[r * k..(r + 1) * k];
+                let exact: f32 = wr.iter().zip(&x).map(|(a, b)| a * b).sum();
+                assert!((dot_f32(isa, wr, &x) - exact).abs() < 1e-3);
+            }
+            for len in [0, 1, 7, 8, 9, 33] {
+                let (a, b) = (random(len, 4), random(len, 5));
+                let exact: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+                assert!((dot_f32(isa, &a, &b) - exact).abs() < 1e-5);
+                let mut y = b.clone();
+                axpy(isa, 0.5, &a, &mut y);
+                for i in 0..len {
+                    assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn integer_dots_stay_within_activation_quantization_error() {
+        let k = 32 * 18;
+        let w = random(k, 6);
+        let x = random(k, 7);
+        let mut act = ActQ8::default();
+        act.quantize(&x);
+        for kind in [QuantType::Q8_0, QuantType::Q4_0] {
+            let m = QMatrix::quantize(1, k, &w, kind).unwrap();
+            let wd = m.to_f32();
+            let exact: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
+            let got = match m.storage() {
+                crate::quant::Storage::Q8_0(b) => dot_q8_0(Isa::detect(), b, &act),
+                crate::quant::Storage::Q4_0(b) => dot_q4_0(Isa::detect(), b, &act),
+                crate::quant::Storage::F32(_) => unreachable!(),
+            };
+            // Rounding x to 1/254 of its block maximum: a relative error well under 1%.
+            let scale: f32 = wd.iter().map(|v| v.abs()).sum::<f32>() / 127.0;
+            assert!((got - exact).abs() < scale, "{kind}: {got} vs {exact}");
+        }
+    }
+}
