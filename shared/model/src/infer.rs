@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use crate::error::{ModelError, Result};
-use crate::kernels::{axpy, dot_f32, dot_q4_0, dot_q8_0, ActQ8, Isa};
+use crate::kernels::{dot_f32, gemv_f32, gemv_q4_0, gemv_q8_0, mix, scores, ActQ8, Isa};
 use crate::lora::{LoraAdapter, Target};
 use crate::model::Llama;
 use crate::pool::{split, Pool};
@@ -27,6 +27,8 @@ use crate::quant::{QMatrix, Storage, QK};
 
 /// Rows up to which a product runs as integer dot products per row; above, tiles + GEMM.
 const GEMV_MAX_ROWS: usize = 8;
+/// Weight rows a thread runs at a time through every input row on the integer path.
+const ROW_CHUNK: usize = 16;
 /// Weight rows expanded at a time per thread on the GEMM path.
 const TILE: usize = 64;
 
@@ -140,10 +142,11 @@ impl Runner {
 
     /// A new decoding session (empty KV cache).
     pub fn session(&self) -> Session<'_> {
+        let c = &self.model.config;
         Session {
             runner: self,
-            k: vec![Vec::new(); self.model.config.num_hidden_layers],
-            v: vec![Vec::new(); self.model.config.num_hidden_layers],
+            k: vec![vec![Vec::new(); c.num_key_value_heads]; c.num_hidden_layers],
+            v: vec![vec![Vec::new(); c.num_key_value_heads]; c.num_hidden_layers],
             len: 0,
             rope: Vec::new(),
         }
@@ -186,26 +189,43 @@ impl Runner {
                         continue;
                     }
                     let k = p.w.cols();
-                    for r in lo..hi {
+                    let bpr = k / QK;
+                    // Chunks of rows stay in cache while every input row passes over them.
+                    let mut buf = [0.0f32; ROW_CHUNK];
+                    let mut c0 = lo;
+                    while c0 < hi {
+                        let c1 = (c0 + ROW_CHUNK).min(hi);
+                        let ys = &mut buf[..c1 - c0];
                         for j in 0..m {
-                            let mut y = match p.w.storage() {
+                            match p.w.storage() {
                                 Storage::F32(v) => {
-                                    dot_f32(isa, &v[r * k..(r + 1) * k], &x[j * k..(j + 1) * k])
+                                    gemv_f32(isa, &v[c0 * k..c1 * k], &x[j * k..(j + 1) * k], ys)
                                 }
                                 Storage::Q8_0(b) => {
-                                    dot_q8_0(isa, &b[r * (k / QK)..(r + 1) * (k / QK)], &acts[j])
+                                    gemv_q8_0(isa, &b[c0 * bpr..c1 * bpr], &acts[j], ys)
                                 }
                                 Storage::Q4_0(b) => {
-                                    dot_q4_0(isa, &b[r * (k / QK)..(r + 1) * (k / QK)], &acts[j])
+                                    gemv_q4_0(isa, &b[c0 * bpr..c1 * bpr], &acts[j], ys)
                                 }
-                            };
+                            }
                             if let Some(l) = p.lora {
                                 let u = &p.u[j * l.rank..(j + 1) * l.rank];
-                                y += l.scale * dot_f32(isa, &l.b[r * l.rank..(r + 1) * l.rank], u);
+                                for (i, y) in ys.iter_mut().enumerate() {
+                                    let r = c0 + i;
+                                    *y += l.scale
+                                        * dot_f32(isa, &l.b[r * l.rank..(r + 1) * l.rank], u);
+                                }
                             }
-                            // SAFETY: row r of output row j belongs to this thread's range alone.
-                            unsafe { *p.out.at(j * n + r) = y };
+                            // SAFETY: rows c0..c1 of output row j belong to this thread alone.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    ys.as_ptr(),
+                                    p.out.at(j * n + c0),
+                                    c1 - c0,
+                                )
+                            };
                         }
+                        c0 = c1;
                     }
                 }
             });
@@ -296,10 +316,10 @@ unsafe fn gemm_raw(
 #[derive(Debug)]
 pub struct Session<'r> {
     runner: &'r Runner,
-    /// Per layer: keys, `[position][kv head][head_dim]`.
-    k: Vec<Vec<f32>>,
-    /// Per layer: values, same layout.
-    v: Vec<Vec<f32>>,
+    /// Per layer, per kv head: keys, `[position][head_dim]` (a head's keys are contiguous).
+    k: Vec<Vec<Vec<f32>>>,
+    /// Per layer, per kv head: values, same layout.
+    v: Vec<Vec<Vec<f32>>>,
     len: usize,
     /// Rotary (cos, sin) per position, `head_dim / 2` each, grown as positions are reached.
     rope: Vec<(Vec<f32>, Vec<f32>)>,
@@ -376,8 +396,13 @@ impl Session<'_> {
                     rope(hk, cos, sin);
                 }
             }
-            self.k[li].extend_from_slice(&kn);
-            self.v[li].extend_from_slice(&vn);
+            for i in 0..m {
+                for g in 0..nkv {
+                    let at = i * kvd + g * hd..i * kvd + (g + 1) * hd;
+                    self.k[li][g].extend_from_slice(&kn[at.clone()]);
+                    self.v[li][g].extend_from_slice(&vn[at]);
+                }
+            }
             self.attention(li, &q, m, &mut att);
             let uo = u(Target::O, &att);
             r.products(
@@ -427,38 +452,31 @@ impl Session<'_> {
         let r = self.runner;
         let c = &r.model.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
-        let (qd, kvd, rep) = (nh * hd, nkv * hd, nh / nkv);
+        let (qd, rep) = (nh * hd, nh / nkv);
         let scale = 1.0 / (hd as f32).sqrt();
         let (keys, values) = (&self.k[li], &self.v[li]);
         let start = self.len; // cache positions before this call
         let outp = SyncPtr(out.as_mut_ptr());
         let isa = r.isa;
         let job = |t: usize| {
-            let mut scores = Vec::new();
+            let mut w = Vec::new();
             let mut acc = vec![0.0f32; hd];
             for head in split(t, r.pool.threads(), nh) {
                 let g = head / rep;
                 for i in 0..m {
                     let qi = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
                     let ctx = start + i + 1;
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for p in 0..ctx {
-                        let kp = &keys[p * kvd + g * hd..p * kvd + (g + 1) * hd];
-                        let s = dot_f32(isa, qi, kp) * scale;
-                        max = max.max(s);
-                        scores.push(s);
-                    }
+                    w.resize(ctx, 0.0);
+                    scores(isa, qi, &keys[g][..ctx * hd], scale, &mut w);
+                    let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                     let mut sum = 0.0f32;
-                    for s in scores.iter_mut() {
+                    for s in w.iter_mut() {
                         *s = (*s - max).exp();
                         sum += *s;
                     }
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    for (p, s) in scores.iter().enumerate() {
-                        let vp = &values[p * kvd + g * hd..p * kvd + (g + 1) * hd];
-                        axpy(isa, s / sum, vp, &mut acc);
-                    }
+                    let inv = 1.0 / sum;
+                    w.iter_mut().for_each(|s| *s *= inv);
+                    mix(isa, &w, &values[g][..ctx * hd], &mut acc);
                     // SAFETY: head `head` of row i is written by the thread that owns the head.
                     unsafe {
                         std::ptr::copy_nonoverlapping(acc.as_ptr(), outp.at(i * qd + head * hd), hd)

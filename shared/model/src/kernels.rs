@@ -132,6 +132,54 @@ pub fn dot_q4_0(isa: Isa, w: &[BlockQ4_0], x: &ActQ8) -> f32 {
     }
 }
 
+/// `out[r] = W[r] · x` for the rows of a Q8_0 matrix (`out.len()` rows of `x.blocks()` blocks).
+pub fn gemv_q8_0(isa: Isa, w: &[BlockQ8_0], x: &ActQ8, out: &mut [f32]) {
+    let bpr = x.blocks();
+    debug_assert_eq!(w.len(), bpr * out.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { x86::gemv_q8_0(w, &x.d, &x.qs, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(bpr.max(1))) {
+                *o = dot_q8_0(isa, row, x);
+            }
+        }
+    }
+}
+
+/// `out[r] = W[r] · x` for the rows of a Q4_0 matrix (`out.len()` rows of `x.blocks()` blocks).
+pub fn gemv_q4_0(isa: Isa, w: &[BlockQ4_0], x: &ActQ8, out: &mut [f32]) {
+    let bpr = x.blocks();
+    debug_assert_eq!(w.len(), bpr * out.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { x86::gemv_q4_0(w, &x.d, &x.qs, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(bpr.max(1))) {
+                *o = dot_q4_0(isa, row, x);
+            }
+        }
+    }
+}
+
+/// `out[r] = W[r] · x` for the rows of an f32 matrix (`out.len()` rows of `x.len()` values).
+pub fn gemv_f32(isa: Isa, w: &[f32], x: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(w.len(), x.len() * out.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA (`scores` is
+        // this product with a scale of one).
+        Isa::Avx2 => unsafe { x86::scores(x, w, 1.0, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len().max(1))) {
+                *o = dot_f32(isa, row, x);
+            }
+        }
+    }
+}
+
 /// f32 dot product of two equally long slices.
 #[inline]
 pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
@@ -158,6 +206,41 @@ pub fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
         _ => {
             for (o, v) in y.iter_mut().zip(x) {
                 *o += alpha * v;
+            }
+        }
+    }
+}
+
+/// Attention scores: `out[p] = scale · (q · keys[p])` for every row `p` of `keys`
+/// (`out.len()` rows of `q.len()` values, contiguous).
+#[inline]
+pub fn scores(isa: Isa, q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    debug_assert_eq!(keys.len(), q.len() * out.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
+        Isa::Avx2 => unsafe { x86::scores(q, keys, scale, out) },
+        _ => {
+            for (o, k) in out.iter_mut().zip(keys.chunks_exact(q.len().max(1))) {
+                *o = scale * dot_f32(isa, q, k);
+            }
+        }
+    }
+}
+
+/// Attention output: `out = Σ_p w[p] · values[p]` over the rows of `values` (`w.len()` rows of
+/// `out.len()` values, contiguous); `out` is overwritten.
+#[inline]
+pub fn mix(isa: Isa, w: &[f32], values: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(values.len(), w.len() * out.len());
+    out.iter_mut().for_each(|o| *o = 0.0);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
+        Isa::Avx2 => unsafe { x86::mix(w, values, out) },
+        _ => {
+            for (&a, v) in w.iter().zip(values.chunks_exact(out.len().max(1))) {
+                axpy(isa, a, v, out);
             }
         }
     }
@@ -248,6 +331,7 @@ mod x86 {
 
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `xq` holds `QK` values per block of `w`.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8]) -> f32 {
         let n = w.len().min(xd.len()).min(xq.len() / QK);
@@ -287,6 +371,7 @@ mod x86 {
 
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `xq` holds `QK` values per block of `w`.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_q4_0(w: &[BlockQ4_0], xd: &[f32], xq: &[i8]) -> f32 {
         let n = w.len().min(xd.len()).min(xq.len() / QK);
@@ -312,6 +397,7 @@ mod x86 {
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -338,6 +424,85 @@ mod x86 {
             i += 1;
         }
         total
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w` holds `out.len()` rows of `xd.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8], out: &mut [f32]) {
+        let bpr = xd.len();
+        if bpr == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let rows = out.len().min(w.len() / bpr);
+        for r in 0..rows {
+            *out.get_unchecked_mut(r) = dot_q8_0(w.get_unchecked(r * bpr..(r + 1) * bpr), xd, xq);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w` holds `out.len()` rows of `xd.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_q4_0(w: &[BlockQ4_0], xd: &[f32], xq: &[i8], out: &mut [f32]) {
+        let bpr = xd.len();
+        if bpr == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let rows = out.len().min(w.len() / bpr);
+        for r in 0..rows {
+            *out.get_unchecked_mut(r) = dot_q4_0(w.get_unchecked(r * bpr..(r + 1) * bpr), xd, xq);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `keys` holds `out.len()` rows of `q.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        if d == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let rows = out.len().min(keys.len() / d);
+        for p in 0..rows {
+            *out.get_unchecked_mut(p) = scale * dot_f32(q, keys.get_unchecked(p * d..(p + 1) * d));
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `values` holds `w.len()` rows of `out.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn mix(w: &[f32], values: &[f32], out: &mut [f32]) {
+        let d = out.len();
+        if d == 0 {
+            return;
+        }
+        let rows = w.len().min(values.len() / d);
+        // Eight rows of accumulators stay in registers for head sizes up to 64.
+        if d.is_multiple_of(8) && d <= 64 {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let lanes = d / 8;
+            for p in 0..rows {
+                let a = _mm256_set1_ps(*w.get_unchecked(p));
+                let v = values.as_ptr().add(p * d);
+                for (j, acc) in acc.iter_mut().enumerate().take(lanes) {
+                    *acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(v.add(8 * j)), *acc);
+                }
+            }
+            for (j, acc) in acc.iter().enumerate().take(lanes) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), *acc);
+            }
+            return;
+        }
+        for p in 0..rows {
+            axpy(
+                *w.get_unchecked(p),
+                values.get_unchecked(p * d..(p + 1) * d),
+                out,
+            );
+        }
     }
 
     /// # Safety
@@ -520,6 +685,31 @@ mod tests {
                 let wr = &w[r * k..(r + 1) * k];
                 let exact: f32 = wr.iter().zip(&x).map(|(a, b)| a * b).sum();
                 assert!((dot_f32(isa, wr, &x) - exact).abs() < 1e-3);
+            }
+            let (mut g8, mut g4, mut gf) = (vec![0.0; 3], vec![0.0; 3], vec![0.0; 3]);
+            gemv_q8_0(isa, &b8, &act, &mut g8);
+            gemv_q4_0(isa, b4, &act, &mut g4);
+            gemv_f32(isa, &w, &x, &mut gf);
+            for r in 0..3 {
+                assert_eq!(g8[r], dot_q8_0(isa, &b8[r * bpr..(r + 1) * bpr], &act));
+                assert_eq!(g4[r], dot_q4_0(isa, &b4[r * bpr..(r + 1) * bpr], &act));
+                assert!((gf[r] - dot_f32(isa, &w[r * k..(r + 1) * k], &x)).abs() < 1e-4);
+            }
+            for d in [8, 24, 64, 72, 5] {
+                let (q, keys) = (random(d, 8), random(d * 13, 9));
+                let mut got = vec![0.0f32; 13];
+                scores(isa, &q, &keys, 0.5, &mut got);
+                let w = random(13, 10);
+                let mut mixed = vec![1.0f32; d];
+                mix(isa, &w, &keys, &mut mixed);
+                for p in 0..13 {
+                    let want: f32 = q.iter().zip(&keys[p * d..]).map(|(a, b)| a * b).sum();
+                    assert!((got[p] - 0.5 * want).abs() < 1e-5, "{isa:?} d={d}");
+                }
+                for j in 0..d {
+                    let want: f32 = (0..13).map(|p| w[p] * keys[p * d + j]).sum();
+                    assert!((mixed[j] - want).abs() < 1e-5, "{isa:?} d={d}");
+                }
             }
             for len in [0, 1, 7, 8, 9, 33] {
                 let (a, b) = (random(len, 4), random(len, 5));
