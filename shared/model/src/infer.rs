@@ -19,7 +19,9 @@
 use std::sync::Arc;
 
 use crate::error::{ModelError, Result};
-use crate::kernels::{dot_f32, gemv_f32, gemv_q4_0, gemv_q8_0, mix, scores, ActQ8, Isa};
+use crate::kernels::{
+    dot_f32, gemv_f32, gemv_q4_0, gemv_q4_0x8, gemv_q8_0, mix, scores, ActQ8, Isa,
+};
 use crate::lora::{LoraAdapter, Target};
 use crate::model::Llama;
 use crate::pool::{split, Pool};
@@ -182,8 +184,16 @@ impl Runner {
                 let mut base = 0;
                 for p in prods {
                     let n = p.w.rows();
-                    let lo = range.start.max(base) - base;
-                    let hi = range.end.min(base + n).saturating_sub(base);
+                    // Interleaved Q4_0 runs in groups of eight rows: every thread rounds the
+                    // boundaries the same way, so the shares stay disjoint and complete.
+                    let align = if matches!(p.w.storage(), Storage::Q4_0x8(_)) {
+                        8
+                    } else {
+                        1
+                    };
+                    let round = |v: usize| ((v.min(n) + align / 2) / align * align).min(n);
+                    let lo = round(range.start.max(base) - base);
+                    let hi = round(range.end.min(base + n).saturating_sub(base));
                     base += n;
                     if lo >= hi {
                         continue;
@@ -206,6 +216,9 @@ impl Runner {
                                 }
                                 Storage::Q4_0(b) => {
                                     gemv_q4_0(isa, &b[c0 * bpr..c1 * bpr], &acts[j], ys)
+                                }
+                                Storage::Q4_0x8(b) => {
+                                    gemv_q4_0x8(isa, &b[c0 / 8 * bpr..c1 / 8 * bpr], &acts[j], ys)
                                 }
                             }
                             if let Some(l) = p.lora {

@@ -10,7 +10,7 @@
 
 use half::f16;
 
-use crate::quant::{BlockQ4_0, BlockQ8_0, QK};
+use crate::quant::{BlockQ4_0, BlockQ4_0x8, BlockQ8_0, QK};
 
 /// The instruction set the kernels run on, detected once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,8 @@ pub struct ActQ8 {
     pub d: Vec<f32>,
     /// The quantized values, `QK` per block.
     pub qs: Vec<i8>,
+    /// Σ qs of each block (the Q4_0 kernels fold the weights' −8 offset into it).
+    pub sums: Vec<i32>,
 }
 
 impl ActQ8 {
@@ -81,10 +83,12 @@ impl ActQ8 {
         let blocks = x.len() / QK;
         self.d.resize(blocks, 0.0);
         self.qs.resize(x.len(), 0);
-        for ((xs, d), qs) in x
+        self.sums.resize(blocks, 0);
+        for (((xs, d), qs), sum) in x
             .chunks_exact(QK)
             .zip(self.d.iter_mut())
             .zip(self.qs.chunks_exact_mut(QK))
+            .zip(self.sums.iter_mut())
         {
             let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             *d = amax / 127.0;
@@ -93,6 +97,7 @@ impl ActQ8 {
                 // |v · id| ≤ 127 up to rounding; the clamp keeps −128 out whatever the rounding.
                 *q = (v * id).round().clamp(-127.0, 127.0) as i8;
             }
+            *sum = qs.iter().map(|&q| q as i32).sum();
         }
     }
 
@@ -159,6 +164,35 @@ pub fn gemv_q4_0(isa: Isa, w: &[BlockQ4_0], x: &ActQ8, out: &mut [f32]) {
         _ => {
             for (o, row) in out.iter_mut().zip(w.chunks_exact(bpr.max(1))) {
                 *o = dot_q4_0(isa, row, x);
+            }
+        }
+    }
+}
+
+/// `out[r] = W[r] · x` for the rows of a Q4_0 matrix interleaved by eight rows (`out.len()` rows,
+/// a multiple of 8; `x.blocks()` blocks per row).
+pub fn gemv_q4_0x8(isa: Isa, w: &[BlockQ4_0x8], x: &ActQ8, out: &mut [f32]) {
+    let bpr = x.blocks();
+    debug_assert!(out.len().is_multiple_of(8) && w.len() == bpr * out.len() / 8);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { x86::gemv_q4_0x8(w, &x.d, &x.qs, &x.sums, out) },
+        _ => {
+            let mut row = vec![
+                BlockQ4_0 {
+                    d: half::f16::ZERO,
+                    qs: [0; QK / 2]
+                };
+                bpr
+            ];
+            for (g, outs) in out.chunks_exact_mut(8).enumerate() {
+                for (l, o) in outs.iter_mut().enumerate() {
+                    for (b, slot) in row.iter_mut().enumerate() {
+                        *slot = w[g * bpr + b].unpack(l);
+                    }
+                    *o = dot_q4_0(isa, &row, x);
+                }
             }
         }
     }
@@ -456,6 +490,57 @@ mod x86 {
         }
     }
 
+    /// Eight rows at a time, one row per 32-bit lane: the nibbles are multiplied unsigned
+    /// (`maddubs`) with the activation bytes broadcast to every lane, the −8 offset is taken off
+    /// once per block through Σx, and the eight rows' scales are one vector.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w` holds `out.len() / 8` groups of `xd.len()`
+    /// interleaved blocks; `xq` and `xs` hold `xd.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_q4_0x8(
+        w: &[BlockQ4_0x8],
+        xd: &[f32],
+        xq: &[i8],
+        xs: &[i32],
+        out: &mut [f32],
+    ) {
+        let bpr = xd.len().min(xs.len()).min(xq.len() / QK);
+        if bpr == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let groups = (out.len() / 8).min(w.len() / bpr);
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        for g in 0..groups {
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..bpr {
+                let blk = w.get_unchecked(g * bpr + b);
+                let x = xq.as_ptr().add(b * QK) as *const i32;
+                // |Σ| per 16-bit lane ≤ 8 products pairs of 15 · 127 · 2 = 30480: no overflow.
+                let mut sum16 = _mm256_setzero_si256();
+                for q in 0..4 {
+                    let v = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * q) as *const __m256i);
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    let xl = _mm256_set1_epi32(x.add(q).read_unaligned());
+                    let xh = _mm256_set1_epi32(x.add(4 + q).read_unaligned());
+                    sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(lo, xl));
+                    sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(hi, xh));
+                }
+                let dot = _mm256_sub_epi32(
+                    _mm256_madd_epi16(sum16, ones),
+                    _mm256_set1_epi32(8 * *xs.get_unchecked(b)),
+                );
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.d.as_ptr() as *const __m128i));
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.get_unchecked(b)));
+                acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * g), acc);
+        }
+    }
+
     /// # Safety
     /// The CPU must support AVX2 and FMA; `keys` holds `out.len()` rows of `q.len()` values.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -686,6 +771,22 @@ mod tests {
                 let exact: f32 = wr.iter().zip(&x).map(|(a, b)| a * b).sum();
                 assert!((dot_f32(isa, wr, &x) - exact).abs() < 1e-3);
             }
+            // Sixteen rows: the interleaved layout against the plain blocks.
+            let w16 = random(16 * k, 11);
+            let m16 = QMatrix::quantize(16, k, &w16, QuantType::Q4_0).unwrap();
+            let crate::quant::Storage::Q4_0x8(x8) = m16.storage() else {
+                panic!("16 rows of Q4_0 are interleaved");
+            };
+            let mut g16 = vec![0.0; 16];
+            gemv_q4_0x8(isa, x8, &act, &mut g16);
+            let plain: Vec<BlockQ4_0> = bytemuck::pod_collect_to_vec(&m16.to_bytes());
+            for r in 0..16 {
+                let p = portable::dot_q4_0(&plain[r * bpr..(r + 1) * bpr], &act.d, &act.qs);
+                assert!(
+                    (g16[r] - p).abs() <= 1e-4 * p.abs().max(1.0),
+                    "{isa:?} x8 row {r}"
+                );
+            }
             let (mut g8, mut g4, mut gf) = (vec![0.0; 3], vec![0.0; 3], vec![0.0; 3]);
             gemv_q8_0(isa, &b8, &act, &mut g8);
             gemv_q4_0(isa, b4, &act, &mut g4);
@@ -738,7 +839,7 @@ mod tests {
             let got = match m.storage() {
                 crate::quant::Storage::Q8_0(b) => dot_q8_0(Isa::detect(), b, &act),
                 crate::quant::Storage::Q4_0(b) => dot_q4_0(Isa::detect(), b, &act),
-                crate::quant::Storage::F32(_) => unreachable!(),
+                _ => unreachable!("one row is stored in plain blocks"),
             };
             // Rounding x to 1/254 of its block maximum: a relative error well under 1%.
             let scale: f32 = wd.iter().map(|v| v.abs()).sum::<f32>() / 127.0;

@@ -103,6 +103,49 @@ pub struct BlockQ4_0 {
     pub qs: [u8; QK / 2],
 }
 
+/// Eight Q4_0 blocks of the same column from eight consecutive rows, interleaved so that one
+/// 32-byte load holds four bytes of each row (the in-memory layout of Q4_0 matrices whose row count
+/// is a multiple of 8; files keep GGUF's row-major blocks).
+///
+/// `qs[(g * 8 + l) * 4 + i]` is byte `4g + i` of row `l`'s block (`g` in 0..4): its low nibble is
+/// value `4g + i`, its high nibble value `16 + 4g + i`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ4_0x8 {
+    /// The eight rows' scales.
+    pub d: [f16; 8],
+    /// The eight rows' packed values, interleaved by four bytes.
+    pub qs: [u8; 128],
+}
+
+impl BlockQ4_0x8 {
+    /// Interleaves the blocks of eight rows.
+    pub fn pack(rows: [&BlockQ4_0; 8]) -> Self {
+        let mut out = Self {
+            d: [f16::ZERO; 8],
+            qs: [0; 128],
+        };
+        for (l, b) in rows.iter().enumerate() {
+            out.d[l] = b.d;
+            for g in 0..4 {
+                out.qs[(g * 8 + l) * 4..(g * 8 + l) * 4 + 4]
+                    .copy_from_slice(&b.qs[4 * g..4 * g + 4]);
+            }
+        }
+        out
+    }
+
+    /// The block of row `l` (0..8).
+    pub fn unpack(&self, l: usize) -> BlockQ4_0 {
+        let mut qs = [0u8; QK / 2];
+        for g in 0..4 {
+            qs[4 * g..4 * g + 4].copy_from_slice(&self.qs[(g * 8 + l) * 4..(g * 8 + l) * 4 + 4]);
+        }
+        BlockQ4_0 { d: self.d[l], qs }
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4_0x8>() == 8 * 18);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 
@@ -112,6 +155,8 @@ enum Data {
     F32(Vec<f32>),
     Q8_0(Vec<BlockQ8_0>),
     Q4_0(Vec<BlockQ4_0>),
+    /// Q4_0 with rows interleaved by eight: group `g`'s block column `b` at `g * blocks_per_row + b`.
+    Q4_0x8(Vec<BlockQ4_0x8>),
 }
 
 /// Borrowed view of a matrix's stored values (row-major; `cols / QK` blocks per quantized row).
@@ -123,6 +168,33 @@ pub enum Storage<'a> {
     Q8_0(&'a [BlockQ8_0]),
     /// Q4_0 blocks.
     Q4_0(&'a [BlockQ4_0]),
+    /// Q4_0 blocks interleaved by eight rows.
+    Q4_0x8(&'a [BlockQ4_0x8]),
+}
+
+/// Q4_0 blocks (row-major) of `rows` rows, interleaved by eight when the row count allows.
+fn q4_0_data(blocks: Vec<BlockQ4_0>, rows: usize, cols: usize) -> Data {
+    let bpr = cols / QK;
+    if rows == 0 || !rows.is_multiple_of(8) || bpr == 0 {
+        return Data::Q4_0(blocks);
+    }
+    let packed = (0..rows / 8)
+        .flat_map(|g| (0..bpr).map(move |b| (g, b)))
+        .map(|(g, b)| {
+            let row = |l: usize| &blocks[(8 * g + l) * bpr + b];
+            BlockQ4_0x8::pack([
+                row(0),
+                row(1),
+                row(2),
+                row(3),
+                row(4),
+                row(5),
+                row(6),
+                row(7),
+            ])
+        })
+        .collect();
+    Data::Q4_0x8(packed)
 }
 
 /// A frozen `rows × cols` weight matrix (PyTorch's `[out, in]` orientation), possibly quantized.
@@ -284,7 +356,11 @@ impl QMatrix {
         let data = match kind {
             QuantType::F32 => Data::F32(values.to_vec()),
             QuantType::Q8_0 => Data::Q8_0(values.par_chunks(QK).map(quantize_q8_0).collect()),
-            QuantType::Q4_0 => Data::Q4_0(values.par_chunks(QK).map(quantize_q4_0).collect()),
+            QuantType::Q4_0 => q4_0_data(
+                values.par_chunks(QK).map(quantize_q4_0).collect(),
+                rows,
+                cols,
+            ),
         };
         Ok(Self { rows, cols, data })
     }
@@ -313,7 +389,7 @@ impl QMatrix {
             ),
             // pod_collect_to_vec copies, so the source needs no particular alignment.
             QuantType::Q8_0 => Data::Q8_0(bytemuck::pod_collect_to_vec(bytes)),
-            QuantType::Q4_0 => Data::Q4_0(bytemuck::pod_collect_to_vec(bytes)),
+            QuantType::Q4_0 => q4_0_data(bytemuck::pod_collect_to_vec(bytes), rows, cols),
         };
         Ok(Self { rows, cols, data })
     }
@@ -324,6 +400,17 @@ impl QMatrix {
             Data::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Data::Q8_0(b) => bytemuck::cast_slice(b).to_vec(),
             Data::Q4_0(b) => bytemuck::cast_slice(b).to_vec(),
+            Data::Q4_0x8(_) => {
+                let bpr = self.cols / QK;
+                let mut out =
+                    Vec::with_capacity(self.rows * bpr * std::mem::size_of::<BlockQ4_0>());
+                for r in 0..self.rows {
+                    for b in 0..bpr {
+                        out.extend_from_slice(bytemuck::bytes_of(&self.q4_block(r, b)));
+                    }
+                }
+                out
+            }
         }
     }
 
@@ -342,7 +429,7 @@ impl QMatrix {
         match self.data {
             Data::F32(_) => QuantType::F32,
             Data::Q8_0(_) => QuantType::Q8_0,
-            Data::Q4_0(_) => QuantType::Q4_0,
+            Data::Q4_0(_) | Data::Q4_0x8(_) => QuantType::Q4_0,
         }
     }
 
@@ -352,6 +439,7 @@ impl QMatrix {
             Data::F32(v) => Storage::F32(v),
             Data::Q8_0(b) => Storage::Q8_0(b),
             Data::Q4_0(b) => Storage::Q4_0(b),
+            Data::Q4_0x8(b) => Storage::Q4_0x8(b),
         }
     }
 
@@ -361,6 +449,7 @@ impl QMatrix {
             Data::F32(v) => v.len() * 4,
             Data::Q8_0(b) => std::mem::size_of_val(b.as_slice()),
             Data::Q4_0(b) => std::mem::size_of_val(b.as_slice()),
+            Data::Q4_0x8(b) => std::mem::size_of_val(b.as_slice()),
         }
     }
 
@@ -387,6 +476,35 @@ impl QMatrix {
                     dequant_q4_0(blk, o);
                 }
             }
+            Data::Q4_0x8(v) => {
+                let bpr = c / QK;
+                let l = r % 8;
+                for (blk, o) in v[(r / 8) * bpr..(r / 8 + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
+                    let d = blk.d[l].to_f32();
+                    for g in 0..4 {
+                        let bytes = &blk.qs[(g * 8 + l) * 4..(g * 8 + l) * 4 + 4];
+                        for (i, &q) in bytes.iter().enumerate() {
+                            o[4 * g + i] = d * ((q & 0x0f) as i32 - 8) as f32;
+                            o[16 + 4 * g + i] = d * ((q >> 4) as i32 - 8) as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Block `b` of row `r` of an interleaved Q4_0 matrix, as a plain block.
+    fn q4_block(&self, r: usize, b: usize) -> BlockQ4_0 {
+        match &self.data {
+            Data::Q4_0x8(v) => v[(r / 8) * (self.cols / QK) + b].unpack(r % 8),
+            Data::Q4_0(v) => v[r * (self.cols / QK) + b],
+            _ => BlockQ4_0 {
+                d: f16::ZERO,
+                qs: [0x88; QK / 2],
+            },
         }
     }
 
@@ -450,6 +568,11 @@ impl QMatrix {
                                     .sum(),
                                 Data::Q8_0(b) => dot_q8_0(&b[r * (k / QK)..(r + 1) * (k / QK)], xr),
                                 Data::Q4_0(b) => dot_q4_0(&b[r * (k / QK)..(r + 1) * (k / QK)], xr),
+                                Data::Q4_0x8(_) => {
+                                    let row: Vec<BlockQ4_0> =
+                                        (0..k / QK).map(|b| self.q4_block(r, b)).collect();
+                                    dot_q4_0(&row, xr)
+                                }
                             };
                         }
                     }
@@ -606,5 +729,23 @@ mod tests {
             assert!(QMatrix::from_bytes(usize::MAX, 64, kind, &b).is_err());
         }
         assert!(QMatrix::quantize(2, 33, &random(66, 6), QuantType::Q8_0).is_err());
+    }
+
+    #[test]
+    fn interleaved_q4_0_keeps_the_file_bytes_and_the_values() {
+        // 24 rows are interleaved in memory, 12 are not; the bytes and values are the same.
+        let w = random(24 * 64, 7);
+        let a = QMatrix::quantize(24, 64, &w, QuantType::Q4_0).unwrap();
+        assert!(matches!(a.storage(), Storage::Q4_0x8(_)));
+        let b = QMatrix::quantize(12, 64, &w[..12 * 64], QuantType::Q4_0).unwrap();
+        assert!(matches!(b.storage(), Storage::Q4_0(_)));
+        let bytes = a.to_bytes();
+        assert_eq!(&bytes[..b.to_bytes().len()], &b.to_bytes()[..]);
+        assert_eq!(&a.to_f32()[..12 * 64], &b.to_f32()[..]);
+        let back = QMatrix::from_bytes(24, 64, QuantType::Q4_0, &bytes).unwrap();
+        assert_eq!(back.to_bytes(), bytes);
+        assert_eq!(a.resident_bytes(), 24 * 2 * 18);
+        let x = random(3 * 64, 8);
+        assert_eq!(a.matmul_t(&x, 3)[..12], b.matmul_t(&x, 3)[..12]);
     }
 }
