@@ -29,6 +29,9 @@ use crate::quant::{QMatrix, Storage, QK};
 
 /// Rows up to which a product runs as integer dot products per row; above, tiles + GEMM.
 const GEMV_MAX_ROWS: usize = 8;
+/// The same for interleaved Q4_0, whose eight-row kernel beats expanding the weights for a GEMM
+/// up to prompts of this length (measured on the M shape: 594 against 297 prompt tokens/s).
+const GEMV_MAX_ROWS_Q4_0X8: usize = 64;
 /// Weight rows a thread runs at a time through every input row on the integer path.
 const ROW_CHUNK: usize = 16;
 /// Weight rows expanded at a time per thread on the GEMM path.
@@ -163,7 +166,15 @@ impl Runner {
     fn products(&self, x: &[f32], m: usize, prods: &[Product<'_>]) {
         let total: usize = prods.iter().map(|p| p.w.rows()).sum();
         let isa = self.isa;
-        if m <= GEMV_MAX_ROWS {
+        let interleaved = prods
+            .iter()
+            .all(|p| matches!(p.w.storage(), Storage::Q4_0x8(_)));
+        let gemv_max = if interleaved {
+            GEMV_MAX_ROWS_Q4_0X8
+        } else {
+            GEMV_MAX_ROWS
+        };
+        if m <= gemv_max {
             let cols = prods[0].w.cols();
             let quantized = prods
                 .iter()
