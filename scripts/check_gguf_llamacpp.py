@@ -1,5 +1,13 @@
 #!/usr/bin/env python3
-"""Check a Starling GGUF export the way users run it: load it in llama.cpp and compare logits.
+"""Check Starling's GGUF export and import the way users run them: in llama.cpp, comparing logits.
+
+1. Q8_0 export: the shipped model exported at Q8_0 runs in llama.cpp with Starling's logits.
+2. Merged adapter: `model export --adapter DIR --merge` (the adapter is a seeded random PEFT adapter on
+   q/v/down, committed as shared/model/fixtures/gguf/tiny_adapter/) gives llama.cpp the logits Starling
+   computes with the adapter applied at run time.
+3. K-quants: the shipped model exported in f32 and quantized by llama.cpp itself to Q4_K_M (Q4_K and Q6_K
+   tensors, Q5_0/Q8_0 where a row is not a multiple of 256) is committed with llama.cpp's logits on it, so
+   `cargo test` checks Starling's import of the file against llama.cpp.
 
 Exports the shipped base model (imported at Q8_0) with `starling-coordinator model export --gguf`, runs
 the same token ids through llama.cpp (llama-cpp-python) and through Starling (`model logits --all`),
@@ -27,8 +35,10 @@ def coordinator(*args):
 
 
 def main() -> None:
+    fixtures = ROOT / "shared/model/fixtures/gguf"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
+        merged_and_kquants(tmp, fixtures)
         coordinator("model", "import", str(ROOT / "assets/models/starling-tiny"), "--out", str(tmp / "q8"), "--quant", "q8_0")
         coordinator("model", "export", str(tmp / "q8"), "--gguf", str(tmp / "tiny-q8.gguf"))
         ours = json.loads(coordinator("model", "logits", str(tmp / "q8"), "--ids", ",".join(map(str, IDS)), "--all", "--json"))
@@ -47,6 +57,66 @@ def main() -> None:
     # with f32 activations: the logits differ by that quantization (measured: max 0.093, mean 0.019).
     if diff.max() > 0.15 or (ours.argmax(1) != theirs.argmax(1)).any():
         sys.exit("llama.cpp and Starling disagree")
+
+
+def llama_logits(path: pathlib.Path) -> np.ndarray:
+    llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(IDS)
+    return np.array(llm.scores[: len(IDS)], dtype=np.float64)
+
+
+def write_adapter(out: pathlib.Path) -> None:
+    """A seeded PEFT adapter (r = 4, alpha = 8) on q, v and down of the shipped model's 4 layers."""
+    from safetensors.numpy import save_file
+    cfg = json.loads((ROOT / "assets/models/starling-tiny/config.json").read_text())
+    h, i, hd, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"], cfg["num_key_value_heads"]
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.v_proj": (h, hd * kv), "mlp.down_proj": (i, h)}
+    rng = np.random.default_rng(16)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            base = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{base}.lora_A.weight"] = (rng.standard_normal((4, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
+            tensors[f"{base}.lora_B.weight"] = (rng.standard_normal((fan_out, 4)) * 0.05).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": ["q_proj", "v_proj", "down_proj"], "task_type": "CAUSAL_LM", "use_rslora": False,
+        "use_dora": False}, indent=1) + "\n")
+
+
+def merged_and_kquants(tmp: pathlib.Path, fixtures: pathlib.Path) -> None:
+    import llama_cpp
+    tiny = ROOT / "assets/models/starling-tiny"
+    ids = ",".join(map(str, IDS))
+    # 2. A merged adapter.
+    adapter = fixtures / "tiny_adapter"
+    write_adapter(adapter)
+    coordinator("model", "import", str(tiny), "--out", str(tmp / "q8m"), "--quant", "q8_0")
+    coordinator("model", "export", str(tmp / "q8m"), "--gguf", str(tmp / "merged.gguf"), "--adapter", str(adapter), "--merge")
+    theirs = llama_logits(tmp / "merged.gguf")
+    ours = np.array(json.loads(coordinator("model", "logits", str(tmp / "q8m"), "--ids", ids, "--all", "--adapter", str(adapter)))["logits"])
+    diff = np.abs(ours - theirs)
+    print(json.dumps({"check": "merged adapter", "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                      "argmax_agree": float((ours.argmax(1) == theirs.argmax(1)).mean())}))
+    (fixtures / "llamacpp_merged_logits.json").write_text(json.dumps({
+        "ids": IDS, "llama_cpp_version": llama_cpp.__version__,
+        "logits": [[round(float(x), 5) for x in row] for row in theirs]}) + "\n")
+    # 3. llama.cpp's own Q4_K_M of the shipped model.
+    coordinator("model", "import", str(tiny), "--out", str(tmp / "f32"), "--quant", "f32")
+    coordinator("model", "export", str(tmp / "f32"), "--gguf", str(tmp / "tiny-f32.gguf"))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    kq = fixtures / "starling-tiny-q4_k_m.gguf"
+    rc = llama_cpp.llama_model_quantize(str(tmp / "tiny-f32.gguf").encode(), str(kq).encode(), params)
+    if rc != 0:
+        sys.exit(f"llama_model_quantize failed: {rc}")
+    theirs = llama_logits(kq)
+    (fixtures / "llamacpp_q4_k_m_logits.json").write_text(json.dumps({
+        "ids": IDS, "llama_cpp_version": llama_cpp.__version__,
+        "logits": [[round(float(x), 5) for x in row] for row in theirs]}) + "\n")
+    print("wrote", kq, kq.stat().st_size, "bytes")
 
 
 if __name__ == "__main__":

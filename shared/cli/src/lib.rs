@@ -132,7 +132,8 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
 #[derive(Debug, Clone, Args)]
 pub struct ImportArgs {
     /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json]), or a
-    /// llama-architecture `.gguf` file (F32, F16, Q8_0, Q4_0 tensors; byte-level vocabulary).
+    /// llama-architecture `.gguf` file (F32, F16, Q8_0, Q4_0 tensors kept or converted; Q4_K, Q6_K
+    /// and Q5_0 — the tensors of Q4_K_M files — dequantized, then stored as `--quant`).
     pub hf_dir: PathBuf,
     /// Output directory.
     #[arg(long)]

@@ -114,6 +114,13 @@ pub enum GgmlType {
     Q4_0,
     /// 8-bit blocks of 32 with an f16 scale.
     Q8_0,
+    /// 5-bit blocks of 32 with an f16 scale (what Q4_K_M files hold where a row is not a
+    /// multiple of 256); read by dequantizing.
+    Q5_0,
+    /// 4-bit super-blocks of 256 with 6-bit scales and mins; read by dequantizing.
+    Q4K,
+    /// 6-bit super-blocks of 256 with 8-bit scales; read by dequantizing.
+    Q6K,
 }
 
 impl GgmlType {
@@ -123,6 +130,21 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q4K => 12,
+            GgmlType::Q6K => 14,
+        }
+    }
+
+    /// Values per block and bytes per block of a block format (`None` for F32/F16).
+    fn block(self) -> Option<(u64, u64)> {
+        match self {
+            GgmlType::F32 | GgmlType::F16 => None,
+            GgmlType::Q4_0 => Some((32, 18)),
+            GgmlType::Q8_0 => Some((32, 34)),
+            GgmlType::Q5_0 => Some((32, 22)),
+            GgmlType::Q4K => Some((256, 144)),
+            GgmlType::Q6K => Some((256, 210)),
         }
     }
 
@@ -132,8 +154,9 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             8 => GgmlType::Q8_0,
-            12 => return Err("Q4_K tensors are not supported yet".into()),
-            14 => return Err("Q6_K tensors are not supported yet".into()),
+            6 => GgmlType::Q5_0,
+            12 => GgmlType::Q4K,
+            14 => GgmlType::Q6K,
             other => return Err(format!("tensor type {other} is not supported")),
         })
     }
@@ -143,12 +166,12 @@ impl GgmlType {
         match self {
             GgmlType::F32 => n.checked_mul(4),
             GgmlType::F16 => n.checked_mul(2),
-            GgmlType::Q4_0 | GgmlType::Q8_0 => {
-                if !row.is_multiple_of(32) {
+            _ => {
+                let (values, bytes) = self.block()?;
+                if !row.is_multiple_of(values) {
                     return None;
                 }
-                let block = if self == GgmlType::Q8_0 { 34 } else { 18 };
-                (n / 32).checked_mul(block)
+                (n / values).checked_mul(bytes)
             }
         }
     }
@@ -700,7 +723,7 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
         let t = g
             .tensor(name)
             .ok_or_else(|| bad(format!("no tensor {name}")))?;
-        if t.dims != [len as u64] || matches!(t.kind, GgmlType::Q4_0 | GgmlType::Q8_0) {
+        if t.dims != [len as u64] || t.kind.block().is_some() {
             return Err(bad(format!("{name}: expected {len} f32/f16 values")));
         }
         Ok(floats(t))
@@ -763,8 +786,87 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
     })
 }
 
+/// A tensor's values as f32 (block formats dequantized as llama.cpp's reference does).
 fn floats(t: &TensorInfo) -> Vec<f32> {
+    let h = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
     match t.kind {
+        GgmlType::Q4_0 | GgmlType::Q8_0 => {
+            let kind = if t.kind == GgmlType::Q8_0 {
+                QuantType::Q8_0
+            } else {
+                QuantType::Q4_0
+            };
+            let n = t.data.len() / kind.block_bytes() * 32;
+            QMatrix::from_bytes(1, n, kind, &t.data)
+                .map(|m| m.to_f32())
+                .unwrap_or_default()
+        }
+        GgmlType::Q5_0 => t
+            .data
+            .chunks_exact(22)
+            .flat_map(|b| {
+                let d = h(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let qs = &b[6..22];
+                let mut out = [0.0f32; 32];
+                for j in 0..16 {
+                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    out[j] = (((qs[j] & 0x0f) | h0) as i32 - 16) as f32 * d;
+                    out[j + 16] = (((qs[j] >> 4) | h1) as i32 - 16) as f32 * d;
+                }
+                out
+            })
+            .collect(),
+        GgmlType::Q4K => t
+            .data
+            .chunks_exact(144)
+            .flat_map(|b| {
+                let (d, dmin) = (h(b, 0), h(b, 2));
+                let scales = &b[4..16];
+                let mut qs = &b[16..144];
+                let mut out = [0.0f32; 256];
+                let mut y = 0;
+                for is in (0..8).step_by(2) {
+                    let (s1, m1) = scale_min_k4(is, scales);
+                    let (s2, m2) = scale_min_k4(is + 1, scales);
+                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                    for l in 0..32 {
+                        out[y + l] = d1 * (qs[l] & 0x0f) as f32 - m1;
+                        out[y + 32 + l] = d2 * (qs[l] >> 4) as f32 - m2;
+                    }
+                    y += 64;
+                    qs = &qs[32..];
+                }
+                out
+            })
+            .collect(),
+        GgmlType::Q6K => t
+            .data
+            .chunks_exact(210)
+            .flat_map(|b| {
+                let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+                let d = h(b, 208);
+                let mut out = [0.0f32; 256];
+                for n in 0..2 {
+                    let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                    let y = &mut out[128 * n..];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+                out
+            })
+            .collect(),
         GgmlType::F16 => t
             .data
             .chunks_exact(2)
@@ -775,6 +877,18 @@ fn floats(t: &TensorInfo) -> Vec<f32> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
+    }
+}
+
+/// Scale and min `j` (0..8) of a Q4_K super-block, 6 bits each, packed in 12 bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 

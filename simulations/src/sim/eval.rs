@@ -7,6 +7,9 @@
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+
+use starling_model::infer::Runner;
 use starling_model::{Llama, LoraAdapter, Tokenizer};
 
 use super::data::Dataset;
@@ -91,56 +94,48 @@ pub struct Scores {
     pub tokens: u64,
 }
 
-/// Scores `model` (+ `adapter`) on `set`, in batches of `batch` equal-length windows.
+/// Scores `model` (+ `adapter`, applied at run time) on `set` with the native inference path —
+/// the one devices run — one window at a time.
 pub fn evaluate(
     model: &Llama,
     adapter: Option<&LoraAdapter>,
     set: &EvalSet,
-    batch: usize,
 ) -> Result<Scores, SimError> {
-    let mut by_len: std::collections::BTreeMap<usize, Vec<&[u32]>> = Default::default();
-    for (_, w) in &set.windows {
-        by_len.entry(w.len()).or_default().push(w);
-    }
+    let runner = Runner::new(Arc::new(model.clone()), adapter)
+        .map_err(|e| SimError::Model(e.to_string()))?;
     let (mut loss, mut correct, mut count) = (0f64, 0u64, 0u64);
     let vocab = model.config.vocab_size;
-    for (len, windows) in by_len {
-        for chunk in windows.chunks(batch.max(1)) {
-            let ids: Vec<u32> = chunk.concat();
-            let logits = model
-                .forward(&ids, chunk.len(), adapter, None, None)
-                .map_err(|e| SimError::Model(e.to_string()))?;
-            let values: Vec<f32> = logits
-                .into_data()
-                .try_into_vec::<f32>()
-                .map_err(|e| SimError::Model(format!("{e:?}")))?;
-            for (b, w) in chunk.iter().enumerate() {
-                for t in 0..len - 1 {
-                    let row = &values[(b * len + t) * vocab..(b * len + t + 1) * vocab];
-                    let target = w[t + 1] as usize;
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let lse = max as f64
-                        + row
-                            .iter()
-                            .map(|&x| ((x - max) as f64).exp())
-                            .sum::<f64>()
-                            .ln();
-                    loss += lse - row[target] as f64;
-                    let argmax = row
-                        .iter()
-                        .enumerate()
-                        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                            if v > bv {
-                                (i, v)
-                            } else {
-                                (bi, bv)
-                            }
-                        })
-                        .0;
-                    correct += u64::from(argmax == target);
-                    count += 1;
-                }
-            }
+    for (_, w) in &set.windows {
+        let values = runner
+            .logits_all(w)
+            .map_err(|e| SimError::Model(e.to_string()))?;
+        for (t, row) in values
+            .chunks_exact(vocab)
+            .take(w.len().saturating_sub(1))
+            .enumerate()
+        {
+            let target = w[t + 1] as usize;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max as f64
+                + row
+                    .iter()
+                    .map(|&x| ((x - max) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+            loss += lse - row[target] as f64;
+            let argmax = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                    if v > bv {
+                        (i, v)
+                    } else {
+                        (bi, bv)
+                    }
+                })
+                .0;
+            correct += u64::from(argmax == target);
+            count += 1;
         }
     }
     if count == 0 {

@@ -1024,7 +1024,6 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
         &l.model,
         Some(&adapter_from(&l.model, scen, &v0_adapter(&coord)?)?),
         &evalset,
-        8,
     )?;
     let mut rounds = vec![RoundMetrics {
         round: 0,
@@ -1225,7 +1224,7 @@ impl Sim<'_> {
                 let flat = adapter_values(&published.adapter)
                     .map_err(|e| SimError::Coordinator(e.to_string()))?;
                 let adapter = adapter_from(self.model, self.scen, &flat)?;
-                Some(evaluate(self.model, Some(&adapter), set, 8)?)
+                Some(evaluate(self.model, Some(&adapter), set)?)
             }
             None => None,
         };
@@ -1386,7 +1385,6 @@ fn baselines(
         &l.model,
         Some(&adapter_from(&l.model, scen, &central)?),
         evalset,
-        8,
     )?;
     // Local-only: a seeded sample of the evaluated clients, each trained alone for the same steps.
     let mut sample: Vec<usize> = eval_clients.to_vec();
@@ -1426,10 +1424,9 @@ fn baselines(
             &l.model,
             Some(&adapter_from(&l.model, scen, &alone)?),
             &own,
-            8,
         )?);
-        fed.add(evaluate(&l.model, Some(&fed_adapter), &own, 8)?);
-        base.add(evaluate(&l.model, Some(&base_adapter), &own, 8)?);
+        fed.add(evaluate(&l.model, Some(&fed_adapter), &own)?);
+        base.add(evaluate(&l.model, Some(&base_adapter), &own)?);
     }
     Ok(Baselines {
         centralized,
