@@ -774,9 +774,25 @@ mod tests {
             // Sixteen rows: the interleaved layout against the plain blocks.
             let w16 = random(16 * k, 11);
             let m16 = QMatrix::quantize(16, k, &w16, QuantType::Q4_0).unwrap();
-            let crate::quant::Storage::Q4_0x8(x8) = m16.storage() else {
-                panic!("16 rows of Q4_0 are interleaved");
-            };
+            // Interleaved by hand: the layout is only chosen on AVX2 machines.
+            let plain16: Vec<BlockQ4_0> = bytemuck::pod_collect_to_vec(&m16.to_bytes());
+            let x8: Vec<BlockQ4_0x8> = (0..2)
+                .flat_map(|g| (0..bpr).map(move |b| (g, b)))
+                .map(|(g, b)| {
+                    let row = |l: usize| &plain16[(8 * g + l) * bpr + b];
+                    BlockQ4_0x8::pack([
+                        row(0),
+                        row(1),
+                        row(2),
+                        row(3),
+                        row(4),
+                        row(5),
+                        row(6),
+                        row(7),
+                    ])
+                })
+                .collect();
+            let x8 = &x8[..];
             let mut g16 = vec![0.0; 16];
             gemv_q4_0x8(isa, x8, &act, &mut g16);
             let plain: Vec<BlockQ4_0> = bytemuck::pod_collect_to_vec(&m16.to_bytes());

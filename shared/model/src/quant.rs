@@ -172,10 +172,16 @@ pub enum Storage<'a> {
     Q4_0x8(&'a [BlockQ4_0x8]),
 }
 
-/// Q4_0 blocks (row-major) of `rows` rows, interleaved by eight when the row count allows.
+/// Q4_0 blocks (row-major) of `rows` rows, interleaved by eight when the row count allows and this
+/// CPU has the kernel that reads them (AVX2); elsewhere (NEON, portable) the plain layout feeds the
+/// per-row kernels directly.
 fn q4_0_data(blocks: Vec<BlockQ4_0>, rows: usize, cols: usize) -> Data {
     let bpr = cols / QK;
-    if rows == 0 || !rows.is_multiple_of(8) || bpr == 0 {
+    if rows == 0
+        || !rows.is_multiple_of(8)
+        || bpr == 0
+        || crate::kernels::Isa::detect() != crate::kernels::Isa::Avx2
+    {
         return Data::Q4_0(blocks);
     }
     let packed = (0..rows / 8)
@@ -736,7 +742,9 @@ mod tests {
         // 24 rows are interleaved in memory, 12 are not; the bytes and values are the same.
         let w = random(24 * 64, 7);
         let a = QMatrix::quantize(24, 64, &w, QuantType::Q4_0).unwrap();
-        assert!(matches!(a.storage(), Storage::Q4_0x8(_)));
+        if crate::kernels::Isa::detect() == crate::kernels::Isa::Avx2 {
+            assert!(matches!(a.storage(), Storage::Q4_0x8(_)));
+        }
         let b = QMatrix::quantize(12, 64, &w[..12 * 64], QuantType::Q4_0).unwrap();
         assert!(matches!(b.storage(), Storage::Q4_0(_)));
         let bytes = a.to_bytes();
