@@ -5,6 +5,9 @@
 2. Merged adapter: `model export --adapter DIR --merge` (the adapter is a seeded random PEFT adapter on
    q/v/down, committed as shared/model/fixtures/gguf/tiny_adapter/) gives llama.cpp the logits Starling
    computes with the adapter applied at run time.
+4. Vocabularies: a small checkpoint with the byte-level BPE tokenizer fixture
+   (shared/model/fixtures/tokenizer), exported to GGUF, is tokenized by llama.cpp exactly as by HF
+   tokenizers (fixtures/gguf/llamacpp_tokens.json).
 3. K-quants: the shipped model exported in f32 and quantized by llama.cpp itself to Q4_K_M (Q4_K and Q6_K
    tensors, Q5_0/Q8_0 where a row is not a multiple of 256) is committed with llama.cpp's logits on it, so
    `cargo test` checks Starling's import of the file against llama.cpp.
@@ -38,6 +41,7 @@ def main() -> None:
     fixtures = ROOT / "shared/model/fixtures/gguf"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
+        vocabulary(tmp, fixtures)
         merged_and_kquants(tmp, fixtures)
         coordinator("model", "import", str(ROOT / "assets/models/starling-tiny"), "--out", str(tmp / "q8"), "--quant", "q8_0")
         coordinator("model", "export", str(tmp / "q8"), "--gguf", str(tmp / "tiny-q8.gguf"))
@@ -84,6 +88,46 @@ def write_adapter(out: pathlib.Path) -> None:
         "peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "target_modules": ["q_proj", "v_proj", "down_proj"], "task_type": "CAUSAL_LM", "use_rslora": False,
         "use_dora": False}, indent=1) + "\n")
+
+
+def vocabulary(tmp: pathlib.Path, fixtures: pathlib.Path) -> None:
+    """llama.cpp tokenizes Starling's export of a byte-level BPE vocabulary as HF tokenizers does."""
+    import llama_cpp
+    from safetensors.numpy import save_file
+    tok_dir = ROOT / "shared/model/fixtures/tokenizer"
+    expected = json.loads((tok_dir / "expected.json").read_text())
+    hf = tmp / "bpe-model"
+    hf.mkdir()
+    h, layers, vocab = 64, 1, 400
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "vocab_size": vocab,
+           "hidden_size": h, "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "float32"}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(3)
+    w = lambda *s: (rng.standard_normal(s) * 0.02).astype(np.float32)
+    t = {"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": np.ones(h, np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(32, h),
+                  p + "self_attn.v_proj.weight": w(32, h), p + "self_attn.o_proj.weight": w(h, h),
+                  p + "mlp.gate_proj.weight": w(128, h), p + "mlp.up_proj.weight": w(128, h),
+                  p + "mlp.down_proj.weight": w(h, 128), p + "input_layernorm.weight": np.ones(h, np.float32),
+                  p + "post_attention_layernorm.weight": np.ones(h, np.float32)})
+    save_file(t, str(hf / "model.safetensors"))
+    (hf / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
+    coordinator("model", "import", str(hf), "--out", str(tmp / "bpe-q8"), "--quant", "q8_0")
+    coordinator("model", "export", str(tmp / "bpe-q8"), "--gguf", str(tmp / "bpe.gguf"))
+    llm = Llama(model_path=str(tmp / "bpe.gguf"), vocab_only=True, verbose=False)
+    cases = []
+    for case in expected:
+        ids = llm.tokenize(case["text"].encode(), add_bos=False, special=False)
+        cases.append({"text": case["text"], "ids": ids})
+        if ids != case["ids"]:
+            sys.exit(f"llama.cpp tokenizes {case['text']!r} as {ids}, HF as {case['ids']}")
+    (fixtures / "llamacpp_tokens.json").write_text(json.dumps({
+        "llama_cpp_version": llama_cpp.__version__, "cases": cases}, ensure_ascii=False, indent=1) + "\n")
+    print(json.dumps({"check": "vocabulary", "texts": len(cases), "all_equal": True}))
 
 
 def merged_and_kquants(tmp: pathlib.Path, fixtures: pathlib.Path) -> None:

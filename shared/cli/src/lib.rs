@@ -133,7 +133,8 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
 pub struct ImportArgs {
     /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json]), or a
     /// llama-architecture `.gguf` file (F32, F16, Q8_0, Q4_0 tensors kept or converted; Q4_K, Q6_K
-    /// and Q5_0 — the tensors of Q4_K_M files — dequantized, then stored as `--quant`).
+    /// and Q5_0 — the tensors of Q4_K_M files — dequantized, then stored as `--quant`; a `gpt2`
+    /// byte-level BPE vocabulary becomes a tokenizer.json).
     pub hf_dir: PathBuf,
     /// Output directory.
     #[arg(long)]
@@ -146,8 +147,10 @@ pub struct ImportArgs {
 /// `model import`: HF checkpoint or GGUF file → Starling container (quantized), tokenizer copied along.
 pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
     let device = Backend::Flex.device();
+    let mut gguf_tokenizer = None;
     let model = if a.hf_dir.extension().is_some_and(|e| e == "gguf") {
         let g = starling_model::gguf::Gguf::read(&a.hf_dir, starling_model::io::MAX_WEIGHTS_BYTES)?;
+        gguf_tokenizer = starling_model::gguf::tokenizer_json(&g, &a.hf_dir)?;
         starling_model::gguf::import(&g, &a.hf_dir, Some(a.quant), &device)?
     } else {
         Llama::load(&a.hf_dir, Some(a.quant), &device)
@@ -157,7 +160,11 @@ pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
         .save(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let tok = a.hf_dir.join("tokenizer.json");
-    if tok.is_file() {
+    if let Some(json) = gguf_tokenizer {
+        // The GGUF file's own vocabulary, as a tokenizer.json beside the weights.
+        starling_model::io::write_atomic(&a.out.join("tokenizer.json"), json.as_bytes())
+            .with_context(|| format!("writing {}", a.out.join("tokenizer.json").display()))?;
+    } else if tok.is_file() {
         Tokenizer::from_file(&tok)?;
         std::fs::copy(&tok, a.out.join("tokenizer.json"))
             .with_context(|| format!("copying {}", tok.display()))?;

@@ -520,32 +520,11 @@ fn vector_tensor(name: String, v: &[f32]) -> TensorInfo {
 }
 
 /// The llama-architecture GGUF of `model` (weights in their stored format) with the vocabulary of
-/// `tokenizer`: the byte-level one is written as byte tokens (so llama.cpp tokenizes with byte
-/// fallback), then `<s>`, `</s>`, `<pad>`, then the model's remaining ids as unused tokens.
+/// `tokenizer` ([`vocab_metadata`]).
 pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
     let c = &model.config;
-    if !matches!(tokenizer, Tokenizer::Byte) {
-        return Err(ModelError::InvalidArgument(
-            "GGUF export writes byte-level vocabularies only for now (this model has a tokenizer.json)"
-                .into(),
-        ));
-    }
-    if c.vocab_size < BYTE_VOCAB {
-        return Err(ModelError::InvalidArgument(format!(
-            "a vocabulary of {} ids cannot hold the byte-level tokenizer's {BYTE_VOCAB}",
-            c.vocab_size
-        )));
-    }
     let u32v = |x: usize| Value::U32(x as u32);
-    let mut tokens: Vec<Value> = (0..256)
-        .map(|b| Value::Str(format!("<0x{b:02X}>")))
-        .collect();
-    tokens.extend(["<s>", "</s>", "<pad>"].map(|s| Value::Str(s.into())));
-    tokens.extend((BYTE_VOCAB..c.vocab_size).map(|i| Value::Str(format!("<unused{i}>"))));
-    // llama.cpp's token types: 6 byte, 3 control, 5 unused.
-    let mut types: Vec<Value> = vec![Value::I32(6); 256];
-    types.extend(vec![Value::I32(3); 3]);
-    types.extend(vec![Value::I32(5); c.vocab_size - BYTE_VOCAB]);
+    let vocab = vocab_metadata(tokenizer, c)?;
     let file_type = match model.quant {
         QuantType::F32 => 0,
         QuantType::Q4_0 => 2,
@@ -586,21 +565,9 @@ pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
             Value::F32(c.rope_theta as f32),
         ),
         ("llama.vocab_size".into(), u32v(c.vocab_size)),
-        ("tokenizer.ggml.model".into(), Value::Str("llama".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-        (
-            "tokenizer.ggml.scores".into(),
-            Value::Array(vec![Value::F32(0.0); c.vocab_size]),
-        ),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32(BYTE_BOS)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(BYTE_EOS)),
-        (
-            "tokenizer.ggml.padding_token_id".into(),
-            Value::U32(BYTE_PAD),
-        ),
-        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
     ];
+    let mut metadata = metadata;
+    metadata.extend(vocab);
     let mut tensors = vec![matrix_tensor("token_embd.weight".into(), &model.embed)];
     for (i, b) in model.blocks.iter().enumerate() {
         tensors.push(vector_tensor(
@@ -625,6 +592,272 @@ pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
         tensors.push(matrix_tensor("output.weight".into(), &model.lm_head.0));
     }
     Ok(Gguf { metadata, tensors })
+}
+
+/// llama.cpp's token types.
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_UNUSED: i32 = 5;
+const TOKEN_BYTE: i32 = 6;
+
+/// The GGUF vocabulary (`tokenizer.ggml.*`) of `tokenizer` for a model of `c.vocab_size` ids.
+///
+/// - The byte-level tokenizer becomes a SentencePiece-style (`llama`) vocabulary of byte tokens
+///   (`<0x41>`…, so llama.cpp tokenizes with byte fallback), then `<s>`, `</s>`, `<pad>`.
+/// - A HuggingFace byte-level BPE tokenizer (GPT-2 style: `ByteLevel` pre-tokenizer, alone or after
+///   single-digit splitting as SmolLM's) becomes a `gpt2` vocabulary with its merges and llama.cpp's
+///   matching pre-tokenizer (`gpt-2`, `smollm`); its special added tokens are control tokens.
+/// - Ids the model has beyond the tokenizer's are written as unused tokens.
+///
+/// Anything else (WordPiece, Unigram, normalizers) is refused: llama.cpp would tokenize it
+/// differently.
+pub fn vocab_metadata(tokenizer: &Tokenizer, c: &LlamaConfig) -> Result<Vec<(String, Value)>> {
+    let refuse = |m: String| ModelError::InvalidArgument(format!("GGUF vocabulary: {m}"));
+    let mut out: Vec<(String, Value)> = Vec::new();
+    let (mut tokens, mut types): (Vec<String>, Vec<i32>) = match tokenizer {
+        Tokenizer::Byte => {
+            let mut t: Vec<String> = (0..256).map(|b| format!("<0x{b:02X}>")).collect();
+            t.extend(["<s>", "</s>", "<pad>"].map(String::from));
+            let mut k = vec![TOKEN_BYTE; 256];
+            k.extend([TOKEN_CONTROL; 3]);
+            out.push(("tokenizer.ggml.model".into(), Value::Str("llama".into())));
+            out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(BYTE_BOS)));
+            out.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(BYTE_EOS)));
+            out.push((
+                "tokenizer.ggml.padding_token_id".into(),
+                Value::U32(BYTE_PAD),
+            ));
+            (t, k)
+        }
+        Tokenizer::Hf(_) => {
+            let text = tokenizer
+                .to_json()
+                .ok_or_else(|| refuse("the tokenizer cannot be serialised".into()))?;
+            let j: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| refuse(format!("tokenizer JSON: {e}")))?;
+            let model = &j["model"];
+            if model["type"] != "BPE" || model["byte_fallback"] == true {
+                return Err(refuse(format!(
+                    "only byte-level BPE tokenizers are exported (this one is {})",
+                    model["type"]
+                )));
+            }
+            if !j["normalizer"].is_null() {
+                return Err(refuse(
+                    "tokenizers with a normalizer are not exported".into(),
+                ));
+            }
+            let byte_level =
+                |p: &serde_json::Value| p["type"] == "ByteLevel" && p["use_regex"] != false;
+            let pre = &j["pre_tokenizer"];
+            let pre_name = if byte_level(pre) {
+                "gpt-2"
+            } else if pre["type"] == "Sequence"
+                && pre["pretokenizers"].as_array().is_some_and(|v| {
+                    v.len() == 2
+                        && v[0]["type"] == "Digits"
+                        && v[0]["individual_digits"] == true
+                        && byte_level(&v[1])
+                })
+            {
+                "smollm"
+            } else {
+                return Err(refuse(format!(
+                    "pre-tokenizer {pre} has no llama.cpp equivalent Starling knows"
+                )));
+            };
+            let mut by_id: Vec<Option<(String, i32)>> = Vec::new();
+            let mut put = |id: u64, tok: &str, kind: i32| -> Result<()> {
+                let id = usize::try_from(id)
+                    .ok()
+                    .filter(|&i| i < c.vocab_size)
+                    .ok_or_else(|| {
+                        refuse(format!("token id {id} outside the model's vocabulary"))
+                    })?;
+                if by_id.len() <= id {
+                    by_id.resize(id + 1, None);
+                }
+                by_id[id] = Some((tok.to_string(), kind));
+                Ok(())
+            };
+            for (tok, id) in model["vocab"]
+                .as_object()
+                .ok_or_else(|| refuse("no BPE vocabulary".into()))?
+            {
+                put(id.as_u64().unwrap_or(u64::MAX), tok, TOKEN_NORMAL)?;
+            }
+            for a in j["added_tokens"].as_array().into_iter().flatten() {
+                let kind = if a["special"] == true {
+                    TOKEN_CONTROL
+                } else {
+                    TOKEN_NORMAL
+                };
+                put(
+                    a["id"].as_u64().unwrap_or(u64::MAX),
+                    a["content"].as_str().unwrap_or_default(),
+                    kind,
+                )?;
+            }
+            let mut t = Vec::with_capacity(by_id.len());
+            let mut k = Vec::with_capacity(by_id.len());
+            for (i, slot) in by_id.into_iter().enumerate() {
+                let (tok, kind) = slot.unwrap_or_else(|| (format!("[UNUSED{i}]"), TOKEN_UNUSED));
+                t.push(tok);
+                k.push(kind);
+            }
+            let merges: Vec<Value> = model["merges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| match m {
+                    serde_json::Value::Array(p) => Value::Str(format!(
+                        "{} {}",
+                        p.first().and_then(|x| x.as_str()).unwrap_or_default(),
+                        p.get(1).and_then(|x| x.as_str()).unwrap_or_default()
+                    )),
+                    other => Value::Str(other.as_str().unwrap_or_default().to_string()),
+                })
+                .collect();
+            out.push(("tokenizer.ggml.model".into(), Value::Str("gpt2".into())));
+            out.push(("tokenizer.ggml.pre".into(), Value::Str(pre_name.into())));
+            out.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
+            if let Some(b) = c.bos_token_id {
+                out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+            }
+            if let Some(&e) = c.eos_token_ids.first() {
+                out.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+            }
+            (t, k)
+        }
+    };
+    if tokens.len() > c.vocab_size {
+        return Err(refuse(format!(
+            "{} tokens but the model has {} ids",
+            tokens.len(),
+            c.vocab_size
+        )));
+    }
+    for i in tokens.len()..c.vocab_size {
+        tokens.push(format!("<unused{i}>"));
+        types.push(TOKEN_UNUSED);
+    }
+    out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
+    out.push((
+        "tokenizer.ggml.scores".into(),
+        Value::Array(vec![Value::F32(0.0); tokens.len()]),
+    ));
+    out.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    ));
+    out.push((
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(tokens.into_iter().map(Value::Str).collect()),
+    ));
+    Ok(out)
+}
+
+/// The tokenizer a GGUF file's vocabulary describes: `None` for Starling's byte-level one (a
+/// `llama` vocabulary of 256 byte tokens, then `<s>`, `</s>`, `<pad>`, then unused ids), or the
+/// `tokenizer.json` text of a `gpt2` (byte-level BPE) vocabulary with the `gpt-2` or `smollm`
+/// pre-tokenizer. Other vocabularies are a typed error.
+pub fn tokenizer_json(g: &Gguf, path: &Path) -> Result<Option<String>> {
+    let bad = |m: String| ModelError::Gguf {
+        path: PathBuf::from(path),
+        message: m,
+    };
+    let strings = |key: &str| -> Result<Vec<&str>> {
+        match g.get(key) {
+            Some(Value::Array(v)) => v
+                .iter()
+                .map(|x| match x {
+                    Value::Str(s) => Ok(s.as_str()),
+                    _ => Err(bad(format!("{key} holds a non-string"))),
+                })
+                .collect(),
+            _ => Err(bad(format!("no {key}"))),
+        }
+    };
+    let model = match g.get("tokenizer.ggml.model") {
+        Some(Value::Str(s)) => s.as_str(),
+        _ => return Err(bad("no tokenizer.ggml.model".into())),
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| x.as_u64().map_or(0, |t| t as i64))
+            .collect(),
+        _ => vec![TOKEN_NORMAL as i64; tokens.len()],
+    };
+    match model {
+        "llama" => {
+            let byte_level = tokens.len() >= BYTE_VOCAB
+                && (0..256).all(|b| tokens[b] == format!("<0x{b:02X}>"))
+                && tokens[256..BYTE_VOCAB] == ["<s>", "</s>", "<pad>"];
+            if byte_level {
+                Ok(None)
+            } else {
+                Err(bad(
+                    "SentencePiece vocabularies other than Starling's byte-level one are not supported"
+                        .into(),
+                ))
+            }
+        }
+        "gpt2" => {
+            let merges = strings("tokenizer.ggml.merges")?;
+            let pre = match g.get("tokenizer.ggml.pre") {
+                Some(Value::Str(s)) => s.as_str(),
+                _ => "default",
+            };
+            let byte_level = serde_json::json!({
+                "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+            });
+            let pre_tokenizer = match pre {
+                "gpt-2" => byte_level,
+                "smollm" => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level]}),
+                other => {
+                    return Err(bad(format!(
+                        "pre-tokenizer {other:?} is not supported (gpt-2 and smollm are)"
+                    )))
+                }
+            };
+            let mut vocab = serde_json::Map::new();
+            let mut added = Vec::new();
+            for (id, tok) in tokens.iter().enumerate() {
+                let kind = types.get(id).copied().unwrap_or(TOKEN_NORMAL as i64);
+                if kind == TOKEN_UNUSED as i64 {
+                    continue;
+                }
+                if vocab
+                    .insert(tok.to_string(), serde_json::json!(id))
+                    .is_some()
+                {
+                    return Err(bad(format!("token {tok:?} appears twice")));
+                }
+                if kind == TOKEN_CONTROL as i64 {
+                    added.push(
+                        serde_json::json!({"id": id, "content": tok, "single_word": false,
+                        "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
+                    );
+                }
+            }
+            let j = serde_json::json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                    "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+            });
+            let text = j.to_string();
+            // The tokenizers library must accept what we hand the user.
+            Tokenizer::from_json(text.as_bytes(), path)?;
+            Ok(Some(text))
+        }
+        other => Err(bad(format!("tokenizer model {other:?} is not supported"))),
+    }
 }
 
 /// Loads a llama-architecture GGUF as a [`Llama`]: quantized tensors keep their blocks when `quant` is
@@ -955,6 +1188,97 @@ mod tests {
             // And again: import → export → import is a fixed point.
             assert_eq!(export(&back, &Tokenizer::Byte).unwrap().to_bytes(), bytes);
         }
+    }
+
+    /// A model of `vocab` ids with the tiny shapes.
+    fn with_vocab(vocab: usize) -> Llama {
+        let mut cfg = tiny(QuantType::F32).config;
+        cfg.vocab_size = vocab;
+        cfg.bos_token_id = Some(0);
+        cfg.eos_token_ids = vec![1];
+        Llama::random(cfg, QuantType::Q8_0, &Backend::Flex.device(), 4).unwrap()
+    }
+
+    #[test]
+    fn byte_level_bpe_vocabularies_cross_gguf_and_tokenize_alike() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer");
+        let original = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
+        let texts = [
+            "To be, or not to be: that is the question.",
+            "naïve café — ünïcödé ✓ 1234 and 56",
+            "  Ophelia!\n\tNymph </s> in thy orisons",
+        ];
+        // GPT-2 style (ByteLevel alone) and SmolLM style (single digits split first).
+        let mut smollm: serde_json::Value = serde_json::from_str(&original).unwrap();
+        smollm["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, smollm["pre_tokenizer"].clone()]});
+        for (json, pre) in [(original.clone(), "gpt-2"), (smollm.to_string(), "smollm")] {
+            let tok = Tokenizer::from_json(json.as_bytes(), Path::new("t.json")).unwrap();
+            let model = with_vocab(420); // more ids than the tokenizer's 400: unused ids
+            let bytes = export(&model, &tok).unwrap().to_bytes();
+            let g = Gguf::parse(&bytes, Path::new("m.gguf")).unwrap();
+            assert_eq!(g.get("tokenizer.ggml.pre"), Some(&Value::Str(pre.into())));
+            let back = tokenizer_json(&g, Path::new("m.gguf")).unwrap().unwrap();
+            let back = Tokenizer::from_json(back.as_bytes(), Path::new("back.json")).unwrap();
+            for text in texts {
+                let ids = tok.encode(text).unwrap();
+                assert_eq!(back.encode(text).unwrap(), ids, "{pre}: {text}");
+                assert_eq!(back.decode(&ids), tok.decode(&ids));
+            }
+            assert_eq!(back.token_id("</s>"), Some(1));
+            // The weights and the vocabulary come back together.
+            let m = import(&g, Path::new("m.gguf"), None, &Backend::Flex.device()).unwrap();
+            assert_eq!(m.config.vocab_size, 420);
+        }
+        // The byte-level vocabulary reads back as "no tokenizer.json".
+        let g = export(&with_vocab(300), &Tokenizer::Byte).unwrap();
+        assert_eq!(tokenizer_json(&g, Path::new("b.gguf")).unwrap(), None);
+    }
+
+    #[test]
+    fn vocabularies_llama_cpp_would_read_otherwise_are_refused() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer");
+        let original: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+                .unwrap();
+        let model = with_vocab(420);
+        let mut normalized = original.clone();
+        normalized["normalizer"] = serde_json::json!({"type": "Lowercase"});
+        let mut whitespace = original.clone();
+        whitespace["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+        for bad in [normalized, whitespace] {
+            let tok = Tokenizer::from_json(bad.to_string().as_bytes(), Path::new("t")).unwrap();
+            assert!(matches!(
+                export(&model, &tok),
+                Err(ModelError::InvalidArgument(_))
+            ));
+        }
+        // A tokenizer with more ids than the model.
+        let tok = Tokenizer::from_json(original.to_string().as_bytes(), Path::new("t")).unwrap();
+        assert!(export(&with_vocab(300), &tok).is_err());
+        // A SentencePiece vocabulary that is not the byte-level one, an unknown pre-tokenizer.
+        let mut g = export(&model, &Tokenizer::Byte).unwrap();
+        for (k, v) in g.metadata.iter_mut() {
+            if k == "tokenizer.ggml.tokens" {
+                if let Value::Array(t) = v {
+                    t[65] = Value::Str("A".into());
+                }
+            }
+        }
+        assert!(matches!(
+            tokenizer_json(&g, Path::new("x.gguf")),
+            Err(ModelError::Gguf { .. })
+        ));
+        let mut g = export(&model, &tok).unwrap();
+        for (k, v) in g.metadata.iter_mut() {
+            if k == "tokenizer.ggml.pre" {
+                *v = Value::Str("qwen2".into());
+            }
+        }
+        assert!(matches!(
+            tokenizer_json(&g, Path::new("x.gguf")),
+            Err(ModelError::Gguf { .. })
+        ));
     }
 
     #[test]

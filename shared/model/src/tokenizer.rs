@@ -43,11 +43,24 @@ impl Tokenizer {
     /// Loads a HuggingFace `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = read_bounded(path, MAX_TOKENIZER_BYTES)?;
-        let tok = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| ModelError::Tokenizer {
+        Self::from_json(&bytes, path)
+    }
+
+    /// Parses the contents of a HuggingFace `tokenizer.json` (`path` names it in errors).
+    pub fn from_json(bytes: &[u8], path: &Path) -> Result<Self> {
+        let tok = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
         Ok(Self::Hf(Box::new(tok)))
+    }
+
+    /// The `tokenizer.json` text of a HuggingFace tokenizer (`None` for the byte-level one).
+    pub fn to_json(&self) -> Option<String> {
+        match self {
+            Self::Byte => None,
+            Self::Hf(t) => t.to_string(false).ok(),
+        }
     }
 
     /// The tokenizer of a model directory: its `tokenizer.json` if present, else byte-level.

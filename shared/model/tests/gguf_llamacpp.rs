@@ -142,6 +142,59 @@ fn an_adapter_merged_into_the_export_gives_llama_cpp_the_run_time_adapters_logit
 }
 
 #[test]
+fn llama_cpp_tokenizes_an_exported_bpe_vocabulary_as_starling_does() {
+    let f: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("shared/model/fixtures/gguf/llamacpp_tokens.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    // Starling's tokenizer after the same export and import through GGUF.
+    let tok = starling_model::Tokenizer::from_file(
+        &root().join("shared/model/fixtures/tokenizer/tokenizer.json"),
+    )
+    .unwrap();
+    let c = Llama::random(
+        starling_model::LlamaConfig {
+            vocab_size: 400,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 1,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+            max_position_embeddings: 128,
+            bos_token_id: Some(0),
+            eos_token_ids: vec![1],
+        },
+        QuantType::Q8_0,
+        &Backend::default().device(),
+        1,
+    )
+    .unwrap();
+    let g = export(&c, &tok).unwrap();
+    let json = starling_model::gguf::tokenizer_json(&g, Path::new("bpe.gguf"))
+        .unwrap()
+        .unwrap();
+    let back = starling_model::Tokenizer::from_json(json.as_bytes(), Path::new("t")).unwrap();
+    let cases = f["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let llama_cpp: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(back.encode(text).unwrap(), llama_cpp, "{text}");
+        assert_eq!(tok.encode(text).unwrap(), llama_cpp, "{text}");
+    }
+}
+
+#[test]
 fn the_exported_model_gives_llama_cpps_logits() {
     let root = root();
     let fixture: serde_json::Value = serde_json::from_str(
