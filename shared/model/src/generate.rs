@@ -115,17 +115,28 @@ pub fn generate(
 
 /// Continues `prompt` with a prepared [`Runner`] and returns only the new tokens.
 pub fn generate_with(runner: &Runner, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec<u32>> {
-    let model = runner.model();
+    let mut session = runner.session();
+    sample_loop(runner.model(), prompt, cfg, |ids| session.next_logits(ids))
+}
+
+/// The decoding loop both paths share: `next` runs new ids after the ones it has seen and returns
+/// the last position's logits.
+fn sample_loop(
+    model: &Llama,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    mut next: impl FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<Vec<u32>> {
     check_prompt(model, prompt)?;
     let limit = model.config.max_position_embeddings;
     let mut stop = cfg.stop_tokens.clone();
     stop.extend(&model.config.eos_token_ids);
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let mut session = runner.session();
-    let mut out = Vec::new();
+    let (mut out, mut seen) = (Vec::new(), 0);
     let mut next_input = prompt.to_vec();
-    while out.len() < cfg.max_new_tokens && session.len() + next_input.len() < limit {
-        let last = session.next_logits(&next_input)?;
+    while out.len() < cfg.max_new_tokens && seen + next_input.len() < limit {
+        let last = next(&next_input)?;
+        seen += next_input.len();
         let tok = sample(&last, cfg, &mut rng);
         if stop.contains(&tok) {
             break;
@@ -160,31 +171,10 @@ pub fn generate_reference(
     prompt: &[u32],
     cfg: &SamplingConfig,
 ) -> Result<Vec<u32>> {
-    check_prompt(model, prompt)?;
-    let limit = model.config.max_position_embeddings;
-    let mut stop = cfg.stop_tokens.clone();
-    stop.extend(&model.config.eos_token_ids);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut cache = KvCache::new();
-    let mut out = Vec::new();
-    let mut next_input = prompt.to_vec();
-    while out.len() < cfg.max_new_tokens && cache.len() + next_input.len() < limit {
-        let logits = model.forward(&next_input, 1, adapter, Some(&mut cache), None)?;
-        let [_, seq, vocab] = logits.dims();
-        let last = logits
-            .narrow(1, seq - 1, 1)
-            .reshape([vocab])
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("f32 logits");
-        let tok = sample(&last, cfg, &mut rng);
-        if stop.contains(&tok) {
-            break;
-        }
-        out.push(tok);
-        next_input = vec![tok];
-    }
-    Ok(out)
+    sample_loop(model, prompt, cfg, |ids| {
+        model.next_logits(ids, adapter, &mut cache)
+    })
 }
 
 #[cfg(test)]

@@ -335,6 +335,23 @@ mod x86 {
 
     use super::*;
 
+    /// `out[r] = $dot(row r)` over the rows of `$w` (`$len` items each): a macro rather than a
+    /// function so the per-row dot stays inlined inside the caller's `target_feature` context.
+    macro_rules! each_row {
+        ($w:expr, $len:expr, $out:expr, |$row:ident| $dot:expr) => {{
+            let len = $len;
+            if len == 0 {
+                $out.iter_mut().for_each(|o| *o = 0.0);
+                return;
+            }
+            let rows = $out.len().min($w.len() / len);
+            for r in 0..rows {
+                let $row = $w.get_unchecked(r * len..(r + 1) * len);
+                *$out.get_unchecked_mut(r) = $dot;
+            }
+        }};
+    }
+
     /// Horizontal sum of eight floats.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -464,30 +481,14 @@ mod x86 {
     /// The CPU must support AVX2, FMA and F16C; `w` holds `out.len()` rows of `xd.len()` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8], out: &mut [f32]) {
-        let bpr = xd.len();
-        if bpr == 0 {
-            out.iter_mut().for_each(|o| *o = 0.0);
-            return;
-        }
-        let rows = out.len().min(w.len() / bpr);
-        for r in 0..rows {
-            *out.get_unchecked_mut(r) = dot_q8_0(w.get_unchecked(r * bpr..(r + 1) * bpr), xd, xq);
-        }
+        each_row!(w, xd.len(), out, |row| dot_q8_0(row, xd, xq))
     }
 
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `w` holds `out.len()` rows of `xd.len()` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv_q4_0(w: &[BlockQ4_0], xd: &[f32], xq: &[i8], out: &mut [f32]) {
-        let bpr = xd.len();
-        if bpr == 0 {
-            out.iter_mut().for_each(|o| *o = 0.0);
-            return;
-        }
-        let rows = out.len().min(w.len() / bpr);
-        for r in 0..rows {
-            *out.get_unchecked_mut(r) = dot_q4_0(w.get_unchecked(r * bpr..(r + 1) * bpr), xd, xq);
-        }
+        each_row!(w, xd.len(), out, |row| dot_q4_0(row, xd, xq))
     }
 
     /// Eight rows at a time, one row per 32-bit lane: the nibbles are multiplied unsigned
@@ -545,15 +546,7 @@ mod x86 {
     /// The CPU must support AVX2 and FMA; `keys` holds `out.len()` rows of `q.len()` values.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-        let d = q.len();
-        if d == 0 {
-            out.iter_mut().for_each(|o| *o = 0.0);
-            return;
-        }
-        let rows = out.len().min(keys.len() / d);
-        for p in 0..rows {
-            *out.get_unchecked_mut(p) = scale * dot_f32(q, keys.get_unchecked(p * d..(p + 1) * d));
-        }
+        each_row!(keys, q.len(), out, |key| scale * dot_f32(q, key))
     }
 
     /// # Safety
@@ -776,22 +769,7 @@ mod tests {
             let m16 = QMatrix::quantize(16, k, &w16, QuantType::Q4_0).unwrap();
             // Interleaved by hand: the layout is only chosen on AVX2 machines.
             let plain16: Vec<BlockQ4_0> = bytemuck::pod_collect_to_vec(&m16.to_bytes());
-            let x8: Vec<BlockQ4_0x8> = (0..2)
-                .flat_map(|g| (0..bpr).map(move |b| (g, b)))
-                .map(|(g, b)| {
-                    let row = |l: usize| &plain16[(8 * g + l) * bpr + b];
-                    BlockQ4_0x8::pack([
-                        row(0),
-                        row(1),
-                        row(2),
-                        row(3),
-                        row(4),
-                        row(5),
-                        row(6),
-                        row(7),
-                    ])
-                })
-                .collect();
+            let x8 = crate::quant::interleave_q4_0(&plain16, 16, bpr);
             let x8 = &x8[..];
             let mut g16 = vec![0.0; 16];
             gemv_q4_0x8(isa, x8, &act, &mut g16);

@@ -286,6 +286,25 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// Runs `ids` (one sequence) after the cached positions and returns the last position's logits.
+    pub fn next_logits(
+        &self,
+        ids: &[u32],
+        adapter: Option<&LoraAdapter>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let logits = self.forward(ids, 1, adapter, Some(cache), None)?;
+        let [_, seq, vocab] = logits.dims();
+        logits
+            .narrow(1, seq - 1, 1)
+            .reshape([vocab])
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| ModelError::InvalidArgument(format!("logits: {e:?}")))
+    }
+}
+
 /// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) * w`.
 fn rms_norm(x: Tensor<2>, w: &[f32], eps: f64, device: &Device) -> Tensor<2> {
     let w = Tensor::<1>::from_data(TensorData::new(w.to_vec(), [w.len()]), device).unsqueeze::<2>();

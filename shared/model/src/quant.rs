@@ -172,6 +172,15 @@ pub enum Storage<'a> {
     Q4_0x8(&'a [BlockQ4_0x8]),
 }
 
+/// Row-major Q4_0 blocks (`rows` a multiple of 8, `bpr` blocks per row) interleaved by eight rows:
+/// group `g`'s block column `b` at `g * bpr + b`.
+pub fn interleave_q4_0(blocks: &[BlockQ4_0], rows: usize, bpr: usize) -> Vec<BlockQ4_0x8> {
+    (0..rows / 8)
+        .flat_map(|g| (0..bpr).map(move |b| (g, b)))
+        .map(|(g, b)| BlockQ4_0x8::pack(std::array::from_fn(|l| &blocks[(8 * g + l) * bpr + b])))
+        .collect()
+}
+
 /// Q4_0 blocks (row-major) of `rows` rows, interleaved by eight when the row count allows and this
 /// CPU has the kernel that reads them (AVX2); elsewhere (NEON, portable) the plain layout feeds the
 /// per-row kernels directly.
@@ -184,22 +193,7 @@ fn q4_0_data(blocks: Vec<BlockQ4_0>, rows: usize, cols: usize) -> Data {
     {
         return Data::Q4_0(blocks);
     }
-    let packed = (0..rows / 8)
-        .flat_map(|g| (0..bpr).map(move |b| (g, b)))
-        .map(|(g, b)| {
-            let row = |l: usize| &blocks[(8 * g + l) * bpr + b];
-            BlockQ4_0x8::pack([
-                row(0),
-                row(1),
-                row(2),
-                row(3),
-                row(4),
-                row(5),
-                row(6),
-                row(7),
-            ])
-        })
-        .collect();
+    let packed = interleave_q4_0(&blocks, rows, bpr);
     Data::Q4_0x8(packed)
 }
 

@@ -15,21 +15,7 @@ use starling_model::{
 };
 
 fn config(heads: usize, kv: usize, tied: bool) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 61,
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_hidden_layers: 2,
-        num_attention_heads: heads,
-        num_key_value_heads: kv,
-        head_dim: 64 / heads,
-        rms_norm_eps: 1e-5,
-        rope_theta: 500.0,
-        tie_word_embeddings: tied,
-        max_position_embeddings: 256,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
+    common::small_config(heads, kv, tied)
 }
 
 fn adapter(m: &Llama, targets: &[Target], dropout: f32) -> LoraAdapter {

@@ -197,29 +197,7 @@ fn llama_cpp_tokenizes_an_exported_bpe_vocabulary_as_starling_does() {
 #[test]
 fn the_exported_model_gives_llama_cpps_logits() {
     let root = root();
-    let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("shared/model/fixtures/gguf/llamacpp_logits.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    let ids: Vec<u32> = fixture["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    let theirs: Vec<Vec<f32>> = fixture["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect();
+    let (ids, theirs) = fixture("llamacpp_logits.json");
     let device = Backend::default().device();
     let model = Llama::load(
         &root.join("assets/models/starling-tiny"),
@@ -243,16 +221,7 @@ fn the_exported_model_gives_llama_cpps_logits() {
         .into_data()
         .iter::<f32>()
         .collect();
-    let vocab = model.config.vocab_size;
-    let (mut max, mut agree) = (0f32, 0);
-    for (p, row) in theirs.iter().enumerate() {
-        let mine = &ours[p * vocab..(p + 1) * vocab];
-        for (a, b) in mine.iter().zip(row) {
-            max = max.max((a - b).abs());
-        }
-        let argmax = |v: &[f32]| (0..v.len()).fold(0, |m, i| if v[i] > v[m] { i } else { m });
-        agree += usize::from(argmax(mine) == argmax(row));
-    }
+    let (max, agree) = compare(&ours, &theirs);
     println!(
         "llama.cpp vs Starling: max |Δlogit| {max}, argmax agree {agree}/{}",
         theirs.len()

@@ -14,21 +14,7 @@ use starling_model::pool::Pool;
 use starling_model::{Backend, Llama, LlamaConfig, ModelError, QuantType, SamplingConfig, Target};
 
 fn config(heads: usize, kv: usize, tied: bool) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 61,
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_hidden_layers: 2,
-        num_attention_heads: heads,
-        num_key_value_heads: kv,
-        head_dim: 64 / heads,
-        rms_norm_eps: 1e-5,
-        rope_theta: 500.0,
-        tie_word_embeddings: tied,
-        max_position_embeddings: 96,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
+    common::small_config(heads, kv, tied)
 }
 
 fn ids(vocab: usize, n: usize) -> Vec<u32> {
@@ -256,13 +242,13 @@ fn bad_input_is_a_typed_error() {
         Err(ModelError::InvalidArgument(_))
     ));
     let mut s = r.session();
-    s.forward(&ids(61, 92), false).unwrap();
+    s.forward(&ids(61, 252), false).unwrap();
     assert!(matches!(
         s.next_logits(&[1, 2, 3, 4, 5]),
         Err(ModelError::InvalidArgument(_))
     ));
     // The failed call left the cache as it was.
-    assert_eq!(s.len(), 92);
+    assert_eq!(s.len(), 252);
     s.next_logits(&[1, 2, 3, 4]).unwrap();
     // An adapter for another shape is refused.
     let other = Llama::random(config(4, 4, false), QuantType::F32, &device, 2).unwrap();

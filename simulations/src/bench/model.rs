@@ -216,15 +216,7 @@ pub fn decode(a: &DecodeArgs) -> Result<()> {
         }
         InferPath::Burn => {
             let run = |ids: &[u32], cache: &mut KvCache| -> Result<u32> {
-                let logits = model.forward(ids, 1, None, Some(cache), None)?;
-                let [_, seq, vocab] = logits.dims();
-                let last = logits
-                    .narrow(1, seq - 1, 1)
-                    .reshape([vocab])
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                Ok(argmax(&last))
+                Ok(argmax(&model.next_logits(ids, None, cache)?))
             };
             run(&prompt[..1], &mut KvCache::new())?;
             let mut cache = KvCache::new();

@@ -1,7 +1,28 @@
 //! Helpers shared by the model crate's integration tests. Only test fixtures live here.
 
 use burn::tensor::{Tensor, TensorData};
-use starling_model::{Llama, LoraAdapter, LoraConfig, Target};
+use starling_model::{Llama, LlamaConfig, LoraAdapter, LoraConfig, Target};
+
+/// A two-layer model shape with `heads` query and `kv` key/value heads (vocabulary 61, hidden 64,
+/// intermediate 96, rotary base 500, 256 positions), tied or untied head.
+#[allow(dead_code)] // not every test file that includes this module uses it
+pub fn small_config(heads: usize, kv: usize, tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 61,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_hidden_layers: 2,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: 64 / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500.0,
+        tie_word_embeddings: tied,
+        max_position_embeddings: 256,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
 
 /// A rank-4, α = 8 adapter on `targets` whose A and B hold a fixed pattern of multiples of `step`
 /// (|value| ≤ 8·`step`): B is non-zero, so every gradient path is exercised, and the values are the
