@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::rel_diff;
+
 use burn::tensor::{Tensor, TensorData};
 use starling_model::engine::{lora_gradients, DropoutSpec, Reduction};
 use starling_model::lora::flatten;
@@ -35,16 +37,6 @@ fn trainer(a: &LoraAdapter, engine: Engine, seq: usize) -> Trainer {
         ..TrainConfig::default()
     };
     Trainer::new(a.clone(), cfg).unwrap()
-}
-
-/// Largest |x − y| relative to the largest |y|.
-fn rel_diff(x: &[f32], y: &[f32]) -> f32 {
-    assert_eq!(x.len(), y.len());
-    let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
-    x.iter()
-        .zip(y)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 fn compare(m: &Llama, a: &LoraAdapter, micro: &[Vec<u32>], seq: usize) {

@@ -41,6 +41,15 @@ fn fixture(name: &str) -> (Vec<u32>, Vec<Vec<f32>>) {
     (ids, logits)
 }
 
+/// The burn model's logits of every position of `ids`.
+fn burn_logits(m: &Llama, adapter: Option<&starling_model::LoraAdapter>, ids: &[u32]) -> Vec<f32> {
+    m.forward(ids, 1, adapter, None, None)
+        .unwrap()
+        .into_data()
+        .iter::<f32>()
+        .collect()
+}
+
 /// Largest |Δ| and the number of positions with the same argmax.
 fn compare(ours: &[f32], theirs: &[Vec<f32>]) -> (f32, usize) {
     let vocab = theirs[0].len();
@@ -116,12 +125,7 @@ fn an_adapter_merged_into_the_export_gives_llama_cpp_the_run_time_adapters_logit
     let dir = root().join("shared/model/fixtures/gguf/tiny_adapter");
     let adapter = starling_model::LoraAdapter::load_peft(&dir, &model.config, &device).unwrap();
     // llama.cpp ran the merged, requantized export; Starling the adapter at run time.
-    let ours: Vec<f32> = model
-        .forward(&ids, 1, Some(&adapter), None, None)
-        .unwrap()
-        .into_data()
-        .iter::<f32>()
-        .collect();
+    let ours = burn_logits(&model, Some(&adapter), &ids);
     let (max, agree) = compare(&ours, &theirs);
     println!(
         "merged: max |Δlogit| {max}, argmax agree {agree}/{}",
@@ -215,12 +219,7 @@ fn the_exported_model_gives_llama_cpps_logits() {
     )
     .unwrap();
     let back = import(&g, path, None, &device).unwrap();
-    let ours: Vec<f32> = back
-        .forward(&ids, 1, None, None, None)
-        .unwrap()
-        .into_data()
-        .iter::<f32>()
-        .collect();
+    let ours = burn_logits(&back, None, &ids);
     let (max, agree) = compare(&ours, &theirs);
     println!(
         "llama.cpp vs Starling: max |Δlogit| {max}, argmax agree {agree}/{}",

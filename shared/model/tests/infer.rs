@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::rel_diff as rel;
+
 use std::sync::Arc;
 
 use starling_model::infer::Runner;
@@ -30,16 +32,6 @@ fn reference(m: &Llama, a: Option<&starling_model::LoraAdapter>, ids: &[u32]) ->
         .into_data()
         .try_into_vec::<f32>()
         .unwrap()
-}
-
-/// Largest |x − y| over the largest |y|.
-fn rel(x: &[f32], y: &[f32]) -> f32 {
-    assert_eq!(x.len(), y.len());
-    let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
-    x.iter()
-        .zip(y)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 #[test]

@@ -3,6 +3,17 @@
 use burn::tensor::{Tensor, TensorData};
 use starling_model::{Llama, LlamaConfig, LoraAdapter, LoraConfig, Target};
 
+/// Largest |x − y| relative to the largest |y|.
+#[allow(dead_code)] // not every test file that includes this module uses it
+pub fn rel_diff(x: &[f32], y: &[f32]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    x.iter()
+        .zip(y)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
 /// A two-layer model shape with `heads` query and `kv` key/value heads (vocabulary 61, hidden 64,
 /// intermediate 96, rotary base 500, 256 positions), tied or untied head.
 #[allow(dead_code)] // not every test file that includes this module uses it
