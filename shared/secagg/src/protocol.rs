@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use rand::Rng;
+use rayon::prelude::*;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -572,10 +573,11 @@ impl Server {
                 .try_into()
                 .map_err(|_| SecAggError::Malformed("a 32-byte secret expected".into()))
         };
-        let mut sum = self.sum.clone();
+        // Every mask to take off: (seed, context, sign). Reconstruction is cheap; expanding the
+        // masks is the work, spread over the threads (each adds into its own buffer).
+        let mut masks: Vec<([u8; 32], Vec<u8>, i8)> = Vec::new();
         for &v in &reported {
-            let b = secret(v, true)?;
-            apply_mask(&b, &context(round, b"self", v, v), -1, &mut sum);
+            masks.push((secret(v, true)?, context(round, b"self", v, v), -1));
         }
         for &u in &dropped {
             let s_sk = StaticSecret::from(secret(u, false)?);
@@ -590,7 +592,25 @@ impl Server {
                 let seed = agree(&s_sk, &pk.s, b"mask", round, u, v)?;
                 // v added its side with sign + if v < u: take it off.
                 let sign = if v < u { -1 } else { 1 };
-                apply_mask(&seed, &context(round, b"pair", u, v), sign, &mut sum);
+                masks.push((seed, context(round, b"pair", u, v), sign));
+            }
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let per = masks.len().div_ceil(threads).max(1);
+        let partials: Vec<Vec<u32>> = masks
+            .par_chunks(per)
+            .map(|chunk| {
+                let mut acc = vec![0u32; self.params.len];
+                for (seed, ctx, sign) in chunk {
+                    apply_mask(seed, ctx, *sign, &mut acc);
+                }
+                acc
+            })
+            .collect();
+        let mut sum = self.sum.clone();
+        for p in partials {
+            for (s, v) in sum.iter_mut().zip(p) {
+                *s = s.wrapping_add(v);
             }
         }
         let m = modulus_mask(self.params.bits);

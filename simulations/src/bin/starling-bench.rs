@@ -6,7 +6,8 @@
 //! KV-cache decoding (scripts/bench_llamacpp.py runs llama.cpp beside it); `privacy`: exact Gaussian noise beside opendp's; `transport`: QUIC uploads,
 //! handshakes and update codecs; `aggregate`: FedAvg / trimmed mean / median beside memcpy; `client`: the
 //! device binary's size and its peak RSS during one real round; `sim`: the simulator's rounds per second and
-//! peak RSS with thousands of virtual clients.
+//! peak RSS with thousands of virtual clients; `secagg`: secure aggregation's per-client cost and
+//! the coordinator's unmasking time.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -65,6 +66,9 @@ enum Cmd {
     Client(bench::client::Args),
     /// The simulator at scale: rounds per second and peak RSS with 1,000 and 10,000 virtual clients.
     Sim(bench::sim::Args),
+    /// Secure aggregation: per-client time and bytes, coordinator unmasking time (100 and 1,000
+    /// clients, 1M-value deltas).
+    Secagg(bench::secagg::Args),
 }
 
 fn main() -> Result<()> {
@@ -87,5 +91,6 @@ fn main() -> Result<()> {
         Cmd::Aggregate(args) => bench::aggregate::run(&args),
         Cmd::Client(args) => bench::client::run(&args),
         Cmd::Sim(args) => bench::sim::run(&args),
+        Cmd::Secagg(args) => bench::secagg::run(&args),
     }
 }
