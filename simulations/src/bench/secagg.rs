@@ -17,6 +17,9 @@ use starling_secagg::{Client, ClientId, RoundParams, Server};
 
 use super::peak_rss;
 
+/// One device's masked input with the seconds it took and the bytes it puts on the wire.
+type Masked = (ClientId, Vec<u32>, f64, usize);
+
 /// Sizes of the secure-aggregation benchmark.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -92,7 +95,7 @@ fn round(n: usize, len: usize, dropout: f64) -> Result<()> {
     // A few devices at a time, so only their masked inputs are in memory at once.
     let batch = 2 * rayon::current_num_threads();
     for group in alive.chunks_mut(batch) {
-        let outputs: Vec<Result<(ClientId, Vec<u32>, f64, usize)>> = group
+        let outputs: Vec<Result<Masked>> = group
             .par_iter_mut()
             .map(|(c, crng)| {
                 let delta: Vec<f32> = (0..len)
