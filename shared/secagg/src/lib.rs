@@ -17,7 +17,9 @@ pub mod mask;
 pub mod protocol;
 pub mod shamir;
 
-pub use protocol::{Client, ClientId, PublicKeys, Reveal, RoundParams, Server, ShareKind};
+pub use protocol::{
+    Client, ClientId, ClientState, PublicKeys, Reveal, RoundParams, Server, ShareKind,
+};
 
 /// What can go wrong in secure aggregation.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

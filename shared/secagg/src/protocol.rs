@@ -187,6 +187,20 @@ fn abscissa(neighbours: &[ClientId], to: ClientId) -> Option<u8> {
         .map(|p| (p + 1) as u8)
 }
 
+/// A client's round state as plain data, for the device to persist between phases (it holds the
+/// client's secret keys and seed: it stays on the device).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClientState {
+    params: RoundParams,
+    id: ClientId,
+    c_sk: [u8; 32],
+    s_sk: [u8; 32],
+    b: [u8; 32],
+    peers: BTreeMap<ClientId, PublicKeys>,
+    held: BTreeMap<ClientId, (Share, Share)>,
+    revealed: BTreeMap<ClientId, ShareKind>,
+}
+
 /// One client's side of a round.
 pub struct Client {
     params: RoundParams,
@@ -246,6 +260,53 @@ impl Client {
     /// This client's index.
     pub fn id(&self) -> ClientId {
         self.id
+    }
+
+    /// The state to persist (secret: it never leaves the device).
+    pub fn snapshot(&self) -> ClientState {
+        ClientState {
+            params: self.params.clone(),
+            id: self.id,
+            c_sk: self.c_sk.to_bytes(),
+            s_sk: self.s_sk.to_bytes(),
+            b: self.b,
+            peers: self.peers.clone(),
+            held: self.held.clone(),
+            revealed: self.revealed.clone(),
+        }
+    }
+
+    /// A client resumed from a persisted state (checked against the round's graph).
+    pub fn restore(state: ClientState) -> Result<Self, SecAggError> {
+        let neighbours = state
+            .params
+            .graph()?
+            .get(state.id as usize)
+            .cloned()
+            .ok_or_else(|| {
+                SecAggError::Params(format!("client {} is not in the roster", state.id))
+            })?;
+        if state
+            .peers
+            .keys()
+            .chain(state.held.keys())
+            .any(|p| !neighbours.contains(p))
+        {
+            return Err(SecAggError::Malformed(
+                "a persisted state names a peer that is not a neighbour".into(),
+            ));
+        }
+        Ok(Self {
+            params: state.params,
+            id: state.id,
+            c_sk: StaticSecret::from(state.c_sk),
+            s_sk: StaticSecret::from(state.s_sk),
+            b: state.b,
+            neighbours,
+            peers: state.peers,
+            held: state.held,
+            revealed: state.revealed,
+        })
     }
 
     /// Phase 2: shares of `s` and `b` for every neighbour that advertised keys, each encrypted to it.
@@ -445,7 +506,10 @@ impl Client {
 }
 
 /// The server's side of a round: forwards shares, sums masked inputs, unmasks the sum.
-#[derive(Debug)]
+///
+/// Serialisable, so the coordinator can persist it between phases: it holds public keys, ciphertexts
+/// only the recipients can open, and the running sum of masked inputs — never an input in the clear.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Server {
     params: RoundParams,
     graph: Vec<Vec<ClientId>>,

@@ -277,3 +277,109 @@ fn tampered_and_misaddressed_messages_are_refused() {
     bad.threshold = 1;
     assert!(matches!(Server::new(bad), Err(SecAggError::Params(_))));
 }
+
+fn roundtrip<T: serde::Serialize + serde::de::DeserializeOwned>(x: &T) -> T {
+    let cfg = bincode::config::standard();
+    let bytes = bincode::serde::encode_to_vec(x, cfg).unwrap();
+    bincode::serde::decode_from_slice(&bytes, cfg).unwrap().0
+}
+
+#[test]
+fn a_round_survives_persisting_every_party_between_phases() {
+    let n = 16;
+    let p = params(n, 32, 10);
+    let mut rng = ChaCha20Rng::seed_from_u64(16);
+    let inputs: Vec<Vec<u32>> = (0..n)
+        .map(|_| (0..32).map(|_| rng.random()).collect())
+        .collect();
+    let mut server = Server::new(p.clone()).unwrap();
+    let mut states = Vec::new();
+    for id in 0..n as ClientId {
+        let (c, k) = Client::new(p.clone(), id, &mut rng).unwrap();
+        server.advertise(id, k).unwrap();
+        states.push(roundtrip(&c.snapshot()));
+    }
+    server = roundtrip(&server);
+    let adv = server.advertised().clone();
+    for st in states.iter_mut() {
+        let mut c = Client::restore(st.clone()).unwrap();
+        let m = c.share_keys(&adv, &mut rng).unwrap();
+        server.shares(c.id(), m).unwrap();
+        *st = roundtrip(&c.snapshot());
+    }
+    server = roundtrip(&server);
+    let mut plain = vec![0u32; 32];
+    for (st, x) in states.iter_mut().zip(&inputs).skip(2) {
+        // Clients 0 and 1 drop after sharing.
+        let mut c = Client::restore(st.clone()).unwrap();
+        c.receive_shares(server.mailbox(c.id())).unwrap();
+        server
+            .masked_input(c.id(), &c.masked_input(x).unwrap())
+            .unwrap();
+        *st = roundtrip(&c.snapshot());
+        for (s, v) in plain.iter_mut().zip(x) {
+            *s = s.wrapping_add(*v);
+        }
+    }
+    server = roundtrip(&server);
+    let (dropped, reported) = server.unmask_request();
+    assert_eq!(dropped, vec![0, 1]);
+    let reveals: Vec<_> = states[2..]
+        .iter()
+        .flat_map(|st| {
+            Client::restore(st.clone())
+                .unwrap()
+                .unmask(&dropped, &reported)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(server.unmask(&reveals).unwrap(), plain);
+    // A resumed client still refuses what it refused before: the reveal was persisted.
+    let mut c = Client::restore(states[2].clone()).unwrap();
+    let revealed = c.unmask(&dropped, &reported).unwrap();
+    let peer = revealed
+        .iter()
+        .find(|r| r.kind == starling_secagg::ShareKind::SelfMask)
+        .unwrap()
+        .of;
+    let mut again = Client::restore(roundtrip(&c.snapshot())).unwrap();
+    let others: Vec<ClientId> = reported.iter().copied().filter(|&v| v != peer).collect();
+    let r = again.unmask(&[peer], &others);
+    assert!(matches!(r, Err(SecAggError::Inconsistent(_))), "{r:?}");
+}
+
+#[test]
+fn the_persisted_server_never_holds_an_input_in_the_clear() {
+    // One client reports an input of a recognisable constant; the server state written to disk
+    // (fixed-width encoding) holds its masked sum, in which the constant does not appear.
+    let p = params(6, 1 << 12, 11);
+    let mut rng = ChaCha20Rng::seed_from_u64(17);
+    let mut server = Server::new(p.clone()).unwrap();
+    let mut clients: Vec<Client> = (0..6)
+        .map(|id| {
+            let (c, k) = Client::new(p.clone(), id, &mut rng).unwrap();
+            server.advertise(id, k).unwrap();
+            c
+        })
+        .collect();
+    let adv = server.advertised().clone();
+    for c in clients.iter_mut() {
+        let m = c.share_keys(&adv, &mut rng).unwrap();
+        server.shares(c.id(), m).unwrap();
+    }
+    clients[0].receive_shares(server.mailbox(0)).unwrap();
+    let input = vec![0x5a5a_5a5au32; 1 << 12];
+    server
+        .masked_input(0, &clients[0].masked_input(&input).unwrap())
+        .unwrap();
+    let cfg = bincode::config::standard().with_fixed_int_encoding();
+    let bytes = bincode::serde::encode_to_vec(&server, cfg).unwrap();
+    let hits = bytes
+        .windows(4)
+        .filter(|w| *w == 0x5a5a_5a5au32.to_le_bytes())
+        .count();
+    assert!(
+        hits < 2,
+        "{hits} copies of the input word in the stored state"
+    );
+}
