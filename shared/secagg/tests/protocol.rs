@@ -84,6 +84,24 @@ fn round(
     (server.unmask(&reveals), plain)
 }
 
+/// A server and every client of `p` through phase 2: keys advertised, shares handed to the server.
+fn through_sharing(p: &RoundParams, rng: &mut ChaCha20Rng) -> (Server, Vec<Client>) {
+    let mut server = Server::new(p.clone()).unwrap();
+    let mut clients: Vec<Client> = (0..p.clients as ClientId)
+        .map(|id| {
+            let (c, k) = Client::new(p.clone(), id, rng).unwrap();
+            server.advertise(id, k).unwrap();
+            c
+        })
+        .collect();
+    let adv = server.advertised().clone();
+    for c in clients.iter_mut() {
+        let m = c.share_keys(&adv, rng).unwrap();
+        server.shares(c.id(), m).unwrap();
+    }
+    (server, clients)
+}
+
 fn sample(n: usize, fraction: f64, seed: u64) -> Vec<ClientId> {
     let mut ids: Vec<ClientId> = (0..n as ClientId).collect();
     rand::seq::SliceRandom::shuffle(&mut ids[..], &mut ChaCha20Rng::seed_from_u64(seed));
@@ -122,19 +140,7 @@ fn the_unmasked_sum_is_the_plain_sum_with_dropouts_at_every_phase() {
     let deltas: Vec<Vec<f32>> = (0..30)
         .map(|_| (0..100).map(|_| rng.random_range(-0.5f32..0.5)).collect())
         .collect();
-    let mut server = Server::new(p.clone()).unwrap();
-    let mut clients: Vec<Client> = (0..30)
-        .map(|id| {
-            let (c, k) = Client::new(p.clone(), id, &mut rng).unwrap();
-            server.advertise(id, k).unwrap();
-            c
-        })
-        .collect();
-    let adv = server.advertised().clone();
-    for c in clients.iter_mut() {
-        let msgs = c.share_keys(&adv, &mut rng).unwrap();
-        server.shares(c.id(), msgs).unwrap();
-    }
+    let (mut server, mut clients) = through_sharing(&p, &mut rng);
     for (c, d) in clients.iter_mut().zip(&deltas) {
         c.receive_shares(server.mailbox(c.id())).unwrap();
         let y = c.masked_input(&enc.encode(d, &mut rng)).unwrap();
@@ -171,19 +177,7 @@ fn a_client_never_reveals_both_shares_of_one_peer() {
     let n = 12;
     let p = params(n, 8, 6);
     let mut rng = ChaCha20Rng::seed_from_u64(8);
-    let mut server = Server::new(p.clone()).unwrap();
-    let mut clients: Vec<Client> = (0..n as ClientId)
-        .map(|id| {
-            let (c, k) = Client::new(p.clone(), id, &mut rng).unwrap();
-            server.advertise(id, k).unwrap();
-            c
-        })
-        .collect();
-    let adv = server.advertised().clone();
-    for c in clients.iter_mut() {
-        let m = c.share_keys(&adv, &mut rng).unwrap();
-        server.shares(c.id(), m).unwrap();
-    }
+    let (server, mut clients) = through_sharing(&p, &mut rng);
     for c in clients.iter_mut() {
         c.receive_shares(server.mailbox(c.id())).unwrap();
     }
@@ -207,19 +201,7 @@ fn a_masked_input_is_uniform() {
     // byte of 2^16 words, 255 degrees of freedom; 330.5 is the 0.1% critical value).
     let p = params(10, 1 << 16, 7);
     let mut rng = ChaCha20Rng::seed_from_u64(9);
-    let mut server = Server::new(p.clone()).unwrap();
-    let mut clients: Vec<Client> = (0..10)
-        .map(|id| {
-            let (c, k) = Client::new(p.clone(), id, &mut rng).unwrap();
-            server.advertise(id, k).unwrap();
-            c
-        })
-        .collect();
-    let adv = server.advertised().clone();
-    for c in clients.iter_mut() {
-        let m = c.share_keys(&adv, &mut rng).unwrap();
-        server.shares(c.id(), m).unwrap();
-    }
+    let (server, mut clients) = through_sharing(&p, &mut rng);
     clients[0].receive_shares(server.mailbox(0)).unwrap();
     let y = clients[0].masked_input(&vec![0; 1 << 16]).unwrap();
     let mut counts = [0f64; 256];
@@ -354,19 +336,7 @@ fn the_persisted_server_never_holds_an_input_in_the_clear() {
     // (fixed-width encoding) holds its masked sum, in which the constant does not appear.
     let p = params(6, 1 << 12, 11);
     let mut rng = ChaCha20Rng::seed_from_u64(17);
-    let mut server = Server::new(p.clone()).unwrap();
-    let mut clients: Vec<Client> = (0..6)
-        .map(|id| {
-            let (c, k) = Client::new(p.clone(), id, &mut rng).unwrap();
-            server.advertise(id, k).unwrap();
-            c
-        })
-        .collect();
-    let adv = server.advertised().clone();
-    for c in clients.iter_mut() {
-        let m = c.share_keys(&adv, &mut rng).unwrap();
-        server.shares(c.id(), m).unwrap();
-    }
+    let (mut server, mut clients) = through_sharing(&p, &mut rng);
     clients[0].receive_shares(server.mailbox(0)).unwrap();
     let input = vec![0x5a5a_5a5au32; 1 << 12];
     server
