@@ -9,39 +9,86 @@ use rand::SeedableRng;
 
 use crate::SecAggError;
 
-/// Neighbour lists of `n` clients (indices `0..n`), `k` neighbours each (`k` even, `k < n`; with
-/// `k ≥ n − 1` everyone neighbours everyone), symmetric and a function of `seed` alone.
-pub fn neighbours(n: usize, k: usize, seed: [u8; 32]) -> Result<Vec<Vec<usize>>, SecAggError> {
-    if n < 2 {
-        return Err(SecAggError::Params(format!(
-            "secure aggregation needs at least 2 clients, not {n}"
-        )));
-    }
-    if k < n - 1 && !k.is_multiple_of(2) {
-        return Err(SecAggError::Params(format!(
-            "the neighbourhood size must be even (a Harary graph), not {k}"
-        )));
-    }
-    if k >= n - 1 {
-        return Ok((0..n)
-            .map(|i| (0..n).filter(|&j| j != i).collect())
-            .collect());
-    }
-    let mut ring: Vec<usize> = (0..n).collect();
-    ring.shuffle(&mut rand_chacha::ChaCha20Rng::from_seed(seed));
-    let mut at = vec![0usize; n];
-    for (p, &c) in ring.iter().enumerate() {
-        at[c] = p;
-    }
-    Ok((0..n)
-        .map(|c| {
-            let p = at[c];
-            let mut v: Vec<usize> = (1..=k / 2)
-                .flat_map(|d| [ring[(p + d) % n], ring[(p + n - d) % n]])
-                .collect();
-            v.sort_unstable();
-            v
+/// Most clients one round's graph may hold (bounds what a peer-supplied roster size can allocate:
+/// the graph keeps one position per client).
+pub const MAX_CLIENTS: usize = 1 << 22;
+
+/// The neighbour graph of one round: `n` clients on a ring in a seeded random order, each joined to
+/// the `k/2` nearest on either side (`k` even, `k < n`; with `k ≥ n − 1` everyone neighbours
+/// everyone). Symmetric and a function of `(n, k, seed)` alone; it holds O(n) positions and lists a
+/// client's neighbours on demand.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Graph {
+    k: usize,
+    ring: Vec<u32>,
+    at: Vec<u32>,
+}
+
+impl Graph {
+    /// The graph of `n` clients with `k` neighbours each, laid out by `seed`.
+    pub fn new(n: usize, k: usize, seed: [u8; 32]) -> Result<Self, SecAggError> {
+        if !(2..=MAX_CLIENTS).contains(&n) {
+            return Err(SecAggError::Params(format!(
+                "secure aggregation needs 2 to {MAX_CLIENTS} clients, not {n}"
+            )));
+        }
+        if k < n - 1 && !k.is_multiple_of(2) {
+            return Err(SecAggError::Params(format!(
+                "the neighbourhood size must be even (a Harary graph), not {k}"
+            )));
+        }
+        let mut ring: Vec<u32> = (0..n as u32).collect();
+        ring.shuffle(&mut rand_chacha::ChaCha20Rng::from_seed(seed));
+        let mut at = vec![0u32; n];
+        for (p, &c) in ring.iter().enumerate() {
+            at[c as usize] = p as u32;
+        }
+        Ok(Self {
+            k: k.min(n - 1),
+            ring,
+            at,
         })
+    }
+
+    /// Number of clients.
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Whether the graph has no clients (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+
+    /// Neighbours per client.
+    pub fn degree(&self) -> usize {
+        self.k
+    }
+
+    /// The sorted neighbours of client `c` (empty for a client outside the roster).
+    pub fn of(&self, c: u32) -> Vec<u32> {
+        let n = self.ring.len();
+        let Some(&p) = self.at.get(c as usize) else {
+            return Vec::new();
+        };
+        let mut v: Vec<u32> = if self.k >= n - 1 {
+            (0..n as u32).filter(|&j| j != c).collect()
+        } else {
+            let p = p as usize;
+            (1..=self.k / 2)
+                .flat_map(|d| [self.ring[(p + d) % n], self.ring[(p + n - d) % n]])
+                .collect()
+        };
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Neighbour lists of `n` clients, `k` each, as [`Graph`] lays them out (every list at once).
+pub fn neighbours(n: usize, k: usize, seed: [u8; 32]) -> Result<Vec<Vec<usize>>, SecAggError> {
+    let g = Graph::new(n, k, seed)?;
+    Ok((0..n as u32)
+        .map(|c| g.of(c).into_iter().map(|j| j as usize).collect())
         .collect())
 }
 
@@ -81,6 +128,8 @@ mod tests {
         );
         assert!(neighbours(10, 3, [0; 32]).is_err());
         assert!(neighbours(1, 0, [0; 32]).is_err());
+        assert!(Graph::new(MAX_CLIENTS + 1, 20, [0; 32]).is_err());
+        assert!(Graph::new(10, 4, [0; 32]).unwrap().of(10).is_empty());
     }
 
     #[test]

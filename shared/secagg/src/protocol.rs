@@ -25,9 +25,10 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::graph::Graph;
 use crate::mask::{apply_mask, modulus_mask};
 use crate::shamir::{combine, split, Share};
-use crate::{graph, SecAggError};
+use crate::SecAggError;
 
 /// A client's index in the round's roster (`0..n`).
 pub type ClientId = u32;
@@ -55,7 +56,7 @@ pub struct RoundParams {
 
 impl RoundParams {
     /// Checks the parameters and returns the neighbour graph they describe.
-    pub fn graph(&self) -> Result<Vec<Vec<ClientId>>, SecAggError> {
+    pub fn graph(&self) -> Result<Graph, SecAggError> {
         if !(1..=32).contains(&self.bits) {
             return Err(SecAggError::Params(format!(
                 "a modulus of 2^{} (1 to 32 bits)",
@@ -75,12 +76,7 @@ impl RoundParams {
                 self.threshold
             )));
         }
-        Ok(
-            graph::neighbours(self.clients, self.neighbours, self.graph_seed)?
-                .into_iter()
-                .map(|v| v.into_iter().map(|j| j as ClientId).collect())
-                .collect(),
-        )
+        Graph::new(self.clients, self.neighbours, self.graph_seed)
     }
 }
 
@@ -179,6 +175,9 @@ fn aead(key: &[u8; 32]) -> Result<LessSafeKey, SecAggError> {
         .map_err(|_| SecAggError::Malformed("AEAD key".into()))
 }
 
+/// Bytes of one encrypted share message: abscissa, two 32-byte shares, the 16-byte tag.
+const SHARES_CIPHERTEXT_LEN: usize = 1 + 32 + 32 + 16;
+
 /// The abscissa a client's shares carry for its `j`-th neighbour.
 fn abscissa(neighbours: &[ClientId], to: ClientId) -> Option<u8> {
     neighbours
@@ -209,6 +208,8 @@ pub struct Client {
     s_sk: StaticSecret,
     b: [u8; 32],
     neighbours: Vec<ClientId>,
+    /// The round's graph (to check the abscissae neighbours give this client).
+    graph: Graph,
     /// Advertised keys of the neighbours that advertised.
     peers: BTreeMap<ClientId, PublicKeys>,
     /// Shares held for neighbours: (share of their `s`, share of their `b`).
@@ -231,10 +232,12 @@ impl Client {
         rng: &mut impl Rng,
     ) -> Result<(Self, PublicKeys), SecAggError> {
         let graph = params.graph()?;
-        let neighbours = graph
-            .get(id as usize)
-            .cloned()
-            .ok_or_else(|| SecAggError::Params(format!("client {id} is not in the roster")))?;
+        let neighbours = graph.of(id);
+        if neighbours.is_empty() {
+            return Err(SecAggError::Params(format!(
+                "client {id} is not in the roster"
+            )));
+        }
         let c_sk = StaticSecret::from(rng.random::<[u8; 32]>());
         let s_sk = StaticSecret::from(rng.random::<[u8; 32]>());
         let keys = PublicKeys {
@@ -249,6 +252,7 @@ impl Client {
                 s_sk,
                 b: rng.random(),
                 neighbours,
+                graph,
                 peers: BTreeMap::new(),
                 held: BTreeMap::new(),
                 revealed: BTreeMap::new(),
@@ -278,14 +282,14 @@ impl Client {
 
     /// A client resumed from a persisted state (checked against the round's graph).
     pub fn restore(state: ClientState) -> Result<Self, SecAggError> {
-        let neighbours = state
-            .params
-            .graph()?
-            .get(state.id as usize)
-            .cloned()
-            .ok_or_else(|| {
-                SecAggError::Params(format!("client {} is not in the roster", state.id))
-            })?;
+        let graph = state.params.graph()?;
+        let neighbours = graph.of(state.id);
+        if neighbours.is_empty() {
+            return Err(SecAggError::Params(format!(
+                "client {} is not in the roster",
+                state.id
+            )));
+        }
         if state
             .peers
             .keys()
@@ -303,6 +307,7 @@ impl Client {
             s_sk: StaticSecret::from(state.s_sk),
             b: state.b,
             neighbours,
+            graph,
             peers: state.peers,
             held: state.held,
             revealed: state.revealed,
@@ -339,8 +344,11 @@ impl Client {
         let round = self.params.round;
         let mut out = Vec::with_capacity(self.peers.len());
         for (&to, keys) in &self.peers {
-            let x = abscissa(&self.neighbours, to).unwrap_or(0) as usize;
-            let (s, b) = (&s_shares[x - 1], &b_shares[x - 1]);
+            // Peers were taken from the neighbour list, so each has an abscissa.
+            let Some(x) = abscissa(&self.neighbours, to) else {
+                continue;
+            };
+            let (s, b) = (&s_shares[x as usize - 1], &b_shares[x as usize - 1]);
             let mut plain = Vec::with_capacity(1 + 64 + 16);
             plain.push(s.x);
             plain.extend_from_slice(&s.y);
@@ -382,7 +390,7 @@ impl Client {
                 .map_err(|_| {
                     SecAggError::Malformed(format!("shares from {} fail authentication", m.from))
                 })?;
-            let expected_x = abscissa(&self.peers_neighbours(m.from)?, self.id);
+            let expected_x = abscissa(&self.graph.of(m.from), self.id);
             if plain.len() != 65 || Some(plain[0]) != expected_x {
                 return Err(SecAggError::Malformed(format!(
                     "shares from {} are malformed",
@@ -405,15 +413,6 @@ impl Client {
             );
         }
         Ok(())
-    }
-
-    /// The neighbour list of another client (the graph is public).
-    fn peers_neighbours(&self, of: ClientId) -> Result<Vec<ClientId>, SecAggError> {
-        self.params
-            .graph()?
-            .get(of as usize)
-            .cloned()
-            .ok_or_else(|| SecAggError::Malformed(format!("client {of} is not in the roster")))
     }
 
     /// Phase 3: the masked input `x + PRG(b) + Σ ±PRG(s_ij)` over the neighbours whose shares this
@@ -512,7 +511,7 @@ impl Client {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Server {
     params: RoundParams,
-    graph: Vec<Vec<ClientId>>,
+    graph: Graph,
     keys: BTreeMap<ClientId, PublicKeys>,
     mailbox: BTreeMap<ClientId, Vec<EncryptedShares>>,
     shared: BTreeSet<ClientId>,
@@ -563,10 +562,16 @@ impl Server {
                 "shares from {from}: it advertised no keys or shared twice"
             )));
         }
+        let neighbours = self.graph.of(from);
+        let mut to = BTreeSet::new();
         for m in &msgs {
-            if m.from != from || !self.graph[from as usize].contains(&m.to) {
+            if m.from != from
+                || !neighbours.contains(&m.to)
+                || !to.insert(m.to)
+                || m.ciphertext.len() != SHARES_CIPHERTEXT_LEN
+            {
                 return Err(SecAggError::Malformed(format!(
-                    "shares from {from} addressed to {}, not a neighbour",
+                    "shares from {from} to {}: not a neighbour, a second message, or not {SHARES_CIPHERTEXT_LEN} bytes",
                     m.to
                 )));
             }
@@ -621,7 +626,7 @@ impl Server {
             let of = r.of as usize;
             let valid = of < self.graph.len()
                 && self.reported.contains(&r.from)
-                && abscissa(&self.graph[of], r.from) == Some(r.share.x)
+                && abscissa(&self.graph.of(r.of), r.from) == Some(r.share.x)
                 && r.share.y.len() == 32
                 && seen.insert((r.from, r.of));
             if valid {
@@ -645,7 +650,7 @@ impl Server {
         }
         for &u in &dropped {
             let s_sk = StaticSecret::from(secret(u, false)?);
-            for &v in &self.graph[u as usize] {
+            for v in self.graph.of(u) {
                 if !self.reported.contains(&v) {
                     continue;
                 }

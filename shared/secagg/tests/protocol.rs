@@ -183,7 +183,7 @@ fn a_client_never_reveals_both_shares_of_one_peer() {
     }
     let everyone: Vec<ClientId> = (0..n as ClientId).collect();
     let c = &mut clients[0];
-    let peer = p.graph().unwrap()[0][0];
+    let peer = p.graph().unwrap().of(0)[0];
     // A request naming the same peer as dropped and as reported.
     let r = c.unmask(&[peer], &everyone);
     assert!(matches!(r, Err(SecAggError::Inconsistent(_))), "{r:?}");
@@ -245,6 +245,13 @@ fn tampered_and_misaddressed_messages_are_refused() {
     let mut wrong = msgs.clone();
     wrong[0].from = 2;
     assert!(server.shares(1, wrong).is_err());
+    // Two messages to one neighbour, or one of the wrong size: refused (nothing unbounded is kept).
+    let mut twice = msgs.clone();
+    twice.push(msgs[0].clone());
+    assert!(server.shares(1, twice).is_err());
+    let mut long = msgs.clone();
+    long[0].ciphertext.push(0);
+    assert!(server.shares(1, long).is_err());
     // Tampered: the recipient's authentication fails.
     let to = msgs[0].to;
     msgs[0].ciphertext[5] ^= 1;
