@@ -187,7 +187,8 @@ pub struct TensorInfo {
     /// Its type.
     pub kind: GgmlType,
     /// Its bytes.
-    pub data: Vec<u8>,
+    /// A view into the file's one buffer when read (no copy), or its own bytes when built.
+    pub data: bytes::Bytes,
 }
 
 /// A whole GGUF file in memory.
@@ -292,14 +293,22 @@ fn align(pos: u64, alignment: u64) -> u64 {
 }
 
 impl Gguf {
-    /// Reads a GGUF file (at most `max` bytes).
+    /// Reads a GGUF file (at most `max` bytes); the tensors are views into the one buffer read.
     pub fn read(path: &Path, max: u64) -> Result<Self> {
         let bytes = crate::io::read_bounded(path, max)?;
-        Self::parse(&bytes, path)
+        Self::parse_owned(bytes, path)
     }
 
     /// Parses GGUF bytes (versions 2 and 3); `path` names them in errors.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        Self::parse_owned(bytes.to_vec(), path)
+    }
+
+    /// Parses a GGUF file held in `bytes`, keeping that buffer: every tensor's data is a view into
+    /// it, so a file never takes twice its size in memory.
+    pub fn parse_owned(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+        let buffer = bytes::Bytes::from(bytes);
+        let bytes: &[u8] = &buffer;
         let mut c = Cursor {
             bytes,
             pos: 0,
@@ -382,7 +391,7 @@ impl Gguf {
                 name,
                 dims,
                 kind,
-                data: bytes[start as usize..end as usize].to_vec(),
+                data: buffer.slice(start as usize..end as usize),
             });
         }
         Ok(Self {
@@ -506,7 +515,7 @@ fn matrix_tensor(name: String, m: &QMatrix) -> TensorInfo {
             QuantType::Q8_0 => GgmlType::Q8_0,
             QuantType::Q4_0 => GgmlType::Q4_0,
         },
-        data: m.to_bytes(),
+        data: m.to_bytes().into(),
     }
 }
 
@@ -515,7 +524,11 @@ fn vector_tensor(name: String, v: &[f32]) -> TensorInfo {
         name,
         dims: vec![v.len() as u64],
         kind: GgmlType::F32,
-        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        data: v
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
     }
 }
 

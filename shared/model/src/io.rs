@@ -236,19 +236,28 @@ pub fn write_safetensors(
     tensors: &[OutTensor],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let bytes =
-        serialize_safetensors(tensors, &metadata).map_err(|message| ModelError::Safetensors {
+    let (header, order) =
+        safetensors_header(tensors, &metadata).map_err(|message| ModelError::Safetensors {
             path: path.to_path_buf(),
             message,
         })?;
-    write_atomic(path, &bytes)
+    // Streamed to the file (no second copy of the weights in memory), then renamed into place.
+    write_atomic_with(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(header.as_bytes())?;
+        for t in &order {
+            w.write_all(&t.data)?;
+        }
+        Ok(())
+    })
 }
 
-/// Serialises tensors and metadata to safetensors bytes, deterministically (see `write_safetensors`).
-fn serialize_safetensors(
-    tensors: &[OutTensor],
+/// The deterministic safetensors header of `tensors` (see `write_safetensors`, padded to 8 bytes)
+/// and the order their data follows it in.
+fn safetensors_header<'a>(
+    tensors: &'a [OutTensor],
     metadata: &HashMap<String, String>,
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<(String, Vec<&'a OutTensor>), String> {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
     let mut order: Vec<&OutTensor> = tensors.iter().collect();
@@ -287,13 +296,7 @@ fn serialize_safetensors(
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    let mut out = Vec::with_capacity(8 + header.len() + offset);
-    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for t in &order {
-        out.extend_from_slice(&t.data);
-    }
-    Ok(out)
+    Ok((header, order))
 }
 
 /// The compact JSON text of a value (a header field).
@@ -303,8 +306,26 @@ fn json<T: serde::Serialize + ?Sized>(value: &T) -> std::result::Result<String, 
 
 /// Writes a file atomically: a sibling temporary file, then a rename over the target.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Writes a file atomically from a writer function: a sibling temporary file (buffered), then a
+/// rename over the target; nothing is left at `path` if writing fails.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<()> {
+    use std::io::Write as _;
     let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    let file = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let written = write(&mut w).and_then(|()| w.flush());
+    if let Err(e) = written {
+        drop(w);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ModelError::io(&tmp, e));
+    }
+    drop(w);
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
