@@ -181,6 +181,14 @@ pub fn interleave_q4_0(blocks: &[BlockQ4_0], rows: usize, bpr: usize) -> Vec<Blo
         .collect()
 }
 
+/// Row `r` of an interleaved Q4_0 matrix (`bpr` blocks per row) as plain blocks.
+fn plain_row(v: &[BlockQ4_0x8], bpr: usize, r: usize) -> Vec<BlockQ4_0> {
+    v[(r / 8) * bpr..(r / 8 + 1) * bpr]
+        .iter()
+        .map(|blk| blk.unpack(r % 8))
+        .collect()
+}
+
 /// Q4_0 blocks (row-major) of `rows` rows, interleaved by eight when the row count allows and this
 /// CPU has the kernel that reads them (AVX2); elsewhere (NEON, portable) the plain layout feeds the
 /// per-row kernels directly.
@@ -400,14 +408,12 @@ impl QMatrix {
             Data::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Data::Q8_0(b) => bytemuck::cast_slice(b).to_vec(),
             Data::Q4_0(b) => bytemuck::cast_slice(b).to_vec(),
-            Data::Q4_0x8(_) => {
+            Data::Q4_0x8(v) => {
                 let bpr = self.cols / QK;
                 let mut out =
                     Vec::with_capacity(self.rows * bpr * std::mem::size_of::<BlockQ4_0>());
                 for r in 0..self.rows {
-                    for b in 0..bpr {
-                        out.extend_from_slice(bytemuck::bytes_of(&self.q4_block(r, b)));
-                    }
+                    out.extend_from_slice(bytemuck::cast_slice(&plain_row(v, bpr, r)));
                 }
                 out
             }
@@ -496,18 +502,6 @@ impl QMatrix {
         }
     }
 
-    /// Block `b` of row `r` of an interleaved Q4_0 matrix, as a plain block.
-    fn q4_block(&self, r: usize, b: usize) -> BlockQ4_0 {
-        match &self.data {
-            Data::Q4_0x8(v) => v[(r / 8) * (self.cols / QK) + b].unpack(r % 8),
-            Data::Q4_0(v) => v[r * (self.cols / QK) + b],
-            _ => BlockQ4_0 {
-                d: f16::ZERO,
-                qs: [0x88; QK / 2],
-            },
-        }
-    }
-
     /// The whole matrix as row-major f32 values.
     pub fn to_f32(&self) -> Vec<f32> {
         if let Data::F32(v) = &self.data {
@@ -558,6 +552,11 @@ impl QMatrix {
                 .for_each(|(t, chunk)| {
                     for (i, out) in chunk.chunks_exact_mut(m).enumerate() {
                         let r = t * 64 + i;
+                        // An interleaved row is unpacked once, not once per input row.
+                        let unpacked = match &self.data {
+                            Data::Q4_0x8(v) => plain_row(v, k / QK, r),
+                            _ => Vec::new(),
+                        };
                         for (j, o) in out.iter_mut().enumerate() {
                             let xr = &x[j * k..(j + 1) * k];
                             *o = match &self.data {
@@ -568,11 +567,7 @@ impl QMatrix {
                                     .sum(),
                                 Data::Q8_0(b) => dot_q8_0(&b[r * (k / QK)..(r + 1) * (k / QK)], xr),
                                 Data::Q4_0(b) => dot_q4_0(&b[r * (k / QK)..(r + 1) * (k / QK)], xr),
-                                Data::Q4_0x8(_) => {
-                                    let row: Vec<BlockQ4_0> =
-                                        (0..k / QK).map(|b| self.q4_block(r, b)).collect();
-                                    dot_q4_0(&row, xr)
-                                }
+                                Data::Q4_0x8(_) => dot_q4_0(&unpacked, xr),
                             };
                         }
                     }
