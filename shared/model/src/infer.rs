@@ -400,7 +400,7 @@ impl Session<'_> {
         for (li, block) in model.blocks.iter().enumerate() {
             let lora = &r.lora[li];
             rms_norm_rows(&x, &block.attn_norm, c.rms_norm_eps, &mut xn);
-            let u = |t: Target, inp: &[f32]| lora_u(lora[t as usize].as_ref(), inp, m);
+            let u = |t: Target, inp: &[f32]| lora_u(r.isa, lora[t as usize].as_ref(), inp, m);
             let (uq, uk, uv) = (u(Target::Q, &xn), u(Target::K, &xn), u(Target::V, &xn));
             r.products(
                 &xn,
@@ -552,18 +552,12 @@ fn product<'a>(
 }
 
 /// `x · Aᵀ` (`m × rank`) for an adapted projection, else nothing.
-fn lora_u(l: Option<&RtLora>, x: &[f32], m: usize) -> Vec<f32> {
+fn lora_u(isa: Isa, l: Option<&RtLora>, x: &[f32], m: usize) -> Vec<f32> {
     let Some(l) = l else { return Vec::new() };
     let k = x.len() / m;
     let mut u = vec![0.0f32; m * l.rank];
-    for (j, ur) in u.chunks_exact_mut(l.rank).enumerate() {
-        for (i, v) in ur.iter_mut().enumerate() {
-            *v = x[j * k..(j + 1) * k]
-                .iter()
-                .zip(&l.a[i * k..(i + 1) * k])
-                .map(|(a, b)| a * b)
-                .sum();
-        }
+    for (xr, ur) in x.chunks_exact(k).zip(u.chunks_exact_mut(l.rank)) {
+        gemv_f32(isa, &l.a, xr, ur);
     }
     u
 }
