@@ -6,7 +6,8 @@ use std::path::Path;
 
 pub use starling_cli::config::ConfigError;
 
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, Selection};
+pub use crate::secagg::SecAggConfig;
 use crate::strategy::StrategyConfig;
 
 /// The whole configuration file.
@@ -25,6 +26,8 @@ pub struct CoordinatorConfig {
     pub task: TaskConfig,
     /// The LoRA adapter every client trains.
     pub adapter: AdapterConfig,
+    /// Secure aggregation (SecAgg+): the coordinator learns only the sum of a round's deltas.
+    pub secure_aggregation: SecAggConfig,
 }
 
 /// Listening addresses.
@@ -259,6 +262,7 @@ impl CoordinatorConfig {
         if !(1..=65_536).contains(&t.int8_block) {
             return Err(invalid("task.int8_block must lie in 1..=65536".into()));
         }
+        cfg.validate_secure_aggregation().map_err(invalid)?;
         if cfg.adapter.rank == 0 || cfg.adapter.targets.is_empty() {
             return Err(invalid(
                 "adapter needs rank ≥ 1 and at least one target".into(),
@@ -270,6 +274,60 @@ impl CoordinatorConfig {
                     "unknown adapter target {t:?} (q, k, v, o, gate, up, down)"
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// What secure aggregation cannot work with: a rule that needs every update (median, trimmed mean,
+    /// Krum, norm bounding), central clipping of single deltas is done on devices instead; noise shares
+    /// on devices need the distributed discrete Gaussian (not built yet); a cohort whose size is not fixed
+    /// (the wrap-around bound and the graph are sized for `selection = { count = m }`).
+    fn validate_secure_aggregation(&self) -> Result<(), String> {
+        let sa = &self.secure_aggregation;
+        if !sa.enabled {
+            return Ok(());
+        }
+        let Selection::Count(m) = self.rounds.selection else {
+            return Err(
+                "secure_aggregation needs rounds.selection = { count = m }: the modulus and the \
+                        neighbour graph are sized for a fixed cohort"
+                    .into(),
+            );
+        };
+        if m < 3 || self.rounds.min_clients < m {
+            return Err(format!(
+                "secure_aggregation needs a cohort of at least 3 (a sum of two reveals each input to \
+                 the other) and rounds.min_clients ≥ the cohort {m}"
+            ));
+        }
+        let linear = crate::strategy::build(&self.strategy)
+            .map(|s| s.linear())
+            .unwrap_or(false);
+        if self.privacy.mode == DpPlacement::Off && !linear {
+            return Err(format!(
+                "strategy {:?}{} needs every update, and secure aggregation gives only their sum: use \
+                 fed-avg, fed-prox, fed-avg-m, fed-adam, fed-yogi or fed-adagrad (norm bounding: set \
+                 privacy.clip, devices clip their own deltas)",
+                self.strategy.kind,
+                if self.strategy.norm_bound.is_some() {
+                    " with norm_bound"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if self.privacy.mode == DpPlacement::Distributed {
+            return Err(
+                "secure_aggregation with privacy.mode = distributed needs the distributed \
+                        discrete Gaussian (not built yet): use mode = central (devices clip, the \
+                        coordinator adds the noise to the unmasked sum) or off"
+                    .into(),
+            );
+        }
+        sa.params(self.rounds.seed, starling_protocol::RoundId(0), m, 1)
+            .map_err(|e| format!("secure_aggregation: {e}"))?;
+        if sa.phase_timeout_ms == 0 {
+            return Err("secure_aggregation.phase_timeout_ms must be positive".into());
         }
         Ok(())
     }
@@ -290,7 +348,9 @@ impl CoordinatorConfig {
              # [task] local_steps, batch_size, seq_len, learning_rate, encoding = f32 | int8, int8_block,\n\
              #   max_update_bytes, dp_sgd_noise_multiplier (0 = no DP-SGD on devices), dp_sgd_clip,\n\
              #   dp_sgd_sampling_rate (0 = batch_size / the device's sequences), dp_sgd_delta\n\
-             # [adapter] rank, alpha, targets, seed\n\n{body}"
+             # [adapter] rank, alpha, targets, seed\n\
+             # [secure_aggregation] enabled, neighbours (0 = ≈3·log2 n), threshold (0 = majority), clip,\n\
+             #   value_bits, phase_timeout_ms — needs selection = {{ count = m }} and a linear strategy\n\n{body}"
         )
     }
 }
@@ -318,5 +378,49 @@ mod tests {
         assert_eq!(c.rounds.selection, crate::engine::Selection::Count(5));
         assert_eq!(c.rounds.rounds, Some(3));
         assert!(CoordinatorConfig::parse("[adapter]\ntargets = [\"qq\"]\n", "c").is_err());
+    }
+
+    #[test]
+    fn secure_aggregation_refuses_what_cannot_work_on_a_masked_sum() {
+        let ok = "[rounds]\nmin_clients = 10\nselection = { count = 10 }\n[secure_aggregation]\nenabled = true\n";
+        CoordinatorConfig::parse(ok, "c").unwrap();
+        for (extra, word) in [
+            ("[strategy]\nkind = \"median\"\n", "needs every update"),
+            (
+                "[strategy]\nkind = \"trimmed-mean\"\n",
+                "needs every update",
+            ),
+            (
+                "[strategy]\nkind = \"krum\"\nbyzantine = 1\n",
+                "needs every update",
+            ),
+            (
+                "[strategy]\nkind = \"multi-krum\"\nbyzantine = 1\n",
+                "needs every update",
+            ),
+            ("[strategy]\nnorm_bound = 1.0\n", "norm_bound"),
+            (
+                "[privacy]\nmode = \"distributed\"\n",
+                "distributed discrete Gaussian",
+            ),
+        ] {
+            let err = CoordinatorConfig::parse(&format!("{ok}{extra}"), "c")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(word), "{extra}: {err}");
+        }
+        for (cfg, word) in [
+            ("[secure_aggregation]\nenabled = true\n", "count"),
+            ("[rounds]\nmin_clients = 2\nselection = { count = 2 }\n[secure_aggregation]\nenabled = true\n", "at least 3"),
+            // 1,000 devices × 2^22 steps per value would wrap around 2^32.
+            ("[rounds]\nmin_clients = 1000\nselection = { count = 1000 }\n[secure_aggregation]\nenabled = true\nvalue_bits = 22\n", "wrap"),
+            ("[rounds]\nmin_clients = 10\nselection = { count = 10 }\n[secure_aggregation]\nenabled = true\nthreshold = 3\nneighbours = 8\n", "majority"),
+        ] {
+            let err = CoordinatorConfig::parse(cfg, "c").unwrap_err().to_string();
+            assert!(err.contains(word), "{cfg}: {err}");
+        }
+        let central =
+            format!("{ok}[privacy]\nmode = \"central\"\n[strategy]\nkind = \"fed-adam\"\n");
+        CoordinatorConfig::parse(&central, "c").unwrap();
     }
 }

@@ -17,7 +17,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rand::seq::index::sample;
 use rand::SeedableRng;
+use starling_protocol::message::SecAggStep;
 use starling_protocol::{Digest, Fingerprint, ModelVersion, RoundId, UpdateId};
+use starling_secagg::{ClientId, RoundParams};
+
+use crate::secagg::{SecAggConfig, SecAggPhase, SecAggRound, StepOutcome};
 
 /// Milliseconds on the driver's clock (Unix time in deployment, simulated time in simulations).
 pub type Millis = u64;
@@ -149,6 +153,8 @@ pub enum TaskDecision {
         model_version: ModelVersion,
         /// Report by then.
         deadline: Millis,
+        /// In a secure round: its parameters and the device's roster index.
+        secagg: Option<(RoundParams, ClientId)>,
     },
     /// Nothing to do now.
     NoTask {
@@ -180,6 +186,25 @@ pub enum Action {
         round: RoundRecord,
         /// The updates to aggregate, in id order.
         updates: Vec<UpdateId>,
+    },
+    /// A secure round closed with its sum unmasked: persist the phase, aggregate the sum, publish, then
+    /// call [`Engine::published`].
+    AggregateSum {
+        /// The round, now in the aggregating phase.
+        round: RoundRecord,
+        /// The sum of the reported encoded deltas, modulo `2^bits` of the round's parameters.
+        sum: Vec<u32>,
+        /// The devices in the sum.
+        count: usize,
+        /// The round's parameters (for decoding the sum).
+        params: RoundParams,
+    },
+    /// A secure round moved to another phase: persist its state ([`Engine::secagg`]).
+    SecAggPhase {
+        /// The round.
+        round: RoundId,
+        /// Its new phase.
+        phase: SecAggPhase,
     },
     /// The round closed with too few updates; its stored updates may be dropped.
     RoundAbandoned {
@@ -231,6 +256,9 @@ pub enum EngineError {
     /// A setting is out of range.
     #[error("invalid engine setting: {0}")]
     Config(String),
+    /// A secure-aggregation message was refused.
+    #[error("secure aggregation: {0}")]
+    SecAgg(String),
 }
 
 #[derive(Debug)]
@@ -240,6 +268,38 @@ struct Round {
     reported: HashMap<Fingerprint, UpdateId>,
     /// Selected clients that declined the task (their device's policy): they will send nothing.
     declined: HashSet<Fingerprint>,
+    /// The secure aggregation of a secure round.
+    secagg: Option<SecAggRound>,
+}
+
+impl Round {
+    fn new(record: RoundRecord, secagg: Option<SecAggRound>) -> Self {
+        Self {
+            record,
+            received: BTreeMap::new(),
+            reported: HashMap::new(),
+            declined: HashSet::new(),
+            secagg,
+        }
+    }
+
+    /// A selected client's index in the roster of a secure round.
+    fn roster_id(&self, client: &Fingerprint) -> Option<ClientId> {
+        self.record
+            .selected
+            .binary_search(client)
+            .ok()
+            .map(|i| i as ClientId)
+    }
+
+    /// Whether updates (masked inputs in a secure round) are taken at `now`.
+    fn accepts_updates(&self, now: Millis) -> bool {
+        self.record.phase == RoundPhase::Collecting
+            && match &self.secagg {
+                None => now < self.record.deadline,
+                Some(s) => s.phase == SecAggPhase::Masked && now < s.phase_deadline,
+            }
+    }
 }
 
 /// The round engine.
@@ -253,6 +313,8 @@ pub struct Engine {
     seen: HashMap<Fingerprint, Millis>,
     round: Option<Round>,
     finished_reported: bool,
+    /// Secure aggregation: its settings and the length of a delta.
+    secagg: Option<(SecAggConfig, usize)>,
 }
 
 impl Engine {
@@ -275,24 +337,65 @@ impl Engine {
             seen: HashMap::new(),
             round: None,
             finished_reported: false,
+            secagg: None,
         })
     }
 
-    /// Resumes a persisted round with the updates already stored for it (after a restart).
+    /// Runs every round with secure aggregation (`len`: values in a delta). The settings are checked
+    /// for a cohort of `max_clients` (the wrap-around bound of the encoding).
+    pub fn with_secure_aggregation(
+        mut self,
+        cfg: SecAggConfig,
+        len: usize,
+        max_clients: usize,
+    ) -> Result<Self, EngineError> {
+        cfg.params(self.cfg.seed, RoundId(0), max_clients.max(2), len)
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        self.secagg = Some((cfg, len));
+        Ok(self)
+    }
+
+    /// The open round's secure-aggregation state (what the driver persists after every change).
+    pub fn secagg(&self) -> Option<(RoundId, &SecAggRound)> {
+        let r = self.round.as_ref()?;
+        Some((r.record.id, r.secagg.as_ref()?))
+    }
+
+    /// A fresh secure-aggregation state for a round with `record`'s cohort, if rounds are secure.
+    fn new_secagg(&self, record: &RoundRecord) -> Result<Option<SecAggRound>, EngineError> {
+        let Some((cfg, len)) = &self.secagg else {
+            return Ok(None);
+        };
+        let params = cfg
+            .params(self.cfg.seed, record.id, record.selected.len(), *len)
+            .and_then(SecAggRound::new)
+            .map_err(|e| EngineError::SecAgg(e.to_string()))?;
+        Ok(Some(params))
+    }
+
+    /// Resumes a persisted round with the updates already stored for it (after a restart) and, in a
+    /// secure round, its stored secure-aggregation state (a fresh one if none was stored yet: then no
+    /// device had sent anything).
     pub fn resume(
         &mut self,
         record: RoundRecord,
         stored: &[UpdateMeta],
+        secagg: Option<SecAggRound>,
     ) -> Result<(), EngineError> {
         if self.round.is_some() {
             return Err(EngineError::Misuse("a round is already open".into()));
         }
-        let mut round = Round {
-            record,
-            received: BTreeMap::new(),
-            reported: HashMap::new(),
-            declined: HashSet::new(),
+        let secagg = match secagg {
+            Some(s) if self.secagg.is_some() => Some(s),
+            Some(_) => {
+                return Err(EngineError::Misuse(
+                    "a secure-aggregation state for a coordinator without secure aggregation"
+                        .into(),
+                ))
+            }
+            None => self.new_secagg(&record)?,
         };
+        let mut round = Round::new(record, secagg);
         for u in stored.iter().filter(|u| u.round == round.record.id) {
             round.received.insert(u.update_id, u.client);
             round.reported.insert(u.client, u.update_id);
@@ -312,9 +415,12 @@ impl Engine {
         self.round.as_ref().map(|r| &r.record)
     }
 
-    /// Updates counted in the current round.
+    /// Updates (masked inputs in a secure round) counted in the current round.
     pub fn received(&self) -> usize {
-        self.round.as_ref().map_or(0, |r| r.received.len())
+        self.round.as_ref().map_or(0, |r| match &r.secagg {
+            Some(s) => s.server.unmask_request().1.len(),
+            None => r.received.len(),
+        })
     }
 
     /// Rounds aggregated so far.
@@ -348,7 +454,13 @@ impl Engine {
             return wait("training finished");
         }
         match &self.round {
-            Some(r) if r.record.phase == RoundPhase::Collecting && now < r.record.deadline => {
+            Some(r)
+                if r.record.phase == RoundPhase::Collecting
+                    && now < r.record.deadline
+                    && r.secagg
+                        .as_ref()
+                        .is_none_or(|s| s.phase == SecAggPhase::Advertise) =>
+            {
                 if !r.record.selected.contains(&client) {
                     wait("not selected for this round")
                 } else if r.reported.contains_key(&client) {
@@ -360,6 +472,10 @@ impl Engine {
                         round: r.record.id,
                         model_version: r.record.model_version,
                         deadline: r.record.deadline,
+                        secagg: r
+                            .secagg
+                            .as_ref()
+                            .and_then(|s| Some((s.params().clone(), r.roster_id(&client)?))),
                     }
                 }
             }
@@ -383,7 +499,13 @@ impl Engine {
         if r.received.contains_key(&meta.update_id) {
             return Ok(UpdateCheck::Duplicate);
         }
-        if meta.round != r.record.id || now >= r.record.deadline {
+        if let (Some(s), Some(id)) = (&r.secagg, r.roster_id(&meta.client)) {
+            if meta.round == r.record.id && s.server.has_reported(id) {
+                // A masked input is counted once, whatever id a retry carries.
+                return Ok(UpdateCheck::Duplicate);
+            }
+        }
+        if meta.round != r.record.id || !r.accepts_updates(now) {
             return Err(EngineError::LateUpdate {
                 got: meta.round,
                 current: Some(r.record.id),
@@ -412,6 +534,11 @@ impl Engine {
 
     /// Counts an update the driver has stored durably (after [`Engine::check_update`] said `New`).
     pub fn record_update(&mut self, meta: &UpdateMeta, now: Millis) -> Result<(), EngineError> {
+        if self.round.as_ref().is_some_and(|r| r.secagg.is_some()) {
+            return Err(EngineError::Misuse(
+                "a secure round takes masked inputs (record_masked)".into(),
+            ));
+        }
         match self.check_update(meta, now)? {
             UpdateCheck::Duplicate => Ok(()),
             UpdateCheck::New => {
@@ -424,6 +551,65 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// Adds a masked input (`packed`: words at the round's modulus width) to a secure round's sum.
+    /// On `New` the driver persists [`Engine::secagg`] before acknowledging.
+    pub fn record_masked(
+        &mut self,
+        meta: &UpdateMeta,
+        packed: &[u8],
+        now: Millis,
+    ) -> Result<UpdateCheck, EngineError> {
+        let check = self.check_update(meta, now)?;
+        if check == UpdateCheck::Duplicate {
+            return Ok(check);
+        }
+        let r = self
+            .round
+            .as_mut()
+            .ok_or_else(|| EngineError::Misuse("no round".into()))?;
+        let id = r
+            .roster_id(&meta.client)
+            .ok_or(EngineError::NotSelected(r.record.id))?;
+        let s = r
+            .secagg
+            .as_mut()
+            .ok_or_else(|| EngineError::Misuse("not a secure round".into()))?;
+        s.masked(id, packed)
+            .map_err(|e| EngineError::SecAgg(e.to_string()))?;
+        r.reported.insert(meta.client, meta.update_id);
+        Ok(UpdateCheck::New)
+    }
+
+    /// A device's secure-aggregation step for `round`. When the outcome says `changed`, the driver
+    /// persists [`Engine::secagg`] before answering.
+    pub fn secagg_step(
+        &mut self,
+        client: Fingerprint,
+        round: RoundId,
+        step: SecAggStep,
+        now: Millis,
+    ) -> Result<StepOutcome, EngineError> {
+        self.client_seen(client, now);
+        let retry = self.cfg.retry_after_ms.min(1_000);
+        let r = self
+            .round
+            .as_mut()
+            .filter(|r| r.record.id == round && r.record.phase == RoundPhase::Collecting)
+            .ok_or(EngineError::LateUpdate {
+                got: round,
+                current: None,
+            })?;
+        let id = r
+            .roster_id(&client)
+            .ok_or(EngineError::NotSelected(round))?;
+        let s = r
+            .secagg
+            .as_mut()
+            .ok_or_else(|| EngineError::SecAgg(format!("round {} is not secure", round.0)))?;
+        s.step(id, step, retry)
+            .map_err(|e| EngineError::SecAgg(e.to_string()))
     }
 
     /// A selected client declined `round`'s task: it is not offered again, and the round closes as soon as
@@ -446,7 +632,12 @@ impl Engine {
     /// Advances time: starts, closes or abandons rounds.
     pub fn tick(&mut self, now: Millis) -> Vec<Action> {
         let mut actions = Vec::new();
-        if let Some(r) = &mut self.round {
+        if self.round.as_ref().is_some_and(|r| r.secagg.is_some()) {
+            self.tick_secure(now, &mut actions);
+            if self.round.is_some() {
+                return actions;
+            }
+        } else if let Some(r) = &mut self.round {
             let all_in = r
                 .record
                 .selected
@@ -495,26 +686,112 @@ impl Engine {
                 phase: RoundPhase::Collecting,
                 eligible: eligible.len(),
             };
-            actions.push(Action::RoundStarted(record.clone()));
-            self.round = Some(Round {
-                record,
-                received: BTreeMap::new(),
-                reported: HashMap::new(),
-                declined: HashSet::new(),
-            });
+            match self.new_secagg(&record) {
+                Ok(secagg) => {
+                    actions.push(Action::RoundStarted(record.clone()));
+                    self.round = Some(Round::new(record, secagg));
+                }
+                Err(e) => {
+                    // Settings checked at start-up cannot fail here; if they do, the round is given up
+                    // rather than run without the protection it was configured with.
+                    tracing::error!(round = id.0, "secure aggregation: {e}");
+                    actions.push(Action::RoundAbandoned {
+                        round: id,
+                        received: 0,
+                    });
+                }
+            }
         }
         actions
     }
 
-    /// Re-issues the aggregation of a round found in the aggregating phase after a restart.
+    /// Closes the phase of the open secure round when every device it waits for has answered or its
+    /// deadline passed: moves on, asks for aggregation of the unmasked sum, or abandons the round.
+    fn tick_secure(&mut self, now: Millis, actions: &mut Vec<Action>) {
+        let Some(r) = &mut self.round else { return };
+        let Some(timeout) = self.secagg.as_ref().map(|(c, _)| c.phase_timeout_ms) else {
+            return;
+        };
+        let min_updates = self.cfg.min_updates;
+        let Some(s) = &mut r.secagg else { return };
+        if r.record.phase != RoundPhase::Collecting {
+            return;
+        }
+        let deadline = match s.phase {
+            SecAggPhase::Advertise => r.record.deadline,
+            _ => s.phase_deadline,
+        };
+        let expected = r
+            .record
+            .selected
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !r.declined.contains(*c))
+            .map(|(i, _)| i as ClientId);
+        if !(s.all_in(expected) || now >= deadline) {
+            return;
+        }
+        let outcome = s
+            .close_phase(now, timeout, min_updates)
+            .and_then(|done| match done {
+                false => Ok(None),
+                true => s.unmask().map(Some).map_err(|e| e.to_string()),
+            });
+        match outcome {
+            Ok(None) => actions.push(Action::SecAggPhase {
+                round: r.record.id,
+                phase: s.phase,
+            }),
+            Ok(Some((sum, count))) => {
+                r.record.phase = RoundPhase::Aggregating;
+                actions.push(Action::AggregateSum {
+                    round: r.record.clone(),
+                    sum,
+                    count,
+                    params: s.params().clone(),
+                });
+            }
+            Err(why) => {
+                tracing::info!(round = r.record.id.0, "secure round abandoned: {why}");
+                actions.push(Action::RoundAbandoned {
+                    round: r.record.id,
+                    received: s.server.unmask_request().1.len(),
+                });
+                self.round = None;
+            }
+        }
+    }
+
+    /// Re-issues the aggregation of a round found in the aggregating phase after a restart (a secure
+    /// round's sum is unmasked again from its stored state).
     pub fn pending_aggregation(&self) -> Option<Action> {
         let r = self
             .round
             .as_ref()
             .filter(|r| r.record.phase == RoundPhase::Aggregating)?;
-        Some(Action::Aggregate {
-            round: r.record.clone(),
-            updates: r.received.keys().copied().collect(),
+        Some(match &r.secagg {
+            None => Action::Aggregate {
+                round: r.record.clone(),
+                updates: r.received.keys().copied().collect(),
+            },
+            Some(s) => match s.unmask() {
+                Ok((sum, count)) => Action::AggregateSum {
+                    round: r.record.clone(),
+                    sum,
+                    count,
+                    params: s.params().clone(),
+                },
+                Err(e) => {
+                    tracing::error!(
+                        round = r.record.id.0,
+                        "the stored round does not unmask: {e}"
+                    );
+                    Action::RoundAbandoned {
+                        round: r.record.id,
+                        received: s.server.unmask_request().1.len(),
+                    }
+                }
+            },
         })
     }
 
@@ -641,7 +918,8 @@ mod tests {
             TaskDecision::Task {
                 round: RoundId(1),
                 model_version: ModelVersion(0),
-                deadline: 1020
+                deadline: 1020,
+                secagg: None,
             }
         );
         assert_eq!(upload(&mut e, &meta(1, 1, 1), 40), Ok(UpdateCheck::New));
@@ -828,7 +1106,7 @@ mod tests {
         upload(&mut e, &meta(1, 1, 1), 5).unwrap();
         // Crash: a new engine resumes from what the store holds.
         let mut back = engine(cfg);
-        back.resume(r.clone(), &[meta(1, 1, 1)]).unwrap();
+        back.resume(r.clone(), &[meta(1, 1, 1)], None).unwrap();
         assert_eq!(back.received(), 1);
         assert_eq!(
             upload(&mut back, &meta(1, 1, 1), 6),
@@ -845,7 +1123,7 @@ mod tests {
             ..Default::default()
         });
         again
-            .resume(round.clone(), &[meta(1, 1, 1), meta(2, 2, 1)])
+            .resume(round.clone(), &[meta(1, 1, 1), meta(2, 2, 1)], None)
             .unwrap();
         assert!(matches!(
             again.pending_aggregation(),
@@ -894,6 +1172,228 @@ mod tests {
             matches!(&a[..], [Action::Aggregate { updates, .. }] if updates.len() == 1),
             "closes at once, long before the deadline: {a:?}"
         );
+    }
+
+    /// Drives a secure round of `n` devices through the engine with real SecAgg+ clients; devices in
+    /// `gone[p]` stop after phase `p` (0: never advertise, 1: advertised, 2: shared, 3: sent their masked
+    /// input); `restart` serialises and resumes the engine's state between every two phases. Returns the
+    /// sum the engine unmasked (or `None` if it abandoned the round) and the plain sum of the inputs of
+    /// the devices that reported.
+    fn secure_round(n: u8, gone: [&[u8]; 4], restart: bool) -> (Option<Vec<u32>>, Vec<u32>) {
+        use rand::Rng;
+        use starling_protocol::message::SecAggReply;
+        let len = 40;
+        let cfg = EngineConfig {
+            min_clients: n as usize,
+            selection: Selection::Count(n as usize),
+            min_updates: 2,
+            round_timeout_ms: 1000,
+            seed: 9,
+            ..Default::default()
+        };
+        let sa = SecAggConfig {
+            enabled: true,
+            clip: 1.0,
+            value_bits: 7,
+            phase_timeout_ms: 100,
+            ..Default::default()
+        };
+        let make = || {
+            engine(cfg.clone())
+                .with_secure_aggregation(sa.clone(), len, n as usize)
+                .unwrap()
+        };
+        let mut e = make();
+        let bounce = |e: Engine| -> Engine {
+            if !restart {
+                return e;
+            }
+            let r = e.current().cloned().unwrap();
+            let state: SecAggRound = bincode::serde::decode_from_slice(
+                &bincode::serde::encode_to_vec(e.secagg().unwrap().1, bincode::config::standard())
+                    .unwrap(),
+                bincode::config::standard(),
+            )
+            .unwrap()
+            .0;
+            let mut back = make();
+            back.resume(r, &[], Some(state)).unwrap();
+            for i in 0..n {
+                back.client_seen(fp(i), 0);
+            }
+            back
+        };
+        for i in 0..n {
+            e.client_seen(fp(i), 0);
+        }
+        assert!(matches!(e.tick(0)[0], Action::RoundStarted(_)));
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+        let encoding = sa.encoding(n as usize).unwrap();
+        let mut devices = Vec::new();
+        for i in 0..n {
+            let TaskDecision::Task {
+                secagg: Some((params, id)),
+                ..
+            } = e.task_request(fp(i), 1)
+            else {
+                panic!("a secure task")
+            };
+            let values: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let input = encoding.encode(&values, &mut rng);
+            devices.push((i, id, params, input));
+        }
+        let round = RoundId(1);
+        let mut clients = Vec::new();
+        for (i, id, params, input) in &devices {
+            if gone[0].contains(i) {
+                continue;
+            }
+            let (c, keys) = starling_secagg::Client::new(params.clone(), *id, &mut rng).unwrap();
+            let o = e
+                .secagg_step(fp(*i), round, SecAggStep::Keys(keys), 2)
+                .unwrap();
+            assert!(o.changed && matches!(o.reply, SecAggReply::Wait { .. }));
+            clients.push((*i, c, input.clone()));
+        }
+        // Advertising closes when every device is in, or at the round's deadline.
+        let at = if gone[0].is_empty() { 3 } else { 1000 };
+        let a = e.tick(at);
+        if a.iter().any(|a| matches!(a, Action::RoundAbandoned { .. })) {
+            return (None, Vec::new());
+        }
+        assert!(
+            matches!(
+                a[..],
+                [Action::SecAggPhase {
+                    phase: SecAggPhase::Share,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        e = bounce(e);
+        clients.retain(|(i, ..)| !gone[1].contains(i));
+        for (i, c, _) in &mut clients {
+            let SecAggReply::Roster(roster) = e
+                .secagg_step(fp(*i), round, SecAggStep::Next, at + 1)
+                .unwrap()
+                .reply
+            else {
+                panic!()
+            };
+            let shares = c
+                .share_keys(&roster.into_iter().collect(), &mut rng)
+                .unwrap();
+            assert!(
+                e.secagg_step(fp(*i), round, SecAggStep::Shares(shares), at + 1)
+                    .unwrap()
+                    .changed
+            );
+        }
+        let at = at + 200;
+        let a = e.tick(at);
+        if a.iter().any(|a| matches!(a, Action::RoundAbandoned { .. })) {
+            return (None, Vec::new());
+        }
+        e = bounce(e);
+        clients.retain(|(i, ..)| !gone[2].contains(i));
+        let bits = e.secagg().unwrap().1.params().bits;
+        let mut plain = vec![0u32; len];
+        for (k, (i, c, input)) in clients.iter_mut().enumerate() {
+            let SecAggReply::Mailbox(mail) = e
+                .secagg_step(fp(*i), round, SecAggStep::Next, at + 1)
+                .unwrap()
+                .reply
+            else {
+                panic!()
+            };
+            c.receive_shares(&mail).unwrap();
+            let masked = c.masked_input(input).unwrap();
+            let m = UpdateMeta {
+                update_id: UpdateId([k as u8; 16]),
+                client: fp(*i),
+                round,
+                model_version: ModelVersion(0),
+                schema: schema(),
+                num_examples: 1,
+            };
+            let packed = starling_secagg::mask::pack(&masked, bits);
+            assert_eq!(e.record_masked(&m, &packed, at + 1), Ok(UpdateCheck::New));
+            // A retry (even under another id) is counted once.
+            let mut again = m.clone();
+            again.update_id = UpdateId([200; 16]);
+            assert_eq!(
+                e.record_masked(&again, &packed, at + 1),
+                Ok(UpdateCheck::Duplicate)
+            );
+            for (p, x) in plain.iter_mut().zip(input.iter()) {
+                *p = p.wrapping_add(*x);
+            }
+        }
+        plain
+            .iter_mut()
+            .for_each(|w| *w &= starling_secagg::mask::modulus_mask(bits));
+        let at = at + 200;
+        let a = e.tick(at);
+        if a.iter().any(|a| matches!(a, Action::RoundAbandoned { .. })) {
+            return (None, plain);
+        }
+        e = bounce(e);
+        clients.retain(|(i, ..)| !gone[3].contains(i));
+        for (i, c, _) in &mut clients {
+            let SecAggReply::Unmask { dropped, reported } = e
+                .secagg_step(fp(*i), round, SecAggStep::Next, at + 1)
+                .unwrap()
+                .reply
+            else {
+                panic!()
+            };
+            let reveals = c.unmask(&dropped, &reported).unwrap();
+            let o = e
+                .secagg_step(fp(*i), round, SecAggStep::Reveals(reveals), at + 1)
+                .unwrap();
+            assert_eq!(o.reply, SecAggReply::Done);
+        }
+        let a = e.tick(at + 200);
+        match &a[..] {
+            [Action::AggregateSum { sum, count, .. }] => {
+                assert_eq!(
+                    *count,
+                    n as usize - gone[0].len() - gone[1].len() - gone[2].len()
+                );
+                // After a restart in the aggregating phase the same sum comes back.
+                assert!(
+                    matches!(e.pending_aggregation(), Some(Action::AggregateSum { sum: s, .. }) if s == *sum)
+                );
+                (Some(sum.clone()), plain)
+            }
+            [Action::RoundAbandoned { .. }, ..] => (None, plain),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_secure_round_unmasks_exactly_the_sum_with_dropouts_at_every_phase() {
+        let (sum, plain) = secure_round(12, [&[], &[], &[], &[]], false);
+        assert_eq!(sum.unwrap(), plain);
+        // Dropouts at each phase (12 devices: 8 neighbours each... k = 10 capped at 11, t = 6).
+        for gone in [
+            [&[3u8][..], &[], &[], &[]],
+            [&[], &[4u8][..], &[], &[]],
+            [&[], &[], &[5u8, 6][..], &[]],
+            [&[], &[], &[], &[7u8, 8][..]],
+            [&[1u8][..], &[2u8][..], &[3u8][..], &[4u8][..]],
+        ] {
+            for restart in [false, true] {
+                let (sum, plain) = secure_round(12, gone, restart);
+                assert_eq!(sum.unwrap(), plain, "{gone:?}, restart {restart}");
+            }
+        }
+        // Too few survivors: the round is abandoned, nothing is unmasked.
+        let many: Vec<u8> = (0..7).collect();
+        assert_eq!(secure_round(12, [&[], &[], &many, &[]], false).0, None);
+        assert_eq!(secure_round(12, [&[], &[], &[], &many], true).0, None);
+        assert_eq!(secure_round(12, [&many, &[], &[], &[]], false).0, None);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! - [`strategy`]: aggregation rules behind one trait (FedAvg family, server optimizers, robust rules,
 //!   norm bounding, DP-FedAvg);
-//! - [`engine`]: the sans-IO round engine (events in, actions out, explicit time);
+//! - [`engine`]: the sans-IO round engine (events in, actions out, explicit time); [`secagg`]: its
+//!   secure-aggregation phases (SecAgg+ server, settings, per-phase deadlines);
 //! - [`store`]: durable state in sled (clients, tokens, rounds, updates, models, ledger);
 //! - [`failpoint`]: named crash points for the SIGKILL recovery test (shared with the device binary);
 //! - [`status`]: the status document and metrics; [`http`]: the live status page and `/metrics`;
@@ -16,6 +17,7 @@ pub mod engine;
 pub use starling_cli::failpoint;
 pub mod http;
 pub mod ops;
+pub mod secagg;
 pub mod service;
 pub mod status;
 pub mod store;

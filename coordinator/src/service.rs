@@ -17,18 +17,21 @@ use starling_privacy::{Budget, DpEvent, Ledger, LedgerScope, NoisePlacement};
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
 use starling_protocol::message::{
     Ack, BlobKind, Decline, DpSgdTask, DpTask, Enrol, ErrorCode, ErrorReply, LoraSpec, Message,
-    NoTask, Task, TrainParams,
+    NoTask, SecAggRequest, SecAggTask, Task, TrainParams,
 };
 use starling_protocol::update::{adapter_bytes, adapter_values, decode_update, UpdateLimits};
 use starling_protocol::{
     AdapterSchema, Digest, Encoding, EnrolmentToken, Fingerprint, ModelVersion, RoundId,
     SigningIdentity, UpdateId,
 };
+use starling_secagg::RoundParams;
 use starling_transport::server::EnrolmentLimits;
 use starling_transport::{Access, Authorizer, Handler, Limits, Request, Response, Server};
 
 use crate::config::{CoordinatorConfig, DpPlacement, UpdateEncoding};
-use crate::engine::{Action, Engine, RoundRecord, TaskDecision, UpdateCheck, UpdateMeta};
+use crate::engine::{
+    Action, Engine, EngineError, RoundRecord, TaskDecision, UpdateCheck, UpdateMeta,
+};
 use crate::status::{bump, Metrics};
 use crate::store::{manifest_body, ClientStatus, PublishedModel, RoundCharge, Store, StoredUpdate};
 use crate::strategy::{self, ClientUpdate, DpFedAvg, Strategy};
@@ -175,6 +178,34 @@ pub fn read_key(path: &Path) -> Result<SigningIdentity, ServiceError> {
     SigningIdentity::from_pkcs8_der(&der).map_err(|e| key(e.to_string()))
 }
 
+/// What a round's aggregation starts from.
+enum RoundInput {
+    /// The decoded deltas (with their FedAvg weights) and the sum of their training losses.
+    Updates {
+        /// (examples, delta) per update.
+        deltas: Vec<(u64, Vec<f32>)>,
+        /// Σ training loss.
+        loss: f64,
+    },
+    /// A secure round's unmasked sum of `count` deltas.
+    Sum {
+        /// The decoded sum.
+        sum: Vec<f32>,
+        /// Devices in it.
+        count: usize,
+    },
+}
+
+impl RoundInput {
+    /// Devices behind it.
+    fn count(&self) -> usize {
+        match self {
+            RoundInput::Updates { deltas, .. } => deltas.len(),
+            RoundInput::Sum { count, .. } => *count,
+        }
+    }
+}
+
 fn build_strategy(
     cfg: &CoordinatorConfig,
     expected_clients: f64,
@@ -249,6 +280,17 @@ impl Coordinator {
             store.next_round()?,
             store.completed()?,
         )?;
+        if cfg.secure_aggregation.enabled {
+            let cohort = match cfg.rounds.selection {
+                crate::engine::Selection::Count(m) => m,
+                crate::engine::Selection::Fraction(_) => cfg.rounds.min_clients,
+            };
+            engine = engine.with_secure_aggregation(
+                cfg.secure_aggregation.clone(),
+                schema.num_params(),
+                cohort,
+            )?;
+        }
         let expected = match cfg.rounds.selection {
             crate::engine::Selection::Count(m) => m as f64,
             crate::engine::Selection::Fraction(_) => cfg.rounds.min_clients as f64,
@@ -288,8 +330,17 @@ impl Coordinator {
                 .into_iter()
                 .map(|u| u.meta)
                 .collect();
+            let secagg = if cfg.secure_aggregation.enabled {
+                store.secagg(round.id)?
+            } else {
+                None
+            };
             tracing::info!(round = round.id.0, updates = stored.len(), "resuming round");
-            engine.resume(round, &stored)?;
+            engine.resume(round, &stored, secagg)?;
+            // A secure round that had no stored state yet gets its fresh one on disk now.
+            if let Some((id, state)) = engine.secagg() {
+                store.put_secagg(id, state)?;
+            }
         }
         Ok(Self {
             base_digest: m0.base_digest,
@@ -364,6 +415,7 @@ impl Coordinator {
             match action {
                 Action::RoundStarted(r) => {
                     self.store.put_round(&r)?;
+                    self.persist_secagg(&inner)?;
                     tracing::info!(
                         round = r.id.0,
                         selected = r.selected.len(),
@@ -371,10 +423,36 @@ impl Coordinator {
                         "round started"
                     );
                 }
-                Action::Aggregate { round, updates } => {
+                Action::SecAggPhase { round, phase } => {
+                    self.persist_secagg(&inner)?;
+                    tracing::info!(round = round.0, ?phase, "secure aggregation phase");
+                }
+                Action::Aggregate { .. } | Action::AggregateSum { .. } => {
+                    let (round, input) = match action {
+                        Action::Aggregate { round, updates } => {
+                            let input = self.decode_updates(&round, &updates)?;
+                            (round, input)
+                        }
+                        Action::AggregateSum {
+                            round,
+                            sum,
+                            count,
+                            params,
+                        } => {
+                            let encoding = self
+                                .cfg
+                                .secure_aggregation
+                                .encoding(params.clients)
+                                .map_err(|e| ServiceError::State(e.to_string()))?;
+                            let sum = encoding.decode_sum(&sum, params.bits);
+                            (round, RoundInput::Sum { sum, count })
+                        }
+                        _ => continue,
+                    };
                     self.store.put_round(&round)?;
+                    let updates = input.count();
                     let started = std::time::Instant::now();
-                    match self.aggregate(&mut inner, &round, &updates, now) {
+                    match self.aggregate(&mut inner, &round, input, now) {
                         Ok(version) => {
                             crate::failpoint::hit("published");
                             self.metrics.last_aggregation_us.store(
@@ -386,7 +464,7 @@ impl Coordinator {
                             tracing::info!(
                                 round = round.id.0,
                                 version = version.0,
-                                updates = updates.len(),
+                                updates,
                                 "published"
                             );
                         }
@@ -405,6 +483,9 @@ impl Coordinator {
                         received,
                         "round abandoned: too few updates"
                     );
+                    if inner.engine.current().is_some_and(|r| r.id == round) {
+                        inner.engine.abandon(round)?;
+                    }
                     bump(&self.metrics.rounds_abandoned);
                     self.store.close_round()?;
                     self.store.prune_updates(round)?;
@@ -415,13 +496,20 @@ impl Coordinator {
         Ok(inner.engine.finished())
     }
 
-    fn aggregate(
+    /// Persists the open secure round's state (flushed), if there is one.
+    fn persist_secagg(&self, inner: &Inner) -> Result<(), ServiceError> {
+        if let Some((id, state)) = inner.engine.secagg() {
+            self.store.put_secagg(id, state)?;
+        }
+        Ok(())
+    }
+
+    /// The stored updates `ids` of `round`, decoded.
+    fn decode_updates(
         &self,
-        inner: &mut Inner,
         round: &RoundRecord,
         ids: &[UpdateId],
-        now: u64,
-    ) -> Result<ModelVersion, ServiceError> {
+    ) -> Result<RoundInput, ServiceError> {
         let stored = self.store.updates(round.id)?;
         let mut deltas = Vec::with_capacity(ids.len());
         let mut loss = 0f64;
@@ -438,20 +526,35 @@ impl Coordinator {
                 ids.len()
             )));
         }
+        Ok(RoundInput::Updates { deltas, loss })
+    }
+
+    fn aggregate(
+        &self,
+        inner: &mut Inner,
+        round: &RoundRecord,
+        input: RoundInput,
+        now: u64,
+    ) -> Result<ModelVersion, ServiceError> {
         // Privacy first: a round that would exceed the budget is refused before anything is computed.
         let sampling_rate = round.selected.len() as f64 / round.eligible.max(1) as f64;
         let eff = self.effective_multiplier();
         if let Some(l) = &inner.ledger {
             l.check(DpEvent::new(sampling_rate.min(1.0), eff, 1)?)?;
         }
-        let views: Vec<ClientUpdate<'_>> = deltas
-            .iter()
-            .map(|(n, d)| ClientUpdate {
-                num_examples: *n,
-                delta: d,
-            })
-            .collect();
-        let step = inner.strategy.aggregate(&views)?;
+        let step = match &input {
+            RoundInput::Updates { deltas, .. } => {
+                let views: Vec<ClientUpdate<'_>> = deltas
+                    .iter()
+                    .map(|(n, d)| ClientUpdate {
+                        num_examples: *n,
+                        delta: d,
+                    })
+                    .collect();
+                inner.strategy.aggregate(&views)?
+            }
+            RoundInput::Sum { sum, count } => inner.strategy.aggregate_sum(sum, *count)?,
+        };
         crate::failpoint::hit("aggregated");
         let parent = self
             .store
@@ -520,8 +623,13 @@ impl Coordinator {
             sampling_rate: charge_event.map_or(sampling_rate, |(e, _)| e.sampling_rate),
             noise_multiplier: charge_event.map_or(0.0, |(e, _)| e.noise_multiplier),
             epsilon_after: charge_event.map_or(0.0, |(_, eps)| eps),
-            mean_train_loss: (loss / deltas.len().max(1) as f64) as f32,
-            updates: deltas.len() as u32,
+            mean_train_loss: match &input {
+                RoundInput::Updates { deltas, loss } => (loss / deltas.len().max(1) as f64) as f32,
+                // Secure rounds: the devices' losses are not collected (they would be one more
+                // per-device signal); recorded as 0.
+                RoundInput::Sum { .. } => 0.0,
+            },
+            updates: input.count() as u32,
         };
         let model = PublishedModel {
             manifest: manifest.sign(&self.signing),
@@ -555,7 +663,14 @@ impl Coordinator {
         }
     }
 
-    fn task_for(&self, round: RoundId, version: ModelVersion, deadline: u64, mu: f32) -> Response {
+    fn task_for(
+        &self,
+        round: RoundId,
+        version: ModelVersion,
+        deadline: u64,
+        mu: f32,
+        secagg: Option<(RoundParams, u32)>,
+    ) -> Response {
         let Ok(Some(model)) = self.store.model(version) else {
             return Response::error(ErrorCode::Internal, "model version missing");
         };
@@ -615,7 +730,40 @@ impl Coordinator {
                 },
             },
             max_update_bytes: t.max_update_bytes,
+            secagg: secagg.map(|(params, id)| SecAggTask {
+                params,
+                id,
+                clip_bits: self.cfg.secure_aggregation.clip.to_bits(),
+                value_bits: self.cfg.secure_aggregation.value_bits,
+            }),
         })))
+    }
+
+    /// A device's secure-aggregation step: the state is persisted before the answer leaves.
+    fn secagg(&self, client: Fingerprint, request: SecAggRequest, now: u64) -> Response {
+        let mut inner = self.lock();
+        match inner
+            .engine
+            .secagg_step(client, request.round, request.step, now)
+        {
+            Ok(outcome) => {
+                if outcome.changed {
+                    if let Err(e) = self.persist_secagg(&inner) {
+                        tracing::error!("storing the secure-aggregation state: {e}");
+                        return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+                    }
+                }
+                Response::Message(Message::SecAggReply(Box::new(outcome.reply)))
+            }
+            Err(e) => {
+                use crate::engine::EngineError as E;
+                let code = match e {
+                    E::LateUpdate { .. } => ErrorCode::LateUpdate,
+                    _ => ErrorCode::BadRequest,
+                };
+                Response::error(code, e.to_string())
+            }
+        }
     }
 
     fn upload(
@@ -650,8 +798,28 @@ impl Coordinator {
             }
         }
         let mut inner = self.lock();
-        match inner.engine.check_update(&meta, now) {
+        let checked = if inner.engine.secagg().is_some() {
+            // A masked input: added to the round's masked sum, which is stored before the ack; the
+            // input itself is never stored.
+            inner.engine.record_masked(&meta, &body, now).and_then(|c| {
+                if c == UpdateCheck::New {
+                    self.persist_secagg(&inner)
+                        .map_err(|e| EngineError::Misuse(e.to_string()))?;
+                }
+                Ok(c)
+            })
+        } else {
+            inner.engine.check_update(&meta, now)
+        };
+        match checked {
             Ok(UpdateCheck::Duplicate) => return ack(true),
+            Ok(UpdateCheck::New) if inner.engine.secagg().is_some() => {
+                bump(&self.metrics.updates_accepted);
+                self.metrics
+                    .upload_bytes
+                    .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                return ack(false);
+            }
             Ok(UpdateCheck::New) => {}
             Err(e) => {
                 use crate::engine::EngineError as E;
@@ -833,9 +1001,10 @@ impl Handler for Coordinator {
                         round,
                         model_version,
                         deadline,
+                        secagg,
                     } => {
                         bump(&self.metrics.tasks_offered);
-                        self.task_for(round, model_version, deadline, mu)
+                        self.task_for(round, model_version, deadline, mu, secagg)
                     }
                     TaskDecision::NoTask {
                         retry_after_ms,
@@ -868,6 +1037,7 @@ impl Handler for Coordinator {
                 },
             },
             Request::Decline(d) => self.decline(client, &d, now),
+            Request::SecAgg(r) => self.secagg(client, *r, now),
             Request::Upload { header, body } => {
                 self.lock().engine.client_seen(client, now);
                 self.upload(client, &header, body)

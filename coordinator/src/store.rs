@@ -19,6 +19,7 @@ use starling_protocol::{
 };
 
 use crate::engine::{RoundRecord, UpdateMeta};
+use crate::secagg::SecAggRound;
 use crate::strategy::StrategyState;
 
 /// Storage format version written at creation and checked at open.
@@ -344,8 +345,28 @@ impl Store {
 
     /// Closes the current round without a model (abandoned), flushed.
     pub fn close_round(&self) -> Result<(), StoreError> {
-        self.meta.remove("current_round")?;
+        self.meta.transaction(|meta| {
+            meta.remove("current_round")?;
+            meta.remove("secagg")?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
         self.flush()
+    }
+
+    /// Stores the open round's secure-aggregation state (flushed) — call after every change and before
+    /// answering the device whose message changed it.
+    pub fn put_secagg(&self, round: RoundId, state: &SecAggRound) -> Result<(), StoreError> {
+        self.meta.insert("secagg", encode(&(round, state)))?;
+        self.flush()
+    }
+
+    /// The secure-aggregation state stored for `round`, if any.
+    pub fn secagg(&self, round: RoundId) -> Result<Option<SecAggRound>, StoreError> {
+        let Some(raw) = self.meta.get("secagg")? else {
+            return Ok(None);
+        };
+        let (r, state): (RoundId, SecAggRound) = decode(&raw, "secure-aggregation state")?;
+        Ok((r == round).then_some(state))
     }
 
     /// The first unused round id.
@@ -435,6 +456,7 @@ impl Store {
                 let completed = meta.get("completed")?.map_or(0, |v| be_u64(&v)) + 1;
                 meta.insert("completed", &completed.to_be_bytes())?;
                 meta.remove("current_round")?;
+                meta.remove("secagg")?;
             }
             Ok(())
         })?;

@@ -73,6 +73,7 @@ fn task(round: u64, m: SignedManifest, dp_sgd: Option<DpSgdTask>) -> Box<Task> {
         },
         encoding: Encoding::F32,
         max_update_bytes: 1 << 20,
+        secagg: None,
     })
 }
 

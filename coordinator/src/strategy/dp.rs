@@ -100,7 +100,27 @@ impl Strategy for DpFedAvg {
                 delta: c,
             })
             .collect();
-        let mut sum = weighted_sum(&views, &vec![1.0; views.len()])?;
+        let sum = weighted_sum(&views, &vec![1.0; views.len()])?;
+        self.noise_and_scale(sum, n)
+    }
+
+    fn linear(&self) -> bool {
+        true
+    }
+
+    /// With secure aggregation the devices clipped their deltas (the task's `update_clip`); the sum
+    /// gets the same noise and the same fixed denominator.
+    fn aggregate_sum(&mut self, sum: &[f32], count: usize) -> Result<Vec<f32>, AggregateError> {
+        if count == 0 {
+            return Err(AggregateError::Empty);
+        }
+        self.noise_and_scale(sum.to_vec(), sum.len())
+    }
+}
+
+impl DpFedAvg {
+    /// Adds the central noise (if any) to the clipped sum and divides by the expected cohort.
+    fn noise_and_scale(&mut self, mut sum: Vec<f32>, n: usize) -> Result<Vec<f32>, AggregateError> {
         if self.placement == NoisePlacement::Central && self.noise_multiplier > 0.0 {
             let mech = GaussianMechanism::with_multiplier(self.clip, self.noise_multiplier, n)?;
             match self.simulation_key {

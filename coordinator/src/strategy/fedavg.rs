@@ -48,6 +48,10 @@ impl Strategy for FedAvg {
         self.mu
     }
 
+    fn linear(&self) -> bool {
+        true
+    }
+
     fn aggregate(&mut self, updates: &[ClientUpdate<'_>]) -> Result<Vec<f32>, AggregateError> {
         let mut avg = weighted_mean(updates)?;
         if self.server_lr != 1.0 {
@@ -86,6 +90,10 @@ impl FedAvgM {
 impl Strategy for FedAvgM {
     fn name(&self) -> String {
         format!("fedavgm(beta={})", self.beta)
+    }
+
+    fn linear(&self) -> bool {
+        true
     }
 
     fn aggregate(&mut self, updates: &[ClientUpdate<'_>]) -> Result<Vec<f32>, AggregateError> {

@@ -76,6 +76,10 @@ impl Strategy for FedOpt {
         )
     }
 
+    fn linear(&self) -> bool {
+        true
+    }
+
     fn aggregate(&mut self, updates: &[ClientUpdate<'_>]) -> Result<Vec<f32>, AggregateError> {
         let n = check(updates)?;
         let d = weighted_mean(updates)?;

@@ -98,6 +98,29 @@ pub trait Strategy: Send {
     }
     /// The step to add to the global adapter for this round's updates.
     fn aggregate(&mut self, updates: &[ClientUpdate<'_>]) -> Result<Vec<f32>, AggregateError>;
+    /// Whether the rule needs only the sum of the deltas, so it composes with secure aggregation (the
+    /// coordinator never sees one delta alone): the FedAvg family, the server optimizers, DP-FedAvg.
+    fn linear(&self) -> bool {
+        false
+    }
+    /// The step for a round of which only the sum of `count` deltas is known (secure aggregation:
+    /// every device weighs the same). A linear rule sees it as one update, their mean.
+    fn aggregate_sum(&mut self, sum: &[f32], count: usize) -> Result<Vec<f32>, AggregateError> {
+        if !self.linear() {
+            return Err(AggregateError::InvalidParameter(format!(
+                "{} needs every update, not only their sum",
+                self.name()
+            )));
+        }
+        if count == 0 {
+            return Err(AggregateError::Empty);
+        }
+        let mean: Vec<f32> = sum.iter().map(|x| x / count as f32).collect();
+        self.aggregate(&[ClientUpdate {
+            num_examples: 1,
+            delta: &mean,
+        }])
+    }
     /// State to persist after a round.
     fn state(&self) -> StrategyState {
         StrategyState::default()

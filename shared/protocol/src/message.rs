@@ -5,8 +5,9 @@
 //! typed error ([`ProtocolError::UnsupportedVersion`], [`ProtocolError::UnknownMessageKind`]) and not a
 //! generic decode failure. Exchanges (each on its own bidirectional QUIC stream):
 //! `Hello → Welcome`, `Enrol → Enrolled`, `TaskRequest → Task | NoTask`, `ManifestRequest → Manifest`,
-//! `ModelFetch → Blob + bytes`, `Upload + bytes → Ack`, `Decline → NoTask`; any request may be answered by
-//! `Error`; `Goodbye` ends a session. What must never live here: I/O or round logic.
+//! `ModelFetch → Blob + bytes`, `Upload + bytes → Ack`, `Decline → NoTask`, `SecAgg → SecAggReply` (the
+//! secure-aggregation steps of a round; the masked input itself travels as an `Upload`); any request may be
+//! answered by `Error`; `Goodbye` ends a session. What must never live here: I/O or round logic.
 
 use crate::bulk::BulkHeader;
 use crate::identity::Fingerprint;
@@ -16,6 +17,8 @@ use crate::manifest::{DpMode, DpRecord, Manifest};
 use crate::update::Encoding;
 use crate::update::{AdapterSchema, TensorSpec};
 use crate::{codec, Digest, ModelVersion, ProtocolError, RoundId, UpdateId};
+use starling_secagg::protocol::EncryptedShares;
+use starling_secagg::{PublicKeys, Reveal, RoundParams};
 
 /// The protocol version this build speaks natively.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -139,6 +142,86 @@ pub struct Task {
     pub encoding: Encoding,
     /// Largest encoded update the coordinator accepts.
     pub max_update_bytes: u64,
+    /// Secure aggregation: when set, the update is encoded as integers, masked and summed (SecAgg+), and
+    /// the coordinator never sees it alone.
+    pub secagg: Option<SecAggTask>,
+}
+
+/// A device's part in a round's secure aggregation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SecAggTask {
+    /// The round's parameters (roster size, neighbours, threshold, graph seed, words, modulus bits).
+    pub params: RoundParams,
+    /// This device's index in the roster.
+    pub id: u32,
+    /// Integer encoding: each delta value is clipped to `[-clip, clip]` (`clip` as f32 bits, so the
+    /// struct stays `Eq`) and scaled to `2^value_bits` steps per `clip`.
+    pub clip_bits: u32,
+    /// Steps per `clip` as a power of two.
+    pub value_bits: u32,
+}
+
+impl SecAggTask {
+    /// The clip bound as a float.
+    pub fn clip(&self) -> f32 {
+        f32::from_bits(self.clip_bits)
+    }
+}
+
+/// Largest neighbourhood a secure-aggregation message may describe (the graph's degree limit).
+pub const MAX_SECAGG_NEIGHBOURS: usize = 255;
+/// Largest roster a secure-aggregation message may name.
+pub const MAX_SECAGG_CLIENTS: usize = starling_secagg::graph::MAX_CLIENTS;
+
+/// One step of a device in a round's secure aggregation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum SecAggStep {
+    /// Phase 1: the device's public keys.
+    Keys(PublicKeys),
+    /// "What now?": answered with what the device's next phase needs, or `Wait`.
+    Next,
+    /// Phase 2: the device's encrypted shares, one message per neighbour.
+    Shares(Vec<EncryptedShares>),
+    /// Phase 4: the shares the unmasking request asked for.
+    Reveals(Vec<Reveal>),
+}
+
+/// A secure-aggregation step for a round (answered by [`SecAggReply`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SecAggRequest {
+    /// The round.
+    pub round: RoundId,
+    /// The step.
+    pub step: SecAggStep,
+}
+
+/// The coordinator's answer to a [`SecAggRequest`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum SecAggReply {
+    /// Taken; the phase is still open: ask `Next` after this long.
+    Wait {
+        /// Milliseconds.
+        retry_after_ms: u64,
+    },
+    /// Phase 1 closed: the public keys of the device's neighbours that advertised.
+    Roster(Vec<(u32, PublicKeys)>),
+    /// Phase 2 closed: the shares the device's neighbours encrypted to it; send the masked input.
+    Mailbox(Vec<EncryptedShares>),
+    /// Phase 3 closed: reveal shares of the dropped clients' mask keys and the reporting clients'
+    /// self-mask seeds.
+    Unmask {
+        /// Clients that shared keys but sent no masked input.
+        dropped: Vec<u32>,
+        /// Clients whose masked input is in the sum.
+        reported: Vec<u32>,
+    },
+    /// The device's part in the round is over.
+    Done,
+    /// The device is out of this round's aggregation (it missed a phase, or the round was abandoned).
+    Excluded {
+        /// Why, for logs.
+        reason: String,
+    },
 }
 
 /// No work now.
@@ -310,6 +393,10 @@ pub enum Message {
     Goodbye(Goodbye),
     /// Client declines a round's task.
     Decline(Decline),
+    /// A secure-aggregation step.
+    SecAgg(Box<SecAggRequest>),
+    /// The answer to a secure-aggregation step.
+    SecAggReply(Box<SecAggReply>),
 }
 
 macro_rules! kinds {
@@ -342,7 +429,7 @@ macro_rules! kinds {
 kinds! {
     Hello = 1, Welcome = 2, Enrol = 3, Enrolled = 4, TaskRequest = 5, Task = 6, NoTask = 7,
     ManifestRequest = 8, Manifest = 9, ModelFetch = 10, Blob = 11, Upload = 12, Ack = 13, Error = 14,
-    Goodbye = 15, Decline = 16,
+    Goodbye = 15, Decline = 16, SecAgg = 17, SecAggReply = 18,
 }
 
 impl Message {
@@ -428,6 +515,24 @@ impl Message {
             {
                 bad("task parameters must be finite and in range")
             }
+            Message::Task(t)
+                if t.secagg.as_ref().is_some_and(|a| {
+                    !(a.clip().is_finite()
+                        && a.clip() > 0.0
+                        && (1..=30).contains(&a.value_bits)
+                        && (a.id as usize) < a.params.clients
+                        && a.params.clients <= MAX_SECAGG_CLIENTS
+                        && a.params.graph().is_ok())
+                }) =>
+            {
+                bad("task secure-aggregation settings out of range")
+            }
+            Message::SecAgg(r) if !secagg_step_in_bounds(&r.step) => {
+                bad("secure-aggregation step out of bounds")
+            }
+            Message::SecAggReply(r) if !secagg_reply_in_bounds(r) => {
+                bad("secure-aggregation reply out of bounds")
+            }
             Message::Upload(u)
                 if !(u.metrics.train_loss.is_finite()
                     && u.metrics.epsilon_spent.is_finite()
@@ -437,6 +542,38 @@ impl Message {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// Whether a device's step stays within what one neighbourhood can hold.
+fn secagg_step_in_bounds(step: &SecAggStep) -> bool {
+    match step {
+        SecAggStep::Keys(_) | SecAggStep::Next => true,
+        SecAggStep::Shares(m) => {
+            m.len() <= MAX_SECAGG_NEIGHBOURS
+                && m.iter()
+                    .all(|e| e.ciphertext.len() == starling_secagg::protocol::SHARES_CIPHERTEXT_LEN)
+        }
+        SecAggStep::Reveals(r) => {
+            r.len() <= MAX_SECAGG_NEIGHBOURS && r.iter().all(|r| r.share.y.len() == 32)
+        }
+    }
+}
+
+/// Whether a coordinator's answer stays within one neighbourhood or one roster.
+fn secagg_reply_in_bounds(reply: &SecAggReply) -> bool {
+    match reply {
+        SecAggReply::Roster(r) => r.len() <= MAX_SECAGG_NEIGHBOURS,
+        SecAggReply::Mailbox(m) => {
+            m.len() <= MAX_SECAGG_NEIGHBOURS
+                && m.iter()
+                    .all(|e| e.ciphertext.len() == starling_secagg::protocol::SHARES_CIPHERTEXT_LEN)
+        }
+        SecAggReply::Unmask { dropped, reported } => {
+            dropped.len() + reported.len() <= MAX_SECAGG_CLIENTS
+        }
+        SecAggReply::Excluded { reason } => reason.len() <= MAX_TEXT,
+        SecAggReply::Wait { .. } | SecAggReply::Done => true,
     }
 }
 
@@ -528,6 +665,20 @@ pub fn examples() -> Vec<Message> {
             },
             encoding: Encoding::Int8 { block: 64 },
             max_update_bytes: 1 << 20,
+            secagg: Some(SecAggTask {
+                params: RoundParams {
+                    round: 4,
+                    clients: 3,
+                    neighbours: 2,
+                    threshold: 2,
+                    graph_seed: [5; 32],
+                    len: 6,
+                    bits: 12,
+                },
+                id: 1,
+                clip_bits: 0.5f32.to_bits(),
+                value_bits: 7,
+            }),
         })),
         Message::NoTask(NoTask {
             retry_after_ms: 500,
@@ -569,6 +720,18 @@ pub fn examples() -> Vec<Message> {
             code: ErrorCode::BudgetExhausted,
             reason: "device ε budget".into(),
         }),
+        Message::SecAgg(Box::new(SecAggRequest {
+            round: RoundId(4),
+            step: SecAggStep::Shares(vec![EncryptedShares {
+                from: 1,
+                to: 2,
+                ciphertext: vec![7; starling_secagg::protocol::SHARES_CIPHERTEXT_LEN],
+            }]),
+        })),
+        Message::SecAggReply(Box::new(SecAggReply::Unmask {
+            dropped: vec![0],
+            reported: vec![1, 2],
+        })),
     ]
 }
 
@@ -579,7 +742,7 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         let all = examples();
-        assert_eq!(all.len(), 16);
+        assert_eq!(all.len(), 18);
         for m in all {
             let bytes = m.encode();
             assert_eq!(Message::decode(&bytes).unwrap(), m, "{}", m.kind_name());

@@ -176,7 +176,7 @@ fn aead(key: &[u8; 32]) -> Result<LessSafeKey, SecAggError> {
 }
 
 /// Bytes of one encrypted share message: abscissa, two 32-byte shares, the 16-byte tag.
-const SHARES_CIPHERTEXT_LEN: usize = 1 + 32 + 32 + 16;
+pub const SHARES_CIPHERTEXT_LEN: usize = 1 + 32 + 32 + 16;
 
 /// The abscissa a client's shares carry for its `j`-th neighbour.
 fn abscissa(neighbours: &[ClientId], to: ClientId) -> Option<u8> {
@@ -544,6 +544,26 @@ impl Server {
         }
         self.keys.insert(id, keys);
         Ok(())
+    }
+
+    /// The round's parameters.
+    pub fn params(&self) -> &RoundParams {
+        &self.params
+    }
+
+    /// A client's neighbours in the round's graph (empty for an id outside the roster).
+    pub fn neighbours(&self, id: ClientId) -> Vec<ClientId> {
+        self.graph.of(id)
+    }
+
+    /// Whether a client's shares were taken.
+    pub fn has_shared(&self, id: ClientId) -> bool {
+        self.shared.contains(&id)
+    }
+
+    /// Whether a client's masked input is in the sum.
+    pub fn has_reported(&self, id: ClientId) -> bool {
+        self.reported.contains(&id)
     }
 
     /// The keys advertised so far (what every client gets at the end of phase 1).

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use quinn::{Connection, Endpoint, VarInt};
 use starling_protocol::message::{
-    Ack, BlobKind, Decline, Enrol, Goodbye, Hello, ManifestRequest, ModelFetch, NoTask, Task,
-    TaskRequest, Upload, Welcome, SUPPORTED_VERSIONS,
+    Ack, BlobKind, Decline, Enrol, Goodbye, Hello, ManifestRequest, ModelFetch, NoTask,
+    SecAggReply, SecAggRequest, Task, TaskRequest, Upload, Welcome, SUPPORTED_VERSIONS,
 };
 use starling_protocol::{
     EnrolmentToken, Fingerprint, Message, ModelVersion, ProtocolError, SignedManifest,
@@ -408,6 +408,22 @@ impl Session {
         {
             Message::NoTask(n) => Ok(n),
             other => Err(unexpected("NoTask", &other)),
+        }
+    }
+
+    /// Sends one secure-aggregation step of a round; returns the coordinator's answer.
+    pub async fn secagg(&self, request: SecAggRequest) -> Result<SecAggReply, TransportError> {
+        match exchange(
+            &self.conn,
+            &self.limits,
+            &Message::SecAgg(Box::new(request)),
+            None,
+        )
+        .await?
+        .0
+        {
+            Message::SecAggReply(r) => Ok(*r),
+            other => Err(unexpected("SecAggReply", &other)),
         }
     }
 

@@ -19,7 +19,7 @@ use rustls::pki_types::CertificateDer;
 use starling_protocol::bulk::BulkHeader;
 use starling_protocol::message::{
     negotiate, Decline, Enrol, Enrolled, ErrorCode, ErrorReply, ManifestRequest, ModelFetch,
-    TaskRequest, Upload, Welcome,
+    SecAggRequest, TaskRequest, Upload, Welcome,
 };
 use starling_protocol::{Fingerprint, Message, ModelVersion, ProtocolError, SigningIdentity};
 use tokio::task::JoinHandle;
@@ -51,6 +51,8 @@ pub enum Request {
     Fetch(ModelFetch),
     /// The client declines a round's task (answered with `NoTask`).
     Decline(Decline),
+    /// A secure-aggregation step (answered with `SecAggReply`).
+    SecAgg(Box<SecAggRequest>),
     /// The client uploads an update (digest and size already verified).
     Upload {
         /// The announced header.
@@ -361,6 +363,7 @@ impl<H: Handler> Ctx<'_, H> {
             Message::ManifestRequest(r) => Request::Manifest(r),
             Message::ModelFetch(r) => Request::Fetch(r),
             Message::Decline(r) => Request::Decline(r),
+            Message::SecAgg(r) => Request::SecAgg(r),
             Message::Upload(header) => {
                 let body = read_bulk(recv, header.body, self.handler.max_upload_bytes()).await?;
                 Request::Upload { header, body }

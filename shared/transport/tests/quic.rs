@@ -91,6 +91,7 @@ impl Handler for App {
                 },
                 encoding: Encoding::Int8 { block: 64 },
                 max_update_bytes: 1 << 20,
+                secagg: None,
             }))),
             Request::Manifest(_) => Response::Message(Message::Manifest(self.manifest.clone())),
             Request::Fetch(f) if f.version == ModelVersion(1) && f.kind == BlobKind::Adapter => {
@@ -101,6 +102,7 @@ impl Handler for App {
                 retry_after_ms: 10,
                 reason: "declined".into(),
             })),
+            Request::SecAgg(_) => Response::error(ErrorCode::BadRequest, "no secure aggregation"),
             Request::Upload { header, body } => {
                 if header.schema != self.schema.hash() {
                     return Response::error(ErrorCode::SchemaMismatch, "wrong adapter schema");

@@ -1352,6 +1352,7 @@ fn baseline_task(scen: &Scenario, coord: &Coordinator) -> Result<Task, SimError>
         },
         encoding: Encoding::F32,
         max_update_bytes: u64::MAX,
+        secagg: None,
     })
 }
 
