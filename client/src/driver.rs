@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use starling_model::data::{text_files, TextData};
 use starling_model::{bundle, Llama, Tokenizer};
-use starling_protocol::message::{BlobKind, Decline, Task};
+use starling_protocol::message::{BlobKind, Decline, SecAggRequest, Task};
 use starling_protocol::{Digest, Manifest, UpdateId};
 use starling_transport::client::{refusal, TaskReply};
 use starling_transport::{Client, Limits, TransportError};
@@ -170,7 +170,9 @@ impl Runtime {
         let pin = self.cfg.pin().map_err(RunError::Config)?;
         let client = Client::new(&key, pin, addr, limits(&self.cfg))?
             .with_software(format!("starling-client {}", env!("CARGO_PKG_VERSION")));
-        let session = Session::new(self.session_config()?, self.dir.load_progress()?);
+        // Secure rounds' keys come from a fresh seed drawn from the OS-seeded CSPRNG at every start.
+        let session = Session::new(self.session_config()?, self.dir.load_progress()?)
+            .with_entropy(rand::random());
         let stop = self.stop.clone();
         tokio::pin!(shutdown);
         let work = self.drive(session, &client);
@@ -243,6 +245,9 @@ impl Runtime {
                         }
                     }
                     Action::CheckEligibility => events.push_back(self.eligibility().await),
+                    Action::Mask { round, state } => {
+                        events.push_back(self.mask(&session, round, &state));
+                    }
                     Action::Train {
                         task,
                         manifest,
@@ -312,6 +317,10 @@ impl Runtime {
                 }
                 Err(e) => e,
             },
+            Action::SecAgg { round, step } => match c.secagg(SecAggRequest { round, step }).await {
+                Ok(reply) => return Event::SecAgg(reply),
+                Err(e) => e,
+            },
             Action::Upload(p) => match self.upload(c, &p).await {
                 Ok(ev) => return ev,
                 Err(e) => e,
@@ -329,6 +338,36 @@ impl Runtime {
             }
         };
         transport_event(&reply)
+    }
+
+    /// Masks the pending update of a secure round in place (see [`Action::Mask`]).
+    fn mask(&self, session: &Session, round: u64, state: &starling_secagg::ClientState) -> Event {
+        let fail = |error: String| Event::MaskFailed { error };
+        let Some(p) = session
+            .progress()
+            .pending
+            .as_ref()
+            .filter(|p| p.round == round)
+        else {
+            return fail(format!("no pending update for round {round}"));
+        };
+        let path = self.dir.pending(round);
+        let body = match self.dir.read(&path, p.body_size) {
+            Ok(b) if Digest::of(&b).to_hex() == p.body_digest => b,
+            Ok(_) => return fail(format!("{} is not the encoded update", path.display())),
+            Err(e) => return fail(e.to_string()),
+        };
+        let masked = match crate::secure::mask_body(state, &body) {
+            Ok(m) => m,
+            Err(e) => return fail(e.to_string()),
+        };
+        if let Err(e) = crate::state::write_atomic(&path, &masked) {
+            return fail(e.to_string());
+        }
+        Event::Masked {
+            body_size: masked.len() as u64,
+            body_digest: Digest::of(&masked).to_hex(),
+        }
     }
 
     async fn upload(

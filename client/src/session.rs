@@ -14,17 +14,27 @@
 //! - a task that would take the device's example-level ε past its `max_epsilon` is declined, with a typed
 //!   reason the coordinator records; with a limit set, a task without DP-SGD is declined too;
 //! - a task outside the training window waits for the window; an ineligible device waits and asks again;
-//! - a revoked or unknown key, or an untrusted coordinator, stops the session with that error.
+//! - a revoked or unknown key, or an untrusted coordinator, stops the session with that error;
+//! - in a secure round (the task carries SecAgg+ parameters) the update never leaves in the clear: after
+//!   training the device advertises keys, shares its secrets with its neighbours, uploads its update
+//!   masked, and reveals only the shares a consistent unmasking request asks for (never both of one
+//!   peer's); every step's state is persisted before its message is sent, and re-sent unchanged after a
+//!   crash. A device excluded from a phase drops out of the round; the coordinator carries on without it.
 //!
 //! What must never live here: I/O of any kind, training itself, or protocol encoding.
 
+use rand::SeedableRng;
 use starling_privacy::{accountant, AccountantKind, DpEvent, GaussianMechanism};
 use starling_protocol::bulk::BulkHeader;
-use starling_protocol::message::{ErrorCode, Task, UpdateMetrics, Upload};
+use starling_protocol::message::{
+    ErrorCode, SecAggReply, SecAggStep, SecAggTask, Task, UpdateMetrics, Upload,
+};
 use starling_protocol::{
     from_hex, hex, Digest, Fingerprint, Manifest, ManifestVerifier, ModelVersion, RoundId,
     SignedManifest, UpdateId,
 };
+use starling_secagg::protocol::EncryptedShares;
+use starling_secagg::{Client as SecAggClient, ClientState, PublicKeys, Reveal};
 use starling_transport::backoff::Backoff;
 use starling_transport::client::Refusal;
 
@@ -131,6 +141,39 @@ pub struct ErrorNote {
     pub message: String,
 }
 
+/// Where a device stands in a secure round: what it must send next, or what it waits for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum SecAggStage {
+    /// Keys drawn: advertise them.
+    Advertise(PublicKeys),
+    /// Keys advertised: waiting for the neighbours' keys.
+    AwaitRoster,
+    /// Shares encrypted: send them (the same bytes after a crash).
+    Shares(Vec<EncryptedShares>),
+    /// Shares sent: waiting for the shares the neighbours sent this device.
+    AwaitMailbox,
+    /// Shares in: the driver masks the stored update.
+    Masking,
+    /// The masked update is stored: upload it.
+    Uploading,
+    /// Masked update acknowledged: waiting for the unmasking request.
+    AwaitUnmask,
+    /// Shares to reveal (recorded in the state, so a later request for the other kind is refused).
+    Reveals(Vec<Reveal>),
+}
+
+/// A device's secure round in progress.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SecAggProgress {
+    /// The round.
+    pub round: u64,
+    /// The protocol state: this device's secret keys, self-mask seed and the shares it holds for its
+    /// neighbours (it never leaves the device).
+    pub state: ClientState,
+    /// What comes next.
+    pub stage: SecAggStage,
+}
+
 /// Everything the session persists (the driver writes it on [`Action::Persist`]).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
@@ -154,6 +197,9 @@ pub struct Progress {
     pub declined_round: Option<u64>,
     /// The last error.
     pub last_error: Option<ErrorNote>,
+    /// The secure round in progress, if any.
+    #[serde(default)]
+    pub secagg: Option<SecAggProgress>,
 }
 
 impl Progress {
@@ -258,6 +304,20 @@ pub enum Event {
         /// Its message.
         message: String,
     },
+    /// The coordinator answered a secure-aggregation step.
+    SecAgg(SecAggReply),
+    /// The driver masked the pending update (its stored body is now the masked one).
+    Masked {
+        /// Size of the masked body.
+        body_size: u64,
+        /// SHA-256 (hex) of the masked body.
+        body_digest: String,
+    },
+    /// Masking the pending update failed.
+    MaskFailed {
+        /// What happened.
+        error: String,
+    },
     /// A wait the session asked for may be over.
     Timer,
     /// The device is shutting down (SIGTERM, Ctrl-C).
@@ -327,6 +387,21 @@ pub enum Action {
         /// Why, for the operator.
         reason: String,
     },
+    /// Send a secure-aggregation step; report the answer as [`Event::SecAgg`].
+    SecAgg {
+        /// The round.
+        round: RoundId,
+        /// The step.
+        step: SecAggStep,
+    },
+    /// Replace the pending update's stored body (it must still hash to the pending update's digest) by
+    /// its masked form ([`crate::secure::mask_body`] with this state), then report [`Event::Masked`].
+    Mask {
+        /// The round.
+        round: u64,
+        /// The device's protocol state, shares in.
+        state: Box<ClientState>,
+    },
     /// Send [`Event::Timer`] at this time (or earlier on shutdown).
     Wait {
         /// When.
@@ -347,6 +422,7 @@ enum Next {
     Connect,
     RequestTask,
     Upload,
+    SecAgg,
 }
 
 #[derive(Debug)]
@@ -366,8 +442,11 @@ enum Phase {
     },
     Training {
         event: Option<DpEvent>,
+        secagg: Option<SecAggTask>,
     },
     Uploading,
+    SecAgg,
+    Masking,
     Declining,
     Waiting {
         until: Millis,
@@ -384,6 +463,9 @@ pub struct Session {
     verifier: ManifestVerifier,
     backoff: Backoff,
     phase: Phase,
+    /// Randomness for secure rounds' keys and shares (from the OS on a device, from the seed in a
+    /// simulation); none: secure tasks are declined.
+    rng: Option<rand_chacha::ChaCha20Rng>,
 }
 
 impl Session {
@@ -404,7 +486,15 @@ impl Session {
             verifier,
             backoff,
             phase: Phase::Idle,
+            rng: None,
         }
+    }
+
+    /// Gives the session a source of secret randomness (secure rounds draw keys and shares from it):
+    /// a fresh OS seed at every start on a device, a seed-derived one in a simulation.
+    pub fn with_entropy(mut self, seed: [u8; 32]) -> Self {
+        self.rng = Some(rand_chacha::ChaCha20Rng::from_seed(seed));
+        self
     }
 
     /// What is persisted.
@@ -491,8 +581,32 @@ impl Session {
             Event::Connected { client_id } => {
                 self.backoff.reset();
                 self.progress.client_id = Some(client_id.to_hex());
-                self.upload_pending()
+                if self.progress.secagg.is_some() {
+                    self.secagg_continue()
+                } else {
+                    self.upload_pending()
+                }
             }
+            Event::SecAgg(reply) => self.secagg_reply(now, reply),
+            Event::Masked {
+                body_size,
+                body_digest,
+            } => {
+                let (Phase::Masking, Some(p), Some(sa)) = (
+                    &self.phase,
+                    self.progress.pending.as_mut(),
+                    self.progress.secagg.as_mut(),
+                ) else {
+                    return Vec::new();
+                };
+                p.body_size = body_size;
+                p.body_digest = body_digest;
+                sa.stage = SecAggStage::Uploading;
+                let mut a = vec![Action::Persist];
+                a.extend(self.upload_pending());
+                a
+            }
+            Event::MaskFailed { error } => self.secagg_drop(now, format!("masking: {error}")),
             Event::Disconnected { error, refusal } => self.disconnected(now, error, refusal),
             Event::Timer => match self.phase {
                 Phase::Waiting { until, then } if now >= until => match then {
@@ -502,6 +616,7 @@ impl Session {
                     }
                     Next::RequestTask => self.request_task(),
                     Next::Upload => self.upload_pending(),
+                    Next::SecAgg => self.secagg_continue(),
                 },
                 _ => Vec::new(),
             },
@@ -537,7 +652,10 @@ impl Session {
                         dp_sampling_rate,
                         event,
                     } if allowed => {
-                        self.phase = Phase::Training { event };
+                        self.phase = Phase::Training {
+                            event,
+                            secagg: task.secagg.clone(),
+                        };
                         vec![Action::Train {
                             task,
                             manifest,
@@ -570,7 +688,13 @@ impl Session {
                 self.progress.pending = None;
                 self.progress.rounds_joined.push(p.round);
                 let mut a = vec![Action::Persist, Action::DiscardPending { round: p.round }];
-                a.extend(self.request_task());
+                match self.progress.secagg.as_mut() {
+                    Some(sa) if sa.round == p.round => {
+                        sa.stage = SecAggStage::AwaitUnmask;
+                        a.extend(self.secagg_continue());
+                    }
+                    _ => a.extend(self.request_task()),
+                }
                 a
             }
             Event::Refused { code, message } => self.refused(now, code, message),
@@ -601,8 +725,15 @@ impl Session {
     }
 
     fn task_offered(&mut self, now: Millis, task: Box<Task>, local_minute: u16) -> Vec<Action> {
+        if self.progress.secagg.is_some() {
+            return self.secagg_continue();
+        }
         if self.progress.pending.is_some() {
             return self.upload_pending();
+        }
+        if task.secagg.is_some() && self.rng.is_none() {
+            let why = "a secure round needs a source of randomness this session was not given";
+            return self.decline(now, task.round, ErrorCode::Unavailable, why.into());
         }
         let round = task.round.0;
         if self.progress.trained_rounds.contains(&round)
@@ -782,7 +913,8 @@ impl Session {
     }
 
     fn trained(&mut self, now: Millis, mut update: PendingUpdate) -> Vec<Action> {
-        let Phase::Training { event } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Training { event, secagg } = std::mem::replace(&mut self.phase, Phase::Idle)
+        else {
             return Vec::new();
         };
         if let Some(ev) = event {
@@ -809,10 +941,171 @@ impl Session {
             "trained"
         );
         self.progress.trained_rounds.push(update.round);
+        let round = update.round;
         self.progress.pending = Some(update);
+        if let Some(sa) = secagg {
+            // Keys drawn and persisted before they are advertised.
+            let drawn = match self.rng.as_mut() {
+                Some(rng) => {
+                    SecAggClient::new(sa.params.clone(), sa.id, rng).map_err(|e| e.to_string())
+                }
+                None => Err("no source of randomness".into()),
+            };
+            return match drawn {
+                Ok((client, keys)) => {
+                    self.progress.secagg = Some(SecAggProgress {
+                        round,
+                        state: client.snapshot(),
+                        stage: SecAggStage::Advertise(keys),
+                    });
+                    let mut a = vec![Action::Persist];
+                    a.extend(self.secagg_continue());
+                    a
+                }
+                Err(e) => self.secagg_drop(now, format!("secure round {round}: {e}")),
+            };
+        }
         let mut a = vec![Action::Persist];
         a.extend(self.upload_pending());
         a
+    }
+
+    /// The next action of the secure round in progress, from its persisted stage.
+    fn secagg_continue(&mut self) -> Vec<Action> {
+        let Some(sa) = &self.progress.secagg else {
+            return self.request_task();
+        };
+        let round = RoundId(sa.round);
+        let step = match &sa.stage {
+            SecAggStage::Advertise(keys) => SecAggStep::Keys(*keys),
+            SecAggStage::AwaitRoster | SecAggStage::AwaitMailbox | SecAggStage::AwaitUnmask => {
+                SecAggStep::Next
+            }
+            SecAggStage::Shares(m) => SecAggStep::Shares(m.clone()),
+            SecAggStage::Reveals(r) => SecAggStep::Reveals(r.clone()),
+            SecAggStage::Masking => {
+                self.phase = Phase::Masking;
+                return vec![Action::Mask {
+                    round: sa.round,
+                    state: Box::new(sa.state.clone()),
+                }];
+            }
+            SecAggStage::Uploading => return self.upload_pending(),
+        };
+        self.phase = Phase::SecAgg;
+        vec![Action::SecAgg { round, step }]
+    }
+
+    /// Leaves the secure round in progress (excluded, refused, or a local failure): its pending update
+    /// is dropped — it never leaves unmasked — and the device asks for work again.
+    fn secagg_drop(&mut self, now: Millis, why: String) -> Vec<Action> {
+        self.note(now, format!("leaving the secure round: {why}"));
+        let round = self.progress.secagg.take().map(|s| s.round);
+        let mut a = vec![Action::Persist];
+        if let Some(p) = self
+            .progress
+            .pending
+            .take_if(|p| round.is_none_or(|r| r == p.round))
+        {
+            a.push(Action::DiscardPending { round: p.round });
+        }
+        a.extend(self.request_task());
+        a
+    }
+
+    /// The coordinator's answer to a secure-aggregation step.
+    fn secagg_reply(&mut self, now: Millis, reply: SecAggReply) -> Vec<Action> {
+        if !matches!(self.phase, Phase::SecAgg) {
+            return Vec::new();
+        }
+        let Some(sa) = self.progress.secagg.as_mut() else {
+            return self.request_task();
+        };
+        let round = sa.round;
+        let client = || SecAggClient::restore(sa.state.clone()).map_err(|e| e.to_string());
+        let next = match (&sa.stage, reply) {
+            (_, SecAggReply::Excluded { reason }) => {
+                return self.secagg_drop(now, format!("round {round}: {reason}"));
+            }
+            (_, SecAggReply::Done) => {
+                tracing::info!(round, "secure round done");
+                self.progress.secagg = None;
+                let mut a = vec![Action::Persist];
+                a.extend(self.request_task());
+                return a;
+            }
+            (SecAggStage::Advertise(_), SecAggReply::Wait { retry_after_ms }) => {
+                sa.stage = SecAggStage::AwaitRoster;
+                Ok((true, Some(retry_after_ms)))
+            }
+            (SecAggStage::Shares(_), SecAggReply::Wait { retry_after_ms }) => {
+                sa.stage = SecAggStage::AwaitMailbox;
+                Ok((true, Some(retry_after_ms)))
+            }
+            (
+                SecAggStage::AwaitRoster | SecAggStage::AwaitMailbox | SecAggStage::AwaitUnmask,
+                SecAggReply::Wait { retry_after_ms },
+            ) => Ok((false, Some(retry_after_ms))),
+            (SecAggStage::AwaitRoster, SecAggReply::Roster(roster)) => {
+                match (client(), self.rng.as_mut()) {
+                    (Ok(mut c), Some(rng)) => c
+                        .share_keys(&roster.into_iter().collect(), rng)
+                        .map(|shares| {
+                            sa.state = c.snapshot();
+                            sa.stage = SecAggStage::Shares(shares);
+                            (true, None)
+                        })
+                        .map_err(|e| e.to_string()),
+                    (Err(e), _) => Err(e),
+                    (_, None) => Err("no source of randomness".into()),
+                }
+            }
+            (SecAggStage::AwaitMailbox, SecAggReply::Mailbox(mail)) => {
+                client().and_then(|mut c| {
+                    c.receive_shares(&mail).map_err(|e| e.to_string())?;
+                    sa.state = c.snapshot();
+                    sa.stage = SecAggStage::Masking;
+                    Ok((true, None))
+                })
+            }
+            (SecAggStage::AwaitUnmask, SecAggReply::Unmask { dropped, reported }) => {
+                client().and_then(|mut c| {
+                    // The consistency check: a peer named twice, or asked the other kind of share
+                    // than before, is refused here and the device leaves the round.
+                    let reveals = c.unmask(&dropped, &reported).map_err(|e| e.to_string())?;
+                    sa.state = c.snapshot();
+                    sa.stage = SecAggStage::Reveals(reveals);
+                    Ok((true, None))
+                })
+            }
+            (stage, other) => Err(format!(
+                "unexpected answer {other:?} at stage {}",
+                match stage {
+                    SecAggStage::Advertise(_) => "advertise",
+                    SecAggStage::AwaitRoster => "await-roster",
+                    SecAggStage::Shares(_) => "shares",
+                    SecAggStage::AwaitMailbox => "await-mailbox",
+                    SecAggStage::Masking => "masking",
+                    SecAggStage::Uploading => "uploading",
+                    SecAggStage::AwaitUnmask => "await-unmask",
+                    SecAggStage::Reveals(_) => "reveals",
+                }
+            )),
+        };
+        match next {
+            Err(e) => self.secagg_drop(now, format!("round {round}: {e}")),
+            Ok((persist, wait)) => {
+                let mut a = Vec::new();
+                if persist {
+                    a.push(Action::Persist);
+                }
+                match wait {
+                    Some(ms) => a.push(self.wait(now.saturating_add(ms), Next::SecAgg)),
+                    None => a.extend(self.secagg_continue()),
+                }
+                a
+            }
+        }
     }
 
     fn refused(&mut self, now: Millis, code: ErrorCode, message: String) -> Vec<Action> {
@@ -828,7 +1121,9 @@ impl Session {
                     format!("coordinator busy ({code:?}: {message}); retrying"),
                 );
                 let delay = self.backoff.next_delay().as_millis() as u64;
-                let then = if matches!(self.phase, Phase::Uploading) {
+                let then = if self.progress.secagg.is_some() {
+                    Next::SecAgg
+                } else if matches!(self.phase, Phase::Uploading) {
                     Next::Upload
                 } else {
                     Next::RequestTask
@@ -836,6 +1131,9 @@ impl Session {
                 return vec![self.wait(now.saturating_add(delay), then)];
             }
             _ => {}
+        }
+        if self.progress.secagg.is_some() {
+            return self.secagg_drop(now, format!("refused: {code:?}: {message}"));
         }
         if matches!(self.phase, Phase::Uploading) {
             // The coordinator will never count this update (its round closed, or it is unusable): drop it.

@@ -219,7 +219,12 @@ pub fn train_task(
         (d, norm)
     };
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 0x0e1c_0de5);
-    let body = encode_update(schema, &delta, t.task.encoding, &mut rng)?;
+    let body = match &t.task.secagg {
+        // A secure round: integers the device masks once its neighbours' shares are in.
+        Some(sa) => crate::secure::encode_delta(sa, &delta, sequences as u64, &mut rng)
+            .map_err(|e| TrainError::Task(e.to_string()))?,
+        None => encode_update(schema, &delta, t.task.encoding, &mut rng)?,
+    };
     if body.len() as u64 > t.task.max_update_bytes {
         return Err(TrainError::Task(format!(
             "the encoded update ({} bytes) exceeds the coordinator's limit of {}",

@@ -294,10 +294,11 @@ impl CoordinatorConfig {
                     .into(),
             );
         };
-        if m < 3 || self.rounds.min_clients < m {
+        if m < 3 || self.rounds.min_clients < 3 {
             return Err(format!(
-                "secure_aggregation needs a cohort of at least 3 (a sum of two reveals each input to \
-                 the other) and rounds.min_clients ≥ the cohort {m}"
+                "secure_aggregation needs cohorts of at least 3 devices (a sum of two reveals each \
+                 input to the other): rounds.selection count {m} and rounds.min_clients {} must be ≥ 3",
+                self.rounds.min_clients
             ));
         }
         let linear = crate::strategy::build(&self.strategy)
@@ -315,6 +316,13 @@ impl CoordinatorConfig {
                     ""
                 }
             ));
+        }
+        if sa.weight_cap > 0 && self.privacy.mode != DpPlacement::Off {
+            return Err(
+                "secure_aggregation.weight_cap with user-level DP: DP-FedAvg weighs every \
+                        device the same (its sensitivity bound needs it); set weight_cap = 0"
+                    .into(),
+            );
         }
         if self.privacy.mode == DpPlacement::Distributed {
             return Err(
@@ -350,7 +358,8 @@ impl CoordinatorConfig {
              #   dp_sgd_sampling_rate (0 = batch_size / the device's sequences), dp_sgd_delta\n\
              # [adapter] rank, alpha, targets, seed\n\
              # [secure_aggregation] enabled, neighbours (0 = ≈3·log2 n), threshold (0 = majority), clip,\n\
-             #   value_bits, phase_timeout_ms — needs selection = {{ count = m }} and a linear strategy\n\n{body}"
+             #   value_bits, phase_timeout_ms, weight_cap (0 = equal weights) — needs selection = {{ count = m }}, min_clients ≥ 3 and a\n\
+             #   linear strategy\n\n{body}"
         )
     }
 }
@@ -382,7 +391,7 @@ mod tests {
 
     #[test]
     fn secure_aggregation_refuses_what_cannot_work_on_a_masked_sum() {
-        let ok = "[rounds]\nmin_clients = 10\nselection = { count = 10 }\n[secure_aggregation]\nenabled = true\n";
+        let ok = "[rounds]\nmin_clients = 5\nselection = { count = 10 }\n[secure_aggregation]\nenabled = true\n";
         CoordinatorConfig::parse(ok, "c").unwrap();
         for (extra, word) in [
             ("[strategy]\nkind = \"median\"\n", "needs every update"),

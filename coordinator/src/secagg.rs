@@ -39,6 +39,10 @@ pub struct SecAggConfig {
     pub value_bits: u32,
     /// Longest time each phase after the first (shares, masked inputs, reveals) may stay open, ms.
     pub phase_timeout_ms: u64,
+    /// FedAvg weights under masking: 0 weighs every device the same; `c > 0` weighs a device by
+    /// `min(examples, c) / c` — it sends its delta times its weight and the weight itself as one more
+    /// masked value, so the coordinator learns only the weighted sum and the total weight.
+    pub weight_cap: u64,
 }
 
 impl Default for SecAggConfig {
@@ -50,6 +54,7 @@ impl Default for SecAggConfig {
             clip: 0.05,
             value_bits: 10,
             phase_timeout_ms: 60_000,
+            weight_cap: 0,
         }
     }
 }
@@ -60,7 +65,8 @@ impl SecAggConfig {
         Encoding::new(self.clip, self.value_bits, clients)
     }
 
-    /// The parameters of round `round` with `clients` selected devices and `len` values per delta:
+    /// The parameters of round `round` with `clients` selected devices and `len` values per delta (one
+    /// more word, the device's weight, with `weight_cap`):
     /// graph seeded from the engine's seed and the round, modulus the fewest bits that cannot wrap.
     pub fn params(
         &self,
@@ -90,7 +96,7 @@ impl SecAggConfig {
             neighbours: k,
             threshold: t,
             graph_seed: h.finalize().into(),
-            len,
+            len: len + usize::from(self.weight_cap > 0),
             bits: self.encoding(clients)?.modulus_bits(),
         };
         params.graph()?;

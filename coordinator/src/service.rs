@@ -187,12 +187,14 @@ enum RoundInput {
         /// Σ training loss.
         loss: f64,
     },
-    /// A secure round's unmasked sum of `count` deltas.
+    /// A secure round's unmasked sum of `count` (weighted) deltas.
     Sum {
         /// The decoded sum.
         sum: Vec<f32>,
         /// Devices in it.
         count: usize,
+        /// Their total weight.
+        weight: f64,
     },
 }
 
@@ -444,8 +446,15 @@ impl Coordinator {
                                 .secure_aggregation
                                 .encoding(params.clients)
                                 .map_err(|e| ServiceError::State(e.to_string()))?;
-                            let sum = encoding.decode_sum(&sum, params.bits);
-                            (round, RoundInput::Sum { sum, count })
+                            let mut sum = encoding.decode_sum(&sum, params.bits);
+                            // The total weight: the devices' count, or their masked weights' sum.
+                            let weight = if self.cfg.secure_aggregation.weight_cap > 0 {
+                                let w = sum.pop().unwrap_or(0.0);
+                                f64::from(w) / f64::from(self.cfg.secure_aggregation.clip)
+                            } else {
+                                count as f64
+                            };
+                            (round, RoundInput::Sum { sum, count, weight })
                         }
                         _ => continue,
                     };
@@ -553,7 +562,7 @@ impl Coordinator {
                     .collect();
                 inner.strategy.aggregate(&views)?
             }
-            RoundInput::Sum { sum, count } => inner.strategy.aggregate_sum(sum, *count)?,
+            RoundInput::Sum { sum, weight, .. } => inner.strategy.aggregate_sum(sum, *weight)?,
         };
         crate::failpoint::hit("aggregated");
         let parent = self
@@ -735,6 +744,7 @@ impl Coordinator {
                 id,
                 clip_bits: self.cfg.secure_aggregation.clip.to_bits(),
                 value_bits: self.cfg.secure_aggregation.value_bits,
+                weight_cap: self.cfg.secure_aggregation.weight_cap,
             }),
         })))
     }
@@ -814,6 +824,7 @@ impl Coordinator {
         match checked {
             Ok(UpdateCheck::Duplicate) => return ack(true),
             Ok(UpdateCheck::New) if inner.engine.secagg().is_some() => {
+                crate::failpoint::hit("masked-input-stored");
                 bump(&self.metrics.updates_accepted);
                 self.metrics
                     .upload_bytes

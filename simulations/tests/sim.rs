@@ -250,3 +250,77 @@ fn shipped_scenarios_parse_and_bad_ones_are_refused_clearly() {
     let dp = Scenario::parse("[simulation]\ntarget_epsilon = 8.0\n", "dp.toml").unwrap_err();
     assert!(dp.to_string().contains("privacy"), "{dp}");
 }
+
+#[test]
+fn a_secure_federation_publishes_what_the_clear_one_does_up_to_the_encoding() {
+    // 6 devices a round (k = 3·log₂ 6 ≈ 8, capped at the 5 others: a complete graph, t = 3), one round
+    // from the same model. The weight cap (5,000 sequences) is above every device's example count, so
+    // the masked weights are FedAvg's example weights; 24 bits per clip put the encoding's rounding far
+    // below the step.
+    let base = |extra: &str| {
+        let mut s = small(extra);
+        s.simulation.clients_per_round = sim::scenario::PerRound::Count(6);
+        s.simulation.rounds = 1;
+        s
+    };
+    let clear = run(&base(""), Transport::Memory);
+    let secure_text =
+        "[secure_aggregation]\nenabled = true\nclip = 0.05\nvalue_bits = 24\nweight_cap = 5000\n";
+    let secure = run(&base(secure_text), Transport::Memory);
+    assert_eq!(secure.summary.rounds, 1, "{:?}", secure.rounds);
+    assert_eq!(secure.rounds[1].participants, 6, "{:?}", secure.rounds);
+    let moved = distance(&clear.final_adapter, &clear.initial_adapter);
+    let apart = distance(&secure.final_adapter, &clear.final_adapter);
+    assert!(
+        moved > 0.0 && apart < 1e-3 * moved,
+        "secure vs clear: {apart}, the round moved the adapter {moved}"
+    );
+    // Reproducible, and the QUIC path (real endpoints, mutual TLS) publishes the very same adapters.
+    let quic = run(&base(secure_text), Transport::Quic);
+    assert_eq!(secure.summary.adapter_digests, quic.summary.adapter_digests);
+    assert_eq!(without_wall_time(&secure), without_wall_time(&quic));
+    // Equal weights (the default): devices weighed alike, so a different step on these uneven roles,
+    // but the same direction broadly.
+    let equal = run(
+        &base("[secure_aggregation]\nenabled = true\nclip = 0.05\nvalue_bits = 16\n"),
+        Transport::Memory,
+    );
+    let d = |a: &[f32]| -> Vec<f64> {
+        a.iter()
+            .zip(&clear.initial_adapter)
+            .map(|(x, y)| f64::from(x - y))
+            .collect()
+    };
+    let (u, v) = (d(&clear.final_adapter), d(&equal.final_adapter));
+    let cos = u.iter().zip(&v).map(|(a, b)| a * b).sum::<f64>()
+        / (u.iter().map(|a| a * a).sum::<f64>() * v.iter().map(|b| b * b).sum::<f64>()).sqrt();
+    assert!(
+        cos > 0.5,
+        "cosine between the equal-weight and FedAvg steps: {cos}"
+    );
+}
+
+#[test]
+fn secure_rounds_survive_devices_leaving_at_every_phase() {
+    let mut s = small(
+        r#"
+[devices]
+dropout = 0.3
+offline_ms = 600000
+
+[secure_aggregation]
+enabled = true
+phase_timeout_ms = 20000
+"#,
+    );
+    s.simulation.clients_per_round = sim::scenario::PerRound::Count(10);
+    s.data.clients = 20;
+    s.rounds.min_updates = 2;
+    let o = run(&s, Transport::Memory);
+    let dropped: usize = o.rounds.iter().map(|r| r.dropouts).sum();
+    assert!(dropped > 0, "some selected devices dropped out");
+    assert!(o.summary.rounds >= 2, "{:?}", o.rounds);
+    for r in &o.rounds[1..] {
+        assert!(r.participants >= 3 && r.participants <= 10, "{r:?}");
+    }
+}

@@ -351,8 +351,16 @@ pub struct Serving {
 impl Serving {
     /// Starts `serve --dir`.
     pub fn start(coord: &Coord) -> Self {
+        Self::start_with(coord, None)
+    }
+
+    /// Starts `serve --dir` with `failpoint` armed if given.
+    pub fn start_with(coord: &Coord, failpoint: Option<&str>) -> Self {
         let mut cmd = command("starling-coordinator");
         cmd.args(["serve", "--dir", coord.arg()]);
+        if let Some(p) = failpoint {
+            cmd.env("STARLING_FAILPOINT", p);
+        }
         let (proc, first) = Proc::spawn(cmd, "serve".into(), true);
         let line = first.unwrap_or_default();
         let bound: serde_json::Value =
@@ -439,6 +447,28 @@ impl Device {
         assert!(status.success(), "status: {err}");
         serde_json::from_str(&out).expect("status JSON")
     }
+}
+
+/// Hamlet (a play the shipped base model never saw) split in three consecutive parts; each part's first
+/// 80 % is a device's text (a folder with one file), the rest goes to the returned held-out text.
+pub fn split_hamlet(dir: &Path) -> (Vec<PathBuf>, String) {
+    let text = std::fs::read_to_string(root().join("assets/shakespeare/hamlet.txt"))
+        .expect("the shipped Hamlet text");
+    let lines: Vec<&str> = text.lines().collect();
+    let part = lines.len() / 3;
+    let mut files = Vec::new();
+    let mut held_out = String::new();
+    for i in 0..3 {
+        let chunk = &lines[i * part..(i + 1) * part];
+        let cut = chunk.len() * 4 / 5;
+        let d = dir.join(format!("data{i}"));
+        std::fs::create_dir_all(&d).expect("creating a data folder");
+        std::fs::write(d.join("text.txt"), chunk[..cut].join("\n")).expect("writing device text");
+        held_out.push_str(&chunk[cut..].join("\n"));
+        held_out.push('\n');
+        files.push(d);
+    }
+    (files, held_out)
 }
 
 /// Polls `f` every 100 ms for up to `secs` seconds until it returns true.

@@ -5,12 +5,10 @@
 //! still counts exactly three updates, the persisted update is re-sent rather than retrained, and the
 //! published version's loss on the devices' held-out text is lower than version 0's.
 
-use std::path::Path;
-
 use starling_model::{
     eval_loss, Backend, Llama, LoraAdapter, LoraConfig, QuantType, Target, Tokenizer,
 };
-use starling_tests::{eventually, root, Coord, Device, Serving};
+use starling_tests::{eventually, split_hamlet, Coord, Device, Serving};
 
 const CONFIG: &str = r#"
 [network]
@@ -34,27 +32,6 @@ rank = 4
 alpha = 8.0
 targets = ["q", "v"]
 "#;
-
-/// Hamlet split in three consecutive parts; each part's first 80 % is a device's text, the rest its
-/// held-out text.
-fn split_hamlet(dir: &Path) -> (Vec<std::path::PathBuf>, String) {
-    let text = std::fs::read_to_string(root().join("assets/shakespeare/hamlet.txt")).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    let part = lines.len() / 3;
-    let mut files = Vec::new();
-    let mut held_out = String::new();
-    for i in 0..3 {
-        let chunk = &lines[i * part..(i + 1) * part];
-        let cut = chunk.len() * 4 / 5;
-        let d = dir.join(format!("data{i}"));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("text.txt"), chunk[..cut].join("\n")).unwrap();
-        held_out.push_str(&chunk[cut..].join("\n"));
-        held_out.push('\n');
-        files.push(d);
-    }
-    (files, held_out)
-}
 
 #[test]
 fn three_devices_train_two_rounds_through_crashes_and_the_model_improves() {

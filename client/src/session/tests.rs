@@ -575,3 +575,356 @@ fn a_refused_upload_is_dropped_but_busy_coordinators_are_retried() {
     assert_eq!(s.progress().pending, None);
     assert!(s.progress().rounds_joined.is_empty());
 }
+
+/// A task of `round` on `m` with secure aggregation: device `id` of `params`' roster.
+fn secure_task(
+    round: u64,
+    m: SignedManifest,
+    params: &starling_secagg::RoundParams,
+    id: u32,
+) -> Box<Task> {
+    let mut t = task(round, m, None);
+    t.secagg = Some(SecAggTask {
+        params: params.clone(),
+        id,
+        clip_bits: 1.0f32.to_bits(),
+        value_bits: 7,
+        weight_cap: 0,
+    });
+    t
+}
+
+/// Takes a session from its task to the first secure-aggregation step; returns the step and the
+/// pending update (its body is `body`).
+fn to_secure_step(s: &mut Session, t: Box<Task>, body: &[u8]) -> (Vec<Action>, PendingUpdate) {
+    let round = t.round.0;
+    assert!(matches!(
+        &s.handle(
+            2,
+            Event::TaskOffered {
+                task: t,
+                local_minute: 0
+            }
+        )[..],
+        [Action::Prepare { .. }]
+    ));
+    s.handle(
+        3,
+        Event::Prepared {
+            adapter: Some(adapter(0)),
+            train_tokens: 1000,
+        },
+    );
+    let a = s.handle(
+        4,
+        Event::Eligibility {
+            allowed: true,
+            detail: String::new(),
+        },
+    );
+    assert!(matches!(&a[..], [Action::Train { .. }]), "{a:?}");
+    let mut p = pending(round);
+    p.model_version = 0;
+    p.body_size = body.len() as u64;
+    p.body_digest = Digest::of(body).to_hex();
+    (s.handle(5, Event::Trained(p.clone())), p)
+}
+
+#[test]
+fn a_secure_round_goes_keys_shares_masked_upload_reveals_and_the_sum_unmasks() {
+    use starling_secagg::mask::{pack, unpack};
+    let n = 4u32;
+    let params = starling_secagg::RoundParams {
+        round: 1,
+        clients: n as usize,
+        neighbours: 3,
+        threshold: 2,
+        graph_seed: [3; 32],
+        len: 16,
+        bits: 12,
+    };
+    let mut server = starling_secagg::Server::new(params.clone()).unwrap();
+    let m0 = manifest(0, None, &key());
+    let inputs: Vec<Vec<u32>> = (0..n)
+        .map(|i| (0..16).map(|j| (i * 100 + j) & 0xfff).collect())
+        .collect();
+    let mut bodies: Vec<Vec<u8>> = inputs.iter().map(|x| pack(x, 32)).collect();
+    let mut sessions = Vec::new();
+    for i in 0..n {
+        let mut s = Session::new(config(), Progress::default()).with_entropy([i as u8 + 1; 32]);
+        connected(&mut s);
+        let (a, p) = to_secure_step(
+            &mut s,
+            secure_task(1, m0.clone(), &params, i),
+            &bodies[i as usize],
+        );
+        // Keys are persisted before they leave; the update does not leave in the clear.
+        let [Action::Persist, Action::SecAgg {
+            step: SecAggStep::Keys(keys),
+            ..
+        }] = &a[..]
+        else {
+            panic!("{a:?}")
+        };
+        assert!(s.progress().secagg.is_some() && s.progress().pending == Some(p.clone()));
+        server.advertise(i, *keys).unwrap();
+        let a = s.handle(6, Event::SecAgg(SecAggReply::Wait { retry_after_ms: 50 }));
+        assert!(
+            matches!(&a[..], [Action::Persist, Action::Wait { .. }]),
+            "{a:?}"
+        );
+        assert_eq!(
+            s.handle(60, Event::Timer),
+            vec![Action::SecAgg {
+                round: RoundId(1),
+                step: SecAggStep::Next
+            }]
+        );
+        sessions.push((s, p));
+    }
+    // Phase 2: each device gets its neighbours' keys and sends encrypted shares.
+    for (i, (s, _)) in sessions.iter_mut().enumerate() {
+        let roster = server
+            .advertised()
+            .iter()
+            .filter(|(j, _)| **j != i as u32)
+            .map(|(j, k)| (*j, *k))
+            .collect();
+        let a = s.handle(61, Event::SecAgg(SecAggReply::Roster(roster)));
+        let [Action::Persist, Action::SecAgg {
+            step: SecAggStep::Shares(msgs),
+            ..
+        }] = &a[..]
+        else {
+            panic!("{a:?}")
+        };
+        // A device restarted now re-sends the very same shares (persisted before they left).
+        let mut again = Session::new(config(), s.progress().clone()).with_entropy([99; 32]);
+        let resent = connected(&mut again);
+        assert_eq!(
+            resent,
+            vec![Action::SecAgg {
+                round: RoundId(1),
+                step: SecAggStep::Shares(msgs.clone())
+            }]
+        );
+        server.shares(i as u32, msgs.clone()).unwrap();
+        s.handle(62, Event::SecAgg(SecAggReply::Wait { retry_after_ms: 10 }));
+        s.handle(80, Event::Timer);
+    }
+    // Phase 3: mailbox → the driver masks the stored body → the masked update is uploaded.
+    for (i, (s, p)) in sessions.iter_mut().enumerate() {
+        let a = s.handle(
+            81,
+            Event::SecAgg(SecAggReply::Mailbox(server.mailbox(i as u32).to_vec())),
+        );
+        let [Action::Persist, Action::Mask { round: 1, state }] = &a[..] else {
+            panic!("{a:?}")
+        };
+        let masked = crate::secure::mask_body(state, &bodies[i]).unwrap();
+        assert_ne!(masked, bodies[i]);
+        bodies[i] = masked.clone();
+        let a = s.handle(
+            82,
+            Event::Masked {
+                body_size: masked.len() as u64,
+                body_digest: Digest::of(&masked).to_hex(),
+            },
+        );
+        let [Action::Persist, Action::Upload(up)] = &a[..] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            (up.update_id.clone(), up.body_digest.clone()),
+            (p.update_id.clone(), Digest::of(&masked).to_hex())
+        );
+        server
+            .masked_input(i as u32, &unpack(&masked, 12, 16).unwrap())
+            .unwrap();
+        let a = s.handle(
+            83,
+            Event::Acked {
+                update_id: p.id().unwrap(),
+            },
+        );
+        assert_eq!(
+            a[..2],
+            [Action::Persist, Action::DiscardPending { round: 1 }]
+        );
+        assert_eq!(
+            a[2],
+            Action::SecAgg {
+                round: RoundId(1),
+                step: SecAggStep::Next
+            }
+        );
+    }
+    // Phase 4: a consistent request is answered; the round is over for the device after `Done`.
+    let (dropped, reported) = server.unmask_request();
+    let mut reveals = Vec::new();
+    for (s, _) in sessions.iter_mut() {
+        let a = s.handle(
+            90,
+            Event::SecAgg(SecAggReply::Unmask {
+                dropped: dropped.clone(),
+                reported: reported.clone(),
+            }),
+        );
+        let [Action::Persist, Action::SecAgg {
+            step: SecAggStep::Reveals(r),
+            ..
+        }] = &a[..]
+        else {
+            panic!("{a:?}")
+        };
+        reveals.extend(r.clone());
+        let a = s.handle(91, Event::SecAgg(SecAggReply::Done));
+        assert_eq!(
+            a,
+            vec![
+                Action::Persist,
+                Action::RequestTask {
+                    held: Some(ModelVersion(0))
+                }
+            ]
+        );
+        assert_eq!(s.progress().secagg, None);
+    }
+    let mut want = vec![0u32; 16];
+    for x in &inputs {
+        for (w, v) in want.iter_mut().zip(x) {
+            *w = (*w + v) & 0xfff;
+        }
+    }
+    assert_eq!(server.unmask(&reveals).unwrap(), want);
+}
+
+#[test]
+fn a_request_for_both_shares_of_a_peer_is_refused_and_the_device_leaves_the_round() {
+    let params = starling_secagg::RoundParams {
+        round: 1,
+        clients: 3,
+        neighbours: 2,
+        threshold: 2,
+        graph_seed: [3; 32],
+        len: 4,
+        bits: 10,
+    };
+    let mut server = starling_secagg::Server::new(params.clone()).unwrap();
+    let m0 = manifest(0, None, &key());
+    let mut sessions: Vec<Session> = (0..3u32)
+        .map(|i| {
+            let mut s = Session::new(config(), Progress::default()).with_entropy([i as u8 + 7; 32]);
+            connected(&mut s);
+            let (a, _) = to_secure_step(&mut s, secure_task(1, m0.clone(), &params, i), &[0; 16]);
+            let Action::SecAgg {
+                step: SecAggStep::Keys(k),
+                ..
+            } = &a[1]
+            else {
+                panic!("{a:?}")
+            };
+            server.advertise(i, *k).unwrap();
+            s.handle(6, Event::SecAgg(SecAggReply::Wait { retry_after_ms: 1 }));
+            s.handle(7, Event::Timer);
+            s
+        })
+        .collect();
+    let roster: Vec<(u32, PublicKeys)> =
+        server.advertised().iter().map(|(j, k)| (*j, *k)).collect();
+    for (i, s) in sessions.iter_mut().enumerate() {
+        let mine = roster
+            .iter()
+            .filter(|(j, _)| *j != i as u32)
+            .copied()
+            .collect();
+        let a = s.handle(8, Event::SecAgg(SecAggReply::Roster(mine)));
+        let Action::SecAgg {
+            step: SecAggStep::Shares(m),
+            ..
+        } = &a[1]
+        else {
+            panic!("{a:?}")
+        };
+        server.shares(i as u32, m.clone()).unwrap();
+        s.handle(9, Event::SecAgg(SecAggReply::Wait { retry_after_ms: 1 }));
+        s.handle(10, Event::Timer);
+    }
+    for (i, s) in sessions.iter_mut().enumerate() {
+        let a = s.handle(
+            11,
+            Event::SecAgg(SecAggReply::Mailbox(server.mailbox(i as u32).to_vec())),
+        );
+        let Action::Mask { state, .. } = &a[1] else {
+            panic!("{a:?}")
+        };
+        let masked = crate::secure::mask_body(state, &[0; 16]).unwrap();
+        s.handle(
+            12,
+            Event::Masked {
+                body_size: masked.len() as u64,
+                body_digest: Digest::of(&masked).to_hex(),
+            },
+        );
+        s.handle(
+            13,
+            Event::Acked {
+                update_id: pending(1).id().unwrap(),
+            },
+        );
+    }
+    // A coordinator names device 0 as dropped and as reported: revealing both of its shares would
+    // unmask its input. The device refuses, reveals nothing and leaves the round.
+    let s = &mut sessions[1];
+    let a = s.handle(
+        14,
+        Event::SecAgg(SecAggReply::Unmask {
+            dropped: vec![0],
+            reported: vec![0, 1, 2],
+        }),
+    );
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::SecAgg { .. })),
+        "{a:?}"
+    );
+    assert_eq!(
+        a,
+        vec![
+            Action::Persist,
+            Action::RequestTask {
+                held: Some(ModelVersion(0))
+            }
+        ]
+    );
+    assert_eq!(s.progress().secagg, None);
+    assert!(s
+        .progress()
+        .last_error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("dropped and as reported"));
+    // A device without a source of randomness declines secure tasks instead of drawing weak keys.
+    let mut plain = Session::new(config(), Progress::default());
+    connected(&mut plain);
+    let a = plain.handle(
+        2,
+        Event::TaskOffered {
+            task: secure_task(2, m0, &params, 0),
+            local_minute: 0,
+        },
+    );
+    assert!(
+        matches!(
+            &a[..],
+            [
+                Action::Persist,
+                Action::Decline {
+                    code: ErrorCode::Unavailable,
+                    ..
+                }
+            ]
+        ),
+        "{a:?}"
+    );
+}

@@ -110,9 +110,9 @@ impl Strategy for DpFedAvg {
 
     /// With secure aggregation the devices clipped their deltas (the task's `update_clip`); the sum
     /// gets the same noise and the same fixed denominator.
-    fn aggregate_sum(&mut self, sum: &[f32], count: usize) -> Result<Vec<f32>, AggregateError> {
-        if count == 0 {
-            return Err(AggregateError::Empty);
+    fn aggregate_sum(&mut self, sum: &[f32], weight: f64) -> Result<Vec<f32>, AggregateError> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(AggregateError::ZeroWeight);
         }
         self.noise_and_scale(sum.to_vec(), sum.len())
     }

@@ -103,19 +103,22 @@ pub trait Strategy: Send {
     fn linear(&self) -> bool {
         false
     }
-    /// The step for a round of which only the sum of `count` deltas is known (secure aggregation:
-    /// every device weighs the same). A linear rule sees it as one update, their mean.
-    fn aggregate_sum(&mut self, sum: &[f32], count: usize) -> Result<Vec<f32>, AggregateError> {
+    /// The step for a round of which only the weighted sum of the deltas and the total `weight` are
+    /// known (secure aggregation). A linear rule sees it as one update, their weighted mean.
+    fn aggregate_sum(&mut self, sum: &[f32], weight: f64) -> Result<Vec<f32>, AggregateError> {
         if !self.linear() {
             return Err(AggregateError::InvalidParameter(format!(
                 "{} needs every update, not only their sum",
                 self.name()
             )));
         }
-        if count == 0 {
-            return Err(AggregateError::Empty);
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(AggregateError::ZeroWeight);
         }
-        let mean: Vec<f32> = sum.iter().map(|x| x / count as f32).collect();
+        let mean: Vec<f32> = sum
+            .iter()
+            .map(|x| (f64::from(*x) / weight) as f32)
+            .collect();
         self.aggregate(&[ClientUpdate {
             num_examples: 1,
             delta: &mean,

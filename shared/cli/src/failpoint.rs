@@ -12,13 +12,15 @@ pub const VAR: &str = "STARLING_FAILPOINT";
 
 /// The points. Coordinator: the body of an upload received but not yet stored; an update stored (flushed)
 /// but not yet acknowledged; a round aggregated but nothing published; a version published (one flushed
-/// transaction) but the engine and the update tree not yet told. Device: an update computed and persisted
-/// but not yet uploaded.
-pub const POINTS: [&str; 5] = [
+/// transaction) but the engine and the update tree not yet told; a secure round's masked input added to
+/// the stored masked sum but not yet acknowledged. Device: an update computed and persisted but not yet
+/// uploaded.
+pub const POINTS: [&str; 6] = [
     "upload-received",
     "upload-stored",
     "aggregated",
     "published",
+    "masked-input-stored",
     "update-persisted",
 ];
 

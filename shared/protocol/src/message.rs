@@ -159,6 +159,9 @@ pub struct SecAggTask {
     pub clip_bits: u32,
     /// Steps per `clip` as a power of two.
     pub value_bits: u32,
+    /// 0: every device weighs the same; `c > 0`: the device sends `w·delta` and `w·clip` as a last
+    /// value, `w = min(examples, c) / c`.
+    pub weight_cap: u64,
 }
 
 impl SecAggTask {
@@ -678,6 +681,7 @@ pub fn examples() -> Vec<Message> {
                 id: 1,
                 clip_bits: 0.5f32.to_bits(),
                 value_bits: 7,
+                weight_cap: 0,
             }),
         })),
         Message::NoTask(NoTask {

@@ -261,6 +261,11 @@ impl Client {
         ))
     }
 
+    /// The round's parameters.
+    pub fn params(&self) -> &RoundParams {
+        &self.params
+    }
+
     /// This client's index.
     pub fn id(&self) -> ClientId {
         self.id
@@ -554,6 +559,11 @@ impl Server {
     /// A client's neighbours in the round's graph (empty for an id outside the roster).
     pub fn neighbours(&self, id: ClientId) -> Vec<ClientId> {
         self.graph.of(id)
+    }
+
+    /// The running sum of the masked inputs received (all a persisted state holds of any input).
+    pub fn masked_sum(&self) -> &[u32] {
+        &self.sum
     }
 
     /// Whether a client's shares were taken.

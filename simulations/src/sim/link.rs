@@ -12,7 +12,9 @@ use std::sync::Arc;
 use starling_client::driver::{disconnected, transport_event, transport_prepare_failure};
 use starling_client::session::{Event, PendingUpdate, PrepareFailure};
 use starling_coordinator::service::Coordinator;
-use starling_protocol::message::{BlobKind, Decline, Enrol, Message, ModelFetch, TaskRequest};
+use starling_protocol::message::{
+    BlobKind, Decline, Enrol, Message, ModelFetch, SecAggRequest, TaskRequest,
+};
 use starling_protocol::{EnrolmentToken, Fingerprint, ModelVersion, SigningIdentity};
 use starling_transport::client::TaskReply;
 use starling_transport::server::{EnrolmentLimits, Request, Response};
@@ -326,6 +328,22 @@ impl Link {
         self.quic_reply(c, up, reply)
     }
 
+    /// Sends a secure-aggregation step.
+    pub fn secagg(&mut self, c: usize, fp: Fingerprint, r: SecAggRequest) -> Exchange {
+        let up = size(&Message::SecAgg(Box::new(r.clone())));
+        if self.quic.is_none() {
+            return memory_reply(up, self.memory_request(fp, Request::SecAgg(Box::new(r))));
+        }
+        let reply = match self.session(c) {
+            Err(ev) => return Exchange::new(ev, up, 0),
+            Ok(s) => self
+                .rt
+                .block_on(s.secagg(r))
+                .map(|r| Message::SecAggReply(Box::new(r))),
+        };
+        self.quic_reply(c, up, reply)
+    }
+
     /// Declines a round's task.
     pub fn decline(&mut self, c: usize, fp: Fingerprint, d: Decline) -> Exchange {
         let up = size(&Message::Decline(d.clone()));
@@ -408,6 +426,7 @@ fn message_event(m: &Message) -> Event {
         Message::Ack(a) => Event::Acked {
             update_id: a.update_id,
         },
+        Message::SecAggReply(r) => Event::SecAgg((**r).clone()),
         Message::Error(e) => transport_event(&starling_transport::TransportError::Remote {
             code: e.code,
             message: e.message.clone(),

@@ -33,7 +33,7 @@ use starling_coordinator::config::{CoordinatorConfig, DpPlacement};
 use starling_coordinator::service::{read_key, Clock, Coordinator, Layout, OpenOptions};
 use starling_model::{Backend, Llama, LoraAdapter, Tokenizer};
 use starling_privacy::AccountantKind;
-use starling_protocol::message::{BlobKind, Decline, Task};
+use starling_protocol::message::{BlobKind, Decline, SecAggRequest, SecAggStep, Task};
 use starling_protocol::update::{adapter_values, decode_update, encode_update, UpdateLimits};
 use starling_protocol::{
     Digest, Encoding, EnrolmentToken, Fingerprint, ModelVersion, SigningIdentity, UpdateId,
@@ -226,6 +226,8 @@ pub struct Outcome {
     pub summary: Summary,
     /// The final adapter's values.
     pub final_adapter: Vec<f32>,
+    /// Version 0's adapter values (where training started).
+    pub initial_adapter: Vec<f32>,
 }
 
 /// A deterministic 64-bit value derived from the run's seed and a few labels.
@@ -264,8 +266,37 @@ enum Drop {
     No,
     /// As it receives the task (before training).
     BeforeTraining,
-    /// After training and persisting the update, before uploading it (it uploads when it returns).
+    /// After training and persisting the update, before uploading it (it uploads when it returns) —
+    /// in a secure round, before advertising its keys.
     BeforeUpload,
+    /// A secure round: after advertising its keys, before sending its shares.
+    AfterKeys,
+    /// A secure round: after sending its shares, before its masked input.
+    AfterShares,
+    /// A secure round: after its masked input, before revealing shares.
+    AfterMasked,
+}
+
+impl Drop {
+    /// Whether a device in a secure round goes away instead of carrying out `action`.
+    fn before(self, action: &Action) -> bool {
+        matches!(
+            (self, action),
+            (
+                Drop::AfterKeys,
+                Action::SecAgg {
+                    step: SecAggStep::Shares(_),
+                    ..
+                },
+            ) | (
+                Drop::AfterMasked,
+                Action::SecAgg {
+                    step: SecAggStep::Reveals(_),
+                    ..
+                },
+            ) | (Drop::AfterShares, Action::Mask { .. } | Action::Upload(_))
+        )
+    }
 }
 
 /// A virtual device between requests: its persisted progress (the held model by version, shared).
@@ -361,7 +392,21 @@ impl Sim<'_> {
     fn session_for(&self, c: usize, progress: Progress) -> Session {
         let mut cfg = self.session_cfg.clone();
         cfg.seed = derive(self.seed, "backoff", c as u64, 0);
-        Session::new(cfg, progress)
+        // Secure rounds' keys: derived from the seed (reproducible, not secret), a fresh stream per
+        // (device, start time) as a device draws a fresh OS seed at every start.
+        let mut entropy = [0u8; 32];
+        for (i, chunk) in entropy.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(
+                &derive(
+                    self.seed,
+                    "entropy",
+                    c as u64,
+                    self.now ^ ((i as u64) << 56),
+                )
+                .to_le_bytes(),
+            );
+        }
+        Session::new(cfg, progress).with_entropy(entropy)
     }
 
     /// Wakes device `c`: a dormant device restarts its session from its progress; an active one gets a timer.
@@ -411,6 +456,16 @@ impl Sim<'_> {
                     None => return Ok(()),
                 }
             };
+            // Gone between two phases of a secure round (what it persisted survives). Drawn from the
+            // round, not kept with the session: a device waiting between phases is folded and restarted.
+            let secure_round = a.session.progress().secagg.as_ref().map(|s| s.round);
+            if secure_round.is_some_and(|r| self.dropout(c, r).before(&action)) {
+                self.crash(c);
+                return Ok(());
+            }
+            let State::Active(a) = &mut self.devices[c].state else {
+                return Ok(());
+            };
             match action {
                 Action::Persist => {
                     let before = a.persisted.epsilon();
@@ -429,6 +484,32 @@ impl Sim<'_> {
                     allowed: true,
                     detail: String::new(),
                 }),
+                Action::Mask { round, state } => {
+                    // The device's own masking of its stored update, as the driver does it.
+                    let body = self.bodies.get(&(c, round));
+                    let digest_ok = body.is_some_and(|b| {
+                        a.session.progress().pending.as_ref().is_some_and(|p| {
+                            p.round == round && Digest::of(b).to_hex() == p.body_digest
+                        })
+                    });
+                    let masked = match body {
+                        Some(b) if digest_ok => {
+                            starling_client::secure::mask_body(&state, b).map_err(|e| e.to_string())
+                        }
+                        _ => Err(format!("no encoded update stored for round {round}")),
+                    };
+                    events.push_back(match masked {
+                        Ok(m) => {
+                            let ev = Event::Masked {
+                                body_size: m.len() as u64,
+                                body_digest: Digest::of(&m).to_hex(),
+                            };
+                            self.bodies.insert((c, round), m);
+                            ev
+                        }
+                        Err(error) => Event::MaskFailed { error },
+                    });
+                }
                 Action::Wait { until } => {
                     let at = until.saturating_sub(EPOCH_MS).max(self.now + 1);
                     if a.actions.is_empty() && events.is_empty() {
@@ -505,6 +586,15 @@ impl Sim<'_> {
                 (steps * self.scen.devices.step_ms as f64 / d.speed) as u64
             }
             Action::Upload(p) => latency + (p.body_size as f64 / d.up_bytes_per_ms) as u64,
+            Action::SecAgg { step, .. } => {
+                let bytes = starling_protocol::Message::SecAgg(Box::new(SecAggRequest {
+                    round: starling_protocol::RoundId(0),
+                    step: step.clone(),
+                }))
+                .encode()
+                .len();
+                latency + (bytes as f64 / d.up_bytes_per_ms) as u64
+            }
             _ => 0,
         }
     }
@@ -567,6 +657,11 @@ impl Sim<'_> {
                 if let Event::Refused { .. } = x.event {
                     self.counters.refused += 1;
                 }
+                x.event
+            }
+            Action::SecAgg { round, step } => {
+                let x = self.link.secagg(c, fp, SecAggRequest { round, step });
+                self.count(&x);
                 x.event
             }
             Action::Decline {
@@ -632,12 +727,22 @@ impl Sim<'_> {
         }
         let u = unit(self.seed, "dropout", c as u64, round);
         if u >= p {
-            Drop::No
-        } else if u < p / 2.0 {
-            Drop::BeforeTraining
-        } else {
-            Drop::BeforeUpload
+            return Drop::No;
         }
+        // Spread evenly over the moments a device can go: before training, after it, and in a secure
+        // round after each of its protocol messages.
+        let kinds: &[Drop] = if self.scen.secure_aggregation.enabled {
+            &[
+                Drop::BeforeTraining,
+                Drop::BeforeUpload,
+                Drop::AfterKeys,
+                Drop::AfterShares,
+                Drop::AfterMasked,
+            ]
+        } else {
+            &[Drop::BeforeTraining, Drop::BeforeUpload]
+        };
+        kinds[((u / p) * kinds.len() as f64) as usize % kinds.len()]
     }
 
     fn prepare(
@@ -770,9 +875,16 @@ impl Sim<'_> {
             return Ok(body.to_vec());
         }
         let schema = &manifest.adapter_schema;
-        let mut delta = decode_update(body, schema, &UpdateLimits::default())
-            .map_err(|e| SimError::Coordinator(format!("attack decode: {e}")))?;
+        let mut delta = match &task.secagg {
+            Some(sa) => starling_client::secure::decode_body(sa, body).map_err(|e| e.to_string()),
+            None => {
+                decode_update(body, schema, &UpdateLimits::default()).map_err(|e| e.to_string())
+            }
+        }
+        .map_err(|e| SimError::Coordinator(format!("attack decode: {e}")))?;
         let s = self.scen.attack.scale;
+        // A secure round's weight value (after the delta) is left as it is.
+        let weight = delta.split_off(schema.num_params().min(delta.len()));
         match kind {
             AttackKind::SignFlip => delta.iter_mut().for_each(|x| *x *= -s),
             AttackKind::Scale => delta.iter_mut().for_each(|x| *x *= s),
@@ -789,8 +901,17 @@ impl Sim<'_> {
             AttackKind::CorruptText => {}
         }
         let mut rng = ChaCha20Rng::seed_from_u64(derive(self.seed, "attack-enc", c as u64, round));
-        encode_update(schema, &delta, task.encoding, &mut rng)
-            .map_err(|e| SimError::Coordinator(format!("attack encode: {e}")))
+        match &task.secagg {
+            Some(sa) => {
+                delta.extend(weight);
+                starling_client::secure::encode_values(sa, &delta, &mut rng)
+                    .map_err(|e| e.to_string())
+            }
+            None => {
+                encode_update(schema, &delta, task.encoding, &mut rng).map_err(|e| e.to_string())
+            }
+        }
+        .map_err(|e| SimError::Coordinator(format!("attack encode: {e}")))
     }
 }
 
@@ -1121,6 +1242,8 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
     let abandoned = started.len() as u64 - published_rounds.len() as u64;
     let final_adapter = adapter_values(&published_adapter(&coord, latest)?)
         .map_err(|e| SimError::Coordinator(e.to_string()))?;
+    let initial_adapter = adapter_values(&published_adapter(&coord, 0)?)
+        .map_err(|e| SimError::Coordinator(e.to_string()))?;
     let sim_time_s = sim.now as f64 / 1000.0;
     let eps_user = rounds.last().map_or(0.0, |r| r.epsilon_user);
     let eps_dev = sim.eps_max;
@@ -1189,6 +1312,7 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
         rounds,
         summary,
         final_adapter,
+        initial_adapter,
     })
 }
 

@@ -1,6 +1,6 @@
 //! Scenario files: one TOML file describes a whole simulated federation — model, data and partition, the
 //! population of virtual devices, adversaries, evaluation — and carries the coordinator's own tables
-//! (`[rounds]`, `[strategy]`, `[privacy]`, `[task]`, `[adapter]`) exactly as `coordinator.toml` spells
+//! (`[rounds]`, `[strategy]`, `[privacy]`, `[task]`, `[adapter]`, `[secure_aggregation]`) exactly as `coordinator.toml` spells
 //! them, validated by the coordinator's own checks. Unknown keys are errors.
 //!
 //! What must never live here: running anything (that is [`super::run`]).
@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use starling_coordinator::config::{
-    AdapterConfig, CoordinatorConfig, DpPlacement, PrivacyConfig, TaskConfig,
+    AdapterConfig, CoordinatorConfig, DpPlacement, PrivacyConfig, SecAggConfig, TaskConfig,
 };
 use starling_coordinator::engine::{EngineConfig, Selection};
 use starling_coordinator::strategy::StrategyConfig;
@@ -57,6 +57,9 @@ pub struct Scenario {
     /// The LoRA adapter (`[adapter]` of coordinator.toml).
     #[serde(default)]
     pub adapter: AdapterConfig,
+    /// Secure aggregation (`[secure_aggregation]` of coordinator.toml).
+    #[serde(default)]
+    pub secure_aggregation: SecAggConfig,
 }
 
 /// How many clients a round selects: a count (`10`) or a fraction of the connected ones (`0.05`).
@@ -378,7 +381,12 @@ impl Scenario {
         if self.evaluation.windows_per_client == 0 || self.evaluation.every == 0 {
             return bad("evaluation.windows_per_client and evaluation.every must be ≥ 1".into());
         }
-        self.coordinator_config(1, 1)?;
+        // Checked for a population the size of one cohort (the real one is known when the data are).
+        let cohort = match self.simulation.clients_per_round {
+            PerRound::Count(m) => m.max(1),
+            PerRound::Fraction(_) => 1,
+        };
+        self.coordinator_config(cohort, 1)?;
         Ok(())
     }
 
@@ -400,6 +408,10 @@ impl Scenario {
         };
         let per_round = self.per_round(clients);
         rounds.min_clients = rounds.min_clients.min(per_round).max(1);
+        if self.secure_aggregation.enabled {
+            // Every virtual device is online: a secure round waits for its whole cohort.
+            rounds.min_clients = per_round;
+        }
         rounds.min_updates = rounds.min_updates.min(per_round).max(1);
         let mut privacy = self.privacy.clone();
         if let Some(target) = s.target_epsilon {
@@ -413,6 +425,7 @@ impl Scenario {
             privacy,
             task: self.task.clone(),
             adapter: self.adapter.clone(),
+            secure_aggregation: self.secure_aggregation.clone(),
             ..CoordinatorConfig::default()
         };
         cfg.validate("scenario")
