@@ -630,6 +630,20 @@ fn to_secure_step(s: &mut Session, t: Box<Task>, body: &[u8]) -> (Vec<Action>, P
     (s.handle(5, Event::Trained(p.clone())), p)
 }
 
+/// The device is out of its secure round (its state dropped) and asks for work again.
+fn assert_round_over(s: &Session, a: &[Action]) {
+    assert_eq!(
+        a,
+        [
+            Action::Persist,
+            Action::RequestTask {
+                held: Some(ModelVersion(0))
+            }
+        ]
+    );
+    assert_eq!(s.progress().secagg, None);
+}
+
 #[test]
 fn a_secure_round_goes_keys_shares_masked_upload_reveals_and_the_sum_unmasks() {
     use starling_secagg::mask::{pack, unpack};
@@ -779,16 +793,7 @@ fn a_secure_round_goes_keys_shares_masked_upload_reveals_and_the_sum_unmasks() {
         };
         reveals.extend(r.clone());
         let a = s.handle(91, Event::SecAgg(SecAggReply::Done));
-        assert_eq!(
-            a,
-            vec![
-                Action::Persist,
-                Action::RequestTask {
-                    held: Some(ModelVersion(0))
-                }
-            ]
-        );
-        assert_eq!(s.progress().secagg, None);
+        assert_round_over(s, &a);
     }
     let mut want = vec![0u32; 16];
     for x in &inputs {
@@ -887,16 +892,7 @@ fn a_request_for_both_shares_of_a_peer_is_refused_and_the_device_leaves_the_roun
         !a.iter().any(|x| matches!(x, Action::SecAgg { .. })),
         "{a:?}"
     );
-    assert_eq!(
-        a,
-        vec![
-            Action::Persist,
-            Action::RequestTask {
-                held: Some(ModelVersion(0))
-            }
-        ]
-    );
-    assert_eq!(s.progress().secagg, None);
+    assert_round_over(s, &a);
     assert!(s
         .progress()
         .last_error

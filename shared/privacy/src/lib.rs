@@ -3,10 +3,13 @@
 //! What lives here: [`noise`] (the Gaussian mechanism on f32 vectors, its guarantee read from opendp's privacy
 //! map, clipping, DP-FedAvg helpers), [`sampler`] (the fast exact discrete Gaussian sampler), [`rdp`] and [`pld`]
 //! (accountants for the Poisson-subsampled Gaussian, ported from Google's dp_accounting and tested against it),
-//! [`accountant`] (heterogeneous composition, ε↔δ, σ calibration) and [`ledger`] (per-client and global budgets).
+//! [`accountant`] (heterogeneous composition, ε↔δ, σ calibration), [`ledger`] (per-client and global budgets)
+//! and [`ddg`] (Rényi-DP of the distributed discrete Gaussian under secure aggregation, tested against the
+//! published reference).
 //! What must never live here: burn, sockets, clocks or files — callers hand in vectors and get numbers back.
 
 pub mod accountant;
+pub mod ddg;
 pub mod ledger;
 pub mod noise;
 pub mod pld;
