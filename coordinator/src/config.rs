@@ -280,7 +280,8 @@ impl CoordinatorConfig {
 
     /// What secure aggregation cannot work with: a rule that needs every update (median, trimmed mean,
     /// Krum, norm bounding), central clipping of single deltas is done on devices instead; noise shares
-    /// on devices need the distributed discrete Gaussian (not built yet); a cohort whose size is not fixed
+    /// on devices need the distributed discrete Gaussian (its accountant exists, the device shares not yet);
+    /// a cohort whose size is not fixed
     /// (the wrap-around bound and the graph are sized for `selection = { count = m }`).
     fn validate_secure_aggregation(&self) -> Result<(), String> {
         let sa = &self.secure_aggregation;

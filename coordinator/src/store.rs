@@ -201,7 +201,20 @@ impl Store {
     }
 
     fn open_db(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // A store closed a moment ago (by `init`, `enrol`, a test) can still be locked by sled's flusher
+        // thread; wait a little for it rather than fail. A store really in use stays an error.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         Ok(Self {
             clients: db.open_tree("clients")?,
             tokens: db.open_tree("tokens")?,

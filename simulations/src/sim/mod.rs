@@ -1020,28 +1020,17 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
     let clock = Arc::new(AtomicU64::new(EPOCH_MS));
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&derive(seed, "central-noise", 0, 0).to_le_bytes());
-    let open = || {
-        Coordinator::open_with(
-            &dir,
-            cfg.clone(),
-            OpenOptions {
-                clock: Clock::Manual(clock.clone()),
-                simulation_noise_key: Some(key),
-            },
-        )
-    };
-    // `init` has just closed the store; sled's flusher thread can hold its file lock for a moment longer.
-    let mut opened = open();
-    for _ in 0..100 {
-        match &opened {
-            Err(e) if e.to_string().contains("lock") => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                opened = open();
-            }
-            _ => break,
-        }
-    }
-    let coord = Arc::new(opened.map_err(|e| SimError::Coordinator(e.to_string()))?);
+    // `init` has just closed the store: `Store::open` waits for sled's flusher to let go of its lock.
+    let coord = Coordinator::open_with(
+        &dir,
+        cfg.clone(),
+        OpenOptions {
+            clock: Clock::Manual(clock.clone()),
+            simulation_noise_key: Some(key),
+        },
+    )
+    .map_err(|e| SimError::Coordinator(e.to_string()))?;
+    let coord = Arc::new(coord);
     let layout = Layout::new(&dir);
     let mut link = match opts.transport {
         Transport::Memory => Link::memory(coord.clone())?,
