@@ -23,11 +23,21 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
         "now_unix_ms": now,
         "latest_version": latest.0,
         "rounds_completed": store.completed()?,
-        "current_round": store.current_round()?.map(|r| serde_json::json!({
-            "id": r.id.0, "phase": format!("{:?}", r.phase).to_lowercase(), "model_version": r.model_version.0,
-            "selected": r.selected.len(), "eligible": r.eligible, "updates": store.update_count(r.id),
-            "started_unix_ms": r.started_at, "deadline_unix_ms": r.deadline,
-        })),
+        "current_round": match store.current_round()? {
+            None => None,
+            Some(r) => {
+                let secure = store.secagg(r.id)?;
+                let updates = secure
+                    .as_ref()
+                    .map_or(store.update_count(r.id), |s| s.server.unmask_request().1.len());
+                Some(serde_json::json!({
+                    "id": r.id.0, "phase": format!("{:?}", r.phase).to_lowercase(),
+                    "model_version": r.model_version.0, "selected": r.selected.len(), "eligible": r.eligible,
+                    "updates": updates, "started_unix_ms": r.started_at, "deadline_unix_ms": r.deadline,
+                    "secure_aggregation": secure.as_ref().map(secure_round),
+                }))
+            }
+        },
         "clients": { "total": clients.len(), "active": active, "revoked": clients.len() - active,
             "list": clients.iter().map(|c| serde_json::json!({
                 "fingerprint": c.fingerprint.to_hex(), "name": c.name,
@@ -43,6 +53,20 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
             "round": r.0, "updates": c.updates, "mean_train_loss": c.mean_train_loss,
             "epsilon_after": c.epsilon_after, "sampling_rate": c.sampling_rate })).collect::<Vec<_>>(),
     }))
+}
+
+/// Where a secure round stands: its phase, how many devices reached each step, its parameters.
+fn secure_round(s: &crate::secagg::SecAggRound) -> serde_json::Value {
+    let (dropped, reported) = s.server.unmask_request();
+    let p = s.params();
+    serde_json::json!({
+        "phase": format!("{:?}", s.phase).to_lowercase(),
+        "phase_deadline_unix_ms": (s.phase != crate::secagg::SecAggPhase::Advertise).then_some(s.phase_deadline),
+        "advertised": s.server.advertised().len(), "shared": dropped.len() + reported.len(),
+        "masked_inputs": reported.len(), "revealed": s.revealed.len(),
+        "neighbours": p.neighbours.min(p.clients.saturating_sub(1)), "threshold": p.threshold,
+        "modulus_bits": p.bits,
+    })
 }
 
 /// The latest published version and its manifest body (version 0 and none before `init` published it).

@@ -94,6 +94,18 @@ fn a_secure_round_survives_a_coordinator_sigkill_and_the_store_never_holds_an_in
         assert!((0.47..0.53).contains(&near), "{near} of the words near 0");
     }
 
+    // The operator's view of the interrupted round.
+    let status = coord.status();
+    let sa = &status["current_round"]["secure_aggregation"];
+    assert_eq!(sa["phase"], "masked", "{status}");
+    assert_eq!(
+        (sa["advertised"].as_u64(), sa["shared"].as_u64()),
+        (Some(3), Some(3)),
+        "{status}"
+    );
+    assert_eq!(sa["masked_inputs"], 1, "{status}");
+    assert_eq!(status["current_round"]["updates"], 1, "{status}");
+
     // Restarted, the coordinator resumes the protocol where it stood and publishes the round.
     let serving = Serving::start(&coord);
     assert!(serving.proc.wait_exit(600).success());
