@@ -110,3 +110,48 @@ fn bad_parameters_are_refused_with_a_message() {
         assert!(!err.contains("panicked"));
     }
 }
+
+#[test]
+fn ddg_epsilon_matches_the_reference_and_costs_more_than_the_continuous_gaussian() {
+    // The first case of shared/privacy/fixtures/ddg.json: 100 devices, shares of σ = 2000 grid steps,
+    // clip 20,480 steps, 41,000 values, one round (z = 2000·√100 / 20480).
+    let v = json(&[
+        "privacy",
+        "ddg-epsilon",
+        "--clients",
+        "100",
+        "--clip",
+        "20480",
+        "--noise-multiplier",
+        "0.9765625",
+        "--scale",
+        "1",
+        "--dim",
+        "41000",
+        "--steps",
+        "1",
+        "--json",
+    ]);
+    let eps = v["epsilon"].as_f64().unwrap();
+    assert!((eps / 4.926260636051993 - 1.0).abs() < 1e-9, "{v}");
+    assert!((v["local_sigma_grid"].as_f64().unwrap() - 2000.0).abs() < 1e-9);
+    assert!(v["gaussian_epsilon"].as_f64().unwrap() < eps, "{v}");
+    let bad = run(&[
+        "privacy",
+        "ddg-epsilon",
+        "--clients",
+        "0",
+        "--clip",
+        "1",
+        "--noise-multiplier",
+        "1",
+        "--scale",
+        "1",
+        "--dim",
+        "1",
+        "--steps",
+        "1",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("clients"));
+}
