@@ -24,13 +24,28 @@ pub fn weight(task: &SecAggTask, examples: u64) -> f32 {
     }
 }
 
+/// A device's share of distributed discrete Gaussian noise (the task's user-level DP settings).
+#[derive(Debug, Clone, Copy)]
+pub struct NoiseShare {
+    /// z: the shares of `clients` devices add up to standard deviation `z · l2_clip`.
+    pub noise_multiplier: f64,
+    /// The L2 bound the delta was clipped to.
+    pub l2_clip: f64,
+    /// Devices whose shares are guaranteed to be in the sum.
+    pub clients: u64,
+    /// Key of the noise stream (from the OS on a device).
+    pub key: [u8; 32],
+}
+
 /// Encodes a delta for a secure task trained on `examples` sequences: with a `weight_cap`, the delta
 /// times the device's weight followed by the weight times `clip`; clipped, scaled, stochastically
-/// rounded, as 32-bit little-endian words (the unmasked body the device keeps until it can mask it).
+/// rounded, plus the device's discrete Gaussian noise share if given (integer steps, exact sampler), as
+/// 32-bit little-endian words (the unmasked body the device keeps until it can mask it).
 pub fn encode_delta(
     task: &SecAggTask,
     delta: &[f32],
     examples: u64,
+    noise: Option<NoiseShare>,
     rng: &mut impl Rng,
 ) -> Result<Vec<u8>, SecAggError> {
     let mut values = delta.to_vec();
@@ -39,7 +54,28 @@ pub fn encode_delta(
         values.iter_mut().for_each(|x| *x *= w);
         values.push(w * task.clip());
     }
-    encode_values(task, &values, rng)
+    let Some(n) = noise else {
+        return encode_values(task, &values, rng);
+    };
+    let enc = encoding(task)?;
+    if values.len() != task.params.len {
+        return Err(SecAggError::Params(format!(
+            "{} values for a round of {}",
+            values.len(),
+            task.params.len
+        )));
+    }
+    let steps = enc.noise_steps(n.noise_multiplier, n.l2_clip, n.clients);
+    let mut draws = vec![0i64; values.len()];
+    starling_privacy::sampler::fill_discrete_gaussian(&mut draws, steps, n.key)
+        .map_err(|e| SecAggError::Params(format!("noise share of {steps} steps: {e}")))?;
+    let words: Vec<u32> = enc
+        .encode(&values, rng)
+        .into_iter()
+        .zip(draws)
+        .map(|(w, z)| w.wrapping_add(z as i32 as u32))
+        .collect();
+    Ok(pack(&words, 32))
 }
 
 /// Encodes a secure round's values as they are (the weighted delta and the weight value, as
@@ -74,4 +110,70 @@ pub fn mask_body(state: &ClientState, body: &[u8]) -> Result<Vec<u8>, SecAggErro
     let words = unpack(body, 32, params.len)?;
     let masked = client.masked_input(&words)?;
     Ok(pack(&masked, params.bits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use starling_secagg::RoundParams;
+
+    #[test]
+    fn a_noise_share_is_a_discrete_gaussian_of_the_planned_width_around_the_encoded_delta() {
+        let task = SecAggTask {
+            params: RoundParams {
+                round: 1,
+                clients: 4,
+                neighbours: 3,
+                threshold: 2,
+                graph_seed: [1; 32],
+                len: 20_000,
+                bits: 20,
+            },
+            id: 0,
+            clip_bits: 0.05f32.to_bits(),
+            value_bits: 10,
+            weight_cap: 0,
+        };
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let delta = vec![0.01f32; 20_000];
+        let share = NoiseShare {
+            noise_multiplier: 1.0,
+            l2_clip: 0.5,
+            clients: 4,
+            key: [9; 32],
+        };
+        let noisy = decode_body(
+            &task,
+            &encode_delta(&task, &delta, 1, Some(share), &mut rng).unwrap(),
+        )
+        .unwrap();
+        // 1.0 · 0.5 · 20,480 steps / √4 = 5,120 steps = 0.0125 in the delta's units.
+        let want = 5120.0 * 0.05 / 1024.0;
+        let n = noisy.len() as f64;
+        let mean = noisy.iter().map(|&v| f64::from(v) - 0.01).sum::<f64>() / n;
+        let sd = (noisy
+            .iter()
+            .map(|&v| (f64::from(v) - 0.01 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        assert!(mean.abs() < 4.0 * want / n.sqrt(), "mean {mean}");
+        assert!((sd / want - 1.0).abs() < 0.03, "sd {sd} vs {want}");
+        // The same key gives the same share; no share, no noise beyond the rounding.
+        let again = decode_body(
+            &task,
+            &encode_delta(&task, &delta, 1, Some(share), &mut rng).unwrap(),
+        )
+        .unwrap();
+        assert!(noisy.iter().zip(&again).all(|(a, b)| (a - b).abs() < 1e-4));
+        let quiet = decode_body(
+            &task,
+            &encode_delta(&task, &delta, 1, None, &mut rng).unwrap(),
+        )
+        .unwrap();
+        assert!(quiet
+            .iter()
+            .all(|v| (v - 0.01).abs() <= 0.05 / 1024.0 + 1e-7));
+    }
 }

@@ -7,7 +7,7 @@
 //! accountants); nothing here draws noise or computes ε another way. What must never live here: I/O beyond
 //! what the caller hands in, or protocol state.
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use starling_model::data::Batcher;
 use starling_model::dp::{user_level_delta, DpSgd, DpSgdConfig};
 use starling_model::{
@@ -204,13 +204,24 @@ pub fn train_task(
     } else {
         NoisePlacement::Central
     };
+    // In a secure round the device's noise share is added on the integer grid after encoding (the
+    // distributed discrete Gaussian); here the delta is only clipped.
+    let secure = t.task.secagg.is_some();
     let (delta, delta_norm) = if t.task.dp.update_clip > 0.0 {
         user_level_delta(
             &initial,
             &trainer.adapter,
             t.task.dp.update_clip,
-            t.task.dp.client_noise_multiplier,
-            placement,
+            if secure {
+                0.0
+            } else {
+                t.task.dp.client_noise_multiplier
+            },
+            if secure {
+                NoisePlacement::Central
+            } else {
+                placement
+            },
         )?
     } else {
         let (a, b) = (initial.to_flat(), trainer.adapter.to_flat());
@@ -221,8 +232,21 @@ pub fn train_task(
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 0x0e1c_0de5);
     let body = match &t.task.secagg {
         // A secure round: integers the device masks once its neighbours' shares are in.
-        Some(sa) => crate::secure::encode_delta(sa, &delta, sequences as u64, &mut rng)
-            .map_err(|e| TrainError::Task(e.to_string()))?,
+        Some(sa) => {
+            let dp = &t.task.dp;
+            let noise = (dp.client_noise_multiplier > 0.0).then(|| crate::secure::NoiseShare {
+                noise_multiplier: dp.client_noise_multiplier,
+                l2_clip: dp.update_clip,
+                clients: u64::from(dp.noise_clients),
+                // Secret on a device; reproducible only where the caller fixed the seed (simulations).
+                key: match t.seed {
+                    Some(_) => rng.random(),
+                    None => rand::random(),
+                },
+            });
+            crate::secure::encode_delta(sa, &delta, sequences as u64, noise, &mut rng)
+                .map_err(|e| TrainError::Task(e.to_string()))?
+        }
         None => encode_update(schema, &delta, t.task.encoding, &mut rng)?,
     };
     if body.len() as u64 > t.task.max_update_bytes {

@@ -325,20 +325,48 @@ impl CoordinatorConfig {
                     .into(),
             );
         }
+        let noise = self.secagg_noise_steps();
         if self.privacy.mode == DpPlacement::Distributed {
-            return Err(
-                "secure_aggregation with privacy.mode = distributed needs the distributed \
-                        discrete Gaussian (not built yet): use mode = central (devices clip, the \
-                        coordinator adds the noise to the unmasked sum) or off"
-                    .into(),
-            );
+            let p = &self.privacy;
+            if !(p.noise_multiplier > 0.0 && p.noise_multiplier.is_finite()) {
+                return Err(
+                    "secure_aggregation with privacy.mode = distributed needs noise_multiplier > 0"
+                        .into(),
+                );
+            }
+            if p.noise_clients as usize > self.rounds.min_updates {
+                return Err(format!(
+                    "privacy.noise_clients {} exceeds rounds.min_updates {}: a round could be aggregated \
+                     with fewer noise shares than accounted",
+                    p.noise_clients, self.rounds.min_updates
+                ));
+            }
+            if !(1..=starling_privacy::sampler::MAX_INT_SCALE).contains(&noise) {
+                return Err(format!(
+                    "each device's noise share would be {noise} integer steps (needs 1 to {}): change \
+                     secure_aggregation.value_bits or clip, or privacy.noise_multiplier",
+                    starling_privacy::sampler::MAX_INT_SCALE
+                ));
+            }
         }
-        sa.params(self.rounds.seed, starling_protocol::RoundId(0), m, 1)
+        sa.params(self.rounds.seed, starling_protocol::RoundId(0), m, 1, noise)
             .map_err(|e| format!("secure_aggregation: {e}"))?;
         if sa.phase_timeout_ms == 0 {
             return Err("secure_aggregation.phase_timeout_ms must be positive".into());
         }
         Ok(())
+    }
+
+    /// Under secure aggregation with `privacy.mode = distributed`: each device's discrete Gaussian share,
+    /// in integer steps of the encoding (0 otherwise). Devices compute the same from their task.
+    pub fn secagg_noise_steps(&self) -> u64 {
+        let (sa, p) = (&self.secure_aggregation, &self.privacy);
+        if !sa.enabled || p.mode != DpPlacement::Distributed {
+            return 0;
+        }
+        sa.encoding(1).map_or(0, |e| {
+            e.noise_steps(p.noise_multiplier, p.clip, u64::from(p.noise_clients))
+        })
     }
 
     /// The documented default file written by `init`.
@@ -410,8 +438,12 @@ mod tests {
             ),
             ("[strategy]\nnorm_bound = 1.0\n", "norm_bound"),
             (
-                "[privacy]\nmode = \"distributed\"\n",
-                "distributed discrete Gaussian",
+                "[privacy]\nmode = \"distributed\"\nnoise_clients = 5\n",
+                "exceeds rounds.min_updates",
+            ),
+            (
+                "[privacy]\nmode = \"distributed\"\nnoise_multiplier = 0.0\n",
+                "noise_multiplier > 0",
             ),
         ] {
             let err = CoordinatorConfig::parse(&format!("{ok}{extra}"), "c")
@@ -432,5 +464,14 @@ mod tests {
         let central =
             format!("{ok}[privacy]\nmode = \"central\"\n[strategy]\nkind = \"fed-adam\"\n");
         CoordinatorConfig::parse(&central, "c").unwrap();
+        // The distributed discrete Gaussian: 2 guaranteed shares adding up to σ = 1.0 · C at 2^10 steps
+        // per 0.05 — 1.0 · 0.5 · 20,480 / √2 = 7,240.8 → 7,241 steps each.
+        let ddg = format!("{ok}[privacy]\nmode = \"distributed\"\nclip = 0.5\nnoise_clients = 2\n");
+        assert_eq!(
+            CoordinatorConfig::parse(&ddg, "c")
+                .unwrap()
+                .secagg_noise_steps(),
+            7241
+        );
     }
 }

@@ -313,8 +313,8 @@ pub struct Engine {
     seen: HashMap<Fingerprint, Millis>,
     round: Option<Round>,
     finished_reported: bool,
-    /// Secure aggregation: its settings and the length of a delta.
-    secagg: Option<(SecAggConfig, usize)>,
+    /// Secure aggregation: its settings, the length of a delta and each device's noise share (steps).
+    secagg: Option<(SecAggConfig, usize, u64)>,
 }
 
 impl Engine {
@@ -341,17 +341,25 @@ impl Engine {
         })
     }
 
-    /// Runs every round with secure aggregation (`len`: values in a delta). The settings are checked
-    /// for a cohort of `max_clients` (the wrap-around bound of the encoding).
+    /// Runs every round with secure aggregation (`len`: values in a delta; `noise_steps`: the standard
+    /// deviation of each device's noise share, in integer steps, 0 without distributed noise). The
+    /// settings are checked for a cohort of `max_clients` (the wrap-around bound of the encoding).
     pub fn with_secure_aggregation(
         mut self,
         cfg: SecAggConfig,
         len: usize,
         max_clients: usize,
+        noise_steps: u64,
     ) -> Result<Self, EngineError> {
-        cfg.params(self.cfg.seed, RoundId(0), max_clients.max(2), len)
-            .map_err(|e| EngineError::Config(e.to_string()))?;
-        self.secagg = Some((cfg, len));
+        cfg.params(
+            self.cfg.seed,
+            RoundId(0),
+            max_clients.max(2),
+            len,
+            noise_steps,
+        )
+        .map_err(|e| EngineError::Config(e.to_string()))?;
+        self.secagg = Some((cfg, len, noise_steps));
         Ok(self)
     }
 
@@ -363,11 +371,17 @@ impl Engine {
 
     /// A fresh secure-aggregation state for a round with `record`'s cohort, if rounds are secure.
     fn new_secagg(&self, record: &RoundRecord) -> Result<Option<SecAggRound>, EngineError> {
-        let Some((cfg, len)) = &self.secagg else {
+        let Some((cfg, len, noise)) = &self.secagg else {
             return Ok(None);
         };
         let params = cfg
-            .params(self.cfg.seed, record.id, record.selected.len(), *len)
+            .params(
+                self.cfg.seed,
+                record.id,
+                record.selected.len(),
+                *len,
+                *noise,
+            )
             .and_then(SecAggRound::new)
             .map_err(|e| EngineError::SecAgg(e.to_string()))?;
         Ok(Some(params))
@@ -709,7 +723,7 @@ impl Engine {
     /// deadline passed: moves on, asks for aggregation of the unmasked sum, or abandons the round.
     fn tick_secure(&mut self, now: Millis, actions: &mut Vec<Action>) {
         let Some(r) = &mut self.round else { return };
-        let Some(timeout) = self.secagg.as_ref().map(|(c, _)| c.phase_timeout_ms) else {
+        let Some(timeout) = self.secagg.as_ref().map(|(c, ..)| c.phase_timeout_ms) else {
             return;
         };
         let min_updates = self.cfg.min_updates;
@@ -1200,7 +1214,7 @@ mod tests {
         };
         let make = || {
             engine(cfg.clone())
-                .with_secure_aggregation(sa.clone(), len, n as usize)
+                .with_secure_aggregation(sa.clone(), len, n as usize, 0)
                 .unwrap()
         };
         let mut e = make();

@@ -129,7 +129,13 @@ pub fn init_with(
         manifest: manifest.sign(&signing),
         adapter: bytes,
     };
-    store.publish(ModelVersion(0), &model, None, &StrategyState::default())?;
+    store.publish(
+        ModelVersion(0),
+        &model,
+        None,
+        None,
+        &StrategyState::default(),
+    )?;
     Ok(InitReport {
         tls_fingerprint: tls.fingerprint(),
         signing_key: signing.public_key(),

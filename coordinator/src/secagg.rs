@@ -66,14 +66,16 @@ impl SecAggConfig {
     }
 
     /// The parameters of round `round` with `clients` selected devices and `len` values per delta (one
-    /// more word, the device's weight, with `weight_cap`):
-    /// graph seeded from the engine's seed and the round, modulus the fewest bits that cannot wrap.
+    /// more word, the device's weight, with `weight_cap`), each device adding noise of standard deviation
+    /// `noise_steps` to each value: graph seeded from the engine's seed and the round, modulus the fewest
+    /// bits that cannot wrap.
     pub fn params(
         &self,
         seed: u64,
         round: RoundId,
         clients: usize,
         len: usize,
+        noise_steps: u64,
     ) -> Result<RoundParams, SecAggError> {
         let (k0, t0) = default_params(clients);
         let k = if self.neighbours == 0 {
@@ -97,7 +99,10 @@ impl SecAggConfig {
             threshold: t,
             graph_seed: h.finalize().into(),
             len: len + usize::from(self.weight_cap > 0),
-            bits: self.encoding(clients)?.modulus_bits(),
+            bits: self
+                .encoding(clients)?
+                .with_noise(noise_steps as f64)?
+                .modulus_bits(),
         };
         params.graph()?;
         Ok(params)

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use starling_privacy::ddg::DdgEvent;
 use starling_privacy::{Budget, DpEvent, Ledger, LedgerScope, NoisePlacement};
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
 use starling_protocol::message::{
@@ -144,6 +145,16 @@ struct Inner {
     engine: Engine,
     strategy: Box<dyn Strategy>,
     ledger: Option<Ledger>,
+    /// Rounds charged as the distributed discrete Gaussian (their Gaussian-free share of the ledger).
+    ddg: Vec<DdgEvent>,
+}
+
+/// What one round charges to the global ledger.
+enum RoundEvent {
+    /// The subsampled Gaussian (central noise, or continuous noise shares in the clear).
+    Gaussian(DpEvent),
+    /// Discrete Gaussian shares of the devices in a secure round.
+    Ddg(DdgEvent),
 }
 
 /// The coordinator's state behind the QUIC endpoints.
@@ -291,6 +302,7 @@ impl Coordinator {
                 cfg.secure_aggregation.clone(),
                 schema.num_params(),
                 cohort,
+                cfg.secagg_noise_steps(),
             )?;
         }
         let expected = match cfg.rounds.selection {
@@ -299,6 +311,7 @@ impl Coordinator {
         };
         let mut strategy = build_strategy(&cfg, expected.max(1.0), opts.simulation_noise_key)?;
         strategy.restore(store.strategy_state()?)?;
+        let ddg = store.ledger_ddg()?;
         let ledger = if cfg.privacy.mode == DpPlacement::Off {
             None
         } else {
@@ -310,14 +323,20 @@ impl Coordinator {
                 },
                 cfg.privacy.accountant,
             )?;
+            let discrete: std::collections::BTreeSet<RoundId> =
+                ddg.iter().map(|(r, _)| *r).collect();
             for (round, c) in store.ledger()? {
                 // Recomputed from the stored events: ε is never read back from disk. A budget lowered in the
                 // configuration below what was spent shows as exhausted (no further rounds), not as an error.
+                if discrete.contains(&round) {
+                    continue;
+                }
                 let event = DpEvent::new(c.sampling_rate, c.noise_multiplier, 1)?;
                 let _ = l.charge(format!("round {}", round.0), event);
             }
             Some(l)
         };
+        let ddg = ddg.into_iter().map(|(_, e)| e).collect();
         let current = store.current_round()?;
         let dropped = store.prune_stale_updates(current.as_ref().map(|r| r.id))?;
         if dropped > 0 {
@@ -355,6 +374,7 @@ impl Coordinator {
                 engine,
                 strategy,
                 ledger,
+                ddg,
             }),
             metrics: Metrics::default(),
             clock: opts.clock,
@@ -546,11 +566,13 @@ impl Coordinator {
         now: u64,
     ) -> Result<ModelVersion, ServiceError> {
         // Privacy first: a round that would exceed the budget is refused before anything is computed.
-        let sampling_rate = round.selected.len() as f64 / round.eligible.max(1) as f64;
+        let sampling_rate = (round.selected.len() as f64 / round.eligible.max(1) as f64).min(1.0);
         let eff = self.effective_multiplier();
-        if let Some(l) = &inner.ledger {
-            l.check(DpEvent::new(sampling_rate.min(1.0), eff, 1)?)?;
-        }
+        let event = self.round_event(sampling_rate, eff)?;
+        let spent = match &event {
+            Some(e) => Some(self.epsilon_after(inner, e)?),
+            None => None,
+        };
         let step = match &input {
             RoundInput::Updates { deltas, .. } => {
                 let views: Vec<ClientUpdate<'_>> = deltas
@@ -578,11 +600,20 @@ impl Coordinator {
         for (a, s) in adapter.iter_mut().zip(&step) {
             *a += s;
         }
-        let (dp, charge_event) = match &mut inner.ledger {
-            Some(l) => {
-                // Charge with the multiplier opendp certified for the noise actually drawn.
-                let event = DpEvent::new(sampling_rate.min(1.0), eff, 1)?;
-                let spent = l.charge(format!("round {}", round.id.0), event)?;
+        let mut discrete = None;
+        let (dp, charge_event) = match (&mut inner.ledger, event, spent) {
+            (Some(l), Some(event), Some(spent)) => {
+                // Charged with the multiplier opendp certified for the noise actually drawn (central), or
+                // as the devices' discrete shares (secure rounds with device noise).
+                match event {
+                    RoundEvent::Gaussian(e) => {
+                        l.charge(format!("round {}", round.id.0), e)?;
+                    }
+                    RoundEvent::Ddg(e) => {
+                        inner.ddg.push(e);
+                        discrete = Some(e);
+                    }
+                }
                 let mode = match self.cfg.privacy.mode {
                     DpPlacement::Distributed => DpMode::UserDistributed {
                         clients: self.cfg.privacy.noise_clients,
@@ -594,13 +625,13 @@ impl Coordinator {
                         mode,
                         noise_multiplier: eff,
                         clip: self.cfg.privacy.clip,
-                        epsilon_spent: spent.epsilon,
+                        epsilon_spent: spent,
                         delta: self.cfg.privacy.delta,
                     },
-                    Some((event, spent.epsilon)),
+                    Some(spent),
                 )
             }
-            None => (
+            _ => (
                 DpRecord {
                     mode: DpMode::Off,
                     noise_multiplier: 0.0,
@@ -629,9 +660,9 @@ impl Coordinator {
             created_at_unix_ms: now,
         };
         let charge = RoundCharge {
-            sampling_rate: charge_event.map_or(sampling_rate, |(e, _)| e.sampling_rate),
-            noise_multiplier: charge_event.map_or(0.0, |(e, _)| e.noise_multiplier),
-            epsilon_after: charge_event.map_or(0.0, |(_, eps)| eps),
+            sampling_rate,
+            noise_multiplier: charge_event.map_or(0.0, |_| eff),
+            epsilon_after: charge_event.unwrap_or(0.0),
             mean_train_loss: match &input {
                 RoundInput::Updates { deltas, loss } => (loss / deltas.len().max(1) as f64) as f32,
                 // Secure rounds: the devices' losses are not collected (they would be one more
@@ -648,9 +679,81 @@ impl Coordinator {
             version,
             &model,
             Some((round.id, charge)),
+            discrete.as_ref(),
             &inner.strategy.state(),
         )?;
         Ok(version)
+    }
+
+    /// Whether rounds charge the ledger, and how: `Some(true)` the subsampled Gaussian, `Some(false)` the
+    /// devices' discrete Gaussian shares under secure aggregation, `None` no user-level DP.
+    fn round_kind(&self) -> Option<bool> {
+        match self.cfg.privacy.mode {
+            DpPlacement::Off => None,
+            DpPlacement::Distributed if self.cfg.secure_aggregation.enabled => Some(false),
+            _ => Some(true),
+        }
+    }
+
+    /// The event a round at `sampling_rate` charges (`eff`: the effective Gaussian multiplier).
+    fn round_event(
+        &self,
+        sampling_rate: f64,
+        eff: f64,
+    ) -> Result<Option<RoundEvent>, ServiceError> {
+        Ok(match self.round_kind() {
+            None => None,
+            Some(true) => Some(RoundEvent::Gaussian(DpEvent::new(sampling_rate, eff, 1)?)),
+            Some(false) => {
+                let p = &self.cfg.privacy;
+                let scale = self
+                    .cfg
+                    .secure_aggregation
+                    .encoding(1)
+                    .map_err(|e| ServiceError::State(e.to_string()))?
+                    .scale;
+                Some(RoundEvent::Ddg(DdgEvent::new(
+                    u64::from(p.noise_clients),
+                    self.cfg.secagg_noise_steps() as f64,
+                    p.clip * scale,
+                    self.schema.num_params() as u64,
+                    sampling_rate,
+                    1,
+                )?))
+            }
+        })
+    }
+
+    /// ε after `event` at the configured δ, refused past the budget: the ledger's own accountant while
+    /// every round is Gaussian, RDP over integer orders once a discrete Gaussian round is involved.
+    fn epsilon_after(&self, inner: &Inner, event: &RoundEvent) -> Result<f64, ServiceError> {
+        let Some(l) = &inner.ledger else {
+            return Err(ServiceError::State("no privacy ledger".into()));
+        };
+        let mut gaussian: Vec<DpEvent> = l.entries().iter().map(|e| e.event).collect();
+        let mut discrete = inner.ddg.clone();
+        let eps = match event {
+            RoundEvent::Gaussian(e) if discrete.is_empty() => l.preview(*e)?.epsilon,
+            RoundEvent::Gaussian(e) => {
+                gaussian.push(*e);
+                starling_privacy::ddg::epsilon_with(&gaussian, &discrete, l.budget().delta)?.0
+            }
+            RoundEvent::Ddg(e) => {
+                discrete.push(*e);
+                starling_privacy::ddg::epsilon_with(&gaussian, &discrete, l.budget().delta)?.0
+            }
+        };
+        let budget = l.budget();
+        if eps.is_nan() || eps > budget.epsilon {
+            return Err(starling_privacy::PrivacyError::BudgetExceeded {
+                scope: l.scope().to_string(),
+                would_reach: eps,
+                delta: budget.delta,
+                budget: budget.epsilon,
+            }
+            .into());
+        }
+        Ok(eps)
     }
 
     fn effective_multiplier(&self) -> f64 {

@@ -21,6 +21,7 @@ use starling_protocol::{
 use crate::engine::{RoundRecord, UpdateMeta};
 use crate::secagg::SecAggRound;
 use crate::strategy::StrategyState;
+use starling_privacy::ddg::DdgEvent;
 
 /// Storage format version written at creation and checked at open.
 const FORMAT: u32 = 1;
@@ -169,6 +170,9 @@ pub struct Store {
     update_index: sled::Tree,
     models: sled::Tree,
     ledger: sled::Tree,
+    /// Rounds charged as the distributed discrete Gaussian: their events (the ledger tree keeps their
+    /// charge record too).
+    ledger_ddg: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -223,6 +227,7 @@ impl Store {
             update_index: db.open_tree("update_index")?,
             models: db.open_tree("models")?,
             ledger: db.open_tree("ledger")?,
+            ledger_ddg: db.open_tree("ledger_ddg")?,
             meta: db.open_tree("meta")?,
             db,
         })
@@ -445,34 +450,41 @@ impl Store {
 
     // ---- models, strategy state, ledger ----
 
-    /// Publishes a version atomically: the model, the round's ledger charge, the strategy state, the
-    /// closing of the round and the completed-round count, in one transaction, flushed.
+    /// Publishes a version atomically: the model, the round's ledger charge (with its distributed
+    /// discrete Gaussian event, for a secure round with device noise), the strategy state, the closing of
+    /// the round and the completed-round count, in one transaction, flushed.
     pub fn publish(
         &self,
         version: ModelVersion,
         model: &PublishedModel,
         round: Option<(RoundId, RoundCharge)>,
+        ddg: Option<&DdgEvent>,
         state: &StrategyState,
     ) -> Result<(), StoreError> {
-        (&self.models, &self.ledger, &self.meta).transaction(|(models, ledger, meta)| {
-            let key = version.0.to_be_bytes();
-            if models.get(key)?.is_some() {
-                return Err(ConflictableTransactionError::Abort(StoreError::Conflict(
-                    format!("version {} is already published", version.0),
-                )));
-            }
-            models.insert(&key, encode(model))?;
-            meta.insert("latest_version", &key)?;
-            meta.insert("strategy_state", encode(state))?;
-            if let Some((r, charge)) = round {
-                ledger.insert(&r.0.to_be_bytes(), encode(&charge))?;
-                let completed = meta.get("completed")?.map_or(0, |v| be_u64(&v)) + 1;
-                meta.insert("completed", &completed.to_be_bytes())?;
-                meta.remove("current_round")?;
-                meta.remove("secagg")?;
-            }
-            Ok(())
-        })?;
+        (&self.models, &self.ledger, &self.meta, &self.ledger_ddg).transaction(
+            |(models, ledger, meta, ledger_ddg)| {
+                let key = version.0.to_be_bytes();
+                if models.get(key)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Conflict(
+                        format!("version {} is already published", version.0),
+                    )));
+                }
+                models.insert(&key, encode(model))?;
+                meta.insert("latest_version", &key)?;
+                meta.insert("strategy_state", encode(state))?;
+                if let Some((r, charge)) = round {
+                    ledger.insert(&r.0.to_be_bytes(), encode(&charge))?;
+                    if let Some(e) = ddg {
+                        ledger_ddg.insert(&r.0.to_be_bytes(), encode(e))?;
+                    }
+                    let completed = meta.get("completed")?.map_or(0, |v| be_u64(&v)) + 1;
+                    meta.insert("completed", &completed.to_be_bytes())?;
+                    meta.remove("current_round")?;
+                    meta.remove("secagg")?;
+                }
+                Ok(())
+            },
+        )?;
         self.flush()
     }
 
@@ -509,6 +521,17 @@ impl Store {
     /// Every round's privacy charge, in round order.
     pub fn ledger(&self) -> Result<Vec<(RoundId, RoundCharge)>, StoreError> {
         self.ledger
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((RoundId(be_u64(&k)), decode(&v, "ledger entry")?))
+            })
+            .collect()
+    }
+
+    /// The distributed discrete Gaussian events charged, by round.
+    pub fn ledger_ddg(&self) -> Result<Vec<(RoundId, DdgEvent)>, StoreError> {
+        self.ledger_ddg
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
@@ -675,6 +698,7 @@ mod tests {
             rounds: 1,
             vectors: vec![("m".into(), vec![0.5])],
         };
+        let ddg = DdgEvent::new(4, 5120.0, 10240.0, 100, 0.25, 1).unwrap();
         {
             let s = Store::create(dir.path()).unwrap();
             let round = RoundRecord {
@@ -687,10 +711,16 @@ mod tests {
                 eligible: 0,
             };
             s.put_round(&round).unwrap();
-            s.publish(ModelVersion(1), &model, Some((RoundId(3), charge)), &state)
-                .unwrap();
+            s.publish(
+                ModelVersion(1),
+                &model,
+                Some((RoundId(3), charge)),
+                Some(&ddg),
+                &state,
+            )
+            .unwrap();
             assert!(matches!(
-                s.publish(ModelVersion(1), &model, None, &state),
+                s.publish(ModelVersion(1), &model, None, None, &state),
                 Err(StoreError::Conflict(_))
             ));
         }
@@ -706,6 +736,7 @@ mod tests {
         assert_eq!(s.completed().unwrap(), 1);
         assert_eq!(s.strategy_state().unwrap(), state);
         assert_eq!(s.ledger().unwrap(), vec![(RoundId(3), charge)]);
+        assert_eq!(s.ledger_ddg().unwrap(), vec![(RoundId(3), ddg)]);
         assert_eq!(
             s.manifest_digest(ModelVersion(1)).unwrap(),
             Some(model.manifest.digest())

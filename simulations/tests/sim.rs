@@ -2,12 +2,18 @@
 //! the shipped model, in memory and over QUIC on loopback.
 
 use starling_model::Llama;
+use starling_privacy::ddg::{self, DdgEvent};
 use starling_privacy::{accountant, AccountantKind, DpEvent, GaussianMechanism};
 use starling_simulations::sim::scenario::{AttackKind, Scenario};
 use starling_simulations::sim::{self, Outcome, RunOptions, Transport};
 
 /// A small scenario: 16 LEAF roles, 4 per round, 3 rounds of 3 local steps on 64-token sequences.
 fn small(extra: &str) -> Scenario {
+    small_with("round_timeout_ms = 60000", extra)
+}
+
+/// [`small`] with `rounds` as the body of its `[rounds]` table.
+fn small_with(rounds: &str, extra: &str) -> Scenario {
     let text = format!(
         r#"
 [simulation]
@@ -25,7 +31,7 @@ windows_per_client = 1
 seq_len = 64
 
 [rounds]
-round_timeout_ms = 60000
+{rounds}
 
 [task]
 local_steps = 3
@@ -323,4 +329,52 @@ phase_timeout_ms = 20000
     for r in &o.rounds[1..] {
         assert!(r.participants >= 3 && r.participants <= 10, "{r:?}");
     }
+}
+
+#[test]
+fn secure_rounds_with_device_noise_spend_exactly_the_distributed_discrete_gaussians_epsilon() {
+    let s = small_with(
+        "round_timeout_ms = 60000\nmin_updates = 4",
+        r#"
+[privacy]
+mode = "distributed"
+clip = 0.5
+noise_multiplier = 1.0
+noise_clients = 4
+delta = 1e-5
+epsilon_budget = 1000.0
+
+[secure_aggregation]
+enabled = true
+clip = 0.05
+value_bits = 10
+"#,
+    );
+    let o = run(&s, Transport::Memory);
+    assert_eq!(o.summary.rounds, 3, "{:?}", o.rounds);
+    assert!(o.final_adapter.iter().all(|x| x.is_finite()));
+    assert_ne!(o.final_adapter, o.initial_adapter);
+    // Each device adds 1.0 · 0.5 · 20,480 steps / √4 = 5,120 steps of discrete Gaussian noise; the
+    // ledger charges three rounds of the distributed discrete Gaussian at q = 4/16.
+    let dir = starling_simulations::sim::scenario::resolve(&s.simulation.base_model, None);
+    let model = Llama::load(&dir, None, &starling_model::Backend::default().device()).unwrap();
+    let n = sim::adapter_params(&model, &s).unwrap() as u64;
+    // (20,480 steps per unit as the encoding computes it from the f32 clip: 2^10 / 0.05f32.)
+    let scale = starling_secagg::mask::Encoding::new(0.05, 10, 1)
+        .unwrap()
+        .scale;
+    let event = DdgEvent::new(4, 5120.0, 0.5 * scale, n, 4.0 / 16.0, 1).unwrap();
+    let expected = ddg::epsilon(&[event; 3], 1e-5).unwrap().0;
+    let got = o.summary.epsilon_user;
+    assert!(
+        (got - expected).abs() <= 1e-9 * expected,
+        "ε {got} vs the accountant's {expected}"
+    );
+    let eps: Vec<f64> = o.rounds.iter().map(|r| r.epsilon_user).collect();
+    assert!(eps.windows(2).all(|w| w[1] > w[0]), "{eps:?}");
+    // A target ε cannot be calibrated with the Gaussian's accountant here: refused, with the way out.
+    let mut target = s.clone();
+    target.simulation.target_epsilon = Some(8.0);
+    let err = target.validate("test").unwrap_err().to_string();
+    assert!(err.contains("ddg-epsilon"), "{err}");
 }

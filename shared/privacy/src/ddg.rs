@@ -15,7 +15,7 @@
 //! Checked against a transcription of Google's reference (`distributed_dp/accounting_utils.py`,
 //! `ddgauss_epsilon`) by `tests/ddg_reference.rs`. Pure arithmetic: the sampler lives in [`crate::sampler`].
 
-use crate::{rdp, special, PrivacyError};
+use crate::{rdp, special, DpEvent, PrivacyError};
 
 /// The integer RDP orders the reference uses: 2..=128 and 256.
 pub fn orders() -> Vec<u64> {
@@ -144,14 +144,33 @@ fn subsampled(alpha: u64, q: f64, eps: &dyn Fn(u64) -> f64) -> f64 {
 
 /// ε at `delta` of a composition of distributed discrete Gaussian events, with the optimal order.
 pub fn epsilon(events: &[DdgEvent], delta: f64) -> Result<(f64, f64), PrivacyError> {
+    epsilon_with(&[], events, delta)
+}
+
+/// ε at `delta` of rounds of the subsampled Gaussian (`gaussian`, e.g. central DP-FedAvg) composed with
+/// distributed discrete Gaussian rounds, by RDP over the integer orders both are computed at.
+pub fn epsilon_with(
+    gaussian: &[DpEvent],
+    events: &[DdgEvent],
+    delta: f64,
+) -> Result<(f64, f64), PrivacyError> {
     let ord = orders();
+    let as_f64: Vec<f64> = ord.iter().map(|&a| a as f64).collect();
     let mut total = vec![0.0; ord.len()];
+    for g in gaussian
+        .iter()
+        .filter(|g| g.steps > 0 && g.sampling_rate > 0.0)
+    {
+        let r = rdp::subsampled_gaussian_rdp(g.sampling_rate, g.noise_multiplier, &as_f64)?;
+        for (t, x) in total.iter_mut().zip(r) {
+            *t += x * g.steps as f64;
+        }
+    }
     for e in events {
         for (t, r) in total.iter_mut().zip(e.rdp(&ord)) {
             *t += r;
         }
     }
-    let as_f64: Vec<f64> = ord.iter().map(|&a| a as f64).collect();
     rdp::epsilon_from_rdp(&as_f64, &total, delta)
 }
 
@@ -173,6 +192,11 @@ mod tests {
         assert!((a - b).abs() < 1e-9 * b, "{a} vs {b}");
         assert_eq!(e(2000.0, 1).tau(), 0.0);
         assert!(DdgEvent::new(10, 0.5, 10.0, 8, 1.0, 1).unwrap().tau() > 0.01);
+        // Composed with Gaussian rounds: more than either alone; with none, the same as alone.
+        let g = DpEvent::new(0.3, 1.0, 10).unwrap();
+        let alone = eps(e(2000.0, 10));
+        assert_eq!(epsilon_with(&[], &[e(2000.0, 10)], 1e-5).unwrap().0, alone);
+        assert!(epsilon_with(&[g], &[e(2000.0, 10)], 1e-5).unwrap().0 > alone);
         assert!(DdgEvent::new(0, 1.0, 1.0, 1, 1.0, 1).is_err());
         assert!(DdgEvent::new(1, 1.0, 1.0, 1, 0.0, 1).is_err());
         assert!(DdgEvent::new(1, f64::NAN, 1.0, 1, 1.0, 1).is_err());

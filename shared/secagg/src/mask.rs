@@ -90,7 +90,14 @@ pub struct Encoding {
     pub scale: f64,
     /// Most clients whose encoded values are summed.
     pub max_clients: usize,
+    /// Standard deviation, in integer steps, of the noise share each client adds to each value (0:
+    /// none); the modulus leaves room for 7 standard deviations of the summed noise.
+    pub noise_sigma: f64,
 }
+
+/// Standard deviations of the summed noise the modulus makes room for (a value wraps with probability
+/// below 3·10⁻¹²).
+const NOISE_ROOM: f64 = 7.0;
 
 impl Encoding {
     /// An encoding for sums of up to `max_clients` values of magnitude ≤ `clip` with `bits` bits of
@@ -104,17 +111,57 @@ impl Encoding {
             )));
         }
         let scale = f64::from(1u32 << bits) / f64::from(clip);
-        let bound = max_clients as f64 * (f64::from(clip) * scale + 1.0);
-        if bound >= 2f64.powi(31) {
-            return Err(SecAggError::Params(format!(
-                "{max_clients} clients × {bits}-bit values can reach {bound:.3e} ≥ 2^31: the masked sum would wrap; lower the bits or the clients per round"
-            )));
-        }
-        Ok(Self {
+        Self {
             clip,
             scale,
             max_clients,
-        })
+            noise_sigma: 0.0,
+        }
+        .checked()
+    }
+
+    /// The same encoding with each client adding integer noise of standard deviation `sigma` steps to
+    /// each value (refused when the noisy sum could wrap).
+    pub fn with_noise(self, sigma: f64) -> Result<Self, SecAggError> {
+        if !(sigma.is_finite() && sigma >= 0.0) {
+            return Err(SecAggError::Params(format!(
+                "a noise standard deviation of {sigma} steps"
+            )));
+        }
+        Self {
+            noise_sigma: sigma,
+            ..self
+        }
+        .checked()
+    }
+
+    /// One client's share of distributed noise, in integer steps: the shares of `clients` clients add up
+    /// to standard deviation `noise_multiplier · l2_clip` (in the values' units), rounded up — more noise,
+    /// never less, than accounted at the multiplier (the accountant is told this integer).
+    pub fn noise_steps(&self, noise_multiplier: f64, l2_clip: f64, clients: u64) -> u64 {
+        let s = noise_multiplier * l2_clip * self.scale / (clients.max(1) as f64).sqrt();
+        if s.is_finite() && s > 0.0 {
+            s.ceil() as u64
+        } else {
+            0
+        }
+    }
+
+    /// The largest magnitude a sum can reach (values, rounding, and the noise room).
+    fn bound(&self) -> f64 {
+        let n = self.max_clients as f64;
+        n * (f64::from(self.clip) * self.scale + 1.0) + NOISE_ROOM * self.noise_sigma * n.sqrt()
+    }
+
+    fn checked(self) -> Result<Self, SecAggError> {
+        let bound = self.bound();
+        if bound >= 2f64.powi(31) {
+            return Err(SecAggError::Params(format!(
+                "{} clients' values (and noise) can reach {bound:.3e} ≥ 2^31: the masked sum would wrap; lower the bits or the clients per round",
+                self.max_clients
+            )));
+        }
+        Ok(self)
     }
 
     /// Encodes `values` (non-finite values count as 0).
@@ -132,10 +179,10 @@ impl Encoding {
     }
 
     /// The fewest bits of modulus that hold any sum of up to `max_clients` encoded values without
-    /// wrapping (sums lie in `[-B, B]`, `B = max_clients · (clip · scale + 1)`, so `2B < 2^bits`).
+    /// wrapping (sums lie in `[-B, B]`, `B = max_clients · (clip · scale + 1)` plus 7 standard deviations
+    /// of the summed noise, so `2B < 2^bits`).
     pub fn modulus_bits(&self) -> u32 {
-        let bound = self.max_clients as f64 * (f64::from(self.clip) * self.scale + 1.0);
-        ((2.0 * bound + 1.0).log2().ceil() as u32).clamp(1, 32)
+        ((2.0 * self.bound() + 1.0).log2().ceil() as u32).clamp(1, 32)
     }
 
     /// Decodes a sum of encoded vectors reduced modulo `2^bits` (read as a signed `bits`-bit
@@ -212,6 +259,12 @@ mod tests {
         // a masked input is 15/8 of an int8 upload.
         assert_eq!(Encoding::new(1.0, 7, 100).unwrap().modulus_bits(), 15);
         assert!(Encoding::new(0.05, 22, 1000).is_err());
+        // Noise shares widen the modulus: 100 clients with σ = 2000 steps each add 7·2000·√100 to
+        // 100·129: 2·152,900 + 1 needs 19 bits instead of 15.
+        let quiet = Encoding::new(1.0, 7, 100).unwrap();
+        assert_eq!(quiet.with_noise(2000.0).unwrap().modulus_bits(), 19);
+        assert!(quiet.with_noise(1e9).is_err());
+        assert!(quiet.with_noise(f64::NAN).is_err());
         assert!(Encoding::new(0.0, 16, 10).is_err());
         assert!(Encoding::new(f32::NAN, 16, 10).is_err());
     }

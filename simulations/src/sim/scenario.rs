@@ -320,7 +320,9 @@ impl Scenario {
         Self::parse(DEFAULT, "scenarios/default.toml (embedded)")
     }
 
-    fn validate(&self, origin: &str) -> Result<(), SimError> {
+    /// Checks the scenario's values against each other and the coordinator's own validation (`origin`
+    /// names it in the errors).
+    pub fn validate(&self, origin: &str) -> Result<(), SimError> {
         let bad = |m: String| Err(SimError::Scenario(format!("{origin}: {m}")));
         let s = &self.simulation;
         if s.rounds == 0 {
@@ -342,6 +344,12 @@ impl Scenario {
             }
             if self.privacy.mode == DpPlacement::Off {
                 return bad("simulation.target_epsilon needs [privacy] mode = \"central\" or \"distributed\"".into());
+            }
+            if self.privacy.mode == DpPlacement::Distributed && self.secure_aggregation.enabled {
+                return bad("simulation.target_epsilon calibrates the Gaussian: with secure aggregation the \
+                            distributed discrete Gaussian is accounted instead — set [privacy] \
+                            noise_multiplier (plan it with `starling-coordinator privacy ddg-epsilon`)"
+                    .into());
             }
         }
         let d = &self.data;
