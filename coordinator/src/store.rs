@@ -520,24 +520,12 @@ impl Store {
 
     /// Every round's privacy charge, in round order.
     pub fn ledger(&self) -> Result<Vec<(RoundId, RoundCharge)>, StoreError> {
-        self.ledger
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((RoundId(be_u64(&k)), decode(&v, "ledger entry")?))
-            })
-            .collect()
+        by_round(&self.ledger, "ledger entry")
     }
 
     /// The distributed discrete Gaussian events charged, by round.
     pub fn ledger_ddg(&self) -> Result<Vec<(RoundId, DdgEvent)>, StoreError> {
-        self.ledger_ddg
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((RoundId(be_u64(&k)), decode(&v, "ledger entry")?))
-            })
-            .collect()
+        by_round(&self.ledger_ddg, "discrete Gaussian ledger entry")
     }
 
     /// Digest of a published version's manifest body (what its child names as parent).
@@ -560,6 +548,19 @@ pub fn manifest_body(signed: &SignedManifest) -> Result<starling_protocol::Manif
         what: "manifest",
         detail: e.to_string(),
     })
+}
+
+/// Every value of a tree keyed by round id, decoded, in round order.
+fn by_round<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    what: &'static str,
+) -> Result<Vec<(RoundId, T)>, StoreError> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            Ok((RoundId(be_u64(&k)), decode(&v, what)?))
+        })
+        .collect()
 }
 
 fn be_u64(v: &[u8]) -> u64 {

@@ -630,6 +630,20 @@ fn to_secure_step(s: &mut Session, t: Box<Task>, body: &[u8]) -> (Vec<Action>, P
     (s.handle(5, Event::Trained(p.clone())), p)
 }
 
+/// Round 1's parameters for `clients` devices, each the neighbour of all others (threshold 2), with
+/// `len` words of `bits` bits.
+fn round_params(clients: usize, len: usize, bits: u32) -> starling_secagg::RoundParams {
+    starling_secagg::RoundParams {
+        round: 1,
+        clients,
+        neighbours: clients - 1,
+        threshold: 2,
+        graph_seed: [3; 32],
+        len,
+        bits,
+    }
+}
+
 /// The device is out of its secure round (its state dropped) and asks for work again.
 fn assert_round_over(s: &Session, a: &[Action]) {
     assert_eq!(
@@ -648,15 +662,7 @@ fn assert_round_over(s: &Session, a: &[Action]) {
 fn a_secure_round_goes_keys_shares_masked_upload_reveals_and_the_sum_unmasks() {
     use starling_secagg::mask::{pack, unpack};
     let n = 4u32;
-    let params = starling_secagg::RoundParams {
-        round: 1,
-        clients: n as usize,
-        neighbours: 3,
-        threshold: 2,
-        graph_seed: [3; 32],
-        len: 16,
-        bits: 12,
-    };
+    let params = round_params(n as usize, 16, 12);
     let mut server = starling_secagg::Server::new(params.clone()).unwrap();
     let m0 = manifest(0, None, &key());
     let inputs: Vec<Vec<u32>> = (0..n)
@@ -806,15 +812,7 @@ fn a_secure_round_goes_keys_shares_masked_upload_reveals_and_the_sum_unmasks() {
 
 #[test]
 fn a_request_for_both_shares_of_a_peer_is_refused_and_the_device_leaves_the_round() {
-    let params = starling_secagg::RoundParams {
-        round: 1,
-        clients: 3,
-        neighbours: 2,
-        threshold: 2,
-        graph_seed: [3; 32],
-        len: 4,
-        bits: 10,
-    };
+    let params = round_params(3, 4, 10);
     let mut server = starling_secagg::Server::new(params.clone()).unwrap();
     let m0 = manifest(0, None, &key());
     let mut sessions: Vec<Session> = (0..3u32)
