@@ -30,9 +30,7 @@ use starling_transport::server::EnrolmentLimits;
 use starling_transport::{Access, Authorizer, Handler, Limits, Request, Response, Server};
 
 use crate::config::{CoordinatorConfig, DpPlacement, UpdateEncoding};
-use crate::engine::{
-    Action, Engine, EngineError, RoundRecord, TaskDecision, UpdateCheck, UpdateMeta,
-};
+use crate::engine::{Action, Engine, RoundRecord, TaskDecision, UpdateCheck, UpdateMeta};
 use crate::status::{bump, Metrics};
 use crate::store::{manifest_body, ClientStatus, PublishedModel, RoundCharge, Store, StoredUpdate};
 use crate::strategy::{self, ClientUpdate, DpFedAvg, Strategy};
@@ -293,11 +291,12 @@ impl Coordinator {
             store.next_round()?,
             store.completed()?,
         )?;
+        // The clients a round selects (at least `min_clients` with a fraction).
+        let cohort = match cfg.rounds.selection {
+            crate::engine::Selection::Count(m) => m,
+            crate::engine::Selection::Fraction(_) => cfg.rounds.min_clients,
+        };
         if cfg.secure_aggregation.enabled {
-            let cohort = match cfg.rounds.selection {
-                crate::engine::Selection::Count(m) => m,
-                crate::engine::Selection::Fraction(_) => cfg.rounds.min_clients,
-            };
             engine = engine.with_secure_aggregation(
                 cfg.secure_aggregation.clone(),
                 schema.num_params(),
@@ -305,11 +304,8 @@ impl Coordinator {
                 cfg.secagg_noise_steps(),
             )?;
         }
-        let expected = match cfg.rounds.selection {
-            crate::engine::Selection::Count(m) => m as f64,
-            crate::engine::Selection::Fraction(_) => cfg.rounds.min_clients as f64,
-        };
-        let mut strategy = build_strategy(&cfg, expected.max(1.0), opts.simulation_noise_key)?;
+        let mut strategy =
+            build_strategy(&cfg, (cohort as f64).max(1.0), opts.simulation_noise_key)?;
         strategy.restore(store.strategy_state()?)?;
         let ddg = store.ledger_ddg()?;
         let ledger = if cfg.privacy.mode == DpPlacement::Off {
@@ -914,13 +910,16 @@ impl Coordinator {
         let checked = if inner.engine.secagg().is_some() {
             // A masked input: added to the round's masked sum, which is stored before the ack; the
             // input itself is never stored.
-            inner.engine.record_masked(&meta, &body, now).and_then(|c| {
-                if c == UpdateCheck::New {
-                    self.persist_secagg(&inner)
-                        .map_err(|e| EngineError::Misuse(e.to_string()))?;
+            // A duplicate is stored again too: its first try may have failed to store.
+            let checked = inner.engine.record_masked(&meta, &body, now);
+            if checked.is_ok() {
+                if let Err(e) = self.persist_secagg(&inner) {
+                    // The device re-sends it: a duplicate then, acknowledged once the state is stored.
+                    tracing::error!("storing the secure-aggregation state: {e}");
+                    return Response::error(ErrorCode::Unavailable, "storage failed; retry");
                 }
-                Ok(c)
-            })
+            }
+            checked
         } else {
             inner.engine.check_update(&meta, now)
         };
