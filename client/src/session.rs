@@ -1031,6 +1031,10 @@ impl Session {
                 tracing::info!(round, "secure round done");
                 self.progress.secagg = None;
                 let mut a = vec![Action::Persist];
+                // Nothing of the round stays behind (its masked update was acknowledged before `Done`).
+                if let Some(p) = self.progress.pending.take_if(|p| p.round == round) {
+                    a.push(Action::DiscardPending { round: p.round });
+                }
                 a.extend(self.request_task());
                 return a;
             }
