@@ -351,17 +351,15 @@ impl Runtime {
         else {
             return fail(format!("no pending update for round {round}"));
         };
-        let path = self.dir.pending(round);
-        let body = match self.dir.read(&path, p.body_size) {
-            Ok(b) if Digest::of(&b).to_hex() == p.body_digest => b,
-            Ok(_) => return fail(format!("{} is not the encoded update", path.display())),
-            Err(e) => return fail(e.to_string()),
+        let body = match self.pending_body(p) {
+            Ok(b) => b,
+            Err(e) => return fail(e),
         };
         let masked = match crate::secure::mask_body(state, &body) {
             Ok(m) => m,
             Err(e) => return fail(e.to_string()),
         };
-        if let Err(e) = crate::state::write_atomic(&path, &masked) {
+        if let Err(e) = crate::state::write_atomic(&self.dir.pending(round), &masked) {
             return fail(e.to_string());
         }
         Event::Masked {
@@ -370,23 +368,33 @@ impl Runtime {
         }
     }
 
+    /// The stored body of a pending update, checked against its recorded size and digest.
+    fn pending_body(&self, p: &PendingUpdate) -> Result<Vec<u8>, String> {
+        let path = self.dir.pending(p.round);
+        match self.dir.read(&path, p.body_size) {
+            Ok(b) if Digest::of(&b).to_hex() == p.body_digest => Ok(b),
+            other => {
+                let why = other
+                    .err()
+                    .map_or("digest differs".to_string(), |e| e.to_string());
+                Err(format!("stored update {}: {why}", path.display()))
+            }
+        }
+    }
+
     async fn upload(
         &self,
         c: &starling_transport::Session,
         p: &PendingUpdate,
     ) -> Result<Event, TransportError> {
-        let path = self.dir.pending(p.round);
-        let body = match self.dir.read(&path, p.body_size) {
-            Ok(b) if Digest::of(&b).to_hex() == p.body_digest => b,
-            other => {
-                // The stored update is gone or damaged: it can never be sent as computed.
-                let why = other
-                    .err()
-                    .map_or("digest differs".to_string(), |e| e.to_string());
+        let body = match self.pending_body(p) {
+            Ok(b) => b,
+            // The stored update is gone or damaged: it can never be sent as computed.
+            Err(message) => {
                 return Ok(Event::Refused {
                     code: starling_protocol::ErrorCode::BadRequest,
-                    message: format!("stored update {}: {why}", path.display()),
-                });
+                    message,
+                })
             }
         };
         let Some(upload) = p.upload_header(&body) else {

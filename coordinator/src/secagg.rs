@@ -189,8 +189,7 @@ impl SecAggRound {
         }
         let advertised = self.server.advertised().contains_key(&id);
         let shared = self.server.has_shared(id);
-        let (dropped, reported) = self.server.unmask_request();
-        let has_reported = reported.contains(&id);
+        let has_reported = self.server.has_reported(id);
         match (step, self.phase) {
             (SecAggStep::Keys(keys), SecAggPhase::Advertise) => {
                 if advertised {
@@ -244,6 +243,7 @@ impl SecAggRound {
                 if self.revealed.contains(&id) {
                     out(SecAggReply::Done, false)
                 } else {
+                    let (dropped, reported) = self.server.unmask_request();
                     out(SecAggReply::Unmask { dropped, reported }, false)
                 }
             }
@@ -266,19 +266,18 @@ impl SecAggRound {
     /// Whether every device still expected in the current phase has answered (`expected` are the
     /// roster ids of the selected devices that did not decline, for the advertise phase).
     pub fn all_in(&self, expected: impl Iterator<Item = ClientId>) -> bool {
-        let (dropped, reported) = self.server.unmask_request();
+        let s = &self.server;
+        let mut advertised = s.advertised().keys().copied();
         match self.phase {
             SecAggPhase::Advertise => {
-                let keys = self.server.advertised();
+                let keys = s.advertised();
                 expected.into_iter().all(|c| keys.contains_key(&c))
             }
-            SecAggPhase::Share => self
-                .server
-                .advertised()
-                .keys()
-                .all(|&c| self.server.has_shared(c)),
-            SecAggPhase::Masked => dropped.is_empty(),
-            SecAggPhase::Unmask => reported.iter().all(|c| self.revealed.contains(c)),
+            SecAggPhase::Share => advertised.all(|c| s.has_shared(c)),
+            SecAggPhase::Masked => advertised.all(|c| !s.has_shared(c) || s.has_reported(c)),
+            SecAggPhase::Unmask => {
+                advertised.all(|c| !s.has_reported(c) || self.revealed.contains(&c))
+            }
         }
     }
 
