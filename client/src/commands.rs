@@ -13,6 +13,9 @@ use crate::config::{
 use crate::driver::{limits, resolve};
 use crate::state::{write_atomic, StateDir};
 
+/// Tries of an enrolment the coordinator refuses for its rate limit (about 5 minutes in all).
+const ENROL_ATTEMPTS: u32 = 8;
+
 /// What `enrol` needs.
 #[derive(Debug, Clone)]
 pub struct EnrolRequest {
@@ -87,13 +90,40 @@ pub fn enrol(r: &EnrolRequest) -> anyhow::Result<(Fingerprint, ClientConfig)> {
         .build()?;
     let id = runtime.block_on(async {
         let client = Client::new(&key, pin, addr, limits(&cfg))?.with_enrolment(enrol_at);
-        let id = client.enrol(&token, &r.name).await;
+        // The enrolment endpoint refuses connections from an address that made too many attempts; its
+        // limit refills within minutes, so wait and try again rather than fail.
+        let mut backoff = starling_transport::backoff::Backoff::new(
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(60),
+            u64::from(std::process::id()),
+        );
+        let id = loop {
+            match client.enrol(&token, &r.name).await {
+                Err(e)
+                    if starling_transport::client::is_rate_limited(&e)
+                        && backoff.attempts() < ENROL_ATTEMPTS =>
+                {
+                    let wait = backoff.next_delay().max(std::time::Duration::from_secs(1));
+                    eprintln!(
+                        "the coordinator's enrolment endpoint at {enrol_addr} is rate limiting \
+                         enrolments; retrying in {} s",
+                        wait.as_secs()
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                other => break other,
+            }
+        };
         client.close().await;
         id
     });
     let id = id.map_err(|e| match starling_transport::client::refusal(&e) {
         Some(starling_transport::client::Refusal::UntrustedCoordinator) => anyhow::anyhow!(
             "the server at {enrol_addr} is not the coordinator whose fingerprint was pinned ({e})"
+        ),
+        _ if starling_transport::client::is_rate_limited(&e) => anyhow::anyhow!(
+            "enrolment at {enrol_addr} failed: the coordinator is still rate limiting enrolments from \
+             this address after {ENROL_ATTEMPTS} tries; try again in a few minutes"
         ),
         _ => anyhow::anyhow!("enrolment at {enrol_addr} failed: {e}"),
     })?;

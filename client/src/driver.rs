@@ -29,6 +29,8 @@ use starling_protocol::update::adapter_values;
 
 /// Largest base model bundle fetched.
 const MAX_BASE_BYTES: u64 = 16 << 30;
+/// The longest interval between keep-alive pings.
+const KEEP_ALIVE_MAX: Duration = Duration::from_secs(5);
 /// Time an eligibility command may take.
 const ELIGIBILITY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -97,7 +99,9 @@ pub fn limits(cfg: &ClientConfig) -> Limits {
     let idle = Duration::from_secs(cfg.network.idle_timeout_s);
     Limits {
         idle_timeout: idle,
-        keep_alive: idle / 4,
+        // A ping every few seconds at most: a restarted coordinator answers the next one with a stateless
+        // reset (its reset key survives restarts), so a device notices within seconds and reconnects.
+        keep_alive: (idle / 4).min(KEEP_ALIVE_MAX),
         exchange_timeout: Duration::from_secs(cfg.network.exchange_timeout_s),
         ..Limits::default()
     }
@@ -370,7 +374,7 @@ impl Runtime {
 
     /// The stored body of a pending update, checked against its recorded size and digest.
     fn pending_body(&self, p: &PendingUpdate) -> Result<Vec<u8>, String> {
-        let path = self.dir.pending(p.round);
+        let path = self.dir.pending(p.body_round());
         match self.dir.read(&path, p.body_size) {
             Ok(b) if Digest::of(&b).to_hex() == p.body_digest => Ok(b),
             other => {
@@ -688,6 +692,11 @@ pub fn transport_event(e: &TransportError) -> Event {
 
 /// The session event for a failed connection (with the refusal it is, if permanent).
 pub fn disconnected(e: &TransportError) -> Event {
+    if let Some(after) = starling_transport::client::come_back_after(e) {
+        return Event::Drained {
+            retry_after_ms: after.as_millis() as u64,
+        };
+    }
     Event::Disconnected {
         error: e.to_string(),
         refusal: refusal(e),

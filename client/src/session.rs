@@ -87,9 +87,21 @@ pub struct PendingUpdate {
     pub body_size: u64,
     /// SHA-256 (hex) of the encoded update.
     pub body_digest: String,
+    /// The round whose file holds the body, when the update was carried over from a round that closed
+    /// without it (see [`Progress::carried`]); `None`: `round`.
+    #[serde(default)]
+    pub stored_as: Option<u64>,
+    /// What the update was trained under (training, LoRA, DP and encoding terms of its task, as a
+    /// digest): a carried update answers only a task with the same terms.
+    #[serde(default)]
+    pub terms: String,
 }
 
 impl PendingUpdate {
+    /// The round under which the driver stored the body.
+    pub fn body_round(&self) -> u64 {
+        self.stored_as.unwrap_or(self.round)
+    }
     /// The update id as bytes.
     pub fn id(&self) -> Option<UpdateId> {
         from_hex(&self.update_id)
@@ -200,6 +212,11 @@ pub struct Progress {
     /// The secure round in progress, if any.
     #[serde(default)]
     pub secagg: Option<SecAggProgress>,
+    /// An update whose round closed without it (the coordinator abandoned the round, or restarted and
+    /// lost it): offered to the next round trained from the same model version under the same terms
+    /// instead of training again, so it never costs a second privacy charge.
+    #[serde(default)]
+    pub carried: Option<PendingUpdate>,
 }
 
 impl Progress {
@@ -249,6 +266,12 @@ pub enum Event {
         error: String,
         /// A refusal that retrying cannot fix, if it was one.
         refusal: Option<Refusal>,
+    },
+    /// The coordinator closed the connection because it is stopping (a drain before a restart or an
+    /// upgrade) and asked devices to come back after this long.
+    Drained {
+        /// When to reconnect, in milliseconds from now.
+        retry_after_ms: u64,
     },
     /// The coordinator offered a task.
     TaskOffered {
@@ -443,6 +466,7 @@ enum Phase {
     Training {
         event: Option<DpEvent>,
         secagg: Option<SecAggTask>,
+        terms: String,
     },
     Uploading,
     SecAgg,
@@ -608,6 +632,16 @@ impl Session {
             }
             Event::MaskFailed { error } => self.secagg_drop(now, format!("masking: {error}")),
             Event::Disconnected { error, refusal } => self.disconnected(now, error, refusal),
+            Event::Drained { retry_after_ms } => {
+                // Spread a fleet's return over one backoff step instead of all at the same instant.
+                let jitter = self.backoff.jitter_ms(self.cfg.backoff_base_ms);
+                let after = retry_after_ms.saturating_add(jitter);
+                self.note(
+                    now,
+                    format!("the coordinator is restarting; reconnecting in {} ms", after),
+                );
+                vec![self.wait(now.saturating_add(after), Next::Connect)]
+            }
             Event::Timer => match self.phase {
                 Phase::Waiting { until, then } if now >= until => match then {
                     Next::Connect => {
@@ -655,6 +689,7 @@ impl Session {
                         self.phase = Phase::Training {
                             event,
                             secagg: task.secagg.clone(),
+                            terms: task_terms(&task),
                         };
                         vec![Action::Train {
                             task,
@@ -687,7 +722,12 @@ impl Session {
                 tracing::info!(round = p.round, "update acknowledged");
                 self.progress.pending = None;
                 self.progress.rounds_joined.push(p.round);
-                let mut a = vec![Action::Persist, Action::DiscardPending { round: p.round }];
+                let mut a = vec![
+                    Action::Persist,
+                    Action::DiscardPending {
+                        round: p.body_round(),
+                    },
+                ];
                 match self.progress.secagg.as_mut() {
                     Some(sa) if sa.round == p.round => {
                         sa.stage = SecAggStage::AwaitUnmask;
@@ -720,7 +760,7 @@ impl Session {
             self.note(now, message.clone());
             return self.stop(message, true);
         }
-        self.note(now, format!("connection: {error}"));
+        self.note(now, format!("disconnected ({error}); reconnecting"));
         self.reconnect_later(now)
     }
 
@@ -736,6 +776,9 @@ impl Session {
             return self.decline(now, task.round, ErrorCode::Unavailable, why.into());
         }
         let round = task.round.0;
+        if let Some(actions) = self.offer_carried(&task) {
+            return actions;
+        }
         if self.progress.trained_rounds.contains(&round)
             || self.progress.declined_round == Some(round)
         {
@@ -775,6 +818,47 @@ impl Session {
             manifest: Box::new(manifest),
             fetch_adapter,
         }]
+    }
+
+    /// Answers `task` with the carried update if it was trained from the task's model version under the
+    /// same terms (the round that closed without it published nothing, so the next round usually trains
+    /// from the same version): relabelled for this round with a fresh id, sent without training again.
+    /// A carried update that no longer fits (a newer model, other terms) is discarded. `None`: train.
+    fn offer_carried(&mut self, task: &Task) -> Option<Vec<Action>> {
+        let carried = self.progress.carried.take()?;
+        let version = self.verifier_body(&task.manifest).map(|m| m.version.0);
+        let fits = task.secagg.is_none()
+            && version == Some(carried.model_version)
+            && carried.terms == task_terms(task)
+            && carried.round < task.round.0
+            && !self.progress.trained_rounds.contains(&task.round.0);
+        if !fits {
+            tracing::info!(
+                round = carried.round,
+                "the update kept from a closed round does not fit this task; discarded"
+            );
+            return Some(vec![
+                Action::Persist,
+                Action::DiscardPending {
+                    round: carried.body_round(),
+                },
+                self.wait(0, Next::RequestTask),
+            ]);
+        }
+        let mut p = carried;
+        tracing::info!(
+            from = p.round,
+            to = task.round.0,
+            "sending the update kept from a round that closed without it (no new training, no new charge)"
+        );
+        p.stored_as = Some(p.body_round());
+        p.update_id = hex(&carried_id(&p.update_id, task.round.0));
+        p.round = task.round.0;
+        self.progress.trained_rounds.push(p.round);
+        self.progress.pending = Some(p);
+        let mut a = vec![Action::Persist];
+        a.extend(self.upload_pending());
+        Some(a)
     }
 
     /// The body of the held manifest (verified when it was accepted).
@@ -913,10 +997,15 @@ impl Session {
     }
 
     fn trained(&mut self, now: Millis, mut update: PendingUpdate) -> Vec<Action> {
-        let Phase::Training { event, secagg } = std::mem::replace(&mut self.phase, Phase::Idle)
+        let Phase::Training {
+            event,
+            secagg,
+            terms,
+        } = std::mem::replace(&mut self.phase, Phase::Idle)
         else {
             return Vec::new();
         };
+        update.terms = terms;
         if let Some(ev) = event {
             let mut events: Vec<DpEvent> = self.progress.charges.iter().map(|c| c.event).collect();
             events.push(ev);
@@ -1007,7 +1096,9 @@ impl Session {
             .pending
             .take_if(|p| round.is_none_or(|r| r == p.round))
         {
-            a.push(Action::DiscardPending { round: p.round });
+            a.push(Action::DiscardPending {
+                round: p.body_round(),
+            });
         }
         a.extend(self.request_task());
         a
@@ -1033,7 +1124,9 @@ impl Session {
                 let mut a = vec![Action::Persist];
                 // Nothing of the round stays behind (its masked update was acknowledged before `Done`).
                 if let Some(p) = self.progress.pending.take_if(|p| p.round == round) {
-                    a.push(Action::DiscardPending { round: p.round });
+                    a.push(Action::DiscardPending {
+                round: p.body_round(),
+            });
                 }
                 a.extend(self.request_task());
                 return a;
@@ -1115,14 +1208,14 @@ impl Session {
     fn refused(&mut self, now: Millis, code: ErrorCode, message: String) -> Vec<Action> {
         match code {
             ErrorCode::Revoked | ErrorCode::NotEnrolled => {
-                let m = format!("the coordinator refused this device: {code:?}: {message}");
+                let m = format!("the coordinator refused this device ({code}): {message}");
                 self.note(now, m.clone());
                 return self.stop(m, true);
             }
             ErrorCode::RateLimited | ErrorCode::Unavailable | ErrorCode::Internal => {
                 self.note(
                     now,
-                    format!("coordinator busy ({code:?}: {message}); retrying"),
+                    format!("coordinator busy ({code}: {message}); retrying"),
                 );
                 let delay = self.backoff.next_delay().as_millis() as u64;
                 let then = if self.progress.secagg.is_some() {
@@ -1137,24 +1230,58 @@ impl Session {
             _ => {}
         }
         if self.progress.secagg.is_some() {
-            return self.secagg_drop(now, format!("refused: {code:?}: {message}"));
+            return self.secagg_drop(now, format!("refused ({code}): {message}"));
         }
         if matches!(self.phase, Phase::Uploading) {
-            // The coordinator will never count this update (its round closed, or it is unusable): drop it.
-            // Its privacy charge stays: the update was computed.
             if let Some(p) = self.progress.pending.take() {
                 self.note(
                     now,
-                    format!("update for round {} refused: {code:?}: {message}", p.round),
+                    format!("update for round {} refused ({code}): {message}", p.round),
                 );
-                let mut a = vec![Action::Persist, Action::DiscardPending { round: p.round }];
+                let mut a = vec![Action::Persist];
+                if code == ErrorCode::LateUpdate && !p.terms.is_empty() {
+                    // Its round closed without it: kept for the next round from the same model, whose
+                    // task it answers as well — training again would charge the privacy ledger twice.
+                    if let Some(old) = self.progress.carried.replace(p) {
+                        a.push(Action::DiscardPending {
+                            round: old.body_round(),
+                        });
+                    }
+                } else {
+                    // The coordinator will never count this update (it is unusable): dropped. Its
+                    // privacy charge stays: the update was computed.
+                    a.push(Action::DiscardPending {
+                        round: p.body_round(),
+                    });
+                }
                 a.extend(self.request_task());
                 return a;
             }
         }
-        self.note(now, format!("request refused: {code:?}: {message}"));
+        self.note(now, format!("request refused ({code}): {message}"));
         self.retry_later(now)
     }
+}
+
+/// The terms of a task an update answers, as a digest (hex): training parameters, LoRA, DP and
+/// encoding. Two tasks with the same terms from the same model version ask for the same computation.
+pub fn task_terms(task: &Task) -> String {
+    let terms = serde_json::json!({
+        "params": task.params, "dp": task.dp, "lora": task.lora, "encoding": task.encoding,
+        "max_update_bytes": task.max_update_bytes,
+    });
+    Digest::of(terms.to_string().as_bytes()).to_hex()
+}
+
+/// The id of a carried update relabelled for `round`: derived from its first id, so a device that
+/// crashes after persisting it sends the same id again.
+fn carried_id(first: &str, round: u64) -> [u8; 16] {
+    let mut input = first.as_bytes().to_vec();
+    input.extend_from_slice(&round.to_be_bytes());
+    let d = Digest::of(&input);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&d.0[..16]);
+    id
 }
 
 /// Hex of an update id (how [`PendingUpdate::update_id`] stores it).

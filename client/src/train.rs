@@ -118,6 +118,8 @@ impl TrainedUpdate {
             metrics: self.metrics,
             body_size: self.body.len() as u64,
             body_digest: Digest::of(&self.body).to_hex(),
+            stored_as: None,
+            terms: String::new(),
         }
     }
 }

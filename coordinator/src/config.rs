@@ -376,7 +376,8 @@ impl CoordinatorConfig {
             "# Starling coordinator configuration. Every key is optional; unknown keys are errors.\n\
              # [network] listen (QUIC), enrol_listen (QUIC enrolment), http_listen (status page, /metrics), http\n\
              # [rounds] min_clients, selection ({{ fraction = q }} or {{ count = m }}), min_updates,\n\
-             #   round_timeout_ms, presence_timeout_ms, rounds (omit: forever), seed, retry_after_ms\n\
+             #   round_timeout_ms, presence_timeout_ms, rounds (omit: forever), seed, retry_after_ms,\n\
+             #   resume_grace_ms (a restart moves the open round's deadline by the downtime, at least this)\n\
              # [strategy] kind = fed-avg | fed-prox | fed-avg-m | fed-adam | fed-yogi | fed-adagrad | median |\n\
              #   trimmed-mean | krum | multi-krum; server_lr, momentum, beta1, beta2, tau, proximal_mu,\n\
              #   trim_beta, byzantine, multi_krum_m, norm_bound\n\

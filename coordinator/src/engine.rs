@@ -56,6 +56,9 @@ pub struct EngineConfig {
     pub seed: u64,
     /// What unselected clients are told to wait before asking again.
     pub retry_after_ms: u64,
+    /// After a restart, the open round's deadline moves later by the time the coordinator was down, and
+    /// by at least this much (milliseconds).
+    pub resume_grace_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -69,6 +72,7 @@ impl Default for EngineConfig {
             rounds: None,
             seed: 0,
             retry_after_ms: 5_000,
+            resume_grace_ms: 0,
         }
     }
 }
@@ -221,7 +225,10 @@ pub enum Action {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EngineError {
     /// The update is for a round that is not collecting (closed, abandoned, or never existed).
-    #[error("update for round {got:?} refused: round {current:?} is collecting")]
+    #[error("update for {got} refused: {}", match current {
+        Some(c) => format!("{c} is collecting"),
+        None => "no round is collecting".to_string(),
+    })]
     LateUpdate {
         /// The update's round.
         got: RoundId,
@@ -229,7 +236,7 @@ pub enum EngineError {
         current: Option<RoundId>,
     },
     /// The update was trained from another model version.
-    #[error("update trained from model {got:?}, round expects {expected:?}")]
+    #[error("update trained from model {got}, the round expects {expected}")]
     WrongModelVersion {
         /// The round's version.
         expected: ModelVersion,
@@ -245,10 +252,10 @@ pub enum EngineError {
         got: Digest,
     },
     /// The client was not selected for this round.
-    #[error("client not selected for round {0:?}")]
+    #[error("client not selected for {0}")]
     NotSelected(RoundId),
     /// The client already contributed another update to this round.
-    #[error("client already sent an update for round {0:?}")]
+    #[error("client already sent an update for {0}")]
     AlreadyReported(RoundId),
     /// A driver call did not fit the engine's state (a bug in the driver).
     #[error("engine misuse: {0}")]
@@ -315,6 +322,10 @@ pub struct Engine {
     finished_reported: bool,
     /// Secure aggregation: its settings, the length of a delta and each device's noise share (steps).
     secagg: Option<(SecAggConfig, usize, u64)>,
+    /// The operator paused rounds: the open one finishes, no new one starts.
+    paused: bool,
+    /// Settings the operator changed, taken on when the next round starts.
+    next_cfg: Option<EngineConfig>,
 }
 
 impl Engine {
@@ -338,7 +349,86 @@ impl Engine {
             round: None,
             finished_reported: false,
             secagg: None,
+            paused: false,
+            next_cfg: None,
         })
+    }
+
+    /// The settings rounds run with (those the next round takes on, once the operator changed them).
+    pub fn config(&self) -> &EngineConfig {
+        self.next_cfg.as_ref().unwrap_or(&self.cfg)
+    }
+
+    /// Changes the round settings from the next round on (the open round keeps its deadline and
+    /// selection). Under secure aggregation the cohort's size is part of the protocol's parameters,
+    /// checked at start-up, so selection and `min_updates` cannot change there.
+    pub fn set_config(&mut self, cfg: EngineConfig) -> Result<(), EngineError> {
+        cfg.validate()?;
+        if self.secagg.is_some()
+            && (cfg.selection != self.cfg.selection || cfg.min_updates != self.cfg.min_updates)
+        {
+            return Err(EngineError::Config(
+                "selection and min_updates are fixed under secure aggregation (they size its \
+                 parameters): change them in coordinator.toml and restart"
+                    .into(),
+            ));
+        }
+        self.finished_reported = false;
+        if self.round.is_none() {
+            self.cfg = cfg;
+            self.next_cfg = None;
+        } else {
+            self.next_cfg = Some(cfg);
+        }
+        Ok(())
+    }
+
+    /// Pauses (`true`) or resumes rounds: while paused the open round runs to its end and no new round
+    /// starts; devices asking for work are told to wait.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    /// Whether rounds are paused.
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The operator revoked `client`: it is forgotten for selection, and the open round stops waiting
+    /// for it. An update it already sent is dropped from the round (a stolen device's contribution is
+    /// not trusted), except in a secure round, where a masked input is already inside the sum. Returns
+    /// whether the open round changed.
+    pub fn revoked(&mut self, client: Fingerprint) -> bool {
+        self.seen.remove(&client);
+        let Some(r) = &mut self.round else {
+            return false;
+        };
+        if r.record.phase != RoundPhase::Collecting || !r.record.selected.contains(&client) {
+            return false;
+        }
+        if r.secagg.is_none() {
+            if let Some(id) = r.reported.remove(&client) {
+                r.received.remove(&id);
+            }
+        } else if r.reported.contains_key(&client) {
+            return false;
+        }
+        r.declined.insert(client)
+    }
+
+    /// Moves the open round's deadlines `by` milliseconds later: a coordinator that was down gives the
+    /// round back the time it lost, so devices that trained are not cut off by a restart.
+    pub fn extend_deadlines(&mut self, by: Millis) {
+        if let Some(r) = &mut self.round {
+            if r.record.phase == RoundPhase::Collecting {
+                r.record.deadline = r.record.deadline.saturating_add(by);
+                if let Some(s) = &mut r.secagg {
+                    if s.phase_deadline != Millis::MAX {
+                        s.phase_deadline = s.phase_deadline.saturating_add(by);
+                    }
+                }
+            }
+        }
     }
 
     /// Runs every round with secure aggregation (`len`: values in a delta; `noise_steps`: the standard
@@ -494,6 +584,7 @@ impl Engine {
                 }
             }
             Some(_) => wait("round closing"),
+            None if self.paused => wait("rounds are paused by the operator"),
             None => wait("waiting for clients"),
         }
     }
@@ -679,11 +770,17 @@ impl Engine {
                 return actions;
             }
         }
+        if let Some(cfg) = self.next_cfg.take() {
+            self.cfg = cfg;
+        }
         if self.finished() {
             if !self.finished_reported {
                 self.finished_reported = true;
                 actions.push(Action::Finished);
             }
+            return actions;
+        }
+        if self.paused {
             return actions;
         }
         let eligible = self.eligible(now);

@@ -1,6 +1,7 @@
 //! The live view of a running coordinator over plain HTTP (axum): the status page (`/`: current round,
 //! clients, loss and ε per round as a chart), its data (`/api/status`, the same document as `status --json`)
-//! and Prometheus metrics (`/metrics`). Bind it to a local or operator-only address: it is read-only but
+//! Prometheus metrics (`/metrics`), and probes for supervisors (`/healthz`: the round loop is alive;
+//! `/readyz`: devices are being served, not draining). Bind it to a local or operator-only address: it is read-only but
 //! unauthenticated.
 //! What must never live here: anything that changes the coordinator's state, or the status document itself
 //! (that is [`crate::status`]).
@@ -24,7 +25,34 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/", get(page))
         .route("/api/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(coordinator)
+}
+
+/// A round loop silent this long is stuck: liveness fails and a supervisor restarts the process.
+const STALL_MS: u64 = 30_000;
+
+async fn healthz(State(c): State<Arc<Coordinator>>) -> Response {
+    if c.health().live(crate::service::now_ms(), STALL_MS) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the round loop has not run in 30 s\n",
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(c): State<Arc<Coordinator>>) -> Response {
+    if c.health().ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else if c.health().draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
 }
 
 async fn page() -> Response {

@@ -7,11 +7,15 @@
 //! - [`store`]: durable state in sled (clients, tokens, rounds, updates, models, ledger);
 //! - [`failpoint`]: named crash points for the SIGKILL recovery test (shared with the device binary);
 //! - [`status`]: the status document and metrics; [`http`]: the live status page and `/metrics`;
-//! - [`config`]: coordinator.toml; [`service`]: the QUIC driver (`serve`); [`ops`]: operator commands.
+//! - [`config`]: coordinator.toml; [`service`]: the QUIC driver (`serve`); [`ops`]: operator commands;
+//! - [`admin`]: the operator's authenticated channel into a running `serve` (a Unix socket);
+//!   [`backup`]: consistent backups of a coordinator directory and their restore.
 //!
 //! What must never live here: training or model code paths of the devices (those are the client's), and
 //! in the engine and strategies, any I/O.
 
+pub mod admin;
+pub mod backup;
 pub mod config;
 pub mod engine;
 pub use starling_cli::failpoint;

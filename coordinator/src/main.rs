@@ -16,8 +16,20 @@ use starling_cli::{
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Log lines as text for a terminal, or as JSON (one object a line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -38,17 +50,22 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run rounds: QUIC endpoints for devices and enrolment, until the configured rounds are done.
+    /// Run rounds: QUIC endpoints for devices and enrolment, the admin socket (DIR/admin.sock) and the
+    /// status page, until the configured rounds are done (forever without a round limit) or SIGTERM /
+    /// Ctrl-C, which drain: in-flight uploads are acknowledged, the store flushed, devices told when to
+    /// come back; then it exits 0.
     ///
     /// Example:
     ///   starling-coordinator serve --dir coord
+    ///   starling-coordinator --log-format json serve --dir coord
     #[command(verbatim_doc_comment)]
     Serve {
         /// Coordinator directory.
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Issue a one-time enrolment token for a device (printed once, stored hashed).
+    /// Issue a one-time enrolment token for a device (printed once, stored hashed); works while `serve`
+    /// runs (through its admin socket) and on a stopped coordinator.
     ///
     /// Example:
     ///   starling-coordinator enrol --dir coord --name kitchen-pi
@@ -64,7 +81,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a device by name or fingerprint: its handshakes and live connections are refused.
+    /// Revoke a device by name or fingerprint: a running `serve` closes its connections at once and the
+    /// open round stops waiting for it; its handshakes are refused from then on.
     ///
     /// Example:
     ///   starling-coordinator revoke --dir coord kitchen-pi
@@ -75,6 +93,103 @@ enum Cmd {
         dir: PathBuf,
         /// Device name or 64-hex fingerprint.
         client: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the enrolled devices (live while `serve` runs).
+    ///
+    /// Example:
+    ///   starling-coordinator clients --dir coord
+    #[command(verbatim_doc_comment)]
+    Clients {
+        /// Coordinator directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause rounds: the open round finishes, no new one starts (kept across restarts).
+    ///
+    /// Example:
+    ///   starling-coordinator pause --dir coord
+    #[command(verbatim_doc_comment)]
+    Pause {
+        /// Coordinator directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume paused rounds.
+    ///
+    /// Example:
+    ///   starling-coordinator resume --dir coord
+    #[command(verbatim_doc_comment)]
+    Resume {
+        /// Coordinator directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change round settings from the next round on (live while `serve` runs; kept across restarts,
+    /// overriding coordinator.toml's [rounds]).
+    ///
+    /// Example:
+    ///   starling-coordinator set-rounds --dir coord --select-count 20 --min-updates 15
+    #[command(verbatim_doc_comment)]
+    SetRounds {
+        /// Coordinator directory.
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        settings: RoundArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a consistent backup (configuration, keys, base model, store) to a file, owner-only; works
+    /// while `serve` runs.
+    ///
+    /// Example:
+    ///   starling-coordinator backup --dir coord --out coord-2026-12-06.backup
+    #[command(verbatim_doc_comment)]
+    Backup {
+        /// Coordinator directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The backup file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a new coordinator directory, to `serve` it. Files already in place with the
+    /// backup's exact bytes (keys mounted from a Secret) are kept.
+    ///
+    /// Example:
+    ///   starling-coordinator restore --from coord-2026-12-06.backup --dir coord
+    ///   starling-coordinator restore --from /seed/coordinator.backup --dir /var/lib/starling --if-empty
+    #[command(verbatim_doc_comment)]
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The directory to create.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Do nothing (and succeed) if the directory already holds a store: seeds a volume once, as a
+        /// Kubernetes init container does on every start.
+        #[arg(long)]
+        if_empty: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show rounds, clients, ε spent and the latest version (from the running serve's page if it runs).
     ///
@@ -111,6 +226,32 @@ enum Cmd {
     /// Plan privacy budgets: ε of a run, or the noise a target ε needs.
     #[command(subcommand)]
     Privacy(privacy::PrivacyCmd),
+}
+
+/// Round settings `set-rounds` changes (the others keep their value).
+#[derive(clap::Args)]
+struct RoundArgs {
+    /// Eligible clients needed before a round starts.
+    #[arg(long)]
+    min_clients: Option<usize>,
+    /// Select this many clients a round.
+    #[arg(long, conflicts_with = "select_fraction")]
+    select_count: Option<usize>,
+    /// Select this fraction of the eligible clients a round.
+    #[arg(long)]
+    select_fraction: Option<f64>,
+    /// Updates needed to aggregate.
+    #[arg(long)]
+    min_updates: Option<usize>,
+    /// Time from selection to the deadline, in milliseconds.
+    #[arg(long)]
+    round_timeout_ms: Option<u64>,
+    /// What unselected clients are told to wait, in milliseconds.
+    #[arg(long)]
+    retry_after_ms: Option<u64>,
+    /// Rounds to run in all (0: forever).
+    #[arg(long)]
+    rounds: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -187,7 +328,7 @@ fn serve(dir: &std::path::Path) -> anyhow::Result<()> {
                 .with_context(|| format!("opening coordinator {}", dir.display()))?,
         );
         coordinator
-            .serve_with(
+            .serve_until(
                 &tls,
                 starling_transport::Limits::default(),
                 |server, http| {
@@ -208,20 +349,56 @@ fn serve(dir: &std::path::Path) -> anyhow::Result<()> {
                         tracing::info!("status page: http://{a}/  metrics: http://{a}/metrics");
                     }
                 },
+                shutdown_signal(),
+                Default::default(),
             )
             .await
     })
 }
 
+/// Resolves on SIGTERM (systemd, Kubernetes, `podman stop`) or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("SIGTERM cannot be caught ({e}); stop with Ctrl-C");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
+    }
+}
+
+/// A JSON document as the user asked: one line (`--json`), or pretty-printed.
+fn print_json(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    match cli.cmd {
         Cmd::Init {
             dir,
             base_model,
@@ -239,36 +416,130 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve { dir } => serve(&dir),
         Cmd::Enrol { dir, name, json } => {
-            let (token, fp, key) = starling_coordinator::ops::enrol(&dir, &name)?;
+            let e = starling_coordinator::ops::enrol(&dir, &name)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"name": name, "token": token.as_str(), "fingerprint": fp.to_hex(),
-                        "signing_key": starling_protocol::hex(&key)})
-                );
+                println!("{}", e.json());
             } else {
-                println!("one-time token for {name} (shown once): {}", token.as_str());
-                println!("coordinator fingerprint to pin:       {fp}");
+                println!("one-time token for {name} (shown once): {}", e.token.as_str());
+                println!("coordinator fingerprint to pin:       {}", e.fingerprint);
                 println!(
                     "model-signing key to trust:           {}",
-                    starling_protocol::hex(&key)
+                    starling_protocol::hex(&e.signing_key)
                 );
             }
             Ok(())
         }
-        Cmd::Revoke { dir, client } => {
-            let fp = starling_coordinator::ops::revoke(&dir, &client)?;
-            println!("revoked {fp}");
+        Cmd::Revoke { dir, client, json } => {
+            let r = starling_coordinator::ops::revoke(&dir, &client)?;
+            if json {
+                println!("{r}");
+            } else {
+                let closed = r["connections_closed"].as_u64().unwrap_or(0);
+                println!(
+                    "revoked {} ({closed} open connection{} closed)",
+                    r["revoked"].as_str().unwrap_or_default(),
+                    if closed == 1 { "" } else { "s" }
+                );
+            }
+            Ok(())
+        }
+        Cmd::Clients { dir, json } => {
+            let v = starling_coordinator::ops::clients(&dir)?;
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", starling_coordinator::status::clients_table(&v));
+            }
+            Ok(())
+        }
+        Cmd::Pause { dir, json } => {
+            let v = starling_coordinator::ops::pause(&dir, true)?;
+            if json {
+                println!("{v}");
+                return Ok(());
+            }
+            match v["round_open"].as_u64() {
+                Some(r) => println!("paused: round {r} finishes, no new round starts"),
+                None => println!("paused: no new round starts"),
+            }
+            Ok(())
+        }
+        Cmd::Resume { dir, json } => {
+            let v = starling_coordinator::ops::pause(&dir, false)?;
+            if json {
+                println!("{v}");
+            } else {
+                println!("resumed: rounds start again");
+            }
+            Ok(())
+        }
+        Cmd::SetRounds {
+            dir,
+            settings,
+            json,
+        } => {
+            let s = starling_coordinator::admin::RoundSettings {
+                min_clients: settings.min_clients,
+                select_count: settings.select_count,
+                select_fraction: settings.select_fraction,
+                min_updates: settings.min_updates,
+                round_timeout_ms: settings.round_timeout_ms,
+                retry_after_ms: settings.retry_after_ms,
+                rounds: settings.rounds,
+            };
+            let v = starling_coordinator::ops::set_rounds(&dir, &s)?;
+            if json {
+                println!("{v}");
+                return Ok(());
+            }
+            println!("round settings from the next round on:");
+            print_json(&v["rounds"], false)
+        }
+        Cmd::Backup { dir, out, json } => {
+            let v = starling_coordinator::ops::backup(&dir, &out)?;
+            if json {
+                println!("{v}");
+                return Ok(());
+            }
+            println!(
+                "backup written to {} ({} bytes)",
+                v["backup"].as_str().unwrap_or_default(),
+                v["bytes"]
+            );
+            Ok(())
+        }
+        Cmd::Restore {
+            from,
+            dir,
+            if_empty,
+            json,
+        } => {
+            if if_empty && dir.join("store").exists() {
+                println!("{} already holds a store: nothing restored", dir.display());
+                return Ok(());
+            }
+            let v = starling_coordinator::ops::restore(&from, &dir)?;
+            if json {
+                println!("{v}");
+                return Ok(());
+            }
+            println!(
+                "restored into {}: latest version {}, {} clients; start it with `starling-coordinator serve --dir {}`",
+                dir.display(),
+                v["latest_version"],
+                v["clients"],
+                dir.display()
+            );
             Ok(())
         }
         Cmd::Status { dir, json } => {
             let s = starling_coordinator::ops::status(&dir)?;
-            if json {
-                println!("{s}");
+            if json || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                print_json(&s, json)
             } else {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                print!("{}", starling_coordinator::status::summary(&s));
+                Ok(())
             }
-            Ok(())
         }
         Cmd::Export { dir, version, out } => {
             let p = starling_coordinator::ops::export(&dir, version, &out)?;

@@ -1,5 +1,7 @@
-//! Operator commands on a coordinator directory: `init`, `enrol`, `revoke`, `status`, `export`.
-//! Each opens the store itself (sled locks it: while `serve` runs, these commands report that it is busy).
+//! Operator commands on a coordinator directory: `init`, `enrol`, `revoke`, `clients`, `status`, `pause`,
+//! `resume`, `set-rounds`, `backup`, `restore`, `export`. Those that change or read a serving
+//! coordinator go through its admin socket ([`crate::admin`]) when a `serve` answers there, and open the
+//! store themselves when none does (sled locks the store while `serve` holds it).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use starling_protocol::{
     AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
 };
 
+use crate::admin::{AdminRequest, RoundSettings};
 use crate::config::CoordinatorConfig;
 use crate::service::{now_ms, read_key, Layout};
 use crate::store::{manifest_body, PendingToken, PublishedModel, Store};
@@ -143,10 +146,51 @@ pub fn init_with(
     })
 }
 
-/// A fresh one-time enrolment token for a device called `name`, and the coordinator's pin and signing key.
-pub fn enrol(dir: &Path, name: &str) -> anyhow::Result<(EnrolmentToken, Fingerprint, [u8; 32])> {
-    let layout = Layout::new(dir);
-    let store = open_store(&layout)?;
+/// A fresh enrolment: the one-time token (shown once) and what the device pins and trusts.
+#[derive(Debug)]
+pub struct Enrolled {
+    /// The device's name.
+    pub name: String,
+    /// The one-time token.
+    pub token: EnrolmentToken,
+    /// The coordinator's TLS fingerprint devices pin.
+    pub fingerprint: Fingerprint,
+    /// The model-signing key devices trust.
+    pub signing_key: [u8; 32],
+}
+
+impl Enrolled {
+    /// As `enrol --json` prints it.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name, "token": self.token.as_str(), "fingerprint": self.fingerprint.to_hex(),
+            "signing_key": starling_protocol::hex(&self.signing_key),
+        })
+    }
+
+    /// From what [`Enrolled::json`] wrote (the answer of a running `serve`).
+    pub fn from_json(v: &serde_json::Value) -> anyhow::Result<Self> {
+        let s = |k: &str| {
+            v[k].as_str()
+                .with_context(|| format!("the enrolment has no {k}"))
+        };
+        let key = starling_protocol::from_hex(s("signing_key")?)
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .context("the enrolment's signing key is not 32 bytes of hex")?;
+        Ok(Self {
+            name: s("name")?.to_string(),
+            token: EnrolmentToken::parse(s("token")?)?,
+            fingerprint: Fingerprint::from_hex(s("fingerprint")?)?,
+            signing_key: key,
+        })
+    }
+}
+
+/// Issues an enrolment token in an open `store` of the coordinator laid out as `layout`.
+pub fn enrol_in(store: &Store, layout: &Layout, name: &str) -> anyhow::Result<Enrolled> {
+    if name.trim().is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        bail!("a device name must be 1 to 128 printable characters");
+    }
     let (token, hash) = EnrolmentToken::generate()?;
     store.add_token(
         hash,
@@ -155,16 +199,27 @@ pub fn enrol(dir: &Path, name: &str) -> anyhow::Result<(EnrolmentToken, Fingerpr
             created_at: now_ms(),
         },
     )?;
-    Ok((
+    Ok(Enrolled {
+        name: name.to_string(),
         token,
-        read_key(&layout.tls_key())?.fingerprint(),
-        read_key(&layout.signing_key())?.public_key(),
-    ))
+        fingerprint: read_key(&layout.tls_key())?.fingerprint(),
+        signing_key: read_key(&layout.signing_key())?.public_key(),
+    })
 }
 
-/// Revokes a client given its fingerprint (hex) or its unique name.
-pub fn revoke(dir: &Path, who: &str) -> anyhow::Result<Fingerprint> {
-    let store = open_store(&Layout::new(dir))?;
+/// A fresh one-time enrolment token for a device called `name` — through the running `serve` if there is
+/// one (its admin socket), else in the store directly.
+pub fn enrol(dir: &Path, name: &str) -> anyhow::Result<Enrolled> {
+    let request = AdminRequest::Enrol { name: name.into() };
+    if let Some(v) = live(dir, &request)? {
+        return Enrolled::from_json(&v);
+    }
+    let layout = Layout::new(dir);
+    enrol_in(&open_store(&layout)?, &layout, name)
+}
+
+/// Revokes a client of an open `store` given its fingerprint (hex) or its unique name.
+pub fn revoke_in(store: &Store, who: &str) -> anyhow::Result<Fingerprint> {
     let fp = match Fingerprint::from_hex(who) {
         Ok(fp) => fp,
         Err(_) => {
@@ -189,55 +244,145 @@ pub fn revoke(dir: &Path, who: &str) -> anyhow::Result<Fingerprint> {
     Ok(fp)
 }
 
+/// Revokes a client by fingerprint or unique name: through the running `serve` (its connections close
+/// at once and the open round stops waiting for it), else in the store (its next handshake is refused).
+pub fn revoke(dir: &Path, who: &str) -> anyhow::Result<serde_json::Value> {
+    let request = AdminRequest::Revoke {
+        client: who.into(),
+    };
+    if let Some(v) = live(dir, &request)? {
+        return Ok(v);
+    }
+    let fp = revoke_in(&open_store(&Layout::new(dir))?, who)?;
+    Ok(serde_json::json!({ "revoked": fp.to_hex(), "connections_closed": 0 }))
+}
+
+/// The enrolled devices of an open `store`, as JSON.
+pub fn clients_in(store: &Store) -> anyhow::Result<serde_json::Value> {
+    let clients: Vec<serde_json::Value> = store
+        .clients()?
+        .into_iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "fingerprint": c.fingerprint.to_hex(),
+                "status": format!("{:?}", c.status).to_lowercase(),
+                "enrolled_at_unix_ms": c.enrolled_at,
+                "last_seen_unix_ms": c.last_seen,
+                "declines": c.declines,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({ "clients": clients }))
+}
+
+/// The enrolled devices (live or from the store).
+pub fn clients(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    if let Some(v) = live(dir, &AdminRequest::Clients)? {
+        return Ok(v);
+    }
+    clients_in(&open_store(&Layout::new(dir))?)
+}
+
+/// Pauses (`true`) or resumes rounds: live, or recorded in the store for the next `serve`.
+pub fn pause(dir: &Path, paused: bool) -> anyhow::Result<serde_json::Value> {
+    let request = if paused {
+        AdminRequest::Pause
+    } else {
+        AdminRequest::Resume
+    };
+    if let Some(v) = live(dir, &request)? {
+        return Ok(v);
+    }
+    open_store(&Layout::new(dir))?.set_paused(paused)?;
+    Ok(serde_json::json!({ "paused": paused, "round_open": null }))
+}
+
+/// Changes round settings from the next round on: live, or recorded in the store for the next `serve`.
+pub fn set_rounds(dir: &Path, settings: &RoundSettings) -> anyhow::Result<serde_json::Value> {
+    if settings.is_empty() {
+        bail!("name at least one setting to change");
+    }
+    let request = AdminRequest::SetRounds {
+        settings: settings.clone(),
+    };
+    if let Some(v) = live(dir, &request)? {
+        return Ok(v);
+    }
+    let layout = Layout::new(dir);
+    let store = open_store(&layout)?;
+    let current = match store.round_settings()? {
+        Some(c) => c,
+        None => CoordinatorConfig::load(&layout.config())?.rounds,
+    };
+    let next = settings.apply(&current);
+    next.validate()?;
+    let cfg = CoordinatorConfig::load(&layout.config())?;
+    if cfg.secure_aggregation.enabled
+        && (next.selection != current.selection || next.min_updates != current.min_updates)
+    {
+        bail!("selection and min_updates are fixed under secure aggregation: change them in coordinator.toml");
+    }
+    store.set_round_settings(Some(&next))?;
+    Ok(serde_json::json!({ "rounds": next }))
+}
+
+/// Writes a backup of the coordinator to `out`: by the running `serve` (a consistent snapshot while it
+/// serves), or from the stopped coordinator's store.
+pub fn backup(dir: &Path, out: &Path) -> anyhow::Result<serde_json::Value> {
+    // The running serve may have another working directory: give it an absolute path.
+    let out = std::path::absolute(out).with_context(|| format!("resolving {}", out.display()))?;
+    if let Some(v) = live(dir, &AdminRequest::Backup { out: out.clone() })? {
+        return Ok(v);
+    }
+    let store = open_store(&Layout::new(dir))?;
+    let c = crate::backup::collect(dir, &store)?;
+    crate::backup::write_file(&out, &crate::backup::encode(&c))?;
+    Ok(serde_json::json!({
+        "backup": out.display().to_string(), "bytes": c.bytes(), "trees": c.trees.len(), "files": c.files.len(),
+    }))
+}
+
+/// Restores a backup into a new coordinator directory (serve it with `serve --dir`).
+pub fn restore(from: &Path, dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let c = crate::backup::restore(from, dir)?;
+    let store = Store::open(&Layout::new(dir).store())?;
+    Ok(serde_json::json!({
+        "dir": dir.display().to_string(),
+        "bytes": c.bytes(),
+        "latest_version": store.latest_version()?.map(|v| v.0),
+        "clients": store.clients()?.len(),
+    }))
+}
+
+/// The result of `request` from the `serve` running on `dir`, if one answers.
+fn live(dir: &Path, request: &AdminRequest) -> anyhow::Result<Option<serde_json::Value>> {
+    match crate::admin::call(dir, request)? {
+        None => Ok(None),
+        Some(reply) => match reply.error {
+            Some(e) => Err(anyhow::anyhow!("the running serve refused: {e}")),
+            None => Ok(Some(reply.result)),
+        },
+    }
+}
+
 fn open_store(layout: &Layout) -> anyhow::Result<Store> {
     Store::open(&layout.store()).with_context(|| {
         format!(
-            "opening the store in {} (is `serve` running? it holds the store's lock)",
+            "opening the store in {} (a serve holds it but its admin socket did not answer)",
             layout.dir.display()
         )
     })
 }
 
-/// The status as JSON: clients, rounds, privacy, latest version (see [`crate::status::document`]). While
-/// `serve` runs it holds the store's lock; the status then comes live from its status page.
+/// The status as JSON: clients, rounds, privacy, latest version (see [`crate::status::document`]) — from
+/// the running `serve` (admin socket), or from the store of a stopped coordinator.
 pub fn status(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    if let Some(v) = live(dir, &AdminRequest::Status)? {
+        return Ok(v);
+    }
     let layout = Layout::new(dir);
-    match Store::open(&layout.store()) {
-        Ok(store) => Ok(crate::status::document(&store, now_ms())?),
-        Err(locked) => live_status(&layout).with_context(|| {
-            format!(
-                "opening the store in {} failed ({locked}) and no running serve answered",
-                dir.display()
-            )
-        }),
-    }
-}
-
-/// The status from the running `serve`'s page (its address is in `serve.json`).
-fn live_status(layout: &Layout) -> anyhow::Result<serde_json::Value> {
-    use std::io::Read as _;
-    let text = std::fs::read_to_string(layout.serving())
-        .with_context(|| format!("reading {}", layout.serving().display()))?;
-    let bound: serde_json::Value = serde_json::from_str(&text)?;
-    let addr: std::net::SocketAddr = bound["http"]
-        .as_str()
-        .context("serve runs without a status page (network.http = false)")?
-        .parse()?;
-    let timeout = std::time::Duration::from_secs(10);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET /api/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.take(16 << 20).read_to_end(&mut raw)?;
-    let raw = String::from_utf8(raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP reply")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("status page answered {}", head.lines().next().unwrap_or(""));
-    }
-    Ok(serde_json::from_str(body)?)
+    Ok(crate::status::document(&open_store(&layout)?, now_ms())?)
 }
 
 /// Writes version `version` as a PEFT adapter plus its signed manifest into `out`.

@@ -27,6 +27,7 @@ use starling_protocol::{
 };
 use starling_secagg::RoundParams;
 use starling_transport::server::EnrolmentLimits;
+use starling_transport::server::ServerControl;
 use starling_transport::{Access, Authorizer, Handler, Limits, Request, Response, Server};
 
 use crate::config::{CoordinatorConfig, DpPlacement, UpdateEncoding};
@@ -167,6 +168,60 @@ pub struct Coordinator {
     inner: Mutex<Inner>,
     metrics: Metrics,
     clock: Clock,
+    /// The coordinator directory.
+    dir: PathBuf,
+    /// The running endpoints' connections (set once `serve` has bound them).
+    control: std::sync::OnceLock<ServerControl>,
+    /// What `/healthz` and `/readyz` report.
+    health: Health,
+}
+
+/// Liveness and readiness of a serving coordinator.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// When the round loop last ticked (system milliseconds; 0: never).
+    last_tick: std::sync::atomic::AtomicU64,
+    /// Endpoints bound and serving.
+    ready: std::sync::atomic::AtomicBool,
+    /// Stopping: no new work is taken.
+    draining: std::sync::atomic::AtomicBool,
+}
+
+impl Health {
+    /// Whether the round loop ticked within `stall_ms` of `now` (liveness).
+    pub fn live(&self, now: u64, stall_ms: u64) -> bool {
+        let t = self.last_tick.load(std::sync::atomic::Ordering::Relaxed);
+        t != 0 && now.saturating_sub(t) <= stall_ms
+    }
+
+    /// Whether devices are being served (readiness): bound, and not draining.
+    pub fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the coordinator is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// How a draining `serve` treats devices (see [`Coordinator::serve_until`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DrainSettings {
+    /// How long to wait for the exchanges in flight (uploads being stored get their acks).
+    pub wait: Duration,
+    /// When devices are told to come back.
+    pub retry_after: Duration,
+}
+
+impl Default for DrainSettings {
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_secs(20),
+            retry_after: Duration::from_secs(5),
+        }
+    }
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -284,13 +339,16 @@ impl Coordinator {
                 m0.base_digest
             )));
         }
+        // Round settings an operator changed on a running coordinator outlive its restarts.
+        let rounds = store.round_settings()?.unwrap_or_else(|| cfg.rounds.clone());
         let mut engine = Engine::new(
-            cfg.rounds.clone(),
+            rounds,
             schema.hash(),
             latest,
             store.next_round()?,
             store.completed()?,
         )?;
+        engine.set_paused(store.paused()?);
         // The clients a round selects (at least `min_clients` with a fraction).
         let cohort = match cfg.rounds.selection {
             crate::engine::Selection::Count(m) => m,
@@ -342,11 +400,16 @@ impl Coordinator {
             );
         }
         if let Some(round) = current {
-            let stored: Vec<UpdateMeta> = store
-                .updates(round.id)?
-                .into_iter()
-                .map(|u| u.meta)
-                .collect();
+            // Updates of devices revoked since they were stored do not count.
+            let mut stored: Vec<UpdateMeta> = Vec::new();
+            for u in store.updates(round.id)? {
+                if store
+                    .client(&u.meta.client)?
+                    .is_some_and(|c| c.status == ClientStatus::Active)
+                {
+                    stored.push(u.meta);
+                }
+            }
             let secagg = if cfg.secure_aggregation.enabled {
                 store.secagg(round.id)?
             } else {
@@ -354,6 +417,22 @@ impl Coordinator {
             };
             tracing::info!(round = round.id.0, updates = stored.len(), "resuming round");
             engine.resume(round, &stored, secagg)?;
+            // The time the coordinator was down is given back to the round: devices that trained while
+            // it was away, or were cut off mid-upload, still make the deadline.
+            if let Some(alive) = store.alive_at()? {
+                let downtime = opts.clock.now().saturating_sub(alive);
+                if downtime > 0 {
+                    engine.extend_deadlines(downtime.max(cfg.rounds.resume_grace_ms));
+                    if let Some(r) = engine.current() {
+                        store.put_round(r)?;
+                        tracing::info!(
+                            round = r.id.0,
+                            downtime_ms = downtime,
+                            "the round's deadline moved by the downtime"
+                        );
+                    }
+                }
+            }
             // A secure round that had no stored state yet gets its fresh one on disk now.
             if let Some((id, state)) = engine.secagg() {
                 store.put_secagg(id, state)?;
@@ -374,7 +453,100 @@ impl Coordinator {
             }),
             metrics: Metrics::default(),
             clock: opts.clock,
+            dir: dir.to_path_buf(),
+            control: std::sync::OnceLock::new(),
+            health: Health::default(),
         })
+    }
+
+    /// Liveness and readiness (for `/healthz` and `/readyz`).
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Carries out an operator's request from the admin socket (see [`crate::admin`]).
+    pub fn admin(&self, request: crate::admin::AdminRequest) -> crate::admin::AdminReply {
+        use crate::admin::{AdminReply, AdminRequest};
+        let layout = Layout::new(&self.dir);
+        let result = match request {
+            AdminRequest::Enrol { name } => {
+                // Under the round lock: a backup taken meanwhile holds the token or not, never half of it.
+                let _inner = self.lock();
+                crate::ops::enrol_in(&self.store, &layout, &name).map(|e| e.json())
+            }
+            AdminRequest::Revoke { client } => self.revoke(&client),
+            AdminRequest::Clients => crate::ops::clients_in(&self.store),
+            AdminRequest::Status => self.status_document().map_err(anyhow::Error::from),
+            AdminRequest::Pause | AdminRequest::Resume => {
+                let paused = matches!(request, AdminRequest::Pause);
+                let mut inner = self.lock();
+                self.store
+                    .set_paused(paused)
+                    .map_err(anyhow::Error::from)
+                    .map(|()| {
+                        inner.engine.set_paused(paused);
+                        tracing::info!(paused, "rounds {}", if paused { "paused" } else { "resumed" });
+                        serde_json::json!({
+                            "paused": paused,
+                            "round_open": inner.engine.current().map(|r| r.id.0),
+                        })
+                    })
+            }
+            AdminRequest::SetRounds { settings } => {
+                let mut inner = self.lock();
+                let next = settings.apply(inner.engine.config());
+                match inner.engine.set_config(next.clone()) {
+                    Ok(()) => self
+                        .store
+                        .set_round_settings(Some(&next))
+                        .map_err(anyhow::Error::from)
+                        .map(|()| {
+                            tracing::info!("round settings changed from the next round on");
+                            serde_json::json!({ "rounds": next })
+                        }),
+                    Err(e) => Err(anyhow::Error::from(e)),
+                }
+            }
+            AdminRequest::Backup { out } => {
+                let inner = self.lock();
+                let taken = crate::backup::collect(&self.dir, &self.store);
+                drop(inner);
+                taken
+                    .and_then(|c| {
+                        crate::backup::write_file(&out, &crate::backup::encode(&c))?;
+                        Ok(c)
+                    })
+                    .map(|c| {
+                        serde_json::json!({
+                            "backup": out.display().to_string(),
+                            "bytes": c.bytes(),
+                            "trees": c.trees.len(),
+                            "files": c.files.len(),
+                        })
+                    })
+                    .map_err(anyhow::Error::from)
+            }
+        };
+        match result {
+            Ok(v) => AdminReply::ok(v),
+            Err(e) => AdminReply::failed(format!("{e:#}")),
+        }
+    }
+
+    /// Revokes a device at once: stored as revoked, its open connections closed, and the open round no
+    /// longer waits for it (nor counts an update it sent).
+    fn revoke(&self, who: &str) -> anyhow::Result<serde_json::Value> {
+        let mut inner = self.lock();
+        let fp = crate::ops::revoke_in(&self.store, who)?;
+        let round_changed = inner.engine.revoked(fp);
+        drop(inner);
+        let closed = self.control.get().map_or(0, |c| c.disconnect(&fp));
+        tracing::info!(client = %fp, closed, round_changed, "revoked");
+        Ok(serde_json::json!({
+            "revoked": fp.to_hex(),
+            "connections_closed": closed,
+            "left_the_open_round": round_changed,
+        }))
     }
 
     /// The round in progress, if any.
@@ -986,7 +1158,7 @@ impl Coordinator {
 
     /// Records a device's refusal of a round's task and tells it when to ask again.
     fn decline(&self, client: Fingerprint, d: &Decline, now: u64) -> Response {
-        tracing::warn!(client = %client, round = d.round.0, code = ?d.code, "task declined: {}", d.reason);
+        tracing::warn!(client = %client, round = d.round.0, code = %d.code, "task declined: {}", d.reason);
         bump(&self.metrics.tasks_declined);
         self.lock().engine.declined(client, d.round);
         let record = crate::store::DeclineRecord {
@@ -1013,6 +1185,31 @@ impl Coordinator {
         limits: Limits,
         on_bound: impl FnOnce(&Server, Option<SocketAddr>),
     ) -> Result<(), anyhow::Error> {
+        self.serve_until(
+            tls,
+            limits,
+            on_bound,
+            std::future::pending(),
+            DrainSettings::default(),
+        )
+        .await
+    }
+
+    /// [`Coordinator::serve_with`] that also stops when `shutdown` resolves (SIGTERM): it then drains —
+    /// takes no new connection or exchange, lets the exchanges in flight finish (an upload being stored
+    /// gets its ack), flushes the store, and closes every connection telling devices when to come back.
+    /// Also answers the admin socket in the coordinator directory.
+    pub async fn serve_until(
+        self: Arc<Self>,
+        tls: &SigningIdentity,
+        limits: Limits,
+        on_bound: impl FnOnce(&Server, Option<SocketAddr>),
+        shutdown: impl std::future::Future<Output = ()>,
+        drain: DrainSettings,
+    ) -> Result<(), anyhow::Error> {
+        let admin = crate::admin::AdminSocket::bind(&self.dir)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the admin socket: {e}"))?;
         let server = Server::bind(
             self.cfg.network.listen,
             self.cfg.network.enrol_listen,
@@ -1022,6 +1219,8 @@ impl Coordinator {
             limits,
             EnrolmentLimits::default(),
         )?;
+        let _ = self.control.set(server.control());
+        let admin_task = tokio::spawn(admin.serve(self.clone()));
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let http = if self.cfg.network.http {
             let listener = tokio::net::TcpListener::bind(self.cfg.network.http_listen)
@@ -1046,20 +1245,55 @@ impl Coordinator {
             None
         };
         on_bound(&server, http.as_ref().map(|(a, _)| *a));
+        self.health
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut interval = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            interval.tick().await;
+        let mut last_alive = 0u64;
+        tokio::pin!(shutdown);
+        let drained = loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                () = &mut shutdown => break true,
+            }
             let me = self.clone();
             let finished = tokio::task::spawn_blocking(move || me.tick(me.now())).await??;
-            if finished {
-                break;
+            let now = now_ms();
+            self.health
+                .last_tick
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            if now.saturating_sub(last_alive) >= 1_000 {
+                // The start of a downtime, should this process die: a restart gives it back to the round.
+                self.store.mark_alive(self.now())?;
+                last_alive = now;
             }
+            if finished {
+                break false;
+            }
+        };
+        if drained {
+            self.health
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("draining: finishing the exchanges in flight");
+            let left = server.drain(drain.retry_after, drain.wait).await;
+            if left > 0 {
+                tracing::warn!(left, "exchanges still in flight when the drain ended");
+            }
+            self.store.mark_alive(self.now())?;
+        } else {
+            server.shutdown().await;
         }
-        server.shutdown().await;
+        self.store.flush()?;
+        admin_task.abort();
         let _ = stop_http.send(());
         if let Some((_, task)) = http {
             task.await??;
         }
+        tracing::info!(
+            "stopped{}",
+            if drained { " after draining" } else { "" }
+        );
         Ok(())
     }
 
@@ -1164,7 +1398,12 @@ impl Handler for Coordinator {
             message: "unknown or used enrolment token".into(),
         };
         let token = EnrolmentToken::parse(&request.token).map_err(|_| bad())?;
-        match self.store.enrol(token.hash(), client, self.now()) {
+        let enrolled = {
+            // Under the round lock, like every change a backup must see whole.
+            let _inner = self.lock();
+            self.store.enrol(token.hash(), client, self.now())
+        };
+        match enrolled {
             Ok(Some(rec)) => {
                 tracing::info!(client = %client, name = rec.name, "enrolled");
                 Ok(())

@@ -46,6 +46,8 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
                 "last_decline": c.last_decline.as_ref().map(|d| serde_json::json!({
                     "round": d.round.0, "code": d.code, "reason": d.reason, "at_unix_ms": d.at })),
             })).collect::<Vec<_>>() },
+        "paused": store.paused()?,
+        "round_settings": store.round_settings()?,
         "epsilon_spent": model.as_ref().map_or(0.0, |m| m.dp.epsilon_spent),
         "delta": model.as_ref().map_or(0.0, |m| m.dp.delta),
         "strategy": model.as_ref().map(|m| m.strategy.clone()),
@@ -53,6 +55,92 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
             "round": r.0, "updates": c.updates, "mean_train_loss": c.mean_train_loss,
             "epsilon_after": c.epsilon_after, "sampling_rate": c.sampling_rate })).collect::<Vec<_>>(),
     }))
+}
+
+/// The status document as a short summary for a person at a terminal (`status` without `--json`).
+pub fn summary(doc: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "latest version {}, {} rounds completed{}",
+        n(&doc["latest_version"]),
+        n(&doc["rounds_completed"]),
+        if doc["paused"].as_bool() == Some(true) {
+            " — rounds paused"
+        } else {
+            ""
+        }
+    );
+    match doc["current_round"].as_object() {
+        Some(r) => {
+            let left = n(&r["deadline_unix_ms"]).saturating_sub(n(&doc["now_unix_ms"])) / 1000;
+            let _ = writeln!(
+                out,
+                "round {} {}: {} of {} selected devices reported (from version {}), deadline in {} s",
+                n(&r["id"]),
+                r["phase"].as_str().unwrap_or("?"),
+                n(&r["updates"]),
+                n(&r["selected"]),
+                n(&r["model_version"]),
+                left
+            );
+        }
+        None => {
+            let _ = writeln!(out, "no round open");
+        }
+    }
+    let c = &doc["clients"];
+    let _ = writeln!(
+        out,
+        "devices: {} enrolled, {} active, {} revoked",
+        n(&c["total"]),
+        n(&c["active"]),
+        n(&c["revoked"])
+    );
+    if let Some(eps) = doc["epsilon_spent"].as_f64().filter(|e| *e > 0.0) {
+        let _ = writeln!(
+            out,
+            "privacy: ε = {eps:.3} at δ = {:e}",
+            doc["delta"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(rounds) = doc["rounds"].as_array() {
+        for r in rounds.iter().rev().take(5).rev() {
+            let _ = writeln!(
+                out,
+                "  round {:>4}: {:>4} updates, mean train loss {:.4}",
+                n(&r["round"]),
+                n(&r["updates"]),
+                r["mean_train_loss"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    out.push_str("(--json for the whole document)\n");
+    out
+}
+
+/// The `clients` document as a table for a person.
+pub fn clients_table(doc: &serde_json::Value) -> String {
+    let mut out = format!("{:<24} {:<8} {:<16} FINGERPRINT\n", "NAME", "STATUS", "LAST SEEN (s ago)");
+    let now = crate::service::now_ms();
+    for c in doc["clients"].as_array().into_iter().flatten() {
+        let seen = c["last_seen_unix_ms"].as_u64().unwrap_or(0);
+        let ago = if seen == 0 {
+            "never".to_string()
+        } else {
+            (now.saturating_sub(seen) / 1000).to_string()
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:<8} {:<16} {}",
+            c["name"].as_str().unwrap_or_default(),
+            c["status"].as_str().unwrap_or_default(),
+            ago,
+            c["fingerprint"].as_str().unwrap_or_default()
+        );
+    }
+    out
 }
 
 /// Where a secure round stands: its phase, how many devices reached each step, its parameters.

@@ -26,6 +26,19 @@ use starling_privacy::ddg::DdgEvent;
 /// Storage format version written at creation and checked at open.
 const FORMAT: u32 = 1;
 
+/// Every tree of the store (what a backup holds).
+const TREES: [&str; 9] = [
+    "clients",
+    "tokens",
+    "rounds",
+    "updates",
+    "update_index",
+    "models",
+    "ledger",
+    "ledger_ddg",
+    "meta",
+];
+
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -338,6 +351,94 @@ impl Store {
     }
 
     // ---- rounds and updates ----
+
+    /// Records that the serving coordinator was alive at `now` (not flushed: sled writes it back within its
+    /// flush interval, and a restart reads the last value written back as the start of its downtime).
+    pub fn mark_alive(&self, now: u64) -> Result<(), StoreError> {
+        self.meta.insert("alive_at", &now.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// When a serving coordinator last recorded itself alive.
+    pub fn alive_at(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.meta.get("alive_at")?.map(|v| be_u64(&v)))
+    }
+
+    /// Persists whether the operator paused rounds (flushed: a restart keeps them paused).
+    pub fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+        self.meta.insert("paused", &[u8::from(paused)])?;
+        self.flush()
+    }
+
+    /// Whether the operator paused rounds.
+    pub fn paused(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get("paused")?.is_some_and(|v| v.as_ref() == [1]))
+    }
+
+    /// Persists the round settings the operator set on a running coordinator (flushed); they override
+    /// coordinator.toml's `[rounds]` until cleared.
+    pub fn set_round_settings(
+        &self,
+        settings: Option<&crate::engine::EngineConfig>,
+    ) -> Result<(), StoreError> {
+        match settings {
+            Some(s) => self.meta.insert("round_settings", encode(s))?,
+            None => self.meta.remove("round_settings")?,
+        };
+        self.flush()
+    }
+
+    /// The round settings the operator set, if any.
+    pub fn round_settings(&self) -> Result<Option<crate::engine::EngineConfig>, StoreError> {
+        self.meta
+            .get("round_settings")?
+            .map(|v| decode(&v, "round settings"))
+            .transpose()
+    }
+
+    /// Every tree's entries, read in one pass for a backup: (tree name, key/value pairs).
+    pub fn snapshot(&self) -> Result<Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>, StoreError> {
+        let mut out = Vec::new();
+        for name in TREES {
+            let tree = self.db.open_tree(name)?;
+            let mut kv = Vec::new();
+            for entry in tree.iter() {
+                let (k, v) = entry?;
+                kv.push((k.to_vec(), v.to_vec()));
+            }
+            out.push((name.to_string(), kv));
+        }
+        Ok(out)
+    }
+
+    /// Creates a store in `dir` from a [`Store::snapshot`] (the directory must hold none).
+    pub fn restore(
+        dir: &Path,
+        snapshot: &[(String, Vec<(Vec<u8>, Vec<u8>)>)],
+    ) -> Result<Self, StoreError> {
+        if dir.join("db").exists() || dir.join("conf").exists() {
+            return Err(StoreError::Format(format!(
+                "{} already holds a store",
+                dir.display()
+            )));
+        }
+        let s = Self::open_db(dir)?;
+        for (name, kv) in snapshot {
+            if !TREES.contains(&name.as_str()) {
+                return Err(StoreError::Format(format!("unknown tree {name:?} in the backup")));
+            }
+            let tree = s.db.open_tree(name)?;
+            for (k, v) in kv {
+                tree.insert(k.as_slice(), v.as_slice())?;
+            }
+        }
+        match s.meta.get("format")? {
+            Some(v) if v.as_ref() == FORMAT.to_be_bytes() => {}
+            _ => return Err(StoreError::Format("the backup holds no store of this format".into())),
+        }
+        s.flush()?;
+        Ok(s)
+    }
 
     /// Persists a round (and the next unused round id), flushed.
     pub fn put_round(&self, round: &RoundRecord) -> Result<(), StoreError> {

@@ -171,7 +171,8 @@ impl Coord {
         self.dir.to_str().unwrap_or_default()
     }
 
-    /// `enrol --json` (the store must not be held by a running `serve`): token, pin and signing key.
+    /// `enrol --json` (through the running `serve`'s admin socket, or in the store of a stopped one): token,
+    /// pin and signing key.
     pub fn enrol(&self, name: &str) -> Enrolment {
         let v = coordinator_json(&["enrol", "--dir", self.arg(), "--name", name, "--json"]);
         let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
@@ -303,6 +304,17 @@ impl Proc {
             .lock()
             .map(|s| s.iter().any(|l| l.contains(needle)))
             .unwrap_or(false)
+    }
+
+    /// Whether the process has exited by itself.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// SIGKILL, then reap, keeping the handle (its lines stay readable).
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGKILL, then reap.

@@ -105,6 +105,8 @@ fn pending(round: u64) -> PendingUpdate {
         },
         body_size: 10,
         body_digest: Digest::of(b"x").to_hex(),
+        stored_as: None,
+        terms: String::new(),
     }
 }
 
@@ -154,7 +156,8 @@ fn full_round(s: &mut Session, round: u64, m: &SignedManifest, version: u64) {
         },
     );
     assert!(matches!(&a[..], [Action::Train { .. }]), "{a:?}");
-    let p = pending(round);
+    let mut p = pending(round);
+    p.terms = task_terms(&task(round, m.clone(), None));
     let a = s.handle(5, Event::Trained(p.clone()));
     assert_eq!(a, vec![Action::Persist, Action::Upload(p.clone())]);
     assert_eq!(s.progress().pending, Some(p.clone()));
@@ -576,6 +579,102 @@ fn a_refused_upload_is_dropped_but_busy_coordinators_are_retried() {
     assert!(s.progress().rounds_joined.is_empty());
 }
 
+#[test]
+fn an_update_whose_round_closed_answers_the_next_round_without_training_again() {
+    let mut s = Session::new(config(), Progress::default());
+    connected(&mut s);
+    let m0 = manifest(0, None, &key());
+    // Round 1 is trained and uploaded; the coordinator restarted and closed the round without it.
+    let a = s.handle(
+        2,
+        Event::TaskOffered {
+            task: task(1, m0.clone(), None),
+            local_minute: 0,
+        },
+    );
+    assert!(matches!(&a[..], [Action::Prepare { .. }]), "{a:?}");
+    s.handle(
+        3,
+        Event::Prepared {
+            adapter: Some(adapter(0)),
+            train_tokens: 1000,
+        },
+    );
+    s.handle(
+        4,
+        Event::Eligibility {
+            allowed: true,
+            detail: String::new(),
+        },
+    );
+    s.handle(5, Event::Trained(pending(1)));
+    let a = s.handle(
+        6,
+        Event::Refused {
+            code: ErrorCode::LateUpdate,
+            message: "round 1 closed".into(),
+        },
+    );
+    assert_eq!(
+        a,
+        vec![
+            Action::Persist,
+            Action::RequestTask {
+                held: Some(ModelVersion(0))
+            }
+        ],
+        "kept, not discarded"
+    );
+    let kept = s.progress().carried.clone().expect("kept for the next round");
+    assert_eq!(s.progress().pending, None);
+
+    // Round 2 on the same version and terms: the kept update answers it, relabelled, untrained.
+    let a = s.handle(
+        7,
+        Event::TaskOffered {
+            task: task(2, m0.clone(), None),
+            local_minute: 0,
+        },
+    );
+    let [Action::Persist, Action::Upload(p)] = &a[..] else {
+        panic!("{a:?}")
+    };
+    assert_eq!((p.round, p.stored_as, p.body_round()), (2, Some(1), 1));
+    assert_ne!(p.update_id, kept.update_id, "a fresh id for the new round");
+    assert_eq!(p.body_digest, kept.body_digest);
+    assert_eq!(s.progress().trained_rounds, vec![1, 2]);
+    assert!(s.progress().carried.is_none());
+    let a = s.handle(
+        8,
+        Event::Acked {
+            update_id: p.id().unwrap(),
+        },
+    );
+    assert_eq!(a[1], Action::DiscardPending { round: 1 }, "{a:?}");
+    assert_eq!(s.progress().rounds_joined, vec![2]);
+
+    // A kept update does not answer a task from a newer model: discarded, and the round is trained.
+    let mut s = Session::new(
+        config(),
+        Progress {
+            carried: Some(kept),
+            trained_rounds: vec![1],
+            ..Progress::default()
+        },
+    );
+    connected(&mut s);
+    let m1 = manifest(1, Some(&m0), &key());
+    let a = s.handle(
+        9,
+        Event::TaskOffered {
+            task: task(3, m1, None),
+            local_minute: 0,
+        },
+    );
+    assert_eq!(&a[..2], &[Action::Persist, Action::DiscardPending { round: 1 }]);
+    assert!(s.progress().carried.is_none());
+}
+
 /// A task of `round` on `m` with secure aggregation: device `id` of `params`' roster.
 fn secure_task(
     round: u64,
@@ -598,6 +697,7 @@ fn secure_task(
 /// pending update (its body is `body`).
 fn to_secure_step(s: &mut Session, t: Box<Task>, body: &[u8]) -> (Vec<Action>, PendingUpdate) {
     let round = t.round.0;
+    let terms = task_terms(&t);
     assert!(matches!(
         &s.handle(
             2,
@@ -627,7 +727,9 @@ fn to_secure_step(s: &mut Session, t: Box<Task>, body: &[u8]) -> (Vec<Action>, P
     p.model_version = 0;
     p.body_size = body.len() as u64;
     p.body_digest = Digest::of(body).to_hex();
-    (s.handle(5, Event::Trained(p.clone())), p)
+    let sent = s.handle(5, Event::Trained(p.clone()));
+    p.terms = terms;
+    (sent, p)
 }
 
 /// Round 1's parameters for `clients` devices, each the neighbour of all others (threshold 2), with

@@ -98,6 +98,20 @@ pub struct RoundId(pub u64);
 )]
 pub struct ModelVersion(pub u64);
 
+/// Rounds read as "round 4" in text for people.
+impl std::fmt::Display for RoundId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "round {}", self.0)
+    }
+}
+
+/// Versions read as "version 3" in text for people.
+impl std::fmt::Display for ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "version {}", self.0)
+    }
+}
+
 /// The client-chosen id of one update: re-sending the same id is idempotent.
 #[derive(
     Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,

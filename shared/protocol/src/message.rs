@@ -333,6 +333,28 @@ pub enum ErrorCode {
     Internal,
 }
 
+/// Error codes read as words in text for people ("late update", not `LateUpdate`).
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ErrorCode::BadRequest => "bad request",
+            ErrorCode::NotEnrolled => "not enrolled",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::BadToken => "bad enrolment token",
+            ErrorCode::RateLimited => "rate limited",
+            ErrorCode::LateUpdate => "late update",
+            ErrorCode::WrongModelVersion => "wrong model version",
+            ErrorCode::SchemaMismatch => "adapter schema mismatch",
+            ErrorCode::TooLarge => "too large",
+            ErrorCode::DigestMismatch => "digest mismatch",
+            ErrorCode::NotFound => "not found",
+            ErrorCode::BudgetExhausted => "privacy budget exhausted",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal error",
+        })
+    }
+}
+
 /// A typed error reply.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ErrorReply {

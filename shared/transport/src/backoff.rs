@@ -26,6 +26,12 @@ impl Backoff {
         }
     }
 
+    /// A uniform draw in `[0, max_ms]` from the same jitter source, without counting an attempt (to spread
+    /// a fleet's return after a coordinator named the time to come back).
+    pub fn jitter_ms(&mut self, max_ms: u64) -> u64 {
+        self.rng.random_range(0..=max_ms)
+    }
+
     /// The delay before the next attempt.
     pub fn next_delay(&mut self) -> Duration {
         let cap = self

@@ -211,6 +211,29 @@ pub fn is_permanent(e: &TransportError) -> bool {
     }
 }
 
+/// Whether `e` is the enrolment endpoint refusing a connection before its handshake — what it does when
+/// this address (or everyone) made too many attempts: worth retrying later, not a refusal of the token.
+pub fn is_rate_limited(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::Connection(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    )
+}
+
+/// How long a draining coordinator asked this device to wait before reconnecting, if `e` is its close
+/// ([`crate::server::CLOSE_RESTART`]).
+pub fn come_back_after(e: &TransportError) -> Option<std::time::Duration> {
+    match e {
+        TransportError::Connection(quinn::ConnectionError::ApplicationClosed(a))
+            if u64::from(a.error_code) == u64::from(crate::server::CLOSE_RESTART) =>
+        {
+            crate::server::parse_retry_after(&a.reason)
+        }
+        _ => None,
+    }
+}
+
 /// A refusal of this device by the coordinator, or of the coordinator by this device, that retrying cannot
 /// fix: what a device runtime tells its operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

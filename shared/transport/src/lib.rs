@@ -32,7 +32,7 @@ pub enum TransportError {
     #[error("protocol: {0}")]
     Protocol(#[from] ProtocolError),
     /// The peer answered with a typed error.
-    #[error("peer refused: {code:?}: {message}")]
+    #[error("peer refused ({code}): {message}")]
     Remote {
         /// The peer's error code.
         code: ErrorCode,

@@ -39,6 +39,148 @@ pub const CLOSE_PROTOCOL: u32 = 1;
 pub const CLOSE_TIMEOUT: u32 = 2;
 /// QUIC application close code: the client's key was revoked while connected.
 pub const CLOSE_REVOKED: u32 = 3;
+/// QUIC application close code: the coordinator is stopping; the reason says when to come back
+/// (`retry_after_ms=N`, see [`retry_after_reason`]).
+pub const CLOSE_RESTART: u32 = 4;
+
+/// The close reason of [`CLOSE_RESTART`]: when devices should come back.
+pub fn retry_after_reason(after: Duration) -> String {
+    format!("retry_after_ms={}", after.as_millis())
+}
+
+/// The delay a [`CLOSE_RESTART`] reason names, if it names one.
+pub fn parse_retry_after(reason: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(reason).ok()?;
+    let ms: u64 = text.strip_prefix("retry_after_ms=")?.parse().ok()?;
+    Some(Duration::from_millis(ms.min(3_600_000)))
+}
+
+/// The endpoint configuration of a coordinator: a stateless-reset key derived from its TLS key (HMAC of the
+/// key under a fixed label), so that a restarted coordinator can reset the connections its previous run
+/// left open — devices then notice at their next packet and reconnect, instead of waiting out the idle
+/// timeout. The key never leaves the process; the label keeps it apart from every other use of the key.
+fn endpoint_config(identity: &SigningIdentity, label: &[u8]) -> quinn::EndpointConfig {
+    use ring::hmac;
+    let master = hmac::Key::new(hmac::HMAC_SHA256, &identity.pkcs8_der());
+    let derived = hmac::sign(&master, label);
+    quinn::EndpointConfig::new(Arc::new(hmac::Key::new(
+        hmac::HMAC_SHA256,
+        derived.as_ref(),
+    )))
+}
+
+/// A handle on a running server's connections: closes a revoked client's live connections, counts the
+/// exchanges in flight (a draining coordinator waits for them), and refuses new work while draining.
+#[derive(Clone, Default)]
+pub struct ServerControl {
+    inner: Arc<ControlInner>,
+}
+
+#[derive(Default)]
+struct ControlInner {
+    connections: Mutex<std::collections::HashMap<Fingerprint, Vec<(u64, Connection)>>>,
+    next_id: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::atomic::AtomicUsize,
+    draining: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for ServerControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerControl")
+            .field("connected", &self.connected())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+impl ServerControl {
+    /// Closes every open connection of `client` (its key was revoked); returns how many were open.
+    pub fn disconnect(&self, client: &Fingerprint) -> usize {
+        let conns = self
+            .inner
+            .connections
+            .lock()
+            .map(|mut m| m.remove(client).unwrap_or_default())
+            .unwrap_or_default();
+        for (_, c) in &conns {
+            c.close(VarInt::from_u32(CLOSE_REVOKED), b"key revoked");
+        }
+        conns.len()
+    }
+
+    /// Clients with at least one open connection.
+    pub fn connected(&self) -> usize {
+        self.inner.connections.lock().map_or(0, |m| m.len())
+    }
+
+    /// Exchanges being answered right now.
+    pub fn in_flight(&self) -> usize {
+        self.inner
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the server is draining (no new exchanges are started).
+    pub fn draining(&self) -> bool {
+        self.inner.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn register(&self, client: Fingerprint, conn: &Connection) -> u64 {
+        let id = self
+            .inner
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut m) = self.inner.connections.lock() {
+            m.entry(client).or_default().push((id, conn.clone()));
+        }
+        id
+    }
+
+    fn unregister(&self, client: &Fingerprint, id: u64) {
+        if let Ok(mut m) = self.inner.connections.lock() {
+            if let Some(v) = m.get_mut(client) {
+                v.retain(|(i, _)| *i != id);
+                if v.is_empty() {
+                    m.remove(client);
+                }
+            }
+        }
+    }
+
+    fn close_all(&self, code: u32, reason: &[u8]) {
+        let all: Vec<Connection> = self
+            .inner
+            .connections
+            .lock()
+            .map(|m| m.values().flatten().map(|(_, c)| c.clone()).collect())
+            .unwrap_or_default();
+        for c in all {
+            c.close(VarInt::from_u32(code), reason);
+        }
+    }
+}
+
+/// Counts one exchange in flight for as long as it lives.
+struct InFlight(ServerControl);
+
+impl InFlight {
+    fn start(control: &ServerControl) -> Self {
+        control
+            .inner
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(control.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .inner
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// A complete, verified request from an enrolled client.
 #[derive(Debug)]
@@ -130,6 +272,7 @@ pub struct Server {
     endpoint: Endpoint,
     enrol_endpoint: Endpoint,
     fingerprint: Fingerprint,
+    control: ServerControl,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -155,16 +298,28 @@ impl Server {
             cfg.transport_config(transport.clone());
             Ok(cfg)
         };
-        let endpoint = Endpoint::server(make(ClientPolicy::EnrolledOnly, tls::ALPN)?, addr)?;
-        let enrol_endpoint =
-            Endpoint::server(make(ClientPolicy::Enrolment, tls::ALPN_ENROL)?, enrol_addr)?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let endpoint = Endpoint::new(
+            endpoint_config(identity, b"starling/1 stateless reset"),
+            Some(make(ClientPolicy::EnrolledOnly, tls::ALPN)?),
+            std::net::UdpSocket::bind(addr)?,
+            runtime.clone(),
+        )?;
+        let enrol_endpoint = Endpoint::new(
+            endpoint_config(identity, b"starling-enrol/1 stateless reset"),
+            Some(make(ClientPolicy::Enrolment, tls::ALPN_ENROL)?),
+            std::net::UdpSocket::bind(enrol_addr)?,
+            runtime,
+        )?;
         let limits = Arc::new(limits);
+        let control = ServerControl::default();
         let tasks = vec![
             tokio::spawn(accept_loop(
                 endpoint.clone(),
                 handler.clone(),
                 authorizer,
                 limits.clone(),
+                control.clone(),
             )),
             tokio::spawn(enrol_loop(
                 enrol_endpoint.clone(),
@@ -177,6 +332,7 @@ impl Server {
             endpoint,
             enrol_endpoint,
             fingerprint: identity.fingerprint(),
+            control,
             tasks,
         })
     }
@@ -194,6 +350,43 @@ impl Server {
     /// The fingerprint clients pin.
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
+    }
+
+    /// The handle on its connections (revocation, drain state).
+    pub fn control(&self) -> ServerControl {
+        self.control.clone()
+    }
+
+    /// Drains: accepts no new connections or exchanges, waits up to `wait` for the exchanges in flight
+    /// to be answered (an upload being stored gets its ack), then closes every connection with
+    /// [`CLOSE_RESTART`] telling devices to come back after `retry_after`. Returns the exchanges that were
+    /// still in flight when the wait ran out (0 on a clean drain).
+    pub async fn drain(self, retry_after: Duration, wait: Duration) -> usize {
+        self.control
+            .inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.endpoint.set_server_config(None);
+        self.enrol_endpoint.set_server_config(None);
+        let until = Instant::now() + wait;
+        while self.control.in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.control.in_flight();
+        let reason = retry_after_reason(retry_after);
+        self.control.close_all(CLOSE_RESTART, reason.as_bytes());
+        for ep in [&self.endpoint, &self.enrol_endpoint] {
+            ep.close(VarInt::from_u32(CLOSE_RESTART), reason.as_bytes());
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            self.endpoint.wait_idle().await;
+            self.enrol_endpoint.wait_idle().await;
+        })
+        .await;
+        left
     }
 
     /// Closes every connection and waits until peers were told.
@@ -234,13 +427,19 @@ async fn accept_loop<H: Handler>(
     handler: Arc<H>,
     authorizer: Arc<dyn Authorizer>,
     limits: Arc<Limits>,
+    control: ServerControl,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let (handler, authorizer, limits) = (handler.clone(), authorizer.clone(), limits.clone());
+        let (handler, authorizer, limits, control) = (
+            handler.clone(),
+            authorizer.clone(),
+            limits.clone(),
+            control.clone(),
+        );
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => serve_connection(conn, handler, authorizer, limits).await,
+                Ok(conn) => serve_connection(conn, handler, authorizer, limits, control).await,
                 Err(e) => tracing::debug!(%remote, "handshake refused: {e}"),
             }
         });
@@ -252,18 +451,29 @@ async fn serve_connection<H: Handler>(
     handler: Arc<H>,
     authorizer: Arc<dyn Authorizer>,
     limits: Arc<Limits>,
+    control: ServerControl,
 ) {
     let Some(client) = peer_fingerprint(&conn) else {
         conn.close(VarInt::from_u32(CLOSE_PROTOCOL), b"no client certificate");
         return;
     };
+    let registration = control.register(client, &conn);
+    // A revocation that landed between the handshake and the registration: closed here.
+    if authorizer.access(&client) != Access::Allowed {
+        conn.close(VarInt::from_u32(CLOSE_REVOKED), b"key revoked");
+    }
     let version = Arc::new(OnceLock::new());
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         // Revocation takes effect on live connections too, at their next request.
         if authorizer.access(&client) != Access::Allowed {
             conn.close(VarInt::from_u32(CLOSE_REVOKED), b"key revoked");
-            return;
+            break;
         }
+        if control.draining() {
+            // The drain closes this connection with the time to come back; start nothing new.
+            continue;
+        }
+        let in_flight = InFlight::start(&control);
         let (conn, handler, limits, version) = (
             conn.clone(),
             handler.clone(),
@@ -271,6 +481,7 @@ async fn serve_connection<H: Handler>(
             version.clone(),
         );
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let ctx = Ctx {
                 client,
                 handler: &*handler,
@@ -292,6 +503,7 @@ async fn serve_connection<H: Handler>(
             }
         });
     }
+    control.unregister(&client, registration);
 }
 
 /// Answers a protocol violation with a typed error (best effort), then closes the connection.

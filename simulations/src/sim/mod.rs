@@ -651,7 +651,7 @@ impl Sim<'_> {
                 ev
             }
             Action::Upload(p) => {
-                let body = self.bodies.get(&(c, p.round)).cloned().unwrap_or_default();
+                let body = self.bodies.get(&(c, p.body_round())).cloned().unwrap_or_default();
                 let x = self.link.upload(c, fp, &p, &body);
                 self.count(&x);
                 if let Event::Refused { .. } = x.event {
