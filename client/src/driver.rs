@@ -661,11 +661,11 @@ impl Runtime {
         }
         // The body is on disk before the session persists the progress that names it.
         crate::state::write_atomic(&self.dir.pending(task.round.0), &trained.body)?;
-        Ok(Event::Trained(trained.pending(
+        Ok(Event::Trained(Box::new(trained.pending(
             task.round.0,
             UpdateId(id),
             manifest,
-        )))
+        ))))
     }
 }
 

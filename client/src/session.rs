@@ -309,7 +309,7 @@ pub enum Event {
         detail: String,
     },
     /// Training finished; the encoded update is stored where the driver keeps pending updates.
-    Trained(PendingUpdate),
+    Trained(Box<PendingUpdate>),
     /// Training failed.
     TrainingFailed {
         /// What happened.
@@ -638,7 +638,10 @@ impl Session {
                 let after = retry_after_ms.saturating_add(jitter);
                 self.note(
                     now,
-                    format!("the coordinator is restarting; reconnecting in {} ms", after),
+                    format!(
+                        "the coordinator is restarting; reconnecting in {} ms",
+                        after
+                    ),
                 );
                 vec![self.wait(now.saturating_add(after), Next::Connect)]
             }
@@ -707,7 +710,7 @@ impl Session {
                     }
                 }
             }
-            Event::Trained(update) => self.trained(now, update),
+            Event::Trained(update) => self.trained(now, *update),
             Event::TrainingFailed { error } => {
                 self.note(now, format!("training failed: {error}"));
                 self.retry_later(now)
@@ -1125,8 +1128,8 @@ impl Session {
                 // Nothing of the round stays behind (its masked update was acknowledged before `Done`).
                 if let Some(p) = self.progress.pending.take_if(|p| p.round == round) {
                     a.push(Action::DiscardPending {
-                round: p.body_round(),
-            });
+                        round: p.body_round(),
+                    });
                 }
                 a.extend(self.request_task());
                 return a;

@@ -183,6 +183,18 @@ impl AdminSocket {
     /// one that a running `serve` answers on is an error (two coordinators on one directory).
     pub async fn bind(dir: &Path) -> std::io::Result<Self> {
         let path = socket_path(dir);
+        // sun_path holds 108 bytes with its terminating NUL.
+        let len = path.as_os_str().len();
+        if len > 107 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is {len} bytes long, over the 107 a Unix socket path may have: \
+                     use a shorter coordinator directory path",
+                    path.display()
+                ),
+            ));
+        }
         if path.exists() {
             if tokio::net::UnixStream::connect(&path).await.is_ok() {
                 return Err(std::io::Error::new(
@@ -301,10 +313,17 @@ mod tests {
     #[test]
     fn requests_read_as_the_documented_json() {
         let r: AdminRequest = serde_json::from_str(r#"{"op":"enrol","name":"pi-7"}"#).unwrap();
-        assert_eq!(r, AdminRequest::Enrol { name: "pi-7".into() });
+        assert_eq!(
+            r,
+            AdminRequest::Enrol {
+                name: "pi-7".into()
+            }
+        );
         let r: AdminRequest =
             serde_json::from_str(r#"{"op":"set-rounds","settings":{"min_updates":3}}"#).unwrap();
-        assert!(matches!(r, AdminRequest::SetRounds { settings } if settings.min_updates == Some(3)));
+        assert!(
+            matches!(r, AdminRequest::SetRounds { settings } if settings.min_updates == Some(3))
+        );
         assert!(serde_json::from_str::<AdminRequest>(r#"{"op":"format-disk"}"#).is_err());
         assert!(serde_json::from_str::<AdminRequest>(
             r#"{"op":"set-rounds","settings":{"min_update":3}}"#

@@ -18,7 +18,7 @@ use std::path::{Component, Path};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, TreeDump};
 
 const MAGIC: &[u8] = b"STARLING-BACKUP\n";
 const VERSION: u32 = 1;
@@ -64,7 +64,7 @@ pub struct Contents {
     /// Files by path relative to the coordinator directory.
     pub files: Vec<(String, Vec<u8>)>,
     /// The store's trees.
-    pub trees: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
+    pub trees: Vec<TreeDump>,
 }
 
 impl Contents {
@@ -151,10 +151,7 @@ impl<'a> Reader<'a> {
             .ok()
             .filter(|n| *n <= self.0.len())
             .ok_or_else(|| {
-                BackupError::Malformed(format!(
-                    "{what} needs {n} bytes, {} remain",
-                    self.0.len()
-                ))
+                BackupError::Malformed(format!("{what} needs {n} bytes, {} remain", self.0.len()))
             })?;
         let (head, rest) = self.0.split_at(n);
         self.0 = rest;
@@ -302,7 +299,11 @@ pub fn restore(from: &Path, dir: &Path) -> Result<Contents, BackupError> {
             std::fs::write(&p, value).map_err(io(&p))?;
         }
     }
-    Store::restore(&dir.join("store"), &contents.trees)?;
+    if let Err(e) = Store::restore(&dir.join("store"), &contents.trees) {
+        // A half-written store must not pass for a restored one.
+        let _ = std::fs::remove_dir_all(dir.join("store"));
+        return Err(e.into());
+    }
     Ok(contents)
 }
 
@@ -342,7 +343,10 @@ mod tests {
         for i in [0, 20, bytes.len() / 2, bytes.len() - 1] {
             let mut b = bytes.clone();
             b[i] ^= 1;
-            assert!(matches!(decode(&b), Err(BackupError::Malformed(_))), "byte {i}");
+            assert!(
+                matches!(decode(&b), Err(BackupError::Malformed(_))),
+                "byte {i}"
+            );
         }
         assert!(decode(&bytes[..bytes.len() - 7]).is_err());
         assert!(decode(&[]).is_err());
@@ -368,6 +372,8 @@ mod tests {
         );
         let mut c = sample();
         c.files.retain(|(n, _)| n != "keys/tls.pk8");
-        assert!(matches!(decode(&encode(&c)), Err(BackupError::Malformed(m)) if m.contains("missing")));
+        assert!(
+            matches!(decode(&encode(&c)), Err(BackupError::Malformed(m)) if m.contains("missing"))
+        );
     }
 }

@@ -420,7 +420,10 @@ fn main() -> anyhow::Result<()> {
             if json {
                 println!("{}", e.json());
             } else {
-                println!("one-time token for {name} (shown once): {}", e.token.as_str());
+                println!(
+                    "one-time token for {name} (shown once): {}",
+                    e.token.as_str()
+                );
                 println!("coordinator fingerprint to pin:       {}", e.fingerprint);
                 println!(
                     "model-signing key to trust:           {}",
@@ -515,7 +518,14 @@ fn main() -> anyhow::Result<()> {
             json,
         } => {
             if if_empty && dir.join("store").exists() {
-                println!("{} already holds a store: nothing restored", dir.display());
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"dir": dir.display().to_string(), "restored": false})
+                    );
+                } else {
+                    println!("{} already holds a store: nothing restored", dir.display());
+                }
                 return Ok(());
             }
             let v = starling_coordinator::ops::restore(&from, &dir)?;

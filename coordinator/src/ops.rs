@@ -247,9 +247,7 @@ pub fn revoke_in(store: &Store, who: &str) -> anyhow::Result<Fingerprint> {
 /// Revokes a client by fingerprint or unique name: through the running `serve` (its connections close
 /// at once and the open round stops waiting for it), else in the store (its next handshake is refused).
 pub fn revoke(dir: &Path, who: &str) -> anyhow::Result<serde_json::Value> {
-    let request = AdminRequest::Revoke {
-        client: who.into(),
-    };
+    let request = AdminRequest::Revoke { client: who.into() };
     if let Some(v) = live(dir, &request)? {
         return Ok(v);
     }

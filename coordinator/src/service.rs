@@ -340,7 +340,9 @@ impl Coordinator {
             )));
         }
         // Round settings an operator changed on a running coordinator outlive its restarts.
-        let rounds = store.round_settings()?.unwrap_or_else(|| cfg.rounds.clone());
+        let rounds = store
+            .round_settings()?
+            .unwrap_or_else(|| cfg.rounds.clone());
         let mut engine = Engine::new(
             rounds,
             schema.hash(),
@@ -485,7 +487,11 @@ impl Coordinator {
                     .map_err(anyhow::Error::from)
                     .map(|()| {
                         inner.engine.set_paused(paused);
-                        tracing::info!(paused, "rounds {}", if paused { "paused" } else { "resumed" });
+                        tracing::info!(
+                            paused,
+                            "rounds {}",
+                            if paused { "paused" } else { "resumed" }
+                        );
                         serde_json::json!({
                             "paused": paused,
                             "round_open": inner.engine.current().map(|r| r.id.0),
@@ -1290,10 +1296,7 @@ impl Coordinator {
         if let Some((_, task)) = http {
             task.await??;
         }
-        tracing::info!(
-            "stopped{}",
-            if drained { " after draining" } else { "" }
-        );
+        tracing::info!("stopped{}", if drained { " after draining" } else { "" });
         Ok(())
     }
 

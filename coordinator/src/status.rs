@@ -122,7 +122,10 @@ pub fn summary(doc: &serde_json::Value) -> String {
 
 /// The `clients` document as a table for a person.
 pub fn clients_table(doc: &serde_json::Value) -> String {
-    let mut out = format!("{:<24} {:<8} {:<16} FINGERPRINT\n", "NAME", "STATUS", "LAST SEEN (s ago)");
+    let mut out = format!(
+        "{:<24} {:<8} {:<16} FINGERPRINT\n",
+        "NAME", "STATUS", "LAST SEEN (s ago)"
+    );
     let now = crate::service::now_ms();
     for c in doc["clients"].as_array().into_iter().flatten() {
         let seen = c["last_seen_unix_ms"].as_u64().unwrap_or(0);

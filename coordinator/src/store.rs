@@ -26,6 +26,9 @@ use starling_privacy::ddg::DdgEvent;
 /// Storage format version written at creation and checked at open.
 const FORMAT: u32 = 1;
 
+/// One tree of the store, read whole: its name and key/value pairs in key order.
+pub type TreeDump = (String, Vec<(Vec<u8>, Vec<u8>)>);
+
 /// Every tree of the store (what a backup holds).
 const TREES: [&str; 9] = [
     "clients",
@@ -397,7 +400,7 @@ impl Store {
     }
 
     /// Every tree's entries, read in one pass for a backup: (tree name, key/value pairs).
-    pub fn snapshot(&self) -> Result<Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>, StoreError> {
+    pub fn snapshot(&self) -> Result<Vec<TreeDump>, StoreError> {
         let mut out = Vec::new();
         for name in TREES {
             let tree = self.db.open_tree(name)?;
@@ -412,10 +415,7 @@ impl Store {
     }
 
     /// Creates a store in `dir` from a [`Store::snapshot`] (the directory must hold none).
-    pub fn restore(
-        dir: &Path,
-        snapshot: &[(String, Vec<(Vec<u8>, Vec<u8>)>)],
-    ) -> Result<Self, StoreError> {
+    pub fn restore(dir: &Path, snapshot: &[TreeDump]) -> Result<Self, StoreError> {
         if dir.join("db").exists() || dir.join("conf").exists() {
             return Err(StoreError::Format(format!(
                 "{} already holds a store",
@@ -425,7 +425,9 @@ impl Store {
         let s = Self::open_db(dir)?;
         for (name, kv) in snapshot {
             if !TREES.contains(&name.as_str()) {
-                return Err(StoreError::Format(format!("unknown tree {name:?} in the backup")));
+                return Err(StoreError::Format(format!(
+                    "unknown tree {name:?} in the backup"
+                )));
             }
             let tree = s.db.open_tree(name)?;
             for (k, v) in kv {
@@ -434,7 +436,11 @@ impl Store {
         }
         match s.meta.get("format")? {
             Some(v) if v.as_ref() == FORMAT.to_be_bytes() => {}
-            _ => return Err(StoreError::Format("the backup holds no store of this format".into())),
+            _ => {
+                return Err(StoreError::Format(
+                    "the backup holds no store of this format".into(),
+                ))
+            }
         }
         s.flush()?;
         Ok(s)

@@ -58,17 +58,25 @@ fn devices_are_enrolled_and_revoked_while_serve_runs_and_rounds_complete_without
     pa.wait_for("training round=1", 120);
     let paused = admin(&coord, &["pause"]);
     assert_eq!(paused["paused"], true, "{paused}");
-    eventually(120, "round 1 to be published", || rounds_completed(&coord) == 1);
+    eventually(120, "round 1 to be published", || {
+        rounds_completed(&coord) == 1
+    });
     let ec = coord.enrol("device-c");
     let c = Device::enrol(&tmp.path().join("c"), &serving, &ec);
     let pc = c.run(&data[2], None);
     eventually(60, "the new device to be seen", || {
         let v = admin(&coord, &["clients"]);
-        v["clients"].as_array().unwrap().iter().any(|d| {
-            d["name"] == "device-c" && d["last_seen_unix_ms"].as_u64().unwrap_or(0) > 0
-        })
+        v["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "device-c" && d["last_seen_unix_ms"].as_u64().unwrap_or(0) > 0)
     });
-    assert_eq!(coord.status()["current_round"], serde_json::Value::Null, "paused: no round 2 yet");
+    assert_eq!(
+        coord.status()["current_round"],
+        serde_json::Value::Null,
+        "paused: no round 2 yet"
+    );
     // Device b stops right after persisting its round-2 update, before uploading it.
     pb.kill();
     let pb = b.run(&data[1], Some("update-persisted"));
@@ -79,7 +87,10 @@ fn devices_are_enrolled_and_revoked_while_serve_runs_and_rounds_complete_without
     pb.wait_for("failpoint update-persisted", 180);
     let status = coord.status();
     assert_eq!(status["current_round"]["id"], 2, "{status}");
-    assert_eq!(status["current_round"]["selected"], 3, "the new device joined: {status}");
+    assert_eq!(
+        status["current_round"]["selected"], 3,
+        "the new device joined: {status}"
+    );
     let revoked = admin(&coord, &["revoke", "device-b"]);
     assert_eq!(revoked["left_the_open_round"], true, "{revoked}");
     pb.kill();
@@ -96,7 +107,9 @@ fn devices_are_enrolled_and_revoked_while_serve_runs_and_rounds_complete_without
         "{b_status}"
     );
     admin(&coord, &["pause"]);
-    eventually(180, "round 2 to be published", || rounds_completed(&coord) == 2);
+    eventually(180, "round 2 to be published", || {
+        rounds_completed(&coord) == 2
+    });
 
     // Round 3 needs one device and one update; c is revoked while connected — its connection closes at
     // once and the device stops — and a finishes the round alone.
@@ -118,7 +131,10 @@ fn devices_are_enrolled_and_revoked_while_serve_runs_and_rounds_complete_without
 
     let status = coord.status();
     let rounds = status["rounds"].as_array().unwrap();
-    let updates: Vec<u64> = rounds.iter().map(|r| r["updates"].as_u64().unwrap()).collect();
+    let updates: Vec<u64> = rounds
+        .iter()
+        .map(|r| r["updates"].as_u64().unwrap())
+        .collect();
     assert_eq!(updates, vec![2, 2, 1], "{status}");
     assert_eq!(status["clients"]["revoked"], 2);
     // c joined round 2 only (acknowledged); b's round-2 update never counted.
@@ -147,7 +163,10 @@ fn a_backup_taken_while_serving_restores_and_finishes_the_next_round_and_sigterm
     let pa = a.run(&data[0], None);
     let pb = b.run(&data[1], None);
     coord.keep_address(&serving);
-    assert!(serving.proc.wait_exit(300).success(), "one round, then exit");
+    assert!(
+        serving.proc.wait_exit(300).success(),
+        "one round, then exit"
+    );
 
     // Served again, paused; a backup is taken while it serves, then SIGTERM drains it.
     coord.edit_config("rounds = 1", "rounds = 2");
@@ -174,7 +193,10 @@ fn a_backup_taken_while_serving_restores_and_finishes_the_next_round_and_sigterm
             .all(|d| d["last_seen_unix_ms"].as_u64().unwrap_or(0) > restarted)
     });
     serving.proc.terminate();
-    assert!(serving.proc.wait_exit(60).success(), "SIGTERM drains and exits 0");
+    assert!(
+        serving.proc.wait_exit(60).success(),
+        "SIGTERM drains and exits 0"
+    );
     pa.wait_for("the coordinator is restarting; reconnecting in", 30);
 
     // The directory is lost; the backup brings it back, and the restored coordinator finishes round 2

@@ -28,7 +28,7 @@ round_timeout_ms = 60000
 rounds = 8
 retry_after_ms = 200
 [task]
-local_steps = 12
+local_steps = 40
 batch_size = 8
 seq_len = 64
 learning_rate = 0.004
@@ -47,7 +47,11 @@ fn split(dir: &Path, n: usize) -> Vec<PathBuf> {
         .map(|i| {
             let d = dir.join(format!("data{i}"));
             std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("text.txt"), lines[i * part..(i + 1) * part].join("\n")).unwrap();
+            std::fs::write(
+                d.join("text.txt"),
+                lines[i * part..(i + 1) * part].join("\n"),
+            )
+            .unwrap();
             d
         })
         .collect()
@@ -60,6 +64,10 @@ struct Outcome {
     acked: Vec<BTreeSet<u64>>,
     seconds: f64,
     kills: usize,
+    /// Devices that waited out an idle timeout on a dead connection.
+    idle_timeouts: usize,
+    /// Devices that learnt of a restart from the new coordinator's stateless reset.
+    resets: usize,
 }
 
 fn federation(dir: &Path, kills: usize, seed: u64) -> Outcome {
@@ -103,6 +111,11 @@ fn federation(dir: &Path, kills: usize, seed: u64) -> Outcome {
         "serve finishes the rounds"
     );
     let seconds = started.elapsed().as_secs_f64();
+    let idle_timeouts = procs
+        .iter()
+        .filter(|p| p.printed("(connection: timed out)"))
+        .count();
+    let resets = procs.iter().filter(|p| p.printed("reset by peer")).count();
     for p in procs {
         p.terminate();
         let _ = p.wait_exit(30);
@@ -114,10 +127,13 @@ fn federation(dir: &Path, kills: usize, seed: u64) -> Outcome {
         .iter()
         .map(|r| (r["round"].as_u64().unwrap(), r["updates"].as_u64().unwrap()))
         .collect();
+    // Each device's acknowledged rounds, from its own persisted progress.
     let acked = devices
         .iter()
         .map(|d| {
-            d.status()["rounds_joined"]
+            let text = std::fs::read_to_string(d.dir.join("progress.json")).unwrap();
+            let progress: serde_json::Value = serde_json::from_str(&text).unwrap();
+            progress["rounds_joined"]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -130,6 +146,8 @@ fn federation(dir: &Path, kills: usize, seed: u64) -> Outcome {
         acked,
         seconds,
         kills: done,
+        idle_timeouts,
+        resets,
     }
 }
 
@@ -159,14 +177,25 @@ fn sigkilling_the_coordinator_twenty_times_loses_no_round_and_no_acknowledged_up
     let updates = |o: &Outcome| o.rounds.iter().map(|r| r.1).sum::<u64>();
     eprintln!(
         "{{\"probe\":\"restarts\",\"kills\":{},\"rounds\":{},\"abandoned\":0,\"updates\":{},\
-         \"updates_uninterrupted\":{},\"seconds\":{:.1},\"seconds_uninterrupted\":{:.1},\"ratio\":{:.2}}}",
+         \"updates_uninterrupted\":{},\"devices_reset\":{},\"idle_timeouts\":{},\"seconds\":{:.1},\
+         \"seconds_uninterrupted\":{:.1},\"ratio\":{:.2}}}",
         probe.kills,
         probe.rounds.len(),
         updates(&probe),
         updates(&calm),
+        probe.resets,
+        probe.idle_timeouts,
         probe.seconds,
         calm.seconds,
         probe.seconds / calm.seconds
+    );
+    assert_eq!(
+        probe.idle_timeouts, 0,
+        "a device waited out its idle timeout: the restarted coordinator did not reset its connection"
+    );
+    assert!(
+        probe.resets > 0,
+        "no device saw a stateless reset from a restarted coordinator"
     );
     assert!(
         probe.kills >= KILLS / 2,

@@ -158,7 +158,7 @@ fn full_round(s: &mut Session, round: u64, m: &SignedManifest, version: u64) {
     assert!(matches!(&a[..], [Action::Train { .. }]), "{a:?}");
     let mut p = pending(round);
     p.terms = task_terms(&task(round, m.clone(), None));
-    let a = s.handle(5, Event::Trained(p.clone()));
+    let a = s.handle(5, Event::Trained(Box::new(p.clone())));
     assert_eq!(a, vec![Action::Persist, Action::Upload(p.clone())]);
     assert_eq!(s.progress().pending, Some(p.clone()));
     let a = s.handle(
@@ -393,7 +393,7 @@ fn tasks_past_the_device_budget_are_declined_and_charges_accumulate() {
                 detail: String::new(),
             },
         );
-        s.handle(round * 10 + 3, Event::Trained(pending(round)));
+        s.handle(round * 10 + 3, Event::Trained(Box::new(pending(round))));
         s.handle(
             round * 10 + 4,
             Event::Acked {
@@ -607,7 +607,7 @@ fn an_update_whose_round_closed_answers_the_next_round_without_training_again() 
             detail: String::new(),
         },
     );
-    s.handle(5, Event::Trained(pending(1)));
+    s.handle(5, Event::Trained(Box::new(pending(1))));
     let a = s.handle(
         6,
         Event::Refused {
@@ -625,7 +625,11 @@ fn an_update_whose_round_closed_answers_the_next_round_without_training_again() 
         ],
         "kept, not discarded"
     );
-    let kept = s.progress().carried.clone().expect("kept for the next round");
+    let kept = s
+        .progress()
+        .carried
+        .clone()
+        .expect("kept for the next round");
     assert_eq!(s.progress().pending, None);
 
     // Round 2 on the same version and terms: the kept update answers it, relabelled, untrained.
@@ -671,7 +675,10 @@ fn an_update_whose_round_closed_answers_the_next_round_without_training_again() 
             local_minute: 0,
         },
     );
-    assert_eq!(&a[..2], &[Action::Persist, Action::DiscardPending { round: 1 }]);
+    assert_eq!(
+        &a[..2],
+        &[Action::Persist, Action::DiscardPending { round: 1 }]
+    );
     assert!(s.progress().carried.is_none());
 }
 
@@ -727,7 +734,7 @@ fn to_secure_step(s: &mut Session, t: Box<Task>, body: &[u8]) -> (Vec<Action>, P
     p.model_version = 0;
     p.body_size = body.len() as u64;
     p.body_digest = Digest::of(body).to_hex();
-    let sent = s.handle(5, Event::Trained(p.clone()));
+    let sent = s.handle(5, Event::Trained(Box::new(p.clone())));
     p.terms = terms;
     (sent, p)
 }

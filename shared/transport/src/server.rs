@@ -55,18 +55,29 @@ pub fn parse_retry_after(reason: &[u8]) -> Option<Duration> {
     Some(Duration::from_millis(ms.min(3_600_000)))
 }
 
-/// The endpoint configuration of a coordinator: a stateless-reset key derived from its TLS key (HMAC of the
-/// key under a fixed label), so that a restarted coordinator can reset the connections its previous run
-/// left open — devices then notice at their next packet and reconnect, instead of waiting out the idle
-/// timeout. The key never leaves the process; the label keeps it apart from every other use of the key.
-fn endpoint_config(identity: &SigningIdentity, label: &[u8]) -> quinn::EndpointConfig {
+/// The endpoint configuration of a coordinator, derived from its TLS key (HMACs of the key under fixed
+/// labels) so that a restarted coordinator can reset the connections its previous run left open —
+/// devices then notice at their next packet and reconnect, instead of waiting out the idle timeout:
+/// - the stateless-reset key, so the reset tokens match those the previous run handed out;
+/// - the connection-id generator's key: quinn's generator tags each id with a keyed hash and ignores
+///   packets whose id it did not make, so with a random key per run the old ids would be dropped
+///   silently and no reset sent.
+///
+/// The keys never leave the process; the labels keep them apart from every other use of the key.
+fn endpoint_config(identity: &SigningIdentity, label: &str) -> quinn::EndpointConfig {
     use ring::hmac;
     let master = hmac::Key::new(hmac::HMAC_SHA256, &identity.pkcs8_der());
-    let derived = hmac::sign(&master, label);
-    quinn::EndpointConfig::new(Arc::new(hmac::Key::new(
-        hmac::HMAC_SHA256,
-        derived.as_ref(),
-    )))
+    let derive = |what: &str| hmac::sign(&master, format!("{label} {what}").as_bytes());
+    let reset = derive("stateless reset");
+    let mut cfg =
+        quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derive("connection ids").as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    cfg
 }
 
 /// A handle on a running server's connections: closes a revoked client's live connections, counts the
@@ -122,7 +133,9 @@ impl ServerControl {
 
     /// Whether the server is draining (no new exchanges are started).
     pub fn draining(&self) -> bool {
-        self.inner.draining.load(std::sync::atomic::Ordering::SeqCst)
+        self.inner
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn register(&self, client: Fingerprint, conn: &Connection) -> u64 {
@@ -300,13 +313,13 @@ impl Server {
         };
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let endpoint = Endpoint::new(
-            endpoint_config(identity, b"starling/1 stateless reset"),
+            endpoint_config(identity, "starling/1"),
             Some(make(ClientPolicy::EnrolledOnly, tls::ALPN)?),
             std::net::UdpSocket::bind(addr)?,
             runtime.clone(),
         )?;
         let enrol_endpoint = Endpoint::new(
-            endpoint_config(identity, b"starling-enrol/1 stateless reset"),
+            endpoint_config(identity, "starling-enrol/1"),
             Some(make(ClientPolicy::Enrolment, tls::ALPN_ENROL)?),
             std::net::UdpSocket::bind(enrol_addr)?,
             runtime,

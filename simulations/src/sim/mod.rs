@@ -651,7 +651,11 @@ impl Sim<'_> {
                 ev
             }
             Action::Upload(p) => {
-                let body = self.bodies.get(&(c, p.body_round())).cloned().unwrap_or_default();
+                let body = self
+                    .bodies
+                    .get(&(c, p.body_round()))
+                    .cloned()
+                    .unwrap_or_default();
                 let x = self.link.upload(c, fp, &p, &body);
                 self.count(&x);
                 if let Event::Refused { .. } = x.event {
@@ -858,7 +862,7 @@ impl Sim<'_> {
         uid[8..].copy_from_slice(&id2);
         let pending = trained.pending(round, UpdateId(uid), manifest);
         self.bodies.insert((c, round), trained.body);
-        Ok(Event::Trained(pending))
+        Ok(Event::Trained(Box::new(pending)))
     }
 
     /// An adversarial device's update: its honest delta transformed by the attack.
