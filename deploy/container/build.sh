@@ -20,7 +20,7 @@ mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/var/lib/starling" "$ctx/rootfs
 cp "$bin" "$ctx/rootfs/usr/local/bin/starling-coordinator"
 strip "$ctx/rootfs/usr/local/bin/starling-coordinator" 2>/dev/null || true
 # Every library the binary links, at the path the loader looks for it (the loader itself included).
-ldd "$bin" | awk '/=> \//{print $3} /^\s*\/[^ ]+ \(/{print $1}' | sort -u | while read -r lib; do
+ldd "$bin" | awk '/=> \//{print $3} /^[ \t]*\/[^ ]+ \(/{print $1}' | sort -u | while read -r lib; do
   mkdir -p "$ctx/rootfs$(dirname "$lib")"
   cp -L "$lib" "$ctx/rootfs$lib"
 done

@@ -18,14 +18,7 @@ work="$(mktemp -d)"
 name="starling-test-$$"
 cleanup() {
   podman rm -f "$name" >/dev/null 2>&1 || true
-  [ -n "${client_pid:-}" ] && # The image logs JSON lines (--log-format json; stdout's one line is JSON too): every line is an object.
-logs=$(podman logs "$name" 2>&1)
-if [ -z "$logs" ] || echo "$logs" | grep -qv '^{'; then
-  echo "the container's output is not JSON lines:" >&2
-  echo "$logs" | grep -v '^{' | head -3 >&2
-  exit 1
-fi
-kill "$client_pid" 2>/dev/null || true
+  [ -n "${client_pid:-}" ] && kill "$client_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -106,6 +99,13 @@ if [ "$code" != "0" ]; then
   podman logs "$name" >&2 || true
   cat "$work/client.log" >&2
   echo "the container exited with $code" >&2
+  exit 1
+fi
+# The image logs JSON lines (--log-format json; stdout's one line is JSON too): every line is an object.
+logs=$(podman logs "$name" 2>&1)
+if [ -z "$logs" ] || echo "$logs" | grep -qv '^{'; then
+  echo "the container's output is not JSON lines:" >&2
+  echo "$logs" | grep -v '^{' | head -3 >&2
   exit 1
 fi
 kill "$client_pid" 2>/dev/null || true
