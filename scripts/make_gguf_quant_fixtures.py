@@ -4,7 +4,7 @@
 For each type: random blocks (random bytes, with every f16 scale field set to a finite value so no
 block decodes to inf/NaN), and their values as llama.cpp's own Python reference decodes them
 (`gguf.quants.dequantize` from the gguf package, the numpy port of ggml's dequantize_row_* that
-llama.cpp's converters use). Written to shared/model/fixtures/gguf_quants.json; the model crate's
+llama.cpp's converters use). Written to shared/model/fixtures/gguf/quants.json; the model crate's
 test decodes the same bytes and must give the same values.
 
     python3 -m venv /tmp/v && /tmp/v/bin/pip install gguf==0.19.0 numpy
@@ -60,7 +60,7 @@ out["BF16"] = {"bytes": bf.tobytes().hex(),
                "values": [float(v) for v in quants.dequantize(
                    np.frombuffer(bf.tobytes(), dtype=np.uint8).reshape(1, -1), T.BF16).reshape(-1)]}
 
-path = os.path.join(os.path.dirname(__file__), "..", "shared", "model", "fixtures", "gguf_quants.json")
+path = os.path.join(os.path.dirname(__file__), "..", "shared", "model", "fixtures", "gguf", "quants.json")
 with open(path, "w") as f:
     json.dump({"generator": "gguf 0.19.0 quants.dequantize", "types": out}, f)
 print(f"wrote {path}: {', '.join(out)}")

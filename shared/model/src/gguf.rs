@@ -121,6 +121,18 @@ pub enum GgmlType {
     Q4K,
     /// 6-bit super-blocks of 256 with 8-bit scales; read by dequantizing.
     Q6K,
+    /// bfloat16 (the high half of a float32).
+    BF16,
+    /// 4-bit blocks of 32 with an f16 scale and an f16 minimum; read by dequantizing.
+    Q4_1,
+    /// 5-bit blocks of 32 with an f16 scale and an f16 minimum; read by dequantizing.
+    Q5_1,
+    /// 2-bit super-blocks of 256 with 4-bit scales and mins; read by dequantizing.
+    Q2K,
+    /// 3-bit super-blocks of 256 with 6-bit signed scales; read by dequantizing.
+    Q3K,
+    /// 5-bit super-blocks of 256 with 6-bit scales and mins; read by dequantizing.
+    Q5K,
 }
 
 impl GgmlType {
@@ -133,18 +145,29 @@ impl GgmlType {
             GgmlType::Q5_0 => 6,
             GgmlType::Q4K => 12,
             GgmlType::Q6K => 14,
+            GgmlType::BF16 => 30,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q2K => 10,
+            GgmlType::Q3K => 11,
+            GgmlType::Q5K => 13,
         }
     }
 
     /// Values per block and bytes per block of a block format (`None` for F32/F16).
     fn block(self) -> Option<(u64, u64)> {
         match self {
-            GgmlType::F32 | GgmlType::F16 => None,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
             GgmlType::Q4_0 => Some((32, 18)),
             GgmlType::Q8_0 => Some((32, 34)),
             GgmlType::Q5_0 => Some((32, 22)),
             GgmlType::Q4K => Some((256, 144)),
             GgmlType::Q6K => Some((256, 210)),
+            GgmlType::Q4_1 => Some((32, 20)),
+            GgmlType::Q5_1 => Some((32, 24)),
+            GgmlType::Q2K => Some((256, 84)),
+            GgmlType::Q3K => Some((256, 110)),
+            GgmlType::Q5K => Some((256, 176)),
         }
     }
 
@@ -157,7 +180,18 @@ impl GgmlType {
             6 => GgmlType::Q5_0,
             12 => GgmlType::Q4K,
             14 => GgmlType::Q6K,
-            other => return Err(format!("tensor type {other} is not supported")),
+            30 => GgmlType::BF16,
+            3 => GgmlType::Q4_1,
+            7 => GgmlType::Q5_1,
+            10 => GgmlType::Q2K,
+            11 => GgmlType::Q3K,
+            13 => GgmlType::Q5K,
+            other => {
+                return Err(format!(
+                    "tensor type {other} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, \
+                     Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K are)"
+                ))
+            }
         })
     }
 
@@ -165,7 +199,7 @@ impl GgmlType {
     fn bytes(self, n: u64, row: u64) -> Option<u64> {
         match self {
             GgmlType::F32 => n.checked_mul(4),
-            GgmlType::F16 => n.checked_mul(2),
+            GgmlType::F16 | GgmlType::BF16 => n.checked_mul(2),
             _ => {
                 let (values, bytes) = self.block()?;
                 if !row.is_multiple_of(values) {
@@ -1034,96 +1068,184 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
 
 /// A tensor's values as f32 (block formats dequantized as llama.cpp's reference does).
 fn floats(t: &TensorInfo) -> Vec<f32> {
+    dequantize(t.kind, &t.data)
+}
+
+/// The values of `data`, a whole number of `kind`'s blocks (a partial block at the end is ignored; the
+/// directory's sizes were checked when the file was read), decoded as ggml's `dequantize_row_*` does.
+pub fn dequantize(kind: GgmlType, data: &[u8]) -> Vec<f32> {
     let h = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
-    match t.kind {
+    let blocks = |bytes: usize, values: usize, f: &dyn Fn(&[u8], &mut [f32])| -> Vec<f32> {
+        let mut out = vec![0.0f32; data.len() / bytes * values];
+        for (b, y) in data.chunks_exact(bytes).zip(out.chunks_exact_mut(values)) {
+            f(b, y);
+        }
+        out
+    };
+    match kind {
         GgmlType::Q4_0 | GgmlType::Q8_0 => {
-            let kind = if t.kind == GgmlType::Q8_0 {
+            let kind = if kind == GgmlType::Q8_0 {
                 QuantType::Q8_0
             } else {
                 QuantType::Q4_0
             };
-            let n = t.data.len() / kind.block_bytes() * 32;
-            QMatrix::from_bytes(1, n, kind, &t.data)
+            let n = data.len() / kind.block_bytes() * 32;
+            QMatrix::from_bytes(1, n, kind, &data[..n / 32 * kind.block_bytes()])
                 .map(|m| m.to_f32())
                 .unwrap_or_default()
         }
-        GgmlType::Q5_0 => t
-            .data
-            .chunks_exact(22)
-            .flat_map(|b| {
+        GgmlType::Q4_1 => blocks(20, 32, &|b, y| {
+            let (d, m) = (h(b, 0), h(b, 2));
+            for j in 0..16 {
+                y[j] = (b[4 + j] & 0x0f) as f32 * d + m;
+                y[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
+            }
+        }),
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // Q5_1 adds an f16 minimum after the scale; Q5_0 centres on 16 instead.
+            let with_min = kind == GgmlType::Q5_1;
+            let bytes = if with_min { 24 } else { 22 };
+            blocks(bytes, 32, &|b, y| {
                 let d = h(b, 0);
-                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                let qs = &b[6..22];
-                let mut out = [0.0f32; 32];
+                let at = if with_min { 4 } else { 2 };
+                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                let qs = &b[at + 4..at + 20];
                 for j in 0..16 {
                     let h0 = (((qh >> j) << 4) & 0x10) as u8;
                     let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-                    out[j] = (((qs[j] & 0x0f) | h0) as i32 - 16) as f32 * d;
-                    out[j + 16] = (((qs[j] >> 4) | h1) as i32 - 16) as f32 * d;
-                }
-                out
-            })
-            .collect(),
-        GgmlType::Q4K => t
-            .data
-            .chunks_exact(144)
-            .flat_map(|b| {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let scales = &b[4..16];
-                let mut qs = &b[16..144];
-                let mut out = [0.0f32; 256];
-                let mut y = 0;
-                for is in (0..8).step_by(2) {
-                    let (s1, m1) = scale_min_k4(is, scales);
-                    let (s2, m2) = scale_min_k4(is + 1, scales);
-                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
-                    for l in 0..32 {
-                        out[y + l] = d1 * (qs[l] & 0x0f) as f32 - m1;
-                        out[y + 32 + l] = d2 * (qs[l] >> 4) as f32 - m2;
-                    }
-                    y += 64;
-                    qs = &qs[32..];
-                }
-                out
-            })
-            .collect(),
-        GgmlType::Q6K => t
-            .data
-            .chunks_exact(210)
-            .flat_map(|b| {
-                let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
-                let d = h(b, 208);
-                let mut out = [0.0f32; 256];
-                for n in 0..2 {
-                    let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
-                    let y = &mut out[128 * n..];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    let (x0, x1) = ((qs[j] & 0x0f) | h0, (qs[j] >> 4) | h1);
+                    if with_min {
+                        let m = h(b, 2);
+                        y[j] = x0 as f32 * d + m;
+                        y[j + 16] = x1 as f32 * d + m;
+                    } else {
+                        y[j] = (x0 as i32 - 16) as f32 * d;
+                        y[j + 16] = (x1 as i32 - 16) as f32 * d;
                     }
                 }
-                out
             })
-            .collect(),
-        GgmlType::F16 => t
-            .data
+        }
+        GgmlType::Q2K => blocks(84, 256, &|b, y| {
+            let (sc, qs) = (&b[..16], &b[16..80]);
+            let (d, dmin) = (h(b, 80), h(b, 82));
+            // Sixteen groups of 16 values, each with its own 4-bit scale and minimum.
+            for (is, out) in y.chunks_exact_mut(16).enumerate() {
+                let (n, shift, half) = (is / 8, 2 * ((is / 2) % 4), is % 2);
+                let q = &qs[32 * n + 16 * half..];
+                let s = sc[is];
+                let (dl, ml) = (d * (s & 0x0f) as f32, dmin * (s >> 4) as f32);
+                for (l, v) in out.iter_mut().enumerate() {
+                    *v = dl * ((q[l] >> shift) & 3) as f32 - ml;
+                }
+            }
+        }),
+        GgmlType::Q3K => blocks(110, 256, &|b, y| {
+            let (hm, qs) = (&b[..32], &b[32..96]);
+            let d = h(b, 108);
+            let scales = q3k_scales(&b[96..108]);
+            // Sixteen groups of 16 values; the high bit of group pair p is bit p of the mask bytes.
+            for (is, out) in y.chunks_exact_mut(16).enumerate() {
+                let (n, shift, half) = (is / 8, 2 * ((is / 2) % 4), is % 2);
+                let m = 1u8 << (is / 2);
+                let q = &qs[32 * n..];
+                let dl = d * (scales[is] as i32 - 32) as f32;
+                for (l, v) in out.iter_mut().enumerate() {
+                    let i = l + 16 * half;
+                    let low = ((q[i] >> shift) & 3) as i32;
+                    let high = if hm[i] & m != 0 { 0 } else { 4 };
+                    *v = dl * (low - high) as f32;
+                }
+            }
+        }),
+        GgmlType::Q4K => blocks(144, 256, &|b, out| {
+            let (d, dmin) = (h(b, 0), h(b, 2));
+            let scales = &b[4..16];
+            let mut qs = &b[16..144];
+            let mut y = 0;
+            for is in (0..8).step_by(2) {
+                let (s1, m1) = scale_min_k4(is, scales);
+                let (s2, m2) = scale_min_k4(is + 1, scales);
+                let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                for l in 0..32 {
+                    out[y + l] = d1 * (qs[l] & 0x0f) as f32 - m1;
+                    out[y + 32 + l] = d2 * (qs[l] >> 4) as f32 - m2;
+                }
+                y += 64;
+                qs = &qs[32..];
+            }
+        }),
+        GgmlType::Q5K => blocks(176, 256, &|b, out| {
+            let (d, dmin) = (h(b, 0), h(b, 2));
+            let (scales, qh) = (&b[4..16], &b[16..48]);
+            let mut ql = &b[48..176];
+            let (mut u1, mut u2) = (1u8, 2u8);
+            let mut y = 0;
+            for is in (0..8).step_by(2) {
+                let (s1, m1) = scale_min_k4(is, scales);
+                let (s2, m2) = scale_min_k4(is + 1, scales);
+                let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                for l in 0..32 {
+                    let hi1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                    let hi2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                    out[y + l] = d1 * ((ql[l] & 0x0f) + hi1) as f32 - m1;
+                    out[y + 32 + l] = d2 * ((ql[l] >> 4) + hi2) as f32 - m2;
+                }
+                y += 64;
+                ql = &ql[32..];
+                u1 <<= 2;
+                u2 <<= 2;
+            }
+        }),
+        GgmlType::Q6K => blocks(210, 256, &|b, out| {
+            let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+            let d = h(b, 208);
+            for n in 0..2 {
+                let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                let y = &mut out[128 * n..];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                    y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                    y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                    y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                }
+            }
+        }),
+        GgmlType::F16 => data
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        _ => t
-            .data
+        GgmlType::BF16 => data
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .collect(),
+        GgmlType::F32 => data
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
     }
+}
+
+/// The sixteen 6-bit scales of a Q3_K super-block (stored offset by 32), unpacked from 12 bytes as
+/// ggml does: the low four bits of each from the first eight bytes, the high two from the last four.
+fn q3k_scales(packed: &[u8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, s) in out.iter_mut().enumerate() {
+        let low = if i < 8 {
+            packed[i] & 0x0f
+        } else {
+            packed[i - 8] >> 4
+        };
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *s = low | (high << 4);
+    }
+    out
 }
 
 /// Scale and min `j` (0..8) of a Q4_K super-block, 6 bits each, packed in 12 bytes.

@@ -2,11 +2,12 @@
 //! llama.cpp computed (committed fixtures, made by scripts/check_gguf_llamacpp.py with
 //! llama-cpp-python 0.3.36): the shipped model exported at Q8_0; exported with an adapter merged;
 //! and quantized by llama.cpp itself to Q4_K_M (Q4_K, Q6_K, Q5_0 and Q8_0 tensors) and imported here.
-//! Differences stay within llama.cpp's 8-bit activation quantization.
+//! Differences stay within llama.cpp's 8-bit activation quantization. And every tensor type GGUF files
+//! hold decodes to the values of llama.cpp's own reference (`scripts/make_gguf_quant_fixtures.py`).
 
 use std::path::Path;
 
-use starling_model::gguf::{export, import, Gguf};
+use starling_model::gguf::{dequantize, export, import, GgmlType, Gguf};
 use starling_model::{Backend, Llama, QuantType};
 
 /// The repository root.
@@ -228,4 +229,49 @@ fn the_exported_model_gives_llama_cpps_logits() {
     assert_eq!(theirs.len(), ids.len());
     assert!(max <= 0.15, "max |Δlogit| {max}");
     assert_eq!(agree, theirs.len());
+}
+
+#[test]
+fn every_tensor_type_decodes_as_llama_cpps_reference() {
+    let f: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("shared/model/fixtures/gguf/quants.json")).unwrap(),
+    )
+    .unwrap();
+    let types = [
+        ("F16", GgmlType::F16),
+        ("BF16", GgmlType::BF16),
+        ("Q4_0", GgmlType::Q4_0),
+        ("Q4_1", GgmlType::Q4_1),
+        ("Q5_0", GgmlType::Q5_0),
+        ("Q5_1", GgmlType::Q5_1),
+        ("Q8_0", GgmlType::Q8_0),
+        ("Q2_K", GgmlType::Q2K),
+        ("Q3_K", GgmlType::Q3K),
+        ("Q4_K", GgmlType::Q4K),
+        ("Q5_K", GgmlType::Q5K),
+        ("Q6_K", GgmlType::Q6K),
+    ];
+    for (name, kind) in types {
+        let t = &f["types"][name];
+        let hex = t["bytes"].as_str().unwrap();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let want: Vec<f32> = t["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let got = dequantize(kind, &bytes);
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // The same f32 operations in the same order: equal, up to the last bit of a rounding.
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                "{name} value {i}: {g} vs llama.cpp's {w}"
+            );
+        }
+    }
 }
