@@ -165,6 +165,8 @@ pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
         top_k: 40,
         top_p: 0.95,
         seed: a.seed,
+        chat: None,
+        system: None,
     };
     if !a.sample.is_empty() {
         println!(

@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use starling_model::chat::{ChatTemplate, Message};
 use starling_model::{generate, Backend, Llama, LoraAdapter, QuantType, SamplingConfig, Tokenizer};
 
 /// Which model to load and how.
@@ -77,6 +78,14 @@ pub struct SampleOpts {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Ask a chat model: this user message, formatted with the model's chat template (its
+    /// tokenizer_config.json, which `model import` writes from a GGUF file's template) instead of
+    /// `--prompt`; prints the answer only.
+    #[arg(long, conflicts_with = "prompt")]
+    pub chat: Option<String>,
+    /// With `--chat`: a system message first (else the template's default, if it has one).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
 }
 
 impl SampleOpts {
@@ -120,10 +129,30 @@ pub struct GenerateArgs {
 pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     let (m, s) = (&a.model, &a.sample);
     let (model, adapter, tok) = m.load()?;
+    let mut s = s.clone();
+    let chat = s.chat.take();
+    if let Some(user) = &chat {
+        let template = ChatTemplate::load(&m.model)?.with_context(|| {
+            format!(
+                "{} has no chat template (tokenizer_config.json with chat_template): use --prompt",
+                m.model.display()
+            )
+        })?;
+        let mut messages = Vec::new();
+        if let Some(system) = &s.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", user));
+        s.prompt = template.render(&messages, true)?;
+    }
     let t = Instant::now();
-    let text = sample_text(&model, adapter.as_ref(), &tok, s)?;
+    let text = sample_text(&model, adapter.as_ref(), &tok, &s)?;
     let secs = t.elapsed().as_secs_f64();
-    println!("{}{}", s.prompt, text);
+    if chat.is_some() {
+        println!("{}", text.trim_end());
+    } else {
+        println!("{}{}", s.prompt, text);
+    }
     eprintln!("[{} tokens in {secs:.2}s]", tok.encode(&text)?.len());
     Ok(())
 }
@@ -148,9 +177,12 @@ pub struct ImportArgs {
 pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
     let device = Backend::Flex.device();
     let mut gguf_tokenizer = None;
+    let mut chat = None;
     let model = if a.hf_dir.extension().is_some_and(|e| e == "gguf") {
         let g = starling_model::gguf::Gguf::read(&a.hf_dir, starling_model::io::MAX_WEIGHTS_BYTES)?;
         gguf_tokenizer = starling_model::gguf::tokenizer_json(&g, &a.hf_dir)?;
+        chat = starling_model::gguf::chat_template(&g)
+            .with_context(|| format!("the chat template of {}", a.hf_dir.display()))?;
         starling_model::gguf::import(&g, &a.hf_dir, Some(a.quant), &device)?
     } else {
         Llama::load(&a.hf_dir, Some(a.quant), &device)
@@ -168,6 +200,17 @@ pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
         Tokenizer::from_file(&tok)?;
         std::fs::copy(&tok, a.out.join("tokenizer.json"))
             .with_context(|| format!("copying {}", tok.display()))?;
+    }
+    // The chat template travels as HF keeps it: tokenizer_config.json (checked before it is copied).
+    let chat = match chat {
+        Some(c) => Some(c),
+        None if a.hf_dir.is_dir() => ChatTemplate::load(&a.hf_dir)?,
+        None => None,
+    };
+    if let Some(c) = &chat {
+        let path = a.out.join(starling_model::chat::CONFIG_FILE);
+        starling_model::io::write_atomic(&path, c.config_json().as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     println!(
         "imported {} → {} ({}, {} parameters, {:.2} MB of weights, {:.3} bytes/param)",

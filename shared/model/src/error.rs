@@ -104,6 +104,9 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// A chat template could not be read or rendered.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// A token id is outside the model's vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange {

@@ -806,6 +806,30 @@ pub fn vocab_metadata(tokenizer: &Tokenizer, c: &LlamaConfig) -> Result<Vec<(Str
 
 /// The tokenizer a GGUF file's vocabulary describes: `None` for Starling's byte-level one (a
 /// `llama` vocabulary of 256 byte tokens, then `<s>`, `</s>`, `<pad>`, then unused ids), or the
+/// The file's chat template (`tokenizer.chat_template`), with the texts of its BOS and EOS tokens from
+/// its vocabulary, if it has one; a template that does not parse is an error.
+pub fn chat_template(g: &Gguf) -> Result<Option<crate::chat::ChatTemplate>> {
+    let Some(Value::Str(source)) = g.get("tokenizer.chat_template") else {
+        return Ok(None);
+    };
+    let token = |key: &str| -> String {
+        let id = g.get(key).and_then(Value::as_u64);
+        match (id, g.get("tokenizer.ggml.tokens")) {
+            (Some(id), Some(Value::Array(tokens))) => match tokens.get(id as usize) {
+                Some(Value::Str(t)) => t.clone(),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        }
+    };
+    crate::chat::ChatTemplate::new(
+        source,
+        &token("tokenizer.ggml.bos_token_id"),
+        &token("tokenizer.ggml.eos_token_id"),
+    )
+    .map(Some)
+}
+
 /// `tokenizer.json` text of a `gpt2` (byte-level BPE) vocabulary with the `gpt-2` or `smollm`
 /// pre-tokenizer. Other vocabularies are a typed error.
 pub fn tokenizer_json(g: &Gguf, path: &Path) -> Result<Option<String>> {

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod bundle;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
