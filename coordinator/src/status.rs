@@ -346,4 +346,29 @@ mod tests {
         assert_eq!(doc["latest_version"], 0);
         assert!(doc["current_round"].is_null());
     }
+
+    #[test]
+    fn the_terminal_summary_reads_as_sentences() {
+        let doc = serde_json::json!({
+            "now_unix_ms": 10_000, "latest_version": 3, "rounds_completed": 3, "paused": true,
+            "current_round": {"id": 4, "phase": "collecting", "updates": 2, "selected": 5,
+                "model_version": 3, "deadline_unix_ms": 70_000},
+            "clients": {"total": 6, "active": 5, "revoked": 1},
+            "epsilon_spent": 1.5, "delta": 1e-5,
+            "rounds": [{"round": 3, "updates": 5, "mean_train_loss": 1.25}],
+        });
+        let text = summary(&doc);
+        assert_eq!(
+            text,
+            "latest version 3, 3 rounds completed — rounds paused\n\
+             round 4 collecting: 2 of 5 selected devices reported (from version 3), deadline in 60 s\n\
+             devices: 6 enrolled, 5 active, 1 revoked\n\
+             privacy: ε = 1.500 at δ = 1e-5\n  round    3:    5 updates, mean train loss 1.2500\n\
+             (--json for the whole document)\n"
+        );
+        let table = clients_table(&serde_json::json!({"clients": [
+            {"name": "pi-1", "status": "active", "last_seen_unix_ms": 0, "fingerprint": "ab"}]}));
+        assert!(table.lines().nth(1).unwrap().starts_with("pi-1"), "{table}");
+        assert!(table.contains("never"), "{table}");
+    }
 }

@@ -50,14 +50,18 @@ fn devices_are_enrolled_and_revoked_while_serve_runs_and_rounds_complete_without
     let serving = Serving::start(&coord);
     let a = Device::enrol(&tmp.path().join("a"), &serving, &ea);
     let b = Device::enrol(&tmp.path().join("b"), &serving, &eb);
-    let pa = a.run(&data[0], None);
+    // Device a holds round 1 open: it stops right after persisting its update, before uploading it.
+    let pa = a.run(&data[0], Some("update-persisted"));
     let pb = b.run(&data[1], None);
 
     // While round 1 runs: pause (round 1 finishes, no round 2 starts), enrol a third device through the
     // running serve, start it, and resume once the coordinator has seen it.
-    pa.wait_for("training round=1", 120);
+    pa.wait_for("failpoint update-persisted", 120);
     let paused = admin(&coord, &["pause"]);
     assert_eq!(paused["paused"], true, "{paused}");
+    assert_eq!(paused["round_open"], 1, "{paused}");
+    pa.kill();
+    let pa = a.run(&data[0], None);
     eventually(120, "round 1 to be published", || {
         rounds_completed(&coord) == 1
     });
@@ -91,6 +95,9 @@ fn devices_are_enrolled_and_revoked_while_serve_runs_and_rounds_complete_without
         status["current_round"]["selected"], 3,
         "the new device joined: {status}"
     );
+    // Paused while round 2 waits for b: once b is revoked round 2 completes, and no round 3 starts
+    // until the settings below are in.
+    admin(&coord, &["pause"]);
     let revoked = admin(&coord, &["revoke", "device-b"]);
     assert_eq!(revoked["left_the_open_round"], true, "{revoked}");
     pb.kill();
@@ -106,7 +113,6 @@ fn devices_are_enrolled_and_revoked_while_serve_runs_and_rounds_complete_without
             .contains("revoked"),
         "{b_status}"
     );
-    admin(&coord, &["pause"]);
     eventually(180, "round 2 to be published", || {
         rounds_completed(&coord) == 2
     });
@@ -168,11 +174,14 @@ fn a_backup_taken_while_serving_restores_and_finishes_the_next_round_and_sigterm
         "one round, then exit"
     );
 
-    // Served again, paused; a backup is taken while it serves, then SIGTERM drains it.
+    // Paused while stopped (the store keeps it), served again; a backup is taken while it serves, then
+    // SIGTERM drains it.
     coord.edit_config("rounds = 1", "rounds = 2");
+    let paused = admin(&coord, &["pause"]);
+    assert_eq!(paused["paused"], true, "{paused}");
     let serving = Serving::start(&coord);
+    assert_eq!(coord.status()["paused"], true);
     let backup = tmp.path().join("coord.backup");
-    admin(&coord, &["pause"]);
     let v = admin(&coord, &["backup", "--out", backup.to_str().unwrap()]);
     assert!(v["bytes"].as_u64().unwrap_or(0) > 0, "{v}");
     assert!(backup.is_file());
