@@ -25,18 +25,18 @@
 
 use rand::SeedableRng;
 use starling_privacy::{accountant, AccountantKind, DpEvent, GaussianMechanism};
+use starling_protocol::backoff::Backoff;
 use starling_protocol::bulk::BulkHeader;
 use starling_protocol::message::{
     ErrorCode, SecAggReply, SecAggStep, SecAggTask, Task, UpdateMetrics, Upload,
 };
+use starling_protocol::Refusal;
 use starling_protocol::{
     from_hex, hex, Digest, Fingerprint, Manifest, ManifestVerifier, ModelVersion, RoundId,
     SignedManifest, UpdateId,
 };
 use starling_secagg::protocol::EncryptedShares;
 use starling_secagg::{Client as SecAggClient, ClientState, PublicKeys, Reveal};
-use starling_transport::backoff::Backoff;
-use starling_transport::client::Refusal;
 
 use crate::config::TimeWindow;
 

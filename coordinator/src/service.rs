@@ -741,7 +741,7 @@ impl Coordinator {
     ) -> Result<ModelVersion, ServiceError> {
         // Privacy first: a round that would exceed the budget is refused before anything is computed.
         let sampling_rate = (round.selected.len() as f64 / round.eligible.max(1) as f64).min(1.0);
-        let eff = self.effective_multiplier();
+        let eff = self.effective_multiplier()?;
         let event = self.round_event(sampling_rate, eff)?;
         let spent = match &event {
             Some(e) => Some(self.epsilon_after(inner, e)?),
@@ -930,23 +930,15 @@ impl Coordinator {
         Ok(eps)
     }
 
-    fn effective_multiplier(&self) -> f64 {
-        // The central mechanism's certified multiplier is 1/√(2ρ) of opendp's map for the delta's length,
-        // a deterministic function of the parameters DP-FedAvg uses. Distributed noise is accounted at the
-        // configured z (the clients' shares add up to it when the guaranteed number of clients report).
-        match self.cfg.privacy.mode {
-            DpPlacement::Central if self.cfg.privacy.noise_multiplier > 0.0 => {
-                starling_privacy::GaussianMechanism::with_multiplier(
-                    self.cfg.privacy.clip,
-                    self.cfg.privacy.noise_multiplier,
-                    self.schema.num_params(),
-                )
-                .map_or(self.cfg.privacy.noise_multiplier, |m| {
-                    m.effective_noise_multiplier()
-                })
-            }
-            _ => self.cfg.privacy.noise_multiplier,
-        }
+    /// The multiplier rounds are charged at ([`strategy::charged_multiplier`]).
+    fn effective_multiplier(&self) -> Result<f64, ServiceError> {
+        let p = &self.cfg.privacy;
+        Ok(strategy::charged_multiplier(
+            p.mode == DpPlacement::Central,
+            p.clip,
+            p.noise_multiplier,
+            self.schema.num_params(),
+        )?)
     }
 
     fn task_for(

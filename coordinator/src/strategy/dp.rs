@@ -4,9 +4,26 @@
 //! most C / expected. The noise comes from `starling-privacy` (exact, opendp-certified); the engine charges
 //! the global ledger with the effective multiplier this type reports. It never does accounting itself.
 
-use starling_privacy::{clip_l2, GaussianMechanism, NoisePlacement};
+use starling_privacy::{clip_l2, GaussianMechanism, NoisePlacement, PrivacyError};
 
 use super::{check, weighted_sum, AggregateError, ClientUpdate, Strategy};
+
+/// The noise multiplier a DP-FedAvg round is charged at — the one rule the coordinator's ledger, this
+/// strategy and the simulator's calibration share: for central noise (`central`), what opendp certifies
+/// for the Gaussian mechanism that draws it over `len` values (a little below `z`: the noise grid); for
+/// noise the devices add, `z` itself (their shares add up to it when the guaranteed devices report).
+pub fn charged_multiplier(
+    central: bool,
+    clip: f64,
+    z: f64,
+    len: usize,
+) -> Result<f64, PrivacyError> {
+    if central && z > 0.0 {
+        Ok(GaussianMechanism::with_multiplier(clip, z, len)?.effective_noise_multiplier())
+    } else {
+        Ok(z)
+    }
+}
 
 /// DP-FedAvg with a fixed denominator.
 #[derive(Debug, Clone)]

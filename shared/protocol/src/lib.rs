@@ -6,11 +6,15 @@
 //! - [`bulk`]: model blobs and update deltas streamed in bounded chunks against a declared size and SHA-256;
 //! - [`update`]: adapter schemas and the flat delta encodings (f32, int8 with unbiased stochastic rounding);
 //! - [`manifest`]: ed25519-signed model manifests with rollback protection;
-//! - [`identity`]: device and coordinator keys, fingerprints, one-time enrolment tokens.
+//! - [`identity`]: device and coordinator keys, fingerprints, one-time enrolment tokens;
+//! - [`backoff`]: the reconnection policy both ends share (exponential backoff with full jitter), and
+//!   [`Refusal`]: the refusals of a device's key that no retry can fix — so the device session, a sans-IO
+//!   core, needs nothing of the transport.
 //!
 //! What must never live here: sockets, async runtimes, clocks or files — callers hand in bytes and the
 //! current time. Every decoder takes its limits as parameters and returns a typed [`ProtocolError`].
 
+pub mod backoff;
 pub mod bulk;
 mod codec;
 pub mod frame;
@@ -84,6 +88,18 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// A refusal of a device by the coordinator, or of the coordinator by a device, that retrying cannot
+/// fix: what a device runtime tells its operator (the transport maps its errors to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The coordinator revoked this device's key.
+    Revoked,
+    /// The coordinator does not know this device's key (never enrolled, or enrolled elsewhere).
+    NotEnrolled,
+    /// The coordinator's key is not the pinned one (or its TLS is otherwise unacceptable).
+    UntrustedCoordinator,
 }
 
 /// The round a task, update or manifest belongs to.

@@ -19,11 +19,11 @@ use starling_protocol::{
     SigningIdentity,
 };
 
-use crate::backoff::Backoff;
 use crate::framed::{read_bulk, read_message, write_bulk, write_message};
 use crate::server::CLOSE_OK;
 use crate::tls::{self, SERVER_NAME};
 use crate::{Limits, TransportError};
+use starling_protocol::backoff::Backoff;
 use starling_protocol::message::ErrorCode;
 
 /// A device's endpoint towards one coordinator.
@@ -234,17 +234,7 @@ pub fn come_back_after(e: &TransportError) -> Option<std::time::Duration> {
     }
 }
 
-/// A refusal of this device by the coordinator, or of the coordinator by this device, that retrying cannot
-/// fix: what a device runtime tells its operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The coordinator revoked this device's key.
-    Revoked,
-    /// The coordinator does not know this device's key (never enrolled, or enrolled elsewhere).
-    NotEnrolled,
-    /// The coordinator's key is not the pinned one (or its TLS is otherwise unacceptable).
-    UntrustedCoordinator,
-}
+pub use starling_protocol::Refusal;
 
 /// QUIC carries TLS alerts as crypto errors 0x100 + alert code (RFC 9001 §4.8).
 const ALERT_CERTIFICATE_REVOKED: u64 = 0x100 + 44;

@@ -4,12 +4,14 @@
 //! - [`framed`]: one [`Message`](starling_protocol::Message) per frame and bulk payloads on QUIC streams;
 //! - [`server`]: the coordinator's endpoints (protocol and enrolment) driving an application [`server::Handler`];
 //! - [`client`]: a device's connection, session exchanges and reconnection with backoff and jitter;
-//! - [`backoff`], [`ratelimit`]: sans-IO retry and rate-limit policies with an explicit `now`.
+//! - [`ratelimit`]: the sans-IO enrolment rate limit with an explicit `now` ([`backoff`], the retry
+//!   policy, is the protocol crate's).
 //!
 //! What must never live here: round logic, storage or training. The transport moves verified messages and
 //! bytes between a peer and a handler; the coordinator and client crates decide what they mean.
 
-pub mod backoff;
+/// The reconnection policy (it lives in the protocol crate, which the device session also uses).
+pub use starling_protocol::backoff;
 pub mod client;
 pub mod framed;
 pub mod ratelimit;

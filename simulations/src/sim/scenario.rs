@@ -13,7 +13,7 @@ use starling_coordinator::config::{
 use starling_coordinator::engine::{EngineConfig, Selection};
 use starling_coordinator::strategy::StrategyConfig;
 use starling_model::QuantType;
-use starling_privacy::{accountant, AccountantKind, DpEvent, GaussianMechanism};
+use starling_privacy::{accountant, AccountantKind, DpEvent};
 
 use super::SimError;
 
@@ -464,12 +464,12 @@ pub fn calibrate(
     let kind: AccountantKind = privacy.accountant;
     let mut z = accountant::calibrate_noise_multiplier(target, privacy.delta, q, rounds, kind)?;
     for _ in 0..200 {
-        let eff = if privacy.mode == DpPlacement::Central {
-            GaussianMechanism::with_multiplier(privacy.clip, z, num_params.max(1))?
-                .effective_noise_multiplier()
-        } else {
-            z
-        };
+        let eff = starling_coordinator::strategy::charged_multiplier(
+            privacy.mode == DpPlacement::Central,
+            privacy.clip,
+            z,
+            num_params.max(1),
+        )?;
         let eps =
             accountant::epsilon(&[DpEvent::new(q, eff, rounds)?], privacy.delta, kind)?.epsilon;
         if eps <= target {
