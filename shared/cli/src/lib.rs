@@ -160,10 +160,11 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
 /// Arguments of `model import`.
 #[derive(Debug, Clone, Args)]
 pub struct ImportArgs {
-    /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json]), or a
-    /// llama-architecture `.gguf` file (F32, F16, Q8_0, Q4_0 tensors kept or converted; Q4_K, Q6_K
-    /// and Q5_0 — the tensors of Q4_K_M files — dequantized, then stored as `--quant`; a `gpt2`
-    /// byte-level BPE vocabulary becomes a tokenizer.json).
+    /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json,
+    /// tokenizer_config.json]), or a llama-architecture `.gguf` file (Q8_0 and Q4_0 tensors kept or
+    /// converted; F32, F16, BF16, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K dequantized, then
+    /// stored as `--quant`; a `gpt2` byte-level BPE vocabulary becomes a tokenizer.json, the chat
+    /// template a tokenizer_config.json).
     pub hf_dir: PathBuf,
     /// Output directory.
     #[arg(long)]
