@@ -57,15 +57,19 @@ fn the_real_smollm2_q4_1_gguf_imports_and_answers_as_llama_cpp_does() {
         );
         String::from_utf8(o.stdout).unwrap()
     };
-    run(&[
-        "model",
-        "import",
-        file.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--quant",
-        "q8_0",
-    ]);
+    // `model import FILE --out DIR --quant QUANT`.
+    let import = |dir: &Path, quant: &str| {
+        run(&[
+            "model",
+            "import",
+            file.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+            "--quant",
+            quant,
+        ])
+    };
+    import(&model, "q8_0");
     let inspect: serde_json::Value = serde_json::from_str(&run(&[
         "model",
         "inspect",
@@ -139,15 +143,7 @@ fn the_real_smollm2_q4_1_gguf_imports_and_answers_as_llama_cpp_does() {
         .collect::<Vec<_>>()
         .join(",");
     let f32_model = out.path().join("smollm2-f32");
-    run(&[
-        "model",
-        "import",
-        file.to_str().unwrap(),
-        "--out",
-        f32_model.to_str().unwrap(),
-        "--quant",
-        "f32",
-    ]);
+    import(&f32_model, "f32");
     let columns: Vec<usize> = fixture["columns"]
         .as_array()
         .unwrap()

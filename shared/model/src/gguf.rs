@@ -1181,46 +1181,10 @@ pub fn dequantize(kind: GgmlType, data: &[u8]) -> Vec<f32> {
                 }
             }
         }),
-        GgmlType::Q4K => blocks(144, 256, &|b, out| {
-            let (d, dmin) = (h(b, 0), h(b, 2));
-            let scales = &b[4..16];
-            let mut qs = &b[16..144];
-            let mut y = 0;
-            for is in (0..8).step_by(2) {
-                let (s1, m1) = scale_min_k4(is, scales);
-                let (s2, m2) = scale_min_k4(is + 1, scales);
-                let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-                let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
-                for l in 0..32 {
-                    out[y + l] = d1 * (qs[l] & 0x0f) as f32 - m1;
-                    out[y + 32 + l] = d2 * (qs[l] >> 4) as f32 - m2;
-                }
-                y += 64;
-                qs = &qs[32..];
-            }
-        }),
+        // Q5_K is Q4_K with a fifth bit per value in 32 bytes before the low nibbles.
+        GgmlType::Q4K => blocks(144, 256, &|b, out| k_quant(b, out, None, &b[16..144])),
         GgmlType::Q5K => blocks(176, 256, &|b, out| {
-            let (d, dmin) = (h(b, 0), h(b, 2));
-            let (scales, qh) = (&b[4..16], &b[16..48]);
-            let mut ql = &b[48..176];
-            let (mut u1, mut u2) = (1u8, 2u8);
-            let mut y = 0;
-            for is in (0..8).step_by(2) {
-                let (s1, m1) = scale_min_k4(is, scales);
-                let (s2, m2) = scale_min_k4(is + 1, scales);
-                let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-                let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
-                for l in 0..32 {
-                    let hi1 = if qh[l] & u1 != 0 { 16 } else { 0 };
-                    let hi2 = if qh[l] & u2 != 0 { 16 } else { 0 };
-                    out[y + l] = d1 * ((ql[l] & 0x0f) + hi1) as f32 - m1;
-                    out[y + 32 + l] = d2 * ((ql[l] >> 4) + hi2) as f32 - m2;
-                }
-                y += 64;
-                ql = &ql[32..];
-                u1 <<= 2;
-                u2 <<= 2;
-            }
+            k_quant(b, out, Some(&b[16..48]), &b[48..176])
         }),
         GgmlType::Q6K => blocks(210, 256, &|b, out| {
             let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
@@ -1253,6 +1217,31 @@ pub fn dequantize(kind: GgmlType, data: &[u8]) -> Vec<f32> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
+    }
+}
+
+/// One Q4_K or Q5_K super-block: eight groups of 32 with 6-bit scales and minimums (after the f16 scale
+/// and minimum at the start of `b`), low nibbles in `ql`, and for Q5_K a fifth bit per value in `qh`.
+fn k_quant(b: &[u8], out: &mut [f32], qh: Option<&[u8]>, mut ql: &[u8]) {
+    let h = |at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    let (d, dmin) = (h(0), h(2));
+    let scales = &b[4..16];
+    let (mut u1, mut u2) = (1u8, 2u8);
+    let high = |l: usize, u: u8| qh.map_or(0, |qh| if qh[l] & u != 0 { 16 } else { 0 });
+    let mut y = 0;
+    for is in (0..8).step_by(2) {
+        let (s1, m1) = scale_min_k4(is, scales);
+        let (s2, m2) = scale_min_k4(is + 1, scales);
+        let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+        let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+        for l in 0..32 {
+            out[y + l] = d1 * ((ql[l] & 0x0f) + high(l, u1)) as f32 - m1;
+            out[y + 32 + l] = d2 * ((ql[l] >> 4) + high(l, u2)) as f32 - m2;
+        }
+        y += 64;
+        ql = &ql[32..];
+        u1 <<= 2;
+        u2 <<= 2;
     }
 }
 

@@ -388,24 +388,20 @@ impl Server {
         let left = self.control.in_flight();
         let reason = retry_after_reason(retry_after);
         self.control.close_all(CLOSE_RESTART, reason.as_bytes());
-        for ep in [&self.endpoint, &self.enrol_endpoint] {
-            ep.close(VarInt::from_u32(CLOSE_RESTART), reason.as_bytes());
-        }
-        for t in &self.tasks {
-            t.abort();
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            self.endpoint.wait_idle().await;
-            self.enrol_endpoint.wait_idle().await;
-        })
-        .await;
+        self.close(CLOSE_RESTART, reason.as_bytes()).await;
         left
     }
 
     /// Closes every connection and waits until peers were told.
     pub async fn shutdown(self) {
+        self.close(CLOSE_OK, b"coordinator shutting down").await;
+    }
+
+    /// Closes both endpoints with `code` and `reason`, stops accepting, and waits (up to 2 s) until
+    /// peers were told.
+    async fn close(self, code: u32, reason: &[u8]) {
         for ep in [&self.endpoint, &self.enrol_endpoint] {
-            ep.close(VarInt::from_u32(CLOSE_OK), b"coordinator shutting down");
+            ep.close(VarInt::from_u32(code), reason);
         }
         for t in &self.tasks {
             t.abort();
