@@ -221,6 +221,40 @@ pub enum Action {
     Finished,
 }
 
+/// Driver calls that do not fit the engine's state: bugs in a driver, never a peer's doing.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum Misuse {
+    /// `resume` while a round is open.
+    #[error("a round is already open")]
+    RoundAlreadyOpen,
+    /// A secure-aggregation state handed to an engine without secure aggregation.
+    #[error("a secure-aggregation state for a coordinator without secure aggregation")]
+    SecAggStateWithoutSecAgg,
+    /// `record_update` in a secure round (its inputs go through `record_masked`).
+    #[error("a secure round takes masked inputs (record_masked)")]
+    MaskedInputsOnly,
+    /// A call that needs an open round, with none open.
+    #[error("no round is open")]
+    NoRound,
+    /// A call that needs a secure round, in a round in the clear.
+    #[error("the open round is not secure")]
+    NotSecure,
+    /// `published` with a version not newer than the latest.
+    #[error("{version} is not newer than {latest}")]
+    VersionNotNewer {
+        /// The version published.
+        version: ModelVersion,
+        /// The latest before it.
+        latest: ModelVersion,
+    },
+    /// `published` for a round that is not aggregating.
+    #[error("{0} is not aggregating")]
+    NotAggregating(RoundId),
+    /// `abandon` of a round that is not open.
+    #[error("{0} is not open")]
+    NotOpen(RoundId),
+}
+
 /// Refusals and misuse.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EngineError {
@@ -259,7 +293,7 @@ pub enum EngineError {
     AlreadyReported(RoundId),
     /// A driver call did not fit the engine's state (a bug in the driver).
     #[error("engine misuse: {0}")]
-    Misuse(String),
+    Misuse(Misuse),
     /// A setting is out of range.
     #[error("invalid engine setting: {0}")]
     Config(String),
@@ -487,16 +521,11 @@ impl Engine {
         secagg: Option<SecAggRound>,
     ) -> Result<(), EngineError> {
         if self.round.is_some() {
-            return Err(EngineError::Misuse("a round is already open".into()));
+            return Err(EngineError::Misuse(Misuse::RoundAlreadyOpen));
         }
         let secagg = match secagg {
             Some(s) if self.secagg.is_some() => Some(s),
-            Some(_) => {
-                return Err(EngineError::Misuse(
-                    "a secure-aggregation state for a coordinator without secure aggregation"
-                        .into(),
-                ))
-            }
+            Some(_) => return Err(EngineError::Misuse(Misuse::SecAggStateWithoutSecAgg)),
             None => self.new_secagg(&record)?,
         };
         let mut round = Round::new(record, secagg);
@@ -640,9 +669,7 @@ impl Engine {
     /// Counts an update the driver has stored durably (after [`Engine::check_update`] said `New`).
     pub fn record_update(&mut self, meta: &UpdateMeta, now: Millis) -> Result<(), EngineError> {
         if self.round.as_ref().is_some_and(|r| r.secagg.is_some()) {
-            return Err(EngineError::Misuse(
-                "a secure round takes masked inputs (record_masked)".into(),
-            ));
+            return Err(EngineError::Misuse(Misuse::MaskedInputsOnly));
         }
         match self.check_update(meta, now)? {
             UpdateCheck::Duplicate => Ok(()),
@@ -650,7 +677,7 @@ impl Engine {
                 let r = self
                     .round
                     .as_mut()
-                    .ok_or_else(|| EngineError::Misuse("no round".into()))?;
+                    .ok_or(EngineError::Misuse(Misuse::NoRound))?;
                 r.received.insert(meta.update_id, meta.client);
                 r.reported.insert(meta.client, meta.update_id);
                 Ok(())
@@ -673,14 +700,14 @@ impl Engine {
         let r = self
             .round
             .as_mut()
-            .ok_or_else(|| EngineError::Misuse("no round".into()))?;
+            .ok_or(EngineError::Misuse(Misuse::NoRound))?;
         let id = r
             .roster_id(&meta.client)
             .ok_or(EngineError::NotSelected(r.record.id))?;
         let s = r
             .secagg
             .as_mut()
-            .ok_or_else(|| EngineError::Misuse("not a secure round".into()))?;
+            .ok_or(EngineError::Misuse(Misuse::NotSecure))?;
         s.masked(id, packed)
             .map_err(|e| EngineError::SecAgg(e.to_string()))?;
         r.reported.insert(meta.client, meta.update_id);
@@ -911,19 +938,17 @@ impl Engine {
         match &self.round {
             Some(r) if r.record.id == round && r.record.phase == RoundPhase::Aggregating => {
                 if version <= self.latest {
-                    return Err(EngineError::Misuse(format!(
-                        "version {version:?} is not newer than {:?}",
-                        self.latest
-                    )));
+                    return Err(EngineError::Misuse(Misuse::VersionNotNewer {
+                        version,
+                        latest: self.latest,
+                    }));
                 }
                 self.latest = version;
                 self.completed += 1;
                 self.round = None;
                 Ok(())
             }
-            _ => Err(EngineError::Misuse(format!(
-                "round {round:?} is not aggregating"
-            ))),
+            _ => Err(EngineError::Misuse(Misuse::NotAggregating(round))),
         }
     }
 
@@ -934,7 +959,7 @@ impl Engine {
                 self.round = None;
                 Ok(())
             }
-            _ => Err(EngineError::Misuse(format!("round {round:?} is not open"))),
+            _ => Err(EngineError::Misuse(Misuse::NotOpen(round))),
         }
     }
 

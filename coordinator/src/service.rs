@@ -127,9 +127,64 @@ pub enum ServiceError {
     /// Privacy accounting refused or failed.
     #[error(transparent)]
     Privacy(#[from] starling_privacy::PrivacyError),
-    /// A stored value is inconsistent.
-    #[error("inconsistent state: {0}")]
-    State(String),
+    /// The store holds no published version (the directory was not made by `init`).
+    #[error("the store holds no published version: is this a directory made by `init`?")]
+    NoPublishedVersion,
+    /// A version the store should hold is missing.
+    #[error("{0} is missing from the store")]
+    VersionMissing(ModelVersion),
+    /// The stored adapter of a version does not decode.
+    #[error("the stored adapter of {version} is damaged: {source}")]
+    StoredAdapter {
+        /// The version.
+        version: ModelVersion,
+        /// Why it does not decode.
+        source: starling_protocol::ProtocolError,
+    },
+    /// A stored update of the round being aggregated does not decode.
+    #[error("a stored update of {round} is damaged: {source}")]
+    StoredUpdate {
+        /// The round.
+        round: RoundId,
+        /// Why it does not decode.
+        source: starling_protocol::ProtocolError,
+    },
+    /// Updates the engine counted are not in the store.
+    #[error("{round}: {stored} of the {counted} counted updates are stored")]
+    UpdatesMissing {
+        /// The round.
+        round: RoundId,
+        /// Found in the store.
+        stored: usize,
+        /// Counted by the engine.
+        counted: usize,
+    },
+    /// The base model directory cannot be bundled.
+    #[error("the base model in {path}: {source}")]
+    BaseModel {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: starling_model::ModelError,
+    },
+    /// The base model directory is not the one version 0 was signed for.
+    #[error(
+        "the base model in {path} is not the one version 0 was signed for (digest {found}, signed {signed})"
+    )]
+    BaseChanged {
+        /// The directory.
+        path: String,
+        /// Its bundle's digest.
+        found: Digest,
+        /// The digest version 0 signed.
+        signed: Digest,
+    },
+    /// The secure-aggregation settings give no encoding (checked at start-up; a bug if it shows).
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] starling_secagg::SecAggError),
+    /// A privacy charge was asked of a coordinator that keeps no ledger (a bug if it shows).
+    #[error("privacy accounting without a privacy ledger (privacy.mode = off)")]
+    NoLedger,
     /// A key file is unreadable.
     #[error("key {path}: {detail}")]
     Key {
@@ -320,24 +375,26 @@ impl Coordinator {
         let signing = read_key(&layout.signing_key())?;
         let latest = store
             .latest_version()?
-            .ok_or_else(|| ServiceError::State("no published version".into()))?;
+            .ok_or(ServiceError::NoPublishedVersion)?;
         let v0 = store
             .model(ModelVersion(0))?
-            .ok_or_else(|| ServiceError::State("version 0 missing".into()))?;
+            .ok_or(ServiceError::VersionMissing(ModelVersion(0)))?;
         let m0 = manifest_body(&v0.manifest)?;
         let schema = m0.adapter_schema.clone();
         // The bundle devices fetch must be the one version 0 signed: a base directory changed since `init`
         // would hand devices a model no manifest vouches for.
         let base: Arc<[u8]> = starling_model::bundle::pack_dir(&layout.base())
-            .map_err(|e| ServiceError::State(format!("base model: {e}")))?
+            .map_err(|source| ServiceError::BaseModel {
+                path: layout.base().display().to_string(),
+                source,
+            })?
             .into();
         if Digest::of(&base) != m0.base_digest {
-            return Err(ServiceError::State(format!(
-                "the base model in {} is not the one version 0 was signed for (digest {}, signed {})",
-                layout.base().display(),
-                Digest::of(&base),
-                m0.base_digest
-            )));
+            return Err(ServiceError::BaseChanged {
+                path: layout.base().display().to_string(),
+                found: Digest::of(&base),
+                signed: m0.base_digest,
+            });
         }
         // Round settings an operator changed on a running coordinator outlive its restarts.
         let rounds = store
@@ -635,11 +692,7 @@ impl Coordinator {
                             count,
                             params,
                         } => {
-                            let encoding = self
-                                .cfg
-                                .secure_aggregation
-                                .encoding(params.clients)
-                                .map_err(|e| ServiceError::State(e.to_string()))?;
+                            let encoding = self.cfg.secure_aggregation.encoding(params.clients)?;
                             let mut sum = encoding.decode_sum(&sum, params.bits);
                             // The total weight: the devices' count, or their masked weights' sum.
                             let weight = if self.cfg.secure_aggregation.weight_cap > 0 {
@@ -717,17 +770,21 @@ impl Coordinator {
         let mut deltas = Vec::with_capacity(ids.len());
         let mut loss = 0f64;
         for u in stored.iter().filter(|u| ids.contains(&u.meta.update_id)) {
-            let d = decode_update(&u.body, &self.schema, &UpdateLimits::default())
-                .map_err(|e| ServiceError::State(format!("stored update does not decode: {e}")))?;
+            let d = decode_update(&u.body, &self.schema, &UpdateLimits::default()).map_err(
+                |source| ServiceError::StoredUpdate {
+                    round: round.id,
+                    source,
+                },
+            )?;
             deltas.push((u.meta.num_examples, d));
             loss += f64::from(u.train_loss);
         }
         if deltas.len() != ids.len() {
-            return Err(ServiceError::State(format!(
-                "{} of {} updates stored",
-                deltas.len(),
-                ids.len()
-            )));
+            return Err(ServiceError::UpdatesMissing {
+                round: round.id,
+                stored: deltas.len(),
+                counted: ids.len(),
+            });
         }
         Ok(RoundInput::Updates { deltas, loss })
     }
@@ -764,13 +821,12 @@ impl Coordinator {
         let parent = self
             .store
             .model(round.model_version)?
-            .ok_or_else(|| ServiceError::State("parent missing".into()))?;
-        let mut adapter = adapter_values(&parent.adapter).map_err(|e| {
-            ServiceError::State(format!(
-                "stored adapter of version {}: {e}",
-                round.model_version.0
-            ))
-        })?;
+            .ok_or(ServiceError::VersionMissing(round.model_version))?;
+        let mut adapter =
+            adapter_values(&parent.adapter).map_err(|source| ServiceError::StoredAdapter {
+                version: round.model_version,
+                source,
+            })?;
         for (a, s) in adapter.iter_mut().zip(&step) {
             *a += s;
         }
@@ -820,7 +876,7 @@ impl Coordinator {
         let latest = self
             .store
             .model(inner.engine.latest())?
-            .ok_or_else(|| ServiceError::State("latest missing".into()))?;
+            .ok_or(ServiceError::VersionMissing(inner.engine.latest()))?;
         let bytes = adapter_bytes(&adapter);
         let manifest = Manifest {
             version,
@@ -880,12 +936,7 @@ impl Coordinator {
             Some(true) => Some(RoundEvent::Gaussian(DpEvent::new(sampling_rate, eff, 1)?)),
             Some(false) => {
                 let p = &self.cfg.privacy;
-                let scale = self
-                    .cfg
-                    .secure_aggregation
-                    .encoding(1)
-                    .map_err(|e| ServiceError::State(e.to_string()))?
-                    .scale;
+                let scale = self.cfg.secure_aggregation.encoding(1)?.scale;
                 Some(RoundEvent::Ddg(DdgEvent::new(
                     u64::from(p.noise_clients),
                     self.cfg.secagg_noise_steps() as f64,
@@ -902,7 +953,7 @@ impl Coordinator {
     /// every round is Gaussian, RDP over integer orders once a discrete Gaussian round is involved.
     fn epsilon_after(&self, inner: &Inner, event: &RoundEvent) -> Result<f64, ServiceError> {
         let Some(l) = &inner.ledger else {
-            return Err(ServiceError::State("no privacy ledger".into()));
+            return Err(ServiceError::NoLedger);
         };
         let mut gaussian: Vec<DpEvent> = l.entries().iter().map(|e| e.event).collect();
         let mut discrete = inner.ddg.clone();
