@@ -42,6 +42,20 @@ pub struct NetworkConfig {
     pub http_listen: SocketAddr,
     /// Whether to serve the status page at all.
     pub http: bool,
+    /// On SIGTERM: how long the exchanges in flight get to finish (an upload being stored gets its ack).
+    pub drain_wait_ms: u64,
+    /// On SIGTERM: when connected devices are told to come back (the restart's expected length).
+    pub drain_retry_after_ms: u64,
+}
+
+impl NetworkConfig {
+    /// The drain these settings describe.
+    pub fn drain(&self) -> crate::service::DrainSettings {
+        crate::service::DrainSettings {
+            wait: std::time::Duration::from_millis(self.drain_wait_ms),
+            retry_after: std::time::Duration::from_millis(self.drain_retry_after_ms),
+        }
+    }
 }
 
 impl Default for NetworkConfig {
@@ -51,6 +65,8 @@ impl Default for NetworkConfig {
             enrol_listen: SocketAddr::from(([0, 0, 0, 0], 7871)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7872)),
             http: true,
+            drain_wait_ms: 20_000,
+            drain_retry_after_ms: 5_000,
         }
     }
 }
@@ -374,7 +390,8 @@ impl CoordinatorConfig {
         let body = toml::to_string_pretty(&Self::default()).unwrap_or_default();
         format!(
             "# Starling coordinator configuration. Every key is optional; unknown keys are errors.\n\
-             # [network] listen (QUIC), enrol_listen (QUIC enrolment), http_listen (status page, /metrics), http\n\
+             # [network] listen (QUIC), enrol_listen (QUIC enrolment), http_listen (status page, /metrics), http,\n\
+             #   drain_wait_ms, drain_retry_after_ms (SIGTERM: time for in-flight exchanges; when devices come back)\n\
              # [rounds] min_clients, selection ({{ fraction = q }} or {{ count = m }}), min_updates,\n\
              #   round_timeout_ms, presence_timeout_ms, rounds (omit: forever), seed, retry_after_ms,\n\
              #   resume_grace_ms (a restart moves the open round's deadline by the downtime, at least this)\n\

@@ -319,6 +319,7 @@ fn serve(dir: &std::path::Path) -> anyhow::Result<()> {
     let layout = Layout::new(dir);
     let cfg = starling_coordinator::config::CoordinatorConfig::load(&layout.config())?;
     let tls = read_key(&layout.tls_key())?;
+    let cfg_drain = cfg.network.drain();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -350,7 +351,7 @@ fn serve(dir: &std::path::Path) -> anyhow::Result<()> {
                     }
                 },
                 shutdown_signal(),
-                Default::default(),
+                cfg_drain,
             )
             .await
     })

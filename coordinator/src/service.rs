@@ -272,10 +272,7 @@ pub struct DrainSettings {
 
 impl Default for DrainSettings {
     fn default() -> Self {
-        Self {
-            wait: Duration::from_secs(20),
-            retry_after: Duration::from_secs(5),
-        }
+        crate::config::NetworkConfig::default().drain()
     }
 }
 
@@ -1234,14 +1231,9 @@ impl Coordinator {
         limits: Limits,
         on_bound: impl FnOnce(&Server, Option<SocketAddr>),
     ) -> Result<(), anyhow::Error> {
-        self.serve_until(
-            tls,
-            limits,
-            on_bound,
-            std::future::pending(),
-            DrainSettings::default(),
-        )
-        .await
+        let drain = self.cfg.network.drain();
+        self.serve_until(tls, limits, on_bound, std::future::pending(), drain)
+            .await
     }
 
     /// [`Coordinator::serve_with`] that also stops when `shutdown` resolves (SIGTERM): it then drains —
