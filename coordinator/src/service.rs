@@ -406,9 +406,9 @@ impl Coordinator {
         )?;
         engine.set_paused(store.paused()?);
         // The clients a round selects (at least `min_clients` with a fraction).
-        let cohort = match cfg.rounds.selection {
+        let cohort = match engine.config().selection {
             crate::engine::Selection::Count(m) => m,
-            crate::engine::Selection::Fraction(_) => cfg.rounds.min_clients,
+            crate::engine::Selection::Fraction(_) => engine.config().min_clients,
         };
         if cfg.secure_aggregation.enabled {
             engine = engine.with_secure_aggregation(
