@@ -80,22 +80,20 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// Checks the settings; the message names the setting at fault.
     pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |m: &str| Err(EngineError::Config(m.into()));
+        let bad = |e| Err(EngineError::Config(e));
         match self.selection {
-            Selection::Fraction(q) if !(q > 0.0 && q <= 1.0) => {
-                return bad("selection fraction must lie in (0, 1]")
-            }
-            Selection::Count(0) => return bad("selection count must be at least 1"),
+            Selection::Fraction(q) if !(q > 0.0 && q <= 1.0) => return bad(ConfigError::Fraction),
+            Selection::Count(0) => return bad(ConfigError::Count),
             _ => {}
         }
         if self.min_clients == 0 {
-            return bad("min_clients must be at least 1");
+            return bad(ConfigError::MinClients);
         }
         if self.min_updates == 0 {
-            return bad("min_updates must be at least 1");
+            return bad(ConfigError::MinUpdates);
         }
         if self.round_timeout_ms == 0 {
-            return bad("round_timeout_ms must be positive");
+            return bad(ConfigError::RoundTimeout);
         }
         Ok(())
     }
@@ -221,6 +219,32 @@ pub enum Action {
     Finished,
 }
 
+/// Round settings that cannot work, by the setting at fault.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `selection = { fraction = q }` outside (0, 1].
+    #[error("selection fraction must lie in (0, 1]")]
+    Fraction,
+    /// `selection = { count = 0 }`.
+    #[error("selection count must be at least 1")]
+    Count,
+    /// `min_clients = 0`.
+    #[error("min_clients must be at least 1")]
+    MinClients,
+    /// `min_updates = 0`.
+    #[error("min_updates must be at least 1")]
+    MinUpdates,
+    /// `round_timeout_ms = 0`.
+    #[error("round_timeout_ms must be positive")]
+    RoundTimeout,
+    /// A change of selection or `min_updates` under secure aggregation.
+    #[error(
+        "selection and min_updates are fixed under secure aggregation (they size its parameters): \
+         change them in coordinator.toml and restart"
+    )]
+    FixedUnderSecAgg,
+}
+
 /// Driver calls that do not fit the engine's state: bugs in a driver, never a peer's doing.
 #[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 pub enum Misuse {
@@ -294,12 +318,16 @@ pub enum EngineError {
     /// A driver call did not fit the engine's state (a bug in the driver).
     #[error("engine misuse: {0}")]
     Misuse(Misuse),
-    /// A setting is out of range.
-    #[error("invalid engine setting: {0}")]
-    Config(String),
-    /// A secure-aggregation message was refused.
-    #[error("secure aggregation: {0}")]
-    SecAgg(String),
+    /// A round setting is out of range.
+    #[error("invalid round setting: {0}")]
+    Config(ConfigError),
+    /// Secure aggregation refused a message, or its settings give no parameters for a cohort (its own
+    /// errors already say "secure aggregation").
+    #[error(transparent)]
+    SecAgg(#[from] starling_secagg::SecAggError),
+    /// A secure-aggregation step for a round in the clear.
+    #[error("{0} is not a secure round")]
+    NotSecure(RoundId),
 }
 
 #[derive(Debug)]
@@ -401,11 +429,7 @@ impl Engine {
         if self.secagg.is_some()
             && (cfg.selection != self.cfg.selection || cfg.min_updates != self.cfg.min_updates)
         {
-            return Err(EngineError::Config(
-                "selection and min_updates are fixed under secure aggregation (they size its \
-                 parameters): change them in coordinator.toml and restart"
-                    .into(),
-            ));
+            return Err(EngineError::Config(ConfigError::FixedUnderSecAgg));
         }
         self.finished_reported = false;
         if self.round.is_none() {
@@ -481,8 +505,7 @@ impl Engine {
             max_clients.max(2),
             len,
             noise_steps,
-        )
-        .map_err(|e| EngineError::Config(e.to_string()))?;
+        )?;
         self.secagg = Some((cfg, len, noise_steps));
         Ok(self)
     }
@@ -506,8 +529,7 @@ impl Engine {
                 *len,
                 *noise,
             )
-            .and_then(SecAggRound::new)
-            .map_err(|e| EngineError::SecAgg(e.to_string()))?;
+            .and_then(SecAggRound::new)?;
         Ok(Some(params))
     }
 
@@ -708,8 +730,7 @@ impl Engine {
             .secagg
             .as_mut()
             .ok_or(EngineError::Misuse(Misuse::NotSecure))?;
-        s.masked(id, packed)
-            .map_err(|e| EngineError::SecAgg(e.to_string()))?;
+        s.masked(id, packed)?;
         r.reported.insert(meta.client, meta.update_id);
         Ok(UpdateCheck::New)
     }
@@ -736,12 +757,8 @@ impl Engine {
         let id = r
             .roster_id(&client)
             .ok_or(EngineError::NotSelected(round))?;
-        let s = r
-            .secagg
-            .as_mut()
-            .ok_or_else(|| EngineError::SecAgg(format!("round {} is not secure", round.0)))?;
-        s.step(id, step, retry)
-            .map_err(|e| EngineError::SecAgg(e.to_string()))
+        let s = r.secagg.as_mut().ok_or(EngineError::NotSecure(round))?;
+        Ok(s.step(id, step, retry)?)
     }
 
     /// A selected client declined `round`'s task: it is not offered again, and the round closes as soon as

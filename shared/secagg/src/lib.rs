@@ -22,7 +22,7 @@ pub use protocol::{
 };
 
 /// What can go wrong in secure aggregation.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SecAggError {
     /// Parameters that cannot work (threshold, graph, encoding range).
     #[error("secure aggregation parameters: {0}")]
