@@ -8,8 +8,6 @@
 //! that every SIMD path is tested against. Nothing here knows of models, threads or files: only
 //! slices of blocks and values.
 
-use half::f16;
-
 use crate::quant::{BlockQ4_0, BlockQ4_0x8, BlockQ8_0, QK};
 
 /// The instruction set the kernels run on, detected once.
@@ -332,6 +330,8 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use half::f16;
 
     use super::*;
 
