@@ -388,6 +388,16 @@ fn print_json(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        // Rust ignores SIGPIPE, so printing into a closed pipe (`status --json | head -c 100`) panics. The
+        // one-shot commands take the default instead and end quietly; `serve` keeps ignoring it (a log
+        // reader that goes away must not stop the coordinator).
+        // SAFETY: setting a signal's disposition to the default before any thread is started.
+        #[cfg(unix)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()
