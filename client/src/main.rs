@@ -150,7 +150,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let result = match Cli::parse().cmd {
+    let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        // Rust ignores SIGPIPE, so printing into a closed pipe (`status --json | head`) panics. The
+        // one-shot commands take the default and end quietly; `run` keeps ignoring it.
+        // SAFETY: setting a signal's disposition to the default before any thread is started.
+        #[cfg(unix)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    let result = match cli.cmd {
         Cmd::Enrol {
             dir,
             coordinator,
