@@ -267,6 +267,17 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// Writes a backup of `contents` to `out` (owner-only, atomically) and returns what `backup` reports.
+pub fn write(out: &Path, contents: &Contents) -> Result<serde_json::Value, BackupError> {
+    write_file(out, &encode(contents))?;
+    Ok(serde_json::json!({
+        "backup": out.display().to_string(),
+        "bytes": contents.bytes(),
+        "trees": contents.trees.len(),
+        "files": contents.files.len(),
+    }))
+}
+
 /// Restores the backup in file `from` into a new coordinator directory `dir`; returns what it held.
 ///
 /// A file already in place with exactly the backup's bytes is left alone (keys mounted read-only from a

@@ -78,6 +78,17 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// Checks that these settings may be replaced by `next` on a running federation: `next` is valid and,
+    /// under secure aggregation (`secure`), keeps the selection and `min_updates` its parameters were
+    /// sized for.
+    pub fn check_change(&self, next: &EngineConfig, secure: bool) -> Result<(), EngineError> {
+        next.validate()?;
+        if secure && (next.selection != self.selection || next.min_updates != self.min_updates) {
+            return Err(EngineError::Config(ConfigError::FixedUnderSecAgg));
+        }
+        Ok(())
+    }
+
     /// Checks the settings; the message names the setting at fault.
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |e| Err(EngineError::Config(e));
@@ -425,12 +436,7 @@ impl Engine {
     /// selection). Under secure aggregation the cohort's size is part of the protocol's parameters,
     /// checked at start-up, so selection and `min_updates` cannot change there.
     pub fn set_config(&mut self, cfg: EngineConfig) -> Result<(), EngineError> {
-        cfg.validate()?;
-        if self.secagg.is_some()
-            && (cfg.selection != self.cfg.selection || cfg.min_updates != self.cfg.min_updates)
-        {
-            return Err(EngineError::Config(ConfigError::FixedUnderSecAgg));
-        }
+        self.cfg.check_change(&cfg, self.secagg.is_some())?;
         self.finished_reported = false;
         if self.round.is_none() {
             self.cfg = cfg;

@@ -259,17 +259,8 @@ pub fn revoke(dir: &Path, who: &str) -> anyhow::Result<serde_json::Value> {
 pub fn clients_in(store: &Store) -> anyhow::Result<serde_json::Value> {
     let clients: Vec<serde_json::Value> = store
         .clients()?
-        .into_iter()
-        .map(|c| {
-            serde_json::json!({
-                "name": c.name,
-                "fingerprint": c.fingerprint.to_hex(),
-                "status": format!("{:?}", c.status).to_lowercase(),
-                "enrolled_at_unix_ms": c.enrolled_at,
-                "last_seen_unix_ms": c.last_seen,
-                "declines": c.declines,
-            })
-        })
+        .iter()
+        .map(crate::status::client_json)
         .collect();
     Ok(serde_json::json!({ "clients": clients }))
 }
@@ -309,18 +300,10 @@ pub fn set_rounds(dir: &Path, settings: &RoundSettings) -> anyhow::Result<serde_
     }
     let layout = Layout::new(dir);
     let store = open_store(&layout)?;
-    let current = match store.round_settings()? {
-        Some(c) => c,
-        None => CoordinatorConfig::load(&layout.config())?.rounds,
-    };
-    let next = settings.apply(&current);
-    next.validate()?;
     let cfg = CoordinatorConfig::load(&layout.config())?;
-    if cfg.secure_aggregation.enabled
-        && (next.selection != current.selection || next.min_updates != current.min_updates)
-    {
-        bail!("selection and min_updates are fixed under secure aggregation: change them in coordinator.toml");
-    }
+    let current = store.round_settings()?.unwrap_or(cfg.rounds);
+    let next = settings.apply(&current);
+    current.check_change(&next, cfg.secure_aggregation.enabled)?;
     store.set_round_settings(Some(&next))?;
     Ok(serde_json::json!({ "rounds": next }))
 }
@@ -334,11 +317,10 @@ pub fn backup(dir: &Path, out: &Path) -> anyhow::Result<serde_json::Value> {
         return Ok(v);
     }
     let store = open_store(&Layout::new(dir))?;
-    let c = crate::backup::collect(dir, &store)?;
-    crate::backup::write_file(&out, &crate::backup::encode(&c))?;
-    Ok(serde_json::json!({
-        "backup": out.display().to_string(), "bytes": c.bytes(), "trees": c.trees.len(), "files": c.files.len(),
-    }))
+    Ok(crate::backup::write(
+        &out,
+        &crate::backup::collect(dir, &store)?,
+    )?)
 }
 
 /// Restores a backup into a new coordinator directory (serve it with `serve --dir`).

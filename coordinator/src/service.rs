@@ -572,18 +572,7 @@ impl Coordinator {
                 let taken = crate::backup::collect(&self.dir, &self.store);
                 drop(inner);
                 taken
-                    .and_then(|c| {
-                        crate::backup::write_file(&out, &crate::backup::encode(&c))?;
-                        Ok(c)
-                    })
-                    .map(|c| {
-                        serde_json::json!({
-                            "backup": out.display().to_string(),
-                            "bytes": c.bytes(),
-                            "trees": c.trees.len(),
-                            "files": c.files.len(),
-                        })
-                    })
+                    .and_then(|c| crate::backup::write(&out, &c))
                     .map_err(anyhow::Error::from)
             }
         };

@@ -39,13 +39,7 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
             }
         },
         "clients": { "total": clients.len(), "active": active, "revoked": clients.len() - active,
-            "list": clients.iter().map(|c| serde_json::json!({
-                "fingerprint": c.fingerprint.to_hex(), "name": c.name,
-                "status": format!("{:?}", c.status).to_lowercase(),
-                "enrolled_unix_ms": c.enrolled_at, "last_seen_unix_ms": c.last_seen, "declines": c.declines,
-                "last_decline": c.last_decline.as_ref().map(|d| serde_json::json!({
-                    "round": d.round.0, "code": d.code, "reason": d.reason, "at_unix_ms": d.at })),
-            })).collect::<Vec<_>>() },
+            "list": clients.iter().map(client_json).collect::<Vec<_>>() },
         "paused": store.paused()?,
         "round_settings": store.round_settings()?,
         "epsilon_spent": model.as_ref().map_or(0.0, |m| m.dp.epsilon_spent),
@@ -55,6 +49,17 @@ pub fn document(store: &Store, now: u64) -> Result<serde_json::Value, StoreError
             "round": r.0, "updates": c.updates, "mean_train_loss": c.mean_train_loss,
             "epsilon_after": c.epsilon_after, "sampling_rate": c.sampling_rate })).collect::<Vec<_>>(),
     }))
+}
+
+/// One enrolled device as the status document and `clients` show it.
+pub fn client_json(c: &crate::store::ClientRecord) -> serde_json::Value {
+    serde_json::json!({
+        "fingerprint": c.fingerprint.to_hex(), "name": c.name,
+        "status": format!("{:?}", c.status).to_lowercase(),
+        "enrolled_unix_ms": c.enrolled_at, "last_seen_unix_ms": c.last_seen, "declines": c.declines,
+        "last_decline": c.last_decline.as_ref().map(|d| serde_json::json!({
+            "round": d.round.0, "code": d.code, "reason": d.reason, "at_unix_ms": d.at })),
+    })
 }
 
 /// The status document as a short summary for a person at a terminal (`status` without `--json`).
