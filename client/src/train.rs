@@ -279,8 +279,7 @@ pub fn train_task(
 fn bytes_per_param(quant: QuantType) -> f64 {
     match quant {
         QuantType::F32 => 4.0,
-        QuantType::Q8_0 => 34.0 / 32.0,
-        QuantType::Q4_0 => 18.0 / 32.0,
+        other => other.block_bytes() as f64 / starling_model::quant::QK as f64,
     }
 }
 

@@ -161,17 +161,19 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
 #[derive(Debug, Clone, Args)]
 pub struct ImportArgs {
     /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json,
-    /// tokenizer_config.json]), or a llama-architecture `.gguf` file (Q8_0 and Q4_0 tensors kept or
-    /// converted; F32, F16, BF16, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K dequantized, then
-    /// stored as `--quant`; a `gpt2` byte-level BPE vocabulary becomes a tokenizer.json, the chat
-    /// template a tokenizer_config.json).
+    /// tokenizer_config.json]), or a llama-architecture `.gguf` file (Q8_0, Q4_0 and Q4_1 tensors
+    /// kept bit for bit or converted; F32, F16, BF16, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K
+    /// decoded, then stored as `--quant`; a `gpt2` byte-level BPE vocabulary becomes a
+    /// tokenizer.json, the chat template a tokenizer_config.json).
     pub hf_dir: PathBuf,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// Storage of the frozen weights (GGUF tensors already stored so are kept bit for bit).
-    #[arg(long, value_enum, default_value_t = QuantType::Q8_0)]
-    pub quant: QuantType,
+    /// Storage of the frozen weights. Default: q8_0 for an HF checkpoint; for a GGUF file, every
+    /// tensor in a format Starling runs natively (q8_0, q4_0, q4_1) keeps it bit for bit, other
+    /// quantized tensors become q8_0 and float ones f32.
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantType>,
 }
 
 /// `model import`: HF checkpoint or GGUF file → Starling container (quantized), tokenizer copied along.
@@ -184,9 +186,9 @@ pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
         gguf_tokenizer = starling_model::gguf::tokenizer_json(&g, &a.hf_dir)?;
         chat = starling_model::gguf::chat_template(&g)
             .with_context(|| format!("the chat template of {}", a.hf_dir.display()))?;
-        starling_model::gguf::import(&g, &a.hf_dir, Some(a.quant), &device)?
+        starling_model::gguf::import(&g, &a.hf_dir, a.quant, &device)?
     } else {
-        Llama::load(&a.hf_dir, Some(a.quant), &device)
+        Llama::load(&a.hf_dir, Some(a.quant.unwrap_or(QuantType::Q8_0)), &device)
             .with_context(|| format!("importing {}", a.hf_dir.display()))?
     };
     model

@@ -94,12 +94,9 @@ impl Source {
     /// For a container, the format its matrices are stored in (`f32` when none is quantized);
     /// `None` for an HF checkpoint.
     fn stored_kind(&self) -> Option<QuantType> {
-        self.quant.as_ref().map(|m| {
-            m.values()
-                .map(|v| v.0)
-                .find(|k| *k != QuantType::F32)
-                .unwrap_or(QuantType::F32)
-        })
+        self.quant
+            .as_ref()
+            .map(|m| main_kind(m.values().map(|v| v.0)))
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -169,19 +166,33 @@ pub fn stored_quant(dir: &Path) -> Result<Option<QuantType>> {
         .as_str()
         .and_then(|t| serde_json::from_str(t).ok())
         .ok_or_else(|| bad(format!("missing or malformed `{QUANT_KEY}` metadata")))?;
-    // The container's format is that of its quantized matrices (rows whose width does not divide into
-    // blocks stay f32 in any container).
-    let kinds: Vec<QuantType> = map
-        .values()
-        .filter_map(|v| v["type"].as_str().and_then(QuantType::from_name))
-        .collect();
-    Ok(Some(
-        kinds
-            .iter()
-            .copied()
-            .find(|k| *k != QuantType::F32)
-            .unwrap_or(QuantType::F32),
-    ))
+    Ok(Some(main_kind(map.values().filter_map(|v| {
+        v["type"].as_str().and_then(QuantType::from_name)
+    }))))
+}
+
+/// The format of a container: that of most of its quantized matrices (rows whose width does not
+/// divide into blocks stay f32 in any container; an imported GGUF file may mix formats, as
+/// SmolLM2's Q4_1 file with its Q8_0 embedding), f32 when none is quantized.
+pub fn main_kind(kinds: impl Iterator<Item = QuantType>) -> QuantType {
+    let mut counts: Vec<(QuantType, usize)> = Vec::new();
+    for k in kinds.filter(|k| *k != QuantType::F32) {
+        match counts.iter_mut().find(|(q, _)| *q == k) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((k, 1)),
+        }
+    }
+    // The first most frequent one (max_by_key would keep the last of equals).
+    counts
+        .iter()
+        .fold(
+            None,
+            |best: Option<(QuantType, usize)>, &(k, n)| match best {
+                Some((_, m)) if m >= n => best,
+                _ => Some((k, n)),
+            },
+        )
+        .map_or(QuantType::F32, |(k, _)| k)
 }
 
 impl Llama {

@@ -1,7 +1,7 @@
 //! GGUF, llama.cpp's model file: a checked reader and a writer of the container (header, typed
 //! metadata, tensor directory, aligned data), and the conversion of the llama architecture to and from
-//! [`Llama`] — F32, F16, Q8_0 and Q4_0 tensors, whose Q8_0 / Q4_0 blocks are byte for byte Starling's
-//! own (so a quantized round trip is bit-exact). Query and key rows are permuted as llama.cpp's converter
+//! [`Llama`] — Q8_0, Q4_0 and Q4_1 tensors are byte for byte Starling's own blocks (kept as they are,
+//! so a quantized round trip is bit-exact); every other type is decoded as ggml's reference does. Query and key rows are permuted as llama.cpp's converter
 //! does (GGUF keeps RoPE's pairs interleaved; HuggingFace halves them).
 //!
 //! Every count, length and offset read from a file is bounded and checked before anything is allocated
@@ -548,6 +548,7 @@ fn matrix_tensor(name: String, m: &QMatrix) -> TensorInfo {
             QuantType::F32 => GgmlType::F32,
             QuantType::Q8_0 => GgmlType::Q8_0,
             QuantType::Q4_0 => GgmlType::Q4_0,
+            QuantType::Q4_1 => GgmlType::Q4_1,
         },
         data: m.to_bytes().into(),
     }
@@ -575,6 +576,7 @@ pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
     let file_type = match model.quant {
         QuantType::F32 => 0,
         QuantType::Q4_0 => 2,
+        QuantType::Q4_1 => 3,
         QuantType::Q8_0 => 7,
     };
     let metadata = vec![
@@ -931,8 +933,10 @@ pub fn tokenizer_json(g: &Gguf, path: &Path) -> Result<Option<String>> {
     }
 }
 
-/// Loads a llama-architecture GGUF as a [`Llama`]: quantized tensors keep their blocks when `quant` is
-/// `None` or their own type; F32/F16 tensors are stored as `quant` (f32 by default).
+/// Loads a llama-architecture GGUF as a [`Llama`]: tensors in a format Starling runs natively (Q8_0,
+/// Q4_0, Q4_1) keep their blocks when `quant` is `None` or their own type; the others are decoded and
+/// stored as `quant` (with `None`: Q8_0 for the types that are quantized in the file, f32 for
+/// F32/F16/BF16).
 pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) -> Result<Llama> {
     let bad = |m: String| ModelError::Gguf {
         path: PathBuf::from(path),
@@ -1001,11 +1005,7 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
                 t.dims
             )));
         }
-        let stored = match t.kind {
-            GgmlType::Q8_0 => Some(QuantType::Q8_0),
-            GgmlType::Q4_0 => Some(QuantType::Q4_0),
-            _ => None,
-        };
+        let stored = native(t.kind);
         match stored {
             Some(k) => {
                 let m = QMatrix::from_bytes(rows, cols, k, &t.data)
@@ -1019,6 +1019,12 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
             }
             None => {
                 let values = floats(t);
+                // Without a requested format, a block-quantized tensor of a type that does not
+                // run natively (K-quants, Q5_*) becomes Q8_0, the closest one that does.
+                let target = match (quant, t.kind.block()) {
+                    (None, Some(_)) => QuantType::Q8_0,
+                    _ => target,
+                };
                 QMatrix::quantize(rows, cols, &values, target.for_row_len(cols))
             }
         }
@@ -1072,13 +1078,13 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
             c.hidden_size,
         )?))
     };
-    let kind = if embed.kind() == QuantType::F32 {
-        blocks
-            .first()
-            .map_or(QuantType::F32, |b| b.proj[0].0.kind())
-    } else {
-        embed.kind()
-    };
+    let kind = crate::checkpoint::main_kind(
+        std::iter::once(embed.kind()).chain(
+            blocks
+                .iter()
+                .flat_map(|b| b.proj.iter().map(|p| p.0.kind())),
+        ),
+    );
     Ok(Llama {
         config,
         quant: kind,
@@ -1088,6 +1094,16 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
         lm_head,
         device: device.clone(),
     })
+}
+
+/// The Starling storage of a GGUF tensor type that Starling runs without converting it.
+fn native(kind: GgmlType) -> Option<QuantType> {
+    match kind {
+        GgmlType::Q8_0 => Some(QuantType::Q8_0),
+        GgmlType::Q4_0 => Some(QuantType::Q4_0),
+        GgmlType::Q4_1 => Some(QuantType::Q4_1),
+        _ => None,
+    }
 }
 
 /// A tensor's values as f32 (block formats dequantized as llama.cpp's reference does).
@@ -1107,24 +1123,15 @@ pub fn dequantize(kind: GgmlType, data: &[u8]) -> Vec<f32> {
         out
     };
     match kind {
-        GgmlType::Q4_0 | GgmlType::Q8_0 => {
-            let kind = if kind == GgmlType::Q8_0 {
-                QuantType::Q8_0
-            } else {
-                QuantType::Q4_0
+        GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_1 => {
+            let Some(kind) = native(kind) else {
+                return Vec::new();
             };
             let n = data.len() / kind.block_bytes() * 32;
             QMatrix::from_bytes(1, n, kind, &data[..n / 32 * kind.block_bytes()])
                 .map(|m| m.to_f32())
                 .unwrap_or_default()
         }
-        GgmlType::Q4_1 => blocks(20, 32, &|b, y| {
-            let (d, m) = (h(b, 0), h(b, 2));
-            for j in 0..16 {
-                y[j] = (b[4 + j] & 0x0f) as f32 * d + m;
-                y[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
-            }
-        }),
         GgmlType::Q5_0 | GgmlType::Q5_1 => {
             // Q5_1 adds an f16 minimum after the scale; Q5_0 centres on 16 instead.
             let with_min = kind == GgmlType::Q5_1;
@@ -1300,7 +1307,12 @@ mod tests {
     #[test]
     fn quantized_round_trips_are_bit_exact_and_logits_match() {
         let path = Path::new("mem.gguf");
-        for q in [QuantType::Q8_0, QuantType::Q4_0, QuantType::F32] {
+        for q in [
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::F32,
+        ] {
             let m = tiny(q);
             let bytes = export(&m, &Tokenizer::Byte).unwrap().to_bytes();
             let g = Gguf::parse(&bytes, path).unwrap();

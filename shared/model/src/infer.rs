@@ -3,7 +3,7 @@
 //! devices and the simulator run.
 //!
 //! - Decoding (a few rows at a time): each activation row is quantized to 8-bit blocks once per
-//!   matrix product ([`ActQ8`]) and dotted against the Q8_0 / Q4_0 weight blocks with integer
+//!   matrix product ([`ActQ8`]) and dotted against the Q8_0 / Q4_0 / Q4_1 weight blocks with integer
 //!   multiply-adds ([`crate::kernels`], AVX2 / NEON / portable, detected at run time) — llama.cpp's
 //!   scheme; f32 weights use an f32 dot. Q, K and V are one job, gate and up are one job.
 //! - Prefill (more rows): weights are expanded a tile of rows at a time into a per-thread scratch
@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use crate::error::{ModelError, Result};
 use crate::kernels::{
-    dot_f32, gemv_f32, gemv_q4_0, gemv_q4_0x8, gemv_q8_0, mix, scores, ActQ8, Isa,
+    dot_f32, gemv_f32, gemv_q4_0, gemv_q4_0x8, gemv_q4_1, gemv_q8_0, mix, scores, ActQ8, Isa,
 };
 use crate::lora::{LoraAdapter, Target};
 use crate::model::Llama;
@@ -227,6 +227,9 @@ impl Runner {
                                 }
                                 Storage::Q4_0(b) => {
                                     gemv_q4_0(isa, &b[c0 * bpr..c1 * bpr], &acts[j], ys)
+                                }
+                                Storage::Q4_1(b) => {
+                                    gemv_q4_1(isa, &b[c0 * bpr..c1 * bpr], &acts[j], ys)
                                 }
                                 Storage::Q4_0x8(b) => {
                                     gemv_q4_0x8(isa, &b[c0 / 8 * bpr..c1 / 8 * bpr], &acts[j], ys)

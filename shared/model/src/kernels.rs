@@ -1,14 +1,14 @@
 //! Integer dot-product kernels of the inference path: activations quantized to 8-bit blocks once
-//! per matrix-vector product, then dotted against Q8_0 / Q4_0 weight blocks with integer
-//! multiply-adds (llama.cpp's `vec_dot_q8_0_q8_0` / `vec_dot_q4_0_q8_0` approach), and an f32 dot
-//! for unquantized weights.
+//! per matrix-vector product, then dotted against Q8_0 / Q4_0 / Q4_1 weight blocks with integer
+//! multiply-adds (llama.cpp's `vec_dot_q8_0_q8_0` / `vec_dot_q4_0_q8_0` / `vec_dot_q4_1_q8_1`
+//! approach), and an f32 dot for unquantized weights.
 //!
 //! Each kernel has explicit SIMD through `std::arch` (AVX2 + FMA + F16C on x86-64, NEON on aarch64)
 //! chosen once at run time by feature detection ([`Isa::detect`]), and a portable scalar fallback
 //! that every SIMD path is tested against. Nothing here knows of models, threads or files: only
 //! slices of blocks and values.
 
-use crate::quant::{BlockQ4_0, BlockQ4_0x8, BlockQ8_0, QK};
+use crate::quant::{BlockQ4_0, BlockQ4_0x8, BlockQ4_1, BlockQ8_0, QK};
 
 /// The instruction set the kernels run on, detected once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,8 @@ pub struct ActQ8 {
     pub d: Vec<f32>,
     /// The quantized values, `QK` per block.
     pub qs: Vec<i8>,
-    /// Σ qs of each block (the Q4_0 kernels fold the weights' −8 offset into it).
+    /// Σ qs of each block (the Q4_0 kernels fold the weights' −8 offset into it, the Q4_1 ones
+    /// the weights' minimum).
     pub sums: Vec<i32>,
 }
 
@@ -135,6 +136,22 @@ pub fn dot_q4_0(isa: Isa, w: &[BlockQ4_0], x: &ActQ8) -> f32 {
     }
 }
 
+/// Dot product of a Q4_1 weight row with a quantized activation (same number of blocks):
+/// `Σ_b d_w·d_x·Σ(nibble·q) + m_w·d_x·Σq`.
+#[inline]
+pub fn dot_q4_1(isa: Isa, w: &[BlockQ4_1], x: &ActQ8) -> f32 {
+    debug_assert_eq!(w.len(), x.blocks());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { x86::dot_q4_1(w, &x.d, &x.qs, &x.sums) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `Isa::Neon` is only produced when the CPU reports NEON.
+        Isa::Neon => unsafe { arm::dot_q4_1(w, &x.d, &x.qs, &x.sums) },
+        _ => portable::dot_q4_1(w, &x.d, &x.qs, &x.sums),
+    }
+}
+
 /// `out[r] = W[r] · x` for the rows of a Q8_0 matrix (`out.len()` rows of `x.blocks()` blocks).
 pub fn gemv_q8_0(isa: Isa, w: &[BlockQ8_0], x: &ActQ8, out: &mut [f32]) {
     let bpr = x.blocks();
@@ -162,6 +179,22 @@ pub fn gemv_q4_0(isa: Isa, w: &[BlockQ4_0], x: &ActQ8, out: &mut [f32]) {
         _ => {
             for (o, row) in out.iter_mut().zip(w.chunks_exact(bpr.max(1))) {
                 *o = dot_q4_0(isa, row, x);
+            }
+        }
+    }
+}
+
+/// `out[r] = W[r] · x` for the rows of a Q4_1 matrix (`out.len()` rows of `x.blocks()` blocks).
+pub fn gemv_q4_1(isa: Isa, w: &[BlockQ4_1], x: &ActQ8, out: &mut [f32]) {
+    let bpr = x.blocks();
+    debug_assert_eq!(w.len(), bpr * out.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
+        Isa::Avx2 => unsafe { x86::gemv_q4_1(w, &x.d, &x.qs, &x.sums, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(bpr.max(1))) {
+                *o = dot_q4_1(isa, row, x);
             }
         }
     }
@@ -309,6 +342,20 @@ mod portable {
         total
     }
 
+    pub(super) fn dot_q4_1(w: &[BlockQ4_1], xd: &[f32], xq: &[i8], xs: &[i32]) -> f32 {
+        let mut total = 0.0f32;
+        for (((b, d), xs), sum) in w.iter().zip(xd).zip(xq.chunks_exact(QK)).zip(xs) {
+            let (lo, hi) = xs.split_at(QK / 2);
+            let mut s = 0i32;
+            for j in 0..QK / 2 {
+                s += (b.qs[j] & 0x0f) as i32 * lo[j] as i32;
+                s += (b.qs[j] >> 4) as i32 * hi[j] as i32;
+            }
+            total += b.d.to_f32() * d * s as f32 + b.m.to_f32() * d * *sum as f32;
+        }
+        total
+    }
+
     pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0.0f32; 8];
         let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -446,6 +493,40 @@ mod x86 {
         hsum(_mm256_add_ps(acc0, acc1))
     }
 
+    /// The 32 nibbles of a Q4_1 block as unsigned bytes (0..16 low nibbles, 16..32 high ones).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles(qs: &[u8; QK / 2]) -> __m256i {
+        let low = _mm_set1_epi8(0x0f);
+        let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+        let lo = _mm_and_si128(q, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `xq` holds `QK` values and `xs` one sum per
+    /// block of `w`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_1(w: &[BlockQ4_1], xd: &[f32], xq: &[i8], xs: &[i32]) -> f32 {
+        let n = w.len().min(xd.len()).min(xs.len()).min(xq.len() / QK);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut offset = 0.0f32;
+        for i in 0..n {
+            let b = w.get_unchecked(i);
+            let xv = _mm256_loadu_si256(xq.as_ptr().add(i * QK) as *const __m256i);
+            // Unsigned nibbles (≤ 15) times signed bytes (|x| ≤ 127): pairs ≤ 3810, no saturation.
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(&b.qs), xv), ones);
+            let dx = *xd.get_unchecked(i);
+            let d = _mm256_set1_ps(half(b.d) * dx);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc);
+            offset += half(b.m) * dx * *xs.get_unchecked(i) as f32;
+        }
+        hsum(acc) + offset
+    }
+
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[inline]
@@ -489,6 +570,19 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn gemv_q4_0(w: &[BlockQ4_0], xd: &[f32], xq: &[i8], out: &mut [f32]) {
         each_row!(w, xd.len(), out, |row| dot_q4_0(row, xd, xq))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w` holds `out.len()` rows of `xd.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_q4_1(
+        w: &[BlockQ4_1],
+        xd: &[f32],
+        xq: &[i8],
+        xs: &[i32],
+        out: &mut [f32],
+    ) {
+        each_row!(w, xd.len(), out, |row| dot_q4_1(row, xd, xq, xs))
     }
 
     /// Eight rows at a time, one row per 32-bit lane: the nibbles are multiplied unsigned
@@ -663,6 +757,29 @@ mod arm {
     }
 
     /// # Safety
+    /// The CPU must support NEON; `xq` holds `QK` values and `xs` one sum per block of `w`.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_q4_1(w: &[BlockQ4_1], xd: &[f32], xq: &[i8], xs: &[i32]) -> f32 {
+        let n = w.len().min(xd.len()).min(xs.len()).min(xq.len() / QK);
+        let low = vdupq_n_u8(0x0f);
+        let mut acc = vdupq_n_f32(0.0);
+        let mut offset = 0.0f32;
+        for i in 0..n {
+            let b = w.get_unchecked(i);
+            let q = vld1q_u8(b.qs.as_ptr());
+            // Nibbles are 0..=15: as signed bytes they keep their value.
+            let lo = vreinterpretq_s8_u8(vandq_u8(q, low));
+            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
+            let x = xq.as_ptr().add(i * QK);
+            let s = block_dot(lo, hi, vld1q_s8(x), vld1q_s8(x.add(16)));
+            let dx = *xd.get_unchecked(i);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(s), vdupq_n_f32(b.d.to_f32() * dx));
+            offset += b.m.to_f32() * dx * *xs.get_unchecked(i) as f32;
+        }
+        vaddvq_f32(acc) + offset
+    }
+
+    /// # Safety
     /// The CPU must support NEON.
     #[target_feature(enable = "neon")]
     pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -731,8 +848,12 @@ mod tests {
         act.quantize(&x);
         let q8 = QMatrix::quantize(3, k, &w, QuantType::Q8_0).unwrap();
         let q4 = QMatrix::quantize(3, k, &w, QuantType::Q4_0).unwrap();
-        let (crate::quant::Storage::Q8_0(b8), crate::quant::Storage::Q4_0(b4)) =
-            (q8.storage(), q4.storage())
+        let q41 = QMatrix::quantize(3, k, &w, QuantType::Q4_1).unwrap();
+        let (
+            crate::quant::Storage::Q8_0(b8),
+            crate::quant::Storage::Q4_0(b4),
+            crate::quant::Storage::Q4_1(b41),
+        ) = (q8.storage(), q4.storage(), q41.storage())
         else {
             panic!("quantized storage expected");
         };
@@ -760,6 +881,15 @@ mod tests {
                     (p4 - s4).abs() <= 1e-4 * p4.abs().max(1.0),
                     "{isa:?} {p4} {s4}"
                 );
+                let row41 = &b41[r * bpr..(r + 1) * bpr];
+                let (p41, s41) = (
+                    portable::dot_q4_1(row41, &act.d, &act.qs, &act.sums),
+                    dot_q4_1(isa, row41, &act),
+                );
+                assert!(
+                    (p41 - s41).abs() <= 1e-4 * p41.abs().max(1.0),
+                    "{isa:?} q4_1 {p41} {s41}"
+                );
                 let wr = &w[r * k..(r + 1) * k];
                 let exact: f32 = wr.iter().zip(&x).map(|(a, b)| a * b).sum();
                 assert!((dot_f32(isa, wr, &x) - exact).abs() < 1e-3);
@@ -782,12 +912,15 @@ mod tests {
                 );
             }
             let (mut g8, mut g4, mut gf) = (vec![0.0; 3], vec![0.0; 3], vec![0.0; 3]);
+            let mut g41 = vec![0.0; 3];
             gemv_q8_0(isa, &b8, &act, &mut g8);
             gemv_q4_0(isa, b4, &act, &mut g4);
+            gemv_q4_1(isa, b41, &act, &mut g41);
             gemv_f32(isa, &w, &x, &mut gf);
             for r in 0..3 {
                 assert_eq!(g8[r], dot_q8_0(isa, &b8[r * bpr..(r + 1) * bpr], &act));
                 assert_eq!(g4[r], dot_q4_0(isa, &b4[r * bpr..(r + 1) * bpr], &act));
+                assert_eq!(g41[r], dot_q4_1(isa, &b41[r * bpr..(r + 1) * bpr], &act));
                 assert!((gf[r] - dot_f32(isa, &w[r * k..(r + 1) * k], &x)).abs() < 1e-4);
             }
             for d in [8, 24, 64, 72, 5] {
@@ -826,13 +959,14 @@ mod tests {
         let x = random(k, 7);
         let mut act = ActQ8::default();
         act.quantize(&x);
-        for kind in [QuantType::Q8_0, QuantType::Q4_0] {
+        for kind in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
             let m = QMatrix::quantize(1, k, &w, kind).unwrap();
             let wd = m.to_f32();
             let exact: f32 = wd.iter().zip(&x).map(|(a, b)| a * b).sum();
             let got = match m.storage() {
                 crate::quant::Storage::Q8_0(b) => dot_q8_0(Isa::detect(), b, &act),
                 crate::quant::Storage::Q4_0(b) => dot_q4_0(Isa::detect(), b, &act),
+                crate::quant::Storage::Q4_1(b) => dot_q4_1(Isa::detect(), b, &act),
                 _ => unreachable!("one row is stored in plain blocks"),
             };
             // Rounding x to 1/254 of its block maximum: a relative error well under 1%.

@@ -1,10 +1,12 @@
-//! Frozen base weights stored quantized (GGUF's Q8_0 and Q4_0 block layouts) or in f32, and the
-//! matmul kernels that read them.
+//! Frozen base weights stored quantized (GGUF's Q8_0, Q4_0 and Q4_1 block layouts) or in f32, and
+//! the matmul kernels that read them.
 //!
 //! A block covers 32 consecutive values of one weight row and carries one f16 scale:
 //! - Q8_0: `d: f16, qs: [i8; 32]` (34 bytes, 1.0625 bytes/value); value = `d * q`.
 //! - Q4_0: `d: f16, qs: [u8; 16]` (18 bytes, 0.5625 bytes/value); byte `j` holds value `j` in its
 //!   low nibble and value `j + 16` in its high nibble; value = `d * (nibble - 8)`.
+//! - Q4_1: `d: f16, m: f16, qs: [u8; 16]` (20 bytes, 0.625 bytes/value); nibbles as Q4_0, value =
+//!   `d * nibble + m` (an offset per block: what most published 4-bit GGUF files of small models use).
 //!
 //! The weights stay quantized in memory. `matmul_t` dequantizes them tile by tile (a few rows at a
 //! time into a small per-thread scratch that stays in cache) and multiplies with an optimised GEMM;
@@ -35,6 +37,10 @@ pub enum QuantType {
     #[value(name = "q4_0")]
     #[serde(rename = "q4_0")]
     Q4_0,
+    /// 4-bit blocks of 32 with an f16 scale and an f16 minimum (0.625 bytes per value).
+    #[value(name = "q4_1")]
+    #[serde(rename = "q4_1")]
+    Q4_1,
 }
 
 impl QuantType {
@@ -44,6 +50,7 @@ impl QuantType {
             Self::F32 => "f32",
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
         }
     }
 
@@ -53,6 +60,7 @@ impl QuantType {
             "f32" => Some(Self::F32),
             "q8_0" => Some(Self::Q8_0),
             "q4_0" => Some(Self::Q4_0),
+            "q4_1" => Some(Self::Q4_1),
             _ => None,
         }
     }
@@ -73,6 +81,7 @@ impl QuantType {
             Self::F32 => 4 * QK,
             Self::Q8_0 => std::mem::size_of::<BlockQ8_0>(),
             Self::Q4_0 => std::mem::size_of::<BlockQ4_0>(),
+            Self::Q4_1 => std::mem::size_of::<BlockQ4_1>(),
         }
     }
 }
@@ -99,6 +108,18 @@ pub struct BlockQ8_0 {
 pub struct BlockQ4_0 {
     /// Scale.
     pub d: f16,
+    /// Packed values: low nibble = value j, high nibble = value j + 16.
+    pub qs: [u8; QK / 2],
+}
+
+/// One Q4_1 block: scale, minimum and 32 packed 4-bit values (GGUF layout).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ4_1 {
+    /// Scale.
+    pub d: f16,
+    /// Minimum (the value of nibble 0).
+    pub m: f16,
     /// Packed values: low nibble = value j, high nibble = value j + 16.
     pub qs: [u8; QK / 2],
 }
@@ -148,6 +169,7 @@ impl BlockQ4_0x8 {
 const _: () = assert!(std::mem::size_of::<BlockQ4_0x8>() == 8 * 18);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 
 /// Storage of a weight matrix.
 #[derive(Debug, Clone)]
@@ -155,6 +177,7 @@ enum Data {
     F32(Vec<f32>),
     Q8_0(Vec<BlockQ8_0>),
     Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
     /// Q4_0 with rows interleaved by eight: group `g`'s block column `b` at `g * blocks_per_row + b`.
     Q4_0x8(Vec<BlockQ4_0x8>),
 }
@@ -168,6 +191,8 @@ pub enum Storage<'a> {
     Q8_0(&'a [BlockQ8_0]),
     /// Q4_0 blocks.
     Q4_0(&'a [BlockQ4_0]),
+    /// Q4_1 blocks.
+    Q4_1(&'a [BlockQ4_1]),
     /// Q4_0 blocks interleaved by eight rows.
     Q4_0x8(&'a [BlockQ4_0x8]),
 }
@@ -251,6 +276,39 @@ fn quantize_q4_0(x: &[f32]) -> BlockQ4_0 {
     }
 }
 
+/// Quantizes one block of 32 values to Q4_1 exactly as llama.cpp's reference does.
+fn quantize_q4_1(x: &[f32]) -> BlockQ4_1 {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        min = min.min(v);
+        max = max.max(v);
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0u8; QK / 2];
+    for j in 0..QK / 2 {
+        // As ggml: truncation of x + 0.5 through an 8-bit signed integer, capped at 15.
+        let q0 = (((x[j] - min) * id + 0.5) as i8).min(15) as u8;
+        let q1 = (((x[j + QK / 2] - min) * id + 0.5) as i8).min(15) as u8;
+        qs[j] = q0 | (q1 << 4);
+    }
+    BlockQ4_1 {
+        d: f16::from_f32(d),
+        m: f16::from_f32(min),
+        qs,
+    }
+}
+
+#[inline]
+fn dequant_q4_1(b: &BlockQ4_1, out: &mut [f32]) {
+    let (d, m) = (b.d.to_f32(), b.m.to_f32());
+    let (lo, hi) = out.split_at_mut(QK / 2);
+    for j in 0..QK / 2 {
+        lo[j] = (b.qs[j] & 0x0f) as f32 * d + m;
+        hi[j] = (b.qs[j] >> 4) as f32 * d + m;
+    }
+}
+
 #[inline]
 fn dequant_q8_0(b: &BlockQ8_0, out: &mut [f32]) {
     let d = b.d.to_f32();
@@ -300,6 +358,26 @@ fn dot_q4_0(row: &[BlockQ4_0], x: &[f32]) -> f32 {
             }
         }
         total += b.d.to_f32() * acc.iter().sum::<f32>();
+    }
+    total
+}
+
+/// Fused dot product of one Q4_1 row with `x`.
+#[inline]
+fn dot_q4_1(row: &[BlockQ4_1], x: &[f32]) -> f32 {
+    let mut total = 0.0f32;
+    for (b, xs) in row.iter().zip(x.chunks_exact(QK)) {
+        let (xl, xh) = xs.split_at(QK / 2);
+        let (mut acc, mut sum) = ([0.0f32; 8], [0.0f32; 8]);
+        for c in 0..2 {
+            for i in 0..8 {
+                let q = b.qs[c * 8 + i];
+                let (l, h) = (xl[c * 8 + i], xh[c * 8 + i]);
+                acc[i] += (q & 0x0f) as f32 * l + (q >> 4) as f32 * h;
+                sum[i] += l + h;
+            }
+        }
+        total += b.d.to_f32() * acc.iter().sum::<f32>() + b.m.to_f32() * sum.iter().sum::<f32>();
     }
     total
 }
@@ -369,6 +447,7 @@ impl QMatrix {
                 rows,
                 cols,
             ),
+            QuantType::Q4_1 => Data::Q4_1(values.par_chunks(QK).map(quantize_q4_1).collect()),
         };
         Ok(Self { rows, cols, data })
     }
@@ -398,6 +477,7 @@ impl QMatrix {
             // pod_collect_to_vec copies, so the source needs no particular alignment.
             QuantType::Q8_0 => Data::Q8_0(bytemuck::pod_collect_to_vec(bytes)),
             QuantType::Q4_0 => q4_0_data(bytemuck::pod_collect_to_vec(bytes), rows, cols),
+            QuantType::Q4_1 => Data::Q4_1(bytemuck::pod_collect_to_vec(bytes)),
         };
         Ok(Self { rows, cols, data })
     }
@@ -408,6 +488,7 @@ impl QMatrix {
             Data::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Data::Q8_0(b) => bytemuck::cast_slice(b).to_vec(),
             Data::Q4_0(b) => bytemuck::cast_slice(b).to_vec(),
+            Data::Q4_1(b) => bytemuck::cast_slice(b).to_vec(),
             Data::Q4_0x8(v) => {
                 let bpr = self.cols / QK;
                 let mut out =
@@ -436,6 +517,7 @@ impl QMatrix {
             Data::F32(_) => QuantType::F32,
             Data::Q8_0(_) => QuantType::Q8_0,
             Data::Q4_0(_) | Data::Q4_0x8(_) => QuantType::Q4_0,
+            Data::Q4_1(_) => QuantType::Q4_1,
         }
     }
 
@@ -445,6 +527,7 @@ impl QMatrix {
             Data::F32(v) => Storage::F32(v),
             Data::Q8_0(b) => Storage::Q8_0(b),
             Data::Q4_0(b) => Storage::Q4_0(b),
+            Data::Q4_1(b) => Storage::Q4_1(b),
             Data::Q4_0x8(b) => Storage::Q4_0x8(b),
         }
     }
@@ -455,6 +538,7 @@ impl QMatrix {
             Data::F32(v) => v.len() * 4,
             Data::Q8_0(b) => std::mem::size_of_val(b.as_slice()),
             Data::Q4_0(b) => std::mem::size_of_val(b.as_slice()),
+            Data::Q4_1(b) => std::mem::size_of_val(b.as_slice()),
             Data::Q4_0x8(b) => std::mem::size_of_val(b.as_slice()),
         }
     }
@@ -480,6 +564,15 @@ impl QMatrix {
                     .zip(out.chunks_exact_mut(QK))
                 {
                     dequant_q4_0(blk, o);
+                }
+            }
+            Data::Q4_1(b) => {
+                let bpr = c / QK;
+                for (blk, o) in b[r * bpr..(r + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
+                    dequant_q4_1(blk, o);
                 }
             }
             Data::Q4_0x8(v) => {
@@ -567,6 +660,7 @@ impl QMatrix {
                                     .sum(),
                                 Data::Q8_0(b) => dot_q8_0(&b[r * (k / QK)..(r + 1) * (k / QK)], xr),
                                 Data::Q4_0(b) => dot_q4_0(&b[r * (k / QK)..(r + 1) * (k / QK)], xr),
+                                Data::Q4_1(b) => dot_q4_1(&b[r * (k / QK)..(r + 1) * (k / QK)], xr),
                                 Data::Q4_0x8(_) => dot_q4_0(&unpacked, xr),
                             };
                         }
@@ -668,10 +762,43 @@ mod tests {
     }
 
     #[test]
+    fn q4_1_matches_llama_cpp_reference_values() {
+        // min -1, max 2: d = 3 / 15 = 0.2, m = -1; 0.5 → (1.5 / 0.2 + 0.5) = 8 (truncated);
+        // 0.09 → (1.09 / 0.2 + 0.5) = 5.95 → 5.
+        let mut x = vec![0.0f32; 32];
+        x[0] = -1.0;
+        x[17] = 2.0;
+        x[3] = 0.5;
+        x[4] = 0.09;
+        let b = quantize_q4_1(&x);
+        assert_eq!(b.d, f16::from_f32(0.2));
+        assert_eq!(b.m.to_f32(), -1.0);
+        assert_eq!(b.qs[0] & 0x0f, 0);
+        assert_eq!(b.qs[1] >> 4, 15);
+        assert_eq!(b.qs[3] & 0x0f, 8);
+        assert_eq!(b.qs[4] & 0x0f, 5);
+        assert_eq!(b.qs[5] & 0x0f, 5); // 0.0 → 5.5 → 5
+        let mut out = [0.0; 32];
+        dequant_q4_1(&b, &mut out);
+        assert_eq!(out[0], -1.0);
+        assert!((out[17] - 2.0).abs() < 1e-3);
+        // The block format is GGUF's: the bytes are d, m, then the nibbles.
+        let bytes = bytemuck::bytes_of(&b);
+        assert_eq!(&bytes[..2], &b.d.to_le_bytes());
+        assert_eq!(&bytes[2..4], &b.m.to_le_bytes());
+        assert_eq!(&bytes[4..], &b.qs);
+    }
+
+    #[test]
     fn matmul_matches_dequantized_reference_for_every_format_and_size() {
         let (n, k) = (70, 96);
         let w = random(n * k, 1);
-        for kind in [QuantType::F32, QuantType::Q8_0, QuantType::Q4_0] {
+        for kind in [
+            QuantType::F32,
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+        ] {
             let q = QMatrix::quantize(n, k, &w, kind).unwrap();
             let wd = q.to_f32();
             for m in [1, 3, 4, 5, 17] {
@@ -699,6 +826,7 @@ mod tests {
         };
         assert!(rel(QuantType::Q8_0) < 0.01);
         assert!(rel(QuantType::Q4_0) < 0.12);
+        assert!(rel(QuantType::Q4_1) < 0.1);
     }
 
     #[test]
@@ -710,12 +838,18 @@ mod tests {
         };
         assert_eq!(per(QuantType::Q8_0), 1.0625);
         assert_eq!(per(QuantType::Q4_0), 0.5625);
+        assert_eq!(per(QuantType::Q4_1), 0.625);
     }
 
     #[test]
     fn bytes_round_trip_and_bad_lengths() {
         let w = random(4 * 64, 5);
-        for kind in [QuantType::F32, QuantType::Q8_0, QuantType::Q4_0] {
+        for kind in [
+            QuantType::F32,
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+        ] {
             let q = QMatrix::quantize(4, 64, &w, kind).unwrap();
             let b = q.to_bytes();
             let back = QMatrix::from_bytes(4, 64, kind, &b).unwrap();

@@ -69,6 +69,7 @@ fn matches_burn_autodiff_across_shapes_formats_and_targets() {
         (4, 4, true, QuantType::F32, 64, 2),
         (4, 1, false, QuantType::Q8_0, 33, 2),
         (2, 2, true, QuantType::Q4_0, 45, 1),
+        (4, 2, true, QuantType::Q4_1, 40, 2),
     ];
     for (heads, kv, tied, quant, seq, batch) in cases {
         let m = Llama::random(config(heads, kv, tied), quant, &device, 7).unwrap();

@@ -41,13 +41,18 @@ fn prefill_and_decoding_match_the_burn_model() {
     // the f32-activation reference by that rounding; f32 weights use f32 dots throughout.
     let tolerance = |q: QuantType| match q {
         QuantType::F32 => 1e-4,
-        QuantType::Q8_0 | QuantType::Q4_0 => 2e-2,
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 => 2e-2,
     };
     // A prefill of all 72 positions takes the GEMM path; 20 positions the integer path for
     // interleaved Q4_0 and the GEMM path otherwise; one position at a time the integer path.
     let n = 72;
     for (heads, kv, tied) in [(4, 2, true), (4, 4, false)] {
-        for quant in [QuantType::F32, QuantType::Q8_0, QuantType::Q4_0] {
+        for quant in [
+            QuantType::F32,
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+        ] {
             let model = Llama::random(config(heads, kv, tied), quant, &device, 7).unwrap();
             let adapter = common::patterned_adapter(&model, &Target::ALL, 0.0, 0.05);
             let model = Arc::new(model);
@@ -194,7 +199,7 @@ fn the_shipped_model_generates_the_same_greedy_text_on_both_paths() {
         .bytes()
         .map(u32::from)
         .collect();
-    for quant in [QuantType::Q8_0, QuantType::Q4_0] {
+    for quant in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
         let m = Arc::new(Llama::load(&dir, Some(quant), &device).unwrap());
         let adapter = common::patterned_adapter(&m, &Target::ALL, 0.0, 0.01);
         let want = reference(&m, Some(&adapter), &text);

@@ -132,7 +132,11 @@ fn quantized_container_round_trips_and_stays_close() {
         let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum();
         (num / want.iter().map(|b| b * b).sum::<f32>()).sqrt()
     };
-    for (q, tol) in [(QuantType::Q8_0, 0.03), (QuantType::Q4_0, 0.4)] {
+    for (q, tol) in [
+        (QuantType::Q8_0, 0.03),
+        (QuantType::Q4_0, 0.4),
+        (QuantType::Q4_1, 0.4),
+    ] {
         let model = Llama::load(&dir, Some(q), &device).unwrap();
         let got = logits(&model, None, &ids, batch);
         let r = rel(&got);
