@@ -161,7 +161,7 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
 #[derive(Debug, Clone, Args)]
 pub struct ImportArgs {
     /// HuggingFace checkpoint directory (config.json + model.safetensors [+ tokenizer.json,
-    /// tokenizer_config.json]), or a llama-architecture `.gguf` file (Q8_0, Q4_0 and Q4_1 tensors
+    /// tokenizer_config.json]; model_type llama, mistral or qwen2), or a `llama` / `qwen2` `.gguf` file (Q8_0, Q4_0 and Q4_1 tensors
     /// kept bit for bit or converted; F32, F16, BF16, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K
     /// decoded, then stored as `--quant`; a `gpt2` byte-level BPE vocabulary becomes a
     /// tokenizer.json, the chat template a tokenizer_config.json).

@@ -34,6 +34,11 @@ fn proj_name(layer: usize, t: Target) -> String {
     format!("model.layers.{layer}.{}.weight", t.module_path())
 }
 
+/// The HF name of `t`'s bias in `layer` (Qwen2's q/k/v biases).
+fn bias_name(layer: usize, t: Target) -> String {
+    format!("model.layers.{layer}.{}.bias", t.module_path())
+}
+
 /// Reads matrices from either an HF checkpoint or a Starling container.
 struct Source {
     file: TensorFile,
@@ -227,6 +232,12 @@ impl Llama {
                     .map(|m| Frozen(Arc::new(m)))
             });
             let [q, k, v, o, g, u, d] = proj;
+            let qkv_bias = if c.qkv_bias {
+                let bias = |t: Target| src.vector(&bias_name(i, t), t.shape(c).1);
+                Some([bias(Target::Q)?, bias(Target::K)?, bias(Target::V)?])
+            } else {
+                None
+            };
             blocks.push(Block {
                 attn_norm: src.vector(&format!("model.layers.{i}.input_layernorm.weight"), h)?,
                 proj: [q?, k?, v?, o?, g?, u?, d?],
@@ -234,6 +245,7 @@ impl Llama {
                     &format!("model.layers.{i}.post_attention_layernorm.weight"),
                     h,
                 )?,
+                qkv_bias,
             });
         }
         let norm = src.vector("model.norm.weight", h)?;
@@ -291,6 +303,11 @@ impl Llama {
                 vec![b.mlp_norm.len()],
                 &b.mlp_norm,
             ));
+            for t in [Target::Q, Target::K, Target::V] {
+                if let Some(v) = b.bias(t) {
+                    tensors.push(OutTensor::f32(bias_name(i, t), vec![v.len()], v));
+                }
+            }
         }
         tensors.push(OutTensor::f32(
             "model.norm.weight",
@@ -333,6 +350,8 @@ impl Llama {
             let kind = quant.for_row_len(cols);
             QMatrix::quantize(rows, cols, &values, kind)
         };
+        // Biases from their own stream, so a model without them keeps the weights it always had.
+        let mut bias_rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xb1a5);
         let embed = Arc::new(matrix(c.vocab_size, c.hidden_size)?);
         let mut blocks = Vec::new();
         for _ in 0..c.num_hidden_layers {
@@ -342,10 +361,18 @@ impl Llama {
                 proj.push(Frozen(Arc::new(matrix(fan_out, fan_in)?)));
             }
             let proj: [Frozen; 7] = proj.try_into().expect("seven projections");
+            let qkv_bias = c.qkv_bias.then(|| {
+                [Target::Q, Target::K, Target::V].map(|t| {
+                    (0..t.shape(c).1)
+                        .map(|_| 0.1 * sample_normal(&mut bias_rng))
+                        .collect()
+                })
+            });
             blocks.push(Block {
                 attn_norm: vec![1.0; c.hidden_size],
                 proj,
                 mlp_norm: vec![1.0; c.hidden_size],
+                qkv_bias,
             });
         }
         let lm_head = if c.tie_word_embeddings {

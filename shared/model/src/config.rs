@@ -1,8 +1,9 @@
 //! Model architecture configuration and its import from HuggingFace `config.json`.
 //!
 //! Both the older style (top-level `rope_theta`) and the newer one (`rope_parameters`) are read.
-//! Only plain Llama-family decoders are accepted; anything this crate would compute wrongly
-//! (rope scaling, attention or MLP biases, other activations) is refused with a clear error rather
+//! Llama-family decoders are accepted (`llama`, `mistral` without a sliding window, and `qwen2`, whose
+//! query/key/value projections carry biases); anything this crate would compute wrongly (rope scaling,
+//! sliding-window attention, other biases, other activations) is refused with a clear error rather
 //! than silently mis-run. This module must never touch weights or tensors.
 
 use std::path::Path;
@@ -45,6 +46,9 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens (generation stops at any of them).
     pub eos_token_ids: Vec<u32>,
+    /// Whether the query, key and value projections add a bias (Qwen2 / Qwen2.5; Llama has none).
+    #[serde(default)]
+    pub qkv_bias: bool,
 }
 
 impl LlamaConfig {
@@ -82,13 +86,15 @@ impl LlamaConfig {
                 Some(x) => Err(bad(format!("`{key}` must be a boolean, found {x}"))),
             }
         };
-        if let Some(mt) = obj.get("model_type").and_then(Value::as_str) {
-            if !matches!(mt, "llama" | "mistral") {
+        let model_type = obj.get("model_type").and_then(Value::as_str);
+        if let Some(mt) = model_type {
+            if !matches!(mt, "llama" | "mistral" | "qwen2") {
                 return Err(bad(format!(
-                    "model_type `{mt}` is not a plain Llama-family decoder"
+                    "model_type `{mt}` is not a supported decoder (llama, mistral, qwen2)"
                 )));
             }
         }
+        let qwen2 = model_type == Some("qwen2");
         if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
                 return Err(bad(format!(
@@ -96,15 +102,36 @@ impl LlamaConfig {
                 )));
             }
         }
+        // Llama's attention_bias puts a bias on the output projection too, which Qwen2 never has.
         if opt_bool("attention_bias", false)? {
-            return Err(bad("attention_bias = true is not supported".into()));
+            return Err(bad(
+                "attention_bias = true (biases on q, k, v and o) is not supported".into(),
+            ));
         }
         if opt_bool("mlp_bias", false)? {
             return Err(bad("mlp_bias = true is not supported".into()));
         }
-        if let Some(w) = obj.get("sliding_window") {
+        if qwen2 {
+            // Qwen2 configs always name a window; it applies only with use_sliding_window.
+            if opt_bool("use_sliding_window", false)? {
+                return Err(bad(
+                    "use_sliding_window = true: sliding-window attention is not supported".into(),
+                ));
+            }
+        } else if let Some(w) = obj.get("sliding_window") {
             if !w.is_null() {
                 return Err(bad("sliding-window attention is not supported".into()));
+            }
+        }
+        // Newer configs list each layer's attention kind.
+        if let Some(kinds) = obj.get("layer_types") {
+            let all_full = kinds
+                .as_array()
+                .is_some_and(|a| a.iter().all(|k| k.as_str() == Some("full_attention")));
+            if !kinds.is_null() && !all_full {
+                return Err(bad(format!(
+                    "layer_types {kinds}: only full_attention layers are supported"
+                )));
             }
         }
         let hidden_size = usize_field("hidden_size")?;
@@ -166,6 +193,7 @@ impl LlamaConfig {
             },
             bos_token_id,
             eos_token_ids,
+            qkv_bias: qwen2,
         };
         cfg.validate().map_err(bad)?;
         Ok(cfg)
@@ -228,11 +256,17 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// Writes this config as a HuggingFace-style `config.json` (top-level `rope_theta`).
+    /// Writes this config as a HuggingFace-style `config.json` (top-level `rope_theta`; a Qwen2
+    /// config when the projections carry biases).
     pub fn to_hf_json(&self) -> String {
-        let v = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        let (arch, model_type) = if self.qkv_bias {
+            ("Qwen2ForCausalLM", "qwen2")
+        } else {
+            ("LlamaForCausalLM", "llama")
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
             "hidden_act": "silu",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -251,6 +285,13 @@ impl LlamaConfig {
             "mlp_bias": false,
             "torch_dtype": "float32",
         });
+        if self.qkv_bias {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("attention_bias");
+                o.remove("mlp_bias");
+                o.insert("use_sliding_window".into(), Value::Bool(false));
+            }
+        }
         serde_json::to_string_pretty(&v).expect("a JSON value always serialises") + "\n"
     }
 
@@ -259,7 +300,8 @@ impl LlamaConfig {
         let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
+        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h + bias;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + self.num_hidden_layers * per_layer + h
@@ -353,6 +395,40 @@ mod tests {
             parse(&format!("{gqa}}}")),
             Err(ModelError::Config { .. })
         ));
+    }
+
+    #[test]
+    fn reads_qwen2_and_refuses_its_windowed_variant() {
+        // As Qwen2.5-0.5B's config.json has it: a window named but not used, rope θ 1e6, tied.
+        let qwen = format!(
+            "{BASE}, \"model_type\": \"qwen2\", \"sliding_window\": 32768, \"use_sliding_window\": false, \
+             \"max_window_layers\": 21, \"rope_theta\": 1000000.0, \"tie_word_embeddings\": true, \
+             \"rope_scaling\": null}}"
+        );
+        let c = parse(&qwen).unwrap();
+        assert!(c.qkv_bias && c.tie_word_embeddings);
+        assert_eq!(c.rope_theta, 1e6);
+        // Written back and read again: the same config (a Qwen2 one).
+        let back = parse(&c.to_hf_json()).unwrap();
+        assert_eq!(back, c);
+        assert!(!parse(&format!("{BASE}}}")).unwrap().qkv_bias);
+        for refused in [
+            qwen.replace(
+                "\"use_sliding_window\": false",
+                "\"use_sliding_window\": true",
+            ),
+            qwen.replace(
+                "\"rope_scaling\": null",
+                "\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0}",
+            ),
+            qwen.replace(
+                "\"rope_scaling\": null",
+                "\"layer_types\": [\"full_attention\", \"sliding_attention\"]",
+            ),
+        ] {
+            let err = parse(&refused).unwrap_err();
+            assert!(matches!(err, ModelError::Config { .. }), "{refused}: {err}");
+        }
     }
 
     #[test]

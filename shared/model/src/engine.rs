@@ -939,6 +939,17 @@ impl Ctx<'_> {
                 &[(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)],
                 &mut lora,
             );
+            // Qwen2's frozen biases: a constant shift, nothing to differentiate.
+            for (t, col) in [(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)] {
+                if let Some(b) = block.bias(t) {
+                    for row in qkv.chunks_exact_mut(wq) {
+                        row[col..col + b.len()]
+                            .iter_mut()
+                            .zip(b)
+                            .for_each(|(v, c)| *v += c);
+                    }
+                }
+            }
             let tables = (&self.cos[..], &self.sin[..]);
             rope(&mut qkv, wq, 0, nh, hd, t_len, tables, false);
             rope(&mut qkv, wq, hq, nkv, hd, t_len, tables, false);

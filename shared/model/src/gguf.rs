@@ -501,9 +501,15 @@ impl Gguf {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
-    fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+    /// The tensor called `name`, if the file has one.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
+}
+
+/// The GGUF name of `t`'s bias in `layer` (Qwen2's q/k/v biases).
+fn gguf_bias(layer: usize, t: Target) -> String {
+    gguf_proj(layer, t).replace(".weight", ".bias")
 }
 
 /// GGUF's name of a block projection.
@@ -567,10 +573,12 @@ fn vector_tensor(name: String, v: &[f32]) -> TensorInfo {
     }
 }
 
-/// The llama-architecture GGUF of `model` (weights in their stored format) with the vocabulary of
-/// `tokenizer` ([`vocab_metadata`]).
+/// The GGUF of `model` (weights in their stored format) with the vocabulary of `tokenizer`
+/// ([`vocab_metadata`]): architecture `llama`, or `qwen2` when the projections carry biases (whose
+/// query and key rows stay in HF order: llama.cpp runs Qwen2's RoPE on halves, as HF does).
 pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
     let c = &model.config;
+    let arch = if c.qkv_bias { "qwen2" } else { "llama" };
     let u32v = |x: usize| Value::U32(x as u32);
     let vocab = vocab_metadata(tokenizer, c)?;
     let file_type = match model.quant {
@@ -579,8 +587,8 @@ pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
         QuantType::Q4_1 => 3,
         QuantType::Q8_0 => 7,
     };
-    let metadata = vec![
-        ("general.architecture".into(), Value::Str("llama".into())),
+    let metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::Str(arch.into())),
         ("general.name".into(), Value::Str("starling".into())),
         ("general.alignment".into(), Value::U32(ALIGNMENT as u32)),
         ("general.file_type".into(), Value::U32(file_type)),
@@ -615,7 +623,14 @@ pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
         ),
         ("llama.vocab_size".into(), u32v(c.vocab_size)),
     ];
-    let mut metadata = metadata;
+    // The architecture's keys are named after it.
+    let mut metadata: Vec<(String, Value)> = metadata
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix("llama.") {
+            Some(rest) => (format!("{arch}.{rest}"), v),
+            None => (k, v),
+        })
+        .collect();
     metadata.extend(vocab);
     let mut tensors = vec![matrix_tensor("token_embd.weight".into(), &model.embed)];
     for (i, b) in model.blocks.iter().enumerate() {
@@ -626,10 +641,15 @@ pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
         for t in Target::ALL {
             let m = &b.proj[t as usize].0;
             let m = match t {
-                Target::Q | Target::K => permute_rows(m, |r| hf_row_of_gguf(r, c.head_dim))?,
+                Target::Q | Target::K if !c.qkv_bias => {
+                    permute_rows(m, |r| hf_row_of_gguf(r, c.head_dim))?
+                }
                 _ => (**m).clone(),
             };
             tensors.push(matrix_tensor(gguf_proj(i, t), &m));
+            if let Some(bias) = b.bias(t) {
+                tensors.push(vector_tensor(gguf_bias(i, t), bias));
+            }
         }
         tensors.push(vector_tensor(
             format!("blk.{i}.ffn_norm.weight"),
@@ -643,6 +663,17 @@ pub fn export(model: &Llama, tokenizer: &Tokenizer) -> Result<Gguf> {
     Ok(Gguf { metadata, tensors })
 }
 
+/// The split Qwen2's tokenizer makes before its byte-level step (llama.cpp's `qwen2` pre-tokenizer):
+/// contractions, letters with one leading non-letter, single digits, punctuation runs, newlines.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's pre-tokenizer as tokenizer.json writes it.
+fn qwen2_pre_tokenizer() -> serde_json::Value {
+    serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]})
+}
+
 /// llama.cpp's token types.
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;
@@ -653,9 +684,9 @@ const TOKEN_BYTE: i32 = 6;
 ///
 /// - The byte-level tokenizer becomes a SentencePiece-style (`llama`) vocabulary of byte tokens
 ///   (`<0x41>`…, so llama.cpp tokenizes with byte fallback), then `<s>`, `</s>`, `<pad>`.
-/// - A HuggingFace byte-level BPE tokenizer (GPT-2 style: `ByteLevel` pre-tokenizer, alone or after
-///   single-digit splitting as SmolLM's) becomes a `gpt2` vocabulary with its merges and llama.cpp's
-///   matching pre-tokenizer (`gpt-2`, `smollm`); its special added tokens are control tokens.
+/// - A HuggingFace byte-level BPE tokenizer (GPT-2 style: `ByteLevel` pre-tokenizer, alone, after
+///   single-digit splitting as SmolLM's, or after Qwen2's regex split) becomes a `gpt2` vocabulary
+///   with its merges and llama.cpp's matching pre-tokenizer (`gpt-2`, `smollm`, `qwen2`); its special added tokens are control tokens.
 /// - Ids the model has beyond the tokenizer's are written as unused tokens.
 ///
 /// Anything else (WordPiece, Unigram, normalizers) is refused: llama.cpp would tokenize it
@@ -691,16 +722,30 @@ pub fn vocab_metadata(tokenizer: &Tokenizer, c: &LlamaConfig) -> Result<Vec<(Str
                     model["type"]
                 )));
             }
-            if !j["normalizer"].is_null() {
+            let pre = &j["pre_tokenizer"];
+            let qwen2 = pre["type"] == "Sequence"
+                && pre["pretokenizers"].as_array().is_some_and(|v| {
+                    v.len() == 2
+                        && v[0]["type"] == "Split"
+                        && v[0]["pattern"]["Regex"] == QWEN2_SPLIT
+                        && v[0]["behavior"] == "Isolated"
+                        && v[0]["invert"] != true
+                        && v[1]["type"] == "ByteLevel"
+                        && v[1]["use_regex"] == false
+                });
+            // Qwen2's NFC normalizer is what llama.cpp's converter drops too (it does not normalize).
+            let nfc_of_qwen2 = qwen2 && j["normalizer"]["type"] == "NFC";
+            if !(j["normalizer"].is_null() || nfc_of_qwen2) {
                 return Err(refuse(
                     "tokenizers with a normalizer are not exported".into(),
                 ));
             }
             let byte_level =
                 |p: &serde_json::Value| p["type"] == "ByteLevel" && p["use_regex"] != false;
-            let pre = &j["pre_tokenizer"];
             let pre_name = if byte_level(pre) {
                 "gpt-2"
+            } else if qwen2 {
+                "qwen2"
             } else if pre["type"] == "Sequence"
                 && pre["pretokenizers"].as_array().is_some_and(|v| {
                     v.len() == 2
@@ -832,8 +877,8 @@ pub fn chat_template(g: &Gguf) -> Result<Option<crate::chat::ChatTemplate>> {
     .map(Some)
 }
 
-/// `tokenizer.json` text of a `gpt2` (byte-level BPE) vocabulary with the `gpt-2` or `smollm`
-/// pre-tokenizer. Other vocabularies are a typed error.
+/// `tokenizer.json` text of a `gpt2` (byte-level BPE) vocabulary with the `gpt-2`, `smollm` or
+/// `qwen2` pre-tokenizer. Other vocabularies are a typed error.
 pub fn tokenizer_json(g: &Gguf, path: &Path) -> Result<Option<String>> {
     let bad = |m: String| ModelError::Gguf {
         path: PathBuf::from(path),
@@ -890,9 +935,10 @@ pub fn tokenizer_json(g: &Gguf, path: &Path) -> Result<Option<String>> {
                 "gpt-2" => byte_level,
                 "smollm" => serde_json::json!({"type": "Sequence", "pretokenizers": [
                     {"type": "Digits", "individual_digits": true}, byte_level]}),
+                "qwen2" => qwen2_pre_tokenizer(),
                 other => {
                     return Err(bad(format!(
-                        "pre-tokenizer {other:?} is not supported (gpt-2 and smollm are)"
+                        "pre-tokenizer {other:?} is not supported (gpt-2, smollm and qwen2 are)"
                     )))
                 }
             };
@@ -933,7 +979,7 @@ pub fn tokenizer_json(g: &Gguf, path: &Path) -> Result<Option<String>> {
     }
 }
 
-/// Loads a llama-architecture GGUF as a [`Llama`]: tensors in a format Starling runs natively (Q8_0,
+/// Loads a `llama` or `qwen2` architecture GGUF as a [`Llama`]: tensors in a format Starling runs natively (Q8_0,
 /// Q4_0, Q4_1) keep their blocks when `quant` is `None` or their own type; the others are decoded and
 /// stored as `quant` (with `None`: Q8_0 for the types that are quantized in the file, f32 for
 /// F32/F16/BF16).
@@ -946,21 +992,31 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
         Some(Value::Str(s)) => s.clone(),
         _ => return Err(bad("no general.architecture".into())),
     };
-    if arch != "llama" {
+    if arch != "llama" && arch != "qwen2" {
         return Err(bad(format!(
-            "architecture {arch:?} (only llama is supported)"
+            "architecture {arch:?} (llama and qwen2 are supported)"
         )));
     }
+    let qwen2 = arch == "qwen2";
     let num = |k: &str| -> Result<u64> {
-        g.get(&format!("llama.{k}"))
+        g.get(&format!("{arch}.{k}"))
             .and_then(Value::as_u64)
-            .ok_or_else(|| bad(format!("missing llama.{k}")))
+            .ok_or_else(|| bad(format!("missing {arch}.{k}")))
     };
     let float = |k: &str, default: f64| {
-        g.get(&format!("llama.{k}"))
+        g.get(&format!("{arch}.{k}"))
             .and_then(Value::as_f64)
             .unwrap_or(default)
     };
+    // What this crate cannot compute is refused, never ignored.
+    if let Some(Value::Str(t)) = g.get(&format!("{arch}.rope.scaling.type")) {
+        if t != "none" {
+            return Err(bad(format!("rope scaling {t:?} is not supported")));
+        }
+    }
+    if g.get(&format!("{arch}.attention.sliding_window")).is_some() && !qwen2 {
+        return Err(bad("sliding-window attention is not supported".into()));
+    }
     let embd = g
         .tensor("token_embd.weight")
         .ok_or_else(|| bad("no token_embd.weight".into()))?;
@@ -990,6 +1046,7 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
             .and_then(Value::as_u64)
             .map(|v| vec![v as u32])
             .unwrap_or_default(),
+        qkv_bias: qwen2,
     };
     config
         .validate()
@@ -1047,7 +1104,7 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
             let (fan_in, fan_out) = t.shape(c);
             let m = matrix(&gguf_proj(i, t), fan_out, fan_in)?;
             let m = match t {
-                Target::Q | Target::K => {
+                Target::Q | Target::K if !qwen2 => {
                     // The inverse of the export permutation.
                     let mut inverse = vec![0usize; m.rows()];
                     for (r, slot) in (0..m.rows()).map(|r| (r, hf_row_of_gguf(r, c.head_dim))) {
@@ -1062,10 +1119,17 @@ pub fn import(g: &Gguf, path: &Path, quant: Option<QuantType>, device: &Device) 
         let proj: [Frozen; 7] = proj
             .try_into()
             .map_err(|_| bad("seven projections expected".into()))?;
+        let qkv_bias = if qwen2 {
+            let bias = |t: Target| vector(&gguf_bias(i, t), t.shape(c).1);
+            Some([bias(Target::Q)?, bias(Target::K)?, bias(Target::V)?])
+        } else {
+            None
+        };
         blocks.push(Block {
             attn_norm: vector(&format!("blk.{i}.attn_norm.weight"), c.hidden_size)?,
             proj,
             mlp_norm: vector(&format!("blk.{i}.ffn_norm.weight"), c.hidden_size)?,
+            qkv_bias,
         });
     }
     let norm = vector("output_norm.weight", c.hidden_size)?;
@@ -1300,6 +1364,7 @@ mod tests {
             max_position_embeddings: 128,
             bos_token_id: Some(256),
             eos_token_ids: vec![257],
+            qkv_bias: false,
         };
         Llama::random(cfg, quant, &Backend::default().device(), 7).unwrap()
     }
@@ -1372,7 +1437,15 @@ mod tests {
         let mut smollm: serde_json::Value = serde_json::from_str(&original).unwrap();
         smollm["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, smollm["pre_tokenizer"].clone()]});
-        for (json, pre) in [(original.clone(), "gpt-2"), (smollm.to_string(), "smollm")] {
+        // Qwen2 style: its regex split, then bytes (and the NFC normalizer its files carry).
+        let mut qwen2: serde_json::Value = serde_json::from_str(&original).unwrap();
+        qwen2["pre_tokenizer"] = qwen2_pre_tokenizer();
+        qwen2["normalizer"] = serde_json::json!({"type": "NFC"});
+        for (json, pre) in [
+            (original.clone(), "gpt-2"),
+            (smollm.to_string(), "smollm"),
+            (qwen2.to_string(), "qwen2"),
+        ] {
             let tok = Tokenizer::from_json(json.as_bytes(), Path::new("t.json")).unwrap();
             let model = with_vocab(420); // more ids than the tokenizer's 400: unused ids
             let bytes = export(&model, &tok).unwrap().to_bytes();
@@ -1432,7 +1505,7 @@ mod tests {
         let mut g = export(&model, &tok).unwrap();
         for (k, v) in g.metadata.iter_mut() {
             if k == "tokenizer.ggml.pre" {
-                *v = Value::Str("qwen2".into());
+                *v = Value::Str("deepseek-llm".into());
             }
         }
         assert!(matches!(
@@ -1475,6 +1548,12 @@ mod tests {
         let mut g = Gguf::parse(&bytes, path).unwrap();
         g.metadata[0].1 = Value::Str("gpt2".into());
         let e = import(&g, path, None, &Backend::default().device()).unwrap_err();
-        assert!(e.to_string().contains("only llama"), "{e}");
+        assert!(e.to_string().contains("llama and qwen2"), "{e}");
+        // Rope scaling is refused, not ignored.
+        let mut g = Gguf::parse(&bytes, path).unwrap();
+        g.metadata
+            .push(("llama.rope.scaling.type".into(), Value::Str("yarn".into())));
+        let e = import(&g, path, None, &Backend::default().device()).unwrap_err();
+        assert!(e.to_string().contains("rope scaling"), "{e}");
     }
 }

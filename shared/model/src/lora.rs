@@ -534,6 +534,7 @@ mod tests {
             max_position_embeddings: 64,
             bos_token_id: None,
             eos_token_ids: vec![],
+            qkv_bias: false,
         };
         let device = Backend::default().device();
         let lora = LoraConfig::new(2, 4.0, 0.0, &[Target::Q, Target::V]).unwrap();

@@ -1,7 +1,8 @@
 //! The Llama-style decoder: RMSNorm, rotary embeddings (HF's rotate-half convention), grouped-query
-//! attention with a causal mask and KV cache, SwiGLU MLP, tied or untied output head.
+//! attention with a causal mask and KV cache, SwiGLU MLP, tied or untied output head, and Qwen2's
+//! query/key/value biases.
 //!
-//! Frozen base weights are [`QMatrix`]es (f32, Q8_0 or Q4_0). Without autodiff the projections run
+//! Frozen base weights are [`QMatrix`]es (f32, Q8_0, Q4_0 or Q4_1). Without autodiff the projections run
 //! through the fused quantized kernels of [`crate::quant`]; under autodiff (training) they become
 //! constant burn tensors, so gradients flow *through* them to the LoRA matrices but never *into*
 //! them. Activations and LoRA are f32. Loading and saving live in `checkpoint`, training in
@@ -53,6 +54,30 @@ pub struct Block {
     pub proj: [Frozen; 7],
     /// RMSNorm weight before the MLP.
     pub mlp_norm: Vec<f32>,
+    /// Biases of the query, key and value projections (Qwen2), frozen like the weights.
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+}
+
+impl Block {
+    /// The bias `target`'s projection adds, if any (only q, k and v ever have one).
+    pub fn bias(&self, target: Target) -> Option<&[f32]> {
+        let b = self.qkv_bias.as_ref()?;
+        match target {
+            Target::Q => Some(&b[0]),
+            Target::K => Some(&b[1]),
+            Target::V => Some(&b[2]),
+            _ => None,
+        }
+    }
+
+    /// Adds `target`'s bias (if any) to every row of `y` (rows of the projection's output width).
+    pub fn add_bias(&self, target: Target, y: &mut [f32]) {
+        if let Some(b) = self.bias(target) {
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(v, c)| *v += c);
+            }
+        }
+    }
 }
 
 /// Key/value cache for incremental decoding: per layer `[batch, kv_heads, len, head_dim]`.
@@ -142,6 +167,7 @@ impl Llama {
         let mut total = self.embed.resident_bytes() + 4 * self.norm.len();
         for b in &self.blocks {
             total += 4 * (b.attn_norm.len() + b.mlp_norm.len());
+            total += 4 * b.qkv_bias.iter().flatten().map(Vec::len).sum::<usize>();
             total += b.proj.iter().map(|p| p.0.resident_bytes()).sum::<usize>();
         }
         if !self.config.tie_word_embeddings {
@@ -224,7 +250,14 @@ impl Llama {
         for (li, block) in self.blocks.iter().enumerate() {
             let xn = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps, &self.device);
             let mut proj = |t: Target, inp: Tensor<2>| -> Tensor<2> {
-                let base = block.proj[t as usize].forward(inp.clone());
+                let mut base = block.proj[t as usize].forward(inp.clone());
+                if let Some(b) = block.bias(t) {
+                    let b = Tensor::<1>::from_data(
+                        TensorData::new(b.to_vec(), [b.len()]),
+                        &self.device,
+                    );
+                    base = base + b.unsqueeze::<2>();
+                }
                 match adapter.and_then(|a| a.pair(li, t)) {
                     None => base,
                     Some(p) => {

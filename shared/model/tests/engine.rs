@@ -77,6 +77,14 @@ fn matches_burn_autodiff_across_shapes_formats_and_targets() {
         let micro = vec![ids(61, seq * batch, heads + kv)];
         compare(&m, &a, &micro, seq);
     }
+    // Qwen2: frozen q/k/v biases shift the activations the gradients flow through.
+    let qwen2 = LlamaConfig {
+        qkv_bias: true,
+        ..config(4, 2, true)
+    };
+    let m = Llama::random(qwen2, QuantType::Q8_0, &device, 9).unwrap();
+    let a = adapter(&m, &[Target::Q, Target::V, Target::Down], 0.0);
+    compare(&m, &a, &[ids(61, 2 * 36, 3)], 36);
 }
 
 #[test]

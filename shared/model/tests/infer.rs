@@ -46,14 +46,23 @@ fn prefill_and_decoding_match_the_burn_model() {
     // A prefill of all 72 positions takes the GEMM path; 20 positions the integer path for
     // interleaved Q4_0 and the GEMM path otherwise; one position at a time the integer path.
     let n = 72;
-    for (heads, kv, tied) in [(4, 2, true), (4, 4, false)] {
+    // The third shape is Qwen2's: biases on q, k and v.
+    for (heads, kv, tied, qkv_bias) in [
+        (4, 2, true, false),
+        (4, 4, false, false),
+        (4, 2, false, true),
+    ] {
         for quant in [
             QuantType::F32,
             QuantType::Q8_0,
             QuantType::Q4_0,
             QuantType::Q4_1,
         ] {
-            let model = Llama::random(config(heads, kv, tied), quant, &device, 7).unwrap();
+            let cfg = LlamaConfig {
+                qkv_bias,
+                ..config(heads, kv, tied)
+            };
+            let model = Llama::random(cfg, quant, &device, 7).unwrap();
             let adapter = common::patterned_adapter(&model, &Target::ALL, 0.0, 0.05);
             let model = Arc::new(model);
             let seq = ids(61, n);

@@ -1,5 +1,5 @@
 //! Numerical parity with HuggingFace transformers and PEFT on the committed fixtures
-//! (made by scripts/make_fixtures.py): logits within 1e-4 max absolute difference in f32.
+//! (made by scripts/make_fixtures.py and, for Qwen2, scripts/make_qwen2_fixtures.py): logits within 1e-4 max absolute difference in f32.
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +61,72 @@ fn logits_match_transformers_for_every_config_and_backend() {
             println!("{name} {}: max |Δlogit| = {d:.2e}", backend.name());
             assert!(d <= 1e-4, "{name} on {}: max |Δ| = {d}", backend.name());
         }
+    }
+}
+
+/// Qwen2 (q/k/v biases, rope θ 1e6, tied and untied heads; `scripts/make_qwen2_fixtures.py`): the
+/// burn model on both backends and the native inference path equal transformers within 1e-4 (f32);
+/// a Starling container and a GGUF export (architecture `qwen2`) keep every weight and bias.
+#[test]
+fn qwen2_matches_transformers_and_survives_containers_and_gguf() {
+    for name in ["qwen2_tied_f32", "qwen2_untied_bf16"] {
+        let dir = fixture(name);
+        let (batch, ids, want, shape) = expected(&dir);
+        let seq = shape[1];
+        for backend in [Backend::Flex, Backend::Ndarray] {
+            let model = Llama::load(&dir, None, &backend.device()).unwrap();
+            assert!(model.config.qkv_bias);
+            let got = logits(&model, None, &ids, batch);
+            let d = max_diff(&got, &want);
+            println!("{name} {}: max |Δlogit| = {d:.2e}", backend.name());
+            assert!(d <= 1e-4, "{name} on {}: max |Δ| = {d}", backend.name());
+        }
+        let model = std::sync::Arc::new(Llama::load(&dir, None, &Backend::Flex.device()).unwrap());
+        // The native path (f32 weights: f32 dots, no activation quantization), one sequence at a
+        // time: the prompt at once, then the rest of a sequence token by token with the cache.
+        let runner = starling_model::infer::Runner::new(model.clone(), None).unwrap();
+        for b in 0..batch {
+            let s = &ids[b * seq..(b + 1) * seq];
+            let mut session = runner.session();
+            let mut got = session.forward(&s[..5], true).unwrap();
+            for &t in &s[5..] {
+                got.extend(session.next_logits(&[t]).unwrap());
+            }
+            let w = &want[b * seq * shape[2]..(b + 1) * seq * shape[2]];
+            let d = max_diff(&got, w);
+            println!("{name} native, sequence {b}: max |Δlogit| = {d:.2e}");
+            assert!(d <= 1e-4, "{name} native: max |Δ| = {d}");
+        }
+        // Without the biases the logits are far off: they matter in this fixture.
+        let mut plain = (*model).clone();
+        plain.blocks.iter_mut().for_each(|b| b.qkv_bias = None);
+        assert!(max_diff(&logits(&plain, None, &ids, batch), &want) > 1e-2);
+        // Container: config.json says qwen2, every bias is kept.
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path()).unwrap();
+        let text = std::fs::read_to_string(out.path().join("config.json")).unwrap();
+        assert!(text.contains("\"qwen2\""), "{text}");
+        let back = Llama::load(out.path(), None, &Backend::Flex.device()).unwrap();
+        assert_eq!(
+            logits(&back, None, &ids, batch),
+            logits(&model, None, &ids, batch)
+        );
+        // GGUF: architecture qwen2 with attn_{q,k,v}.bias tensors, read back to the same logits.
+        let g = starling_model::gguf::export(&model, &starling_model::Tokenizer::Byte).unwrap();
+        let bytes = g.to_bytes();
+        let g = starling_model::gguf::Gguf::parse(&bytes, Path::new("q.gguf")).unwrap();
+        assert_eq!(
+            g.get("general.architecture"),
+            Some(&starling_model::gguf::Value::Str("qwen2".into()))
+        );
+        assert!(g.tensor("blk.0.attn_k.bias").is_some());
+        assert!(g.tensor("blk.0.attn_output.bias").is_none());
+        let back =
+            starling_model::gguf::import(&g, Path::new("q.gguf"), None, &Backend::Flex.device())
+                .unwrap();
+        assert_eq!(back.config, model.config);
+        let d = max_diff(&logits(&back, None, &ids, batch), &want);
+        assert!(d <= 1e-4, "{name} through GGUF: max |Δ| = {d}");
     }
 }
 

@@ -51,6 +51,7 @@ impl Shape {
             max_position_embeddings: 2048,
             bos_token_id: None,
             eos_token_ids: vec![],
+            qkv_bias: false,
         };
         (c, seq, batch)
     }

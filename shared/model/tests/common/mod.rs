@@ -32,6 +32,7 @@ pub fn small_config(heads: usize, kv: usize, tied: bool) -> LlamaConfig {
         max_position_embeddings: 256,
         bos_token_id: None,
         eos_token_ids: vec![],
+        qkv_bias: false,
     }
 }
 
