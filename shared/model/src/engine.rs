@@ -39,8 +39,13 @@ use crate::quant::QMatrix;
 const ATT_BLOCK: usize = 32;
 /// Vocabulary rows of the output head expanded at a time.
 const HEAD_TILE: usize = 8192;
+/// Token rows a thread runs forward and backward at a time: a thread's share of the batch is run in
+/// pieces of whole sequences up to this many rows (at least one sequence), so the activations kept
+/// for the backward pass are those of one piece, not of the share (measured on the 135M shape at
+/// 4 × 256 tokens, 2 threads: the same speed, half the peak memory).
+const RUN_ROWS: usize = 256;
 /// Logit values held at a time per thread (rows of the head are processed in chunks of this size).
-const LOGIT_BUDGET: usize = 1 << 24;
+const LOGIT_BUDGET: usize = 1 << 22;
 
 /// How the per-sequence losses are combined into the differentiated objective.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -212,8 +217,6 @@ struct AttBlock {
     v: usize,
     /// Offset in `att` (and `datt`) of the block's first row and first stacked head.
     att: usize,
-    /// Offset of the block's probabilities (`rep · ATT_BLOCK` rows of `t_len`).
-    probs: usize,
 }
 
 /// Attention's shapes for one pass: how the probabilities are laid out and which blocks exist.
@@ -233,15 +236,14 @@ impl AttLayout {
         self.t_len.div_ceil(ATT_BLOCK)
     }
 
-    /// Values of one pass's attention probabilities.
-    fn probs_len(&self) -> usize {
-        self.nseq * self.nkv * self.nblk() * self.rep * ATT_BLOCK * self.t_len
+    /// Values of one block's attention probabilities (`rep · ATT_BLOCK` rows of `t_len`).
+    fn block_probs_len(&self) -> usize {
+        self.rep * ATT_BLOCK * self.t_len
     }
 
     /// Every block, by sequence, kv head and query rows; forward and backward walk the same list.
     fn blocks(&self) -> impl Iterator<Item = AttBlock> + '_ {
         let (t, hd, nblk) = (self.t_len, self.hd, self.nblk());
-        let per_block = self.rep * ATT_BLOCK * t;
         (0..self.nseq * self.nkv * nblk).map(move |i| {
             let (s, g, b) = (i / (self.nkv * nblk), i / nblk % self.nkv, i % nblk);
             let r0 = b * ATT_BLOCK;
@@ -255,9 +257,46 @@ impl AttLayout {
                 k: base + self.hq + g * hd,
                 v: base + self.hq + self.nkv * hd + g * hd,
                 att: (s * t + r0) * self.hq + g * self.rep * hd,
-                probs: i * per_block,
             }
         })
+    }
+}
+
+/// The causal attention probabilities of block `blk` into `probs` (`rep · nr` rows of `t_len`, the
+/// stacked query heads gathered into `qs` on the way): `softmax(scale · Q·Kᵀ)` over the keys each row
+/// sees, zero beyond. The forward pass uses them at once; the backward pass computes them again
+/// (flash attention's trade: a GEMM per block instead of keeping every layer's probabilities).
+#[allow(clippy::too_many_arguments)]
+fn block_probs(
+    qkv: &[f32],
+    blk: AttBlock,
+    lay: &AttLayout,
+    scale: f32,
+    qs: &mut [f32],
+    probs: &mut [f32],
+    par: Parallelism,
+) {
+    let (t_len, hd) = (lay.t_len, lay.hd);
+    let mrows = lay.rep * blk.nr;
+    gather(qkv, blk.q, lay.wq, (blk.nr, lay.rep, hd), qs);
+    mm(
+        probs,
+        0,
+        t_len,
+        false,
+        View::rm(qs, 0, hd),
+        View::rm(qkv, blk.k, lay.wq).t(),
+        (mrows, blk.keys, hd),
+        scale,
+        par,
+    );
+    for (j, row) in probs[..mrows * t_len].chunks_exact_mut(t_len).enumerate() {
+        let (live, dead) = row[..blk.keys].split_at_mut(blk.r0 + j % blk.nr + 1);
+        let mx = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        live.iter_mut().for_each(|p| *p = exp(*p - mx));
+        let inv = 1.0 / sum(live);
+        live.iter_mut().for_each(|p| *p *= inv);
+        dead.fill(0.0);
     }
 }
 
@@ -414,6 +453,17 @@ fn rms_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], inv: &mut [f32]) {
         let ms = dot(xr, xr) / h as f32;
         let r = 1.0 / (ms + eps).sqrt();
         *iv = r;
+        for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = a * r * g;
+        }
+    }
+}
+
+/// `y = x · inv · w` row by row: [`rms_forward`]'s output again from its saved `1/rms` (the backward
+/// pass recomputes the normalised input rather than keeping it).
+fn rms_apply(x: &[f32], w: &[f32], inv: &[f32], y: &mut [f32]) {
+    let h = w.len();
+    for ((xr, yr), &r) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)).zip(inv) {
         for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
             *o = a * r * g;
         }
@@ -604,22 +654,18 @@ struct LoraSaved {
     mask: Option<Vec<f32>>,
 }
 
-/// Activations of one layer kept for the backward pass.
+/// Activations of one layer kept for the backward pass. What is cheap to recompute is not kept: the
+/// normalised inputs (from `x_in`/`x_mid` and the saved `1/rms`) and sigmoid(gate) (from `gu`).
 struct Saved {
     x_in: Vec<f32>,
     inv1: Vec<f32>,
-    xn1: Vec<f32>,
     qkv: Vec<f32>,
-    probs: Vec<f32>,
     att: Vec<f32>,
     x_mid: Vec<f32>,
     inv2: Vec<f32>,
-    xn2: Vec<f32>,
     gu: Vec<f32>,
     /// silu(gate) · up (empty unless the down projection is adapted).
     act: Vec<f32>,
-    /// sigmoid(gate).
-    sig: Vec<f32>,
     lora: [Option<LoraSaved>; 7],
 }
 
@@ -627,8 +673,7 @@ impl Saved {
     /// Hands every buffer back to the thread's pool.
     fn recycle(self) {
         give([
-            self.x_in, self.inv1, self.xn1, self.qkv, self.probs, self.att, self.x_mid, self.inv2,
-            self.xn2, self.gu, self.act, self.sig,
+            self.x_in, self.inv1, self.qkv, self.att, self.x_mid, self.inv2, self.gu, self.act,
         ]);
         for l in self.lora.into_iter().flatten() {
             give([l.u, l.xd.unwrap_or_default(), l.mask.unwrap_or_default()]);
@@ -921,17 +966,18 @@ impl Ctx<'_> {
         let mut x = m.embed.gather_rows(ids)?;
         let mut w = LayerScratch::new(m);
         let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
+        // The normalised input of the current projection (recomputed in the backward pass).
+        let mut xn = scratch(rows * h);
         for (li, block) in m.blocks.iter().enumerate() {
             w.load(self, li);
             let mut inv1 = scratch(rows);
-            let mut xn1 = scratch(rows * h);
-            rms_forward(&x, &block.attn_norm, eps, &mut xn1, &mut inv1);
+            rms_forward(&x, &block.attn_norm, eps, &mut xn, &mut inv1);
             let mut qkv = scratch(rows * wq);
             let mut lora: [Option<LoraSaved>; 7] = Default::default();
             self.project(
                 li,
                 seqs.clone(),
-                &xn1,
+                &xn,
                 &w.qkv,
                 (wq, h),
                 &mut qkv,
@@ -956,42 +1002,20 @@ impl Ctx<'_> {
 
             // Causal attention per (sequence, kv head, block of query rows): the query heads that
             // share the kv head are stacked (head-major) so each block is one GEMM per product.
-            let mut probs = scratch(lay.probs_len());
+            let mut probs = scratch(lay.block_probs_len());
             let mut att = scratch(rows * hq);
             let mut qs = scratch(rep * ATT_BLOCK * hd);
             let mut os = scratch(rep * ATT_BLOCK * hd);
             for blk in lay.blocks() {
-                let (keys, mrows, pb) = (blk.keys, rep * blk.nr, blk.probs);
+                let (keys, mrows) = (blk.keys, rep * blk.nr);
                 let heads = (blk.nr, rep, hd);
-                gather(&qkv, blk.q, wq, heads, &mut qs);
-                mm(
-                    &mut probs,
-                    pb,
-                    t_len,
-                    false,
-                    View::rm(&qs, 0, hd),
-                    View::rm(&qkv, blk.k, wq).t(),
-                    (mrows, keys, hd),
-                    att_scale,
-                    par,
-                );
-                for (j, row) in probs[pb..pb + mrows * t_len]
-                    .chunks_exact_mut(t_len)
-                    .enumerate()
-                {
-                    let (live, dead) = row[..keys].split_at_mut(blk.r0 + j % blk.nr + 1);
-                    let mx = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    live.iter_mut().for_each(|p| *p = exp(*p - mx));
-                    let inv = 1.0 / sum(live);
-                    live.iter_mut().for_each(|p| *p *= inv);
-                    dead.fill(0.0);
-                }
+                block_probs(&qkv, blk, &lay, att_scale, &mut qs, &mut probs, par);
                 mm(
                     &mut os,
                     0,
                     hd,
                     false,
-                    View::rm(&probs, pb, t_len),
+                    View::rm(&probs, 0, t_len),
                     View::rm(&qkv, blk.v, wq),
                     (mrows, hd, keys),
                     1.0,
@@ -999,7 +1023,7 @@ impl Ctx<'_> {
                 );
                 scatter(&os, &mut att, blk.att, hq, heads);
             }
-            give([qs, os]);
+            give([qs, os, probs]);
             let mut x_in = scratch(x.len());
             x_in.copy_from_slice(&x);
             // x ← x + att·Woᵀ (+ LoRA o)
@@ -1017,13 +1041,12 @@ impl Ctx<'_> {
             let mut x_mid = scratch(x.len());
             x_mid.copy_from_slice(&x);
             let mut inv2 = scratch(rows);
-            let mut xn2 = scratch(rows * h);
-            rms_forward(&x, &block.mlp_norm, eps, &mut xn2, &mut inv2);
+            rms_forward(&x, &block.mlp_norm, eps, &mut xn, &mut inv2);
             let mut gu = scratch(rows * 2 * inter);
             self.project(
                 li,
                 seqs.clone(),
-                &xn2,
+                &xn,
                 &w.gu,
                 (2 * inter, h),
                 &mut gu,
@@ -1032,16 +1055,10 @@ impl Ctx<'_> {
                 &mut lora,
             );
             let mut act = scratch(rows * inter);
-            let mut sig = scratch(rows * inter);
-            for ((a, sg), row) in act
-                .chunks_exact_mut(inter)
-                .zip(sig.chunks_exact_mut(inter))
-                .zip(gu.chunks_exact(2 * inter))
-            {
+            for (a, row) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
                 let (g, u) = row.split_at(inter);
-                for (((o, sv), &gv), &uv) in a.iter_mut().zip(sg.iter_mut()).zip(g).zip(u) {
-                    *sv = 1.0 / (1.0 + exp(-gv));
-                    *o = gv * *sv * uv;
+                for ((o, &gv), &uv) in a.iter_mut().zip(g).zip(u) {
+                    *o = gv / (1.0 + exp(-gv)) * uv;
                 }
             }
             self.project(
@@ -1062,19 +1079,16 @@ impl Ctx<'_> {
             saved.push(Saved {
                 x_in,
                 inv1,
-                xn1,
                 qkv,
-                probs,
                 att,
                 x_mid,
                 inv2,
-                xn2,
                 gu,
                 act,
-                sig,
                 lora,
             });
         }
+        give([xn]);
 
         // ---------------- head, loss and its gradient ----------------
         let vocab = c.vocab_size;
@@ -1165,12 +1179,14 @@ impl Ctx<'_> {
         let mut dbuf_i = scratch(rows * inter);
         let mut dgu = scratch(rows * 2 * inter);
         let mut dxn = scratch(rows * h);
+        let mut xn = scratch(rows * h);
         let mut datt = scratch(rows * hq);
         let mut dqkv = scratch(rows * wq);
         let mut dp = scratch(rep * ATT_BLOCK * t_len);
         let mut dos = scratch(rep * ATT_BLOCK * hd);
         let mut dqs = scratch(rep * ATT_BLOCK * hd);
         let mut qs = scratch(rep * ATT_BLOCK * hd);
+        let mut probs = scratch(lay.block_probs_len());
         for li in (0..c.num_hidden_layers).rev() {
             let sv = saved
                 .pop()
@@ -1189,24 +1205,25 @@ impl Ctx<'_> {
                 &[(Target::Down, 0)],
                 &mut grads,
             );
-            for (((drow, grow), dact), sg) in dgu
+            for ((drow, grow), dact) in dgu
                 .chunks_exact_mut(2 * inter)
                 .zip(sv.gu.chunks_exact(2 * inter))
                 .zip(dbuf_i.chunks_exact(inter))
-                .zip(sv.sig.chunks_exact(inter))
             {
                 let (dg, du) = drow.split_at_mut(inter);
                 let (g, u) = grow.split_at(inter);
                 for j in 0..inter {
-                    let (gj, sj) = (g[j], sg[j]);
+                    let gj = g[j];
+                    let sj = 1.0 / (1.0 + exp(-gj));
                     du[j] = dact[j] * gj * sj;
                     dg[j] = dact[j] * u[j] * sj * (1.0 + gj * (1.0 - sj));
                 }
             }
+            rms_apply(&sv.x_mid, &block.mlp_norm, &sv.inv2, &mut xn);
             self.project_back(
                 li,
                 &sv.lora,
-                &sv.xn2,
+                &xn,
                 &w.gu,
                 (rows, 2 * inter, h),
                 &dgu,
@@ -1230,12 +1247,12 @@ impl Ctx<'_> {
             );
             dqkv.fill(0.0);
             for blk in lay.blocks() {
-                let (keys, mrows, pb) = (blk.keys, rep * blk.nr, blk.probs);
+                let (keys, mrows) = (blk.keys, rep * blk.nr);
                 let heads = (blk.nr, rep, hd);
                 gather(&datt, blk.att, hq, heads, &mut dos);
-                gather(&sv.qkv, blk.q, wq, heads, &mut qs);
+                block_probs(&sv.qkv, blk, &lay, att_scale, &mut qs, &mut probs, par);
                 let (dov, qsv) = (View::rm(&dos, 0, hd), View::rm(&qs, 0, hd));
-                let pblk = View::rm(&sv.probs, pb, t_len);
+                let pblk = View::rm(&probs, 0, t_len);
                 // dP = dAtt · Vᵀ
                 let vv = View::rm(&sv.qkv, blk.v, wq);
                 mm(
@@ -1263,7 +1280,7 @@ impl Ctx<'_> {
                 );
                 // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale (in place in dp)
                 for j in 0..mrows {
-                    let p = &sv.probs[pb + j * t_len..pb + j * t_len + keys];
+                    let p = &probs[j * t_len..j * t_len + keys];
                     let d = &mut dp[j * t_len..j * t_len + keys];
                     let pd = dot(p, d);
                     for (dv, &pv) in d.iter_mut().zip(p) {
@@ -1292,10 +1309,11 @@ impl Ctx<'_> {
             rope(&mut dqkv, wq, hq, nkv, hd, t_len, tables, true);
             // No input gradient below the first layer's projections: nothing there is trained.
             let need_dx = li > 0;
+            rms_apply(&sv.x_in, &block.attn_norm, &sv.inv1, &mut xn);
             self.project_back(
                 li,
                 &sv.lora,
-                &sv.xn1,
+                &xn,
                 &w.qkv,
                 (rows, wq, h),
                 &dqkv,
@@ -1308,8 +1326,8 @@ impl Ctx<'_> {
             }
             sv.recycle();
         }
-        give([dx, dbuf_i, dgu, dxn, datt, dqkv, dp, x]);
-        give([dos, dqs, qs]);
+        give([dx, dbuf_i, dgu, dxn, datt, dqkv, dp, x, xn]);
+        give([dos, dqs, qs, probs]);
         give([w.qkv, w.o, w.gu, w.down]);
         Ok((losses, grads))
     }
@@ -1401,28 +1419,43 @@ pub fn lora_gradients(
     let bounds: Vec<std::ops::Range<usize>> = (0..groups)
         .map(|g| g * batch / groups..(g + 1) * batch / groups)
         .collect();
+    let per_run = (RUN_ROWS / seq).max(1);
     let parts: Vec<Result<GroupOut>> = bounds
         .par_iter()
-        .map(|r| ctx.run(&ids[r.start * seq..r.end * seq], r.clone()))
+        .map(|r| {
+            let mut out: GroupOut = (Vec::new(), Vec::new());
+            for start in (r.start..r.end).step_by(per_run) {
+                let piece = start..(start + per_run).min(r.end);
+                let part = ctx.run(&ids[piece.start * seq..piece.end * seq], piece)?;
+                merge(&mut out, part, reduction);
+            }
+            Ok(out)
+        })
         .collect();
-    let mut losses = Vec::with_capacity(batch);
-    let mut grads: Vec<Vec<f32>> = Vec::new();
+    let mut all: GroupOut = (Vec::with_capacity(batch), Vec::new());
     for part in parts {
-        let (l, g) = part?;
-        losses.extend(l);
-        match reduction {
-            Reduction::PerSequence => grads.extend(g),
-            Reduction::Sum { .. } => match grads.first_mut() {
-                None => grads = g,
-                Some(acc) => {
-                    for (a, b) in acc.iter_mut().zip(&g[0]) {
-                        *a += b;
-                    }
-                }
-            },
-        }
+        merge(&mut all, part?, reduction);
     }
+    let (losses, grads) = all;
     Ok(Gradients { losses, grads })
+}
+
+/// Appends `part`'s losses to `into`'s and combines the gradients as `reduction` says (one summed
+/// vector, or one per sequence in order).
+fn merge(into: &mut GroupOut, part: GroupOut, reduction: Reduction) {
+    let (l, g) = part;
+    into.0.extend(l);
+    match reduction {
+        Reduction::PerSequence => into.1.extend(g),
+        Reduction::Sum { .. } => match into.1.first_mut() {
+            None => into.1 = g,
+            Some(acc) => {
+                for (a, b) in acc.iter_mut().zip(&g[0]) {
+                    *a += b;
+                }
+            }
+        },
+    }
 }
 
 #[cfg(test)]

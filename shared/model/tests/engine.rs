@@ -70,6 +70,9 @@ fn matches_burn_autodiff_across_shapes_formats_and_targets() {
         (4, 1, false, QuantType::Q8_0, 33, 2),
         (2, 2, true, QuantType::Q4_0, 45, 1),
         (4, 2, true, QuantType::Q4_1, 40, 2),
+        // Sequences longer than half the engine's piece of rows: each thread runs its share one
+        // sequence at a time and sums the pieces.
+        (2, 1, false, QuantType::F32, 130, 5),
     ];
     for (heads, kv, tied, quant, seq, batch) in cases {
         let m = Llama::random(config(heads, kv, tied), quant, &device, 7).unwrap();
@@ -101,7 +104,8 @@ fn per_example_gradients_sum_to_the_batch_gradient() {
     let device = Backend::default().device();
     let m = Llama::random(config(4, 2, false), QuantType::F32, &device, 5).unwrap();
     let a = adapter(&m, &Target::ALL, 0.0);
-    let (seq, batch) = (24, 5);
+    // 5 × 130 tokens: per-sequence pieces inside each thread's share, in order.
+    let (seq, batch) = (130, 5);
     let x = ids(61, seq * batch, 9);
     let total = lora_gradients(&m, &a, &x, batch, Reduction::Sum { weight: 1.0 }, None).unwrap();
     let per = lora_gradients(&m, &a, &x, batch, Reduction::PerSequence, None).unwrap();
