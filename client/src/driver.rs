@@ -502,7 +502,12 @@ impl Runtime {
                 let model = Llama::load(&base_dir, ask, &device).map_err(|e| e.to_string())?;
                 let tok = Tokenizer::for_model_dir(&base_dir, model.config.vocab_size)
                     .map_err(|e| e.to_string())?;
-                let data = TextData::load(&self.files, &tok, 0.0).map_err(|e| e.to_string())?;
+                // Chat data (*.jsonl) is rendered with the base model's template (it travels in
+                // the bundle) and trains on assistant turns only.
+                let chat = starling_model::chat::ChatTemplate::load(&base_dir)
+                    .map_err(|e| e.to_string())?;
+                let data = TextData::load(&self.files, &tok, 0.0, chat.as_ref())
+                    .map_err(|e| e.to_string())?;
                 Ok(Loaded {
                     base: manifest.base_digest,
                     model,

@@ -117,7 +117,9 @@ pub struct DpOpts {
 pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
     let (model, init, tok) = a.model.load()?;
     let files = text_files(&a.data)?;
-    let data = TextData::load(&files, &tok, a.eval_fraction)?;
+    // Chat data (*.jsonl) is rendered with the model's own template and trains on assistant turns.
+    let chat = starling_model::chat::ChatTemplate::load(&a.model.model)?;
+    let data = TextData::load(&files, &tok, a.eval_fraction, chat.as_ref())?;
     eprintln!(
         "model {} ({} params, {} base, {:.1} MB resident), {} train / {} eval tokens from {} file(s)",
         a.model.model.display(),

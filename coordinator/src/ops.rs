@@ -92,7 +92,7 @@ pub fn init_with(
     }
     std::fs::create_dir_all(dir.join("keys"))?;
     std::fs::create_dir_all(layout.base())?;
-    for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+    for name in starling_model::bundle::FILES {
         let src = base_model.join(name);
         if src.exists() {
             std::fs::copy(&src, layout.base().join(name))
@@ -101,7 +101,8 @@ pub fn init_with(
     }
     let (_, adapter) = initial_adapter(&layout.base(), cfg)?;
     let schema = schema_of(&adapter)?;
-    // Devices fetch the base as one bundle (config, weights, tokenizer); version 0 signs its digest.
+    // Devices fetch the base as one bundle (config, weights, tokenizer, chat template); version 0 signs
+    // its digest.
     let bundle =
         starling_model::bundle::pack_dir(&layout.base()).context("bundling the base model")?;
     let tls = SigningIdentity::generate()?;

@@ -1,5 +1,6 @@
-//! Model bundles: a base model directory (`config.json`, `model.safetensors`, optional `tokenizer.json`)
-//! as one blob, so a coordinator can serve it and a device can verify it against the one SHA-256 a signed
+//! Model bundles: a base model directory (`config.json`, `model.safetensors`, optional `tokenizer.json`
+//! and `tokenizer_config.json` — the chat template chat-formatted training data is rendered with) as one
+//! blob, so a coordinator can serve it and a device can verify it against the one SHA-256 a signed
 //! manifest names (`base_digest`), then unpack it.
 //!
 //! Layout (little-endian): the magic `starling-bundle/1\0`, a `u32` file count, then per file a `u8` name
@@ -17,7 +18,12 @@ use crate::io::{read_bounded, write_atomic, MAX_WEIGHTS_BYTES};
 /// The bundle's magic bytes (format and version).
 pub const MAGIC: &[u8] = b"starling-bundle/1\0";
 /// The files a bundle may carry, in their canonical (sorted) order.
-pub const FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+pub const FILES: [&str; 4] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
 /// Files every bundle must carry.
 const REQUIRED: [&str; 2] = ["config.json", "model.safetensors"];
 /// Largest JSON file in a bundle (configs and tokenizers).

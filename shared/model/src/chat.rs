@@ -139,6 +139,37 @@ impl ChatTemplate {
         Ok(env)
     }
 
+    /// The text of a whole conversation in pieces, each marked `true` when it is an assistant turn
+    /// (what chat fine-tuning trains on: the turn's text and the template's end-of-turn after it) or
+    /// `false` (system and user turns, the template's framing). Each assistant turn is located by
+    /// rendering the conversation up to it with the generation prompt and up to its end without:
+    /// any template whose renderings of a conversation's beginnings are beginnings of the whole
+    /// works (ChatML, Llama 3, Qwen2); one that is not is refused rather than mislabelled.
+    pub fn render_spans(&self, messages: &[Message]) -> Result<Vec<(String, bool)>> {
+        let full = self.render(messages, false)?;
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let start = self.render(&messages[..i], true)?;
+            let end = self.render(&messages[..=i], false)?;
+            if !(full.starts_with(&end) && end.starts_with(&start) && start.len() >= at) {
+                return Err(ModelError::ChatTemplate(format!(
+                    "cannot locate assistant turn {i}: the template does not render the \
+                     conversation's beginnings as beginnings of the whole"
+                )));
+            }
+            pieces.push((full[at..start.len()].to_string(), false));
+            pieces.push((full[start.len()..end.len()].to_string(), true));
+            at = end.len();
+        }
+        pieces.push((full[at..].to_string(), false));
+        pieces.retain(|(text, _)| !text.is_empty());
+        Ok(pieces)
+    }
+
     /// The text of `messages`, followed by the opening of the assistant's turn when
     /// `add_generation_prompt` (what a model continues to answer).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
@@ -170,6 +201,41 @@ mod tests {
 
     /// SmolLM2-Instruct's template, as its GGUF and tokenizer_config.json hold it.
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn assistant_turns_are_located_for_training() {
+        let t = ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap();
+        let conv = [
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Bye"),
+            Message::new("assistant", "Farewell."),
+        ];
+        let pieces = t.render_spans(&conv).unwrap();
+        let whole: String = pieces.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(whole, t.render(&conv, false).unwrap());
+        let trained: Vec<&str> = pieces
+            .iter()
+            .filter(|(_, a)| *a)
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(trained, ["Hello!<|im_end|>\n", "Farewell.<|im_end|>\n"]);
+        assert!(pieces[0]
+            .0
+            .starts_with("<|im_start|>system\nYou are a helpful"));
+        assert!(pieces[0].0.ends_with("<|im_start|>assistant\n"));
+        // A template that renders the last turn differently cannot be labelled: refused.
+        let odd = ChatTemplate::new(
+            "{% for m in messages %}{% if loop.last %}[{{ m.content }}]{% else %}{{ m.content }}{% endif %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(matches!(
+            odd.render_spans(&conv),
+            Err(ModelError::ChatTemplate(_))
+        ));
+    }
 
     #[test]
     fn chatml_renders_as_transformers_does() {

@@ -1,10 +1,16 @@
-//! Training text: reading files, tokenizing, splitting into train/eval, and drawing batches of
-//! fixed-length windows. Nothing here touches tensors or the model.
+//! Training text: reading files (plain text, or chat conversations as JSONL), tokenizing, splitting
+//! into train/eval, and drawing batches of fixed-length windows. Nothing here touches tensors or the
+//! model.
+//!
+//! Chat data (`*.jsonl`, one `{"messages": [{"role": …, "content": …}, …]}` per line) is rendered with
+//! the model's chat template and trained on its assistant turns only: every other token carries
+//! [`NO_LOSS`], which the training losses read as "input, never a target".
 
 use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
 
+use crate::chat::{ChatTemplate, Message};
 use crate::error::{ModelError, Result};
 use crate::io::read_bounded;
 use crate::tokenizer::Tokenizer;
@@ -12,7 +18,73 @@ use crate::tokenizer::Tokenizer;
 /// Largest text file read for training.
 const MAX_TEXT_BYTES: u64 = 256 << 20;
 
-/// The text files under `paths` (files as given, directories searched for `*.txt`), sorted.
+/// Bit set on a token id that the model reads but is never trained to predict (system and user
+/// turns of chat data, the template's framing). Vocabularies stay far below it (at most 2^21 ids).
+pub const NO_LOSS: u32 = 1 << 31;
+
+/// The token a (possibly [`NO_LOSS`]-marked) training id stands for.
+#[inline]
+pub fn token(id: u32) -> u32 {
+    id & !NO_LOSS
+}
+
+/// Whether predicting this training id counts in the loss.
+#[inline]
+pub fn is_target(id: u32) -> bool {
+    id & NO_LOSS == 0
+}
+
+/// One line of chat training data.
+#[derive(serde::Deserialize)]
+struct Conversation {
+    messages: Vec<Message>,
+}
+
+/// Whether `path` holds chat conversations (JSONL) rather than plain text.
+pub fn is_chat(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "jsonl")
+}
+
+/// The training ids of chat data `text` (JSONL, `path` names it in errors): each conversation
+/// rendered by `template`, its assistant turns as plain ids, everything else marked [`NO_LOSS`].
+pub fn chat_ids(
+    text: &str,
+    path: &Path,
+    template: &ChatTemplate,
+    tok: &Tokenizer,
+) -> Result<Vec<u32>> {
+    let bad = |line: usize, m: String| {
+        ModelError::Data(format!("{} line {}: {m}", path.display(), line + 1))
+    };
+    let mut ids = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let conv: Conversation =
+            serde_json::from_str(line).map_err(|e| bad(n, format!("not a conversation: {e}")))?;
+        if !conv.messages.iter().any(|m| m.role == "assistant") {
+            return Err(bad(n, "no assistant turn to train on".into()));
+        }
+        let pieces = template
+            .render_spans(&conv.messages)
+            .map_err(|e| bad(n, e.to_string()))?;
+        for (piece, trained) in pieces {
+            let mark = if trained { 0 } else { NO_LOSS };
+            ids.extend(tok.encode(&piece)?.into_iter().map(|i| i | mark));
+        }
+    }
+    if ids.is_empty() {
+        return Err(ModelError::Data(format!(
+            "{} holds no conversations",
+            path.display()
+        )));
+    }
+    Ok(ids)
+}
+
+/// The text files under `paths` (files as given, directories searched for `*.txt` and `*.jsonl`),
+/// sorted.
 pub fn text_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
@@ -20,7 +92,7 @@ pub fn text_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let rd = std::fs::read_dir(p).map_err(|e| ModelError::io(p, e))?;
             for entry in rd {
                 let path = entry.map_err(|e| ModelError::io(p, e))?.path();
-                if path.extension().is_some_and(|e| e == "txt") && path.is_file() {
+                if path.extension().is_some_and(|e| e == "txt" || e == "jsonl") && path.is_file() {
                     out.push(path);
                 }
             }
@@ -35,7 +107,7 @@ pub fn text_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     if out.is_empty() {
-        return Err(ModelError::Data("no .txt files found".into()));
+        return Err(ModelError::Data("no .txt or .jsonl files found".into()));
     }
     Ok(out)
 }
@@ -50,14 +122,30 @@ pub struct TextData {
 }
 
 impl TextData {
-    /// Tokenizes `files`; the last `eval_fraction` of each file becomes evaluation data.
-    pub fn load(files: &[PathBuf], tok: &Tokenizer, eval_fraction: f64) -> Result<Self> {
+    /// Tokenizes `files`; the last `eval_fraction` of each file becomes evaluation data. Chat files
+    /// (`*.jsonl`) need the model's chat template (`chat`) and train on assistant turns only.
+    pub fn load(
+        files: &[PathBuf],
+        tok: &Tokenizer,
+        eval_fraction: f64,
+        chat: Option<&ChatTemplate>,
+    ) -> Result<Self> {
         let mut train = Vec::new();
         let mut eval = Vec::new();
         for f in files {
             let bytes = read_bounded(f, MAX_TEXT_BYTES)?;
             let text = String::from_utf8_lossy(&bytes);
-            let ids = tok.encode(&text)?;
+            let ids = if is_chat(f) {
+                let template = chat.ok_or_else(|| {
+                    ModelError::Data(format!(
+                        "{} is chat data, and the model has no chat template (tokenizer_config.json)",
+                        f.display()
+                    ))
+                })?;
+                chat_ids(&text, f, template, tok)?
+            } else {
+                tok.encode(&text)?
+            };
             let cut = ((ids.len() as f64) * (1.0 - eval_fraction)) as usize;
             train.extend_from_slice(&ids[..cut]);
             eval.extend_from_slice(&ids[cut..]);
@@ -110,4 +198,57 @@ impl Batcher {
 /// Consecutive non-overlapping windows of `seq` tokens covering `tokens` (at most `max`).
 pub fn eval_windows(tokens: &[u32], seq: usize, max: usize) -> Vec<&[u32]> {
     tokens.chunks_exact(seq).take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn chat_jsonl_trains_on_assistant_turns_only() {
+        let t = ChatTemplate::new(CHATML, "", "").unwrap();
+        let text = concat!(
+            r#"{"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Me."}]}"#,
+            "\n\n",
+            r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "So."}]}"#,
+            "\n"
+        );
+        let ids = chat_ids(text, Path::new("c.jsonl"), &t, &Tokenizer::Byte).unwrap();
+        let trained: Vec<u8> = ids
+            .iter()
+            .filter(|&&i| is_target(i))
+            .map(|&i| i as u8)
+            .collect();
+        assert_eq!(
+            String::from_utf8(trained).unwrap(),
+            "Me.<|im_end|>\nSo.<|im_end|>\n"
+        );
+        let all: Vec<u8> = ids.iter().map(|&i| token(i) as u8).collect();
+        let whole = String::from_utf8(all).unwrap();
+        assert!(whole.starts_with("<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\nMe."));
+        // Bad lines are errors that name the file and the line.
+        for (bad, what) in [
+            ("{\"messages\": 3}", "not a conversation"),
+            (
+                "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}",
+                "no assistant turn",
+            ),
+            ("not json", "not a conversation"),
+        ] {
+            let e = chat_ids(bad, Path::new("c.jsonl"), &t, &Tokenizer::Byte).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains("c.jsonl line 1") && e.contains(what), "{e}");
+        }
+        // Chat data needs the model's template.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.jsonl");
+        std::fs::write(&f, text).unwrap();
+        let e = TextData::load(std::slice::from_ref(&f), &Tokenizer::Byte, 0.0, None).unwrap_err();
+        assert!(e.to_string().contains("chat template"), "{e}");
+        let d = TextData::load(&[f], &Tokenizer::Byte, 0.0, Some(&t)).unwrap();
+        assert_eq!(d.train, ids);
+        assert_eq!(text_files(&[dir.path().to_path_buf()]).unwrap().len(), 1);
+    }
 }

@@ -963,7 +963,19 @@ impl Ctx<'_> {
         let mut grads = vec![vec![0.0f32; self.grad_len]; n_grads];
 
         // ---------------- forward ----------------
-        let mut x = m.embed.gather_rows(ids)?;
+        // Ids marked NO_LOSS (chat context) are read as their tokens and never predicted.
+        let input: Vec<u32> = ids.iter().map(|&i| crate::data::token(i)).collect();
+        let mut x = m.embed.gather_rows(&input)?;
+        // Targets per sequence: the positions whose next id counts.
+        let counted: Vec<usize> = ids
+            .chunks_exact(t_len)
+            .map(|s| {
+                s[1..]
+                    .iter()
+                    .filter(|&&i| crate::data::is_target(i))
+                    .count()
+            })
+            .collect();
         let mut w = LayerScratch::new(m);
         let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
         // The normalised input of the current projection (recomputed in the backward pass).
@@ -1106,12 +1118,12 @@ impl Ctx<'_> {
             expand(head, 0, vocab, &mut wt);
         }
         let mut logits = scratch(chunk * vocab);
-        // ∂(objective)/∂(one position's loss): the reduction's weight over the sequence's mean.
-        let wgt = match self.reduction {
+        // ∂(objective)/∂(one position's loss): the reduction's weight over the sequence's mean (over
+        // the positions it counts; a sequence with none adds nothing).
+        let weight = match self.reduction {
             Reduction::Sum { weight } => weight,
             Reduction::PerSequence => 1.0,
-        } as f32
-            / (t_len - 1) as f32;
+        } as f32;
         for r0 in (0..rows).step_by(chunk) {
             let nr = chunk.min(rows - r0);
             for v0 in (0..vocab).step_by(tile) {
@@ -1135,10 +1147,11 @@ impl Ctx<'_> {
                 let r = r0 + i;
                 let (s, tpos) = (r / t_len, r % t_len);
                 let row = &mut logits[i * vocab..(i + 1) * vocab];
-                if tpos + 1 == t_len {
+                if tpos + 1 == t_len || !crate::data::is_target(ids[r + 1]) {
                     row.fill(0.0);
                     continue;
                 }
+                let wgt = weight / counted[s] as f32;
                 let target = ids[r + 1] as usize;
                 let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let z_target = row[target];
@@ -1168,8 +1181,8 @@ impl Ctx<'_> {
                 );
             }
         }
-        for l in losses.iter_mut() {
-            *l /= (t_len - 1) as f64;
+        for (l, &n) in losses.iter_mut().zip(&counted) {
+            *l /= n.max(1) as f64;
         }
         let mut dx = buf(rows * h);
         rms_backward(&x, &m.norm, &invf, &dxf, &mut dx);
@@ -1356,9 +1369,12 @@ pub fn lora_gradients(
             "training sequences need at least 2 tokens".into(),
         ));
     }
-    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+    if let Some(&bad) = ids
+        .iter()
+        .find(|&&i| crate::data::token(i) as usize >= c.vocab_size)
+    {
         return Err(ModelError::TokenOutOfRange {
-            id: bad,
+            id: crate::data::token(bad),
             vocab: c.vocab_size,
         });
     }

@@ -234,7 +234,9 @@ impl Llama {
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let rep = nh / nkv;
         let n = batch * seq;
-        let emb = self.embed.gather_rows(ids)?;
+        // Training ids may carry the NO_LOSS mark (chat context): the model reads their tokens.
+        let tokens: Vec<u32> = ids.iter().map(|&i| crate::data::token(i)).collect();
+        let emb = self.embed.gather_rows(&tokens)?;
         let mut x = Tensor::<2>::from_data(TensorData::new(emb, [n, h]), &self.device);
         if adapter.is_some_and(|a| a.tensors().iter().any(|t| t.is_autodiff())) {
             x = x.autodiff();

@@ -149,10 +149,31 @@ pub fn next_token_loss(logits: Tensor<3>, ids: &[u32], batch: usize) -> Tensor<1
     let pred = logits.narrow(1, 0, t - 1).reshape([n, v]);
     let targets: Vec<i64> = ids
         .chunks_exact(t)
-        .flat_map(|row| row[1..].iter().map(|&x| x as i64))
+        .flat_map(|row| row[1..].iter().map(|&x| crate::data::token(x) as i64))
+        .collect();
+    // Each sequence's mean over the positions it counts (all of them unless ids are marked
+    // NO_LOSS), averaged over the sequences.
+    let weights: Vec<f32> = ids
+        .chunks_exact(t)
+        .flat_map(|row| {
+            let counted = row[1..]
+                .iter()
+                .filter(|&&x| crate::data::is_target(x))
+                .count();
+            row[1..].iter().map(move |&x| {
+                if crate::data::is_target(x) {
+                    1.0 / (counted as f32 * b as f32)
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-    log_softmax(pred, 1).gather(1, targets).mean().neg()
+    let weights = Tensor::<2>::from_data(TensorData::new(weights, [n, 1]), &device);
+    (log_softmax(pred, 1).gather(1, targets) * weights)
+        .sum()
+        .neg()
 }
 
 /// Sum of squares of a tensor as f64.

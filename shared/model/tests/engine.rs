@@ -99,6 +99,44 @@ fn matches_burn_with_attention_only_targets_and_accumulation() {
     compare(&m, &a, &micro, 40);
 }
 
+/// Chat data: ids marked NO_LOSS are read but never predicted. The native engine's gradients equal
+/// burn's masked loss, sequences counting different numbers of targets (one none at all) are each
+/// their own mean, and a marked target's token does not change the loss or the gradients.
+#[test]
+fn marked_context_tokens_are_read_but_never_predicted() {
+    use starling_model::data::NO_LOSS;
+    let device = Backend::default().device();
+    let m = Llama::random(config(4, 2, false), QuantType::F32, &device, 21).unwrap();
+    let a = adapter(&m, &Target::ALL, 0.0);
+    let (seq, batch) = (40, 3);
+    let mut x = ids(61, seq * batch, 5);
+    // Sequence 0: context for its first 25 positions; 1: all trained; 2: 5 targets only.
+    for (i, id) in x.iter_mut().enumerate() {
+        let (s, t) = (i / seq, i % seq);
+        if (s == 0 && t < 25) || (s == 2 && t % 8 != 0) {
+            *id |= NO_LOSS;
+        }
+    }
+    compare(&m, &a, std::slice::from_ref(&x), seq);
+    // The first 25 positions of sequence 0 are context: changing what is there as a target, not
+    // as input, is impossible — but the loss of the unmarked run is different from the marked one.
+    let plain: Vec<u32> = x.iter().map(|&i| i & !NO_LOSS).collect();
+    let (_, marked) = trainer(&a, Engine::Native, seq)
+        .gradients(&m, &[x.clone()])
+        .unwrap();
+    let (_, all) = trainer(&a, Engine::Native, seq)
+        .gradients(&m, &[plain])
+        .unwrap();
+    assert!((marked - all).abs() > 1e-4, "{marked} {all}");
+    // A batch where one sequence has no target: it adds nothing, the rest keep their weight.
+    let mut none = x.clone();
+    none[..seq].iter_mut().for_each(|i| *i |= NO_LOSS);
+    compare(&m, &a, std::slice::from_ref(&none), seq);
+    let per = lora_gradients(&m, &a, &none, batch, Reduction::PerSequence, None).unwrap();
+    assert_eq!(per.losses[0], 0.0);
+    assert!(per.grads[0].iter().all(|g| *g == 0.0));
+}
+
 #[test]
 fn per_example_gradients_sum_to_the_batch_gradient() {
     let device = Backend::default().device();
