@@ -1,6 +1,8 @@
 //! Device benchmarks: the size of the stripped release `starling-client`, and the peak RSS of a real
 //! `starling-client run` process during one real round against a real `starling-coordinator serve` (QUIC on
-//! loopback) — on the shipped model, and on config M (SmolLM2-135M's shape, random weights, Q8_0).
+//! loopback) — on the shipped model, on config M (SmolLM2-135M's shape, random weights, Q8_0), and on the
+//! real SmolLM2-135M-Instruct as `model import` leaves it (`--smollm2 DIR`: its Q4_1 blocks, its BPE
+//! vocabulary).
 //! Needs the release binaries: `cargo build --release -p starling-client -p starling-coordinator`.
 
 use std::path::{Path, PathBuf};
@@ -15,9 +17,13 @@ use super::model::Shape;
 /// Arguments of `starling-bench client`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Models to run a round on: `tiny` (the shipped model) and/or `M`.
+    /// Models to run a round on: `tiny` (the shipped model), `M` and/or `smollm2` (needs `--smollm2`).
     #[arg(long, value_delimiter = ',', default_value = "tiny,M")]
     pub models: Vec<String>,
+    /// The imported SmolLM2 directory (`starling-coordinator model import
+    /// ~/.cache/starling/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2`).
+    #[arg(long, default_value = "models/smollm2")]
+    pub smollm2: PathBuf,
     /// Local steps of the round on the tiny model.
     #[arg(long, default_value_t = 20)]
     pub tiny_steps: u32,
@@ -68,17 +74,39 @@ pub fn run(a: &Args) -> Result<()> {
                 let (_, seq, batch) = Shape::M.config();
                 ("M", a.m_steps, batch as u32, seq as u32)
             }
-            other => bail!("unknown model {other:?} (tiny or M)"),
+            // The same batch as M, on the real model.
+            "smollm2" => {
+                let (_, seq, batch) = Shape::M.config();
+                ("smollm2", a.m_steps, batch as u32, seq as u32)
+            }
+            other => bail!("unknown model {other:?} (tiny, M or smollm2)"),
         };
-        round(label, steps, batch, seq, a.threads)?;
+        round(label, steps, batch, seq, a.threads, &a.smollm2)?;
     }
     Ok(())
 }
 
-/// The base model directory of `label`: the shipped model, or a random config-M model stored as Q8_0.
-fn base_model(label: &str, tmp: &Path) -> Result<PathBuf> {
+/// The base model directory of `label`: the shipped model, the imported SmolLM2, or a random
+/// config-M model stored as Q8_0.
+fn base_model(label: &str, tmp: &Path, smollm2: &Path) -> Result<PathBuf> {
     if label == "tiny" {
         return Ok(starling_tests::root().join("assets/models/starling-tiny"));
+    }
+    if label == "smollm2" {
+        let dir = if smollm2.is_absolute() {
+            smollm2.to_path_buf()
+        } else {
+            starling_tests::root().join(smollm2)
+        };
+        if !dir.join("model.safetensors").is_file() {
+            bail!(
+                "{} holds no imported model: run scripts/fetch_smollm2.sh, then starling-coordinator \
+                 model import ~/.cache/starling/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out {}",
+                dir.display(),
+                dir.display()
+            );
+        }
+        return Ok(dir);
     }
     let dir = tmp.join("base-m");
     let (config, _, _) = Shape::M.config();
@@ -93,9 +121,16 @@ fn base_model(label: &str, tmp: &Path) -> Result<PathBuf> {
 }
 
 /// One round on `label`: coordinator and device processes; prints the device's peak RSS.
-fn round(label: &str, steps: u32, batch: u32, seq: u32, threads: usize) -> Result<()> {
+fn round(
+    label: &str,
+    steps: u32,
+    batch: u32,
+    seq: u32,
+    threads: usize,
+    smollm2: &Path,
+) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let base = base_model(label, tmp.path())?;
+    let base = base_model(label, tmp.path(), smollm2)?;
     let config = format!(
         "[network]\nlisten = \"127.0.0.1:0\"\nenrol_listen = \"127.0.0.1:0\"\nhttp = false\n\
          [rounds]\nmin_clients = 1\nselection = {{ count = 1 }}\nmin_updates = 1\nrounds = 1\n\
