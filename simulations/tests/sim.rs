@@ -378,3 +378,107 @@ value_bits = 10
     let err = target.validate("test").unwrap_err().to_string();
     assert!(err.contains("ddg-epsilon"), "{err}");
 }
+
+/// Chat data in the simulator: a folder data set of JSONL conversations (one file per client) on the
+/// shipped model given a ChatML template. Devices train on the assistant turns only and the scores count
+/// only those turns' tokens; the federated model fits the held-out answers better than the base.
+#[test]
+fn chat_conversations_train_and_score_on_assistant_turns_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            root.join("assets/models/starling-tiny").join(f),
+            base.join(f),
+        )
+        .unwrap();
+    }
+    let template = starling_model::chat::ChatTemplate::new(
+        "{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}",
+        "",
+        "",
+    )
+    .unwrap();
+    std::fs::write(base.join("tokenizer_config.json"), template.config_json()).unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let names = ["HAMLET", "OPHELIA", "HORATIO", "LAERTES", "GERTRUDE"];
+    for c in 0..4 {
+        let lines: Vec<String> = (0..40)
+            .map(|i| {
+                let a = names[(i * 3 + c) % names.len()];
+                serde_json::json!({"messages": [
+                    {"role": "user", "content": format!("Who answers {a}?")},
+                    {"role": "assistant", "content": format!("{a}, my lord, is answered by the king.")},
+                ]})
+                .to_string()
+            })
+            .collect();
+        std::fs::write(data.join(format!("client{c}.jsonl")), lines.join("\n")).unwrap();
+    }
+    let text = format!(
+        r#"
+[simulation]
+name = "chat"
+seed = 3
+base_model = "{}"
+rounds = 2
+clients_per_round = 4
+
+[data]
+dataset = "folder"
+partition = "folders"
+path = "{}"
+min_bytes = 100
+
+[evaluation]
+clients = 4
+windows_per_client = 2
+seq_len = 64
+
+[task]
+local_steps = 6
+batch_size = 4
+seq_len = 64
+learning_rate = 0.01
+
+[adapter]
+rank = 4
+targets = ["q", "v"]
+"#,
+        base.display(),
+        data.display()
+    );
+    let s = Scenario::parse(&text, "chat scenario").unwrap();
+    let loaded = sim::load(&s, None).unwrap();
+    assert!(loaded.data.chat);
+    let o = run(&s, Transport::Memory);
+    let (first, last) = (&o.rounds[0], o.rounds.last().unwrap());
+    let (before, after) = (first.test_loss.unwrap(), last.test_loss.unwrap());
+    eprintln!(
+        "chat: assistant-turn loss {before:.4} → {after:.4}, accuracy {:.4} → {:.4}",
+        first.accuracy.unwrap(),
+        last.accuracy.unwrap()
+    );
+    assert!(after < before, "{after} is not below {before}");
+    // Only assistant tokens are scored: the evaluation counts fewer tokens than the windows hold.
+    let windows =
+        sim::eval::EvalSet::new(&loaded.data, &loaded.tok, loaded.chat.as_ref(), &[0], 64, 2)
+            .unwrap();
+    let all: u64 = windows
+        .windows
+        .iter()
+        .map(|(_, w)| w.len() as u64 - 1)
+        .sum();
+    assert!(
+        windows.tokens() > 0 && windows.tokens() < all / 2,
+        "{} of {all}",
+        windows.tokens()
+    );
+    // Without a template the chat data set is refused clearly.
+    std::fs::remove_file(base.join("tokenizer_config.json")).unwrap();
+    let e = sim::load(&s, None).err().unwrap().to_string();
+    assert!(e.contains("chat template"), "{e}");
+}

@@ -34,9 +34,35 @@ pub struct Dataset {
     pub text: String,
     /// The clients.
     pub clients: Vec<ClientData>,
+    /// The texts are chat conversations (JSONL lines: the folder data set of `*.jsonl` files),
+    /// trained and scored on their assistant turns only.
+    pub chat: bool,
 }
 
 impl Dataset {
+    /// The ids of one of its texts: tokenized plain text, or conversations rendered with the model's
+    /// chat template (`chat`), every token but the assistant turns' marked
+    /// [`starling_model::data::NO_LOSS`].
+    pub fn encode(
+        &self,
+        text: &str,
+        tok: &starling_model::Tokenizer,
+        chat: Option<&starling_model::chat::ChatTemplate>,
+    ) -> Result<Vec<u32>, SimError> {
+        if !self.chat {
+            return tok.encode(text).map_err(|e| SimError::Data(e.to_string()));
+        }
+        let template = chat.ok_or_else(|| {
+            SimError::Data(
+                "the data set is chat conversations and the base model has no chat template \
+                 (tokenizer_config.json)"
+                    .into(),
+            )
+        })?;
+        starling_model::data::chat_ids(text, Path::new("client data"), template, tok)
+            .map_err(|e| SimError::Data(e.to_string()))
+    }
+
     /// A client's training text.
     pub fn train(&self, client: usize) -> &str {
         self.clients
@@ -345,15 +371,30 @@ fn folders(cfg: &DataConfig, dir: &Path, ds: &mut Dataset) -> Result<(), SimErro
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| SimError::Data(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() || p.extension().is_some_and(|x| x == "txt"))
+        .filter(|p| p.is_dir() || p.extension().is_some_and(|x| x == "txt" || x == "jsonl"))
         .collect();
     entries.sort();
+    let mut kind: Option<bool> = None;
     for p in entries {
         if cfg.clients > 0 && ds.clients.len() >= cfg.clients {
             break;
         }
         let files = starling_model::data::text_files(std::slice::from_ref(&p))
             .map_err(|e| SimError::Data(e.to_string()))?;
+        // A data set is all chat conversations (one per JSONL line) or all plain text.
+        for f in &files {
+            let chat = starling_model::data::is_chat(f);
+            match kind {
+                None => kind = Some(chat),
+                Some(k) if k != chat => {
+                    return Err(SimError::Data(format!(
+                        "{}: a data set mixes chat (.jsonl) and plain text (.txt) files",
+                        f.display()
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         let mut text = String::new();
         for f in files {
             let bytes = starling_model::io::read_bounded(&f, MAX_CLIENT_FILE)
@@ -371,6 +412,7 @@ fn folders(cfg: &DataConfig, dir: &Path, ds: &mut Dataset) -> Result<(), SimErro
         );
         ds.push(name, &lines, cfg.test_fraction);
     }
+    ds.chat = kind.unwrap_or(false);
     Ok(())
 }
 
@@ -532,6 +574,11 @@ mod tests {
         assert!(ds.train(0).contains("alice line 0") && ds.test(0).contains("alice-b line 9"));
         assert!(!ds.train(1).contains("alice") && ds.test(1).contains("bob line 29"));
         assert!(load(&cfg, &tmp.path().join("missing"), 0).is_err());
+        assert!(!ds.chat);
+        // Chat files and plain text in one data set: refused, naming the file.
+        std::fs::write(tmp.path().join("carol.jsonl"), lines(30, "carol")).unwrap();
+        let e = load(&cfg, tmp.path(), 0).unwrap_err().to_string();
+        assert!(e.contains("carol.jsonl") && e.contains("mixes"), "{e}");
     }
 
     fn speeches_len(cfg: &DataConfig) -> usize {

@@ -1,6 +1,6 @@
 //! Evaluation of a model (base + adapter) on the clients' test splits: mean next-token loss, perplexity
 //! and next-token (next-byte, for the byte-level model) accuracy, weighted by tokens over the evaluated
-//! clients. The windows are fixed once per run, so every round is scored on the same text.
+//! clients (for chat data, over the assistant turns' tokens only). The windows are fixed once per run, so every round is scored on the same text.
 //!
 //! What must never live here: training, or anything that changes the model.
 
@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
+use starling_model::data::{is_target, token};
 use starling_model::infer::Runner;
 use starling_model::{Llama, LoraAdapter, Tokenizer};
 
@@ -28,15 +29,14 @@ impl EvalSet {
     pub fn new(
         ds: &Dataset,
         tok: &Tokenizer,
+        chat: Option<&starling_model::chat::ChatTemplate>,
         clients: &[usize],
         seq: usize,
         windows: usize,
     ) -> Result<Self, SimError> {
         let mut out = Vec::new();
         for &c in clients {
-            let ids = tok
-                .encode(ds.test(c))
-                .map_err(|e| SimError::Data(e.to_string()))?;
+            let ids = ds.encode(ds.test(c), tok, chat)?;
             if ids.len() < 2 {
                 continue;
             }
@@ -72,11 +72,11 @@ impl EvalSet {
         }
     }
 
-    /// Predicted tokens in the set.
+    /// Predicted tokens in the set (those that count: not chat context).
     pub fn tokens(&self) -> u64 {
         self.windows
             .iter()
-            .map(|(_, w)| w.len().saturating_sub(1) as u64)
+            .map(|(_, w)| w.iter().skip(1).filter(|&&i| is_target(i)).count() as u64)
             .sum()
     }
 }
@@ -106,14 +106,19 @@ pub fn evaluate(
     let (mut loss, mut correct, mut count) = (0f64, 0u64, 0u64);
     let vocab = model.config.vocab_size;
     for (_, w) in &set.windows {
+        // Chat context (marked NO_LOSS) is read, never scored.
+        let input: Vec<u32> = w.iter().map(|&i| token(i)).collect();
         let values = runner
-            .logits_all(w)
+            .logits_all(&input)
             .map_err(|e| SimError::Model(e.to_string()))?;
         for (t, row) in values
             .chunks_exact(vocab)
             .take(w.len().saturating_sub(1))
             .enumerate()
         {
+            if !is_target(w[t + 1]) {
+                continue;
+            }
             let target = w[t + 1] as usize;
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = max as f64

@@ -360,6 +360,7 @@ struct Sim<'a> {
     link: Link,
     model: &'a Llama,
     tok: &'a Tokenizer,
+    chat: Option<&'a starling_model::chat::ChatTemplate>,
     ds: &'a Dataset,
     devices: Vec<Device>,
     queue: BinaryHeap<Reverse<(u64, u64, Kind, usize)>>,
@@ -802,9 +803,7 @@ impl Sim<'_> {
         } else {
             text.to_string()
         };
-        self.tok
-            .encode(&text)
-            .map_err(|e| SimError::Data(e.to_string()))
+        self.ds.encode(&text, self.tok, self.chat)
     }
 
     fn train(
@@ -959,6 +958,8 @@ pub struct Loaded {
     pub model: Llama,
     /// Its tokenizer.
     pub tok: Tokenizer,
+    /// Its chat template (tokenizer_config.json), which chat data sets are rendered with.
+    pub chat: Option<starling_model::chat::ChatTemplate>,
     /// The partitioned data.
     pub data: Dataset,
     /// The resolved base model directory.
@@ -973,11 +974,28 @@ pub fn load(scen: &Scenario, scenario_dir: Option<&Path>) -> Result<Loaded, SimE
         .map_err(|e| SimError::Model(format!("{}: {e}", base_dir.display())))?;
     let tok = Tokenizer::for_model_dir(&base_dir, model.config.vocab_size)
         .map_err(|e| SimError::Model(e.to_string()))?;
+    let chat = starling_model::chat::ChatTemplate::load(&base_dir)
+        .map_err(|e| SimError::Model(e.to_string()))?;
     let data_dir = scenario::resolve(&scen.data.path, scenario_dir);
     let data = data::load(&scen.data, &data_dir, scen.simulation.seed)?;
+    if data.chat && chat.is_none() {
+        return Err(SimError::Data(format!(
+            "{} holds chat conversations (.jsonl) and the base model {} has no chat template \
+             (tokenizer_config.json)",
+            data_dir.display(),
+            base_dir.display()
+        )));
+    }
+    if data.chat && scen.attack.kind == AttackKind::CorruptText {
+        return Err(SimError::Data(
+            "the corrupt-text attack rewrites plain text; it cannot run on chat conversations"
+                .into(),
+        ));
+    }
     Ok(Loaded {
         model,
         tok,
+        chat,
         data,
         base_dir,
     })
@@ -1003,6 +1021,7 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
     let evalset = EvalSet::new(
         &l.data,
         &l.tok,
+        l.chat.as_ref(),
         &eval_clients,
         eval_seq,
         scen.evaluation.windows_per_client,
@@ -1106,6 +1125,7 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
         link,
         model: &l.model,
         tok: &l.tok,
+        chat: l.chat.as_ref(),
         ds: &l.data,
         devices,
         queue: BinaryHeap::new(),
@@ -1487,9 +1507,8 @@ fn baselines(
     let steps =
         (scen.simulation.rounds * u64::from(scen.task.local_steps)).min(u64::from(u32::MAX));
     let union = l
-        .tok
-        .encode(&l.data.union_train())
-        .map_err(|e| SimError::Data(e.to_string()))?;
+        .data
+        .encode(&l.data.union_train(), &l.tok, l.chat.as_ref())?;
     let central = train_alone(
         &l.model,
         coord,
@@ -1521,10 +1540,7 @@ fn baselines(
             break;
         }
         let own = evalset.of_client(c);
-        let tokens = l
-            .tok
-            .encode(l.data.train(c))
-            .map_err(|e| SimError::Data(e.to_string()))?;
+        let tokens = l.data.encode(l.data.train(c), &l.tok, l.chat.as_ref())?;
         if own.windows.is_empty() || tokens.len() <= scen.task.seq_len as usize {
             continue;
         }
