@@ -3,9 +3,9 @@
 //! multiply-adds (llama.cpp's `vec_dot_q8_0_q8_0` / `vec_dot_q4_0_q8_0` / `vec_dot_q4_1_q8_1`
 //! approach), and an f32 dot for unquantized weights.
 //!
-//! Each kernel has explicit SIMD through `std::arch` (AVX2 + FMA + F16C on x86-64, NEON on aarch64)
-//! chosen once at run time by feature detection ([`Isa::detect`]), and a portable scalar fallback
-//! that every SIMD path is tested against. Nothing here knows of models, threads or files: only
+//! Each kernel has explicit SIMD through `std::arch` (AVX2 + FMA + F16C on x86-64, AVX-512 with VNNI
+//! where the CPU has it, NEON on aarch64) chosen once at run time by feature detection
+//! ([`Isa::detect`]), and a portable scalar fallback that every SIMD path is tested against. Nothing here knows of models, threads or files: only
 //! slices of blocks and values.
 
 use crate::quant::{BlockQ4_0, BlockQ4_0x8, BlockQ4_1, BlockQ8_0, QK};
@@ -17,6 +17,9 @@ pub enum Isa {
     Portable,
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
+    /// x86-64 with AVX2 and AVX-512 (F, BW, VL) with VNNI: the byte dot products of the quantized
+    /// kernels run as `vpdpbusd` (AMD Zen 4, Intel Ice Lake and later).
+    Avx512,
     /// aarch64 Advanced SIMD (always present on aarch64).
     Neon,
 }
@@ -30,6 +33,14 @@ impl Isa {
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c")
             {
+                if std::env::var_os("STARLING_NO_AVX512").is_none()
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                {
+                    return Self::Avx512;
+                }
                 return Self::Avx2;
             }
         }
@@ -44,12 +55,16 @@ impl Isa {
 
     /// Every instruction set this CPU can run (the portable one first), for tests and benchmarks.
     pub fn available() -> Vec<Self> {
-        let best = Self::detect();
-        if best == Self::Portable {
-            vec![Self::Portable]
-        } else {
-            vec![Self::Portable, best]
+        match Self::detect() {
+            Self::Portable => vec![Self::Portable],
+            Self::Avx512 => vec![Self::Portable, Self::Avx2, Self::Avx512],
+            best => vec![Self::Portable, best],
         }
+    }
+
+    /// Whether this is an x86-64 instruction set with AVX2 (AVX-512 machines have it too).
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Self::Avx2 | Self::Avx512)
     }
 
     /// Lowercase name for reports.
@@ -57,6 +72,7 @@ impl Isa {
         match self {
             Self::Portable => "portable",
             Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512-vnni",
             Self::Neon => "neon",
         }
     }
@@ -112,6 +128,9 @@ pub fn dot_q8_0(isa: Isa, w: &[BlockQ8_0], x: &ActQ8) -> f32 {
     debug_assert_eq!(w.len(), x.blocks());
     match isa {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only produced when the CPU reports AVX-512 F/BW/VL/VNNI and AVX2.
+        Isa::Avx512 => unsafe { x512::dot_q8_0(w, &x.d, &x.qs) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
         Isa::Avx2 => unsafe { x86::dot_q8_0(w, &x.d, &x.qs) },
         #[cfg(target_arch = "aarch64")]
@@ -126,6 +145,9 @@ pub fn dot_q8_0(isa: Isa, w: &[BlockQ8_0], x: &ActQ8) -> f32 {
 pub fn dot_q4_0(isa: Isa, w: &[BlockQ4_0], x: &ActQ8) -> f32 {
     debug_assert_eq!(w.len(), x.blocks());
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_q8_0`.
+        Isa::Avx512 => unsafe { x512::dot_q4_0(w, &x.d, &x.qs, &x.sums) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
         Isa::Avx2 => unsafe { x86::dot_q4_0(w, &x.d, &x.qs) },
@@ -143,6 +165,9 @@ pub fn dot_q4_1(isa: Isa, w: &[BlockQ4_1], x: &ActQ8) -> f32 {
     debug_assert_eq!(w.len(), x.blocks());
     match isa {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_q8_0`.
+        Isa::Avx512 => unsafe { x512::dot_q4_1(w, &x.d, &x.qs, &x.sums) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
         Isa::Avx2 => unsafe { x86::dot_q4_1(w, &x.d, &x.qs, &x.sums) },
         #[cfg(target_arch = "aarch64")]
@@ -157,6 +182,9 @@ pub fn gemv_q8_0(isa: Isa, w: &[BlockQ8_0], x: &ActQ8, out: &mut [f32]) {
     let bpr = x.blocks();
     debug_assert_eq!(w.len(), bpr * out.len());
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_q8_0`.
+        Isa::Avx512 => unsafe { x512::gemv_q8_0(w, &x.d, &x.qs, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
         Isa::Avx2 => unsafe { x86::gemv_q8_0(w, &x.d, &x.qs, out) },
@@ -174,6 +202,9 @@ pub fn gemv_q4_0(isa: Isa, w: &[BlockQ4_0], x: &ActQ8, out: &mut [f32]) {
     debug_assert_eq!(w.len(), bpr * out.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_q8_0`.
+        Isa::Avx512 => unsafe { x512::gemv_q4_0(w, &x.d, &x.qs, &x.sums, out) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
         Isa::Avx2 => unsafe { x86::gemv_q4_0(w, &x.d, &x.qs, out) },
         _ => {
@@ -189,6 +220,9 @@ pub fn gemv_q4_1(isa: Isa, w: &[BlockQ4_1], x: &ActQ8, out: &mut [f32]) {
     let bpr = x.blocks();
     debug_assert_eq!(w.len(), bpr * out.len());
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_q8_0`.
+        Isa::Avx512 => unsafe { x512::gemv_q4_1(w, &x.d, &x.qs, &x.sums, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
         Isa::Avx2 => unsafe { x86::gemv_q4_1(w, &x.d, &x.qs, &x.sums, out) },
@@ -206,6 +240,9 @@ pub fn gemv_q4_0x8(isa: Isa, w: &[BlockQ4_0x8], x: &ActQ8, out: &mut [f32]) {
     let bpr = x.blocks();
     debug_assert!(out.len().is_multiple_of(8) && w.len() == bpr * out.len() / 8);
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_q8_0`.
+        Isa::Avx512 => unsafe { x512::gemv_q4_0x8(w, &x.d, &x.qs, &x.sums, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2, FMA and F16C.
         Isa::Avx2 => unsafe { x86::gemv_q4_0x8(w, &x.d, &x.qs, &x.sums, out) },
@@ -236,7 +273,7 @@ pub fn gemv_f32(isa: Isa, w: &[f32], x: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA (`scores` is
         // this product with a scale of one).
-        Isa::Avx2 => unsafe { x86::scores(x, w, 1.0, out) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86::scores(x, w, 1.0, out) },
         _ => {
             for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len().max(1))) {
                 *o = dot_f32(isa, row, x);
@@ -252,7 +289,7 @@ pub fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
-        Isa::Avx2 => unsafe { x86::dot_f32(a, b) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86::dot_f32(a, b) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: `Isa::Neon` is only produced when the CPU reports NEON.
         Isa::Neon => unsafe { arm::dot_f32(a, b) },
@@ -267,7 +304,7 @@ pub fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
-        Isa::Avx2 => unsafe { x86::axpy(alpha, x, y) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86::axpy(alpha, x, y) },
         _ => {
             for (o, v) in y.iter_mut().zip(x) {
                 *o += alpha * v;
@@ -284,7 +321,7 @@ pub fn scores(isa: Isa, q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
-        Isa::Avx2 => unsafe { x86::scores(q, keys, scale, out) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86::scores(q, keys, scale, out) },
         _ => {
             for (o, k) in out.iter_mut().zip(keys.chunks_exact(q.len().max(1))) {
                 *o = scale * dot_f32(isa, q, k);
@@ -302,7 +339,7 @@ pub fn mix(isa: Isa, w: &[f32], values: &[f32], out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced when the CPU reports AVX2 and FMA.
-        Isa::Avx2 => unsafe { x86::mix(w, values, out) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86::mix(w, values, out) },
         _ => {
             for (&a, v) in w.iter().zip(values.chunks_exact(out.len().max(1))) {
                 axpy(isa, a, v, out);
@@ -693,6 +730,228 @@ mod x86 {
         while i < n {
             *y.get_unchecked_mut(i) += alpha * x.get_unchecked(i);
             i += 1;
+        }
+    }
+}
+
+/// AVX-512 VNNI kernels: `vpdpbusd` multiplies unsigned by signed bytes and adds each four products
+/// into a 32-bit lane in one instruction (AVX2 needs `maddubs` + `madd`, and saturates at 16 bits on
+/// the way). Q8_0 rows take two blocks per 512-bit register; the 4-bit formats accumulate straight
+/// into 32-bit lanes.
+#[cfg(target_arch = "x86_64")]
+mod x512 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// The f16 scale as f32 (F16C).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn half(h: half::f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    }
+
+    /// Horizontal sum of eight i32 lanes' products, as in the AVX2 kernels.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn hsum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 nibbles of a 4-bit block as unsigned bytes (0..16 low nibbles, 16..32 high ones).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn nibbles(qs: &[u8; QK / 2]) -> __m256i {
+        let low = _mm_set1_epi8(0x0f);
+        let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+        let lo = _mm_and_si128(q, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; `xq` holds `QK` values per
+    /// block of `w`, none of them −128.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8]) -> f32 {
+        let n = w.len().min(xd.len()).min(xq.len() / QK);
+        let zero = _mm512_setzero_si512();
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 1 < n {
+            let (a, b) = (w.get_unchecked(i), w.get_unchecked(i + 1));
+            let wa = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            let wb = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+            let wv = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(wa), wb);
+            let xv = _mm512_loadu_si512(xq.as_ptr().add(i * QK) as *const __m512i);
+            // |w| as unsigned bytes (−128 reads as 128) times x with w's sign.
+            let sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
+            let dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), sx);
+            let scale = _mm512_mask_blend_ps(
+                0xff00,
+                _mm512_set1_ps(half(a.d) * *xd.get_unchecked(i)),
+                _mm512_set1_ps(half(b.d) * *xd.get_unchecked(i + 1)),
+            );
+            acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc);
+            i += 2;
+        }
+        let mut total = _mm512_reduce_add_ps(acc);
+        if i < n {
+            let b = w.get_unchecked(i);
+            let wv = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+            let xv = _mm256_loadu_si256(xq.as_ptr().add(i * QK) as *const __m256i);
+            let sx = _mm256_sign_epi8(xv, wv);
+            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), sx);
+            total += half(b.d) * *xd.get_unchecked(i) * hsum8(_mm256_cvtepi32_ps(dot));
+        }
+        total
+    }
+
+    /// # Safety
+    /// As [`dot_q8_0`]; `xs` holds one Σx per block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_0(w: &[BlockQ4_0], xd: &[f32], xq: &[i8], xs: &[i32]) -> f32 {
+        let n = w.len().min(xd.len()).min(xs.len()).min(xq.len() / QK);
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..n {
+            let b = w.get_unchecked(i);
+            let xv = _mm256_loadu_si256(xq.as_ptr().add(i * QK) as *const __m256i);
+            // Σ nibble·x − 8·Σx: the nibbles stay unsigned.
+            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(&b.qs), xv);
+            let dot = _mm256_sub_epi32(
+                dot,
+                _mm256_setr_epi32(8 * *xs.get_unchecked(i), 0, 0, 0, 0, 0, 0, 0),
+            );
+            let d = _mm256_set1_ps(half(b.d) * *xd.get_unchecked(i));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc);
+        }
+        hsum8(acc)
+    }
+
+    /// # Safety
+    /// As [`dot_q4_0`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_1(w: &[BlockQ4_1], xd: &[f32], xq: &[i8], xs: &[i32]) -> f32 {
+        let n = w.len().min(xd.len()).min(xs.len()).min(xq.len() / QK);
+        let mut acc = _mm256_setzero_ps();
+        let mut offset = 0.0f32;
+        for i in 0..n {
+            let b = w.get_unchecked(i);
+            let xv = _mm256_loadu_si256(xq.as_ptr().add(i * QK) as *const __m256i);
+            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(&b.qs), xv);
+            let dx = *xd.get_unchecked(i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b.d) * dx), _mm256_cvtepi32_ps(dot), acc);
+            offset += half(b.m) * dx * *xs.get_unchecked(i) as f32;
+        }
+        hsum8(acc) + offset
+    }
+
+    /// # Safety
+    /// As [`dot_q8_0`]; `w` holds `out.len()` rows of `xd.len()` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8], out: &mut [f32]) {
+        let len = xd.len();
+        if len == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let rows = out.len().min(w.len() / len);
+        for r in 0..rows {
+            *out.get_unchecked_mut(r) = dot_q8_0(w.get_unchecked(r * len..(r + 1) * len), xd, xq);
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_q4_0`]; `w` holds `out.len()` rows of `xd.len()` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_q4_0(
+        w: &[BlockQ4_0],
+        xd: &[f32],
+        xq: &[i8],
+        xs: &[i32],
+        out: &mut [f32],
+    ) {
+        let len = xd.len();
+        if len == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let rows = out.len().min(w.len() / len);
+        for r in 0..rows {
+            *out.get_unchecked_mut(r) =
+                dot_q4_0(w.get_unchecked(r * len..(r + 1) * len), xd, xq, xs);
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_q4_1`]; `w` holds `out.len()` rows of `xd.len()` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_q4_1(
+        w: &[BlockQ4_1],
+        xd: &[f32],
+        xq: &[i8],
+        xs: &[i32],
+        out: &mut [f32],
+    ) {
+        let len = xd.len();
+        if len == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let rows = out.len().min(w.len() / len);
+        for r in 0..rows {
+            *out.get_unchecked_mut(r) =
+                dot_q4_1(w.get_unchecked(r * len..(r + 1) * len), xd, xq, xs);
+        }
+    }
+
+    /// Eight interleaved rows per 32-bit lane, as the AVX2 kernel, with `vpdpbusd` accumulating the
+    /// nibble × broadcast-activation products straight into the lanes.
+    ///
+    /// # Safety
+    /// As [`dot_q8_0`]; `w` holds `out.len() / 8` groups of `xd.len()` interleaved blocks; `xq` and
+    /// `xs` hold `xd.len()` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_q4_0x8(
+        w: &[BlockQ4_0x8],
+        xd: &[f32],
+        xq: &[i8],
+        xs: &[i32],
+        out: &mut [f32],
+    ) {
+        let bpr = xd.len().min(xs.len()).min(xq.len() / QK);
+        if bpr == 0 {
+            out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let groups = (out.len() / 8).min(w.len() / bpr);
+        let low = _mm256_set1_epi8(0x0f);
+        for g in 0..groups {
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..bpr {
+                let blk = w.get_unchecked(g * bpr + b);
+                let x = xq.as_ptr().add(b * QK) as *const i32;
+                let mut dot = _mm256_set1_epi32(-8 * *xs.get_unchecked(b));
+                for q in 0..4 {
+                    let v = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * q) as *const __m256i);
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    let xl = _mm256_set1_epi32(x.add(q).read_unaligned());
+                    let xh = _mm256_set1_epi32(x.add(4 + q).read_unaligned());
+                    dot = _mm256_dpbusd_epi32(dot, lo, xl);
+                    dot = _mm256_dpbusd_epi32(dot, hi, xh);
+                }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.d.as_ptr() as *const __m128i));
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.get_unchecked(b)));
+                acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * g), acc);
         }
     }
 }

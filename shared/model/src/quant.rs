@@ -215,14 +215,11 @@ fn plain_row(v: &[BlockQ4_0x8], bpr: usize, r: usize) -> Vec<BlockQ4_0> {
 }
 
 /// Q4_0 blocks (row-major) of `rows` rows, interleaved by eight when the row count allows and this
-/// CPU has the kernel that reads them (AVX2); elsewhere (NEON, portable) the plain layout feeds the
+/// CPU has the kernel that reads them (AVX2, AVX-512); elsewhere (NEON, portable) the plain layout feeds the
 /// per-row kernels directly.
 fn q4_0_data(blocks: Vec<BlockQ4_0>, rows: usize, cols: usize) -> Data {
     let bpr = cols / QK;
-    if rows == 0
-        || !rows.is_multiple_of(8)
-        || bpr == 0
-        || crate::kernels::Isa::detect() != crate::kernels::Isa::Avx2
+    if rows == 0 || !rows.is_multiple_of(8) || bpr == 0 || !crate::kernels::Isa::detect().has_avx2()
     {
         return Data::Q4_0(blocks);
     }
@@ -865,7 +862,7 @@ mod tests {
         // 24 rows are interleaved in memory, 12 are not; the bytes and values are the same.
         let w = random(24 * 64, 7);
         let a = QMatrix::quantize(24, 64, &w, QuantType::Q4_0).unwrap();
-        if crate::kernels::Isa::detect() == crate::kernels::Isa::Avx2 {
+        if crate::kernels::Isa::detect().has_avx2() {
             assert!(matches!(a.storage(), Storage::Q4_0x8(_)));
         }
         let b = QMatrix::quantize(12, 64, &w[..12 * 64], QuantType::Q4_0).unwrap();
