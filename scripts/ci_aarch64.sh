@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The devices' CPU in CI: cross-builds starling-client for aarch64-unknown-linux-gnu (Debian's
-# gcc-aarch64-linux-gnu links it), checks it with clippy for that target, reports its stripped size
-# (at most 25 MB), and runs the model crate's kernel and inference tests under qemu-aarch64 (every NEON
-# kernel against the portable one; greedy text identical to the x86-64 build's, which the same tests
-# pin). Release profile throughout, so the tests and the binary share one build of the dependencies.
+# gcc-aarch64-linux-gnu links it), checks its stripped size (at most 25 MB), runs the model crate's kernel
+# and inference tests under qemu-aarch64 (every NEON kernel — Q8_0, Q4_0, Q4_1, f32 — against the portable
+# one; the native inference path against the burn model and the shipped model's greedy text, which the
+# same tests pin on x86-64), and runs clippy for that target.
+#
+# One `cargo test --no-run` builds the client binary and both test executables in one feature resolution
+# (separate invocations would build the dependencies twice), release profile, warnings denied; the test
+# executables then run under qemu directly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-gnu
@@ -15,17 +19,35 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch
 fi
 rustup target add "$target" >/dev/null
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-D warnings"
 start=$(date +%s)
-cargo build --release --locked -p starling-client --target "$target"
+list=$(mktemp)
+cargo test --release --locked --target "$target" -p starling-client -p starling-model \
+  --bins --lib --test infer --no-run --message-format=json-render-diagnostics > "$list"
 bin="target/$target/release/starling-client"
-aarch64-linux-gnu-strip -o "target/$target/release/starling-client.stripped" "$bin"
-size=$(stat -c %s "target/$target/release/starling-client.stripped")
+aarch64-linux-gnu-strip -o "$bin.stripped" "$bin"
+size=$(stat -c %s "$bin.stripped")
 echo "{\"aarch64_client_stripped_bytes\":$size,\"limit\":26214400}"
 [ "$size" -le 26214400 ] || { echo "the stripped aarch64 client is over 25 MB" >&2; exit 1; }
-# Every kernel against the portable one, and the inference tests, on emulated aarch64 (NEON).
-cargo test --release --locked -p starling-model --target "$target" --lib --test infer
-cargo clippy --release --locked -p starling-client -p starling-model --target "$target" --all-targets -- -D warnings
+# The model crate's unit tests (kernels) and inference tests, on emulated aarch64 (NEON).
+mapfile -t tests < <(python3 - "$list" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m.get("profile", {}).get("test") \
+            and m.get("package_id", "").find("starling-model") >= 0 and t.get("name") in ("starling_model", "infer"):
+        print(m["executable"])
+PY
+)
+[ "${#tests[@]}" -eq 2 ] || { echo "expected the model crate's lib and infer test executables, found: ${tests[*]}" >&2; exit 1; }
+for t in "${tests[@]}"; do
+  qemu-aarch64 -L /usr/aarch64-linux-gnu "$t"
+done
+cargo clippy --release --locked --target "$target" -p starling-client -p starling-model --all-targets -- -D warnings
 echo "{\"aarch64_step_seconds\":$(( $(date +%s) - start ))}"

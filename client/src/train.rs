@@ -284,9 +284,11 @@ fn bytes_per_param(quant: QuantType) -> f64 {
 }
 
 /// An upper estimate of the memory (bytes) a task's training takes on this device: the resident base at
-/// `quant`, and per worker thread the native engine's activations for its share of the batch (DP-SGD passes
-/// hold at most 8 sequences), one expanded layer, an output-head tile and a logits chunk, plus a fixed
-/// allowance for the runtime. Used to refuse a task before anything is loaded.
+/// `quant`, and per worker thread the native engine's activations for the piece of its share it runs at
+/// a time (whole sequences up to 256 token rows; DP-SGD passes hold at most 8 sequences), one expanded
+/// layer, an output-head tile and a logits chunk, plus a fixed allowance for the runtime. Used to refuse
+/// a task before anything is loaded. (SmolLM2-135M's shape, Q8_0, 4 × 256 tokens, 2 threads: 783 MB
+/// estimated, 706 MB measured by `starling-bench train --config M`.)
 pub fn training_memory_estimate(
     c: &LlamaConfig,
     quant: QuantType,
@@ -308,15 +310,16 @@ pub fn training_memory_estimate(
         f64::from(task.params.batch_size)
     };
     let per_thread_seqs = (batch / threads as f64).ceil().max(1.0);
+    let piece_seqs = per_thread_seqs.min((256.0 / seq.max(1.0)).floor().max(1.0));
     let weights = c.num_parameters() as f64 * bytes_per_param(quant);
-    // Activations kept for the backward pass: ~14 hidden-wide and 4 intermediate-wide rows per token and
-    // layer, plus attention probabilities (heads × seq per token), all f32.
-    let per_token_layer = 14.0 * h + 4.0 * i + heads * seq;
-    let activations = per_thread_seqs * seq * layers * per_token_layer * 4.0;
+    // Activations kept for the backward pass: ~6 hidden-wide and 3 intermediate-wide f32 rows per token
+    // and layer (attention probabilities are recomputed, one block at a time: heads × 32 × seq).
+    let per_token_layer = 6.0 * h + 3.0 * i;
+    let activations = piece_seqs * seq * layers * per_token_layer * 4.0 + heads * 32.0 * seq * 4.0;
     let layer_params = (c.num_parameters() as f64 - v * h).max(0.0) / layers.max(1.0);
     let expanded = layer_params * 4.0;
     let head_tile = 8192f64.min(v) * h * 4.0;
-    let logits = (per_thread_seqs * seq * v).min(16.0 * 1024.0 * 1024.0) * 4.0 * 2.0;
+    let logits = (piece_seqs * seq * v).min(4.0 * 1024.0 * 1024.0) * 4.0;
     let per_thread = activations + expanded + head_tile + logits;
     let runtime = 48.0 * 1024.0 * 1024.0;
     (weights + threads as f64 * per_thread + runtime) as u64

@@ -937,16 +937,19 @@ mod x512 {
             for b in 0..bpr {
                 let blk = w.get_unchecked(g * bpr + b);
                 let x = xq.as_ptr().add(b * QK) as *const i32;
-                let mut dot = _mm256_set1_epi32(-8 * *xs.get_unchecked(b));
+                // Two independent chains (low and high nibbles) so the multiply-adds overlap.
+                let mut dlo = _mm256_set1_epi32(-8 * *xs.get_unchecked(b));
+                let mut dhi = _mm256_setzero_si256();
                 for q in 0..4 {
                     let v = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * q) as *const __m256i);
                     let lo = _mm256_and_si256(v, low);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                     let xl = _mm256_set1_epi32(x.add(q).read_unaligned());
                     let xh = _mm256_set1_epi32(x.add(4 + q).read_unaligned());
-                    dot = _mm256_dpbusd_epi32(dot, lo, xl);
-                    dot = _mm256_dpbusd_epi32(dot, hi, xh);
+                    dlo = _mm256_dpbusd_epi32(dlo, lo, xl);
+                    dhi = _mm256_dpbusd_epi32(dhi, hi, xh);
                 }
+                let dot = _mm256_add_epi32(dlo, dhi);
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.d.as_ptr() as *const __m128i));
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.get_unchecked(b)));
                 acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc);
