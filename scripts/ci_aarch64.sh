@@ -24,8 +24,9 @@ export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-D warnings"
 start=$(date +%s)
 list=$(mktemp)
+# `--test cli` (the client's command-line test) makes cargo build the client binary itself.
 cargo test --release --locked --target "$target" -p starling-client -p starling-model \
-  --bins --lib --test infer --no-run --message-format=json-render-diagnostics > "$list"
+  --lib --test infer --test cli --no-run --message-format=json-render-diagnostics > "$list"
 bin="target/$target/release/starling-client"
 aarch64-linux-gnu-strip -o "$bin.stripped" "$bin"
 size=$(stat -c %s "$bin.stripped")
