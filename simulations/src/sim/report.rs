@@ -223,10 +223,14 @@ fn draw<DB: DrawingBackend>(
         .y_label_area_size(70)
         .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
         .map_err(err)?;
+    // Rounds are whole numbers: at most one tick per round, labelled without decimals.
+    let rounds = (x1.max(x0 + 1.0) - x0).round() as usize;
     chart
         .configure_mesh()
         .x_desc("round")
         .y_desc(y_desc)
+        .x_labels((rounds + 1).min(11))
+        .x_label_formatter(&round_label)
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(err)?;
@@ -261,6 +265,15 @@ fn draw<DB: DrawingBackend>(
         .map_err(err)?;
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// A tick label on the round axis: the round number, or nothing between rounds.
+fn round_label(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-9 {
+        format!("{}", x.round() as i64)
+    } else {
+        String::new()
+    }
 }
 
 /// The short table printed at the end of a run.
@@ -343,4 +356,51 @@ pub fn table(o: &Outcome) -> String {
         s.wall_s
     ));
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_round_axis_is_labelled_in_whole_rounds() {
+        assert_eq!(round_label(&2.0), "2");
+        assert_eq!(round_label(&2.5), "");
+        register_font();
+        for rounds in [3usize, 12, 40] {
+            let mut svg = String::new();
+            let series = [Series {
+                label: "federated".into(),
+                color: BLUE,
+                dashed: false,
+                // Tiny values, so no y label can look like a round.
+                points: (0..=rounds).map(|r| (r as f64, 1e-3 * r as f64)).collect(),
+            }];
+            draw(
+                SVGBackend::with_string(&mut svg, (640, 400)).into_drawing_area(),
+                "test",
+                "loss",
+                &series,
+            )
+            .unwrap();
+            // Every text element's content.
+            let texts: Vec<&str> = svg
+                .split("<text")
+                .skip(1)
+                .filter_map(|t| {
+                    t.split_once('>')
+                        .and_then(|(_, rest)| rest.split_once("</text>"))
+                })
+                .map(|(content, _)| content.trim())
+                .collect();
+            assert!(
+                !texts.iter().any(|t| ["0.5", "1.5", "2.0"].contains(t)),
+                "{rounds}: decimal round labels in {texts:?}"
+            );
+            assert!(
+                texts.contains(&"0") && texts.contains(&"round"),
+                "{texts:?}"
+            );
+        }
+    }
 }
