@@ -52,12 +52,18 @@ fn prefill_and_decoding_match_the_burn_model() {
         (4, 4, false, false),
         (4, 2, false, true),
     ] {
-        for quant in [
-            QuantType::F32,
-            QuantType::Q8_0,
-            QuantType::Q4_0,
-            QuantType::Q4_1,
-        ] {
+        // Every format on the Llama shapes; the biases of the Qwen2 shape are format-independent.
+        let quants: &[QuantType] = if qkv_bias {
+            &[QuantType::F32, QuantType::Q4_1]
+        } else {
+            &[
+                QuantType::F32,
+                QuantType::Q8_0,
+                QuantType::Q4_0,
+                QuantType::Q4_1,
+            ]
+        };
+        for &quant in quants {
             let cfg = LlamaConfig {
                 qkv_bias,
                 ..config(heads, kv, tied)
