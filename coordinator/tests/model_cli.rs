@@ -105,18 +105,22 @@ fn bad_input_is_a_clear_error_not_a_panic() {
         err.contains("model.safetensors") && !err.contains("panicked"),
         "{err}"
     );
-    // Out-of-vocabulary ids.
-    let o = bin()
-        .args(["model", "logits"])
-        .arg(fixture("gqa_untied_f32"))
-        .args(["--ids", "1,99999"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("outside the vocabulary") && !err.contains("panicked"),
-        "{err}"
-    );
+    // Out-of-vocabulary ids, also one that carries the training data's NO_LOSS bit (2^31 + 1).
+    for ids in ["1,99999", "1,2147483649"] {
+        let o = bin()
+            .args(["model", "logits"])
+            .arg(fixture("gqa_untied_f32"))
+            .args(["--ids", ids])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success()
+                && err.contains("outside the vocabulary")
+                && !err.contains("panicked"),
+            "{ids}: {err}"
+        );
+    }
 }
 
 fn logits(model: &Path, ids: &str) -> Vec<f64> {

@@ -297,6 +297,13 @@ pub fn run_logits(m: &ModelOpts, ids: &[u32], all: bool) -> anyhow::Result<()> {
     if ids.is_empty() {
         bail!("--ids needs at least one token id");
     }
+    // Checked here: the model reads training ids' NO_LOSS mark, which a user's id must not carry.
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= model.config.vocab_size) {
+        bail!(
+            "token id {bad} is outside the vocabulary of {} tokens",
+            model.config.vocab_size
+        );
+    }
     let logits = model.forward(ids, 1, adapter.as_ref(), None, None)?;
     let [_, seq, vocab] = logits.dims();
     let values = logits
