@@ -412,6 +412,25 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
+/// `out[r] = $dot(row r)` over the rows of `$w` (`$len` items each): a macro rather than a
+/// function so the per-row dot stays inlined inside the caller's `target_feature` context (AVX2 and
+/// AVX-512 kernels alike).
+macro_rules! each_row {
+    ($w:expr, $len:expr, $out:expr, |$row:ident| $dot:expr) => {{
+        let len = $len;
+        if len == 0 {
+            $out.iter_mut().for_each(|o| *o = 0.0);
+            return;
+        }
+        let rows = $out.len().min($w.len() / len);
+        for r in 0..rows {
+            let $row = $w.get_unchecked(r * len..(r + 1) * len);
+            *$out.get_unchecked_mut(r) = $dot;
+        }
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -419,27 +438,10 @@ mod x86 {
 
     use super::*;
 
-    /// `out[r] = $dot(row r)` over the rows of `$w` (`$len` items each): a macro rather than a
-    /// function so the per-row dot stays inlined inside the caller's `target_feature` context.
-    macro_rules! each_row {
-        ($w:expr, $len:expr, $out:expr, |$row:ident| $dot:expr) => {{
-            let len = $len;
-            if len == 0 {
-                $out.iter_mut().for_each(|o| *o = 0.0);
-                return;
-            }
-            let rows = $out.len().min($w.len() / len);
-            for r in 0..rows {
-                let $row = $w.get_unchecked(r * len..(r + 1) * len);
-                *$out.get_unchecked_mut(r) = $dot;
-            }
-        }};
-    }
-
     /// Horizontal sum of eight floats.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -449,7 +451,7 @@ mod x86 {
     /// An f16 scale as f32 through the F16C instruction.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn half(h: f16) -> f32 {
+    pub(super) unsafe fn half(h: f16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
     }
 
@@ -492,16 +494,22 @@ mod x86 {
         hsum(_mm256_add_ps(acc0, acc1))
     }
 
-    /// The 32 values of a Q4_0 block as signed bytes: 0..16 from the low nibbles, 16..32 from the
-    /// high ones, centred on zero.
+    /// The 32 nibbles of a 4-bit block as unsigned bytes (0..16 low nibbles, 16..32 high ones).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn nibbles(qs: &[u8; QK / 2]) -> __m256i {
+        let low = _mm_set1_epi8(0x0f);
+        let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+        let lo = _mm_and_si128(q, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// The 32 values of a Q4_0 block as signed bytes: its nibbles centred on zero.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn unpack(b: &BlockQ4_0) -> __m256i {
-        let low = _mm_set1_epi8(0x0f);
-        let q = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
-        let lo = _mm_and_si128(q, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-        _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
+        _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8))
     }
 
     /// # Safety
@@ -528,17 +536,6 @@ mod x86 {
             acc0 = _mm256_fmadd_ps(d, block_dot(unpack(b), xv), acc0);
         }
         hsum(_mm256_add_ps(acc0, acc1))
-    }
-
-    /// The 32 nibbles of a Q4_1 block as unsigned bytes (0..16 low nibbles, 16..32 high ones).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles(qs: &[u8; QK / 2]) -> __m256i {
-        let low = _mm_set1_epi8(0x0f);
-        let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
-        let lo = _mm_and_si128(q, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-        _mm256_set_m128i(hi, lo)
     }
 
     /// # Safety
@@ -742,35 +739,8 @@ mod x86 {
 mod x512 {
     use std::arch::x86_64::*;
 
+    use super::x86::{half, hsum, nibbles};
     use super::*;
-
-    /// The f16 scale as f32 (F16C).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn half(h: half::f16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
-    }
-
-    /// Horizontal sum of eight i32 lanes' products, as in the AVX2 kernels.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn hsum8(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// The 32 nibbles of a 4-bit block as unsigned bytes (0..16 low nibbles, 16..32 high ones).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn nibbles(qs: &[u8; QK / 2]) -> __m256i {
-        let low = _mm_set1_epi8(0x0f);
-        let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
-        let lo = _mm_and_si128(q, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-        _mm256_set_m128i(hi, lo)
-    }
 
     /// # Safety
     /// The CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; `xq` holds `QK` values per
@@ -806,7 +776,7 @@ mod x512 {
             let xv = _mm256_loadu_si256(xq.as_ptr().add(i * QK) as *const __m256i);
             let sx = _mm256_sign_epi8(xv, wv);
             let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), sx);
-            total += half(b.d) * *xd.get_unchecked(i) * hsum8(_mm256_cvtepi32_ps(dot));
+            total += half(b.d) * *xd.get_unchecked(i) * hsum(_mm256_cvtepi32_ps(dot));
         }
         total
     }
@@ -830,7 +800,7 @@ mod x512 {
             let d = _mm256_set1_ps(half(b.d) * *xd.get_unchecked(i));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc);
         }
-        hsum8(acc)
+        hsum(acc)
     }
 
     /// # Safety
@@ -849,22 +819,14 @@ mod x512 {
             acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b.d) * dx), _mm256_cvtepi32_ps(dot), acc);
             offset += half(b.m) * dx * *xs.get_unchecked(i) as f32;
         }
-        hsum8(acc) + offset
+        hsum(acc) + offset
     }
 
     /// # Safety
     /// As [`dot_q8_0`]; `w` holds `out.len()` rows of `xd.len()` blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn gemv_q8_0(w: &[BlockQ8_0], xd: &[f32], xq: &[i8], out: &mut [f32]) {
-        let len = xd.len();
-        if len == 0 {
-            out.iter_mut().for_each(|o| *o = 0.0);
-            return;
-        }
-        let rows = out.len().min(w.len() / len);
-        for r in 0..rows {
-            *out.get_unchecked_mut(r) = dot_q8_0(w.get_unchecked(r * len..(r + 1) * len), xd, xq);
-        }
+        each_row!(w, xd.len(), out, |row| dot_q8_0(row, xd, xq))
     }
 
     /// # Safety
@@ -877,16 +839,7 @@ mod x512 {
         xs: &[i32],
         out: &mut [f32],
     ) {
-        let len = xd.len();
-        if len == 0 {
-            out.iter_mut().for_each(|o| *o = 0.0);
-            return;
-        }
-        let rows = out.len().min(w.len() / len);
-        for r in 0..rows {
-            *out.get_unchecked_mut(r) =
-                dot_q4_0(w.get_unchecked(r * len..(r + 1) * len), xd, xq, xs);
-        }
+        each_row!(w, xd.len(), out, |row| dot_q4_0(row, xd, xq, xs))
     }
 
     /// # Safety
@@ -899,16 +852,7 @@ mod x512 {
         xs: &[i32],
         out: &mut [f32],
     ) {
-        let len = xd.len();
-        if len == 0 {
-            out.iter_mut().for_each(|o| *o = 0.0);
-            return;
-        }
-        let rows = out.len().min(w.len() / len);
-        for r in 0..rows {
-            *out.get_unchecked_mut(r) =
-                dot_q4_1(w.get_unchecked(r * len..(r + 1) * len), xd, xq, xs);
-        }
+        each_row!(w, xd.len(), out, |row| dot_q4_1(row, xd, xq, xs))
     }
 
     /// Eight interleaved rows per 32-bit lane, as the AVX2 kernel, with `vpdpbusd` accumulating the

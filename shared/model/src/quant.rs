@@ -306,6 +306,24 @@ fn dequant_q4_1(b: &BlockQ4_1, out: &mut [f32]) {
     }
 }
 
+/// Row `r` of row-major blocks (`bpr` to a row) into `out`, one block of [`QK`] values at a time
+/// through `dequant` (a block format's own decoding, inlined: this runs in every tile expansion).
+#[inline]
+fn dequant_row<B>(
+    blocks: &[B],
+    r: usize,
+    bpr: usize,
+    out: &mut [f32],
+    dequant: impl Fn(&B, &mut [f32]),
+) {
+    for (blk, o) in blocks[r * bpr..(r + 1) * bpr]
+        .iter()
+        .zip(out.chunks_exact_mut(QK))
+    {
+        dequant(blk, o);
+    }
+}
+
 #[inline]
 fn dequant_q8_0(b: &BlockQ8_0, out: &mut [f32]) {
     let d = b.d.to_f32();
@@ -545,33 +563,9 @@ impl QMatrix {
         let c = self.cols;
         match &self.data {
             Data::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
-            Data::Q8_0(b) => {
-                let bpr = c / QK;
-                for (blk, o) in b[r * bpr..(r + 1) * bpr]
-                    .iter()
-                    .zip(out.chunks_exact_mut(QK))
-                {
-                    dequant_q8_0(blk, o);
-                }
-            }
-            Data::Q4_0(b) => {
-                let bpr = c / QK;
-                for (blk, o) in b[r * bpr..(r + 1) * bpr]
-                    .iter()
-                    .zip(out.chunks_exact_mut(QK))
-                {
-                    dequant_q4_0(blk, o);
-                }
-            }
-            Data::Q4_1(b) => {
-                let bpr = c / QK;
-                for (blk, o) in b[r * bpr..(r + 1) * bpr]
-                    .iter()
-                    .zip(out.chunks_exact_mut(QK))
-                {
-                    dequant_q4_1(blk, o);
-                }
-            }
+            Data::Q8_0(b) => dequant_row(b, r, c / QK, out, dequant_q8_0),
+            Data::Q4_0(b) => dequant_row(b, r, c / QK, out, dequant_q4_0),
+            Data::Q4_1(b) => dequant_row(b, r, c / QK, out, dequant_q4_1),
             Data::Q4_0x8(v) => {
                 let bpr = c / QK;
                 let l = r % 8;
