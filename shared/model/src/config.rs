@@ -259,10 +259,20 @@ impl LlamaConfig {
     /// Writes this config as a HuggingFace-style `config.json` (top-level `rope_theta`; a Qwen2
     /// config when the projections carry biases).
     pub fn to_hf_json(&self) -> String {
-        let (arch, model_type) = if self.qkv_bias {
-            ("Qwen2ForCausalLM", "qwen2")
+        // What tells the family apart: Qwen2's biases are implied by its type (and its window is
+        // off); a Llama config says it has none.
+        let (arch, model_type, family) = if self.qkv_bias {
+            (
+                "Qwen2ForCausalLM",
+                "qwen2",
+                serde_json::json!({"use_sliding_window": false}),
+            )
         } else {
-            ("LlamaForCausalLM", "llama")
+            (
+                "LlamaForCausalLM",
+                "llama",
+                serde_json::json!({"attention_bias": false, "mlp_bias": false}),
+            )
         };
         let mut v = serde_json::json!({
             "architectures": [arch],
@@ -281,16 +291,10 @@ impl LlamaConfig {
             "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids,
-            "attention_bias": false,
-            "mlp_bias": false,
             "torch_dtype": "float32",
         });
-        if self.qkv_bias {
-            if let Some(o) = v.as_object_mut() {
-                o.remove("attention_bias");
-                o.remove("mlp_bias");
-                o.insert("use_sliding_window".into(), Value::Bool(false));
-            }
+        if let (Some(o), Some(extra)) = (v.as_object_mut(), family.as_object()) {
+            o.extend(extra.clone());
         }
         serde_json::to_string_pretty(&v).expect("a JSON value always serialises") + "\n"
     }

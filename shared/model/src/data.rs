@@ -34,6 +34,16 @@ pub fn is_target(id: u32) -> bool {
     id & NO_LOSS == 0
 }
 
+/// The tokens of training ids (their [`NO_LOSS`] marks removed): what the model reads.
+pub fn tokens(ids: &[u32]) -> Vec<u32> {
+    ids.iter().map(|&i| token(i)).collect()
+}
+
+/// The positions of one sequence whose next id is trained on (all but the last, unless marked).
+pub fn counted_targets(sequence: &[u32]) -> usize {
+    sequence.iter().skip(1).filter(|&&i| is_target(i)).count()
+}
+
 /// One line of chat training data.
 #[derive(serde::Deserialize)]
 struct Conversation {
@@ -81,6 +91,27 @@ pub fn chat_ids(
         )));
     }
     Ok(ids)
+}
+
+/// The training ids of `text` (`path` names it in errors): chat conversations when `conversations`
+/// (JSONL, rendered with `template`, which they need), else plain text.
+pub fn training_ids(
+    text: &str,
+    path: &Path,
+    tok: &Tokenizer,
+    conversations: bool,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<u32>> {
+    if !conversations {
+        return tok.encode(text);
+    }
+    let template = template.ok_or_else(|| {
+        ModelError::Data(format!(
+            "{} is chat data, and the model has no chat template (tokenizer_config.json)",
+            path.display()
+        ))
+    })?;
+    chat_ids(text, path, template, tok)
 }
 
 /// The text files under `paths` (files as given, directories searched for `*.txt` and `*.jsonl`),
@@ -135,17 +166,7 @@ impl TextData {
         for f in files {
             let bytes = read_bounded(f, MAX_TEXT_BYTES)?;
             let text = String::from_utf8_lossy(&bytes);
-            let ids = if is_chat(f) {
-                let template = chat.ok_or_else(|| {
-                    ModelError::Data(format!(
-                        "{} is chat data, and the model has no chat template (tokenizer_config.json)",
-                        f.display()
-                    ))
-                })?;
-                chat_ids(&text, f, template, tok)?
-            } else {
-                tok.encode(&text)?
-            };
+            let ids = training_ids(&text, f, tok, is_chat(f), chat)?;
             let cut = ((ids.len() as f64) * (1.0 - eval_fraction)) as usize;
             train.extend_from_slice(&ids[..cut]);
             eval.extend_from_slice(&ids[cut..]);

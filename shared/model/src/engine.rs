@@ -964,17 +964,11 @@ impl Ctx<'_> {
 
         // ---------------- forward ----------------
         // Ids marked NO_LOSS (chat context) are read as their tokens and never predicted.
-        let input: Vec<u32> = ids.iter().map(|&i| crate::data::token(i)).collect();
-        let mut x = m.embed.gather_rows(&input)?;
+        let mut x = m.embed.gather_rows(&crate::data::tokens(ids))?;
         // Targets per sequence: the positions whose next id counts.
         let counted: Vec<usize> = ids
             .chunks_exact(t_len)
-            .map(|s| {
-                s[1..]
-                    .iter()
-                    .filter(|&&i| crate::data::is_target(i))
-                    .count()
-            })
+            .map(crate::data::counted_targets)
             .collect();
         let mut w = LayerScratch::new(m);
         let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
@@ -999,14 +993,7 @@ impl Ctx<'_> {
             );
             // Qwen2's frozen biases: a constant shift, nothing to differentiate.
             for (t, col) in [(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)] {
-                if let Some(b) = block.bias(t) {
-                    for row in qkv.chunks_exact_mut(wq) {
-                        row[col..col + b.len()]
-                            .iter_mut()
-                            .zip(b)
-                            .for_each(|(v, c)| *v += c);
-                    }
-                }
+                block.add_bias(t, &mut qkv, wq, col);
             }
             let tables = (&self.cos[..], &self.sin[..]);
             rope(&mut qkv, wq, 0, nh, hd, t_len, tables, false);

@@ -414,9 +414,9 @@ impl Session<'_> {
                     product(&block.proj[2].0, lora[2].as_ref(), &uv, &mut vn),
                 ],
             );
-            block.add_bias(Target::Q, &mut q);
-            block.add_bias(Target::K, &mut kn);
-            block.add_bias(Target::V, &mut vn);
+            block.add_bias(Target::Q, &mut q, qd, 0);
+            block.add_bias(Target::K, &mut kn, kvd, 0);
+            block.add_bias(Target::V, &mut vn, kvd, 0);
             for i in 0..m {
                 let (cos, sin) = &self.rope[self.len + i];
                 for hq in q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {

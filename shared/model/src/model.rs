@@ -70,11 +70,15 @@ impl Block {
         }
     }
 
-    /// Adds `target`'s bias (if any) to every row of `y` (rows of the projection's output width).
-    pub fn add_bias(&self, target: Target, y: &mut [f32]) {
+    /// Adds `target`'s bias (if any) to every row of `y`, rows of `width` values whose columns
+    /// `col..` hold the projection's output (the native paths keep q, k and v side by side or apart).
+    pub fn add_bias(&self, target: Target, y: &mut [f32], width: usize, col: usize) {
         if let Some(b) = self.bias(target) {
-            for row in y.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(b).for_each(|(v, c)| *v += c);
+            for row in y.chunks_exact_mut(width) {
+                row[col..col + b.len()]
+                    .iter_mut()
+                    .zip(b)
+                    .for_each(|(v, c)| *v += c);
             }
         }
     }
@@ -235,8 +239,7 @@ impl Llama {
         let rep = nh / nkv;
         let n = batch * seq;
         // Training ids may carry the NO_LOSS mark (chat context): the model reads their tokens.
-        let tokens: Vec<u32> = ids.iter().map(|&i| crate::data::token(i)).collect();
-        let emb = self.embed.gather_rows(&tokens)?;
+        let emb = self.embed.gather_rows(&crate::data::tokens(ids))?;
         let mut x = Tensor::<2>::from_data(TensorData::new(emb, [n, h]), &self.device);
         if adapter.is_some_and(|a| a.tensors().iter().any(|t| t.is_autodiff())) {
             x = x.autodiff();

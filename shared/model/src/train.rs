@@ -156,10 +156,7 @@ pub fn next_token_loss(logits: Tensor<3>, ids: &[u32], batch: usize) -> Tensor<1
     let weights: Vec<f32> = ids
         .chunks_exact(t)
         .flat_map(|row| {
-            let counted = row[1..]
-                .iter()
-                .filter(|&&x| crate::data::is_target(x))
-                .count();
+            let counted = crate::data::counted_targets(row);
             row[1..].iter().map(move |&x| {
                 if crate::data::is_target(x) {
                     1.0 / (counted as f32 * b as f32)

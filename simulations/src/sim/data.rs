@@ -49,17 +49,7 @@ impl Dataset {
         tok: &starling_model::Tokenizer,
         chat: Option<&starling_model::chat::ChatTemplate>,
     ) -> Result<Vec<u32>, SimError> {
-        if !self.chat {
-            return tok.encode(text).map_err(|e| SimError::Data(e.to_string()));
-        }
-        let template = chat.ok_or_else(|| {
-            SimError::Data(
-                "the data set is chat conversations and the base model has no chat template \
-                 (tokenizer_config.json)"
-                    .into(),
-            )
-        })?;
-        starling_model::data::chat_ids(text, Path::new("client data"), template, tok)
+        starling_model::data::training_ids(text, Path::new("client data"), tok, self.chat, chat)
             .map_err(|e| SimError::Data(e.to_string()))
     }
 

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
-use starling_model::data::{is_target, token};
+use starling_model::data::{counted_targets, is_target, tokens};
 use starling_model::infer::Runner;
 use starling_model::{Llama, LoraAdapter, Tokenizer};
 
@@ -76,7 +76,7 @@ impl EvalSet {
     pub fn tokens(&self) -> u64 {
         self.windows
             .iter()
-            .map(|(_, w)| w.iter().skip(1).filter(|&&i| is_target(i)).count() as u64)
+            .map(|(_, w)| counted_targets(w) as u64)
             .sum()
     }
 }
@@ -107,9 +107,8 @@ pub fn evaluate(
     let vocab = model.config.vocab_size;
     for (_, w) in &set.windows {
         // Chat context (marked NO_LOSS) is read, never scored.
-        let input: Vec<u32> = w.iter().map(|&i| token(i)).collect();
         let values = runner
-            .logits_all(&input)
+            .logits_all(&tokens(w))
             .map_err(|e| SimError::Model(e.to_string()))?;
         for (t, row) in values
             .chunks_exact(vocab)
