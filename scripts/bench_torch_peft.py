@@ -2,7 +2,9 @@
 """The PyTorch + PEFT side of `starling-bench train`: same shapes, LoRA r=8 on q,k,v,o, frozen
 f32 base, AdamW, random tokens; prints one JSON line with tokens/s (2 threads, like CI's machine).
 
-Usage: python3 scripts/bench_torch_peft.py --config S|M [--steps 5]
+Usage: python3 scripts/bench_torch_peft.py --config S|M [--steps 5] [--autocast bf16]
+(`--autocast bf16`: the forward under `torch.autocast("cpu", torch.bfloat16)`, PyTorch's mixed
+precision, the counterpart of `starling-bench train --engine native-bf16`.)
 """
 import argparse
 import json
@@ -24,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="S", choices=SHAPES)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--autocast", choices=["bf16"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -36,7 +39,11 @@ def main() -> None:
     ids = torch.randint(0, s["vocab_size"], (batch, seq))
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        if args.autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -47,7 +54,8 @@ def main() -> None:
         step()
     secs = time.time() - t
     print(json.dumps({"bench": "train", "impl": "pytorch+peft", "torch": torch.__version__,
-                      "config": args.config, "quant": "f32", "threads": 2, "steps": args.steps,
+                      "config": args.config, "quant": "f32",
+                      "products": args.autocast or "f32", "threads": 2, "steps": args.steps,
                       "seconds": secs, "tokens_per_s": args.steps * batch * seq / secs}))
 
 

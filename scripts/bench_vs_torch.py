@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--python", default=sys.executable, help="interpreter with torch + peft")
+    ap.add_argument("--engine", default="native", choices=["native", "native-bf16"])
+    ap.add_argument("--torch-autocast", choices=["bf16"], default=None,
+                    help="run PyTorch's forward under autocast (mixed precision)")
     args = ap.parse_args()
     if args.pairs < 1 or args.steps < 1:
         sys.exit("--pairs and --steps must be at least 1")
@@ -48,9 +51,11 @@ def main() -> None:
                        "--bin", "starling-bench"], cwd=ROOT).returncode != 0:
         sys.exit("building starling-bench failed")
     native_cmd = [BENCH, "train", "--config", args.config, "--quant", args.quant,
-                  "--steps", str(args.steps)]
+                  "--steps", str(args.steps), "--engine", args.engine]
     torch_cmd = [args.python, os.path.join(ROOT, "scripts", "bench_torch_peft.py"),
                  "--config", args.config, "--steps", str(args.steps)]
+    if args.torch_autocast:
+        torch_cmd += ["--autocast", args.torch_autocast]
     ratios, nat_tok, nat_s, tor_tok, tor_s = [], [], 0.0, [], 0.0
     for i in range(args.pairs):
         if i % 2 == 0:
@@ -67,6 +72,7 @@ def main() -> None:
                           "torch_tokens_per_s": t["tokens_per_s"], "ratio": ratio}), flush=True)
     print(json.dumps({
         "bench": "train-vs-torch", "config": args.config, "quant": args.quant,
+        "native_products": n.get("products", "f32"), "torch_products": t.get("products", "f32"),
         "pairs": args.pairs, "steps": args.steps,
         "native_median_tokens_per_s": statistics.median(nat_tok),
         "torch_median_tokens_per_s": statistics.median(tor_tok),

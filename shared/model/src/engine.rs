@@ -21,7 +21,10 @@
 //! - buffers come from a per-thread pool that keeps a whole pass's activations between passes (no
 //!   re-allocation or page faults per step) until the training run ends ([`release_buffers`]);
 //! - per-sequence gradients (for DP-SGD's per-example clipping) come from the same pass: only the
-//!   small A/B products are split by sequence.
+//!   small A/B products are split by sequence;
+//! - with [`Precision::Bf16`] on a CPU with AVX512-BF16 the frozen-weight products (every layer's
+//!   projections, forward and backward) round their inputs to bf16 and sum in f32 ([`crate::bf16`]),
+//!   at twice the f32 rate; attention, the output head, the norms and the adapters stay f32.
 //!
 //! Tests check loss and gradients against burn's autodiff on the same model (`tests/engine.rs`).
 //! Nothing here knows of optimizers, files or privacy; it is only the differentiable network.
@@ -67,6 +70,17 @@ pub struct Gradients {
     /// Flattened gradients in canonical tensor order ([`LoraAdapter::tensors`]): one vector for
     /// [`Reduction::Sum`], one per sequence for [`Reduction::PerSequence`].
     pub grads: Vec<Vec<f32>>,
+}
+
+/// The arithmetic of the frozen-weight products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout (the reference; equals burn's autodiff within 1e-4).
+    #[default]
+    F32,
+    /// Inputs of the layers' frozen-weight products rounded to bf16, sums in f32 (autocast's
+    /// mixed precision) where the CPU has AVX512-BF16 ([`crate::bf16::available`]); f32 elsewhere.
+    Bf16,
 }
 
 /// LoRA dropout for one call: probability and the seed its masks derive from.
@@ -567,52 +581,122 @@ struct Ctx<'m> {
     /// Adapters are merged into the expanded weights (no dropout): the LoRA forward only computes
     /// `u = x·Aᵀ`, and input gradients flow through the merged weights.
     merged: bool,
+    /// The layers' frozen-weight products run in bf16 ([`Precision::Bf16`] on a capable CPU).
+    bf16: bool,
+}
+
+/// A frozen layer weight (`rows × cols`, the projection's `out × in`) expanded to f32, and, in bf16
+/// mode, packed for the pass that reads it next.
+#[derive(Default)]
+struct Frozen {
+    f32: Vec<f32>,
+    packed: crate::bf16::PackedB,
+    rows: usize,
+    cols: usize,
+}
+
+impl Frozen {
+    /// Sized for `rows × cols`; the f32 buffer (from the thread's pool) only when `f32` (bf16 mode
+    /// packs straight from the quantized weights).
+    fn new(rows: usize, cols: usize, f32: bool) -> Self {
+        Self {
+            f32: if f32 {
+                scratch(rows * cols)
+            } else {
+                Vec::new()
+            },
+            packed: Default::default(),
+            rows,
+            cols,
+        }
+    }
+
+    /// Packs the quantized `mats` (their rows stacked) for the forward pass (`y = x·Wᵀ`) or the
+    /// backward pass (`dx = dy·W`).
+    fn pack(&mut self, pass: Pass, mats: &[&QMatrix]) {
+        let row = |mut r: usize, out: &mut [f32]| {
+            for m in mats {
+                if r < m.rows() {
+                    m.dequantize_row(r, out);
+                    return;
+                }
+                r -= m.rows();
+            }
+        };
+        match pass {
+            Pass::Forward => self.packed.pack_transposed(self.rows, self.cols, row),
+            Pass::Backward => self.packed.pack(self.rows, self.cols, row),
+        }
+    }
+}
+
+/// Which pass a layer's weights are loaded for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+thread_local! {
+    /// The left operand of this thread's current bf16 product.
+    static PACKED_A: std::cell::RefCell<crate::bf16::PackedA> = Default::default();
 }
 
 /// The frozen weights of one layer expanded to f32 (per thread).
 struct LayerScratch {
-    qkv: Vec<f32>,
-    o: Vec<f32>,
-    gu: Vec<f32>,
-    down: Vec<f32>,
+    qkv: Frozen,
+    o: Frozen,
+    gu: Frozen,
+    down: Frozen,
 }
 
 impl LayerScratch {
-    /// Scratch sized for `model`'s layers, from the thread's pool.
-    fn new(model: &Llama) -> Self {
+    /// Scratch sized for `model`'s layers, from the thread's pool (no f32 buffers in bf16 mode).
+    fn new(model: &Llama, bf16: bool) -> Self {
         let c = &model.config;
         let (h, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (hq, hkv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
         Self {
-            qkv: scratch((hq + 2 * hkv) * h),
-            o: scratch(h * hq),
-            gu: scratch(2 * i * h),
-            down: scratch(h * i),
+            qkv: Frozen::new(hq + 2 * hkv, h, !bf16),
+            o: Frozen::new(h, hq, !bf16),
+            gu: Frozen::new(2 * i, h, !bf16),
+            down: Frozen::new(h, i, !bf16),
         }
     }
 
     /// Expands `layer`'s frozen weights; when the context merges adapters, adds `scale · B·A` of
     /// every adapted projection to its rows, so the frozen GEMMs carry the LoRA path forward
-    /// (`x·(W + sBA)ᵀ`) and backward (`dy·(W + sBA)`).
-    fn load(&mut self, ctx: &Ctx, layer: usize) {
+    /// (`x·(W + sBA)ᵀ`) and backward (`dy·(W + sBA)`). In bf16 mode instead packs them for `pass`
+    /// straight from their quantized rows (adapters are never merged there: rounding `W + sBA` to
+    /// bf16 would round most of the small `sBA` away).
+    fn load(&mut self, ctx: &Ctx, layer: usize, pass: Pass) {
         let model = ctx.model;
         let p = &model.blocks[layer].proj;
         let (q, k, v) = (&p[0].0, &p[1].0, &p[2].0);
+        if ctx.bf16 {
+            self.qkv.pack(pass, &[q, k, v]);
+            self.o.pack(pass, &[&p[3].0]);
+            self.gu.pack(pass, &[&p[4].0, &p[5].0]);
+            self.down.pack(pass, &[&p[6].0]);
+            return;
+        }
         let h = q.cols();
-        self.qkv.resize((q.rows() + k.rows() + v.rows()) * h, 0.0);
-        expand(q, 0, q.rows(), &mut self.qkv);
-        expand(k, 0, k.rows(), &mut self.qkv[q.rows() * h..]);
-        expand(v, 0, v.rows(), &mut self.qkv[(q.rows() + k.rows()) * h..]);
+        let qkv = &mut self.qkv.f32;
+        qkv.resize((q.rows() + k.rows() + v.rows()) * h, 0.0);
+        expand(q, 0, q.rows(), qkv);
+        expand(k, 0, k.rows(), &mut qkv[q.rows() * h..]);
+        expand(v, 0, v.rows(), &mut qkv[(q.rows() + k.rows()) * h..]);
         let o = &p[3].0;
-        self.o.resize(o.rows() * o.cols(), 0.0);
-        expand(o, 0, o.rows(), &mut self.o);
+        self.o.f32.resize(o.rows() * o.cols(), 0.0);
+        expand(o, 0, o.rows(), &mut self.o.f32);
         let (g, u) = (&p[4].0, &p[5].0);
-        self.gu.resize((g.rows() + u.rows()) * h, 0.0);
-        expand(g, 0, g.rows(), &mut self.gu);
-        expand(u, 0, u.rows(), &mut self.gu[g.rows() * h..]);
+        let gu = &mut self.gu.f32;
+        gu.resize((g.rows() + u.rows()) * h, 0.0);
+        expand(g, 0, g.rows(), gu);
+        expand(u, 0, u.rows(), &mut gu[g.rows() * h..]);
         let d = &p[6].0;
-        self.down.resize(d.rows() * d.cols(), 0.0);
-        expand(d, 0, d.rows(), &mut self.down);
+        self.down.f32.resize(d.rows() * d.cols(), 0.0);
+        expand(d, 0, d.rows(), &mut self.down.f32);
         if !ctx.merged {
             return;
         }
@@ -621,13 +705,13 @@ impl LayerScratch {
                 continue;
             };
             let (dst, row0) = match t {
-                Target::Q => (&mut self.qkv, 0),
-                Target::K => (&mut self.qkv, q.rows()),
-                Target::V => (&mut self.qkv, q.rows() + k.rows()),
-                Target::O => (&mut self.o, 0),
-                Target::Gate => (&mut self.gu, 0),
-                Target::Up => (&mut self.gu, g.rows()),
-                Target::Down => (&mut self.down, 0),
+                Target::Q => (&mut self.qkv.f32, 0),
+                Target::K => (&mut self.qkv.f32, q.rows()),
+                Target::V => (&mut self.qkv.f32, q.rows() + k.rows()),
+                Target::O => (&mut self.o.f32, 0),
+                Target::Gate => (&mut self.gu.f32, 0),
+                Target::Up => (&mut self.gu.f32, g.rows()),
+                Target::Down => (&mut self.down.f32, 0),
             };
             mm(
                 dst,
@@ -641,6 +725,11 @@ impl LayerScratch {
                 ctx.par,
             );
         }
+    }
+
+    /// Hands the f32 buffers back to the thread's pool.
+    fn recycle(self) {
+        give([self.qkv.f32, self.o.f32, self.gu.f32, self.down.f32]);
     }
 }
 
@@ -864,37 +953,64 @@ impl Ctx<'_> {
         give([du]);
     }
 
-    /// `y (+)= x·Wᵀ` through an expanded layer weight `w` (`n × k`, row-major; with `acc` the
-    /// product is added to `y`, the residual stream), then the LoRA forward of each adapted
-    /// `(target, column of y)`; what their backward needs goes into `lora`.
+    /// `y (+)= x·Wᵀ` through a frozen layer weight `w` (`n × k`; with `acc` the product is added to
+    /// `y`, the residual stream), then the LoRA forward of each adapted `(target, column of y)`;
+    /// what their backward needs goes into `lora`.
     #[allow(clippy::too_many_arguments)]
     fn project(
         &self,
         layer: usize,
         seqs: std::ops::Range<usize>,
         x: &[f32],
-        w: &[f32],
-        (n, k): (usize, usize),
+        w: &Frozen,
         y: &mut [f32],
         acc: bool,
         targets: &[(Target, usize)],
         lora: &mut [Option<LoraSaved>; 7],
     ) {
         let rows = seqs.len() * self.seq;
-        mm(
-            y,
-            0,
-            n,
-            acc,
-            View::rm(x, 0, k),
-            View::rm(w, 0, k).t(),
-            (rows, n, k),
-            1.0,
-            self.par,
-        );
+        let (n, k) = (w.rows, w.cols);
+        if self.bf16 {
+            self.bf16_product(y, n, acc, x, k, rows, &w.packed);
+        } else {
+            mm(
+                y,
+                0,
+                n,
+                acc,
+                View::rm(x, 0, k),
+                View::rm(&w.f32, 0, k).t(),
+                (rows, n, k),
+                1.0,
+                self.par,
+            );
+        }
         for &(t, col) in targets {
             lora[t as usize] = self.lora_forward(layer, t, seqs.clone(), x, y, col, n);
         }
+    }
+
+    /// `dst (+)= a·B` in bf16: `a` is `rows × k` row-major, `b` the packed `k × n` weight.
+    #[allow(clippy::too_many_arguments)]
+    fn bf16_product(
+        &self,
+        dst: &mut [f32],
+        ld: usize,
+        acc: bool,
+        a: &[f32],
+        k: usize,
+        rows: usize,
+        b: &crate::bf16::PackedB,
+    ) {
+        let threads = match self.par {
+            Parallelism::Rayon(t) => t.max(1),
+            _ => 1,
+        };
+        PACKED_A.with(|p| {
+            let mut p = p.borrow_mut();
+            p.pack(a, 0, k, rows, k);
+            crate::bf16::gemm(dst, 0, ld, acc, &p, b, 1.0, threads);
+        });
     }
 
     /// Backward of [`Ctx::project`] given `dy` (`rows × n`): the input gradient `dx = dy·W` (not
@@ -906,25 +1022,30 @@ impl Ctx<'_> {
         layer: usize,
         saved: &[Option<LoraSaved>; 7],
         x: &[f32],
-        w: &[f32],
-        (rows, n, k): (usize, usize, usize),
+        w: &Frozen,
+        rows: usize,
         dy: &[f32],
         mut dx: Option<&mut [f32]>,
         targets: &[(Target, usize)],
         grads: &mut [Vec<f32>],
     ) {
+        let (n, k) = (w.rows, w.cols);
         if let Some(dx) = dx.as_deref_mut() {
-            mm(
-                dx,
-                0,
-                k,
-                false,
-                View::rm(dy, 0, n),
-                View::rm(w, 0, k),
-                (rows, k, n),
-                1.0,
-                self.par,
-            );
+            if self.bf16 {
+                self.bf16_product(dx, k, false, dy, n, rows, &w.packed);
+            } else {
+                mm(
+                    dx,
+                    0,
+                    k,
+                    false,
+                    View::rm(dy, 0, n),
+                    View::rm(&w.f32, 0, k),
+                    (rows, k, n),
+                    1.0,
+                    self.par,
+                );
+            }
         }
         for &(t, col) in targets {
             if let Some(ls) = &saved[t as usize] {
@@ -970,12 +1091,12 @@ impl Ctx<'_> {
             .chunks_exact(t_len)
             .map(crate::data::counted_targets)
             .collect();
-        let mut w = LayerScratch::new(m);
+        let mut w = LayerScratch::new(m, self.bf16);
         let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
         // The normalised input of the current projection (recomputed in the backward pass).
         let mut xn = scratch(rows * h);
         for (li, block) in m.blocks.iter().enumerate() {
-            w.load(self, li);
+            w.load(self, li, Pass::Forward);
             let mut inv1 = scratch(rows);
             rms_forward(&x, &block.attn_norm, eps, &mut xn, &mut inv1);
             let mut qkv = scratch(rows * wq);
@@ -985,7 +1106,6 @@ impl Ctx<'_> {
                 seqs.clone(),
                 &xn,
                 &w.qkv,
-                (wq, h),
                 &mut qkv,
                 false,
                 &[(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)],
@@ -1031,7 +1151,6 @@ impl Ctx<'_> {
                 seqs.clone(),
                 &att,
                 &w.o,
-                (h, hq),
                 &mut x,
                 true,
                 &[(Target::O, 0)],
@@ -1047,7 +1166,6 @@ impl Ctx<'_> {
                 seqs.clone(),
                 &xn,
                 &w.gu,
-                (2 * inter, h),
                 &mut gu,
                 false,
                 &[(Target::Gate, 0), (Target::Up, inter)],
@@ -1065,7 +1183,6 @@ impl Ctx<'_> {
                 seqs.clone(),
                 &act,
                 &w.down,
-                (h, inter),
                 &mut x,
                 true,
                 &[(Target::Down, 0)],
@@ -1097,7 +1214,9 @@ impl Ctx<'_> {
         let mut dxf = buf(rows * h);
         let mut losses = vec![0.0f64; nseq];
         let head = &m.lm_head.0;
-        let chunk = (LOGIT_BUDGET / vocab).clamp(1, rows);
+        // Equal chunks (256 rows at a budget of 85 are 4 × 64, not 3 × 85 + 1): each chunk expands
+        // the whole head twice, so a 1-row remainder would cost as much as a full chunk.
+        let chunk = rows.div_ceil(rows.div_ceil((LOGIT_BUDGET / vocab).clamp(1, rows)));
         let tile = HEAD_TILE.min(vocab);
         let mut wt = scratch(tile * h);
         let single_tile = tile == vocab;
@@ -1192,14 +1311,14 @@ impl Ctx<'_> {
                 .pop()
                 .ok_or_else(|| ModelError::InvalidArgument("engine: missing activations".into()))?;
             let block = &m.blocks[li];
-            w.load(self, li);
+            w.load(self, li, Pass::Backward);
             // MLP: x_out = x_mid + act·Wdᵀ; dx is ∂L/∂x_out.
             self.project_back(
                 li,
                 &sv.lora,
                 &sv.act,
                 &w.down,
-                (rows, h, inter),
+                rows,
                 &dx,
                 Some(&mut dbuf_i),
                 &[(Target::Down, 0)],
@@ -1225,7 +1344,7 @@ impl Ctx<'_> {
                 &sv.lora,
                 &xn,
                 &w.gu,
-                (rows, 2 * inter, h),
+                rows,
                 &dgu,
                 Some(&mut dxn),
                 &[(Target::Gate, 0), (Target::Up, inter)],
@@ -1239,7 +1358,7 @@ impl Ctx<'_> {
                 &sv.lora,
                 &sv.att,
                 &w.o,
-                (rows, h, hq),
+                rows,
                 &dx,
                 Some(&mut datt),
                 &[(Target::O, 0)],
@@ -1315,7 +1434,7 @@ impl Ctx<'_> {
                 &sv.lora,
                 &xn,
                 &w.qkv,
-                (rows, wq, h),
+                rows,
                 &dqkv,
                 need_dx.then_some(&mut dxn[..]),
                 &[(Target::Q, 0), (Target::K, hq), (Target::V, hq + hkv)],
@@ -1328,7 +1447,7 @@ impl Ctx<'_> {
         }
         give([dx, dbuf_i, dgu, dxn, datt, dqkv, dp, x, xn]);
         give([dos, dqs, qs, probs]);
-        give([w.qkv, w.o, w.gu, w.down]);
+        w.recycle();
         Ok((losses, grads))
     }
 }
@@ -1336,6 +1455,27 @@ impl Ctx<'_> {
 /// Loss and LoRA gradients of `model` + `adapter` on `ids`: `batch` sequences of equal length,
 /// row-major. The frozen weights are only read.
 pub fn lora_gradients(
+    model: &Llama,
+    adapter: &LoraAdapter,
+    ids: &[u32],
+    batch: usize,
+    reduction: Reduction,
+    dropout: Option<DropoutSpec>,
+) -> Result<Gradients> {
+    lora_gradients_in(
+        Precision::F32,
+        model,
+        adapter,
+        ids,
+        batch,
+        reduction,
+        dropout,
+    )
+}
+
+/// [`lora_gradients`] with the frozen-weight products in `precision`.
+pub fn lora_gradients_in(
+    precision: Precision,
     model: &Llama,
     adapter: &LoraAdapter,
     ids: &[u32],
@@ -1400,6 +1540,7 @@ pub fn lora_gradients(
     }
     let threads = rayon::current_num_threads().max(1);
     let groups = threads.min(batch);
+    let bf16 = precision == Precision::Bf16 && crate::bf16::available();
     let (cos, sin) = rope_tables(c.rope_theta, c.head_dim, seq);
     let ctx = Ctx {
         model,
@@ -1412,7 +1553,8 @@ pub fn lora_gradients(
         sin,
         grad_len: off,
         reduction,
-        merged: dropout.is_none_or(|d| d.p == 0.0),
+        merged: !bf16 && dropout.is_none_or(|d| d.p == 0.0),
+        bf16,
         par: if groups == 1 && threads > 1 {
             Parallelism::Rayon(threads)
         } else {

@@ -7,6 +7,7 @@
 //! networks or clocks: callers hand it paths and data.
 
 pub mod backend;
+pub mod bf16;
 pub mod bundle;
 pub mod chat;
 pub mod checkpoint;

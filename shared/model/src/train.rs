@@ -27,6 +27,10 @@ pub enum Engine {
     Native,
     /// burn's autodiff over the burn model (the reference).
     Burn,
+    /// The native engine with the layers' frozen-weight products in bf16 (f32 sums) where the CPU
+    /// has AVX512-BF16 — about 1.4× faster there, gradients within ~1 % of f32; elsewhere the same
+    /// as `native`.
+    NativeBf16,
 }
 
 impl Engine {
@@ -35,6 +39,16 @@ impl Engine {
         match self {
             Self::Native => "native",
             Self::Burn => "burn",
+            Self::NativeBf16 => "native-bf16",
+        }
+    }
+
+    /// The native engine's precision (`None` for burn).
+    pub fn precision(self) -> Option<engine::Precision> {
+        match self {
+            Self::Native => Some(engine::Precision::F32),
+            Self::NativeBf16 => Some(engine::Precision::Bf16),
+            Self::Burn => None,
         }
     }
 }
@@ -253,7 +267,7 @@ impl Trainer {
                 "a step needs at least one micro-batch".into(),
             ));
         }
-        if self.config.engine == Engine::Native {
+        if self.config.engine.precision().is_some() {
             return self.native_gradients(model, micro_batches);
         }
         let mut grads: Option<Vec<Tensor<2>>> = None;
@@ -301,7 +315,8 @@ impl Trainer {
         for ids in micro_batches {
             let batch = ids.len() / self.config.seq_len.max(1);
             let dropout = self.dropout_spec();
-            let g = engine::lora_gradients(
+            let g = engine::lora_gradients_in(
+                self.precision(),
                 model,
                 &self.adapter,
                 ids,
@@ -322,6 +337,11 @@ impl Trainer {
             });
         }
         Ok((unflatten(&sum.unwrap_or_default(), &self.adapter)?, loss))
+    }
+
+    /// The native engine's precision (f32 when the burn engine asks for native gradients).
+    fn precision(&self) -> engine::Precision {
+        self.config.engine.precision().unwrap_or_default()
     }
 
     /// The native engine's dropout for the next micro-batch (none when the adapter has none).
@@ -359,7 +379,8 @@ impl Trainer {
             }
             let ids: Vec<u32> = examples[i..j].concat();
             let dropout = self.dropout_spec();
-            let g = engine::lora_gradients(
+            let g = engine::lora_gradients_in(
+                self.precision(),
                 model,
                 &self.adapter,
                 &ids,

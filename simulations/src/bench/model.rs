@@ -123,6 +123,8 @@ pub fn train(
             "tokens_per_s": tokens / secs, "gflops": flops / secs / 1e9, "mfu": flops / secs / peak_flops(),
             "peak_gflops": peak_flops() / 1e9, "final_loss": loss, "peak_rss_bytes": peak_rss(),
             "resident_weight_bytes": model.resident_weight_bytes(),
+            // What the frozen-weight products ran in (native-bf16 runs f32 on CPUs without AVX512-BF16).
+            "products": if engine.precision() == Some(starling_model::engine::Precision::Bf16) && starling_model::bf16::available() { "bf16" } else { "f32" },
         })
     );
     Ok(())
