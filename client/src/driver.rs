@@ -628,6 +628,7 @@ impl Runtime {
             .progress_bar
             .then(|| progress_bar(task.params.local_steps));
         let bar2 = bar.clone();
+        let precision = self.cfg.device.precision;
         let joined = tokio::task::spawn_blocking(move || {
             let t = TaskTraining {
                 model: &loaded.model,
@@ -637,6 +638,7 @@ impl Runtime {
                 tokens: &loaded.tokens,
                 dp_sampling_rate,
                 seed: None,
+                precision,
             };
             let r = train_task(&t, |step, loss| {
                 if let Some(b) = &bar2 {

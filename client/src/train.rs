@@ -11,7 +11,8 @@ use rand::{Rng, SeedableRng};
 use starling_model::data::Batcher;
 use starling_model::dp::{user_level_delta, DpSgd, DpSgdConfig};
 use starling_model::{
-    Llama, LlamaConfig, LoraAdapter, LoraConfig, QuantType, Target, TrainConfig, Trainer,
+    engine::Precision, Llama, LlamaConfig, LoraAdapter, LoraConfig, QuantType, Target, TrainConfig,
+    Trainer,
 };
 use starling_privacy::{AccountantKind, NoisePlacement};
 use starling_protocol::message::{Task, UpdateMetrics};
@@ -91,6 +92,9 @@ pub struct TaskTraining<'a> {
     /// `Some(seed)`: reproducible batches, dropout and noise (simulations, tests — a known seed protects
     /// nothing); `None`: noise and DP-SGD sampling from the operating system (devices).
     pub seed: Option<u64>,
+    /// Arithmetic of the frozen-weight products (`[device] precision`; bf16 only where the CPU has
+    /// AVX512-BF16).
+    pub precision: Precision,
 }
 
 /// A trained, encoded update.
@@ -158,6 +162,7 @@ pub fn train_task(
         weight_decay: 0.0,
         max_grad_norm: Some(1.0),
         seed,
+        engine: t.precision.engine(),
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(initial.clone(), cfg)?;
@@ -287,8 +292,8 @@ fn bytes_per_param(quant: QuantType) -> f64 {
 /// `quant`, and per worker thread the native engine's activations for the piece of its share it runs at
 /// a time (whole sequences up to 256 token rows; DP-SGD passes hold at most 8 sequences), one expanded
 /// layer, an output-head tile and a logits chunk, plus a fixed allowance for the runtime. Used to refuse
-/// a task before anything is loaded. (SmolLM2-135M's shape, Q8_0, 4 × 256 tokens, 2 threads: 783 MB
-/// estimated, 706 MB measured by `starling-bench train --config M`.)
+/// a task before anything is loaded. (SmolLM2-135M's shape, Q8_0, 4 × 256 tokens, 2 threads: 816 MB
+/// estimated, 722 MB measured by `starling-bench train --config M`.)
 pub fn training_memory_estimate(
     c: &LlamaConfig,
     quant: QuantType,
@@ -319,7 +324,7 @@ pub fn training_memory_estimate(
     let layer_params = (c.num_parameters() as f64 - v * h).max(0.0) / layers.max(1.0);
     let expanded = layer_params * 4.0;
     let head_tile = 8192f64.min(v) * h * 4.0;
-    let logits = (piece_seqs * seq * v).min(4.0 * 1024.0 * 1024.0) * 4.0;
+    let logits = (piece_seqs * seq * v).min(8.0 * 1024.0 * 1024.0) * 4.0;
     let per_thread = activations + expanded + head_tile + logits;
     let runtime = 48.0 * 1024.0 * 1024.0;
     (weights + threads as f64 * per_thread + runtime) as u64

@@ -102,6 +102,37 @@ fn quic_and_memory_paths_publish_the_same_adapters() {
     assert_eq!(without_wall_time(&mem), without_wall_time(&quic));
 }
 
+/// `[simulation] precision = "bf16"`: the clients train through the bf16 products where the CPU has
+/// AVX512-BF16 — other adapters, the same learning within bf16's rounding — and exactly as f32
+/// elsewhere.
+#[test]
+fn bf16_clients_learn_what_f32_clients_learn() {
+    let f32_run = run(&small(""), Transport::Memory);
+    let mut s = small("");
+    s.simulation.precision = starling_model::engine::Precision::Bf16;
+    let bf16_run = run(&s, Transport::Memory);
+    let loss = |o: &Outcome, i: usize| o.rounds[i].test_loss.unwrap();
+    let (first, last) = (0, f32_run.rounds.len() - 1);
+    assert!(loss(&f32_run, last) < loss(&f32_run, first));
+    assert_eq!(loss(&bf16_run, first), loss(&f32_run, first), "same base");
+    let (a, b) = (loss(&f32_run, last), loss(&bf16_run, last));
+    if starling_model::bf16::available() {
+        assert_ne!(
+            f32_run.summary.adapter_digests[last], bf16_run.summary.adapter_digests[last],
+            "bf16 products ran"
+        );
+        assert!(
+            (a - b).abs() < 1e-2 * a,
+            "final test loss: f32 {a}, bf16 {b}"
+        );
+    } else {
+        assert_eq!(
+            f32_run.summary.adapter_digests,
+            bf16_run.summary.adapter_digests
+        );
+    }
+}
+
 fn distance(a: &[f32], b: &[f32]) -> f64 {
     a.iter()
         .zip(b)

@@ -17,6 +17,7 @@ pub const NR: usize = 32;
 pub const MR: usize = 12;
 /// k-pairs per cache block: a panel's block (`KCP · NR` words, 16 KiB) stays in L1 while every
 /// row tile of `A` passes over it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const KCP: usize = 128;
 
 /// Whether this CPU runs the bf16 kernels (x86-64 with AVX-512 F and BF16, and AVX-512 not turned
@@ -215,6 +216,7 @@ pub fn gemm(
 }
 
 /// The output pointer shared by the threads of one product (each writes its own rows).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Out(*mut f32);
 // SAFETY: the threads of `gemm` write disjoint row ranges through it.
 unsafe impl Sync for Out {}

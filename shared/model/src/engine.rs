@@ -33,6 +33,7 @@ use gemm::Parallelism;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+use crate::bf16::PackedB;
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraAdapter, Target};
 use crate::model::Llama;
@@ -47,8 +48,10 @@ const HEAD_TILE: usize = 8192;
 /// for the backward pass are those of one piece, not of the share (measured on the 135M shape at
 /// 4 × 256 tokens, 2 threads: the same speed, half the peak memory).
 const RUN_ROWS: usize = 256;
-/// Logit values held at a time per thread (rows of the head are processed in chunks of this size).
-const LOGIT_BUDGET: usize = 1 << 22;
+/// Logit values held at a time per thread (rows of the head are processed in chunks of this size):
+/// on the 135M shape (49,152 tokens) 2 chunks of 128 rows a piece, 25 MB each. Every chunk reads
+/// the whole head twice (expanded or packed), so halving the chunks halves that work.
+const LOGIT_BUDGET: usize = 1 << 23;
 
 /// How the per-sequence losses are combined into the differentiated objective.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,8 +75,19 @@ pub struct Gradients {
     pub grads: Vec<Vec<f32>>,
 }
 
-/// The arithmetic of the frozen-weight products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The arithmetic of the frozen-weight products (`"f32"` or `"bf16"` in config files).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// f32 throughout (the reference; equals burn's autodiff within 1e-4).
     #[default]
@@ -81,6 +95,24 @@ pub enum Precision {
     /// Inputs of the layers' frozen-weight products rounded to bf16, sums in f32 (autocast's
     /// mixed precision) where the CPU has AVX512-BF16 ([`crate::bf16::available`]); f32 elsewhere.
     Bf16,
+}
+
+impl Precision {
+    /// Lowercase name, as config files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// The native training engine that computes in this precision.
+    pub fn engine(self) -> crate::train::Engine {
+        match self {
+            Self::F32 => crate::train::Engine::Native,
+            Self::Bf16 => crate::train::Engine::NativeBf16,
+        }
+    }
 }
 
 /// LoRA dropout for one call: probability and the seed its masks derive from.
@@ -590,7 +622,7 @@ struct Ctx<'m> {
 #[derive(Default)]
 struct Frozen {
     f32: Vec<f32>,
-    packed: crate::bf16::PackedB,
+    packed: PackedB,
     rows: usize,
     cols: usize,
 }
@@ -971,7 +1003,7 @@ impl Ctx<'_> {
         let rows = seqs.len() * self.seq;
         let (n, k) = (w.rows, w.cols);
         if self.bf16 {
-            self.bf16_product(y, n, acc, x, k, rows, &w.packed);
+            self.bf16_product(y, n, acc, x, k, k, rows, &w.packed);
         } else {
             mm(
                 y,
@@ -990,7 +1022,7 @@ impl Ctx<'_> {
         }
     }
 
-    /// `dst (+)= a·B` in bf16: `a` is `rows × k` row-major, `b` the packed `k × n` weight.
+    /// `dst (+)= a·B` in bf16: `a` is `rows × k` (row stride `lda`), `b` the packed `k × n` weight.
     #[allow(clippy::too_many_arguments)]
     fn bf16_product(
         &self,
@@ -998,9 +1030,10 @@ impl Ctx<'_> {
         ld: usize,
         acc: bool,
         a: &[f32],
+        lda: usize,
         k: usize,
         rows: usize,
-        b: &crate::bf16::PackedB,
+        b: &PackedB,
     ) {
         let threads = match self.par {
             Parallelism::Rayon(t) => t.max(1),
@@ -1008,7 +1041,7 @@ impl Ctx<'_> {
         };
         PACKED_A.with(|p| {
             let mut p = p.borrow_mut();
-            p.pack(a, 0, k, rows, k);
+            p.pack(a, 0, lda, rows, k);
             crate::bf16::gemm(dst, 0, ld, acc, &p, b, 1.0, threads);
         });
     }
@@ -1032,7 +1065,7 @@ impl Ctx<'_> {
         let (n, k) = (w.rows, w.cols);
         if let Some(dx) = dx.as_deref_mut() {
             if self.bf16 {
-                self.bf16_product(dx, k, false, dy, n, rows, &w.packed);
+                self.bf16_product(dx, k, false, dy, n, n, rows, &w.packed);
             } else {
                 mm(
                     dx,
@@ -1214,14 +1247,28 @@ impl Ctx<'_> {
         let mut dxf = buf(rows * h);
         let mut losses = vec![0.0f64; nseq];
         let head = &m.lm_head.0;
-        // Equal chunks (256 rows at a budget of 85 are 4 × 64, not 3 × 85 + 1): each chunk expands
-        // the whole head twice, so a 1-row remainder would cost as much as a full chunk.
+        // Equal chunks (256 rows at a budget of 170 are 2 × 128, not 170 + 86): each chunk reads the
+        // whole head twice, so an uneven remainder costs as much as a full chunk.
         let chunk = rows.div_ceil(rows.div_ceil((LOGIT_BUDGET / vocab).clamp(1, rows)));
         let tile = HEAD_TILE.min(vocab);
-        let mut wt = scratch(tile * h);
         let single_tile = tile == vocab;
+        // f32 mode expands a tile of the head at a time; bf16 mode packs it (forward and backward
+        // orientations) straight from the quantized rows.
+        let mut wt = scratch(if self.bf16 { 0 } else { tile * h });
+        let (mut head_fwd, mut head_bwd) = (PackedB::default(), PackedB::default());
+        let pack_tile = |fwd: &mut PackedB, bwd: Option<&mut PackedB>, v0: usize, nv: usize| {
+            let row = |r: usize, o: &mut [f32]| head.dequantize_row(v0 + r, o);
+            fwd.pack_transposed(nv, h, row);
+            if let Some(bwd) = bwd {
+                bwd.pack(nv, h, row);
+            }
+        };
         if single_tile {
-            expand(head, 0, vocab, &mut wt);
+            if self.bf16 {
+                pack_tile(&mut head_fwd, Some(&mut head_bwd), 0, vocab);
+            } else {
+                expand(head, 0, vocab, &mut wt);
+            }
         }
         let mut logits = scratch(chunk * vocab);
         // ∂(objective)/∂(one position's loss): the reduction's weight over the sequence's mean (over
@@ -1234,6 +1281,14 @@ impl Ctx<'_> {
             let nr = chunk.min(rows - r0);
             for v0 in (0..vocab).step_by(tile) {
                 let nv = tile.min(vocab - v0);
+                if self.bf16 {
+                    if !single_tile {
+                        pack_tile(&mut head_fwd, None, v0, nv);
+                    }
+                    let (dst, a) = (&mut logits[v0..], &xf[r0 * h..]);
+                    self.bf16_product(dst, vocab, false, a, h, h, nr, &head_fwd);
+                    continue;
+                }
                 if !single_tile {
                     expand(head, v0, nv, &mut wt);
                 }
@@ -1271,6 +1326,15 @@ impl Ctx<'_> {
             }
             for v0 in (0..vocab).step_by(tile) {
                 let nv = tile.min(vocab - v0);
+                if self.bf16 {
+                    if !single_tile {
+                        let row = |r: usize, o: &mut [f32]| head.dequantize_row(v0 + r, o);
+                        head_bwd.pack(nv, h, row);
+                    }
+                    let (dst, a) = (&mut dxf[r0 * h..], &logits[v0..]);
+                    self.bf16_product(dst, h, true, a, vocab, nv, nr, &head_bwd);
+                    continue;
+                }
                 if !single_tile {
                     expand(head, v0, nv, &mut wt);
                 }

@@ -846,6 +846,7 @@ impl Sim<'_> {
             tokens: &tokens,
             dp_sampling_rate,
             seed: Some(derive(self.seed, "train", c as u64, round)),
+            precision: self.scen.simulation.precision,
         };
         let mut trained = match train_task(&t, |_, _| true) {
             Ok(t) => t,
@@ -1416,7 +1417,9 @@ fn v0_adapter(coord: &Coordinator) -> Result<Vec<f32>, SimError> {
 
 /// Trains `steps` steps of LoRA from `start` on `tokens` with the task's other settings (no DP), through
 /// the device's own training path; returns the trained adapter's values.
+#[allow(clippy::too_many_arguments)]
 fn train_alone(
+    scen: &Scenario,
     model: &Llama,
     coord: &Coordinator,
     task_of: &Task,
@@ -1446,6 +1449,7 @@ fn train_alone(
         tokens,
         dp_sampling_rate: None,
         seed: Some(seed),
+        precision: scen.simulation.precision,
     };
     let trained = train_task(&t, |_, _| true).map_err(|e| SimError::Model(e.to_string()))?;
     let delta = decode_update(
@@ -1510,6 +1514,7 @@ fn baselines(
         .data
         .encode(&l.data.union_train(), &l.tok, l.chat.as_ref())?;
     let central = train_alone(
+        scen,
         &l.model,
         coord,
         &task,
@@ -1546,6 +1551,7 @@ fn baselines(
         }
         picked.push(c);
         let alone = train_alone(
+            scen,
             &l.model,
             coord,
             &task,
