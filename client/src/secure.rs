@@ -8,7 +8,7 @@
 use rand::Rng;
 use starling_protocol::message::SecAggTask;
 use starling_secagg::mask::{pack, unpack, Encoding};
-use starling_secagg::{Client, ClientState, SecAggError};
+use starling_secagg::{Client, ClientState, ParamsError, SecAggError};
 
 /// The integer encoding a secure task asks for.
 pub fn encoding(task: &SecAggTask) -> Result<Encoding, SecAggError> {
@@ -59,16 +59,16 @@ pub fn encode_delta(
     };
     let enc = encoding(task)?;
     if values.len() != task.params.len {
-        return Err(SecAggError::Params(format!(
-            "{} values for a round of {}",
-            values.len(),
-            task.params.len
-        )));
+        return Err(ParamsError::InputLength {
+            got: values.len(),
+            want: task.params.len,
+        }
+        .into());
     }
     let steps = enc.noise_steps(n.noise_multiplier, n.l2_clip, n.clients);
     let mut draws = vec![0i64; values.len()];
     starling_privacy::sampler::fill_discrete_gaussian(&mut draws, steps, n.key)
-        .map_err(|e| SecAggError::Params(format!("noise share of {steps} steps: {e}")))?;
+        .map_err(|_| SecAggError::from(ParamsError::NoiseSteps(steps)))?;
     let words: Vec<u32> = enc
         .encode(&values, rng)
         .into_iter()
@@ -86,11 +86,11 @@ pub fn encode_values(
     rng: &mut impl Rng,
 ) -> Result<Vec<u8>, SecAggError> {
     if values.len() != task.params.len {
-        return Err(SecAggError::Params(format!(
-            "{} values for a round of {}",
-            values.len(),
-            task.params.len
-        )));
+        return Err(ParamsError::InputLength {
+            got: values.len(),
+            want: task.params.len,
+        }
+        .into());
     }
     Ok(pack(&encoding(task)?.encode(values, rng), 32))
 }

@@ -291,7 +291,7 @@ pub enum Misuse {
 }
 
 /// Refusals and misuse.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
     /// The update is for a round that is not collecting (closed, abandoned, or never existed).
     #[error("update for {got} refused: {}", match current {

@@ -19,7 +19,7 @@ use starling_protocol::message::{SecAggReply, SecAggStep};
 use starling_protocol::RoundId;
 use starling_secagg::graph::default_params;
 use starling_secagg::mask::Encoding;
-use starling_secagg::{ClientId, Reveal, RoundParams, SecAggError, Server};
+use starling_secagg::{ClientId, Malformed, Reveal, RoundParams, SecAggError, Server};
 
 use crate::engine::Millis;
 
@@ -196,9 +196,7 @@ impl SecAggRound {
                     if self.server.advertised().get(&id) == Some(&keys) {
                         return out(wait, false); // a retry
                     }
-                    return Err(SecAggError::Malformed(format!(
-                        "client {id} sent other keys"
-                    )));
+                    return Err(Malformed::OtherKeys(id).into());
                 }
                 self.server.advertise(id, keys)?;
                 out(wait, true)
@@ -215,9 +213,7 @@ impl SecAggRound {
                     return out(SecAggReply::Done, false);
                 }
                 if r.iter().any(|x| x.from != id) {
-                    return Err(SecAggError::Malformed(format!(
-                        "reveals from {id} name another sender"
-                    )));
+                    return Err(Malformed::RevealSender(id).into());
                 }
                 self.reveals.extend(r);
                 self.revealed.insert(id);
@@ -254,9 +250,7 @@ impl SecAggRound {
     /// Adds a device's masked input (packed words) to the sum, in the masked phase.
     pub fn masked(&mut self, id: ClientId, packed: &[u8]) -> Result<(), SecAggError> {
         if self.phase != SecAggPhase::Masked {
-            return Err(SecAggError::Malformed(format!(
-                "masked input from {id} outside the masked-input phase"
-            )));
+            return Err(Malformed::OutOfPhase(id).into());
         }
         let p = self.server.params();
         let words = starling_secagg::mask::unpack(packed, p.bits, p.len)?;

@@ -7,7 +7,7 @@
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::SecAggError;
+use crate::{ParamsError, SecAggError};
 
 /// Most clients one round's graph may hold (bounds what a peer-supplied roster size can allocate:
 /// the graph keeps one position per client).
@@ -28,14 +28,14 @@ impl Graph {
     /// The graph of `n` clients with `k` neighbours each, laid out by `seed`.
     pub fn new(n: usize, k: usize, seed: [u8; 32]) -> Result<Self, SecAggError> {
         if !(2..=MAX_CLIENTS).contains(&n) {
-            return Err(SecAggError::Params(format!(
-                "secure aggregation needs 2 to {MAX_CLIENTS} clients, not {n}"
-            )));
+            return Err(ParamsError::Clients {
+                n,
+                max: MAX_CLIENTS,
+            }
+            .into());
         }
         if k < n - 1 && !k.is_multiple_of(2) {
-            return Err(SecAggError::Params(format!(
-                "the neighbourhood size must be even (a Harary graph), not {k}"
-            )));
+            return Err(ParamsError::OddNeighbourhood(k).into());
         }
         let mut ring: Vec<u32> = (0..n as u32).collect();
         ring.shuffle(&mut rand_chacha::ChaCha20Rng::from_seed(seed));

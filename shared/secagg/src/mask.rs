@@ -5,7 +5,7 @@
 use rand::{Rng, RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::SecAggError;
+use crate::{Malformed, ParamsError, SecAggError};
 
 /// Adds (`sign = 1`) or subtracts (`sign = -1`) the mask expanded from `seed` for `context` to
 /// `out`, word by word modulo 2^32.
@@ -61,10 +61,12 @@ pub fn pack(words: &[u32], bits: u32) -> Vec<u8> {
 /// Unpacks `len` words of `bits` bits; refuses a byte string of the wrong length.
 pub fn unpack(bytes: &[u8], bits: u32, len: usize) -> Result<Vec<u32>, SecAggError> {
     if !(1..=32).contains(&bits) || bytes.len() != (len * bits as usize).div_ceil(8) {
-        return Err(SecAggError::Malformed(format!(
-            "{} bytes cannot hold {len} words of {bits} bits",
-            bytes.len()
-        )));
+        return Err(Malformed::Packing {
+            bytes: bytes.len(),
+            len,
+            bits,
+        }
+        .into());
     }
     let mut out = Vec::with_capacity(len);
     let mut at = 0usize;
@@ -106,9 +108,12 @@ impl Encoding {
     /// extra step).
     pub fn new(clip: f32, bits: u32, max_clients: usize) -> Result<Self, SecAggError> {
         if !(clip.is_finite() && clip > 0.0 && (1..=30).contains(&bits)) || max_clients == 0 {
-            return Err(SecAggError::Params(format!(
-                "encoding needs a positive clip, 1–30 bits and at least one client (clip {clip}, {bits} bits, {max_clients} clients)"
-            )));
+            return Err(ParamsError::Encoding {
+                clip,
+                bits,
+                max_clients,
+            }
+            .into());
         }
         let scale = f64::from(1u32 << bits) / f64::from(clip);
         Self {
@@ -124,9 +129,7 @@ impl Encoding {
     /// each value (refused when the noisy sum could wrap).
     pub fn with_noise(self, sigma: f64) -> Result<Self, SecAggError> {
         if !(sigma.is_finite() && sigma >= 0.0) {
-            return Err(SecAggError::Params(format!(
-                "a noise standard deviation of {sigma} steps"
-            )));
+            return Err(ParamsError::NoiseSigma(sigma).into());
         }
         Self {
             noise_sigma: sigma,
@@ -156,10 +159,11 @@ impl Encoding {
     fn checked(self) -> Result<Self, SecAggError> {
         let bound = self.bound();
         if bound >= 2f64.powi(31) {
-            return Err(SecAggError::Params(format!(
-                "{} clients' values (and noise) can reach {bound:.3e} ≥ 2^31: the masked sum would wrap; lower the bits or the clients per round",
-                self.max_clients
-            )));
+            return Err(ParamsError::Wrap {
+                clients: self.max_clients,
+                bound,
+            }
+            .into());
         }
         Ok(self)
     }

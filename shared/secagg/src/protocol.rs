@@ -28,7 +28,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::graph::Graph;
 use crate::mask::{apply_mask, modulus_mask};
 use crate::shamir::{combine, split, Share};
-use crate::SecAggError;
+use crate::{Inconsistent, Malformed, ParamsError, SecAggError};
 
 /// A client's index in the round's roster (`0..n`).
 pub type ClientId = u32;
@@ -58,23 +58,22 @@ impl RoundParams {
     /// Checks the parameters and returns the neighbour graph they describe.
     pub fn graph(&self) -> Result<Graph, SecAggError> {
         if !(1..=32).contains(&self.bits) {
-            return Err(SecAggError::Params(format!(
-                "a modulus of 2^{} (1 to 32 bits)",
-                self.bits
-            )));
+            return Err(ParamsError::Modulus(self.bits).into());
         }
         let k = self.neighbours.min(self.clients.saturating_sub(1));
         if self.threshold == 0 || self.threshold > k || k > 255 {
-            return Err(SecAggError::Params(format!(
-                "threshold {} with {k} neighbours (need 1 ≤ t ≤ k ≤ 255)",
-                self.threshold
-            )));
+            return Err(ParamsError::Threshold {
+                t: self.threshold,
+                k,
+            }
+            .into());
         }
         if self.threshold * 2 <= k {
-            return Err(SecAggError::Params(format!(
-                "threshold {} is not a majority of {k} neighbours: two disjoint sets of responders could each unmask",
-                self.threshold
-            )));
+            return Err(ParamsError::NotMajority {
+                t: self.threshold,
+                k,
+            }
+            .into());
         }
         Graph::new(self.clients, self.neighbours, self.graph_seed)
     }
@@ -133,9 +132,7 @@ fn agree(
 ) -> Result<[u8; 32], SecAggError> {
     let shared = sk.diffie_hellman(&PublicKey::from(*pk));
     if !shared.was_contributory() {
-        return Err(SecAggError::Malformed(
-            "a low-order public key (the agreement would be predictable)".into(),
-        ));
+        return Err(Malformed::LowOrderKey.into());
     }
     let (lo, hi) = (a.min(b), a.max(b));
     Ok(Sha256::new()
@@ -172,7 +169,7 @@ fn seal_params(round: u64, from: ClientId, to: ClientId) -> (Nonce, Vec<u8>) {
 fn aead(key: &[u8; 32]) -> Result<LessSafeKey, SecAggError> {
     UnboundKey::new(&CHACHA20_POLY1305, key)
         .map(LessSafeKey::new)
-        .map_err(|_| SecAggError::Malformed("AEAD key".into()))
+        .map_err(|_| Malformed::AeadKey.into())
 }
 
 /// Bytes of one encrypted share message: abscissa, two 32-byte shares, the 16-byte tag.
@@ -234,9 +231,7 @@ impl Client {
         let graph = params.graph()?;
         let neighbours = graph.of(id);
         if neighbours.is_empty() {
-            return Err(SecAggError::Params(format!(
-                "client {id} is not in the roster"
-            )));
+            return Err(ParamsError::NotInRoster(id).into());
         }
         let c_sk = StaticSecret::from(rng.random::<[u8; 32]>());
         let s_sk = StaticSecret::from(rng.random::<[u8; 32]>());
@@ -290,10 +285,7 @@ impl Client {
         let graph = state.params.graph()?;
         let neighbours = graph.of(state.id);
         if neighbours.is_empty() {
-            return Err(SecAggError::Params(format!(
-                "client {} is not in the roster",
-                state.id
-            )));
+            return Err(ParamsError::NotInRoster(state.id).into());
         }
         if state
             .peers
@@ -301,9 +293,7 @@ impl Client {
             .chain(state.held.keys())
             .any(|p| !neighbours.contains(p))
         {
-            return Err(SecAggError::Malformed(
-                "a persisted state names a peer that is not a neighbour".into(),
-            ));
+            return Err(Malformed::StateNeighbour.into());
         }
         Ok(Self {
             params: state.params,
@@ -339,9 +329,7 @@ impl Client {
         }
         let distinct: BTreeSet<[u8; 32]> = self.peers.values().flat_map(|k| [k.c, k.s]).collect();
         if distinct.len() != 2 * self.peers.len() {
-            return Err(SecAggError::Malformed(
-                "two advertised keys are equal (a replayed key)".into(),
-            ));
+            return Err(Malformed::ReplayedKey.into());
         }
         let k = self.neighbours.len();
         let s_shares = split(&self.s_sk.to_bytes(), t, k, rng)?;
@@ -362,7 +350,7 @@ impl Client {
             let (nonce, aad) = seal_params(round, self.id, to);
             aead(&key)?
                 .seal_in_place_append_tag(nonce, Aad::from(aad), &mut plain)
-                .map_err(|_| SecAggError::Malformed("sealing shares".into()))?;
+                .map_err(|_| SecAggError::from(Malformed::Sealing))?;
             out.push(EncryptedShares {
                 from: self.id,
                 to,
@@ -382,25 +370,21 @@ impl Client {
                 .get(&m.from)
                 .filter(|_| m.to == self.id)
                 .ok_or_else(|| {
-                    SecAggError::Malformed(format!(
-                        "shares from {} to {} are not for client {} from a neighbour",
-                        m.from, m.to, self.id
-                    ))
+                    SecAggError::from(Malformed::Misaddressed {
+                        from: m.from,
+                        to: m.to,
+                        me: self.id,
+                    })
                 })?;
             let key = agree(&self.c_sk, &keys.c, b"enc", round, m.from, self.id)?;
             let (nonce, aad) = seal_params(round, m.from, self.id);
             let mut buf = m.ciphertext.clone();
             let plain = aead(&key)?
                 .open_in_place(nonce, Aad::from(aad), &mut buf)
-                .map_err(|_| {
-                    SecAggError::Malformed(format!("shares from {} fail authentication", m.from))
-                })?;
+                .map_err(|_| SecAggError::from(Malformed::Unauthenticated(m.from)))?;
             let expected_x = abscissa(&self.graph.of(m.from), self.id);
             if plain.len() != 65 || Some(plain[0]) != expected_x {
-                return Err(SecAggError::Malformed(format!(
-                    "shares from {} are malformed",
-                    m.from
-                )));
+                return Err(Malformed::BadShares(m.from).into());
             }
             let x = plain[0];
             self.held.insert(
@@ -424,11 +408,11 @@ impl Client {
     /// client holds (they are the ones that reached phase 2).
     pub fn masked_input(&self, input: &[u32]) -> Result<Vec<u32>, SecAggError> {
         if input.len() != self.params.len {
-            return Err(SecAggError::Malformed(format!(
-                "input of {} words, the round's are {}",
-                input.len(),
-                self.params.len
-            )));
+            return Err(Malformed::InputLength {
+                got: input.len(),
+                want: self.params.len,
+            }
+            .into());
         }
         if self.held.len() < self.params.threshold {
             return Err(SecAggError::NotEnoughShares {
@@ -445,10 +429,7 @@ impl Client {
             &mut y,
         );
         for &j in self.held.keys() {
-            let keys = self
-                .peers
-                .get(&j)
-                .ok_or_else(|| SecAggError::Malformed(format!("no advertised keys for {j}")))?;
+            let keys = self.peers.get(&j).ok_or(Malformed::NoKeys(j))?;
             let seed = agree(&self.s_sk, &keys.s, b"mask", round, self.id, j)?;
             let sign = if self.id < j { 1 } else { -1 };
             apply_mask(&seed, &context(round, b"pair", self.id, j), sign, &mut y);
@@ -469,9 +450,7 @@ impl Client {
         let d: BTreeSet<ClientId> = dropped.iter().copied().collect();
         let r: BTreeSet<ClientId> = reported.iter().copied().collect();
         if let Some(both) = d.intersection(&r).next() {
-            return Err(SecAggError::Inconsistent(format!(
-                "client {both} is named as dropped and as reported: revealing both shares would unmask its input"
-            )));
+            return Err(Inconsistent::DroppedAndReported(*both).into());
         }
         if r.len() < self.params.threshold {
             return Err(SecAggError::NotEnoughShares {
@@ -486,9 +465,7 @@ impl Client {
                     continue; // not a neighbour that shared with this client
                 };
                 if self.revealed.get(&peer).is_some_and(|&k| k != kind) {
-                    return Err(SecAggError::Inconsistent(format!(
-                        "client {peer}'s other share was revealed already"
-                    )));
+                    return Err(Inconsistent::OtherShareRevealed(peer).into());
                 }
                 out.push(Reveal {
                     from: self.id,
@@ -543,9 +520,7 @@ impl Server {
     /// Phase 1: records a client's public keys (once).
     pub fn advertise(&mut self, id: ClientId, keys: PublicKeys) -> Result<(), SecAggError> {
         if id as usize >= self.params.clients || self.keys.contains_key(&id) {
-            return Err(SecAggError::Malformed(format!(
-                "keys from {id}: not in the roster or sent twice"
-            )));
+            return Err(Malformed::UnexpectedKeys(id).into());
         }
         self.keys.insert(id, keys);
         Ok(())
@@ -588,9 +563,7 @@ impl Server {
         msgs: Vec<EncryptedShares>,
     ) -> Result<(), SecAggError> {
         if !self.keys.contains_key(&from) || self.shared.contains(&from) {
-            return Err(SecAggError::Malformed(format!(
-                "shares from {from}: it advertised no keys or shared twice"
-            )));
+            return Err(Malformed::UnexpectedShares(from).into());
         }
         let neighbours = self.graph.of(from);
         let mut to = BTreeSet::new();
@@ -600,10 +573,12 @@ impl Server {
                 || !to.insert(m.to)
                 || m.ciphertext.len() != SHARES_CIPHERTEXT_LEN
             {
-                return Err(SecAggError::Malformed(format!(
-                    "shares from {from} to {}: not a neighbour, a second message, or not {SHARES_CIPHERTEXT_LEN} bytes",
-                    m.to
-                )));
+                return Err(Malformed::ShareMessage {
+                    from,
+                    to: m.to,
+                    len: SHARES_CIPHERTEXT_LEN,
+                }
+                .into());
             }
         }
         for m in msgs {
@@ -624,9 +599,7 @@ impl Server {
             || self.reported.contains(&from)
             || y.len() != self.params.len
         {
-            return Err(SecAggError::Malformed(format!(
-                "masked input from {from}: it shared no keys, reported twice or sent the wrong length"
-            )));
+            return Err(Malformed::UnexpectedInput(from).into());
         }
         for (s, v) in self.sum.iter_mut().zip(y) {
             *s = s.wrapping_add(*v);
@@ -670,7 +643,7 @@ impl Server {
             let bytes = combine(shares, t)?;
             bytes
                 .try_into()
-                .map_err(|_| SecAggError::Malformed("a 32-byte secret expected".into()))
+                .map_err(|_| SecAggError::from(Malformed::SecretLength))
         };
         // Every mask to take off: (seed, context, sign). Reconstruction is cheap; expanding the
         // masks is the work, spread over the threads (each adds into its own buffer).
@@ -684,10 +657,7 @@ impl Server {
                 if !self.reported.contains(&v) {
                     continue;
                 }
-                let pk = self
-                    .keys
-                    .get(&v)
-                    .ok_or_else(|| SecAggError::Malformed(format!("no keys for {v}")))?;
+                let pk = self.keys.get(&v).ok_or(Malformed::NoKeys(v))?;
                 let seed = agree(&s_sk, &pk.s, b"mask", round, u, v)?;
                 // v added its side with sign + if v < u: take it off.
                 let sign = if v < u { -1 } else { 1 };

@@ -7,7 +7,7 @@
 
 use rand::Rng;
 
-use crate::SecAggError;
+use crate::{Malformed, ParamsError, SecAggError};
 
 /// exp and log tables of GF(2^8) with generator 3.
 const TABLES: ([u8; 512], [u8; 256]) = {
@@ -64,9 +64,7 @@ pub fn split(
     rng: &mut impl Rng,
 ) -> Result<Vec<Share>, SecAggError> {
     if t == 0 || t > n || n > 255 {
-        return Err(SecAggError::Params(format!(
-            "a threshold of {t} out of {n} shares is impossible (1 ≤ t ≤ n ≤ 255)"
-        )));
+        return Err(ParamsError::ShareThreshold { t, n }.into());
     }
     let mut shares: Vec<Share> = (1..=n)
         .map(|x| Share {
@@ -102,9 +100,7 @@ pub fn combine(shares: &[Share], t: usize) -> Result<Vec<u8>, SecAggError> {
     let len = used[0].y.len();
     for (i, s) in used.iter().enumerate() {
         if s.x == 0 || s.y.len() != len || used[..i].iter().any(|o| o.x == s.x) {
-            return Err(SecAggError::Malformed(
-                "shares with a zero or repeated abscissa or unequal lengths".into(),
-            ));
+            return Err(Malformed::Shares.into());
         }
     }
     // Lagrange basis at 0: l_i = Π_{j≠i} x_j / (x_j − x_i) (subtraction is xor).
@@ -172,8 +168,8 @@ mod tests {
         assert!(split(b"k", 2, 256, &mut rng).is_err());
         let s = split(b"key", 2, 3, &mut rng).unwrap();
         let dup = [s[0].clone(), s[0].clone()];
-        assert!(matches!(combine(&dup, 2), Err(SecAggError::Malformed(_))));
+        assert_eq!(combine(&dup, 2), Err(Malformed::Shares.into()));
         let short = [s[0].clone(), Share { x: 2, y: vec![1] }];
-        assert!(matches!(combine(&short, 2), Err(SecAggError::Malformed(_))));
+        assert_eq!(combine(&short, 2), Err(Malformed::Shares.into()));
     }
 }
