@@ -1039,11 +1039,12 @@ impl Ctx<'_> {
             Parallelism::Rayon(t) => t.max(1),
             _ => 1,
         };
-        PACKED_A.with(|p| {
-            let mut p = p.borrow_mut();
-            p.pack(a, 0, lda, rows, k);
-            crate::bf16::gemm(dst, 0, ld, acc, &p, b, 1.0, threads);
-        });
+        // Taken out of the thread-local, not borrowed from it: a multi-threaded product lets this
+        // thread steal other rayon work, which may be another pass needing its own pack.
+        let mut p = PACKED_A.take();
+        p.pack(a, 0, lda, rows, k);
+        crate::bf16::gemm(dst, 0, ld, acc, &p, b, 1.0, threads);
+        PACKED_A.set(p);
     }
 
     /// Backward of [`Ctx::project`] given `dy` (`rows × n`): the input gradient `dx = dy·W` (not
