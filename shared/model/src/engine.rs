@@ -106,6 +106,15 @@ impl Precision {
         }
     }
 
+    /// The precision the products actually run in on this CPU: bf16 only where
+    /// [`crate::bf16::available`], f32 otherwise.
+    pub fn effective(self) -> Self {
+        match self {
+            Self::Bf16 if crate::bf16::available() => Self::Bf16,
+            _ => Self::F32,
+        }
+    }
+
     /// The native training engine that computes in this precision.
     pub fn engine(self) -> crate::train::Engine {
         match self {
@@ -1257,16 +1266,12 @@ impl Ctx<'_> {
         // orientations) straight from the quantized rows.
         let mut wt = scratch(if self.bf16 { 0 } else { tile * h });
         let (mut head_fwd, mut head_bwd) = (PackedB::default(), PackedB::default());
-        let pack_tile = |fwd: &mut PackedB, bwd: Option<&mut PackedB>, v0: usize, nv: usize| {
-            let row = |r: usize, o: &mut [f32]| head.dequantize_row(v0 + r, o);
-            fwd.pack_transposed(nv, h, row);
-            if let Some(bwd) = bwd {
-                bwd.pack(nv, h, row);
-            }
-        };
+        // The head's rows from vocabulary row `v0` on, for the packers.
+        let head_rows = |v0: usize| move |r: usize, o: &mut [f32]| head.dequantize_row(v0 + r, o);
         if single_tile {
             if self.bf16 {
-                pack_tile(&mut head_fwd, Some(&mut head_bwd), 0, vocab);
+                head_fwd.pack_transposed(vocab, h, head_rows(0));
+                head_bwd.pack(vocab, h, head_rows(0));
             } else {
                 expand(head, 0, vocab, &mut wt);
             }
@@ -1284,7 +1289,7 @@ impl Ctx<'_> {
                 let nv = tile.min(vocab - v0);
                 if self.bf16 {
                     if !single_tile {
-                        pack_tile(&mut head_fwd, None, v0, nv);
+                        head_fwd.pack_transposed(nv, h, head_rows(v0));
                     }
                     let (dst, a) = (&mut logits[v0..], &xf[r0 * h..]);
                     self.bf16_product(dst, vocab, false, a, h, h, nr, &head_fwd);
@@ -1329,8 +1334,7 @@ impl Ctx<'_> {
                 let nv = tile.min(vocab - v0);
                 if self.bf16 {
                     if !single_tile {
-                        let row = |r: usize, o: &mut [f32]| head.dequantize_row(v0 + r, o);
-                        head_bwd.pack(nv, h, row);
+                        head_bwd.pack(nv, h, head_rows(v0));
                     }
                     let (dst, a) = (&mut dxf[r0 * h..], &logits[v0..]);
                     self.bf16_product(dst, h, true, a, vocab, nv, nr, &head_bwd);
@@ -1605,7 +1609,7 @@ pub fn lora_gradients_in(
     }
     let threads = rayon::current_num_threads().max(1);
     let groups = threads.min(batch);
-    let bf16 = precision == Precision::Bf16 && crate::bf16::available();
+    let bf16 = precision.effective() == Precision::Bf16;
     let (cos, sin) = rope_tables(c.rope_theta, c.head_dim, seq);
     let ctx = Ctx {
         model,

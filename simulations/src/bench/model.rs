@@ -124,7 +124,7 @@ pub fn train(
             "peak_gflops": peak_flops() / 1e9, "final_loss": loss, "peak_rss_bytes": peak_rss(),
             "resident_weight_bytes": model.resident_weight_bytes(),
             // What the frozen-weight products ran in (native-bf16 runs f32 on CPUs without AVX512-BF16).
-            "products": if engine.precision() == Some(starling_model::engine::Precision::Bf16) && starling_model::bf16::available() { "bf16" } else { "f32" },
+            "products": engine.precision().unwrap_or_default().effective().name(),
         })
     );
     Ok(())
