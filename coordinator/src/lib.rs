@@ -2,12 +2,14 @@
 //!
 //! - [`strategy`]: aggregation rules behind one trait (FedAvg family, server optimizers, robust rules,
 //!   norm bounding, DP-FedAvg);
-//! - [`engine`]: the sans-IO round engine (events in, actions out, explicit time); [`secagg`]: its
+//! - [`engine`]: the sans-IO round engine (events in, actions out, explicit time: *when*); [`secagg`]: its
 //!   secure-aggregation phases (SecAgg+ server, settings, per-phase deadlines);
+//! - [`round_core`]: the sans-IO round policy (*what*: strategy, privacy charge, step, signing, the one Task
+//!   builder), which every driver uses and none re-implements;
 //! - [`store`]: durable state in sled (clients, tokens, rounds, updates, models, ledger);
 //! - [`failpoint`]: named crash points for the SIGKILL recovery test (shared with the device binary);
 //! - [`status`]: the status document and metrics; [`http`]: the live status page and `/metrics`;
-//! - [`config`]: coordinator.toml; [`service`]: the QUIC driver (`serve`); [`ops`]: operator commands;
+//! - [`config`]: coordinator.toml; [`service`]: the QUIC driver of the core (`serve`); [`ops`]: operator commands;
 //! - [`admin`]: the operator's authenticated channel into a running `serve` (a Unix socket);
 //!   [`backup`]: consistent backups of a coordinator directory and their restore.
 //!
@@ -21,6 +23,7 @@ pub mod engine;
 pub use starling_cli::failpoint;
 pub mod http;
 pub mod ops;
+pub mod round_core;
 pub mod secagg;
 pub mod service;
 pub mod status;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use starling_model::{Backend, Llama, LoraAdapter};
-use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
+use starling_protocol::manifest::{DpRecord, Manifest};
 use starling_protocol::{
     AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
 };
@@ -119,13 +119,7 @@ pub fn init_with(
         adapter_schema: schema,
         round: RoundId(0),
         strategy: "init".into(),
-        dp: DpRecord {
-            mode: DpMode::Off,
-            noise_multiplier: 0.0,
-            clip: 0.0,
-            epsilon_spent: 0.0,
-            delta: 0.0,
-        },
+        dp: DpRecord::OFF,
         created_at_unix_ms: now,
     };
     let store = Store::create(&layout.store())?;

@@ -1,40 +1,38 @@
-//! The running coordinator: the QUIC driver of the round engine. It owns the store, the engine, the strategy
-//! and the keys; implements the transport's `Handler` (requests) and `Authorizer` (handshakes); and ticks
-//! the engine, carrying out its actions (persist rounds, aggregate, publish signed versions).
+//! The running coordinator: the QUIC driver of the round core. It owns the store and the base bundle, holds
+//! the [`RoundCore`] (engine, strategy, ledger, keys) behind one lock, implements the transport's `Handler`
+//! (requests) and `Authorizer` (handshakes), and ticks the engine, carrying out its actions: persist rounds,
+//! hand the core the stored updates and parent adapter, write the version it signs. Policy — what a round
+//! aggregates, charges and publishes, what a Task says — is the core's, never re-implemented here.
 //!
 //! Order of durability: a round is stored before its tasks are served; an update is stored and flushed
 //! before the engine counts it and before the ack; a new version, its ledger charge, the strategy state and
 //! the closing of the round are one store transaction. After a crash, [`Coordinator::open`] resumes the
 //! open round with the updates already stored, re-aggregating if it was aggregating.
-//! What must never live here: protocol decoding (starling-protocol), sockets (starling-transport).
+//! What must never live here: protocol decoding (starling-protocol), sockets (starling-transport), round
+//! policy (crate::round_core).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use starling_privacy::ddg::DdgEvent;
-use starling_privacy::{Budget, DpEvent, Ledger, LedgerScope, NoisePlacement};
-use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
 use starling_protocol::message::{
-    Ack, BlobKind, Decline, DpSgdTask, DpTask, Enrol, ErrorCode, ErrorReply, LoraSpec, Message,
-    NoTask, SecAggRequest, SecAggTask, Task, TrainParams,
+    Ack, BlobKind, Decline, Enrol, ErrorCode, ErrorReply, Message, NoTask, SecAggRequest,
 };
-use starling_protocol::update::{adapter_bytes, adapter_values, decode_update, UpdateLimits};
+use starling_protocol::update::{adapter_values, decode_update, UpdateLimits};
 use starling_protocol::{
-    AdapterSchema, Digest, Encoding, EnrolmentToken, Fingerprint, ModelVersion, RoundId,
-    SigningIdentity, UpdateId,
+    AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
+    UpdateId,
 };
-use starling_secagg::RoundParams;
 use starling_transport::server::EnrolmentLimits;
 use starling_transport::server::ServerControl;
 use starling_transport::{Access, Authorizer, Handler, Limits, Request, Response, Server};
 
-use crate::config::{CoordinatorConfig, DpPlacement, UpdateEncoding};
+use crate::config::CoordinatorConfig;
 use crate::engine::{Action, Engine, RoundRecord, TaskDecision, UpdateCheck, UpdateMeta};
+use crate::round_core::{CoreError, Restored, RoundCore, RoundInput};
 use crate::status::{bump, Metrics};
-use crate::store::{manifest_body, ClientStatus, PublishedModel, RoundCharge, Store, StoredUpdate};
-use crate::strategy::{self, ClientUpdate, DpFedAvg, Strategy};
+use crate::store::{manifest_body, ClientStatus, Store, StoredUpdate};
 
 /// Files inside a coordinator directory.
 pub struct Layout {
@@ -121,12 +119,9 @@ pub enum ServiceError {
     /// The engine refused.
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
-    /// Aggregation failed.
+    /// The round core refused or failed.
     #[error(transparent)]
-    Aggregate(#[from] strategy::AggregateError),
-    /// Privacy accounting refused or failed.
-    #[error(transparent)]
-    Privacy(#[from] starling_privacy::PrivacyError),
+    Core(#[from] CoreError),
     /// The store holds no published version (the directory was not made by `init`).
     #[error("the store holds no published version: is this a directory made by `init`?")]
     NoPublishedVersion,
@@ -179,12 +174,6 @@ pub enum ServiceError {
         /// The digest version 0 signed.
         signed: Digest,
     },
-    /// The secure-aggregation settings give no encoding (checked at start-up; a bug if it shows).
-    #[error("secure aggregation: {0}")]
-    SecAgg(#[from] starling_secagg::SecAggError),
-    /// A privacy charge was asked of a coordinator that keeps no ledger (a bug if it shows).
-    #[error("privacy accounting without a privacy ledger (privacy.mode = off)")]
-    NoLedger,
     /// A key file is unreadable.
     #[error("key {path}: {detail}")]
     Key {
@@ -195,32 +184,14 @@ pub enum ServiceError {
     },
 }
 
-struct Inner {
-    engine: Engine,
-    strategy: Box<dyn Strategy>,
-    ledger: Option<Ledger>,
-    /// Rounds charged as the distributed discrete Gaussian (their Gaussian-free share of the ledger).
-    ddg: Vec<DdgEvent>,
-}
-
-/// What one round charges to the global ledger.
-enum RoundEvent {
-    /// The subsampled Gaussian (central noise, or continuous noise shares in the clear).
-    Gaussian(DpEvent),
-    /// Discrete Gaussian shares of the devices in a secure round.
-    Ddg(DdgEvent),
-}
-
 /// The coordinator's state behind the QUIC endpoints.
 pub struct Coordinator {
     store: Store,
     cfg: CoordinatorConfig,
     schema: AdapterSchema,
-    signing: SigningIdentity,
-    base_digest: Digest,
-    /// The base model bundle devices fetch (its SHA-256 is `base_digest`).
+    /// The base model bundle devices fetch (its SHA-256 is the base digest every manifest names).
     base: Arc<[u8]>,
-    inner: Mutex<Inner>,
+    inner: Mutex<RoundCore>,
     metrics: Metrics,
     clock: Clock,
     /// The coordinator directory.
@@ -294,67 +265,6 @@ pub fn read_key(path: &Path) -> Result<SigningIdentity, ServiceError> {
     SigningIdentity::from_pkcs8_der(&der).map_err(|e| key(e.to_string()))
 }
 
-/// What a round's aggregation starts from.
-enum RoundInput {
-    /// The decoded deltas (with their FedAvg weights) and the sum of their training losses.
-    Updates {
-        /// (examples, delta) per update.
-        deltas: Vec<(u64, Vec<f32>)>,
-        /// Σ training loss.
-        loss: f64,
-    },
-    /// A secure round's unmasked sum of `count` (weighted) deltas.
-    Sum {
-        /// The decoded sum.
-        sum: Vec<f32>,
-        /// Devices in it.
-        count: usize,
-        /// Their total weight.
-        weight: f64,
-    },
-}
-
-impl RoundInput {
-    /// Devices behind it.
-    fn count(&self) -> usize {
-        match self {
-            RoundInput::Updates { deltas, .. } => deltas.len(),
-            RoundInput::Sum { count, .. } => *count,
-        }
-    }
-}
-
-fn build_strategy(
-    cfg: &CoordinatorConfig,
-    expected_clients: f64,
-    simulation_noise_key: Option<[u8; 32]>,
-) -> Result<Box<dyn Strategy>, ServiceError> {
-    let p = &cfg.privacy;
-    Ok(match p.mode {
-        DpPlacement::Off => strategy::build(&cfg.strategy)?,
-        DpPlacement::Central | DpPlacement::Distributed => {
-            let placement = if p.mode == DpPlacement::Central {
-                NoisePlacement::Central
-            } else {
-                NoisePlacement::Distributed {
-                    clients: p.noise_clients,
-                }
-            };
-            let dp = DpFedAvg::new(
-                p.clip,
-                p.noise_multiplier,
-                expected_clients,
-                placement,
-                cfg.strategy.server_lr,
-            )?;
-            Box::new(match simulation_noise_key {
-                Some(key) => dp.with_simulation_key(key),
-                None => dp,
-            })
-        }
-    })
-}
-
 impl Coordinator {
     /// Opens a coordinator directory made by `init`, resuming whatever round was open.
     pub fn open(dir: &Path, cfg: CoordinatorConfig) -> Result<Self, ServiceError> {
@@ -418,35 +328,6 @@ impl Coordinator {
                 cfg.secagg_noise_steps(),
             )?;
         }
-        let mut strategy =
-            build_strategy(&cfg, (cohort as f64).max(1.0), opts.simulation_noise_key)?;
-        strategy.restore(store.strategy_state()?)?;
-        let ddg = store.ledger_ddg()?;
-        let ledger = if cfg.privacy.mode == DpPlacement::Off {
-            None
-        } else {
-            let mut l = Ledger::new(
-                LedgerScope::Global,
-                Budget {
-                    epsilon: cfg.privacy.epsilon_budget,
-                    delta: cfg.privacy.delta,
-                },
-                cfg.privacy.accountant,
-            )?;
-            let discrete: std::collections::BTreeSet<RoundId> =
-                ddg.iter().map(|(r, _)| *r).collect();
-            for (round, c) in store.ledger()? {
-                // Recomputed from the stored events: ε is never read back from disk. A budget lowered in the
-                // configuration below what was spent shows as exhausted (no further rounds), not as an error.
-                if discrete.contains(&round) {
-                    continue;
-                }
-                let event = DpEvent::new(c.sampling_rate, c.noise_multiplier, 1)?;
-                let _ = l.charge(format!("round {}", round.0), event);
-            }
-            Some(l)
-        };
-        let ddg = ddg.into_iter().map(|(_, e)| e).collect();
         let current = store.current_round()?;
         let dropped = store.prune_stale_updates(current.as_ref().map(|r| r.id))?;
         if dropped > 0 {
@@ -494,19 +375,27 @@ impl Coordinator {
                 store.put_secagg(id, state)?;
             }
         }
+        let restored = Restored {
+            strategy: store.strategy_state()?,
+            charges: store.ledger()?,
+            discrete: store.ledger_ddg()?,
+        };
+        let core = RoundCore::new(
+            cfg.clone(),
+            schema.clone(),
+            m0.base_digest,
+            signing,
+            engine,
+            cohort,
+            opts.simulation_noise_key,
+            restored,
+        )?;
         Ok(Self {
-            base_digest: m0.base_digest,
             base,
             store,
             cfg,
             schema,
-            signing,
-            inner: Mutex::new(Inner {
-                engine,
-                strategy,
-                ledger,
-                ddg,
-            }),
+            inner: Mutex::new(core),
             metrics: Metrics::default(),
             clock: opts.clock,
             dir: dir.to_path_buf(),
@@ -628,7 +517,7 @@ impl Coordinator {
         self.base.len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, RoundCore> {
         // A panic while holding the lock cannot leave the engine half-updated in a way the store does not
         // also reflect; keep serving.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -678,39 +567,29 @@ impl Coordinator {
                             count,
                             params,
                         } => {
-                            let encoding = self.cfg.secure_aggregation.encoding(params.clients)?;
-                            let mut sum = encoding.decode_sum(&sum, params.bits);
-                            // The total weight: the devices' count, or their masked weights' sum.
-                            let weight = if self.cfg.secure_aggregation.weight_cap > 0 {
-                                let w = sum.pop().unwrap_or(0.0);
-                                f64::from(w) / f64::from(self.cfg.secure_aggregation.clip)
-                            } else {
-                                count as f64
-                            };
-                            (round, RoundInput::Sum { sum, count, weight })
+                            let input = inner.secure_sum(&sum, count, &params)?;
+                            (round, input)
                         }
                         _ => continue,
                     };
                     self.store.put_round(&round)?;
-                    let updates = input.count();
                     let started = std::time::Instant::now();
-                    match self.aggregate(&mut inner, &round, input, now) {
+                    match self.publish(&mut inner, &round, &input, now) {
                         Ok(version) => {
                             crate::failpoint::hit("published");
                             self.metrics.last_aggregation_us.store(
                                 started.elapsed().as_micros() as u64,
                                 std::sync::atomic::Ordering::Relaxed,
                             );
-                            inner.engine.published(round.id, version)?;
                             self.store.prune_updates(round.id)?;
                             tracing::info!(
                                 round = round.id.0,
                                 version = version.0,
-                                updates,
+                                updates = input.count(),
                                 "published"
                             );
                         }
-                        Err(ServiceError::Privacy(e)) => {
+                        Err(ServiceError::Core(CoreError::Privacy(e))) => {
                             tracing::warn!(round = round.id.0, "round refused: {e}");
                             bump(&self.metrics.rounds_refused_privacy);
                             inner.engine.abandon(round.id)?;
@@ -738,8 +617,43 @@ impl Coordinator {
         Ok(inner.engine.finished())
     }
 
+    /// Aggregates `round` in the core from what the store holds, writes the new version, its ledger charge,
+    /// the strategy state and the round's close in one transaction, then commits it to the core.
+    fn publish(
+        &self,
+        core: &mut RoundCore,
+        round: &RoundRecord,
+        input: &RoundInput,
+        now: u64,
+    ) -> Result<ModelVersion, ServiceError> {
+        let parent = self
+            .store
+            .model(round.model_version)?
+            .ok_or(ServiceError::VersionMissing(round.model_version))?;
+        let parent =
+            adapter_values(&parent.adapter).map_err(|source| ServiceError::StoredAdapter {
+                version: round.model_version,
+                source,
+            })?;
+        let latest = core.engine.latest();
+        let latest = self
+            .store
+            .manifest_digest(latest)?
+            .ok_or(ServiceError::VersionMissing(latest))?;
+        let p = core.aggregate(round, input, &parent, latest, now)?;
+        self.store.publish(
+            p.version,
+            &p.model,
+            Some((p.round, p.charge)),
+            p.discrete.as_ref(),
+            &p.strategy,
+        )?;
+        core.commit(&p)?;
+        Ok(p.version)
+    }
+
     /// Persists the open secure round's state (flushed), if there is one.
-    fn persist_secagg(&self, inner: &Inner) -> Result<(), ServiceError> {
+    fn persist_secagg(&self, inner: &RoundCore) -> Result<(), ServiceError> {
         if let Some((id, state)) = inner.engine.secagg() {
             self.store.put_secagg(id, state)?;
         }
@@ -773,286 +687,6 @@ impl Coordinator {
             });
         }
         Ok(RoundInput::Updates { deltas, loss })
-    }
-
-    fn aggregate(
-        &self,
-        inner: &mut Inner,
-        round: &RoundRecord,
-        input: RoundInput,
-        now: u64,
-    ) -> Result<ModelVersion, ServiceError> {
-        // Privacy first: a round that would exceed the budget is refused before anything is computed.
-        let sampling_rate = (round.selected.len() as f64 / round.eligible.max(1) as f64).min(1.0);
-        let eff = self.effective_multiplier()?;
-        let event = self.round_event(sampling_rate, eff)?;
-        let spent = match &event {
-            Some(e) => Some(self.epsilon_after(inner, e)?),
-            None => None,
-        };
-        let step = match &input {
-            RoundInput::Updates { deltas, .. } => {
-                let views: Vec<ClientUpdate<'_>> = deltas
-                    .iter()
-                    .map(|(n, d)| ClientUpdate {
-                        num_examples: *n,
-                        delta: d,
-                    })
-                    .collect();
-                inner.strategy.aggregate(&views)?
-            }
-            RoundInput::Sum { sum, weight, .. } => inner.strategy.aggregate_sum(sum, *weight)?,
-        };
-        crate::failpoint::hit("aggregated");
-        let parent = self
-            .store
-            .model(round.model_version)?
-            .ok_or(ServiceError::VersionMissing(round.model_version))?;
-        let mut adapter =
-            adapter_values(&parent.adapter).map_err(|source| ServiceError::StoredAdapter {
-                version: round.model_version,
-                source,
-            })?;
-        for (a, s) in adapter.iter_mut().zip(&step) {
-            *a += s;
-        }
-        let mut discrete = None;
-        let (dp, charge_event) = match (&mut inner.ledger, event, spent) {
-            (Some(l), Some(event), Some(spent)) => {
-                // Charged with the multiplier opendp certified for the noise actually drawn (central), or
-                // as the devices' discrete shares (secure rounds with device noise).
-                match event {
-                    RoundEvent::Gaussian(e) => {
-                        l.charge(format!("round {}", round.id.0), e)?;
-                    }
-                    RoundEvent::Ddg(e) => {
-                        inner.ddg.push(e);
-                        discrete = Some(e);
-                    }
-                }
-                let mode = match self.cfg.privacy.mode {
-                    DpPlacement::Distributed => DpMode::UserDistributed {
-                        clients: self.cfg.privacy.noise_clients,
-                    },
-                    _ => DpMode::UserCentral,
-                };
-                (
-                    DpRecord {
-                        mode,
-                        noise_multiplier: eff,
-                        clip: self.cfg.privacy.clip,
-                        epsilon_spent: spent,
-                        delta: self.cfg.privacy.delta,
-                    },
-                    Some(spent),
-                )
-            }
-            _ => (
-                DpRecord {
-                    mode: DpMode::Off,
-                    noise_multiplier: 0.0,
-                    clip: 0.0,
-                    epsilon_spent: 0.0,
-                    delta: 0.0,
-                },
-                None,
-            ),
-        };
-        let version = ModelVersion(inner.engine.latest().0 + 1);
-        let latest = self
-            .store
-            .model(inner.engine.latest())?
-            .ok_or(ServiceError::VersionMissing(inner.engine.latest()))?;
-        let bytes = adapter_bytes(&adapter);
-        let manifest = Manifest {
-            version,
-            parent_digest: Some(latest.manifest.digest()),
-            base_digest: self.base_digest,
-            adapter_digest: Digest::of(&bytes),
-            adapter_schema: self.schema.clone(),
-            round: round.id,
-            strategy: inner.strategy.name(),
-            dp,
-            created_at_unix_ms: now,
-        };
-        let charge = RoundCharge {
-            sampling_rate,
-            noise_multiplier: charge_event.map_or(0.0, |_| eff),
-            epsilon_after: charge_event.unwrap_or(0.0),
-            mean_train_loss: match &input {
-                RoundInput::Updates { deltas, loss } => (loss / deltas.len().max(1) as f64) as f32,
-                // Secure rounds: the devices' losses are not collected (they would be one more
-                // per-device signal); recorded as 0.
-                RoundInput::Sum { .. } => 0.0,
-            },
-            updates: input.count() as u32,
-        };
-        let model = PublishedModel {
-            manifest: manifest.sign(&self.signing),
-            adapter: bytes,
-        };
-        self.store.publish(
-            version,
-            &model,
-            Some((round.id, charge)),
-            discrete.as_ref(),
-            &inner.strategy.state(),
-        )?;
-        Ok(version)
-    }
-
-    /// Whether rounds charge the ledger, and how: `Some(true)` the subsampled Gaussian, `Some(false)` the
-    /// devices' discrete Gaussian shares under secure aggregation, `None` no user-level DP.
-    fn round_kind(&self) -> Option<bool> {
-        match self.cfg.privacy.mode {
-            DpPlacement::Off => None,
-            DpPlacement::Distributed if self.cfg.secure_aggregation.enabled => Some(false),
-            _ => Some(true),
-        }
-    }
-
-    /// The event a round at `sampling_rate` charges (`eff`: the effective Gaussian multiplier).
-    fn round_event(
-        &self,
-        sampling_rate: f64,
-        eff: f64,
-    ) -> Result<Option<RoundEvent>, ServiceError> {
-        Ok(match self.round_kind() {
-            None => None,
-            Some(true) => Some(RoundEvent::Gaussian(DpEvent::new(sampling_rate, eff, 1)?)),
-            Some(false) => {
-                let p = &self.cfg.privacy;
-                let scale = self.cfg.secure_aggregation.encoding(1)?.scale;
-                Some(RoundEvent::Ddg(DdgEvent::new(
-                    u64::from(p.noise_clients),
-                    self.cfg.secagg_noise_steps() as f64,
-                    p.clip * scale,
-                    self.schema.num_params() as u64,
-                    sampling_rate,
-                    1,
-                )?))
-            }
-        })
-    }
-
-    /// ε after `event` at the configured δ, refused past the budget: the ledger's own accountant while
-    /// every round is Gaussian, RDP over integer orders once a discrete Gaussian round is involved.
-    fn epsilon_after(&self, inner: &Inner, event: &RoundEvent) -> Result<f64, ServiceError> {
-        let Some(l) = &inner.ledger else {
-            return Err(ServiceError::NoLedger);
-        };
-        let mut gaussian: Vec<DpEvent> = l.entries().iter().map(|e| e.event).collect();
-        let mut discrete = inner.ddg.clone();
-        let eps = match event {
-            RoundEvent::Gaussian(e) if discrete.is_empty() => l.preview(*e)?.epsilon,
-            RoundEvent::Gaussian(e) => {
-                gaussian.push(*e);
-                starling_privacy::ddg::epsilon_with(&gaussian, &discrete, l.budget().delta)?.0
-            }
-            RoundEvent::Ddg(e) => {
-                discrete.push(*e);
-                starling_privacy::ddg::epsilon_with(&gaussian, &discrete, l.budget().delta)?.0
-            }
-        };
-        let budget = l.budget();
-        if eps.is_nan() || eps > budget.epsilon {
-            return Err(starling_privacy::PrivacyError::BudgetExceeded {
-                scope: l.scope().to_string(),
-                would_reach: eps,
-                delta: budget.delta,
-                budget: budget.epsilon,
-            }
-            .into());
-        }
-        Ok(eps)
-    }
-
-    /// The multiplier rounds are charged at ([`strategy::charged_multiplier`]).
-    fn effective_multiplier(&self) -> Result<f64, ServiceError> {
-        let p = &self.cfg.privacy;
-        Ok(strategy::charged_multiplier(
-            p.mode == DpPlacement::Central,
-            p.clip,
-            p.noise_multiplier,
-            self.schema.num_params(),
-        )?)
-    }
-
-    fn task_for(
-        &self,
-        round: RoundId,
-        version: ModelVersion,
-        deadline: u64,
-        mu: f32,
-        secagg: Option<(RoundParams, u32)>,
-    ) -> Response {
-        let Ok(Some(model)) = self.store.model(version) else {
-            return Response::error(ErrorCode::Internal, "model version missing");
-        };
-        let t = &self.cfg.task;
-        let p = &self.cfg.privacy;
-        let dp = match p.mode {
-            DpPlacement::Off => DpTask {
-                update_clip: 0.0,
-                client_noise_multiplier: 0.0,
-                noise_clients: 1,
-                dp_sgd: None,
-            },
-            DpPlacement::Central => DpTask {
-                update_clip: p.clip,
-                client_noise_multiplier: 0.0,
-                noise_clients: 1,
-                dp_sgd: None,
-            },
-            DpPlacement::Distributed => DpTask {
-                update_clip: p.clip,
-                client_noise_multiplier: p.noise_multiplier,
-                noise_clients: p.noise_clients,
-                dp_sgd: None,
-            },
-        };
-        let dp = DpTask {
-            dp_sgd: (t.dp_sgd_noise_multiplier > 0.0).then_some(DpSgdTask {
-                noise_multiplier: t.dp_sgd_noise_multiplier,
-                clip: t.dp_sgd_clip,
-                sampling_rate: t.dp_sgd_sampling_rate,
-                delta: t.dp_sgd_delta,
-            }),
-            ..dp
-        };
-        let a = &self.cfg.adapter;
-        Response::Message(Message::Task(Box::new(Task {
-            round,
-            manifest: model.manifest,
-            deadline_unix_ms: deadline,
-            params: TrainParams {
-                local_steps: t.local_steps,
-                batch_size: t.batch_size,
-                seq_len: t.seq_len,
-                learning_rate: t.learning_rate,
-                fedprox_mu: mu,
-            },
-            dp,
-            lora: LoraSpec {
-                rank: a.rank as u32,
-                alpha: a.alpha,
-                targets: a.targets.clone(),
-            },
-            encoding: match t.encoding {
-                UpdateEncoding::F32 => Encoding::F32,
-                UpdateEncoding::Int8 => Encoding::Int8 {
-                    block: t.int8_block,
-                },
-            },
-            max_update_bytes: t.max_update_bytes,
-            secagg: secagg.map(|(params, id)| SecAggTask {
-                params,
-                id,
-                clip_bits: self.cfg.secure_aggregation.clip.to_bits(),
-                value_bits: self.cfg.secure_aggregation.value_bits,
-                weight_cap: self.cfg.secure_aggregation.weight_cap,
-            }),
-        })))
     }
 
     /// A device's secure-aggregation step: the state is persisted before the answer leaves.
@@ -1363,13 +997,7 @@ impl Handler for Coordinator {
         let _ = self.store.touch(&client, now);
         match request {
             Request::Task(_) => {
-                let (decision, mu) = {
-                    let mut inner = self.lock();
-                    (
-                        inner.engine.task_request(client, now),
-                        inner.strategy.proximal_mu(),
-                    )
-                };
+                let decision = self.lock().engine.task_request(client, now);
                 match decision {
                     TaskDecision::Task {
                         round,
@@ -1378,7 +1006,14 @@ impl Handler for Coordinator {
                         secagg,
                     } => {
                         bump(&self.metrics.tasks_offered);
-                        self.task_for(round, model_version, deadline, mu, secagg)
+                        match self.store.model(model_version) {
+                            Ok(Some(model)) => {
+                                let task =
+                                    self.lock().task(round, model.manifest, deadline, secagg);
+                                Response::Message(Message::Task(Box::new(task)))
+                            }
+                            _ => Response::error(ErrorCode::Internal, "model version missing"),
+                        }
                     }
                     TaskDecision::NoTask {
                         retry_after_ms,

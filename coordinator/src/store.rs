@@ -19,6 +19,7 @@ use starling_protocol::{
 };
 
 use crate::engine::{RoundRecord, UpdateMeta};
+pub use crate::round_core::{PublishedModel, RoundCharge};
 use crate::secagg::SecAggRound;
 use crate::strategy::StrategyState;
 use starling_privacy::ddg::DdgEvent;
@@ -132,30 +133,6 @@ pub struct StoredUpdate {
     pub train_loss: f32,
     /// The encoded update (protocol update format).
     pub body: Vec<u8>,
-}
-
-/// A published model version.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PublishedModel {
-    /// The signed manifest, exactly as served.
-    pub manifest: SignedManifest,
-    /// The adapter as a flat f32 vector in schema order, little-endian bytes.
-    pub adapter: Vec<u8>,
-}
-
-/// What a round's aggregation charged to the global privacy ledger.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RoundCharge {
-    /// Client sampling rate q of the round.
-    pub sampling_rate: f64,
-    /// Effective noise multiplier certified for the round's noise.
-    pub noise_multiplier: f64,
-    /// ε spent in total after this round.
-    pub epsilon_after: f64,
-    /// Mean training loss of the round's updates.
-    pub mean_train_loss: f32,
-    /// Updates aggregated.
-    pub updates: u32,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {

@@ -47,6 +47,17 @@ pub struct DpRecord {
     pub delta: f64,
 }
 
+impl DpRecord {
+    /// A version made without differential privacy.
+    pub const OFF: DpRecord = DpRecord {
+        mode: DpMode::Off,
+        noise_multiplier: 0.0,
+        clip: 0.0,
+        epsilon_spent: 0.0,
+        delta: 0.0,
+    };
+}
+
 /// A published model version.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {

@@ -111,6 +111,16 @@ pub struct DpTask {
     pub dp_sgd: Option<DpSgdTask>,
 }
 
+impl DpTask {
+    /// No user-level DP: no clipping, no device noise, no DP-SGD.
+    pub const OFF: DpTask = DpTask {
+        update_clip: 0.0,
+        client_noise_multiplier: 0.0,
+        noise_clients: 1,
+        dp_sgd: None,
+    };
+}
+
 /// The LoRA adapter a task trains: its shapes are the manifest's schema, these are the settings the schema
 /// cannot carry.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -1415,13 +1415,12 @@ fn v0_adapter(coord: &Coordinator) -> Result<Vec<f32>, SimError> {
     adapter_values(&published_adapter(coord, 0)?).map_err(|e| SimError::Coordinator(e.to_string()))
 }
 
-/// Trains `steps` steps of LoRA from `start` on `tokens` with the task's other settings (no DP), through
-/// the device's own training path; returns the trained adapter's values.
+/// Trains `steps` steps of LoRA from `start` on `tokens` with the task's other settings (the baseline
+/// task: no DP), through the device's own training path; returns the trained adapter's values.
 #[allow(clippy::too_many_arguments)]
 fn train_alone(
     scen: &Scenario,
     model: &Llama,
-    coord: &Coordinator,
     task_of: &Task,
     start: &[f32],
     tokens: &[u32],
@@ -1432,15 +1431,6 @@ fn train_alone(
         .map_err(|e| SimError::Coordinator(e.to_string()))?;
     let mut task = task_of.clone();
     task.params.local_steps = steps;
-    task.dp = starling_protocol::message::DpTask {
-        update_clip: 0.0,
-        client_noise_multiplier: 0.0,
-        noise_clients: 1,
-        dp_sgd: None,
-    };
-    task.encoding = Encoding::F32;
-    task.max_update_bytes = u64::MAX;
-    let _ = coord;
     let t = TaskTraining {
         model,
         task: &task,
@@ -1461,40 +1451,26 @@ fn train_alone(
     Ok(start.iter().zip(&delta).map(|(a, d)| a + d).collect())
 }
 
-/// The task the coordinator would send for version 0 (the baselines train with its settings).
-fn baseline_task(scen: &Scenario, coord: &Coordinator) -> Result<Task, SimError> {
+/// The task the coordinator would send for version 0 (built by the coordinator's one Task builder), with
+/// no DP and f32 deltas: the baselines train with its settings.
+fn baseline_task(coord: &Coordinator) -> Result<Task, SimError> {
     let v0 = coord
         .store()
         .model(ModelVersion(0))
         .map_err(|e| SimError::Coordinator(e.to_string()))?
         .ok_or_else(|| SimError::Coordinator("version 0 missing".into()))?;
-    let t = &scen.task;
-    Ok(Task {
-        round: starling_protocol::RoundId(0),
-        manifest: v0.manifest,
-        deadline_unix_ms: u64::MAX,
-        params: starling_protocol::message::TrainParams {
-            local_steps: t.local_steps,
-            batch_size: t.batch_size,
-            seq_len: t.seq_len,
-            learning_rate: t.learning_rate,
-            fedprox_mu: 0.0,
-        },
-        dp: starling_protocol::message::DpTask {
-            update_clip: 0.0,
-            client_noise_multiplier: 0.0,
-            noise_clients: 1,
-            dp_sgd: None,
-        },
-        lora: starling_protocol::message::LoraSpec {
-            rank: scen.adapter.rank as u32,
-            alpha: scen.adapter.alpha,
-            targets: scen.adapter.targets.clone(),
-        },
-        encoding: Encoding::F32,
-        max_update_bytes: u64::MAX,
-        secagg: None,
-    })
+    let mut task = starling_coordinator::round_core::task(
+        coord.config(),
+        starling_protocol::RoundId(0),
+        v0.manifest,
+        u64::MAX,
+        0.0,
+        None,
+    );
+    task.dp = starling_protocol::message::DpTask::OFF;
+    task.encoding = Encoding::F32;
+    task.max_update_bytes = u64::MAX;
+    Ok(task)
 }
 
 fn baselines(
@@ -1506,7 +1482,7 @@ fn baselines(
     coord: &Coordinator,
 ) -> Result<Baselines, SimError> {
     let seed = scen.simulation.seed;
-    let task = baseline_task(scen, coord)?;
+    let task = baseline_task(coord)?;
     let start = v0_adapter(coord)?;
     let steps =
         (scen.simulation.rounds * u64::from(scen.task.local_steps)).min(u64::from(u32::MAX));
@@ -1516,7 +1492,6 @@ fn baselines(
     let central = train_alone(
         scen,
         &l.model,
-        coord,
         &task,
         &start,
         &union,
@@ -1553,7 +1528,6 @@ fn baselines(
         let alone = train_alone(
             scen,
             &l.model,
-            coord,
             &task,
             &start,
             &tokens,

@@ -1,0 +1,806 @@
+//! The round core: what a round *does*, as values in and values out. The [`engine`](crate::engine) decides
+//! *when* (selection, deadlines, phases); this core decides *what*: which strategy aggregates and how
+//! (clipping and noise live in the DP strategy), what a round charges to the global privacy ledger and
+//! whether the budget allows it, the step on the adapter, the new version's manifest and its signature,
+//! and the [`Task`] every device is handed. Drivers move bytes: the QUIC service (and the simulator through
+//! it) reads the store, hands the core what it read, writes what the core returns in one transaction, and
+//! then tells the core the result is durable ([`RoundCore::commit`]).
+//!
+//! The one Task builder ([`task`]) is here; the one noise rule is [`strategy::charged_multiplier`], which the
+//! core charges with and the simulator calibrates with.
+//! What must never live here: I/O of any kind — files, the store, sockets, clocks (`now` is handed in),
+//! randomness other than the DP strategy's noise.
+
+use starling_privacy::ddg::DdgEvent;
+use starling_privacy::{Budget, DpEvent, Ledger, LedgerScope, NoisePlacement, PrivacyError};
+use starling_protocol::manifest::{DpMode, DpRecord, Manifest, SignedManifest};
+use starling_protocol::message::{DpSgdTask, DpTask, LoraSpec, SecAggTask, Task, TrainParams};
+use starling_protocol::update::adapter_bytes;
+use starling_protocol::{AdapterSchema, Digest, Encoding, ModelVersion, RoundId, SigningIdentity};
+use starling_secagg::{RoundParams, SecAggError};
+
+use crate::config::{CoordinatorConfig, DpPlacement, UpdateEncoding};
+use crate::engine::{Engine, EngineError, RoundRecord};
+use crate::strategy::{self, AggregateError, ClientUpdate, DpFedAvg, Strategy, StrategyState};
+
+/// A published model version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PublishedModel {
+    /// The signed manifest, exactly as served.
+    pub manifest: SignedManifest,
+    /// The adapter as a flat f32 vector in schema order, little-endian bytes.
+    pub adapter: Vec<u8>,
+}
+
+/// What a round's aggregation charged to the global privacy ledger.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundCharge {
+    /// Client sampling rate q of the round.
+    pub sampling_rate: f64,
+    /// Effective noise multiplier certified for the round's noise.
+    pub noise_multiplier: f64,
+    /// ε spent in total after this round.
+    pub epsilon_after: f64,
+    /// Mean training loss of the round's updates.
+    pub mean_train_loss: f32,
+    /// Updates aggregated.
+    pub updates: u32,
+}
+
+/// Errors of the round core.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The engine refused.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Aggregation failed.
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
+    /// Privacy accounting refused (the budget) or failed.
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
+    /// The secure-aggregation settings give no encoding (checked at start-up; a bug if it shows).
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] SecAggError),
+    /// A privacy charge was asked of a coordinator that keeps no ledger (a bug if it shows).
+    #[error("privacy accounting without a privacy ledger (privacy.mode = off)")]
+    NoLedger,
+    /// The adapter handed in is not the schema's length (a bug of the driver if it shows).
+    #[error("the parent adapter holds {found} values, the schema {expected}")]
+    AdapterLength {
+        /// Values the schema says.
+        expected: usize,
+        /// Values handed in.
+        found: usize,
+    },
+    /// A publication was committed out of order (a bug of the driver if it shows).
+    #[error("{found} committed while {expected} is the next version")]
+    OutOfOrder {
+        /// The version the core expects next.
+        expected: ModelVersion,
+        /// The version committed.
+        found: ModelVersion,
+    },
+}
+
+/// What a round's aggregation starts from.
+#[derive(Debug, Clone)]
+pub enum RoundInput {
+    /// The decoded deltas (with their FedAvg weights) and the sum of their training losses.
+    Updates {
+        /// (examples, delta) per update.
+        deltas: Vec<(u64, Vec<f32>)>,
+        /// Σ training loss.
+        loss: f64,
+    },
+    /// A secure round's unmasked sum of `count` (weighted) deltas.
+    Sum {
+        /// The decoded sum.
+        sum: Vec<f32>,
+        /// Devices in it.
+        count: usize,
+        /// Their total weight.
+        weight: f64,
+    },
+}
+
+impl RoundInput {
+    /// Devices behind it.
+    pub fn count(&self) -> usize {
+        match self {
+            RoundInput::Updates { deltas, .. } => deltas.len(),
+            RoundInput::Sum { count, .. } => *count,
+        }
+    }
+}
+
+/// What the driver read back from durable state for a restarted core.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// The strategy's persisted state (server momentum, moments).
+    pub strategy: StrategyState,
+    /// Every round's Gaussian (or discrete, see `discrete`) charge, in round order.
+    pub charges: Vec<(RoundId, RoundCharge)>,
+    /// The rounds charged as the distributed discrete Gaussian, with their events.
+    pub discrete: Vec<(RoundId, DdgEvent)>,
+}
+
+/// What one round charges to the global ledger.
+#[derive(Debug, Clone, Copy)]
+enum RoundEvent {
+    /// The subsampled Gaussian (central noise, or continuous noise shares in the clear).
+    Gaussian(DpEvent),
+    /// Discrete Gaussian shares of the devices in a secure round.
+    Ddg(DdgEvent),
+}
+
+/// A new version, ready to be written in one store transaction and then [committed](RoundCore::commit).
+#[derive(Debug, Clone)]
+pub struct Publication {
+    /// The round it closes.
+    pub round: RoundId,
+    /// The new version.
+    pub version: ModelVersion,
+    /// Its signed manifest and adapter.
+    pub model: PublishedModel,
+    /// The ledger record of the round.
+    pub charge: RoundCharge,
+    /// The discrete Gaussian event of a secure round with device noise (stored beside the ledger).
+    pub discrete: Option<DdgEvent>,
+    /// The strategy's state after this round.
+    pub strategy: StrategyState,
+    /// The Gaussian event charged to the in-memory ledger on commit.
+    gaussian: Option<DpEvent>,
+}
+
+/// The round policy of one coordinator (see the module docs): the engine, the strategy, the ledger and the
+/// keys, driven with values.
+pub struct RoundCore {
+    /// When rounds open and close (sans-IO too); drivers feed it devices' events directly.
+    pub engine: Engine,
+    strategy: Box<dyn Strategy>,
+    ledger: Option<Ledger>,
+    /// Rounds charged as the distributed discrete Gaussian (their Gaussian-free share of the ledger).
+    ddg: Vec<DdgEvent>,
+    cfg: CoordinatorConfig,
+    schema: AdapterSchema,
+    base_digest: Digest,
+    signing: SigningIdentity,
+}
+
+impl std::fmt::Debug for RoundCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoundCore")
+            .field("latest", &self.engine.latest())
+            .field("strategy", &self.strategy.name())
+            .finish()
+    }
+}
+
+/// The strategy `cfg` asks for, wrapped in DP-FedAvg when user-level DP is on (`expected_clients`: its
+/// fixed denominator; `simulation_noise_key`: reproducible, **not private** noise for simulations).
+fn build_strategy(
+    cfg: &CoordinatorConfig,
+    expected_clients: f64,
+    simulation_noise_key: Option<[u8; 32]>,
+) -> Result<Box<dyn Strategy>, CoreError> {
+    let p = &cfg.privacy;
+    Ok(match p.mode {
+        DpPlacement::Off => strategy::build(&cfg.strategy)?,
+        DpPlacement::Central | DpPlacement::Distributed => {
+            let placement = if p.mode == DpPlacement::Central {
+                NoisePlacement::Central
+            } else {
+                NoisePlacement::Distributed {
+                    clients: p.noise_clients,
+                }
+            };
+            let dp = DpFedAvg::new(
+                p.clip,
+                p.noise_multiplier,
+                expected_clients,
+                placement,
+                cfg.strategy.server_lr,
+            )?;
+            Box::new(match simulation_noise_key {
+                Some(key) => dp.with_simulation_key(key),
+                None => dp,
+            })
+        }
+    })
+}
+
+/// The global ledger rebuilt from stored charges (`None` with DP off). ε is recomputed from the stored
+/// events, never read back; a budget lowered below what was spent shows as exhausted, not as an error.
+fn rebuild_ledger(
+    cfg: &CoordinatorConfig,
+    restored: &Restored,
+) -> Result<Option<Ledger>, CoreError> {
+    if cfg.privacy.mode == DpPlacement::Off {
+        return Ok(None);
+    }
+    let mut l = Ledger::new(
+        LedgerScope::Global,
+        Budget {
+            epsilon: cfg.privacy.epsilon_budget,
+            delta: cfg.privacy.delta,
+        },
+        cfg.privacy.accountant,
+    )?;
+    let discrete: std::collections::BTreeSet<RoundId> =
+        restored.discrete.iter().map(|(r, _)| *r).collect();
+    for (round, c) in &restored.charges {
+        if discrete.contains(round) {
+            continue;
+        }
+        let event = DpEvent::new(c.sampling_rate, c.noise_multiplier, 1)?;
+        let _ = l.charge(format!("round {}", round.0), event);
+    }
+    Ok(Some(l))
+}
+
+/// The one Task builder: round `round` of `manifest`'s version, due at `deadline`, with FedProx `mu` and,
+/// in a secure round, its parameters and the device's id in it.
+pub fn task(
+    cfg: &CoordinatorConfig,
+    round: RoundId,
+    manifest: SignedManifest,
+    deadline: u64,
+    mu: f32,
+    secagg: Option<(RoundParams, u32)>,
+) -> Task {
+    let t = &cfg.task;
+    let p = &cfg.privacy;
+    let dp_sgd = (t.dp_sgd_noise_multiplier > 0.0).then_some(DpSgdTask {
+        noise_multiplier: t.dp_sgd_noise_multiplier,
+        clip: t.dp_sgd_clip,
+        sampling_rate: t.dp_sgd_sampling_rate,
+        delta: t.dp_sgd_delta,
+    });
+    let dp = match p.mode {
+        DpPlacement::Off => DpTask {
+            dp_sgd,
+            ..DpTask::OFF
+        },
+        DpPlacement::Central => DpTask {
+            update_clip: p.clip,
+            dp_sgd,
+            ..DpTask::OFF
+        },
+        DpPlacement::Distributed => DpTask {
+            update_clip: p.clip,
+            client_noise_multiplier: p.noise_multiplier,
+            noise_clients: p.noise_clients,
+            dp_sgd,
+        },
+    };
+    let a = &cfg.adapter;
+    Task {
+        round,
+        manifest,
+        deadline_unix_ms: deadline,
+        params: TrainParams {
+            local_steps: t.local_steps,
+            batch_size: t.batch_size,
+            seq_len: t.seq_len,
+            learning_rate: t.learning_rate,
+            fedprox_mu: mu,
+        },
+        dp,
+        lora: LoraSpec {
+            rank: a.rank as u32,
+            alpha: a.alpha,
+            targets: a.targets.clone(),
+        },
+        encoding: match t.encoding {
+            UpdateEncoding::F32 => Encoding::F32,
+            UpdateEncoding::Int8 => Encoding::Int8 {
+                block: t.int8_block,
+            },
+        },
+        max_update_bytes: t.max_update_bytes,
+        secagg: secagg.map(|(params, id)| SecAggTask {
+            params,
+            id,
+            clip_bits: cfg.secure_aggregation.clip.to_bits(),
+            value_bits: cfg.secure_aggregation.value_bits,
+            weight_cap: cfg.secure_aggregation.weight_cap,
+        }),
+    }
+}
+
+impl RoundCore {
+    /// A core for `cfg` over `engine` (built and resumed by the driver), restored from what the driver read
+    /// back (`restored`); `cohort` is the clients a round selects (DP-FedAvg's fixed denominator).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: CoordinatorConfig,
+        schema: AdapterSchema,
+        base_digest: Digest,
+        signing: SigningIdentity,
+        engine: Engine,
+        cohort: usize,
+        simulation_noise_key: Option<[u8; 32]>,
+        restored: Restored,
+    ) -> Result<Self, CoreError> {
+        let mut strategy = build_strategy(&cfg, (cohort as f64).max(1.0), simulation_noise_key)?;
+        let ledger = rebuild_ledger(&cfg, &restored)?;
+        strategy.restore(restored.strategy)?;
+        Ok(Self {
+            engine,
+            strategy,
+            ledger,
+            ddg: restored.discrete.into_iter().map(|(_, e)| e).collect(),
+            cfg,
+            schema,
+            base_digest,
+            signing,
+        })
+    }
+
+    /// The configuration the core runs with.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
+    }
+
+    /// The Task for round `round` of `manifest`'s version (see [`task`]), with the strategy's FedProx μ.
+    pub fn task(
+        &self,
+        round: RoundId,
+        manifest: SignedManifest,
+        deadline: u64,
+        secagg: Option<(RoundParams, u32)>,
+    ) -> Task {
+        task(
+            &self.cfg,
+            round,
+            manifest,
+            deadline,
+            self.strategy.proximal_mu(),
+            secagg,
+        )
+    }
+
+    /// A secure round's sum (modulo `2^bits` of `params`) of `count` devices, decoded: the values and
+    /// their total weight (the devices' count, or their masked weights' sum with a weight cap).
+    pub fn secure_sum(
+        &self,
+        sum: &[u32],
+        count: usize,
+        params: &RoundParams,
+    ) -> Result<RoundInput, CoreError> {
+        let sa = &self.cfg.secure_aggregation;
+        let mut sum = sa.encoding(params.clients)?.decode_sum(sum, params.bits);
+        let weight = if sa.weight_cap > 0 {
+            let w = sum.pop().unwrap_or(0.0);
+            f64::from(w) / f64::from(sa.clip)
+        } else {
+            count as f64
+        };
+        Ok(RoundInput::Sum { sum, count, weight })
+    }
+
+    /// Aggregates `round` from `input` onto `parent` (the adapter of the round's model version) and signs
+    /// the next version, whose parent manifest is `latest` (the newest published version's body digest).
+    /// A round that would exceed the privacy budget is refused ([`CoreError::Privacy`]) before anything
+    /// is computed. Nothing changes in the core's ledger until [`RoundCore::commit`].
+    pub fn aggregate(
+        &mut self,
+        round: &RoundRecord,
+        input: &RoundInput,
+        parent: &[f32],
+        latest: Digest,
+        now: u64,
+    ) -> Result<Publication, CoreError> {
+        if parent.len() != self.schema.num_params() {
+            return Err(CoreError::AdapterLength {
+                expected: self.schema.num_params(),
+                found: parent.len(),
+            });
+        }
+        let sampling_rate = (round.selected.len() as f64 / round.eligible.max(1) as f64).min(1.0);
+        let p = &self.cfg.privacy;
+        let eff = strategy::charged_multiplier(
+            p.mode == DpPlacement::Central,
+            p.clip,
+            p.noise_multiplier,
+            self.schema.num_params(),
+        )?;
+        let event = self.round_event(sampling_rate, eff)?;
+        let spent = match &event {
+            Some(e) => Some(self.epsilon_after(e)?),
+            None => None,
+        };
+        let step = match input {
+            RoundInput::Updates { deltas, .. } => {
+                let views: Vec<ClientUpdate<'_>> = deltas
+                    .iter()
+                    .map(|(n, d)| ClientUpdate {
+                        num_examples: *n,
+                        delta: d,
+                    })
+                    .collect();
+                self.strategy.aggregate(&views)?
+            }
+            RoundInput::Sum { sum, weight, .. } => self.strategy.aggregate_sum(sum, *weight)?,
+        };
+        crate::failpoint::hit("aggregated");
+        let mut adapter = parent.to_vec();
+        for (a, s) in adapter.iter_mut().zip(&step) {
+            *a += s;
+        }
+        let p = &self.cfg.privacy;
+        let (dp, gaussian, discrete) = match (event, spent) {
+            (Some(event), Some(spent)) => {
+                let mode = match p.mode {
+                    DpPlacement::Distributed => DpMode::UserDistributed {
+                        clients: p.noise_clients,
+                    },
+                    _ => DpMode::UserCentral,
+                };
+                let record = DpRecord {
+                    mode,
+                    noise_multiplier: eff,
+                    clip: p.clip,
+                    epsilon_spent: spent,
+                    delta: p.delta,
+                };
+                // Charged with the multiplier opendp certified for the noise actually drawn (central), or
+                // as the devices' discrete shares (secure rounds with device noise).
+                match event {
+                    RoundEvent::Gaussian(e) => (record, Some(e), None),
+                    RoundEvent::Ddg(e) => (record, None, Some(e)),
+                }
+            }
+            _ => (DpRecord::OFF, None, None),
+        };
+        let version = ModelVersion(self.engine.latest().0 + 1);
+        let bytes = adapter_bytes(&adapter);
+        let manifest = Manifest {
+            version,
+            parent_digest: Some(latest),
+            base_digest: self.base_digest,
+            adapter_digest: Digest::of(&bytes),
+            adapter_schema: self.schema.clone(),
+            round: round.id,
+            strategy: self.strategy.name(),
+            dp,
+            created_at_unix_ms: now,
+        };
+        let charge = RoundCharge {
+            sampling_rate,
+            noise_multiplier: spent.map_or(0.0, |_| eff),
+            epsilon_after: spent.unwrap_or(0.0),
+            mean_train_loss: match input {
+                RoundInput::Updates { deltas, loss } => (loss / deltas.len().max(1) as f64) as f32,
+                // Secure rounds: the devices' losses are not collected (they would be one more
+                // per-device signal); recorded as 0.
+                RoundInput::Sum { .. } => 0.0,
+            },
+            updates: input.count() as u32,
+        };
+        Ok(Publication {
+            round: round.id,
+            version,
+            model: PublishedModel {
+                manifest: manifest.sign(&self.signing),
+                adapter: bytes,
+            },
+            charge,
+            discrete,
+            strategy: self.strategy.state(),
+            gaussian,
+        })
+    }
+
+    /// Takes a publication the driver stored durably into the core: the ledger's charge, and the engine
+    /// moves on to the next round.
+    pub fn commit(&mut self, p: &Publication) -> Result<(), CoreError> {
+        let expected = ModelVersion(self.engine.latest().0 + 1);
+        if p.version != expected {
+            return Err(CoreError::OutOfOrder {
+                expected,
+                found: p.version,
+            });
+        }
+        if let Some(l) = &mut self.ledger {
+            if let Some(e) = p.gaussian {
+                // Previewed within the budget by `aggregate`; stored already, so it is charged in memory
+                // even if the budget has since been lowered (the next round is then refused).
+                let _ = l.charge(format!("round {}", p.round.0), e);
+            }
+        }
+        if let Some(e) = p.discrete {
+            self.ddg.push(e);
+        }
+        self.engine.published(p.round, p.version)?;
+        Ok(())
+    }
+
+    /// Whether rounds charge the ledger, and how: `Some(true)` the subsampled Gaussian, `Some(false)` the
+    /// devices' discrete Gaussian shares under secure aggregation, `None` no user-level DP.
+    fn round_kind(&self) -> Option<bool> {
+        match self.cfg.privacy.mode {
+            DpPlacement::Off => None,
+            DpPlacement::Distributed if self.cfg.secure_aggregation.enabled => Some(false),
+            _ => Some(true),
+        }
+    }
+
+    /// The event a round at `sampling_rate` charges (`eff`: the effective Gaussian multiplier).
+    fn round_event(&self, sampling_rate: f64, eff: f64) -> Result<Option<RoundEvent>, CoreError> {
+        Ok(match self.round_kind() {
+            None => None,
+            Some(true) => Some(RoundEvent::Gaussian(DpEvent::new(sampling_rate, eff, 1)?)),
+            Some(false) => {
+                let p = &self.cfg.privacy;
+                let scale = self.cfg.secure_aggregation.encoding(1)?.scale;
+                Some(RoundEvent::Ddg(DdgEvent::new(
+                    u64::from(p.noise_clients),
+                    self.cfg.secagg_noise_steps() as f64,
+                    p.clip * scale,
+                    self.schema.num_params() as u64,
+                    sampling_rate,
+                    1,
+                )?))
+            }
+        })
+    }
+
+    /// ε after `event` at the configured δ, refused past the budget: the ledger's own accountant while
+    /// every round is Gaussian, RDP over integer orders once a discrete Gaussian round is involved.
+    fn epsilon_after(&self, event: &RoundEvent) -> Result<f64, CoreError> {
+        let Some(l) = &self.ledger else {
+            return Err(CoreError::NoLedger);
+        };
+        let mut gaussian: Vec<DpEvent> = l.entries().iter().map(|e| e.event).collect();
+        let mut discrete = self.ddg.clone();
+        let eps = match event {
+            RoundEvent::Gaussian(e) if discrete.is_empty() => l.preview(*e)?.epsilon,
+            RoundEvent::Gaussian(e) => {
+                gaussian.push(*e);
+                starling_privacy::ddg::epsilon_with(&gaussian, &discrete, l.budget().delta)?.0
+            }
+            RoundEvent::Ddg(e) => {
+                discrete.push(*e);
+                starling_privacy::ddg::epsilon_with(&gaussian, &discrete, l.budget().delta)?.0
+            }
+        };
+        let budget = l.budget();
+        if eps.is_nan() || eps > budget.epsilon {
+            return Err(PrivacyError::BudgetExceeded {
+                scope: l.scope().to_string(),
+                would_reach: eps,
+                delta: budget.delta,
+                budget: budget.epsilon,
+            }
+            .into());
+        }
+        Ok(eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Action, EngineConfig, RoundPhase, UpdateMeta};
+    use starling_protocol::manifest::ManifestVerifier;
+    use starling_protocol::{Fingerprint, TensorSpec, UpdateId};
+
+    const LEN: usize = 6;
+
+    fn schema() -> AdapterSchema {
+        AdapterSchema::new(vec![TensorSpec {
+            name: "t".into(),
+            shape: vec![2, 3],
+        }])
+        .unwrap()
+    }
+
+    fn key() -> SigningIdentity {
+        SigningIdentity::from_seed([7; 32])
+    }
+
+    fn config(mode: DpPlacement, budget: f64) -> CoordinatorConfig {
+        let mut cfg = CoordinatorConfig {
+            rounds: EngineConfig {
+                min_clients: 2,
+                min_updates: 2,
+                round_timeout_ms: 1000,
+                ..EngineConfig::default()
+            },
+            ..CoordinatorConfig::default()
+        };
+        cfg.privacy.mode = mode;
+        cfg.privacy.noise_multiplier = 1.0;
+        cfg.privacy.epsilon_budget = budget;
+        cfg
+    }
+
+    fn core(cfg: CoordinatorConfig) -> RoundCore {
+        let engine =
+            Engine::new(cfg.rounds.clone(), schema().hash(), ModelVersion(0), 1, 0).unwrap();
+        let key = key();
+        RoundCore::new(
+            cfg,
+            schema(),
+            Digest::of(b"base"),
+            key,
+            engine,
+            2,
+            Some([3; 32]),
+            Restored::default(),
+        )
+        .unwrap()
+    }
+
+    /// Drives the engine through one round with devices 1 and 2 reporting: the round to aggregate.
+    fn round(core: &mut RoundCore, start: u64) -> RoundRecord {
+        for c in [1u8, 2] {
+            core.engine.client_seen(Fingerprint([c; 32]), start);
+        }
+        let a = core.engine.tick(start);
+        let Some(Action::RoundStarted(r)) = a.first() else {
+            panic!("{a:?}")
+        };
+        let r = r.clone();
+        for c in [1u8, 2] {
+            let m = UpdateMeta {
+                update_id: UpdateId([c + start as u8; 16]),
+                client: Fingerprint([c; 32]),
+                round: r.id,
+                model_version: r.model_version,
+                schema: schema().hash(),
+                num_examples: u64::from(c),
+            };
+            core.engine.task_request(m.client, start + 1);
+            core.engine.check_update(&m, start + 2).unwrap();
+            core.engine.record_update(&m, start + 2).unwrap();
+        }
+        let a = core.engine.tick(start + 3);
+        let Some(Action::Aggregate { round, .. }) = a.first() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(round.phase, RoundPhase::Aggregating);
+        round.clone()
+    }
+
+    fn updates() -> RoundInput {
+        RoundInput::Updates {
+            deltas: vec![(1, vec![3.0; LEN]), (2, vec![0.0; LEN])],
+            loss: 5.0,
+        }
+    }
+
+    #[test]
+    fn a_round_signs_the_weighted_step_on_its_parent_and_commits_in_order() {
+        let mut c = core(config(DpPlacement::Off, 10.0));
+        let r = round(&mut c, 0);
+        let parent = vec![1.0f32; LEN];
+        let genesis = Digest::of(b"v0 manifest");
+        let p = c.aggregate(&r, &updates(), &parent, genesis, 42).unwrap();
+        assert_eq!(p.version, ModelVersion(1));
+        // FedAvg by examples: (1·3 + 2·0) / 3 = 1 on top of the parent's 1.
+        let values = starling_protocol::update::adapter_values(&p.model.adapter).unwrap();
+        assert_eq!(values, vec![2.0; LEN]);
+        let m = ManifestVerifier::new(vec![key().public_key()])
+            .verify(&p.model.manifest)
+            .unwrap();
+        assert_eq!(
+            (
+                m.version,
+                m.parent_digest,
+                m.round,
+                m.created_at_unix_ms,
+                m.dp
+            ),
+            (ModelVersion(1), Some(genesis), r.id, 42, DpRecord::OFF)
+        );
+        assert_eq!(m.adapter_digest, Digest::of(&p.model.adapter));
+        assert_eq!((p.charge.updates, p.charge.mean_train_loss), (2, 2.5));
+        assert_eq!(p.charge.epsilon_after, 0.0);
+        // Nothing moves until the driver commits; a publication out of order is refused.
+        assert_eq!(c.engine.latest(), ModelVersion(0));
+        let mut later = p.clone();
+        later.version = ModelVersion(2);
+        assert!(matches!(
+            c.commit(&later),
+            Err(CoreError::OutOfOrder { .. })
+        ));
+        c.commit(&p).unwrap();
+        assert_eq!(c.engine.latest(), ModelVersion(1));
+    }
+
+    #[test]
+    fn the_budget_refuses_a_round_before_it_is_computed_and_charges_only_on_commit() {
+        // Central noise, every client sampled: at z = 1 and δ = 1e-6 one round costs ε ≈ 4.9, two ≈ 7.3.
+        let mut c = core(config(DpPlacement::Central, 6.0));
+        let r = round(&mut c, 0);
+        let parent = vec![0.0f32; LEN];
+        let first = c
+            .aggregate(&r, &updates(), &parent, Digest::of(b"v0"), 1)
+            .unwrap();
+        let eps1 = first.charge.epsilon_after;
+        assert!(eps1 > 4.0 && eps1 <= 6.0, "{eps1}");
+        assert_eq!(first.charge.sampling_rate, 1.0);
+        assert!(first.charge.noise_multiplier > 0.9, "{:?}", first.charge);
+        let m = ManifestVerifier::new(vec![key().public_key()])
+            .verify(&first.model.manifest)
+            .unwrap();
+        assert_eq!(m.dp.mode, DpMode::UserCentral);
+        assert_eq!(m.dp.epsilon_spent, eps1);
+        // Not committed: aggregating the same round again previews the same ε (nothing was charged).
+        let again = c
+            .aggregate(&r, &updates(), &parent, Digest::of(b"v0"), 1)
+            .unwrap();
+        assert_eq!(again.charge.epsilon_after, eps1);
+        c.commit(&first).unwrap();
+        // The second round would pass the budget: refused with the privacy error.
+        let r2 = round(&mut c, 10);
+        let refused = c.aggregate(&r2, &updates(), &parent, first.model.manifest.digest(), 2);
+        assert!(matches!(refused, Err(CoreError::Privacy(_))), "{refused:?}");
+    }
+
+    #[test]
+    fn the_task_says_what_the_configuration_says_about_privacy() {
+        let manifest = |c: &RoundCore| {
+            Manifest {
+                version: ModelVersion(0),
+                parent_digest: None,
+                base_digest: Digest::of(b"base"),
+                adapter_digest: Digest::of(b"a"),
+                adapter_schema: schema(),
+                round: RoundId(0),
+                strategy: "init".into(),
+                dp: DpRecord::OFF,
+                created_at_unix_ms: 0,
+            }
+            .sign(&c.signing)
+        };
+        let off = core(config(DpPlacement::Off, 10.0));
+        let t = off.task(RoundId(4), manifest(&off), 99, None);
+        assert_eq!((t.round, t.deadline_unix_ms), (RoundId(4), 99));
+        assert_eq!(t.dp, DpTask::OFF);
+        let mut cfg = config(DpPlacement::Distributed, 10.0);
+        cfg.privacy.noise_clients = 3;
+        cfg.task.dp_sgd_noise_multiplier = 0.5;
+        let dist = core(cfg);
+        let t = dist.task(RoundId(1), manifest(&dist), 5, None);
+        assert_eq!(
+            (
+                t.dp.update_clip,
+                t.dp.client_noise_multiplier,
+                t.dp.noise_clients
+            ),
+            (1.0, 1.0, 3)
+        );
+        assert_eq!(t.dp.dp_sgd.map(|d| d.noise_multiplier), Some(0.5));
+        let central = core(config(DpPlacement::Central, 10.0));
+        let t = central.task(RoundId(1), manifest(&central), 5, None);
+        assert_eq!(
+            (
+                t.dp.update_clip,
+                t.dp.client_noise_multiplier,
+                t.dp.noise_clients
+            ),
+            (1.0, 0.0, 1)
+        );
+    }
+
+    #[test]
+    fn a_parent_of_the_wrong_length_is_refused() {
+        let mut c = core(config(DpPlacement::Off, 10.0));
+        let r = round(&mut c, 0);
+        let e = c.aggregate(&r, &updates(), &[0.0; 5], Digest::of(b"v0"), 1);
+        assert!(
+            matches!(
+                e,
+                Err(CoreError::AdapterLength {
+                    expected: 6,
+                    found: 5
+                })
+            ),
+            "{e:?}"
+        );
+    }
+}
