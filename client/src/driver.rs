@@ -713,12 +713,13 @@ pub fn disconnected(e: &TransportError) -> Event {
 /// The session event for a failed model fetch: tampered bytes, a refusal, or a transient failure.
 pub fn transport_prepare_failure(e: &TransportError) -> Event {
     match e {
-        TransportError::Protocol(starling_protocol::ProtocolError::DigestMismatch { .. }) => {
-            Event::PrepareFailed {
-                error: e.to_string(),
-                kind: PrepareFailure::Tampered,
-            }
-        }
+        TransportError::Protocol(
+            starling_protocol::ProtocolError::DigestMismatch { .. }
+            | starling_protocol::ProtocolError::BulkDigestMismatch { .. },
+        ) => Event::PrepareFailed {
+            error: e.to_string(),
+            kind: PrepareFailure::Tampered,
+        },
         TransportError::Remote { .. } if refusal(e).is_none() => Event::PrepareFailed {
             error: e.to_string(),
             kind: PrepareFailure::Local,

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use starling_protocol::message::{
     Ack, BlobKind, Decline, Enrol, ErrorCode, ErrorReply, Message, NoTask, SecAggRequest,
 };
-use starling_protocol::update::{adapter_values, decode_update, UpdateLimits};
+use starling_protocol::update::{adapter_values, decode_update, validate_update, UpdateLimits};
 use starling_protocol::{
     AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
     UpdateId,
@@ -787,7 +787,8 @@ impl Coordinator {
                 return Response::error(code, e.to_string());
             }
         }
-        if let Err(e) = decode_update(&body, &self.schema, &UpdateLimits::default()) {
+        // Checked as aggregation will decode it (stored as it came; decoded only when aggregated).
+        if let Err(e) = validate_update(&body, &self.schema, &UpdateLimits::default()) {
             bump(&self.metrics.updates_refused);
             return Response::error(
                 ErrorCode::BadRequest,

@@ -23,7 +23,7 @@ pub mod manifest;
 pub mod message;
 pub mod update;
 
-pub use bulk::{BulkHeader, BulkReceiver};
+pub use bulk::{BulkDigest, BulkHeader, BulkReceiver};
 pub use frame::{FrameDecoder, MAX_FRAME_DEFAULT};
 pub use identity::{EnrolmentToken, Fingerprint, SigningIdentity, TokenHash};
 pub use manifest::{DpMode, DpRecord, Manifest, ManifestVerifier, SignedManifest};
@@ -210,6 +210,14 @@ pub enum ProtocolError {
         declared: Digest,
         /// The digest of what arrived.
         actual: Digest,
+    },
+    /// A bulk payload's bytes do not hash to the BLAKE3 digest declared before them.
+    #[error("bulk payload digest mismatch: declared {declared}, received {actual}")]
+    BulkDigestMismatch {
+        /// The digest declared up front.
+        declared: bulk::BulkDigest,
+        /// The digest of what arrived.
+        actual: bulk::BulkDigest,
     },
     /// An update was encoded for another adapter schema.
     #[error("adapter schema mismatch: update is for {got}, expected {expected}")]

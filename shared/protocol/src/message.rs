@@ -20,10 +20,12 @@ use crate::{codec, Digest, ModelVersion, ProtocolError, RoundId, UpdateId};
 use starling_secagg::protocol::EncryptedShares;
 use starling_secagg::{PublicKeys, Reveal, RoundParams};
 
-/// The protocol version this build speaks natively.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks natively. Version 2: bulk payloads declare a BLAKE3 digest
+/// (version 1 declared SHA-256 in the same 32 bytes, so a version-1 peer is refused at its first frame
+/// rather than failing every transfer's digest check).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Every version this build can speak, newest last.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[2];
 /// Cap on free-text fields (names, reasons, error messages).
 pub const MAX_TEXT: usize = 4096;
 
@@ -832,10 +834,17 @@ mod tests {
 
     #[test]
     fn negotiation_picks_the_newest_common_version() {
-        assert_eq!(negotiate(&[0, 1, 7]).unwrap(), 1);
+        assert_eq!(negotiate(&[0, 2, 7]).unwrap(), 2);
+        // Version 1 (SHA-256 bulk digests) is no longer spoken.
         assert!(matches!(
-            negotiate(&[2, 3]),
+            negotiate(&[1, 3]),
             Err(ProtocolError::NoCommonVersion { .. })
+        ));
+        let mut v1 = Message::Goodbye(Goodbye { reason: "x".into() }).encode();
+        v1[..2].copy_from_slice(&1u16.to_le_bytes());
+        assert!(matches!(
+            Message::decode(&v1),
+            Err(ProtocolError::UnsupportedVersion(1))
         ));
     }
 }

@@ -331,13 +331,13 @@ pub fn peek_header(bytes: &[u8]) -> Result<UpdateHeader, ProtocolError> {
     })
 }
 
-/// Decodes an update for `schema`: schema hash, count, exact length and finiteness are all checked before
-/// the delta is returned.
-pub fn decode_update(
-    bytes: &[u8],
+/// The header of an encoded update and its payload, once schema hash, count, accepted encoding and exact
+/// length are checked (everything but the values).
+fn checked_update<'a>(
+    bytes: &'a [u8],
     schema: &AdapterSchema,
     limits: &UpdateLimits,
-) -> Result<Vec<f32>, ProtocolError> {
+) -> Result<(UpdateHeader, &'a [u8]), ProtocolError> {
     let h = peek_header(bytes)?;
     let expected_schema = schema.hash();
     if h.schema != expected_schema {
@@ -368,19 +368,81 @@ pub fn decode_update(
             got: bytes.len() as u64,
         });
     }
-    let payload = &bytes[HEADER_BYTES..];
+    Ok((h, &bytes[HEADER_BYTES..]))
+}
+
+/// Whether an int8 block's scale is usable: finite, not negative, and finite times 127 (the largest
+/// product a block can make).
+fn scale_ok(scale: f32) -> bool {
+    scale.is_finite() && scale >= 0.0 && (scale * 127.0).is_finite()
+}
+
+/// The index of the first non-finite value among little-endian f32 `words` (every exponent bit set: an
+/// infinity or a NaN). Scans 64 values at a time without branching (vectorized), then finds the index in
+/// the block that has one.
+fn first_non_finite(words: &[u8]) -> Option<usize> {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let bad = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & EXPONENT == EXPONENT;
+    words.chunks(256).enumerate().find_map(|(b, block)| {
+        let any = block
+            .chunks_exact(4)
+            .fold(0u32, |acc, c| acc | u32::from(bad(c)));
+        if any == 0 {
+            None
+        } else {
+            block.chunks_exact(4).position(bad).map(|i| b * 64 + i)
+        }
+    })
+}
+
+/// Checks an encoded update for `schema` exactly as [`decode_update`] does (the same errors, the same first
+/// non-finite index) without producing the values: what a receiver that stores the bytes as they came
+/// needs, at memory speed and with no allocation.
+pub fn validate_update(
+    bytes: &[u8],
+    schema: &AdapterSchema,
+    limits: &UpdateLimits,
+) -> Result<(), ProtocolError> {
+    let (h, payload) = checked_update(bytes, schema, limits)?;
+    match h.encoding {
+        Encoding::F32 => match first_non_finite(payload) {
+            Some(i) => Err(ProtocolError::NonFinite { index: i as u64 }),
+            None => Ok(()),
+        },
+        Encoding::Int8 { block } => {
+            let block = block as usize;
+            for (k, b) in payload.chunks(4 + block).enumerate() {
+                if !scale_ok(f32::from_le_bytes([b[0], b[1], b[2], b[3]])) {
+                    return Err(ProtocolError::NonFinite {
+                        index: (k * block) as u64,
+                    });
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Decodes an update for `schema`: schema hash, count, exact length and finiteness are all checked before
+/// the delta is returned.
+pub fn decode_update(
+    bytes: &[u8],
+    schema: &AdapterSchema,
+    limits: &UpdateLimits,
+) -> Result<Vec<f32>, ProtocolError> {
+    let (h, payload) = checked_update(bytes, schema, limits)?;
+    let n = schema.num_params();
     let mut out = Vec::with_capacity(n);
     match h.encoding {
         Encoding::F32 => {
-            // Convert, then scan for non-finite values (the first is reported).
+            if let Some(i) = first_non_finite(payload) {
+                return Err(ProtocolError::NonFinite { index: i as u64 });
+            }
             out.extend(
                 payload
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             );
-            if let Some(i) = out.iter().position(|x| !x.is_finite()) {
-                return Err(ProtocolError::NonFinite { index: i as u64 });
-            }
         }
         Encoding::Int8 { block } => {
             let block = block as usize;
@@ -389,8 +451,7 @@ pub fn decode_update(
                 let m = block.min(n - out.len());
                 let (head, tail) = rest.split_at(4 + m);
                 let scale = f32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-                // A finite scale can still overflow when multiplied by 127: check the largest product.
-                if !(scale.is_finite() && scale >= 0.0 && (scale * 127.0).is_finite()) {
+                if !scale_ok(scale) {
                     return Err(ProtocolError::NonFinite {
                         index: out.len() as u64,
                     });
@@ -598,5 +659,67 @@ mod tests {
             decode_update(&q, &s, &lim),
             Err(ProtocolError::NonFinite { .. })
         ));
+    }
+
+    #[test]
+    fn validation_says_exactly_what_decoding_says() {
+        let s = schema();
+        let n = s.num_params();
+        let lim = UpdateLimits::default();
+        let mut cases = Vec::new();
+        for enc in [
+            Encoding::F32,
+            Encoding::Int8 { block: 64 },
+            Encoding::Int8 { block: 7 },
+        ] {
+            let good =
+                encode_update(&s, &delta(n), enc, &mut ChaCha8Rng::seed_from_u64(5)).unwrap();
+            for cut in [0, 10, HEADER_BYTES, good.len() - 1] {
+                cases.push(good[..cut].to_vec());
+            }
+            // Every byte of the header and a stride of the payload set to values that break it.
+            for i in (0..good.len()).step_by(3) {
+                for v in [0x00u8, 0x7f, 0x80, 0xff] {
+                    let mut b = good.clone();
+                    b[i] = v;
+                    cases.push(b);
+                }
+            }
+            cases.push(good);
+        }
+        // Non-finite f32 values at every position of a block, and in later blocks.
+        let good = encode_update(
+            &s,
+            &delta(n),
+            Encoding::F32,
+            &mut ChaCha8Rng::seed_from_u64(5),
+        )
+        .unwrap();
+        for i in [0, 1, 63, 64, 65, 100, n - 1] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut b = good.clone();
+                let at = HEADER_BYTES + 4 * i;
+                b[at..at + 4].copy_from_slice(&bad.to_le_bytes());
+                cases.push(b);
+            }
+        }
+        let mut errors = 0;
+        for c in &cases {
+            let decoded = decode_update(c, &s, &lim).map(|_| ());
+            errors += usize::from(decoded.is_err());
+            assert_eq!(validate_update(c, &s, &lim), decoded);
+        }
+        assert!(
+            errors > 100 && errors < cases.len(),
+            "{errors} of {}",
+            cases.len()
+        );
+        let mut late = good.clone();
+        late[HEADER_BYTES + 4 * 100..HEADER_BYTES + 404].copy_from_slice(&f32::NAN.to_le_bytes());
+        late[HEADER_BYTES + 4 * 130..HEADER_BYTES + 524].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(
+            validate_update(&late, &s, &lim),
+            Err(ProtocolError::NonFinite { index: 100 })
+        );
     }
 }

@@ -51,33 +51,44 @@ pub async fn write_bulk(send: &mut SendStream, payload: &[u8]) -> Result<(), Tra
 }
 
 /// Reads exactly the payload `header` declares, refusing sizes above `max` before reading and checking the
-/// digest at the end.
+/// digest at the end. Takes every chunk quinn holds per wake-up (one lock of the connection for up to 32
+/// packets' data, not one per packet); a byte past the declared size is refused as bytes after the end of
+/// the exchange (a bulk payload always ends its stream).
 pub async fn read_bulk(
     recv: &mut RecvStream,
     header: BulkHeader,
     max: u64,
 ) -> Result<Vec<u8>, TransportError> {
     let mut rx = BulkReceiver::new(header, max)?;
+    let mut chunks: [bytes::Bytes; 32] = Default::default();
     while rx.remaining() > 0 {
-        let want = usize::try_from(rx.remaining())
-            .unwrap_or(usize::MAX)
-            .min(CHUNK_BYTES);
-        match recv.read_chunk(want, true).await? {
-            Some(chunk) => rx.push(&chunk.bytes)?,
-            None => break, // finish() reports the truncation
+        let Some(n) = recv.read_chunks(&mut chunks).await? else {
+            break; // finish() reports the truncation
+        };
+        for c in &chunks[..n] {
+            let take = usize::try_from(rx.remaining()).map_or(c.len(), |r| r.min(c.len()));
+            rx.push(&c[..take])?;
+            if take < c.len() {
+                return Err(after_the_end());
+            }
         }
     }
     Ok(rx.finish()?)
+}
+
+/// A peer sent more on a stream than its exchange holds.
+fn after_the_end() -> TransportError {
+    ProtocolError::Malformed {
+        what: "stream",
+        detail: "bytes after the end of the exchange".into(),
+    }
+    .into()
 }
 
 /// Requires that the peer sent nothing more on this stream (a request is one frame plus its payload).
 pub async fn expect_end(recv: &mut RecvStream) -> Result<(), TransportError> {
     match recv.read_chunk(1, true).await? {
         None => Ok(()),
-        Some(_) => Err(ProtocolError::Malformed {
-            what: "stream",
-            detail: "bytes after the end of the exchange".into(),
-        }
-        .into()),
+        Some(_) => Err(after_the_end()),
     }
 }

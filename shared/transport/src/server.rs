@@ -524,7 +524,9 @@ async fn refuse(conn: &Connection, send: &mut SendStream, e: &TransportError) {
             | ProtocolError::PayloadTooLarge { .. }
             | ProtocolError::Overrun { .. },
         ) => ErrorCode::TooLarge,
-        TransportError::Protocol(ProtocolError::DigestMismatch { .. }) => ErrorCode::DigestMismatch,
+        TransportError::Protocol(
+            ProtocolError::DigestMismatch { .. } | ProtocolError::BulkDigestMismatch { .. },
+        ) => ErrorCode::DigestMismatch,
         _ => ErrorCode::BadRequest,
     };
     let reply = Message::Error(ErrorReply {

@@ -287,7 +287,10 @@ async fn a_device_enrols_fetches_verifies_trains_and_uploads() {
     let f = start(PERMISSIVE);
     let (_, client) = f.enrolled_client(1).await;
     let session = client.connect().await.unwrap();
-    assert_eq!(session.welcome().version, 1);
+    assert_eq!(
+        session.welcome().version,
+        starling_protocol::PROTOCOL_VERSION
+    );
     assert_eq!(session.welcome().latest_model, ModelVersion(1));
 
     let TaskReply::Task(task) = session.request_task(None).await.unwrap() else {
@@ -509,7 +512,7 @@ async fn hostile_bytes_close_that_connection_and_nobody_elses() {
     // An upload whose bytes do not match the declared digest.
     let body = vec![5u8; 1000];
     let mut upload = upload_for(&body, 1);
-    upload.body.digest = Digest::of(b"something else");
+    upload.body.digest = starling_protocol::BulkDigest::of(b"something else");
     let mut bytes = encode_frame(&Message::Upload(Box::new(upload)).encode(), 1 << 20).unwrap();
     bytes.extend_from_slice(&body);
     let (reply, closed) = raw(&f, 23, true, &bytes, true).await;
