@@ -204,52 +204,41 @@ pub fn train_task(
             }
         }
     }
-    let placement = if t.task.dp.client_noise_multiplier > 0.0 {
-        NoisePlacement::Distributed {
-            clients: t.task.dp.noise_clients,
-        }
-    } else {
-        NoisePlacement::Central
-    };
     // In a secure round the device's noise share is added on the integer grid after encoding (the
     // distributed discrete Gaussian); here the delta is only clipped.
     let secure = t.task.secagg.is_some();
-    let (delta, delta_norm) = if t.task.dp.update_clip > 0.0 {
-        user_level_delta(
-            &initial,
-            &trainer.adapter,
-            t.task.dp.update_clip,
-            if secure {
-                0.0
-            } else {
-                t.task.dp.client_noise_multiplier
-            },
-            if secure {
-                NoisePlacement::Central
-            } else {
-                placement
-            },
-        )?
-    } else {
-        let (a, b) = (initial.to_flat(), trainer.adapter.to_flat());
-        let d: Vec<f32> = b.iter().zip(&a).map(|(x, y)| x - y).collect();
-        let norm = d.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-        (d, norm)
+    let user = t.task.dp.user;
+    let (delta, delta_norm) = match user {
+        Some(u) => {
+            let (z, placement) = match u.noise_share() {
+                Some((z, clients)) if !secure => (z, NoisePlacement::Distributed { clients }),
+                _ => (0.0, NoisePlacement::Central),
+            };
+            user_level_delta(&initial, &trainer.adapter, u.clip(), z, placement)?
+        }
+        None => {
+            let (a, b) = (initial.to_flat(), trainer.adapter.to_flat());
+            let d: Vec<f32> = b.iter().zip(&a).map(|(x, y)| x - y).collect();
+            let norm = d.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            (d, norm)
+        }
     };
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 0x0e1c_0de5);
     let body = match &t.task.secagg {
         // A secure round: integers the device masks once its neighbours' shares are in.
         Some(sa) => {
-            let dp = &t.task.dp;
-            let noise = (dp.client_noise_multiplier > 0.0).then(|| crate::secure::NoiseShare {
-                noise_multiplier: dp.client_noise_multiplier,
-                l2_clip: dp.update_clip,
-                clients: u64::from(dp.noise_clients),
-                // Secret on a device; reproducible only where the caller fixed the seed (simulations).
-                key: match t.seed {
-                    Some(_) => rng.random(),
-                    None => rand::random(),
-                },
+            let noise = user.and_then(|u| {
+                let (z, clients) = u.noise_share()?;
+                Some(crate::secure::NoiseShare {
+                    noise_multiplier: z,
+                    l2_clip: u.clip(),
+                    clients: u64::from(clients),
+                    // Secret on a device; reproducible only where the caller fixed the seed (simulations).
+                    key: match t.seed {
+                        Some(_) => rng.random(),
+                        None => rand::random(),
+                    },
+                })
             });
             crate::secure::encode_delta(sa, &delta, sequences as u64, noise, &mut rng)
                 .map_err(|e| TrainError::Task(e.to_string()))?

@@ -14,7 +14,9 @@
 use starling_privacy::ddg::DdgEvent;
 use starling_privacy::{Budget, DpEvent, Ledger, LedgerScope, NoisePlacement, PrivacyError};
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest, SignedManifest};
-use starling_protocol::message::{DpSgdTask, DpTask, LoraSpec, SecAggTask, Task, TrainParams};
+use starling_protocol::message::{
+    DpSgdTask, DpTask, LoraSpec, SecAggTask, Task, TrainParams, UserDp,
+};
 use starling_protocol::update::adapter_bytes;
 use starling_protocol::{AdapterSchema, Digest, Encoding, ModelVersion, RoundId, SigningIdentity};
 use starling_secagg::{RoundParams, SecAggError};
@@ -257,23 +259,16 @@ pub fn task(
         sampling_rate: t.dp_sgd_sampling_rate,
         delta: t.dp_sgd_delta,
     });
-    let dp = match p.mode {
-        DpPlacement::Off => DpTask {
-            dp_sgd,
-            ..DpTask::OFF
-        },
-        DpPlacement::Central => DpTask {
-            update_clip: p.clip,
-            dp_sgd,
-            ..DpTask::OFF
-        },
-        DpPlacement::Distributed => DpTask {
-            update_clip: p.clip,
-            client_noise_multiplier: p.noise_multiplier,
-            noise_clients: p.noise_clients,
-            dp_sgd,
-        },
+    let user = match p.mode {
+        DpPlacement::Off => None,
+        DpPlacement::Central => Some(UserDp::Clip { clip: p.clip }),
+        DpPlacement::Distributed => Some(UserDp::ClipAndNoise {
+            clip: p.clip,
+            noise_multiplier: p.noise_multiplier,
+            clients: p.noise_clients,
+        }),
     };
+    let dp = DpTask { user, dp_sgd };
     let a = &cfg.adapter;
     Task {
         round,
@@ -767,24 +762,17 @@ mod tests {
         let dist = core(cfg);
         let t = dist.task(RoundId(1), manifest(&dist), 5, None);
         assert_eq!(
-            (
-                t.dp.update_clip,
-                t.dp.client_noise_multiplier,
-                t.dp.noise_clients
-            ),
-            (1.0, 1.0, 3)
+            t.dp.user,
+            Some(UserDp::ClipAndNoise {
+                clip: 1.0,
+                noise_multiplier: 1.0,
+                clients: 3
+            })
         );
         assert_eq!(t.dp.dp_sgd.map(|d| d.noise_multiplier), Some(0.5));
         let central = core(config(DpPlacement::Central, 10.0));
         let t = central.task(RoundId(1), manifest(&central), 5, None);
-        assert_eq!(
-            (
-                t.dp.update_clip,
-                t.dp.client_noise_multiplier,
-                t.dp.noise_clients
-            ),
-            (1.0, 0.0, 1)
-        );
+        assert_eq!(t.dp.user, Some(UserDp::Clip { clip: 1.0 }));
     }
 
     #[test]

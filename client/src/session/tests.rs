@@ -60,12 +60,7 @@ fn task(round: u64, m: SignedManifest, dp_sgd: Option<DpSgdTask>) -> Box<Task> {
             learning_rate: 1e-3,
             fedprox_mu: 0.0,
         },
-        dp: DpTask {
-            update_clip: 0.0,
-            client_noise_multiplier: 0.0,
-            noise_clients: 1,
-            dp_sgd,
-        },
+        dp: DpTask { user: None, dp_sgd },
         lora: LoraSpec {
             rank: 4,
             alpha: 8.0,

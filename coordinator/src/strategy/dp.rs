@@ -125,7 +125,7 @@ impl Strategy for DpFedAvg {
         true
     }
 
-    /// With secure aggregation the devices clipped their deltas (the task's `update_clip`); the sum
+    /// With secure aggregation the devices clipped their deltas (the task's user-level clip); the sum
     /// gets the same noise and the same fixed denominator.
     fn aggregate_sum(&mut self, sum: &[f32], weight: f64) -> Result<Vec<f32>, AggregateError> {
         if !(weight.is_finite() && weight > 0.0) {

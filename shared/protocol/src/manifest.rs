@@ -116,6 +116,19 @@ impl Manifest {
                 detail: "privacy figures must be finite and non-negative, δ ≤ 1".into(),
             });
         }
+        // The record's mode and its figures must agree: "off" spends nothing and clips nothing, a
+        // user-level mode has a clip bound.
+        let consistent = match d.mode {
+            DpMode::Off => *d == DpRecord::OFF,
+            DpMode::UserCentral | DpMode::UserDistributed { .. } => d.clip > 0.0,
+            DpMode::ExampleLevel => true,
+        };
+        if !consistent {
+            return Err(ProtocolError::Malformed {
+                what: "manifest",
+                detail: format!("privacy record contradicts its mode {:?}", d.mode),
+            });
+        }
         if self.strategy.len() > 256 {
             return Err(ProtocolError::Malformed {
                 what: "manifest",
@@ -311,6 +324,20 @@ mod tests {
             v.accept(&nan.sign(&key), b"a1"),
             Err(ProtocolError::Malformed { .. })
         ));
+        // Records whose mode and figures disagree: "off" with a spent ε, a user-level mode without a clip.
+        let mut off_spent = manifest(1, Some(s0.digest()), b"a1");
+        off_spent.dp = DpRecord {
+            epsilon_spent: 2.0,
+            ..DpRecord::OFF
+        };
+        let mut unclipped = manifest(1, Some(s0.digest()), b"a1");
+        unclipped.dp.clip = 0.0;
+        for m in [off_spent, unclipped] {
+            assert!(matches!(
+                v.accept(&m.sign(&key), b"a1"),
+                Err(ProtocolError::Malformed { .. })
+            ));
+        }
         // A correctly signed body with trailing garbage is refused too.
         let mut trailing = s1.clone();
         trailing.body.push(0);

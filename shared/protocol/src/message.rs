@@ -100,25 +100,70 @@ pub struct DpSgdTask {
     pub delta: f64,
 }
 
-/// Privacy settings a client must apply to its update.
+/// The user-level DP a task asks of a device for its whole delta (absent: none).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum UserDp {
+    /// Clip the delta to this L2 norm (> 0); the coordinator adds the noise (central DP).
+    Clip {
+        /// The L2 bound.
+        clip: f64,
+    },
+    /// Clip the delta to `clip` and add this device's share of the noise: the shares of `clients`
+    /// devices add up to Gaussian noise of `noise_multiplier` × `clip` (distributed DP).
+    ClipAndNoise {
+        /// The L2 bound (> 0).
+        clip: f64,
+        /// The noise multiplier of the shares' sum (> 0).
+        noise_multiplier: f64,
+        /// Devices whose shares add up to the full noise (≥ 1).
+        clients: u32,
+    },
+}
+
+impl UserDp {
+    /// The L2 bound of the delta.
+    pub fn clip(&self) -> f64 {
+        match *self {
+            UserDp::Clip { clip } | UserDp::ClipAndNoise { clip, .. } => clip,
+        }
+    }
+
+    /// The noise the device adds: (multiplier of the shares' sum, devices sharing it), if any.
+    pub fn noise_share(&self) -> Option<(f64, u32)> {
+        match *self {
+            UserDp::Clip { .. } => None,
+            UserDp::ClipAndNoise {
+                noise_multiplier,
+                clients,
+                ..
+            } => Some((noise_multiplier, clients)),
+        }
+    }
+
+    /// Whether every number is finite and in range.
+    fn valid(&self) -> bool {
+        let clip = self.clip();
+        clip.is_finite()
+            && clip > 0.0
+            && self
+                .noise_share()
+                .is_none_or(|(z, n)| z.is_finite() && z > 0.0 && n >= 1)
+    }
+}
+
+/// Privacy settings a client must apply to its update and its training.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DpTask {
-    /// Clip the whole delta to this L2 norm (0 = no user-level clipping).
-    pub update_clip: f64,
-    /// Noise multiplier of the client's own noise share (0 = none, noise is central or absent).
-    pub client_noise_multiplier: f64,
-    /// Clients the noise is split across (distributed DP), 1 otherwise.
-    pub noise_clients: u32,
+    /// User-level DP of the whole delta (`None`: no clipping, no device noise).
+    pub user: Option<UserDp>,
     /// Example-level DP-SGD during local training, if asked for.
     pub dp_sgd: Option<DpSgdTask>,
 }
 
 impl DpTask {
-    /// No user-level DP: no clipping, no device noise, no DP-SGD.
+    /// No DP at all.
     pub const OFF: DpTask = DpTask {
-        update_clip: 0.0,
-        client_noise_multiplier: 0.0,
-        noise_clients: 1,
+        user: None,
         dp_sgd: None,
     };
 }
@@ -544,11 +589,7 @@ impl Message {
                 if !(t.params.learning_rate.is_finite()
                     && t.params.fedprox_mu.is_finite()
                     && t.params.fedprox_mu >= 0.0
-                    && t.dp.update_clip.is_finite()
-                    && t.dp.update_clip >= 0.0
-                    && t.dp.client_noise_multiplier.is_finite()
-                    && t.dp.client_noise_multiplier >= 0.0
-                    && t.dp.noise_clients >= 1) =>
+                    && t.dp.user.is_none_or(|u| u.valid())) =>
             {
                 bad("task parameters must be finite and in range")
             }
@@ -685,9 +726,11 @@ pub fn examples() -> Vec<Message> {
                 fedprox_mu: 0.01,
             },
             dp: DpTask {
-                update_clip: 1.0,
-                client_noise_multiplier: 0.0,
-                noise_clients: 1,
+                user: Some(UserDp::ClipAndNoise {
+                    clip: 1.0,
+                    noise_multiplier: 0.8,
+                    clients: 5,
+                }),
                 dp_sgd: Some(DpSgdTask {
                     noise_multiplier: 1.1,
                     clip: 1.0,
@@ -830,6 +873,50 @@ mod tests {
             reason: "x".repeat(MAX_TEXT + 1),
         });
         assert!(Message::decode(&long.encode()).is_err());
+    }
+
+    #[test]
+    fn a_task_whose_user_level_dp_is_out_of_range_is_refused() {
+        let Some(Message::Task(task)) = examples()
+            .into_iter()
+            .find(|m| matches!(m, Message::Task(_)))
+        else {
+            panic!("no task example")
+        };
+        for user in [
+            UserDp::Clip { clip: 0.0 },
+            UserDp::Clip { clip: -1.0 },
+            UserDp::Clip { clip: f64::NAN },
+            UserDp::ClipAndNoise {
+                clip: 1.0,
+                noise_multiplier: 0.0,
+                clients: 3,
+            },
+            UserDp::ClipAndNoise {
+                clip: 1.0,
+                noise_multiplier: f64::INFINITY,
+                clients: 3,
+            },
+            UserDp::ClipAndNoise {
+                clip: 1.0,
+                noise_multiplier: 1.0,
+                clients: 0,
+            },
+        ] {
+            let mut t = task.clone();
+            t.dp.user = Some(user);
+            assert!(
+                matches!(
+                    Message::decode(&Message::Task(t).encode()),
+                    Err(ProtocolError::Malformed { .. })
+                ),
+                "{user:?}"
+            );
+        }
+        let mut off = task.clone();
+        off.dp = DpTask::OFF;
+        let m = Message::Task(off);
+        assert_eq!(Message::decode(&m.encode()).unwrap(), m);
     }
 
     #[test]

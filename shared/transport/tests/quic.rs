@@ -13,7 +13,7 @@ use starling_protocol::frame::encode_frame;
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest};
 use starling_protocol::message::{
     Ack, BlobKind, DpTask, Enrol, ErrorCode, ErrorReply, Hello, LoraSpec, NoTask, Task,
-    TaskRequest, TrainParams, UpdateMetrics, Upload,
+    TaskRequest, TrainParams, UpdateMetrics, Upload, UserDp,
 };
 use starling_protocol::update::{decode_update, encode_update};
 use starling_protocol::{
@@ -79,9 +79,7 @@ impl Handler for App {
                     fedprox_mu: 0.0,
                 },
                 dp: DpTask {
-                    update_clip: 1.0,
-                    client_noise_multiplier: 0.0,
-                    noise_clients: 1,
+                    user: Some(UserDp::Clip { clip: 1.0 }),
                     dp_sgd: None,
                 },
                 lora: LoraSpec {
