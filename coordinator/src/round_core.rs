@@ -95,7 +95,8 @@ pub enum RoundInput {
         /// Σ training loss.
         loss: f64,
     },
-    /// A secure round's unmasked sum of `count` (weighted) deltas.
+    /// A round of which only the weighted sum of `count` deltas is known: a secure round's unmasked sum,
+    /// or edge aggregators' partial sums combined ([`RoundInput::from_partials`]).
     Sum {
         /// The decoded sum.
         sum: Vec<f32>,
@@ -103,6 +104,9 @@ pub enum RoundInput {
         count: usize,
         /// Their total weight.
         weight: f64,
+        /// Σ of their training losses, where it was collected (not in secure rounds: one more
+        /// per-device signal).
+        loss: Option<f64>,
     },
 }
 
@@ -114,6 +118,48 @@ impl RoundInput {
             RoundInput::Sum { count, .. } => *count,
         }
     }
+
+    /// A round from the partial sums edge aggregators forwarded: since aggregation is a sum, their sum,
+    /// counts, weights and losses are the round's (equal to the flat round's up to float summation
+    /// order). Every partial must hold `len` values; the values are summed in parallel chunks, each
+    /// reading every partial once (the FedAvg kernel).
+    pub fn from_partials(partials: &[PartialSum], len: usize) -> Result<Self, CoreError> {
+        if let Some(p) = partials.iter().find(|p| p.sum.len() != len) {
+            return Err(CoreError::AdapterLength {
+                expected: len,
+                found: p.sum.len(),
+            });
+        }
+        let views: Vec<ClientUpdate<'_>> = partials
+            .iter()
+            .map(|p| ClientUpdate {
+                num_examples: 1,
+                delta: &p.sum,
+            })
+            .collect();
+        let sum = strategy::weighted_sum(&views, &vec![1.0; views.len()])?;
+        Ok(RoundInput::Sum {
+            sum,
+            count: partials.iter().map(|p| p.count).sum(),
+            weight: partials.iter().map(|p| p.weight).sum(),
+            loss: Some(partials.iter().map(|p| p.loss).sum()),
+        })
+    }
+}
+
+/// What an edge aggregator forwards to the root for one round: the weighted sum of its cohort's deltas
+/// (each already clipped by its device where the task asked for user-level DP), with its count, total
+/// weight and summed training loss.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PartialSum {
+    /// Σ wᵢ·deltaᵢ over the cohort.
+    pub sum: Vec<f32>,
+    /// Devices in it.
+    pub count: usize,
+    /// Σ wᵢ.
+    pub weight: f64,
+    /// Σ of the devices' training losses.
+    pub loss: f64,
 }
 
 /// What the driver read back from durable state for a restarted core.
@@ -372,7 +418,58 @@ impl RoundCore {
         } else {
             count as f64
         };
-        Ok(RoundInput::Sum { sum, count, weight })
+        Ok(RoundInput::Sum {
+            sum,
+            count,
+            weight,
+            loss: None,
+        })
+    }
+
+    /// The partial sum an edge aggregator forwards for `updates` (deltas with their examples and
+    /// training losses), made as the root would have made its share of a flat round: weighted by examples
+    /// for the FedAvg family; under user-level DP each delta clipped to the configured bound (the
+    /// aggregator sees single deltas, so it clips them as DP-FedAvg at the root would) and weighted one
+    /// each (DP-FedAvg's fixed denominator counts devices). Refused for rules that need every update
+    /// (median, trimmed mean, Krum, norm bounding): their result is not a function of sums.
+    pub fn partial_sum(
+        &self,
+        updates: &[(ClientUpdate<'_>, f32)],
+    ) -> Result<PartialSum, CoreError> {
+        if !self.strategy.linear() {
+            return Err(AggregateError::InvalidParameter(format!(
+                "{} needs every update, not only their sum: not in hierarchical mode",
+                self.strategy.name()
+            ))
+            .into());
+        }
+        let views: Vec<ClientUpdate<'_>> = updates.iter().map(|(u, _)| *u).collect();
+        let loss = updates.iter().map(|(_, l)| f64::from(*l)).sum();
+        let (sum, weight) = if self.cfg.privacy.mode == DpPlacement::Off {
+            let weights: Vec<f32> = views.iter().map(|u| u.num_examples as f32).collect();
+            let weight = weights.iter().map(|w| f64::from(*w)).sum();
+            (strategy::weighted_sum(&views, &weights)?, weight)
+        } else {
+            let mut clipped: Vec<Vec<f32>> = views.iter().map(|u| u.delta.to_vec()).collect();
+            for c in &mut clipped {
+                starling_privacy::clip_l2(c, self.cfg.privacy.clip)?;
+            }
+            let ones: Vec<ClientUpdate<'_>> = clipped
+                .iter()
+                .map(|c| ClientUpdate {
+                    num_examples: 1,
+                    delta: c,
+                })
+                .collect();
+            let sum = strategy::weighted_sum(&ones, &vec![1.0; ones.len()])?;
+            (sum, ones.len() as f64)
+        };
+        Ok(PartialSum {
+            sum,
+            count: views.len(),
+            weight,
+            loss,
+        })
     }
 
     /// Aggregates `round` from `input` onto `parent` (the adapter of the round's model version) and signs
@@ -468,9 +565,14 @@ impl RoundCore {
             epsilon_after: spent.unwrap_or(0.0),
             mean_train_loss: match input {
                 RoundInput::Updates { deltas, loss } => (loss / deltas.len().max(1) as f64) as f32,
+                RoundInput::Sum {
+                    loss: Some(loss),
+                    count,
+                    ..
+                } => (loss / (*count).max(1) as f64) as f32,
                 // Secure rounds: the devices' losses are not collected (they would be one more
                 // per-device signal); recorded as 0.
-                RoundInput::Sum { .. } => 0.0,
+                RoundInput::Sum { loss: None, .. } => 0.0,
             },
             updates: input.count() as u32,
         };
@@ -773,6 +875,107 @@ mod tests {
         let central = core(config(DpPlacement::Central, 10.0));
         let t = central.task(RoundId(1), manifest(&central), 5, None);
         assert_eq!(t.dp.user, Some(UserDp::Clip { clip: 1.0 }));
+    }
+
+    /// Six deltas (examples, values, training loss), some far past a clip bound of 1.
+    fn six() -> Vec<(u64, Vec<f32>, f32)> {
+        (0..6u64)
+            .map(|i| {
+                let d = (0..LEN)
+                    .map(|j| ((i * 7 + j as u64 * 3) % 11) as f32 * 0.1 - 0.4)
+                    .collect();
+                (i + 1, d, i as f32)
+            })
+            .collect()
+    }
+
+    /// The published adapter of one round over `six()`: flat (every delta at the root), or through two
+    /// edge aggregators' partial sums of three devices each.
+    fn publish(cfg: CoordinatorConfig, hierarchical: bool) -> Vec<f32> {
+        let mut c = core(cfg);
+        let r = round(&mut c, 0);
+        let six = six();
+        let input = if hierarchical {
+            let partials: Vec<PartialSum> = six
+                .chunks(3)
+                .map(|cohort| {
+                    let ups: Vec<(ClientUpdate<'_>, f32)> = cohort
+                        .iter()
+                        .map(|(n, d, l)| {
+                            (
+                                ClientUpdate {
+                                    num_examples: *n,
+                                    delta: d,
+                                },
+                                *l,
+                            )
+                        })
+                        .collect();
+                    c.partial_sum(&ups).unwrap()
+                })
+                .collect();
+            assert_eq!(partials.iter().map(|p| p.count).sum::<usize>(), 6);
+            RoundInput::from_partials(&partials, LEN).unwrap()
+        } else {
+            RoundInput::Updates {
+                deltas: six.iter().map(|(n, d, _)| (*n, d.clone())).collect(),
+                loss: six.iter().map(|(_, _, l)| f64::from(*l)).sum(),
+            }
+        };
+        let p = c
+            .aggregate(&r, &input, &[0.5; LEN], Digest::of(b"v0"), 1)
+            .unwrap();
+        assert_eq!((p.charge.updates, p.charge.mean_train_loss), (6, 2.5));
+        starling_protocol::update::adapter_values(&p.model.adapter).unwrap()
+    }
+
+    #[test]
+    fn partial_sums_of_edge_aggregators_give_the_flat_round() {
+        for mode in [DpPlacement::Off, DpPlacement::Central] {
+            let flat = publish(config(mode, 100.0), false);
+            let tree = publish(config(mode, 100.0), true);
+            for (f, t) in flat.iter().zip(&tree) {
+                assert!(
+                    (f - t).abs() <= 1e-6 * f.abs().max(1.0),
+                    "{mode:?}: {flat:?} vs {tree:?}"
+                );
+            }
+            assert_ne!(
+                flat,
+                vec![0.5; LEN],
+                "{mode:?}: the round moved the adapter"
+            );
+        }
+    }
+
+    #[test]
+    fn rules_that_need_every_update_refuse_partial_sums_and_lengths_must_agree() {
+        let mut cfg = config(DpPlacement::Off, 10.0);
+        cfg.strategy.kind = crate::strategy::StrategyKind::Median;
+        let c = core(cfg);
+        let d = vec![0.0f32; LEN];
+        let ups = [(
+            ClientUpdate {
+                num_examples: 1,
+                delta: &d,
+            },
+            0.0,
+        )];
+        let e = c.partial_sum(&ups).unwrap_err();
+        assert!(e.to_string().contains("not in hierarchical mode"), "{e}");
+        let short = PartialSum {
+            sum: vec![0.0; LEN - 1],
+            count: 1,
+            weight: 1.0,
+            loss: 0.0,
+        };
+        assert!(matches!(
+            RoundInput::from_partials(&[short], LEN),
+            Err(CoreError::AdapterLength {
+                expected: 6,
+                found: 5
+            })
+        ));
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! Aggregation benchmark: FedAvg over K = 100 deltas of 1M f32, trimmed mean and median over K = 20, each
-//! beside a plain copy of the same bytes in the same run (the memory-bandwidth ceiling). GB/s counts the
-//! input bytes read.
+//! Aggregation benchmark: FedAvg over K = 100 deltas of 1M f32, the root combining K = 100 edge
+//! aggregators' partial sums of 1M values (the hierarchical round's root work), trimmed mean and median over
+//! K = 20, each beside a plain copy of the same bytes in the same run (the memory-bandwidth ceiling). GB/s
+//! counts the input bytes read.
 
 use std::time::Instant;
 
 use super::peak_rss;
 use rayon::prelude::*;
+use starling_coordinator::round_core::{PartialSum, RoundInput};
 use starling_coordinator::strategy::{ClientUpdate, FedAvg, Median, Strategy, TrimmedMean};
 
 /// Sizes of the aggregation benchmark.
@@ -17,6 +19,9 @@ pub struct Args {
     /// Deltas for FedAvg.
     #[arg(long, default_value_t = 100)]
     pub fedavg_k: usize,
+    /// Partial sums the root combines.
+    #[arg(long, default_value_t = 100)]
+    pub partials: usize,
     /// Deltas for the robust rules.
     #[arg(long, default_value_t = 20)]
     pub robust_k: usize,
@@ -87,6 +92,27 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     report("fedavg", a.fedavg_k, secs, copy);
     drop(ups);
     drop(deltas);
+
+    let sums = make(a.partials);
+    let partials: Vec<PartialSum> = sums
+        .iter()
+        .map(|s| PartialSum {
+            sum: s.clone(),
+            count: 10,
+            weight: 10.0,
+            loss: 1.0,
+        })
+        .collect();
+    drop(sums);
+    let secs = best(a.repeats, || {
+        std::hint::black_box(
+            RoundInput::from_partials(&partials, a.params).map_or(0, |i| i.count()),
+        );
+    });
+    let sums: Vec<Vec<f32>> = partials.into_iter().map(|p| p.sum).collect();
+    let copy = best(a.repeats, || memcpy_all(&sums, &mut dst));
+    report("combine-partial-sums", a.partials, secs, copy);
+    drop(sums);
 
     let deltas = make(a.robust_k);
     let ups: Vec<ClientUpdate<'_>> = deltas

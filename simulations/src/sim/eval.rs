@@ -101,15 +101,12 @@ pub fn evaluate(
     adapter: Option<&LoraAdapter>,
     set: &EvalSet,
 ) -> Result<Scores, SimError> {
-    let runner = Runner::new(Arc::new(model.clone()), adapter)
-        .map_err(|e| SimError::Model(e.to_string()))?;
+    let runner = Runner::new(Arc::new(model.clone()), adapter)?;
     let (mut loss, mut correct, mut count) = (0f64, 0u64, 0u64);
     let vocab = model.config.vocab_size;
     for (_, w) in &set.windows {
         // Chat context (marked NO_LOSS) is read, never scored.
-        let values = runner
-            .logits_all(&tokens(w))
-            .map_err(|e| SimError::Model(e.to_string()))?;
+        let values = runner.logits_all(&tokens(w))?;
         for (t, row) in values
             .chunks_exact(vocab)
             .take(w.len().saturating_sub(1))

@@ -93,8 +93,7 @@ impl Link {
                     global_burst: u32::MAX,
                     global_rate: 1e9,
                 },
-            )
-            .map_err(|e| SimError::Transport(e.to_string()))?
+            )?
         };
         Ok(Self {
             coord,
@@ -130,21 +129,18 @@ impl Link {
                         name,
                     },
                 ))
-                .map_err(|e| SimError::Coordinator(format!("enrolment: {}", e.message))),
+                .map_err(|e| SimError::Enrolment(e.message)),
             Some(q) => {
                 let addrs = q
                     .server
                     .local_addr()
                     .and_then(|a| Ok((a, q.server.enrol_addr()?)));
-                let (addr, enrol_addr) = addrs.map_err(|e| SimError::Transport(e.to_string()))?;
+                let (addr, enrol_addr) = addrs?;
                 let _g = self.rt.enter();
-                let client = Client::new(id, q.pin, addr, Limits::default())
-                    .map_err(|e| SimError::Transport(e.to_string()))?
+                let client = Client::new(id, q.pin, addr, Limits::default())?
                     .with_enrolment(enrol_addr)
                     .with_software("starling-sim");
-                self.rt
-                    .block_on(client.enrol(token, &name))
-                    .map_err(|e| SimError::Transport(format!("enrolment: {e}")))?;
+                self.rt.block_on(client.enrol(token, &name))?;
                 q.clients.insert(c, (client, None));
                 Ok(())
             }
@@ -399,7 +395,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, SimError> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| SimError::Transport(e.to_string()))
+        .map_err(|source| SimError::Io {
+            path: "the QUIC path's runtime".into(),
+            source,
+        })
 }
 
 /// The exchange for an in-memory answer that is a message (a blob here is a coordinator bug).

@@ -53,18 +53,66 @@ pub enum SimError {
     /// The data could not be read or partitioned.
     #[error("data: {0}")]
     Data(String),
-    /// The model could not be loaded or run.
+    /// The base model could not be loaded or run, or an adapter not built.
     #[error("model: {0}")]
-    Model(String),
+    Model(#[from] starling_model::ModelError),
+    /// The scenario's base model could not be loaded.
+    #[error("the base model in {path}: {source}")]
+    BaseModel {
+        /// Its directory.
+        path: String,
+        /// Why.
+        source: starling_model::ModelError,
+    },
+    /// Local training through the device's path failed.
+    #[error("training: {0}")]
+    Train(#[from] starling_client::train::TrainError),
     /// The coordinator failed.
     #[error("coordinator: {0}")]
-    Coordinator(String),
+    Coordinator(#[from] starling_coordinator::service::ServiceError),
+    /// The coordinator's store failed.
+    #[error("coordinator store: {0}")]
+    Store(#[from] starling_coordinator::store::StoreError),
+    /// The coordinator directory could not be made (`init`).
+    #[error("coordinator init: {0}")]
+    Init(String),
+    /// A version the coordinator published is missing from its store.
+    #[error("version {0} is missing from the coordinator's store")]
+    VersionMissing(u64),
+    /// Bytes the simulation made or read do not encode or decode.
+    #[error("protocol: {0}")]
+    Protocol(#[from] starling_protocol::ProtocolError),
     /// The QUIC path failed.
     #[error("transport: {0}")]
-    Transport(String),
+    Transport(#[from] starling_transport::TransportError),
+    /// The coordinator refused a virtual device's enrolment.
+    #[error("enrolment refused: {0}")]
+    Enrolment(String),
     /// Files could not be written.
-    #[error("{0}")]
-    Io(String),
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A plot could not be drawn.
+    #[error("plot {caption}: {detail}")]
+    Plot {
+        /// The plot.
+        caption: String,
+        /// What plotters said.
+        detail: String,
+    },
+    /// A result could not be written as JSON.
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The coordinator configuration could not be written.
+    #[error("coordinator configuration: {0}")]
+    Config(#[from] toml::ser::Error),
+    /// A secure round's bytes do not encode or decode.
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] starling_secagg::SecAggError),
     /// Privacy calibration failed.
     #[error(transparent)]
     Privacy(#[from] starling_privacy::PrivacyError),
@@ -880,12 +928,9 @@ impl Sim<'_> {
         }
         let schema = &manifest.adapter_schema;
         let mut delta = match &task.secagg {
-            Some(sa) => starling_client::secure::decode_body(sa, body).map_err(|e| e.to_string()),
-            None => {
-                decode_update(body, schema, &UpdateLimits::default()).map_err(|e| e.to_string())
-            }
-        }
-        .map_err(|e| SimError::Coordinator(format!("attack decode: {e}")))?;
+            Some(sa) => starling_client::secure::decode_body(sa, body)?,
+            None => decode_update(body, schema, &UpdateLimits::default())?,
+        };
         let s = self.scen.attack.scale;
         // A secure round's weight value (after the delta) is left as it is.
         let weight = delta.split_off(schema.num_params().min(delta.len()));
@@ -905,17 +950,13 @@ impl Sim<'_> {
             AttackKind::CorruptText => {}
         }
         let mut rng = ChaCha20Rng::seed_from_u64(derive(self.seed, "attack-enc", c as u64, round));
-        match &task.secagg {
+        Ok(match &task.secagg {
             Some(sa) => {
                 delta.extend(weight);
-                starling_client::secure::encode_values(sa, &delta, &mut rng)
-                    .map_err(|e| e.to_string())
+                starling_client::secure::encode_values(sa, &delta, &mut rng)?
             }
-            None => {
-                encode_update(schema, &delta, task.encoding, &mut rng).map_err(|e| e.to_string())
-            }
-        }
-        .map_err(|e| SimError::Coordinator(format!("attack encode: {e}")))
+            None => encode_update(schema, &delta, task.encoding, &mut rng)?,
+        })
     }
 }
 
@@ -933,10 +974,7 @@ fn corrupt(text: &str, seed: u64) -> String {
 }
 
 fn lora(model: &Llama, scen: &Scenario) -> Result<LoraAdapter, SimError> {
-    let cfg = scen
-        .adapter
-        .lora_config()
-        .map_err(|e| SimError::Model(e.to_string()))?;
+    let cfg = scen.adapter.lora_config()?;
     Ok(LoraAdapter::new(&model.config, cfg, &model.device, 0))
 }
 
@@ -948,8 +986,7 @@ pub fn adapter_params(model: &Llama, scen: &Scenario) -> Result<usize, SimError>
 /// A LoRA adapter of the scenario's shape holding `flat`.
 pub fn adapter_from(model: &Llama, scen: &Scenario, flat: &[f32]) -> Result<LoraAdapter, SimError> {
     let mut a = lora(model, scen)?;
-    a.set_flat(flat)
-        .map_err(|e| SimError::Model(e.to_string()))?;
+    a.set_flat(flat)?;
     Ok(a)
 }
 
@@ -971,12 +1008,14 @@ pub struct Loaded {
 pub fn load(scen: &Scenario, scenario_dir: Option<&Path>) -> Result<Loaded, SimError> {
     let base_dir = scenario::resolve(&scen.simulation.base_model, scenario_dir);
     let device = Backend::default().device();
-    let model = Llama::load(&base_dir, Some(scen.simulation.quant), &device)
-        .map_err(|e| SimError::Model(format!("{}: {e}", base_dir.display())))?;
-    let tok = Tokenizer::for_model_dir(&base_dir, model.config.vocab_size)
-        .map_err(|e| SimError::Model(e.to_string()))?;
-    let chat = starling_model::chat::ChatTemplate::load(&base_dir)
-        .map_err(|e| SimError::Model(e.to_string()))?;
+    let model = Llama::load(&base_dir, Some(scen.simulation.quant), &device).map_err(|source| {
+        SimError::BaseModel {
+            path: base_dir.display().to_string(),
+            source,
+        }
+    })?;
+    let tok = Tokenizer::for_model_dir(&base_dir, model.config.vocab_size)?;
+    let chat = starling_model::chat::ChatTemplate::load(&base_dir)?;
     let data_dir = scenario::resolve(&scen.data.path, scenario_dir);
     let data = data::load(&scen.data, &data_dir, scen.simulation.seed)?;
     if data.chat && chat.is_none() {
@@ -1032,15 +1071,18 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
     let dir = match &opts.work_dir {
         Some(d) => d.clone(),
         None => {
-            tmp = tempfile::tempdir().map_err(|e| SimError::Io(e.to_string()))?;
+            tmp = tempfile::tempdir().map_err(|source| SimError::Io {
+                path: std::env::temp_dir().display().to_string(),
+                source,
+            })?;
             tmp.path().join("coordinator")
         }
     };
     let num_params = adapter_params(&l.model, scen)?;
     let cfg: CoordinatorConfig = scen.coordinator_config(n, num_params)?;
-    let text = toml::to_string_pretty(&cfg).map_err(|e| SimError::Io(e.to_string()))?;
+    let text = toml::to_string_pretty(&cfg)?;
     let init = starling_coordinator::ops::init_with(&dir, &l.base_dir, &cfg, &text, EPOCH_MS)
-        .map_err(|e| SimError::Coordinator(format!("{e:#}")))?;
+        .map_err(|e| SimError::Init(format!("{e:#}")))?;
     let clock = Arc::new(AtomicU64::new(EPOCH_MS));
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&derive(seed, "central-noise", 0, 0).to_le_bytes());
@@ -1052,15 +1094,13 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
             clock: Clock::Manual(clock.clone()),
             simulation_noise_key: Some(key),
         },
-    )
-    .map_err(|e| SimError::Coordinator(e.to_string()))?;
+    )?;
     let coord = Arc::new(coord);
     let layout = Layout::new(&dir);
     let mut link = match opts.transport {
         Transport::Memory => Link::memory(coord.clone())?,
         Transport::Quic => {
-            let tls =
-                read_key(&layout.tls_key()).map_err(|e| SimError::Coordinator(e.to_string()))?;
+            let tls = read_key(&layout.tls_key())?;
             Link::quic(coord.clone(), &tls)?
         }
     };
@@ -1080,18 +1120,14 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
     let mut devices = Vec::with_capacity(n);
     for (c, attacker) in is_attacker.into_iter().enumerate() {
         let id = device_identity(seed, c);
-        let (token, hash) =
-            EnrolmentToken::generate().map_err(|e| SimError::Coordinator(e.to_string()))?;
-        coord
-            .store()
-            .add_token(
-                hash,
-                &starling_coordinator::store::PendingToken {
-                    name: format!("sim-{c}"),
-                    created_at: EPOCH_MS,
-                },
-            )
-            .map_err(|e| SimError::Coordinator(e.to_string()))?;
+        let (token, hash) = EnrolmentToken::generate()?;
+        coord.store().add_token(
+            hash,
+            &starling_coordinator::store::PendingToken {
+                name: format!("sim-{c}"),
+                created_at: EPOCH_MS,
+            },
+        )?;
         link.enrol(c, &id, &token)?;
         let d = &scen.devices;
         devices.push(Device {
@@ -1200,9 +1236,7 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
             Kind::Wake => sim.wake(c)?,
             Kind::Complete => sim.complete(c)?,
             Kind::Tick => {
-                let finished = coord
-                    .tick(EPOCH_MS + at)
-                    .map_err(|e| SimError::Coordinator(e.to_string()))?;
+                let finished = coord.tick(EPOCH_MS + at)?;
                 let current = coord.round();
                 if let Some(r) = &current {
                     started.entry(r.id.0).or_insert(r.selected.len());
@@ -1254,10 +1288,8 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
         }
     }
     let abandoned = started.len() as u64 - published_rounds.len() as u64;
-    let final_adapter = adapter_values(&published_adapter(&coord, latest)?)
-        .map_err(|e| SimError::Coordinator(e.to_string()))?;
-    let initial_adapter = adapter_values(&published_adapter(&coord, 0)?)
-        .map_err(|e| SimError::Coordinator(e.to_string()))?;
+    let final_adapter = adapter_values(&published_adapter(&coord, latest)?)?;
+    let initial_adapter = adapter_values(&published_adapter(&coord, 0)?)?;
     let sim_time_s = sim.now as f64 / 1000.0;
     let eps_user = rounds.last().map_or(0.0, |r| r.epsilon_user);
     let eps_dev = sim.eps_max;
@@ -1346,21 +1378,17 @@ impl Sim<'_> {
     ) -> Result<RoundMetrics, SimError> {
         let store = self.coord.store();
         let published = store
-            .model(ModelVersion(version))
-            .map_err(|e| SimError::Coordinator(e.to_string()))?
-            .ok_or_else(|| SimError::Coordinator(format!("version {version} missing")))?;
-        let manifest = starling_coordinator::store::manifest_body(&published.manifest)
-            .map_err(|e| SimError::Coordinator(e.to_string()))?;
+            .model(ModelVersion(version))?
+            .ok_or(SimError::VersionMissing(version))?;
+        let manifest = starling_coordinator::store::manifest_body(&published.manifest)?;
         let charge = store
-            .ledger()
-            .map_err(|e| SimError::Coordinator(e.to_string()))?
+            .ledger()?
             .into_iter()
             .find(|(r, _)| *r == manifest.round)
             .map(|(_, c)| c);
         let scores = match evalset {
             Some(set) => {
-                let flat = adapter_values(&published.adapter)
-                    .map_err(|e| SimError::Coordinator(e.to_string()))?;
+                let flat = adapter_values(&published.adapter)?;
                 let adapter = adapter_from(self.model, self.scen, &flat)?;
                 Some(evaluate(self.model, Some(&adapter), set)?)
             }
@@ -1401,9 +1429,8 @@ impl Sim<'_> {
 fn published_adapter(coord: &Coordinator, v: u64) -> Result<Vec<u8>, SimError> {
     Ok(coord
         .store()
-        .model(ModelVersion(v))
-        .map_err(|e| SimError::Coordinator(e.to_string()))?
-        .ok_or_else(|| SimError::Coordinator(format!("version {v} missing")))?
+        .model(ModelVersion(v))?
+        .ok_or(SimError::VersionMissing(v))?
         .adapter)
 }
 
@@ -1412,7 +1439,7 @@ fn adapter_digest(coord: &Coordinator, v: u64) -> Result<String, SimError> {
 }
 
 fn v0_adapter(coord: &Coordinator) -> Result<Vec<f32>, SimError> {
-    adapter_values(&published_adapter(coord, 0)?).map_err(|e| SimError::Coordinator(e.to_string()))
+    Ok(adapter_values(&published_adapter(coord, 0)?)?)
 }
 
 /// Trains `steps` steps of LoRA from `start` on `tokens` with the task's other settings (the baseline
@@ -1427,8 +1454,7 @@ fn train_alone(
     steps: u32,
     seed: u64,
 ) -> Result<Vec<f32>, SimError> {
-    let manifest = starling_coordinator::store::manifest_body(&task_of.manifest)
-        .map_err(|e| SimError::Coordinator(e.to_string()))?;
+    let manifest = starling_coordinator::store::manifest_body(&task_of.manifest)?;
     let mut task = task_of.clone();
     task.params.local_steps = steps;
     let t = TaskTraining {
@@ -1441,13 +1467,12 @@ fn train_alone(
         seed: Some(seed),
         precision: scen.simulation.precision,
     };
-    let trained = train_task(&t, |_, _| true).map_err(|e| SimError::Model(e.to_string()))?;
+    let trained = train_task(&t, |_, _| true)?;
     let delta = decode_update(
         &trained.body,
         &manifest.adapter_schema,
         &UpdateLimits::default(),
-    )
-    .map_err(|e| SimError::Model(e.to_string()))?;
+    )?;
     Ok(start.iter().zip(&delta).map(|(a, d)| a + d).collect())
 }
 
@@ -1456,9 +1481,8 @@ fn train_alone(
 fn baseline_task(coord: &Coordinator) -> Result<Task, SimError> {
     let v0 = coord
         .store()
-        .model(ModelVersion(0))
-        .map_err(|e| SimError::Coordinator(e.to_string()))?
-        .ok_or_else(|| SimError::Coordinator("version 0 missing".into()))?;
+        .model(ModelVersion(0))?
+        .ok_or(SimError::VersionMissing(0))?;
     let mut task = starling_coordinator::round_core::task(
         coord.config(),
         starling_protocol::RoundId(0),

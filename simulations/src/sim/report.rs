@@ -15,32 +15,34 @@ use super::{Outcome, RoundMetrics, SimError};
 /// The font plots are lettered with (DejaVu Sans, shipped in assets/fonts: no system fonts needed).
 const FONT: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
 
-fn io(e: impl std::fmt::Display) -> SimError {
-    SimError::Io(e.to_string())
+/// The error of writing `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
+    move |source| SimError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Writes every file of the run into `dir` (created if needed); returns the files written.
 pub fn write(dir: &Path, outcome: &Outcome) -> Result<Vec<String>, SimError> {
-    std::fs::create_dir_all(dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut written = Vec::new();
     let mut put = |name: &str, bytes: &[u8]| -> Result<(), SimError> {
         let p = dir.join(name);
-        std::fs::write(&p, bytes).map_err(|e| io(format!("{}: {e}", p.display())))?;
+        std::fs::write(&p, bytes).map_err(io(&p))?;
         written.push(name.to_string());
         Ok(())
     };
     let mut jsonl = String::new();
     for r in &outcome.rounds {
-        jsonl.push_str(&serde_json::to_string(r).map_err(io)?);
+        jsonl.push_str(&serde_json::to_string(r)?);
         jsonl.push('\n');
     }
     put("metrics.jsonl", jsonl.as_bytes())?;
     put("metrics.csv", csv(&outcome.rounds).as_bytes())?;
     put(
         "summary.json",
-        serde_json::to_string_pretty(&outcome.summary)
-            .map_err(io)?
-            .as_bytes(),
+        serde_json::to_string_pretty(&outcome.summary)?.as_bytes(),
     )?;
     for name in plots(dir, outcome)? {
         written.push(name);
@@ -199,8 +201,10 @@ fn draw<DB: DrawingBackend>(
     y_desc: &str,
     series: &[Series],
 ) -> Result<(), SimError> {
-    let err =
-        |e: DrawingAreaErrorKind<DB::ErrorType>| SimError::Io(format!("plot {caption}: {e:?}"));
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| SimError::Plot {
+        caption: caption.to_string(),
+        detail: format!("{e:?}"),
+    };
     root.fill(&WHITE).map_err(err)?;
     let pts = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (0f64, 1f64, f64::INFINITY, f64::NEG_INFINITY);
