@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::procs::{self, Coordinator, Device};
 use anyhow::{bail, Context, Result};
 use starling_model::{Llama, QuantType};
-use starling_tests::{Coord, Device, Serving};
 
 use super::model::Shape;
 
@@ -33,6 +33,11 @@ pub struct Args {
     /// Training threads of the device.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+}
+
+/// The workspace root (the shipped model and texts live there).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// A process's peak resident set (VmHWM) in bytes, 0 when unreadable.
@@ -60,7 +65,7 @@ fn sizes(binary: &Path) -> Result<(u64, Option<u64>)> {
 
 /// Runs the device benchmarks and prints one JSON line per figure.
 pub fn run(a: &Args) -> Result<()> {
-    let client = starling_tests::binary("starling-client");
+    let client = procs::binary("starling-client")?;
     let (size, stripped) = sizes(&client)?;
     println!(
         "{}",
@@ -90,13 +95,13 @@ pub fn run(a: &Args) -> Result<()> {
 /// config-M model stored as Q8_0.
 fn base_model(label: &str, tmp: &Path, smollm2: &Path) -> Result<PathBuf> {
     if label == "tiny" {
-        return Ok(starling_tests::root().join("assets/models/starling-tiny"));
+        return Ok(root().join("assets/models/starling-tiny"));
     }
     if label == "smollm2" {
         let dir = if smollm2.is_absolute() {
             smollm2.to_path_buf()
         } else {
-            starling_tests::root().join(smollm2)
+            root().join(smollm2)
         };
         if !dir.join("model.safetensors").is_file() {
             bail!(
@@ -137,14 +142,14 @@ fn round(
          retry_after_ms = 100\n[task]\nlocal_steps = {steps}\nbatch_size = {batch}\nseq_len = {seq}\n\
          learning_rate = 0.002\n[adapter]\nrank = 8\ntargets = [\"q\", \"v\"]\n"
     );
-    let coord = Coord::init_with_base(&tmp.path().join("coord"), &config, &base);
-    let enrolment = coord.enrol("bench-device");
-    let serving = Serving::start(&coord);
-    let device = Device::enrol(&tmp.path().join("device"), &serving, &enrolment);
-    device.edit_config("threads = 0", &format!("threads = {threads}"));
-    let text = starling_tests::root().join("assets/shakespeare/hamlet.txt");
+    let coord = Coordinator::init(&tmp.path().join("coord"), &config, &base)?;
+    let enrolment = coord.enrol("bench-device")?;
+    let serving = coord.serve()?;
+    let device = Device::enrol(&tmp.path().join("device"), &serving, &enrolment)?;
+    device.edit_config("threads = 0", &format!("threads = {threads}"))?;
+    let text = root().join("assets/shakespeare/hamlet.txt");
     let started = Instant::now();
-    let proc = device.run(&text, None);
+    let proc = device.run(&text)?;
     let pid = proc.pid();
     let mut peak = 0;
     let done = loop {
@@ -159,9 +164,8 @@ fn round(
     };
     peak = peak.max(peak_rss_of(pid));
     let secs = started.elapsed().as_secs_f64();
-    proc.terminate();
-    let _ = proc.wait_exit(60);
-    let _ = serving.proc.wait_exit(120);
+    proc.stop(60);
+    serving.proc.stop(120);
     if !done {
         bail!("the {label} round did not finish within an hour");
     }

@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod client;
 pub mod model;
 pub mod privacy;
+pub mod procs;
 pub mod secagg;
 pub mod sim;
 pub mod transport;
