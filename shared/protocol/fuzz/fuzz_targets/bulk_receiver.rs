@@ -2,7 +2,7 @@
 //! buffered than declared, and success only when size and digest match.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use starling_protocol::{BulkHeader, BulkReceiver, Digest};
+use starling_protocol::{BulkDigest, BulkHeader, BulkReceiver};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 9 {
@@ -12,9 +12,9 @@ fuzz_target!(|data: &[u8]| {
     let honest = data[2] & 1 == 1;
     let payload = &data[9..];
     let digest = if honest {
-        Digest::of(payload)
+        BulkDigest::of(payload)
     } else {
-        Digest::of(&data[3..9])
+        BulkDigest::of(&data[3..9])
     };
     let Ok(mut rx) = BulkReceiver::new(BulkHeader { size, digest }, 4096) else {
         return;
@@ -27,6 +27,6 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(out) = rx.finish() {
         assert_eq!(out.len() as u64, size);
-        assert_eq!(Digest::of(&out), digest);
+        assert_eq!(BulkDigest::of(&out), digest);
     }
 });
