@@ -75,6 +75,14 @@ pub enum CoreError {
         /// Values handed in.
         found: usize,
     },
+    /// An edge aggregator's partial sum is not the schema's length.
+    #[error("a partial sum holds {found} values, the schema {expected}")]
+    PartialLength {
+        /// Values the schema says.
+        expected: usize,
+        /// Values in the partial sum.
+        found: usize,
+    },
     /// A publication was committed out of order (a bug of the driver if it shows).
     #[error("{found} committed while {expected} is the next version")]
     OutOfOrder {
@@ -124,7 +132,7 @@ impl RoundInput {
     /// order). Every partial must hold `len` values ([`sum_of`]).
     pub fn from_partials(partials: &[PartialSum], len: usize) -> Result<Self, CoreError> {
         if let Some(p) = partials.iter().find(|p| p.sum.len() != len) {
-            return Err(CoreError::AdapterLength {
+            return Err(CoreError::PartialLength {
                 expected: len,
                 found: p.sum.len(),
             });
@@ -469,19 +477,8 @@ impl RoundCore {
             let weight = weights.iter().map(|w| f64::from(*w)).sum();
             (strategy::weighted_sum(&views, &weights)?, weight)
         } else {
-            let mut clipped: Vec<Vec<f32>> = views.iter().map(|u| u.delta.to_vec()).collect();
-            for c in &mut clipped {
-                starling_privacy::clip_l2(c, self.cfg.privacy.clip)?;
-            }
-            let ones: Vec<ClientUpdate<'_>> = clipped
-                .iter()
-                .map(|c| ClientUpdate {
-                    num_examples: 1,
-                    delta: c,
-                })
-                .collect();
-            let sum = strategy::weighted_sum(&ones, &vec![1.0; ones.len()])?;
-            (sum, ones.len() as f64)
+            let sum = strategy::clipped_sum(&views, self.cfg.privacy.clip)?;
+            (sum, views.len() as f64)
         };
         Ok(PartialSum {
             sum,
@@ -1012,7 +1009,7 @@ mod tests {
         };
         assert!(matches!(
             RoundInput::from_partials(&[short], LEN),
-            Err(CoreError::AdapterLength {
+            Err(CoreError::PartialLength {
                 expected: 6,
                 found: 5
             })

@@ -25,6 +25,23 @@ pub fn charged_multiplier(
     }
 }
 
+/// The unweighted sum of the deltas, each first clipped to L2 norm `clip`: DP-FedAvg's sum at the root,
+/// and an edge aggregator's share of it.
+pub fn clipped_sum(updates: &[ClientUpdate<'_>], clip: f64) -> Result<Vec<f32>, AggregateError> {
+    let mut clipped: Vec<Vec<f32>> = updates.iter().map(|u| u.delta.to_vec()).collect();
+    for c in &mut clipped {
+        clip_l2(c, clip)?;
+    }
+    let views: Vec<ClientUpdate<'_>> = clipped
+        .iter()
+        .map(|c| ClientUpdate {
+            num_examples: 1,
+            delta: c,
+        })
+        .collect();
+    weighted_sum(&views, &vec![1.0; views.len()])
+}
+
 /// DP-FedAvg with a fixed denominator.
 #[derive(Debug, Clone)]
 pub struct DpFedAvg {
@@ -106,18 +123,7 @@ impl Strategy for DpFedAvg {
 
     fn aggregate(&mut self, updates: &[ClientUpdate<'_>]) -> Result<Vec<f32>, AggregateError> {
         let n = check(updates)?;
-        let mut clipped: Vec<Vec<f32>> = updates.iter().map(|u| u.delta.to_vec()).collect();
-        for c in &mut clipped {
-            clip_l2(c, self.clip)?;
-        }
-        let views: Vec<ClientUpdate<'_>> = clipped
-            .iter()
-            .map(|c| ClientUpdate {
-                num_examples: 1,
-                delta: c,
-            })
-            .collect();
-        let sum = weighted_sum(&views, &vec![1.0; views.len()])?;
+        let sum = clipped_sum(updates, self.clip)?;
         self.noise_and_scale(sum, n)
     }
 

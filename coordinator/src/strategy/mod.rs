@@ -14,7 +14,7 @@ mod fedopt;
 mod robust;
 
 pub use bound::NormBound;
-pub use dp::{charged_multiplier, DpFedAvg};
+pub use dp::{charged_multiplier, clipped_sum, DpFedAvg};
 pub use fedavg::{FedAvg, FedAvgM};
 pub use fedopt::{FedOpt, FedOptKind};
 pub use robust::{Krum, Median, TrimmedMean};

@@ -118,15 +118,19 @@ impl Manifest {
         }
         // The record's mode and its figures must agree: "off" spends nothing and clips nothing, a
         // user-level mode has a clip bound.
-        let consistent = match d.mode {
-            DpMode::Off => *d == DpRecord::OFF,
-            DpMode::UserCentral | DpMode::UserDistributed { .. } => d.clip > 0.0,
-            DpMode::ExampleLevel => true,
+        let contradiction = match d.mode {
+            DpMode::Off if *d != DpRecord::OFF => {
+                Some("privacy record says DP is off but carries a clip, noise or ε")
+            }
+            DpMode::UserCentral | DpMode::UserDistributed { .. } if d.clip <= 0.0 => {
+                Some("privacy record of user-level DP has no clip bound")
+            }
+            _ => None,
         };
-        if !consistent {
+        if let Some(detail) = contradiction {
             return Err(ProtocolError::Malformed {
                 what: "manifest",
-                detail: format!("privacy record contradicts its mode {:?}", d.mode),
+                detail: detail.into(),
             });
         }
         if self.strategy.len() > 256 {
