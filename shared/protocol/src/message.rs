@@ -348,6 +348,59 @@ pub struct Upload {
     pub body: BulkHeader,
 }
 
+/// An edge aggregator forwards its cohort's weighted partial sum for a round to the root; the sum's f32
+/// values (little-endian, the adapter schema's length) follow. Answered with [`Message::Ack`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Forward {
+    /// Idempotency key: one per aggregator and round, so a resend after a restart is a duplicate.
+    pub update_id: UpdateId,
+    /// The round it answers.
+    pub round: RoundId,
+    /// The model version its devices trained from.
+    pub model_version: ModelVersion,
+    /// The adapter schema it is laid out by.
+    pub schema: Digest,
+    /// Devices in the sum.
+    pub count: u32,
+    /// Σ of their weights (examples with DP off, one each under user-level DP).
+    pub weight: f64,
+    /// Σ of their training losses.
+    pub loss: f64,
+    /// The bound each delta was clipped to before summing (`None`: not clipped, DP off).
+    pub clip: Option<f64>,
+    /// Size and digest of the sum that follows.
+    pub body: BulkHeader,
+}
+
+/// An edge aggregator registers a device's key with the one-time token the device presented to it.
+/// Answered with [`Message::Enrolled`] or a typed error.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EnrolFor {
+    /// The device's key fingerprint (from its TLS handshake with the aggregator).
+    pub client: Fingerprint,
+    /// What the device sent.
+    pub enrol: Enrol,
+}
+
+/// An edge aggregator asks for the active device keys, unless its copy is of `generation`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RosterRequest {
+    /// The generation the aggregator holds (0: none).
+    pub generation: u64,
+}
+
+/// The active device keys (`None`: unchanged since the generation asked about).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Roster {
+    /// This roster's generation (changes with every enrolment and revocation).
+    pub generation: u64,
+    /// The active devices' fingerprints, if changed.
+    pub devices: Option<Vec<Fingerprint>>,
+}
+
+/// Most devices a roster may list (16 MiB frames at 32 bytes each, with room to spare).
+pub const MAX_ROSTER: usize = 400_000;
+
 /// The update is durably stored.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Ack {
@@ -479,6 +532,14 @@ pub enum Message {
     SecAgg(Box<SecAggRequest>),
     /// The answer to a secure-aggregation step.
     SecAggReply(Box<SecAggReply>),
+    /// An edge aggregator's partial sum for a round.
+    Forward(Box<Forward>),
+    /// An edge aggregator enrols a device.
+    EnrolFor(EnrolFor),
+    /// An edge aggregator asks for the active devices.
+    RosterRequest(RosterRequest),
+    /// The active devices.
+    Roster(Roster),
 }
 
 macro_rules! kinds {
@@ -511,7 +572,8 @@ macro_rules! kinds {
 kinds! {
     Hello = 1, Welcome = 2, Enrol = 3, Enrolled = 4, TaskRequest = 5, Task = 6, NoTask = 7,
     ManifestRequest = 8, Manifest = 9, ModelFetch = 10, Blob = 11, Upload = 12, Ack = 13, Error = 14,
-    Goodbye = 15, Decline = 16, SecAgg = 17, SecAggReply = 18,
+    Goodbye = 15, Decline = 16, SecAgg = 17, SecAggReply = 18, Forward = 19, EnrolFor = 20,
+    RosterRequest = 21, Roster = 22,
 }
 
 impl Message {
@@ -617,6 +679,21 @@ impl Message {
                     && u.metrics.epsilon_spent >= 0.0) =>
             {
                 bad("update metrics must be finite")
+            }
+            Message::Forward(f)
+                if !(f.weight.is_finite()
+                    && f.weight >= 0.0
+                    && f.loss.is_finite()
+                    && f.count > 0
+                    && f.clip.is_none_or(|c| c.is_finite() && c > 0.0)) =>
+            {
+                bad("a partial sum needs devices, finite weights and loss, and a positive clip")
+            }
+            Message::EnrolFor(e) if long(&e.enrol.token) || long(&e.enrol.name) => {
+                bad("enrolment text too long")
+            }
+            Message::Roster(r) if r.devices.as_ref().is_some_and(|d| d.len() > MAX_ROSTER) => {
+                bad("roster too long")
             }
             _ => Ok(()),
         }
@@ -789,6 +866,29 @@ pub fn examples() -> Vec<Message> {
             update_id: UpdateId([9; 16]),
             duplicate: false,
         }),
+        Message::Forward(Box::new(Forward {
+            update_id: UpdateId([8; 16]),
+            round: RoundId(4),
+            model_version: ModelVersion(4),
+            schema: Digest::of(b"s"),
+            count: 3,
+            weight: 3.0,
+            loss: 4.5,
+            clip: Some(1.0),
+            body,
+        })),
+        Message::EnrolFor(EnrolFor {
+            client: key.fingerprint(),
+            enrol: Enrol {
+                token: "stk1_00".into(),
+                name: "pi-8".into(),
+            },
+        }),
+        Message::RosterRequest(RosterRequest { generation: 7 }),
+        Message::Roster(Roster {
+            generation: 8,
+            devices: Some(vec![key.fingerprint()]),
+        }),
         Message::Error(ErrorReply {
             code: ErrorCode::LateUpdate,
             message: "round 3 closed".into(),
@@ -823,11 +923,48 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         let all = examples();
-        assert_eq!(all.len(), 18);
+        assert_eq!(all.len(), 22);
         for m in all {
             let bytes = m.encode();
             assert_eq!(Message::decode(&bytes).unwrap(), m, "{}", m.kind_name());
         }
+    }
+
+    #[test]
+    fn aggregator_messages_out_of_range_are_refused() {
+        let forward = examples()
+            .into_iter()
+            .find_map(|m| match m {
+                Message::Forward(f) => Some(f),
+                _ => None,
+            })
+            .unwrap();
+        for bad in [
+            Forward {
+                count: 0,
+                ..(*forward).clone()
+            },
+            Forward {
+                weight: f64::NAN,
+                ..(*forward).clone()
+            },
+            Forward {
+                loss: f64::INFINITY,
+                ..(*forward).clone()
+            },
+            Forward {
+                clip: Some(0.0),
+                ..(*forward).clone()
+            },
+        ] {
+            let bytes = Message::Forward(Box::new(bad)).encode();
+            assert!(Message::decode(&bytes).is_err());
+        }
+        let long = Message::Roster(Roster {
+            generation: 1,
+            devices: Some(vec![Fingerprint([0; 32]); MAX_ROSTER + 1]),
+        });
+        assert!(Message::decode(&long.encode()).is_err());
     }
 
     #[test]

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use quinn::{Connection, Endpoint, VarInt};
 use starling_protocol::message::{
-    Ack, BlobKind, Decline, Enrol, Goodbye, Hello, ManifestRequest, ModelFetch, NoTask,
-    SecAggReply, SecAggRequest, Task, TaskRequest, Upload, Welcome, SUPPORTED_VERSIONS,
+    Ack, BlobKind, Decline, Enrol, EnrolFor, Forward, Goodbye, Hello, ManifestRequest, ModelFetch,
+    NoTask, Roster, RosterRequest, SecAggReply, SecAggRequest, Task, TaskRequest, Upload, Welcome,
+    SUPPORTED_VERSIONS,
 };
 use starling_protocol::{
     EnrolmentToken, Fingerprint, Message, ModelVersion, ProtocolError, SignedManifest,
@@ -437,6 +438,50 @@ impl Session {
         {
             Message::SecAggReply(r) => Ok(*r),
             other => Err(unexpected("SecAggReply", &other)),
+        }
+    }
+
+    /// Forwards an edge aggregator's partial sum (`forward.body` must describe `body`); the ack means the
+    /// root stored it. Safe to repeat with the same id.
+    pub async fn forward(&self, forward: Forward, body: &[u8]) -> Result<Ack, TransportError> {
+        match exchange(
+            &self.conn,
+            &self.limits,
+            &Message::Forward(Box::new(forward)),
+            Some(body),
+        )
+        .await?
+        .0
+        {
+            Message::Ack(a) => Ok(a),
+            other => Err(unexpected("Ack", &other)),
+        }
+    }
+
+    /// Enrols a device's key at the root on the device's behalf (an edge aggregator's request).
+    pub async fn enrol_for(&self, request: EnrolFor) -> Result<Fingerprint, TransportError> {
+        match exchange(&self.conn, &self.limits, &Message::EnrolFor(request), None)
+            .await?
+            .0
+        {
+            Message::Enrolled(e) => Ok(e.client_id),
+            other => Err(unexpected("Enrolled", &other)),
+        }
+    }
+
+    /// The active devices, unless they are unchanged since `generation` (an edge aggregator's request).
+    pub async fn roster(&self, generation: u64) -> Result<Roster, TransportError> {
+        match exchange(
+            &self.conn,
+            &self.limits,
+            &Message::RosterRequest(RosterRequest { generation }),
+            None,
+        )
+        .await?
+        .0
+        {
+            Message::Roster(r) => Ok(r),
+            other => Err(unexpected("Roster", &other)),
         }
     }
 

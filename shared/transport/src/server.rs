@@ -18,8 +18,8 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 use starling_protocol::bulk::BulkHeader;
 use starling_protocol::message::{
-    negotiate, Decline, Enrol, Enrolled, ErrorCode, ErrorReply, ManifestRequest, ModelFetch,
-    SecAggRequest, TaskRequest, Upload, Welcome,
+    negotiate, Decline, Enrol, EnrolFor, Enrolled, ErrorCode, ErrorReply, Forward, ManifestRequest,
+    ModelFetch, RosterRequest, SecAggRequest, TaskRequest, Upload, Welcome,
 };
 use starling_protocol::{Fingerprint, Message, ModelVersion, ProtocolError, SigningIdentity};
 use tokio::task::JoinHandle;
@@ -215,6 +215,17 @@ pub enum Request {
         /// The encoded update.
         body: Vec<u8>,
     },
+    /// An edge aggregator forwards a partial sum (digest and size already verified).
+    Forward {
+        /// The announced header.
+        header: Box<Forward>,
+        /// The sum's f32 values, little-endian.
+        body: Vec<u8>,
+    },
+    /// An edge aggregator enrols a device (answered with `Enrolled` or an error).
+    EnrolFor(EnrolFor),
+    /// An edge aggregator asks for the active devices (answered with `Roster`).
+    Roster(RosterRequest),
 }
 
 /// The handler's answer.
@@ -591,6 +602,12 @@ impl<H: Handler> Ctx<'_, H> {
                 let body = read_bulk(recv, header.body, self.handler.max_upload_bytes()).await?;
                 Request::Upload { header, body }
             }
+            Message::Forward(header) => {
+                let body = read_bulk(recv, header.body, self.handler.max_upload_bytes()).await?;
+                Request::Forward { header, body }
+            }
+            Message::EnrolFor(r) => Request::EnrolFor(r),
+            Message::RosterRequest(r) => Request::Roster(r),
             Message::Goodbye(g) => {
                 tracing::debug!(client = %self.client, "goodbye: {}", g.reason);
                 return Ok(Flow::Close);

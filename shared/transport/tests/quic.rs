@@ -101,6 +101,9 @@ impl Handler for App {
                 reason: "declined".into(),
             })),
             Request::SecAgg(_) => Response::error(ErrorCode::BadRequest, "no secure aggregation"),
+            Request::Forward { .. } | Request::EnrolFor(_) | Request::Roster(_) => {
+                Response::error(ErrorCode::BadRequest, "not an aggregators' root")
+            }
             Request::Upload { header, body } => {
                 if header.schema != self.schema.hash() {
                     return Response::error(ErrorCode::SchemaMismatch, "wrong adapter schema");
