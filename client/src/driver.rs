@@ -69,6 +69,10 @@ pub struct RunOptions {
     pub progress_bar: bool,
     /// Wait this long before asking again after a refusal or an ineligible check.
     pub retry_ms: u64,
+    /// Reproducible training (experiments and tests only): each round's batches from this seed and the
+    /// round id instead of the OS. Tasks with DP-SGD ignore it — a known seed would make their noise
+    /// predictable.
+    pub training_seed: Option<u64>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -629,6 +633,7 @@ impl Runtime {
             .then(|| progress_bar(task.params.local_steps));
         let bar2 = bar.clone();
         let precision = self.cfg.device.precision;
+        let training_seed = self.opts.training_seed;
         let joined = tokio::task::spawn_blocking(move || {
             let t = TaskTraining {
                 model: &loaded.model,
@@ -637,7 +642,10 @@ impl Runtime {
                 start: &start,
                 tokens: &loaded.tokens,
                 dp_sampling_rate,
-                seed: None,
+                // DP-SGD's noise must never come from a seed someone else may know.
+                seed: training_seed
+                    .filter(|_| task_c.dp.dp_sgd.is_none())
+                    .map(|s| s ^ task_c.round.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
                 precision,
             };
             let r = train_task(&t, |step, loss| {

@@ -69,6 +69,10 @@ enum Cmd {
         /// ineligible check.
         #[arg(long, default_value_t = 30_000)]
         retry_ms: u64,
+        /// Reproducible training for experiments and tests: batches drawn from this seed and the round
+        /// instead of the OS (ignored by tasks with DP-SGD, whose noise must stay unpredictable).
+        #[arg(long)]
+        training_seed: Option<u64>,
     },
     /// Show the enrolled coordinator, the model version held, rounds joined, ε spent and the last error.
     ///
@@ -122,11 +126,17 @@ async fn shutdown_signal() {
     }
 }
 
-fn run(dir: PathBuf, data: Vec<PathBuf>, retry_ms: u64) -> anyhow::Result<ExitCode> {
+fn run(
+    dir: PathBuf,
+    data: Vec<PathBuf>,
+    retry_ms: u64,
+    training_seed: Option<u64>,
+) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
         data,
         progress_bar: std::io::stdout().is_terminal(),
         retry_ms,
+        training_seed,
     };
     let runtime = Runtime::open(StateDir::new(&dir), opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -190,7 +200,8 @@ fn main() -> ExitCode {
             dir,
             data,
             retry_ms,
-        } => run(dir, data, retry_ms),
+            training_seed,
+        } => run(dir, data, retry_ms, training_seed),
         Cmd::Status { dir, json } => status(&dir).and_then(|s| {
             if json {
                 println!("{s}");

@@ -96,6 +96,9 @@ pub enum AdminRequest {
     Enrol {
         /// The device's name.
         name: String,
+        /// What the key will be (a device unless given).
+        #[serde(default)]
+        role: crate::store::ClientRole,
     },
     /// Revoke a device (name or fingerprint): its connections close at once.
     Revoke {
@@ -316,7 +319,8 @@ mod tests {
         assert_eq!(
             r,
             AdminRequest::Enrol {
-                name: "pi-7".into()
+                name: "pi-7".into(),
+                role: crate::store::ClientRole::Device,
             }
         );
         let r: AdminRequest =

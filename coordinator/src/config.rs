@@ -28,6 +28,22 @@ pub struct CoordinatorConfig {
     pub adapter: AdapterConfig,
     /// Secure aggregation (SecAgg+): the coordinator learns only the sum of a round's deltas.
     pub secure_aggregation: SecAggConfig,
+    /// A tier of edge aggregators between devices and this coordinator (the root).
+    pub hierarchy: HierarchyConfig,
+}
+
+/// Hierarchical mode: devices connect to edge aggregators (`starling-coordinator aggregator serve`), each
+/// forwards one weighted partial sum per round, and this coordinator (the root) combines them. The round
+/// settings (`[rounds]`) then count aggregators: `min_clients`, `selection` and `min_updates` are
+/// aggregators, each bringing its cohort of devices.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HierarchyConfig {
+    /// Serve edge aggregators instead of devices.
+    pub enabled: bool,
+    /// Devices a round expects across all aggregators: DP-FedAvg's fixed denominator under user-level DP
+    /// (required then; the sum of the aggregators' cohort sizes).
+    pub devices_per_round: usize,
 }
 
 /// Listening addresses.
@@ -279,6 +295,7 @@ impl CoordinatorConfig {
             return Err(invalid("task.int8_block must lie in 1..=65536".into()));
         }
         cfg.validate_secure_aggregation().map_err(invalid)?;
+        cfg.validate_hierarchy().map_err(invalid)?;
         if cfg.adapter.rank == 0 || cfg.adapter.targets.is_empty() {
             return Err(invalid(
                 "adapter needs rank ≥ 1 and at least one target".into(),
@@ -290,6 +307,42 @@ impl CoordinatorConfig {
                     "unknown adapter target {t:?} (q, k, v, o, gate, up, down)"
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// What a tier of aggregators cannot work with: a rule that needs every update (its result is not a
+    /// function of partial sums; forwarding every update would make the root's work grow with devices
+    /// again), secure aggregation at the root (aggregators forward cleartext cohort sums; SecAgg+ per
+    /// cohort is not built yet), and user-level DP without the expected device count.
+    fn validate_hierarchy(&self) -> Result<(), String> {
+        let h = &self.hierarchy;
+        if !h.enabled {
+            return Ok(());
+        }
+        let linear = crate::strategy::build(&self.strategy)
+            .map(|s| s.linear())
+            .unwrap_or(false);
+        if !linear && self.privacy.mode == DpPlacement::Off {
+            return Err(format!(
+                "strategy {:?} needs every update, and edge aggregators forward only their cohort's sum: \
+                 in hierarchical mode use fed-avg, fed-prox, fed-avg-m, fed-adam, fed-yogi or fed-adagrad",
+                self.strategy.kind
+            ));
+        }
+        if self.secure_aggregation.enabled {
+            return Err(
+                "secure_aggregation at the root does not combine with hierarchy: aggregators forward \
+                 their cohorts' sums"
+                    .into(),
+            );
+        }
+        if self.privacy.mode != DpPlacement::Off && h.devices_per_round == 0 {
+            return Err(
+                "hierarchy with user-level DP needs hierarchy.devices_per_round (DP-FedAvg's fixed \
+                 denominator: the devices a round expects across all aggregators)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -406,7 +459,9 @@ impl CoordinatorConfig {
              # [adapter] rank, alpha, targets, seed\n\
              # [secure_aggregation] enabled, neighbours (0 = ≈3·log2 n), threshold (0 = majority), clip,\n\
              #   value_bits, phase_timeout_ms, weight_cap (0 = equal weights) — needs selection = {{ count = m }}, min_clients ≥ 3 and a\n\
-             #   linear strategy\n\n{body}"
+             #   linear strategy\n\
+             # [hierarchy] enabled (devices connect to edge aggregators; [rounds] then counts aggregators),\n\
+             #   devices_per_round (DP-FedAvg's denominator under user-level DP)\n\n{body}"
         )
     }
 }

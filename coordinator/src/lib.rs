@@ -11,12 +11,15 @@
 //! - [`status`]: the status document and metrics; [`http`]: the live status page and `/metrics`;
 //! - [`config`]: coordinator.toml; [`service`]: the QUIC driver of the core (`serve`); [`ops`]: operator commands;
 //! - [`admin`]: the operator's authenticated channel into a running `serve` (a Unix socket);
-//!   [`backup`]: consistent backups of a coordinator directory and their restore.
+//!   [`backup`]: consistent backups of a coordinator directory and their restore;
+//! - [`aggregator`]: the edge aggregator (`aggregator serve`): devices' protocol in front, one partial sum
+//!   per round to the root behind, a durable spool between.
 //!
 //! What must never live here: training or model code paths of the devices (those are the client's), and
 //! in the engine and strategies, any I/O.
 
 pub mod admin;
+pub mod aggregator;
 pub mod backup;
 pub mod config;
 pub mod engine;

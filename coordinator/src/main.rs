@@ -32,6 +32,15 @@ enum LogFormat {
     Json,
 }
 
+/// What an enrolment token is for.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    /// A device that trains.
+    Device,
+    /// An edge aggregator that serves devices and forwards partial sums.
+    Aggregator,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a coordinator directory: keys, store, configuration, base model and signed version 0.
@@ -77,6 +86,9 @@ enum Cmd {
         /// Device name.
         #[arg(long)]
         name: String,
+        /// What the key will be: a device, or an edge aggregator (`aggregator init` spends its token).
+        #[arg(long, value_enum, default_value_t = Role::Device)]
+        role: Role,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -226,6 +238,62 @@ enum Cmd {
     /// Plan privacy budgets: ε of a run, or the noise a target ε needs.
     #[command(subcommand)]
     Privacy(privacy::PrivacyCmd),
+    /// Run an edge aggregator: devices connect to it as to a coordinator; it forwards one partial sum per
+    /// round to the root (a coordinator with `[hierarchy] enabled = true`).
+    #[command(subcommand)]
+    Aggregator(AggregatorCmd),
+}
+
+// Parsed once per process: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum AggregatorCmd {
+    /// Create an aggregator directory and enrol its key at the root with a token issued by
+    /// `enrol --role aggregator` there; prints the fingerprint its devices pin.
+    ///
+    /// Example:
+    ///   starling-coordinator aggregator init --dir edge1 --root root.example:7400 \
+    ///       --root-enrol root.example:7401 --pin HEX --signing-key HEX --token stk1_... --name edge-1
+    #[command(verbatim_doc_comment)]
+    Init {
+        /// Directory to create.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The root's QUIC endpoint, HOST:PORT.
+        #[arg(long)]
+        root: String,
+        /// The root's enrolment endpoint, HOST:PORT.
+        #[arg(long)]
+        root_enrol: String,
+        /// The root's TLS fingerprint (hex, from its `enrol` output).
+        #[arg(long)]
+        pin: String,
+        /// The root's model-signing key (hex).
+        #[arg(long)]
+        signing_key: String,
+        /// The one-time aggregator token.
+        #[arg(long)]
+        token: String,
+        /// This aggregator's name.
+        #[arg(long)]
+        name: String,
+        /// Where devices connect (default 0.0.0.0:7500).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Where devices enrol (default 0.0.0.0:7501).
+        #[arg(long)]
+        enrol_listen: Option<std::net::SocketAddr>,
+    },
+    /// Serve devices and forward their cohorts' sums to the root until SIGTERM (then drain).
+    ///
+    /// Example:
+    ///   starling-coordinator aggregator serve --dir edge1
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// Aggregator directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// Round settings `set-rounds` changes (the others keep their value).
@@ -388,7 +456,10 @@ fn print_json(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+    if !matches!(
+        cli.cmd,
+        Cmd::Serve { .. } | Cmd::Aggregator(AggregatorCmd::Serve { .. })
+    ) {
         // Rust ignores SIGPIPE, so printing into a closed pipe (`status --json | head -c 100`) panics. The
         // one-shot commands take the default instead and end quietly; `serve` keeps ignoring it (a log
         // reader that goes away must not stop the coordinator).
@@ -426,8 +497,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve { dir } => serve(&dir),
-        Cmd::Enrol { dir, name, json } => {
-            let e = starling_coordinator::ops::enrol(&dir, &name)?;
+        Cmd::Enrol {
+            dir,
+            name,
+            role,
+            json,
+        } => {
+            let role = match role {
+                Role::Device => starling_coordinator::store::ClientRole::Device,
+                Role::Aggregator => starling_coordinator::store::ClientRole::Aggregator,
+            };
+            let e = starling_coordinator::ops::enrol(&dir, &name, role)?;
             if json {
                 println!("{}", e.json());
             } else {
@@ -588,5 +668,68 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Model(ModelCmd::Generate(a)) => run_generate(&a),
         Cmd::Privacy(cmd) => privacy::run(cmd),
+        Cmd::Aggregator(cmd) => aggregator(cmd),
+    }
+}
+
+fn aggregator(cmd: AggregatorCmd) -> anyhow::Result<()> {
+    use starling_coordinator::aggregator::{self as agg, Aggregator, AggregatorLayout};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cmd {
+        AggregatorCmd::Init {
+            dir,
+            root,
+            root_enrol,
+            pin,
+            signing_key,
+            token,
+            name,
+            listen,
+            enrol_listen,
+        } => {
+            let request = agg::InitRequest {
+                dir: dir.clone(),
+                root,
+                root_enrol,
+                pin,
+                signing_key,
+                token,
+                name,
+                listen,
+                enrol_listen,
+            };
+            let fp = runtime.block_on(agg::init(&request))?;
+            println!(
+                "{}",
+                serde_json::json!({ "dir": dir.display().to_string(), "fingerprint": fp.to_hex() })
+            );
+            Ok(())
+        }
+        AggregatorCmd::Serve { dir } => runtime.block_on(async {
+            let layout = AggregatorLayout::new(&dir);
+            let a = std::sync::Arc::new(
+                Aggregator::open(&dir)
+                    .with_context(|| format!("opening aggregator {}", dir.display()))?,
+            );
+            a.serve_until(
+                |server| {
+                    let bound = serde_json::json!({
+                        "listening": server.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                        "enrol": server.enrol_addr().map(|a| a.to_string()).unwrap_or_default(),
+                        "fingerprint": server.fingerprint().to_hex(),
+                        "pid": std::process::id(),
+                    });
+                    println!("{bound}");
+                    if let Err(e) = std::fs::write(layout.serving(), format!("{bound}\n")) {
+                        tracing::warn!("writing {}: {e}", layout.serving().display());
+                    }
+                },
+                shutdown_signal(),
+            )
+            .await?;
+            Ok(())
+        }),
     }
 }

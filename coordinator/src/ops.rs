@@ -16,11 +16,12 @@ use starling_protocol::{
 use crate::admin::{AdminRequest, RoundSettings};
 use crate::config::CoordinatorConfig;
 use crate::service::{now_ms, read_key, Layout};
-use crate::store::{manifest_body, PendingToken, PublishedModel, Store};
+use crate::store::{manifest_body, ClientRole, PendingToken, PublishedModel, Store};
 use crate::strategy::StrategyState;
 use starling_protocol::update::{adapter_bytes, adapter_values};
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes a new owner-only file (keys), synced to disk.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -182,17 +183,23 @@ impl Enrolled {
 }
 
 /// Issues an enrolment token in an open `store` of the coordinator laid out as `layout`.
-pub fn enrol_in(store: &Store, layout: &Layout, name: &str) -> anyhow::Result<Enrolled> {
+pub fn enrol_in(
+    store: &Store,
+    layout: &Layout,
+    name: &str,
+    role: ClientRole,
+) -> anyhow::Result<Enrolled> {
     if name.trim().is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
         bail!("a device name must be 1 to 128 printable characters");
     }
     let (token, hash) = EnrolmentToken::generate()?;
-    store.add_token(
+    store.add_token_for(
         hash,
         &PendingToken {
             name: name.to_string(),
             created_at: now_ms(),
         },
+        role,
     )?;
     Ok(Enrolled {
         name: name.to_string(),
@@ -202,15 +209,18 @@ pub fn enrol_in(store: &Store, layout: &Layout, name: &str) -> anyhow::Result<En
     })
 }
 
-/// A fresh one-time enrolment token for a device called `name` — through the running `serve` if there is
-/// one (its admin socket), else in the store directly.
-pub fn enrol(dir: &Path, name: &str) -> anyhow::Result<Enrolled> {
-    let request = AdminRequest::Enrol { name: name.into() };
+/// A fresh one-time enrolment token for a device (or, with `role`, an edge aggregator) called `name` —
+/// through the running `serve` if there is one (its admin socket), else in the store directly.
+pub fn enrol(dir: &Path, name: &str, role: ClientRole) -> anyhow::Result<Enrolled> {
+    let request = AdminRequest::Enrol {
+        name: name.into(),
+        role,
+    };
     if let Some(v) = live(dir, &request)? {
         return Enrolled::from_json(&v);
     }
     let layout = Layout::new(dir);
-    enrol_in(&open_store(&layout)?, &layout, name)
+    enrol_in(&open_store(&layout)?, &layout, name, role)
 }
 
 /// Revokes a client of an open `store` given its fingerprint (hex) or its unique name.

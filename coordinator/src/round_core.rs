@@ -189,6 +189,31 @@ pub struct PartialSum {
     pub loss: f64,
 }
 
+/// A cohort's partial sum (see [`RoundCore::partial_sum`]): with `clip` (user-level DP on) each delta
+/// clipped to it and weighted one, else weighted by its examples. The edge aggregator calls this with the
+/// clip its round's task names; the root's flat DP-FedAvg sums the same way ([`strategy::clipped_sum`]).
+pub fn cohort_sum(
+    updates: &[(ClientUpdate<'_>, f32)],
+    clip: Option<f64>,
+) -> Result<PartialSum, CoreError> {
+    let views: Vec<ClientUpdate<'_>> = updates.iter().map(|(u, _)| *u).collect();
+    let loss = updates.iter().map(|(_, l)| f64::from(*l)).sum();
+    let (sum, weight) = match clip {
+        None => {
+            let weights: Vec<f32> = views.iter().map(|u| u.num_examples as f32).collect();
+            let weight = weights.iter().map(|w| f64::from(*w)).sum();
+            (strategy::weighted_sum(&views, &weights)?, weight)
+        }
+        Some(clip) => (strategy::clipped_sum(&views, clip)?, views.len() as f64),
+    };
+    Ok(PartialSum {
+        sum,
+        count: views.len(),
+        weight,
+        loss,
+    })
+}
+
 /// What the driver read back from durable state for a restarted core.
 #[derive(Debug, Clone, Default)]
 pub struct Restored {
@@ -470,22 +495,8 @@ impl RoundCore {
             ))
             .into());
         }
-        let views: Vec<ClientUpdate<'_>> = updates.iter().map(|(u, _)| *u).collect();
-        let loss = updates.iter().map(|(_, l)| f64::from(*l)).sum();
-        let (sum, weight) = if self.cfg.privacy.mode == DpPlacement::Off {
-            let weights: Vec<f32> = views.iter().map(|u| u.num_examples as f32).collect();
-            let weight = weights.iter().map(|w| f64::from(*w)).sum();
-            (strategy::weighted_sum(&views, &weights)?, weight)
-        } else {
-            let sum = strategy::clipped_sum(&views, self.cfg.privacy.clip)?;
-            (sum, views.len() as f64)
-        };
-        Ok(PartialSum {
-            sum,
-            count: views.len(),
-            weight,
-            loss,
-        })
+        let clip = (self.cfg.privacy.mode != DpPlacement::Off).then_some(self.cfg.privacy.clip);
+        cohort_sum(updates, clip)
     }
 
     /// Aggregates `round` from `input` onto `parent` (the adapter of the round's model version) and signs
@@ -506,7 +517,13 @@ impl RoundCore {
                 found: parent.len(),
             });
         }
-        let sampling_rate = (round.selected.len() as f64 / round.eligible.max(1) as f64).min(1.0);
+        // Behind edge aggregators the root sees aggregators, not the devices each one took (first come,
+        // not a random sample): no amplification by sampling is claimed, every round is charged at q = 1.
+        let sampling_rate = if self.cfg.hierarchy.enabled {
+            1.0
+        } else {
+            (round.selected.len() as f64 / round.eligible.max(1) as f64).min(1.0)
+        };
         let p = &self.cfg.privacy;
         let eff = strategy::charged_multiplier(
             p.mode == DpPlacement::Central,

@@ -30,9 +30,10 @@ use starling_transport::{Access, Authorizer, Handler, Limits, Request, Response,
 
 use crate::config::CoordinatorConfig;
 use crate::engine::{Action, Engine, RoundRecord, TaskDecision, UpdateCheck, UpdateMeta};
+use crate::round_core::PartialSum;
 use crate::round_core::{CoreError, Restored, RoundCore, RoundInput};
 use crate::status::{bump, Metrics};
-use crate::store::{manifest_body, ClientStatus, Store, StoredUpdate};
+use crate::store::{manifest_body, ClientRole, ClientStatus, Store, StoredPartial, StoredUpdate};
 
 /// Files inside a coordinator directory.
 pub struct Layout {
@@ -200,6 +201,9 @@ pub struct Coordinator {
     control: std::sync::OnceLock<ServerControl>,
     /// What `/healthz` and `/readyz` report.
     health: Health,
+    /// The generation of the active-device roster edge aggregators copy: changes with every enrolment and
+    /// revocation (and every start, so an aggregator re-reads it after a restart).
+    roster: std::sync::atomic::AtomicU64,
 }
 
 /// Liveness and readiness of a serving coordinator.
@@ -320,6 +324,12 @@ impl Coordinator {
             crate::engine::Selection::Count(m) => m,
             crate::engine::Selection::Fraction(_) => engine.config().min_clients,
         };
+        // Behind aggregators the engine counts aggregators; DP-FedAvg's denominator counts devices.
+        let dp_cohort = if cfg.hierarchy.enabled && cfg.hierarchy.devices_per_round > 0 {
+            cfg.hierarchy.devices_per_round
+        } else {
+            cohort
+        };
         if cfg.secure_aggregation.enabled {
             engine = engine.with_secure_aggregation(
                 cfg.secure_aggregation.clone(),
@@ -386,7 +396,7 @@ impl Coordinator {
             m0.base_digest,
             signing,
             engine,
-            cohort,
+            dp_cohort,
             opts.simulation_noise_key,
             restored,
         )?;
@@ -401,6 +411,7 @@ impl Coordinator {
             dir: dir.to_path_buf(),
             control: std::sync::OnceLock::new(),
             health: Health::default(),
+            roster: std::sync::atomic::AtomicU64::new(now_ms().max(1)),
         })
     }
 
@@ -414,10 +425,10 @@ impl Coordinator {
         use crate::admin::{AdminReply, AdminRequest};
         let layout = Layout::new(&self.dir);
         let result = match request {
-            AdminRequest::Enrol { name } => {
+            AdminRequest::Enrol { name, role } => {
                 // Under the round lock: a backup taken meanwhile holds the token or not, never half of it.
                 let _inner = self.lock();
-                crate::ops::enrol_in(&self.store, &layout, &name).map(|e| e.json())
+                crate::ops::enrol_in(&self.store, &layout, &name, role).map(|e| e.json())
             }
             AdminRequest::Revoke { client } => self.revoke(&client),
             AdminRequest::Clients => crate::ops::clients_in(&self.store),
@@ -478,6 +489,7 @@ impl Coordinator {
         let fp = crate::ops::revoke_in(&self.store, who)?;
         let round_changed = inner.engine.revoked(fp);
         drop(inner);
+        self.bump_roster();
         let closed = self.control.get().map_or(0, |c| c.disconnect(&fp));
         tracing::info!(client = %fp, closed, round_changed, "revoked");
         Ok(serde_json::json!({
@@ -557,6 +569,10 @@ impl Coordinator {
                 }
                 Action::Aggregate { .. } | Action::AggregateSum { .. } => {
                     let (round, input) = match action {
+                        Action::Aggregate { round, updates } if self.cfg.hierarchy.enabled => {
+                            let input = self.decode_partials(&round, &updates)?;
+                            (round, input)
+                        }
                         Action::Aggregate { round, updates } => {
                             let input = self.decode_updates(&round, &updates)?;
                             (round, input)
@@ -689,6 +705,207 @@ impl Coordinator {
         Ok(RoundInput::Updates { deltas, loss })
     }
 
+    /// The stored partial sums `ids` of `round` (forwarded by edge aggregators), combined.
+    fn decode_partials(
+        &self,
+        round: &RoundRecord,
+        ids: &[UpdateId],
+    ) -> Result<RoundInput, ServiceError> {
+        let partials: Vec<PartialSum> = self
+            .store
+            .partials(round.id)?
+            .into_iter()
+            .filter(|p| ids.contains(&p.meta.update_id))
+            .map(|p| p.partial)
+            .collect();
+        if partials.len() != ids.len() {
+            return Err(ServiceError::UpdatesMissing {
+                round: round.id,
+                stored: partials.len(),
+                counted: ids.len(),
+            });
+        }
+        Ok(RoundInput::from_partials(
+            &partials,
+            self.schema.num_params(),
+        )?)
+    }
+
+    /// The roster changed (an enrolment or a revocation): aggregators re-read it.
+    fn bump_roster(&self) {
+        self.roster
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// An edge aggregator's partial sum: checked against the open round like an update (the aggregator
+    /// is the engine's participant), its clip record against this configuration, stored and flushed
+    /// before the ack.
+    fn forward(
+        &self,
+        client: Fingerprint,
+        header: &starling_protocol::message::Forward,
+        body: &[u8],
+    ) -> Response {
+        let now = self.now();
+        let p = &self.cfg.privacy;
+        let clip = (p.mode != crate::config::DpPlacement::Off).then_some(p.clip);
+        if header.clip != clip {
+            bump(&self.metrics.updates_refused);
+            return Response::error(
+                ErrorCode::BadRequest,
+                format!(
+                    "the partial sum's deltas were clipped to {:?}; this root's rounds clip to {clip:?}",
+                    header.clip
+                ),
+            );
+        }
+        let meta = UpdateMeta {
+            update_id: header.update_id,
+            client,
+            round: header.round,
+            model_version: header.model_version,
+            schema: header.schema,
+            num_examples: u64::from(header.count),
+        };
+        let ack = |duplicate| {
+            Response::Message(Message::Ack(Ack {
+                update_id: header.update_id,
+                duplicate,
+            }))
+        };
+        if let Ok(Some(r)) = self.store.update_round(&header.update_id) {
+            let current = self.lock().engine.current().map(|c| c.id);
+            if Some(r) != current {
+                return ack(true);
+            }
+        }
+        let mut inner = self.lock();
+        match inner.engine.check_update(&meta, now) {
+            Ok(UpdateCheck::Duplicate) => return ack(true),
+            Ok(UpdateCheck::New) => {}
+            Err(e) => {
+                bump(&self.metrics.updates_refused);
+                return Response::error(upload_code(&e), e.to_string());
+            }
+        }
+        let len = self.schema.num_params();
+        if body.len() != len * 4 {
+            bump(&self.metrics.updates_refused);
+            return Response::error(
+                ErrorCode::BadRequest,
+                format!(
+                    "a partial sum holds {len} f32 values; got {} bytes",
+                    body.len()
+                ),
+            );
+        }
+        let sum: Vec<f32> = body
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if let Some(i) = sum.iter().position(|v| !v.is_finite()) {
+            bump(&self.metrics.updates_refused);
+            return Response::error(
+                ErrorCode::BadRequest,
+                format!("the partial sum's value {i} is not finite"),
+            );
+        }
+        let stored = StoredPartial {
+            meta: meta.clone(),
+            partial: PartialSum {
+                sum,
+                count: header.count as usize,
+                weight: header.weight,
+                loss: header.loss,
+            },
+            clip: header.clip,
+        };
+        if let Err(e) = self.store.put_partial(&stored) {
+            tracing::error!("storing a partial sum: {e}");
+            return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+        }
+        crate::failpoint::hit("partial-stored");
+        if let Err(e) = inner.engine.record_update(&meta, now) {
+            return Response::error(ErrorCode::Internal, e.to_string());
+        }
+        bump(&self.metrics.updates_accepted);
+        self.metrics
+            .upload_bytes
+            .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            round = header.round.0,
+            aggregator = %client,
+            devices = header.count,
+            "partial sum {} of {} selected aggregators",
+            inner.engine.received(),
+            inner.engine.current().map_or(0, |r| r.selected.len())
+        );
+        ack(false)
+    }
+
+    /// An edge aggregator enrols a device with the token the device presented to it (device tokens only).
+    fn enrol_for(&self, request: &starling_protocol::message::EnrolFor) -> Response {
+        let bad = || {
+            Response::error(
+                ErrorCode::BadToken,
+                "unknown or used device enrolment token",
+            )
+        };
+        let Ok(token) = EnrolmentToken::parse(&request.enrol.token) else {
+            return bad();
+        };
+        let enrolled = {
+            let _inner = self.lock();
+            self.store.enrol_as(
+                token.hash(),
+                request.client,
+                self.now(),
+                Some(ClientRole::Device),
+            )
+        };
+        match enrolled {
+            Ok(Some(rec)) => {
+                self.bump_roster();
+                tracing::info!(client = %request.client, name = rec.name, "enrolled through an aggregator");
+                Response::Message(Message::Enrolled(starling_protocol::message::Enrolled {
+                    client_id: request.client,
+                }))
+            }
+            Ok(None) => bad(),
+            Err(e) => Response::error(ErrorCode::Revoked, e.to_string()),
+        }
+    }
+
+    /// The active devices for an edge aggregator's copy (unless it holds this generation already).
+    fn roster(&self, known: u64) -> Response {
+        let generation = self.roster.load(std::sync::atomic::Ordering::SeqCst);
+        let devices = if known == generation {
+            None
+        } else {
+            let mut active = Vec::new();
+            match self.store.clients() {
+                Ok(all) => {
+                    for c in all {
+                        if c.status == ClientStatus::Active
+                            && self.store.role(&c.fingerprint).ok() == Some(ClientRole::Device)
+                        {
+                            active.push(c.fingerprint);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("reading the roster: {e}");
+                    return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+                }
+            }
+            Some(active)
+        };
+        Response::Message(Message::Roster(starling_protocol::message::Roster {
+            generation,
+            devices,
+        }))
+    }
+
     /// A device's secure-aggregation step: the state is persisted before the answer leaves.
     fn secagg(&self, client: Fingerprint, request: SecAggRequest, now: u64) -> Response {
         let mut inner = self.lock();
@@ -776,15 +993,8 @@ impl Coordinator {
             }
             Ok(UpdateCheck::New) => {}
             Err(e) => {
-                use crate::engine::EngineError as E;
-                let code = match e {
-                    E::LateUpdate { .. } => ErrorCode::LateUpdate,
-                    E::WrongModelVersion { .. } => ErrorCode::WrongModelVersion,
-                    E::SchemaMismatch { .. } => ErrorCode::SchemaMismatch,
-                    _ => ErrorCode::BadRequest,
-                };
                 bump(&self.metrics.updates_refused);
-                return Response::error(code, e.to_string());
+                return Response::error(upload_code(&e), e.to_string());
             }
         }
         // Checked as aggregation will decode it (stored as it came; decoded only when aggregated).
@@ -970,6 +1180,17 @@ impl Coordinator {
     }
 }
 
+/// The error code a device (or aggregator) can act on for an engine's refusal of its upload.
+fn upload_code(e: &crate::engine::EngineError) -> ErrorCode {
+    use crate::engine::EngineError as E;
+    match e {
+        E::LateUpdate { .. } => ErrorCode::LateUpdate,
+        E::WrongModelVersion { .. } => ErrorCode::WrongModelVersion,
+        E::SchemaMismatch { .. } => ErrorCode::SchemaMismatch,
+        _ => ErrorCode::BadRequest,
+    }
+}
+
 impl Authorizer for Coordinator {
     fn access(&self, client: &Fingerprint) -> Access {
         match self.store.client(client) {
@@ -990,13 +1211,69 @@ impl Handler for Coordinator {
     }
 
     fn max_upload_bytes(&self) -> u64 {
-        self.cfg.task.max_update_bytes
+        if self.cfg.hierarchy.enabled {
+            // A partial sum is f32 whatever encoding devices upload in.
+            self.cfg
+                .task
+                .max_update_bytes
+                .max(self.schema.num_params() as u64 * 4)
+        } else {
+            self.cfg.task.max_update_bytes
+        }
     }
 
     async fn handle(&self, client: Fingerprint, request: Request) -> Response {
         let now = self.now();
         let _ = self.store.touch(&client, now);
+        let role = match self.store.role(&client) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("reading a client's role: {e}");
+                return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+            }
+        };
+        let hierarchy = self.cfg.hierarchy.enabled;
+        let aggregator = role == ClientRole::Aggregator;
+        match (&request, hierarchy, aggregator) {
+            (Request::Task(_) | Request::Upload { .. } | Request::SecAgg(_), true, false) => {
+                return Response::Message(Message::NoTask(NoTask {
+                    retry_after_ms: self.cfg.rounds.retry_after_ms.max(10_000),
+                    reason: "this coordinator is the root of a tier of edge aggregators: devices \
+                             connect through one"
+                        .into(),
+                }));
+            }
+            (Request::Task(_), false, true) => {
+                return Response::Message(Message::NoTask(NoTask {
+                    retry_after_ms: self.cfg.rounds.retry_after_ms.max(10_000),
+                    reason: "this coordinator is not in hierarchical mode ([hierarchy] enabled)"
+                        .into(),
+                }));
+            }
+            (Request::Upload { .. } | Request::SecAgg(_), _, true) => {
+                return Response::error(
+                    ErrorCode::BadRequest,
+                    "an aggregator forwards partial sums, not updates",
+                );
+            }
+            (Request::Forward { .. }, false, _) | (Request::Forward { .. }, _, false) => {
+                return Response::error(
+                    ErrorCode::BadRequest,
+                    "only an enrolled edge aggregator of a root in hierarchical mode forwards partial sums",
+                );
+            }
+            (Request::EnrolFor(_) | Request::Roster(_), _, false) => {
+                return Response::error(
+                    ErrorCode::BadRequest,
+                    "only an enrolled edge aggregator enrols devices or reads the roster",
+                );
+            }
+            _ => {}
+        }
         match request {
+            Request::Forward { header, body } => self.forward(client, &header, &body),
+            Request::EnrolFor(r) => self.enrol_for(&r),
+            Request::Roster(r) => self.roster(r.generation),
             Request::Task(_) => {
                 let decision = self.lock().engine.task_request(client, now);
                 match decision {
@@ -1068,6 +1345,7 @@ impl Handler for Coordinator {
         };
         match enrolled {
             Ok(Some(rec)) => {
+                self.bump_roster();
                 tracing::info!(client = %client, name = rec.name, "enrolled");
                 Ok(())
             }

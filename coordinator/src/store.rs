@@ -5,7 +5,9 @@
 //! Trees (DESIGN.md §6): `clients` (fingerprint → [`ClientRecord`]), `tokens` (token hash → pending
 //! enrolment), `rounds` (round id → [`RoundRecord`]), `updates` (round ‖ update id → [`StoredUpdate`]),
 //! `update_index` (update id → round), `models` (version → [`PublishedModel`]), `ledger` (round →
-//! privacy charge), `meta` (strategy state, next round id, completed rounds, global ledger).
+//! privacy charge), `meta` (strategy state, next round id, completed rounds, global ledger); for a tier of
+//! edge aggregators: `roles` and `token_roles` (fingerprint or token hash → [`ClientRole`], absent: a
+//! device) and `partials` (round ‖ update id → [`StoredPartial`], the partial sums aggregators forwarded).
 //! Keys are big-endian so sled's order is numeric order. Values are bincode 2 (the protocol's config is not
 //! reused: this is storage, versioned by `meta/format`).
 //! What must never live here: decisions. The store records what the engine and strategy decided.
@@ -31,9 +33,12 @@ const FORMAT: u32 = 1;
 pub type TreeDump = (String, Vec<(Vec<u8>, Vec<u8>)>);
 
 /// Every tree of the store (what a backup holds).
-const TREES: [&str; 9] = [
+const TREES: [&str; 12] = [
     "clients",
     "tokens",
+    "roles",
+    "token_roles",
+    "partials",
     "rounds",
     "updates",
     "update_index",
@@ -124,6 +129,44 @@ pub struct PendingToken {
     pub created_at: u64,
 }
 
+/// What an enrolled key is: a device, or an edge aggregator that forwards its cohort's partial sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientRole {
+    /// A device: trains and uploads updates.
+    #[default]
+    Device,
+    /// An edge aggregator: serves devices and forwards partial sums.
+    Aggregator,
+}
+
+impl ClientRole {
+    fn byte(self) -> u8 {
+        match self {
+            ClientRole::Device => 0,
+            ClientRole::Aggregator => 1,
+        }
+    }
+
+    fn from_stored(v: Option<sled::IVec>) -> Self {
+        match v.as_deref() {
+            Some([1]) => ClientRole::Aggregator,
+            _ => ClientRole::Device,
+        }
+    }
+}
+
+/// A partial sum an edge aggregator forwarded, as stored until its round is aggregated.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredPartial {
+    /// Engine metadata (the aggregator is the engine's participant).
+    pub meta: UpdateMeta,
+    /// The sum, its device count, weight and summed losses.
+    pub partial: crate::round_core::PartialSum,
+    /// The clip bound its deltas were clipped to (`None`: DP off).
+    pub clip: Option<f64>,
+}
+
 /// An update as stored: what the engine needs plus the encoded delta and its report.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StoredUpdate {
@@ -167,6 +210,9 @@ pub struct Store {
     /// charge record too).
     ledger_ddg: sled::Tree,
     meta: sled::Tree,
+    roles: sled::Tree,
+    token_roles: sled::Tree,
+    partials: sled::Tree,
 }
 
 impl Store {
@@ -222,6 +268,9 @@ impl Store {
             ledger: db.open_tree("ledger")?,
             ledger_ddg: db.open_tree("ledger_ddg")?,
             meta: db.open_tree("meta")?,
+            roles: db.open_tree("roles")?,
+            token_roles: db.open_tree("token_roles")?,
+            partials: db.open_tree("partials")?,
             db,
         })
     }
@@ -236,8 +285,29 @@ impl Store {
 
     /// Records a pending enrolment token (only its hash).
     pub fn add_token(&self, hash: TokenHash, token: &PendingToken) -> Result<(), StoreError> {
-        self.tokens.insert(hash.0 .0, encode(token))?;
+        self.add_token_for(hash, token, ClientRole::Device)
+    }
+
+    /// Records a pending enrolment token for a key of `role`.
+    pub fn add_token_for(
+        &self,
+        hash: TokenHash,
+        token: &PendingToken,
+        role: ClientRole,
+    ) -> Result<(), StoreError> {
+        (&self.tokens, &self.token_roles).transaction(|(tokens, roles)| {
+            tokens.insert(&hash.0 .0, encode(token))?;
+            if role != ClientRole::Device {
+                roles.insert(&hash.0 .0, &[role.byte()])?;
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
         self.flush()
+    }
+
+    /// The role of an enrolled key (a device unless enrolled as something else).
+    pub fn role(&self, fp: &Fingerprint) -> Result<ClientRole, StoreError> {
+        Ok(ClientRole::from_stored(self.roles.get(fp.0)?))
     }
 
     /// Enrols `client` with a token: consumes the token and registers the key atomically. `None` if the
@@ -248,10 +318,32 @@ impl Store {
         client: Fingerprint,
         now: u64,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        let r = (&self.tokens, &self.clients).transaction(|(tokens, clients)| {
+        self.enrol_as(hash, client, now, None)
+    }
+
+    /// [`Store::enrol`] that, with `only`, accepts only a token issued for that role (an aggregator enrolling
+    /// a device cannot spend an aggregator's token); a token of another role is left unused and `None` is
+    /// returned.
+    pub fn enrol_as(
+        &self,
+        hash: TokenHash,
+        client: Fingerprint,
+        now: u64,
+        only: Option<ClientRole>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        let trees = (&self.tokens, &self.clients, &self.token_roles, &self.roles);
+        let r = trees.transaction(|(tokens, clients, token_roles, roles)| {
+            let role = ClientRole::from_stored(token_roles.get(hash.0 .0)?);
+            if only.is_some_and(|o| o != role) {
+                return Ok(None);
+            }
             let Some(raw) = tokens.remove(&hash.0 .0)? else {
                 return Ok(None);
             };
+            token_roles.remove(&hash.0 .0)?;
+            if role != ClientRole::Device {
+                roles.insert(&client.0, &[role.byte()])?;
+            }
             let pending: PendingToken =
                 decode(&raw, "token").map_err(ConflictableTransactionError::Abort)?;
             if let Some(existing) = clients.get(client.0)? {
@@ -500,10 +592,34 @@ impl Store {
             .collect()
     }
 
-    /// Drops the stored deltas of a finished or abandoned round (their ids stay indexed).
+    /// Stores an aggregator's partial sum durably (flushed) — call before acknowledging it.
+    pub fn put_partial(&self, partial: &StoredPartial) -> Result<(), StoreError> {
+        let key = update_key(partial.meta.round, &partial.meta.update_id);
+        (&self.partials, &self.update_index).transaction(|(partials, index)| {
+            partials.insert(key.clone(), encode(partial))?;
+            index.insert(
+                &partial.meta.update_id.0,
+                &partial.meta.round.0.to_be_bytes(),
+            )?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        self.flush()
+    }
+
+    /// Every partial sum stored for a round, in update-id order.
+    pub fn partials(&self, round: RoundId) -> Result<Vec<StoredPartial>, StoreError> {
+        self.partials
+            .scan_prefix(round.0.to_be_bytes())
+            .map(|kv| decode(&kv?.1, "partial sum"))
+            .collect()
+    }
+
+    /// Drops the stored deltas and partial sums of a finished or abandoned round (their ids stay indexed).
     pub fn prune_updates(&self, round: RoundId) -> Result<(), StoreError> {
-        for kv in self.updates.scan_prefix(round.0.to_be_bytes()) {
-            self.updates.remove(kv?.0)?;
+        for tree in [&self.updates, &self.partials] {
+            for kv in tree.scan_prefix(round.0.to_be_bytes()) {
+                tree.remove(kv?.0)?;
+            }
         }
         Ok(())
     }
@@ -513,13 +629,15 @@ impl Store {
     pub fn prune_stale_updates(&self, current: Option<RoundId>) -> Result<usize, StoreError> {
         let keep = current.map(|r| r.0.to_be_bytes());
         let mut dropped = 0;
-        for kv in self.updates.iter() {
-            let key = kv?.0;
-            if keep.is_some_and(|k| key.starts_with(&k)) {
-                continue;
+        for tree in [&self.updates, &self.partials] {
+            for kv in tree.iter() {
+                let key = kv?.0;
+                if keep.is_some_and(|k| key.starts_with(&k)) {
+                    continue;
+                }
+                tree.remove(key)?;
+                dropped += 1;
             }
-            self.updates.remove(key)?;
-            dropped += 1;
         }
         if dropped > 0 {
             self.flush()?;

@@ -184,6 +184,27 @@ impl Coord {
         }
     }
 
+    /// `enrol --role aggregator --json`: a one-time token for an edge aggregator.
+    pub fn enrol_aggregator(&self, name: &str) -> Enrolment {
+        let v = coordinator_json(&[
+            "enrol",
+            "--dir",
+            self.arg(),
+            "--name",
+            name,
+            "--role",
+            "aggregator",
+            "--json",
+        ]);
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Enrolment {
+            name: name.into(),
+            token: s("token"),
+            pin: s("fingerprint"),
+            signing_key: s("signing_key"),
+        }
+    }
+
     /// `status --json` (from the store, or live from the running `serve`).
     pub fn status(&self) -> serde_json::Value {
         coordinator_json(&["status", "--dir", self.arg(), "--json"])
@@ -386,6 +407,107 @@ impl Serving {
     }
 }
 
+/// An edge aggregator's directory (made by `aggregator init`).
+pub struct Edge {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its name.
+    pub name: String,
+}
+
+/// A running `aggregator serve`.
+pub struct EdgeServing {
+    /// The process.
+    pub proc: Proc,
+    /// The endpoint where its devices connect, enrol, and the fingerprint they pin.
+    pub at: Endpoint,
+}
+
+/// Where devices reach a coordinator or an aggregator, and the key they pin there.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// QUIC endpoint.
+    pub addr: String,
+    /// Enrolment endpoint.
+    pub enrol: String,
+    /// TLS fingerprint (hex).
+    pub fingerprint: String,
+}
+
+impl Edge {
+    /// `aggregator init` in `dir` against the running root `serving` with the aggregator token `e`,
+    /// listening on loopback ports the system picks.
+    pub fn init(dir: &Path, serving: &Serving, e: &Enrolment) -> Self {
+        coordinator_json(&[
+            "aggregator",
+            "init",
+            "--dir",
+            dir.to_str().unwrap_or_default(),
+            "--root",
+            &serving.addr,
+            "--root-enrol",
+            &serving.enrol,
+            "--pin",
+            &e.pin,
+            "--signing-key",
+            &e.signing_key,
+            "--token",
+            &e.token,
+            "--name",
+            &e.name,
+            "--listen",
+            "127.0.0.1:0",
+            "--enrol-listen",
+            "127.0.0.1:0",
+        ]);
+        Self {
+            dir: dir.to_path_buf(),
+            name: e.name.clone(),
+        }
+    }
+
+    /// Rewrites one line of `aggregator.toml` (`from` must occur).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        edit(&self.dir.join("aggregator.toml"), from, to);
+    }
+
+    /// Makes the next `aggregator serve` listen where `serving` did (devices keep their address).
+    pub fn keep_address(&self, serving: &EdgeServing) {
+        self.edit_config(
+            "\nlisten = \"127.0.0.1:0\"",
+            &format!("\nlisten = \"{}\"", serving.at.addr),
+        );
+        self.edit_config(
+            "enrol_listen = \"127.0.0.1:0\"",
+            &format!("enrol_listen = \"{}\"", serving.at.enrol),
+        );
+    }
+
+    /// Starts `aggregator serve --dir`.
+    pub fn start(&self) -> EdgeServing {
+        let mut cmd = command("starling-coordinator");
+        cmd.args([
+            "aggregator",
+            "serve",
+            "--dir",
+            self.dir.to_str().unwrap_or_default(),
+        ]);
+        let (proc, first) = Proc::spawn(cmd, self.name.clone(), true);
+        let line = first.unwrap_or_default();
+        let bound: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("aggregator serve printed {line:?}: {e}"));
+        let s = |k: &str| bound[k].as_str().unwrap_or_default().to_string();
+        EdgeServing {
+            proc,
+            at: Endpoint {
+                addr: s("listening"),
+                enrol: s("enrol"),
+                fingerprint: s("fingerprint"),
+            },
+        }
+    }
+}
+
 /// A device's state directory.
 pub struct Device {
     /// The directory.
@@ -397,18 +519,29 @@ pub struct Device {
 impl Device {
     /// `starling-client enrol` against `serving` with `e`; panics on failure.
     pub fn enrol(dir: &Path, serving: &Serving, e: &Enrolment) -> Self {
+        let at = Endpoint {
+            addr: serving.addr.clone(),
+            enrol: serving.enrol.clone(),
+            fingerprint: e.pin.clone(),
+        };
+        Self::enrol_at(dir, &at, e)
+    }
+
+    /// `starling-client enrol` at `at` (a coordinator or an edge aggregator, pinning its key) with the
+    /// token and signing key of `e`; panics on failure.
+    pub fn enrol_at(dir: &Path, at: &Endpoint, e: &Enrolment) -> Self {
         let (status, out, err) = client_cmd(&[
             "enrol",
             "--dir",
             dir.to_str().unwrap_or_default(),
             "--coordinator",
-            &serving.addr,
+            &at.addr,
             "--enrol-address",
-            &serving.enrol,
+            &at.enrol,
             "--token",
             &e.token,
             "--pin",
-            &e.pin,
+            &at.fingerprint,
             "--signing-key",
             &e.signing_key,
             "--name",
@@ -432,6 +565,11 @@ impl Device {
 
     /// Starts `starling-client run` on `data`, with `failpoint` armed if given.
     pub fn run(&self, data: &Path, failpoint: Option<&str>) -> Proc {
+        self.run_with(data, failpoint, &[])
+    }
+
+    /// [`Device::run`] with more arguments (`--training-seed N`).
+    pub fn run_with(&self, data: &Path, failpoint: Option<&str>, extra: &[&str]) -> Proc {
         let mut cmd = command("starling-client");
         cmd.args([
             "run",
@@ -442,6 +580,7 @@ impl Device {
             "--retry-ms",
             "300",
         ]);
+        cmd.args(extra);
         if let Some(p) = failpoint {
             cmd.env("STARLING_FAILPOINT", p);
         }

@@ -1,0 +1,191 @@
+//! `aggregator.toml`: the root it forwards to (written by `aggregator init`), where it listens, and how it
+//! gathers a round's cohort. Unknown keys are errors. What must never live here: state that changes while
+//! the aggregator runs (that is the spool's).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+pub use starling_cli::config::ConfigError;
+use starling_protocol::Fingerprint;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// The root coordinator: address and trust anchors.
+    pub root: RootSection,
+    /// Where devices reach this aggregator.
+    #[serde(default)]
+    pub network: AggregatorNetwork,
+    /// How a round's cohort is gathered and forwarded.
+    #[serde(default)]
+    pub cohort: CohortConfig,
+}
+
+/// The root coordinator this aggregator forwards to.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootSection {
+    /// Its QUIC protocol endpoint, `host:port`.
+    pub address: String,
+    /// SHA-256 fingerprint (hex) of its TLS key.
+    pub pin: String,
+    /// Its model-signing public key (hex): tasks whose manifest it did not sign are not handed on.
+    pub signing_key: String,
+    /// This aggregator's name at the root.
+    pub name: String,
+}
+
+/// Listening addresses for devices.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorNetwork {
+    /// QUIC protocol endpoint devices connect to.
+    pub listen: SocketAddr,
+    /// QUIC enrolment endpoint (devices' one-time tokens are checked at the root).
+    pub enrol_listen: SocketAddr,
+    /// On SIGTERM: how long exchanges in flight may take to finish, ms.
+    pub drain_wait_ms: u64,
+    /// On SIGTERM: when devices are told to come back, ms.
+    pub drain_retry_after_ms: u64,
+}
+
+impl Default for AggregatorNetwork {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7500)),
+            enrol_listen: SocketAddr::from(([0, 0, 0, 0], 7501)),
+            drain_wait_ms: 10_000,
+            drain_retry_after_ms: 2_000,
+        }
+    }
+}
+
+/// The cohort of one round.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CohortConfig {
+    /// Devices this aggregator takes per round (the first that ask); it forwards as soon as all of them
+    /// uploaded.
+    pub size: usize,
+    /// Fewest devices worth forwarding at the cut-off; with fewer the aggregator declines the round.
+    pub min: usize,
+    /// The cut-off: devices' deadline and the latest forward, this long before the root's deadline, ms.
+    pub forward_margin_ms: u64,
+    /// How often the root is asked for work and the cohort checked, ms.
+    pub poll_ms: u64,
+    /// How often the active-device roster is re-read from the root, ms (a revocation takes effect here
+    /// within this).
+    pub roster_ms: u64,
+    /// What devices are told when there is no work, ms.
+    pub retry_after_ms: u64,
+}
+
+impl Default for CohortConfig {
+    fn default() -> Self {
+        Self {
+            size: 100,
+            min: 1,
+            forward_margin_ms: 10_000,
+            poll_ms: 500,
+            roster_ms: 2_000,
+            retry_after_ms: 2_000,
+        }
+    }
+}
+
+impl AggregatorConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(
+            &starling_cli::config::read(path)?,
+            &path.display().to_string(),
+        )
+    }
+
+    /// Parses and validates text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = starling_cli::config::parse(text, origin)?;
+        let invalid = |m: &str| ConfigError::Invalid {
+            path: origin.into(),
+            message: m.into(),
+        };
+        let c = &cfg.cohort;
+        if c.size == 0 || c.min == 0 || c.min > c.size {
+            return Err(invalid("cohort needs 1 ≤ min ≤ size"));
+        }
+        if c.poll_ms == 0 || c.roster_ms == 0 {
+            return Err(invalid(
+                "cohort.poll_ms and cohort.roster_ms must be positive",
+            ));
+        }
+        cfg.pin().map_err(|e| invalid(&e))?;
+        cfg.signing_key().map_err(|e| invalid(&e))?;
+        Ok(cfg)
+    }
+
+    /// The root's TLS fingerprint.
+    pub fn pin(&self) -> Result<Fingerprint, String> {
+        Fingerprint::from_hex(&self.root.pin).map_err(|e| format!("root.pin: {e}"))
+    }
+
+    /// The root's model-signing key.
+    pub fn signing_key(&self) -> Result<[u8; 32], String> {
+        starling_protocol::from_hex(&self.root.signing_key)
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| "root.signing_key must be 64 hex digits".to_string())
+    }
+
+    /// The file as `aggregator init` writes it: every setting with a comment.
+    pub fn document(&self) -> String {
+        let body = toml::to_string_pretty(self).unwrap_or_default();
+        format!(
+            "# Starling edge aggregator. Unknown keys are errors.\n\
+             # [root] address, pin, signing_key, name: the root coordinator (written by `aggregator init`)\n\
+             # [network] listen, enrol_listen (devices' QUIC endpoints), drain_wait_ms, drain_retry_after_ms\n\
+             # [cohort] size (devices per round), min (fewest worth forwarding at the cut-off),\n\
+             #   forward_margin_ms (cut-off before the root's deadline), poll_ms, roster_ms, retry_after_ms\n\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> RootSection {
+        RootSection {
+            address: "127.0.0.1:7400".into(),
+            pin: "ab".repeat(32),
+            signing_key: "cd".repeat(32),
+            name: "edge-1".into(),
+        }
+    }
+
+    #[test]
+    fn the_written_document_reads_back_and_bad_settings_are_refused() {
+        let cfg = AggregatorConfig {
+            root: root(),
+            network: AggregatorNetwork::default(),
+            cohort: CohortConfig::default(),
+        };
+        assert_eq!(AggregatorConfig::parse(&cfg.document(), "a").unwrap(), cfg);
+        let text = cfg.document();
+        for (from, to, word) in [
+            ("min = 1", "min = 0", "min"),
+            ("size = 100", "size = 0", "min"),
+            ("poll_ms = 500", "poll_ms = 0", "poll_ms"),
+            ("name = ", "nam = ", "nam"),
+        ] {
+            let err = AggregatorConfig::parse(&text.replacen(from, to, 1), "a")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(word), "{from}: {err}");
+        }
+        let bad_pin = text.replace(&"ab".repeat(32), "xyz");
+        assert!(AggregatorConfig::parse(&bad_pin, "a")
+            .unwrap_err()
+            .to_string()
+            .contains("root.pin"));
+    }
+}

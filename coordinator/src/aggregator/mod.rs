@@ -1,0 +1,987 @@
+//! The edge aggregator (`starling-coordinator aggregator init | serve`): a tier between devices and the
+//! root coordinator. Devices speak the ordinary device protocol to it and cannot tell it from the root: it
+//! enrols them (their one-time tokens are spent at the root), hands them the root's task for the open round
+//! (the manifest signed by the root, checked here and again on the device), serves the root's models from
+//! a cache, and takes their updates — each stored and flushed in the spool before its ack. Once its cohort
+//! is complete, or at the cut-off before the root's deadline, it forwards one weighted partial sum
+//! ([`crate::round_core::cohort_sum`], the same rule the root's flat round applies) over mutual TLS, as a
+//! key enrolled at the root with the aggregator role. The root's work per round then grows with
+//! aggregators, not devices.
+//!
+//! Trust: the aggregator sees its cohort's individual updates, as a flat root does (no secure aggregation
+//! here yet: a root with `[secure_aggregation]` refuses hierarchy); the root sees only sums of cohorts. It
+//! cannot forge models (devices verify the root's signature) nor enrol a key without a device token.
+//!
+//! What must never live here: round policy (the root's [`crate::round_core`]), aggregation rules beyond
+//! the cohort's sum, or protocol decoding (starling-protocol).
+
+pub mod config;
+pub mod spool;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use starling_protocol::bulk::BulkHeader;
+use starling_protocol::manifest::ManifestVerifier;
+use starling_protocol::message::{
+    Ack, BlobKind, Decline, Enrol, EnrolFor, ErrorCode, ErrorReply, Forward, Message, NoTask, Task,
+};
+use starling_protocol::update::{decode_update, validate_update, UpdateLimits};
+use starling_protocol::{
+    AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
+    UpdateId,
+};
+use starling_transport::client::{Session, TaskReply};
+use starling_transport::server::EnrolmentLimits;
+use starling_transport::{
+    Access, Authorizer, Client, Handler, Limits, Request, Response, Server, TransportError,
+};
+
+use crate::round_core::cohort_sum;
+use crate::strategy::ClientUpdate;
+pub use config::AggregatorConfig;
+use spool::{Spool, SpoolError, SpooledUpdate};
+
+/// Largest blob fetched from the root on devices' behalf (a base model bundle).
+const MAX_BLOB: u64 = 16 << 30;
+/// Adapter versions kept in the cache.
+const CACHED_ADAPTERS: usize = 8;
+
+/// Errors of the aggregator.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A setting is wrong (an address, a key).
+    #[error("{0}")]
+    Setting(String),
+    /// The root could not be reached or refused.
+    #[error("the root coordinator: {0}")]
+    Root(#[from] TransportError),
+    /// The root's task is not signed by the root's key, or its manifest does not read.
+    #[error("the root's task for round {round}: {detail}")]
+    Task {
+        /// The round.
+        round: RoundId,
+        /// Why.
+        detail: String,
+    },
+    /// A spooled update does not decode (it was checked before it was stored: the spool is damaged).
+    #[error("a spooled update of round {round}: {source}")]
+    Update {
+        /// The round.
+        round: RoundId,
+        /// Why.
+        source: starling_protocol::ProtocolError,
+    },
+    /// The cohort's sum failed.
+    #[error("summing the cohort: {0}")]
+    Sum(#[from] crate::round_core::CoreError),
+    /// A key file.
+    #[error("key {path}: {detail}")]
+    Key {
+        /// The file.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+    /// Files of the aggregator directory.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Files inside an aggregator directory.
+#[derive(Debug, Clone)]
+pub struct AggregatorLayout {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl AggregatorLayout {
+    /// The layout of `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+    /// aggregator.toml.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("aggregator.toml")
+    }
+    /// Its TLS key (PKCS#8 DER, owner-only): its identity towards devices and the root.
+    pub fn tls_key(&self) -> PathBuf {
+        self.dir.join("keys/tls.pk8")
+    }
+    /// The spool (sled).
+    pub fn spool(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+    /// The addresses of the running `aggregator serve`.
+    pub fn serving(&self) -> PathBuf {
+        self.dir.join("serve.json")
+    }
+}
+
+/// What `aggregator init` needs.
+#[derive(Debug, Clone)]
+pub struct InitRequest {
+    /// Directory to create.
+    pub dir: PathBuf,
+    /// The root's QUIC endpoint.
+    pub root: String,
+    /// The root's enrolment endpoint.
+    pub root_enrol: String,
+    /// The root's TLS fingerprint (hex).
+    pub pin: String,
+    /// The root's model-signing key (hex).
+    pub signing_key: String,
+    /// The aggregator token the root's operator issued (`enrol --role aggregator`).
+    pub token: String,
+    /// This aggregator's name.
+    pub name: String,
+    /// Devices' QUIC endpoint (default 0.0.0.0:7500).
+    pub listen: Option<SocketAddr>,
+    /// Devices' enrolment endpoint (default 0.0.0.0:7501).
+    pub enrol_listen: Option<SocketAddr>,
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, AggregatorError> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| AggregatorError::Setting(format!("{addr:?} is not a reachable HOST:PORT")))
+}
+
+fn limits() -> Limits {
+    // The root's roster of active devices can be long: its frame cap is the protocol's hard cap.
+    Limits {
+        max_frame: starling_protocol::frame::MAX_FRAME_HARD,
+        ..Limits::default()
+    }
+}
+
+/// `aggregator init`: creates the directory and key, enrols the key at the root under the aggregator role
+/// (the token must have been issued with `--role aggregator`), writes aggregator.toml. Returns the
+/// aggregator's TLS fingerprint (what its devices pin).
+pub async fn init(r: &InitRequest) -> Result<Fingerprint, AggregatorError> {
+    let layout = AggregatorLayout::new(&r.dir);
+    if layout.config().exists() {
+        return Err(AggregatorError::Setting(format!(
+            "{} already holds an aggregator",
+            r.dir.display()
+        )));
+    }
+    let mut network = config::AggregatorNetwork::default();
+    if let Some(a) = r.listen {
+        network.listen = a;
+    }
+    if let Some(a) = r.enrol_listen {
+        network.enrol_listen = a;
+    }
+    let cfg = AggregatorConfig {
+        root: config::RootSection {
+            address: r.root.clone(),
+            pin: r.pin.clone(),
+            signing_key: r.signing_key.clone(),
+            name: r.name.clone(),
+        },
+        network,
+        cohort: config::CohortConfig::default(),
+    };
+    // Checks the pin and the signing key before anything is created.
+    let cfg = AggregatorConfig::parse(&cfg.document(), "the init arguments")?;
+    let token = EnrolmentToken::parse(&r.token)
+        .map_err(|_| AggregatorError::Setting("--token is not an enrolment token".into()))?;
+    let pin = cfg.pin().map_err(AggregatorError::Setting)?;
+    let root = resolve(&r.root)?;
+    let enrol_at = resolve(&r.root_enrol)?;
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| AggregatorError::Io { path, source }
+    };
+    let key_path = layout.tls_key();
+    let key = if key_path.is_file() {
+        read_key(&key_path)?
+    } else {
+        std::fs::create_dir_all(r.dir.join("keys")).map_err(io(&r.dir))?;
+        let key = SigningIdentity::generate().map_err(|e| AggregatorError::Key {
+            path: key_path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        crate::ops::write_private(&key_path, &key.pkcs8_der()).map_err(|e| {
+            AggregatorError::Key {
+                path: key_path.display().to_string(),
+                detail: format!("{e:#}"),
+            }
+        })?;
+        key
+    };
+    let client = Client::new(&key, pin, root, limits())?.with_enrolment(enrol_at);
+    let enrolled = client.enrol(&token, &r.name).await;
+    client.close().await;
+    enrolled?;
+    std::fs::write(layout.config(), cfg.document()).map_err(io(&layout.config()))?;
+    Ok(key.fingerprint())
+}
+
+/// Reads the aggregator's PKCS#8 key.
+fn read_key(path: &Path) -> Result<SigningIdentity, AggregatorError> {
+    crate::service::read_key(path).map_err(|e| AggregatorError::Key {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// The open round as the aggregator holds it.
+struct Round {
+    /// The root's task (its deadline is the root's).
+    task: Option<Arc<Task>>,
+    /// The task's adapter schema (from its verified manifest).
+    schema: Option<AdapterSchema>,
+    /// The model version the task trains (its verified manifest's).
+    version: ModelVersion,
+    /// Devices taken into the cohort.
+    selected: HashSet<Fingerprint>,
+    /// Devices whose update is spooled.
+    uploaded: HashSet<Fingerprint>,
+    /// The last round forwarded (or given up).
+    forwarded: Option<RoundId>,
+}
+
+impl Round {
+    /// The round still gathering updates.
+    fn open(&self) -> Option<&Arc<Task>> {
+        self.task
+            .as_ref()
+            .filter(|t| self.forwarded.is_none_or(|f| f < t.round))
+    }
+}
+
+impl Default for Round {
+    fn default() -> Self {
+        Self {
+            task: None,
+            schema: None,
+            version: ModelVersion(0),
+            selected: HashSet::new(),
+            uploaded: HashSet::new(),
+            forwarded: None,
+        }
+    }
+}
+
+/// Models fetched from the root on devices' behalf.
+#[derive(Default)]
+struct Cache {
+    manifests: HashMap<ModelVersion, starling_protocol::SignedManifest>,
+    adapters: Vec<(ModelVersion, Arc<[u8]>)>,
+    base: Option<Arc<[u8]>>,
+}
+
+/// A running edge aggregator.
+pub struct Aggregator {
+    cfg: AggregatorConfig,
+    layout: AggregatorLayout,
+    spool: Spool,
+    fingerprint: Fingerprint,
+    root_key: [u8; 32],
+    client: Client,
+    round: Mutex<Round>,
+    roster: RwLock<(u64, HashSet<Fingerprint>)>,
+    upstream: tokio::sync::Mutex<Option<Arc<Session>>>,
+    cache: Mutex<Cache>,
+    latest: AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Aggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aggregator")
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    crate::service::now_ms()
+}
+
+/// The id of an aggregator's partial sum for a round: the same after a restart, so a resend is a
+/// duplicate at the root.
+fn forward_id(aggregator: &Fingerprint, round: RoundId) -> UpdateId {
+    let d = Digest::of(
+        &[
+            &b"starling forward "[..],
+            &aggregator.0[..],
+            &round.0.to_be_bytes()[..],
+        ]
+        .concat(),
+    );
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&d.0[..16]);
+    UpdateId(id)
+}
+
+impl Aggregator {
+    /// Opens an aggregator directory made by `aggregator init`: its configuration, key and spool (with
+    /// whatever round and updates it held when it stopped). Must be called inside a tokio runtime.
+    pub fn open(dir: &Path) -> Result<Self, AggregatorError> {
+        let layout = AggregatorLayout::new(dir);
+        let cfg = AggregatorConfig::load(&layout.config())?;
+        let key = read_key(&layout.tls_key())?;
+        let spool = Spool::open(&layout.spool())?;
+        let pin = cfg.pin().map_err(AggregatorError::Setting)?;
+        let root_key = cfg.signing_key().map_err(AggregatorError::Setting)?;
+        let client = Client::new(&key, pin, resolve(&cfg.root.address)?, limits())?
+            .with_software(format!("starling-aggregator {}", env!("CARGO_PKG_VERSION")));
+        let mut round = Round {
+            forwarded: spool.forwarded()?,
+            ..Round::default()
+        };
+        if let Some(task) = spool.task()? {
+            let manifest = ManifestVerifier::new(vec![root_key])
+                .verify(&task.manifest)
+                .map_err(|e| AggregatorError::Task {
+                    round: task.round,
+                    detail: e.to_string(),
+                })?;
+            round.selected = spool.selected(task.round)?;
+            round.uploaded = spool
+                .updates(task.round)?
+                .into_iter()
+                .map(|u| u.client)
+                .collect();
+            round.schema = Some(manifest.adapter_schema);
+            round.version = manifest.version;
+            tracing::info!(
+                round = task.round.0,
+                selected = round.selected.len(),
+                spooled = round.uploaded.len(),
+                "resuming the spooled round"
+            );
+            round.task = Some(Arc::new(task));
+        }
+        let roster = spool
+            .roster()?
+            .map(|(g, d)| (g, d.into_iter().collect()))
+            .unwrap_or_default();
+        Ok(Self {
+            cfg,
+            layout,
+            spool,
+            fingerprint: key.fingerprint(),
+            root_key,
+            client,
+            round: Mutex::new(round),
+            roster: RwLock::new(roster),
+            upstream: tokio::sync::Mutex::new(None),
+            cache: Mutex::new(Cache::default()),
+            latest: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The key its devices pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Round> {
+        self.round.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When devices must have uploaded and the cohort is forwarded at the latest.
+    fn cutoff(&self, task: &Task) -> u64 {
+        task.deadline_unix_ms
+            .saturating_sub(self.cfg.cohort.forward_margin_ms)
+    }
+
+    /// The session with the root, opened if there is none.
+    async fn session(&self) -> Result<Arc<Session>, AggregatorError> {
+        let mut up = self.upstream.lock().await;
+        if let Some(s) = up.as_ref() {
+            if s.connection().close_reason().is_none() {
+                return Ok(s.clone());
+            }
+        }
+        let s = Arc::new(self.client.connect().await?);
+        self.latest
+            .fetch_max(s.welcome().latest_model.0, Ordering::Relaxed);
+        tracing::info!(root = %self.cfg.root.address, "connected to the root");
+        *up = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Forgets a session that failed (the next call reconnects).
+    async fn reset_session(&self) {
+        *self.upstream.lock().await = None;
+    }
+
+    /// Runs the device endpoints and the work towards the root until `shutdown` resolves, then drains.
+    /// `on_bound` sees the bound endpoints (to print them).
+    pub async fn serve_until(
+        self: Arc<Self>,
+        on_bound: impl FnOnce(&Server),
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AggregatorError> {
+        let key = read_key(&self.layout.tls_key())?;
+        let net = &self.cfg.network;
+        let server = Server::bind(
+            net.listen,
+            net.enrol_listen,
+            &key,
+            self.clone(),
+            self.clone(),
+            Limits::default(),
+            EnrolmentLimits::default(),
+        )?;
+        on_bound(&server);
+        // The session with the root first (its latest version is what devices are welcomed with); the
+        // loop retries if the root is away.
+        match tokio::time::timeout(Duration::from_secs(5), self.session()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::info!("the root: {e}; retrying"),
+            Err(_) => tracing::info!("the root did not answer within 5 s; retrying"),
+        }
+        let me = self.clone();
+        let work = tokio::spawn(async move { me.upstream_loop().await });
+        shutdown.await;
+        tracing::info!("draining: finishing the exchanges in flight");
+        work.abort();
+        let left = server
+            .drain(
+                Duration::from_millis(net.drain_retry_after_ms),
+                Duration::from_millis(net.drain_wait_ms),
+            )
+            .await;
+        if left > 0 {
+            tracing::warn!(left, "exchanges still in flight when the drain ended");
+        }
+        self.client.close().await;
+        tracing::info!("stopped after draining");
+        Ok(())
+    }
+
+    /// Towards the root, forever: keep the roster fresh, take each round's task, forward each cohort.
+    async fn upstream_loop(self: Arc<Self>) {
+        let poll = Duration::from_millis(self.cfg.cohort.poll_ms);
+        let mut roster_due = 0u64;
+        let mut failures = 0u32;
+        loop {
+            match self.step(&mut roster_due).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!("the root: {e}");
+                    }
+                    self.reset_session().await;
+                }
+            }
+            // A complete cohort wakes the loop at once.
+            let _ = tokio::time::timeout(poll, self.wake.notified()).await;
+        }
+    }
+
+    /// One pass of the upstream loop.
+    async fn step(&self, roster_due: &mut u64) -> Result<(), AggregatorError> {
+        let session = self.session().await?;
+        let now = now_ms();
+        if now >= *roster_due {
+            self.refresh_roster(&session).await?;
+            *roster_due = now + self.cfg.cohort.roster_ms;
+        }
+        if let TaskReply::Task(task) = session.request_task(None).await? {
+            self.take_task(*task)?;
+        }
+        let open = self.lock().open().cloned();
+        let Some(task) = open else {
+            return Ok(());
+        };
+        let (uploaded, selected) = {
+            let r = self.lock();
+            (r.uploaded.len(), r.selected.len())
+        };
+        let now = now_ms();
+        let complete = uploaded >= self.cfg.cohort.size
+            || (uploaded > 0 && uploaded == selected && now >= self.cutoff(&task));
+        if complete || (now >= self.cutoff(&task) && uploaded >= self.cfg.cohort.min) {
+            self.forward(&session, &task).await?;
+        } else if now >= self.cutoff(&task) {
+            tracing::warn!(
+                round = task.round.0,
+                uploaded,
+                min = self.cfg.cohort.min,
+                "too few devices by the cut-off: declining the round"
+            );
+            let declined = session
+                .decline(Decline {
+                    round: task.round,
+                    code: ErrorCode::Unavailable,
+                    reason: format!(
+                        "edge aggregator: {uploaded} of the {} devices needed",
+                        self.cfg.cohort.min
+                    ),
+                })
+                .await;
+            if let Err(e) = declined {
+                tracing::info!("declining round {}: {e}", task.round.0);
+            }
+            self.close_round(task.round)?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the root's roster if it changed.
+    async fn refresh_roster(&self, session: &Session) -> Result<(), AggregatorError> {
+        let known = self.roster.read().map_or(0, |r| r.0);
+        let r = session.roster(known).await?;
+        if let Some(devices) = r.devices {
+            self.spool.put_roster(r.generation, &devices)?;
+            let n = devices.len();
+            if let Ok(mut w) = self.roster.write() {
+                *w = (r.generation, devices.into_iter().collect());
+            }
+            tracing::info!(devices = n, "roster updated");
+        }
+        Ok(())
+    }
+
+    /// Takes the root's task for a round this aggregator has not taken yet (signature checked).
+    fn take_task(&self, task: Task) -> Result<(), AggregatorError> {
+        {
+            let r = self.lock();
+            let known = r.task.as_ref().is_some_and(|t| t.round >= task.round)
+                || r.forwarded.is_some_and(|f| f >= task.round);
+            if known {
+                return Ok(());
+            }
+        }
+        let manifest = ManifestVerifier::new(vec![self.root_key])
+            .verify(&task.manifest)
+            .map_err(|e| AggregatorError::Task {
+                round: task.round,
+                detail: e.to_string(),
+            })?;
+        self.spool.put_task(&task)?;
+        self.latest.fetch_max(manifest.version.0, Ordering::Relaxed);
+        let mut r = self.lock();
+        tracing::info!(
+            round = task.round.0,
+            version = manifest.version.0,
+            "round opened at the root"
+        );
+        r.selected.clear();
+        r.uploaded.clear();
+        r.schema = Some(manifest.adapter_schema);
+        r.version = manifest.version;
+        r.task = Some(Arc::new(task));
+        Ok(())
+    }
+
+    /// Marks `round` done here (forwarded or given up) and drops its spooled updates.
+    fn close_round(&self, round: RoundId) -> Result<(), AggregatorError> {
+        self.spool.set_forwarded(round)?;
+        let mut r = self.lock();
+        r.forwarded = Some(round);
+        r.selected.clear();
+        r.uploaded.clear();
+        Ok(())
+    }
+
+    /// Sums the spooled cohort of `task`'s round and forwards it; the round is closed here once the root
+    /// acknowledged it (or refused it for good).
+    async fn forward(&self, session: &Session, task: &Task) -> Result<(), AggregatorError> {
+        let round = task.round;
+        let (schema, version) = {
+            let r = self.lock();
+            (r.schema.clone(), r.version)
+        };
+        let Some(schema) = schema else {
+            return Ok(());
+        };
+        let updates = self.spool.updates(round)?;
+        let clip = task.dp.user.map(|u| u.clip());
+        let sum = tokio::task::block_in_place(|| {
+            let mut decoded = Vec::with_capacity(updates.len());
+            for u in &updates {
+                let d = decode_update(&u.body, &schema, &UpdateLimits::default())
+                    .map_err(|source| AggregatorError::Update { round, source })?;
+                decoded.push((u.num_examples, d, u.train_loss));
+            }
+            let views: Vec<(ClientUpdate<'_>, f32)> = decoded
+                .iter()
+                .map(|(n, d, l)| {
+                    (
+                        ClientUpdate {
+                            num_examples: *n,
+                            delta: d,
+                        },
+                        *l,
+                    )
+                })
+                .collect();
+            Ok::<_, AggregatorError>(cohort_sum(&views, clip)?)
+        })?;
+        let body: Vec<u8> = sum.sum.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let header = Forward {
+            update_id: forward_id(&self.fingerprint, round),
+            round,
+            model_version: version,
+            schema: schema.hash(),
+            count: sum.count as u32,
+            weight: sum.weight,
+            loss: sum.loss,
+            clip,
+            body: BulkHeader::describe(&body),
+        };
+        match session.forward(header, &body).await {
+            Ok(ack) => {
+                tracing::info!(
+                    round = round.0,
+                    devices = sum.count,
+                    duplicate = ack.duplicate,
+                    "forwarded the cohort's partial sum"
+                );
+                self.close_round(round)
+            }
+            Err(TransportError::Remote {
+                code:
+                    ErrorCode::LateUpdate
+                    | ErrorCode::WrongModelVersion
+                    | ErrorCode::SchemaMismatch
+                    | ErrorCode::BadRequest,
+                message,
+            }) => {
+                tracing::warn!(
+                    round = round.0,
+                    "the root refused the partial sum: {message}"
+                );
+                self.close_round(round)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A device asks for work: the root's task if the cohort has room (or already holds it).
+    fn task_for(&self, client: Fingerprint) -> Response {
+        let wait = |reason: String| {
+            Response::Message(Message::NoTask(NoTask {
+                retry_after_ms: self.cfg.cohort.retry_after_ms,
+                reason,
+            }))
+        };
+        let now = now_ms();
+        let mut r = self.lock();
+        let Some(task) = r.open().cloned() else {
+            return wait("waiting for the root's next round".into());
+        };
+        if now >= self.cutoff(&task) {
+            return wait(format!("round {} is closing here", task.round.0));
+        }
+        if r.uploaded.contains(&client) {
+            return wait("update already received".into());
+        }
+        if !r.selected.contains(&client) {
+            if r.selected.len() >= self.cfg.cohort.size {
+                return wait(format!("round {}'s cohort here is full", task.round.0));
+            }
+            if let Err(e) = self.spool.select(task.round, &client) {
+                tracing::error!("spooling a cohort entry: {e}");
+                return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+            }
+            r.selected.insert(client);
+            tracing::info!(
+                round = task.round.0,
+                client = %client,
+                "device {} of {} taken into the cohort",
+                r.selected.len(),
+                self.cfg.cohort.size
+            );
+        }
+        let mut t = (*task).clone();
+        t.deadline_unix_ms = self.cutoff(&task);
+        Response::Message(Message::Task(Box::new(t)))
+    }
+
+    /// A device's update: checked against the open round and the task's schema, spooled and flushed
+    /// before the ack.
+    fn upload(
+        &self,
+        client: Fingerprint,
+        header: &starling_protocol::message::Upload,
+        body: &[u8],
+    ) -> Response {
+        let ack = |duplicate| {
+            Response::Message(Message::Ack(Ack {
+                update_id: header.update_id,
+                duplicate,
+            }))
+        };
+        match self.spool.has_update(&header.update_id) {
+            Ok(true) => return ack(true),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!("reading the spool: {e}");
+                return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+            }
+        }
+        let mut r = self.lock();
+        let Some(task) = r.open().cloned() else {
+            return Response::error(ErrorCode::LateUpdate, "no round is open here");
+        };
+        if header.round != task.round {
+            return Response::error(
+                ErrorCode::LateUpdate,
+                format!(
+                    "round {} is closed; round {} is open",
+                    header.round.0, task.round.0
+                ),
+            );
+        }
+        if header.model_version != r.version {
+            return Response::error(
+                ErrorCode::WrongModelVersion,
+                format!("round {} trains version {}", task.round.0, r.version.0),
+            );
+        }
+        let Some(schema) = r.schema.clone() else {
+            return Response::error(ErrorCode::Unavailable, "the round is not ready; retry");
+        };
+        if header.schema != schema.hash() {
+            return Response::error(ErrorCode::SchemaMismatch, "another adapter schema");
+        }
+        if !r.selected.contains(&client) {
+            return Response::error(ErrorCode::BadRequest, "not in this round's cohort");
+        }
+        if r.uploaded.contains(&client) {
+            return Response::error(
+                ErrorCode::BadRequest,
+                "this device's update for the round is already stored",
+            );
+        }
+        if let Err(e) = validate_update(body, &schema, &UpdateLimits::default()) {
+            return Response::error(
+                ErrorCode::BadRequest,
+                format!("update does not decode: {e}"),
+            );
+        }
+        let spooled = SpooledUpdate {
+            update_id: header.update_id,
+            client,
+            num_examples: header.num_examples,
+            train_loss: header.metrics.train_loss,
+            body: body.to_vec(),
+        };
+        if let Err(e) = self.spool.put_update(task.round, &spooled) {
+            tracing::error!("spooling an update: {e}");
+            return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+        }
+        crate::failpoint::hit("aggregator-update-spooled");
+        r.uploaded.insert(client);
+        tracing::info!(
+            round = task.round.0,
+            "update {} of {} spooled",
+            r.uploaded.len(),
+            self.cfg.cohort.size
+        );
+        if r.uploaded.len() >= self.cfg.cohort.size {
+            self.wake.notify_one();
+        }
+        ack(false)
+    }
+
+    /// A device declines the round: its place in the cohort is freed.
+    fn decline(&self, client: Fingerprint, d: &Decline) -> Response {
+        tracing::warn!(client = %client, round = d.round.0, code = %d.code, "task declined: {}", d.reason);
+        let mut r = self.lock();
+        if r.open().is_some_and(|t| t.round == d.round) && r.selected.remove(&client) {
+            if let Err(e) = self.spool.unselect(d.round, &client) {
+                tracing::error!("spooling a decline: {e}");
+            }
+        }
+        Response::Message(Message::NoTask(NoTask {
+            retry_after_ms: self.cfg.cohort.retry_after_ms,
+            reason: "decline recorded".into(),
+        }))
+    }
+
+    /// A manifest from the cache, or from the root (the device verifies the root's signature itself).
+    async fn manifest(&self, version: Option<ModelVersion>) -> Response {
+        if let Some(v) = version {
+            if let Some(m) = self.cache_lock().manifests.get(&v).cloned() {
+                return Response::Message(Message::Manifest(m));
+            }
+        }
+        let fetched = async {
+            let s = self.session().await?;
+            Ok::<_, AggregatorError>(s.manifest(version).await?)
+        }
+        .await;
+        match fetched {
+            Ok(m) => {
+                if let Ok(body) = ManifestVerifier::new(vec![self.root_key]).verify(&m) {
+                    self.cache_lock().manifests.insert(body.version, m.clone());
+                }
+                Response::Message(Message::Manifest(m))
+            }
+            Err(e) => self.upstream_failed(e).await,
+        }
+    }
+
+    /// A blob from the cache, or fetched from the root once (the device checks it against the manifest).
+    async fn fetch(&self, version: ModelVersion, kind: BlobKind) -> Response {
+        {
+            let c = self.cache_lock();
+            let hit = match kind {
+                // Every version names the same base bundle.
+                BlobKind::Base => c.base.clone(),
+                BlobKind::Adapter => c
+                    .adapters
+                    .iter()
+                    .find(|(v, _)| *v == version)
+                    .map(|(_, b)| b.clone()),
+            };
+            if let Some(b) = hit {
+                return Response::Blob(b);
+            }
+        }
+        let fetched = async {
+            let s = self.session().await?;
+            Ok::<_, AggregatorError>(s.fetch(version, kind, MAX_BLOB).await?)
+        }
+        .await;
+        match fetched {
+            Ok(bytes) => {
+                let bytes: Arc<[u8]> = bytes.into();
+                let mut c = self.cache_lock();
+                match kind {
+                    BlobKind::Base => c.base = Some(bytes.clone()),
+                    BlobKind::Adapter => {
+                        c.adapters.push((version, bytes.clone()));
+                        if c.adapters.len() > CACHED_ADAPTERS {
+                            c.adapters.remove(0);
+                        }
+                    }
+                }
+                Response::Blob(bytes)
+            }
+            Err(e) => self.upstream_failed(e).await,
+        }
+    }
+
+    fn cache_lock(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a device hears when the root did not answer a request made for it.
+    async fn upstream_failed(&self, e: AggregatorError) -> Response {
+        match e {
+            AggregatorError::Root(TransportError::Remote { code, message }) => {
+                Response::error(code, message)
+            }
+            e => {
+                tracing::warn!("the root: {e}");
+                self.reset_session().await;
+                Response::error(ErrorCode::Unavailable, "the root is unreachable; retry")
+            }
+        }
+    }
+}
+
+impl Authorizer for Aggregator {
+    fn access(&self, client: &Fingerprint) -> Access {
+        match self.roster.read() {
+            Ok(r) if r.1.contains(client) => Access::Allowed,
+            _ => Access::NotEnrolled,
+        }
+    }
+}
+
+impl Handler for Aggregator {
+    fn latest_model(&self) -> ModelVersion {
+        ModelVersion(self.latest.load(Ordering::Relaxed))
+    }
+
+    fn max_upload_bytes(&self) -> u64 {
+        self.lock()
+            .task
+            .as_ref()
+            .map_or(64 << 20, |t| t.max_update_bytes)
+    }
+
+    async fn handle(&self, client: Fingerprint, request: Request) -> Response {
+        match request {
+            Request::Task(_) => self.task_for(client),
+            Request::Manifest(m) => self.manifest(m.version).await,
+            Request::Fetch(f) => self.fetch(f.version, f.kind).await,
+            Request::Decline(d) => self.decline(client, &d),
+            Request::Upload { header, body } => self.upload(client, &header, &body),
+            Request::SecAgg(_) => Response::error(
+                ErrorCode::BadRequest,
+                "secure aggregation is not available behind an edge aggregator",
+            ),
+            Request::Forward { .. } | Request::EnrolFor(_) | Request::Roster(_) => Response::error(
+                ErrorCode::BadRequest,
+                "an edge aggregator serves devices, not aggregators",
+            ),
+        }
+    }
+
+    async fn enrol(&self, client: Fingerprint, request: Enrol) -> Result<(), ErrorReply> {
+        let name = request.name.clone();
+        let enrolled = async {
+            let s = self.session().await?;
+            Ok::<_, AggregatorError>(
+                s.enrol_for(EnrolFor {
+                    client,
+                    enrol: request,
+                })
+                .await?,
+            )
+        }
+        .await;
+        match enrolled {
+            Ok(_) => {
+                // Kept in the spool's copy too: a restart before the next roster read still admits it.
+                let copy = self.roster.write().ok().map(|mut r| {
+                    r.1.insert(client);
+                    (r.0, r.1.iter().copied().collect::<Vec<_>>())
+                });
+                if let Some((generation, devices)) = copy {
+                    if let Err(e) = self.spool.put_roster(generation, &devices) {
+                        tracing::error!("spooling the roster: {e}");
+                    }
+                }
+                tracing::info!(client = %client, name, "device enrolled at the root");
+                Ok(())
+            }
+            Err(AggregatorError::Root(TransportError::Remote { code, message })) => {
+                Err(ErrorReply { code, message })
+            }
+            Err(e) => {
+                tracing::warn!("enrolling a device at the root: {e}");
+                self.reset_session().await;
+                Err(ErrorReply {
+                    code: ErrorCode::Unavailable,
+                    message: "the root is unreachable; retry".into(),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! The edge aggregator's durable state in sled: the root's task for the open round, the devices it took
+//! into that round's cohort, their updates (stored and flushed before a device gets its ack), the last
+//! round forwarded, and the copy of the root's roster. An aggregator killed at any instant restarts with
+//! every acknowledged update and forwards them. What must never live here: decisions (when to forward,
+//! whom to take) — those are the service's.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use starling_protocol::message::Task;
+use starling_protocol::{Fingerprint, Message, RoundId, UpdateId};
+
+/// Format version of the spool, checked at open.
+const FORMAT: u32 = 1;
+
+/// What can go wrong with the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// sled failed.
+    #[error("spool: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored value does not decode.
+    #[error("spool: a stored {what} is damaged: {detail}")]
+    Corrupt {
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// The directory holds a spool of another format.
+    #[error("spool: unknown format in {0}")]
+    Format(String),
+}
+
+impl From<TransactionError<SpoolError>> for SpoolError {
+    fn from(e: TransactionError<SpoolError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => SpoolError::Sled(e),
+        }
+    }
+}
+
+/// A device's update as spooled until the cohort is forwarded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpooledUpdate {
+    /// The device's idempotency key.
+    pub update_id: UpdateId,
+    /// The device.
+    pub client: Fingerprint,
+    /// Its training examples (the FedAvg weight).
+    pub num_examples: u64,
+    /// Its mean training loss.
+    pub train_loss: f32,
+    /// The encoded update, as it came (checked before it was stored).
+    pub body: Vec<u8>,
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard())
+        .expect("encoding into a Vec cannot fail")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, SpoolError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| SpoolError::Corrupt {
+            what,
+            detail: e.to_string(),
+        })
+}
+
+fn key(round: RoundId, rest: &[u8]) -> Vec<u8> {
+    [&round.0.to_be_bytes()[..], rest].concat()
+}
+
+/// The spool.
+pub struct Spool {
+    db: sled::Db,
+    meta: sled::Tree,
+    selected: sled::Tree,
+    updates: sled::Tree,
+    index: sled::Tree,
+}
+
+impl Spool {
+    /// Opens (creating if absent) the spool in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, SpoolError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let s = Self {
+            meta: db.open_tree("meta")?,
+            selected: db.open_tree("selected")?,
+            updates: db.open_tree("updates")?,
+            index: db.open_tree("update_index")?,
+            db,
+        };
+        match s.meta.get("format")? {
+            None => {
+                s.meta.insert("format", &FORMAT.to_be_bytes())?;
+                s.db.flush()?;
+            }
+            Some(v) if v.as_ref() == FORMAT.to_be_bytes() => {}
+            Some(_) => return Err(SpoolError::Format(dir.display().to_string())),
+        }
+        Ok(s)
+    }
+
+    /// The root's task for the open round, if one was taken.
+    pub fn task(&self) -> Result<Option<Task>, SpoolError> {
+        let Some(raw) = self.meta.get("task")? else {
+            return Ok(None);
+        };
+        match Message::decode(&raw) {
+            Ok(Message::Task(t)) => Ok(Some(*t)),
+            Ok(_) => Err(SpoolError::Corrupt {
+                what: "task",
+                detail: "not a task".into(),
+            }),
+            Err(e) => Err(SpoolError::Corrupt {
+                what: "task",
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Takes a new round's task; the cohort and updates of any earlier round are dropped (flushed).
+    pub fn put_task(&self, task: &Task) -> Result<(), SpoolError> {
+        self.drop_rounds_before(task.round)?;
+        self.meta
+            .insert("task", Message::Task(Box::new(task.clone())).encode())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The last round forwarded to the root (or given up).
+    pub fn forwarded(&self) -> Result<Option<RoundId>, SpoolError> {
+        Ok(self.meta.get("forwarded")?.map(|v| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[..8.min(v.len())]);
+            RoundId(u64::from_be_bytes(b))
+        }))
+    }
+
+    /// Records `round` as forwarded (or given up) and drops its cohort and updates (flushed).
+    pub fn set_forwarded(&self, round: RoundId) -> Result<(), SpoolError> {
+        self.meta.insert("forwarded", &round.0.to_be_bytes())?;
+        self.db.flush()?;
+        self.drop_rounds_before(RoundId(round.0 + 1))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn drop_rounds_before(&self, round: RoundId) -> Result<(), SpoolError> {
+        for tree in [&self.selected, &self.updates] {
+            for kv in tree.range(..round.0.to_be_bytes().to_vec()) {
+                tree.remove(kv?.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `client` into `round`'s cohort (flushed).
+    pub fn select(&self, round: RoundId, client: &Fingerprint) -> Result<(), SpoolError> {
+        self.selected.insert(key(round, &client.0), &[])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Lets `client` out of `round`'s cohort (it declined).
+    pub fn unselect(&self, round: RoundId, client: &Fingerprint) -> Result<(), SpoolError> {
+        self.selected.remove(key(round, &client.0))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The devices taken into `round`'s cohort.
+    pub fn selected(&self, round: RoundId) -> Result<HashSet<Fingerprint>, SpoolError> {
+        let mut out = HashSet::new();
+        for kv in self.selected.scan_prefix(round.0.to_be_bytes()) {
+            let k = kv?.0;
+            let fp = <[u8; 32]>::try_from(&k[8..]).map_err(|_| SpoolError::Corrupt {
+                what: "cohort entry",
+                detail: format!("{} bytes", k.len()),
+            })?;
+            out.insert(Fingerprint(fp));
+        }
+        Ok(out)
+    }
+
+    /// Stores a device's update for `round` durably (flushed): call before acknowledging it.
+    pub fn put_update(&self, round: RoundId, u: &SpooledUpdate) -> Result<(), SpoolError> {
+        let k = key(round, &u.update_id.0);
+        (&self.updates, &self.index).transaction(|(updates, index)| {
+            updates.insert(k.clone(), encode(u))?;
+            index.insert(&u.update_id.0, &round.0.to_be_bytes())?;
+            Ok::<_, ConflictableTransactionError<SpoolError>>(())
+        })?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether an update id was ever spooled (a retry after a lost ack).
+    pub fn has_update(&self, id: &UpdateId) -> Result<bool, SpoolError> {
+        Ok(self.index.contains_key(id.0)?)
+    }
+
+    /// Every update spooled for `round`, in update-id order.
+    pub fn updates(&self, round: RoundId) -> Result<Vec<SpooledUpdate>, SpoolError> {
+        self.updates
+            .scan_prefix(round.0.to_be_bytes())
+            .map(|kv| decode(&kv?.1, "update"))
+            .collect()
+    }
+
+    /// The copy of the root's roster: its generation and the active devices.
+    pub fn roster(&self) -> Result<Option<(u64, Vec<Fingerprint>)>, SpoolError> {
+        self.meta
+            .get("roster")?
+            .map(|v| decode(&v, "roster"))
+            .transpose()
+    }
+
+    /// Keeps a copy of the root's roster (so a restarted aggregator admits devices before it reaches the
+    /// root again).
+    pub fn put_roster(&self, generation: u64, devices: &[Fingerprint]) -> Result<(), SpoolError> {
+        self.meta
+            .insert("roster", encode(&(generation, devices.to_vec())))?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use starling_protocol::message::examples;
+
+    fn task(round: u64) -> Task {
+        let mut t = examples()
+            .into_iter()
+            .find_map(|m| match m {
+                Message::Task(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap();
+        t.round = RoundId(round);
+        t
+    }
+
+    fn update(i: u8) -> SpooledUpdate {
+        SpooledUpdate {
+            update_id: UpdateId([i; 16]),
+            client: Fingerprint([i; 32]),
+            num_examples: u64::from(i),
+            train_loss: 1.5,
+            body: vec![i; 10],
+        }
+    }
+
+    #[test]
+    fn what_was_spooled_survives_a_reopen_and_forwarding_drops_the_round() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Spool::open(dir.path()).unwrap();
+            assert!(s.task().unwrap().is_none());
+            s.put_task(&task(3)).unwrap();
+            s.select(RoundId(3), &Fingerprint([1; 32])).unwrap();
+            s.select(RoundId(3), &Fingerprint([2; 32])).unwrap();
+            s.unselect(RoundId(3), &Fingerprint([2; 32])).unwrap();
+            s.put_update(RoundId(3), &update(1)).unwrap();
+            s.put_roster(9, &[Fingerprint([1; 32])]).unwrap();
+        }
+        let s = Spool::open(dir.path()).unwrap();
+        assert_eq!(s.task().unwrap().unwrap().round, RoundId(3));
+        assert_eq!(
+            s.selected(RoundId(3)).unwrap(),
+            HashSet::from([Fingerprint([1; 32])])
+        );
+        assert_eq!(s.updates(RoundId(3)).unwrap(), vec![update(1)]);
+        assert!(s.has_update(&UpdateId([1; 16])).unwrap());
+        assert_eq!(s.roster().unwrap().unwrap().0, 9);
+        s.set_forwarded(RoundId(3)).unwrap();
+        assert_eq!(s.forwarded().unwrap(), Some(RoundId(3)));
+        assert!(s.updates(RoundId(3)).unwrap().is_empty());
+        assert!(s.selected(RoundId(3)).unwrap().is_empty());
+        // The id stays known: a device retrying after a lost ack is acknowledged again.
+        assert!(s.has_update(&UpdateId([1; 16])).unwrap());
+        // A new round's task drops whatever an earlier round left.
+        s.put_update(RoundId(4), &update(2)).unwrap();
+        s.put_task(&task(5)).unwrap();
+        assert!(s.updates(RoundId(4)).unwrap().is_empty());
+    }
+}
