@@ -714,11 +714,12 @@ fn aggregator(cmd: AggregatorCmd) -> anyhow::Result<()> {
                     .with_context(|| format!("opening aggregator {}", dir.display()))?,
             );
             a.serve_until(
-                |server| {
+                |server, http| {
                     let bound = serde_json::json!({
                         "listening": server.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                         "enrol": server.enrol_addr().map(|a| a.to_string()).unwrap_or_default(),
                         "fingerprint": server.fingerprint().to_hex(),
+                        "http": http.map(|a| a.to_string()),
                         "pid": std::process::id(),
                     });
                     println!("{bound}");

@@ -234,6 +234,23 @@ impl Health {
     pub fn draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The loop ran at `now` (system milliseconds).
+    pub fn ticked(&self, now: u64) {
+        self.last_tick
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The endpoints are bound and serving.
+    pub fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stopping: no new work is taken.
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How a draining `serve` treats devices (see [`Coordinator::serve_until`]).
@@ -1120,9 +1137,7 @@ impl Coordinator {
             None
         };
         on_bound(&server, http.as_ref().map(|(a, _)| *a));
-        self.health
-            .ready
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.health.set_ready();
         let mut interval = tokio::time::interval(Duration::from_millis(100));
         let mut last_alive = 0u64;
         tokio::pin!(shutdown);
@@ -1134,9 +1149,7 @@ impl Coordinator {
             let me = self.clone();
             let finished = tokio::task::spawn_blocking(move || me.tick(me.now())).await??;
             let now = now_ms();
-            self.health
-                .last_tick
-                .store(now, std::sync::atomic::Ordering::Relaxed);
+            self.health.ticked(now);
             if now.saturating_sub(last_alive) >= 1_000 {
                 // The start of a downtime, should this process die: a restart gives it back to the round.
                 self.store.mark_alive(self.now())?;
@@ -1147,9 +1160,7 @@ impl Coordinator {
             }
         };
         if drained {
-            self.health
-                .draining
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.health.set_draining();
             tracing::info!("draining: finishing the exchanges in flight");
             let left = server.drain(drain.retry_after, drain.wait).await;
             if left > 0 {

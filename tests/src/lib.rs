@@ -421,6 +421,29 @@ pub struct EdgeServing {
     pub proc: Proc,
     /// The endpoint where its devices connect, enrol, and the fingerprint they pin.
     pub at: Endpoint,
+    /// Its HTTP endpoint (probes, metrics, status), if it serves one.
+    pub http: Option<String>,
+}
+
+/// `GET path` on a local HTTP endpoint: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the HTTP endpoint");
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sending a request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("reading the reply");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
 }
 
 /// Where devices reach a coordinator or an aggregator, and the key they pin there.
@@ -460,10 +483,15 @@ impl Edge {
             "--enrol-listen",
             "127.0.0.1:0",
         ]);
-        Self {
+        let edge = Self {
             dir: dir.to_path_buf(),
             name: e.name.clone(),
-        }
+        };
+        edge.edit_config(
+            "http_listen = \"0.0.0.0:7502\"",
+            "http_listen = \"127.0.0.1:0\"",
+        );
+        edge
     }
 
     /// Rewrites one line of `aggregator.toml` (`from` must occur).
@@ -499,6 +527,7 @@ impl Edge {
         let s = |k: &str| bound[k].as_str().unwrap_or_default().to_string();
         EdgeServing {
             proc,
+            http: bound["http"].as_str().map(str::to_string),
             at: Endpoint {
                 addr: s("listening"),
                 enrol: s("enrol"),

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use starling_tests::{root, Coord, Device, Edge, Proc, Serving};
+use starling_tests::{http_get, root, Coord, Device, Edge, Proc, Serving};
 
 const DEVICES: usize = 6;
 const ROUNDS: u64 = 2;
@@ -159,12 +159,20 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
         serving.proc.wait_exit(300).success(),
         "the root finishes its rounds"
     );
+    // Both forwarded both rounds (edge-a both after its restart): the root needed all four partials.
     for r in &running {
+        let http = r.http.as_deref().expect("the aggregator serves HTTP");
+        assert_eq!(http_get(http, "/readyz").0, 200);
+        let (code, metrics) = http_get(http, "/metrics");
+        assert_eq!(code, 200);
         assert!(
-            r.proc.printed("forwarded the cohort's partial sum"),
-            "{} forwarded",
-            r.proc.pid()
+            metrics.contains("starling_aggregator_partials_forwarded_total 2"),
+            "{metrics}"
         );
+        let (_, status) = http_get(http, "/api/status");
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["forwarded"], 2, "{status}");
+        assert_eq!(status["roster_devices"], 6, "{status}");
     }
     drop(procs);
     drop(running);

@@ -44,6 +44,10 @@ pub struct AggregatorNetwork {
     pub listen: SocketAddr,
     /// QUIC enrolment endpoint (devices' one-time tokens are checked at the root).
     pub enrol_listen: SocketAddr,
+    /// HTTP endpoint for probes and metrics (`/healthz`, `/readyz`, `/metrics`, `/api/status`).
+    pub http_listen: SocketAddr,
+    /// Serve the HTTP endpoint.
+    pub http: bool,
     /// On SIGTERM: how long exchanges in flight may take to finish, ms.
     pub drain_wait_ms: u64,
     /// On SIGTERM: when devices are told to come back, ms.
@@ -55,6 +59,8 @@ impl Default for AggregatorNetwork {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 7500)),
             enrol_listen: SocketAddr::from(([0, 0, 0, 0], 7501)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 7502)),
+            http: true,
             drain_wait_ms: 10_000,
             drain_retry_after_ms: 2_000,
         }
@@ -142,7 +148,8 @@ impl AggregatorConfig {
         format!(
             "# Starling edge aggregator. Unknown keys are errors.\n\
              # [root] address, pin, signing_key, name: the root coordinator (written by `aggregator init`)\n\
-             # [network] listen, enrol_listen (devices' QUIC endpoints), drain_wait_ms, drain_retry_after_ms\n\
+             # [network] listen, enrol_listen (devices' QUIC endpoints), http_listen, http (probes and\n\
+             #   metrics), drain_wait_ms, drain_retry_after_ms\n\
              # [cohort] size (devices per round), min (fewest worth forwarding at the cut-off),\n\
              #   forward_margin_ms (cut-off before the root's deadline), poll_ms, roster_ms, retry_after_ms\n\n{body}"
         )

@@ -16,6 +16,7 @@
 //! the cohort's sum, or protocol decoding (starling-protocol).
 
 pub mod config;
+pub mod http;
 pub mod spool;
 
 use std::collections::{HashMap, HashSet};
@@ -44,6 +45,7 @@ use starling_transport::{
 use crate::round_core::cohort_sum;
 use crate::strategy::ClientUpdate;
 pub use config::AggregatorConfig;
+use http::{bump, AggregatorMetrics};
 use spool::{Spool, SpoolError, SpooledUpdate};
 
 /// Largest blob fetched from the root on devices' behalf (a base model bundle).
@@ -306,6 +308,10 @@ pub struct Aggregator {
     cache: Mutex<Cache>,
     latest: AtomicU64,
     wake: tokio::sync::Notify,
+    /// What `/healthz` and `/readyz` report.
+    health: crate::service::Health,
+    /// What `/metrics` reports.
+    metrics: AggregatorMetrics,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -393,12 +399,35 @@ impl Aggregator {
             cache: Mutex::new(Cache::default()),
             latest: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            health: crate::service::Health::default(),
+            metrics: AggregatorMetrics::default(),
         })
     }
 
     /// The key its devices pin.
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
+    }
+
+    /// The open round, its cohort, the roster and the root, as JSON (`/api/status`).
+    pub fn status_document(&self) -> serde_json::Value {
+        let r = self.lock();
+        let open = r.open().map(|t| t.round.0);
+        let (generation, devices) = self.roster.read().map_or((0, 0), |r| (r.0, r.1.len()));
+        serde_json::json!({
+            "name": self.cfg.root.name,
+            "fingerprint": self.fingerprint.to_hex(),
+            "root": self.cfg.root.address,
+            "round": open,
+            "version": open.map(|_| r.version.0),
+            "cohort_size": self.cfg.cohort.size,
+            "selected": if open.is_some() { r.selected.len() } else { 0 },
+            "spooled": if open.is_some() { r.uploaded.len() } else { 0 },
+            "forwarded": r.forwarded.map(|f| f.0),
+            "roster_generation": generation,
+            "roster_devices": devices,
+            "ready": self.health.ready(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Round> {
@@ -436,7 +465,7 @@ impl Aggregator {
     /// `on_bound` sees the bound endpoints (to print them).
     pub async fn serve_until(
         self: Arc<Self>,
-        on_bound: impl FnOnce(&Server),
+        on_bound: impl FnOnce(&Server, Option<SocketAddr>),
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), AggregatorError> {
         let key = read_key(&self.layout.tls_key())?;
@@ -450,7 +479,29 @@ impl Aggregator {
             Limits::default(),
             EnrolmentLimits::default(),
         )?;
-        on_bound(&server);
+        let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+        let http = if net.http {
+            let listener = tokio::net::TcpListener::bind(net.http_listen)
+                .await
+                .map_err(|source| AggregatorError::Io {
+                    path: format!("the HTTP endpoint {}", net.http_listen),
+                    source,
+                })?;
+            let addr = listener.local_addr().ok();
+            let app = http::router(self.clone());
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+            });
+            Some((addr, task))
+        } else {
+            None
+        };
+        on_bound(&server, http.as_ref().and_then(|(a, _)| *a));
+        self.health.set_ready();
         // The session with the root first (its latest version is what devices are welcomed with); the
         // loop retries if the root is away.
         match tokio::time::timeout(Duration::from_secs(5), self.session()).await {
@@ -461,6 +512,7 @@ impl Aggregator {
         let me = self.clone();
         let work = tokio::spawn(async move { me.upstream_loop().await });
         shutdown.await;
+        self.health.set_draining();
         tracing::info!("draining: finishing the exchanges in flight");
         work.abort();
         let left = server
@@ -473,6 +525,10 @@ impl Aggregator {
             tracing::warn!(left, "exchanges still in flight when the drain ended");
         }
         self.client.close().await;
+        let _ = stop_http.send(());
+        if let Some((_, task)) = http {
+            let _ = task.await;
+        }
         tracing::info!("stopped after draining");
         Ok(())
     }
@@ -483,6 +539,7 @@ impl Aggregator {
         let mut roster_due = 0u64;
         let mut failures = 0u32;
         loop {
+            self.health.ticked(now_ms());
             match self.step(&mut roster_due).await {
                 Ok(()) => failures = 0,
                 Err(e) => {
@@ -542,6 +599,7 @@ impl Aggregator {
             if let Err(e) = declined {
                 tracing::info!("declining round {}: {e}", task.round.0);
             }
+            bump(&self.metrics.rounds_given_up);
             self.close_round(task.round)?;
         }
         Ok(())
@@ -658,6 +716,7 @@ impl Aggregator {
                     duplicate = ack.duplicate,
                     "forwarded the cohort's partial sum"
                 );
+                bump(&self.metrics.partials_forwarded);
                 self.close_round(round)
             }
             Err(TransportError::Remote {
@@ -722,6 +781,27 @@ impl Aggregator {
     /// A device's update: checked against the open round and the task's schema, spooled and flushed
     /// before the ack.
     fn upload(
+        &self,
+        client: Fingerprint,
+        header: &starling_protocol::message::Upload,
+        body: &[u8],
+    ) -> Response {
+        let reply = self.take_update(client, header, body);
+        let counter = match &reply {
+            Response::Message(Message::Ack(a)) if a.duplicate => &self.metrics.updates_duplicate,
+            Response::Message(Message::Ack(_)) => {
+                self.metrics
+                    .upload_bytes
+                    .fetch_add(body.len() as u64, Ordering::Relaxed);
+                &self.metrics.updates_accepted
+            }
+            _ => &self.metrics.updates_refused,
+        };
+        bump(counter);
+        reply
+    }
+
+    fn take_update(
         &self,
         client: Fingerprint,
         header: &starling_protocol::message::Upload,
