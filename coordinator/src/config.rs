@@ -62,9 +62,40 @@ pub struct NetworkConfig {
     pub drain_wait_ms: u64,
     /// On SIGTERM: when connected devices are told to come back (the restart's expected length).
     pub drain_retry_after_ms: u64,
+    /// Enrolment attempts one address may make at once (devices provisioned behind one NAT share it).
+    pub enrol_burst_per_address: u32,
+    /// Enrolment attempts one address regains per minute after its burst.
+    pub enrol_per_address_per_minute: f64,
+}
+
+/// The enrolment endpoint's rate limits from a burst and a per-minute refill per address (checked
+/// positive), with the global limits left at their defaults.
+pub fn enrolment_limits(
+    burst: u32,
+    per_minute: f64,
+) -> Result<starling_transport::server::EnrolmentLimits, String> {
+    if burst == 0 || !(per_minute.is_finite() && per_minute > 0.0) {
+        return Err(
+            "network.enrol_burst_per_address must be ≥ 1 and enrol_per_address_per_minute > 0"
+                .into(),
+        );
+    }
+    Ok(starling_transport::server::EnrolmentLimits {
+        host_burst: burst,
+        host_rate: per_minute / 60.0,
+        ..Default::default()
+    })
 }
 
 impl NetworkConfig {
+    /// The enrolment endpoint's rate limits.
+    pub fn enrolment_limits(&self) -> Result<starling_transport::server::EnrolmentLimits, String> {
+        enrolment_limits(
+            self.enrol_burst_per_address,
+            self.enrol_per_address_per_minute,
+        )
+    }
+
     /// The drain these settings describe.
     pub fn drain(&self) -> crate::service::DrainSettings {
         crate::service::DrainSettings {
@@ -83,6 +114,8 @@ impl Default for NetworkConfig {
             http: true,
             drain_wait_ms: 20_000,
             drain_retry_after_ms: 5_000,
+            enrol_burst_per_address: 5,
+            enrol_per_address_per_minute: 1.0,
         }
     }
 }
@@ -250,6 +283,7 @@ impl CoordinatorConfig {
             message: m,
         };
         cfg.rounds.validate().map_err(|e| invalid(e.to_string()))?;
+        cfg.network.enrolment_limits().map_err(invalid)?;
         crate::strategy::build(&cfg.strategy).map_err(|e| invalid(e.to_string()))?;
         let p = &cfg.privacy;
         if p.mode != DpPlacement::Off
@@ -444,7 +478,8 @@ impl CoordinatorConfig {
         format!(
             "# Starling coordinator configuration. Every key is optional; unknown keys are errors.\n\
              # [network] listen (QUIC), enrol_listen (QUIC enrolment), http_listen (status page, /metrics), http,\n\
-             #   drain_wait_ms, drain_retry_after_ms (SIGTERM: time for in-flight exchanges; when devices come back)\n\
+             #   drain_wait_ms, drain_retry_after_ms (SIGTERM: time for in-flight exchanges; when devices come back),\n\
+             #   enrol_burst_per_address, enrol_per_address_per_minute (enrolment rate limit per address)\n\
              # [rounds] min_clients, selection ({{ fraction = q }} or {{ count = m }}), min_updates,\n\
              #   round_timeout_ms, presence_timeout_ms, rounds (omit: forever), seed, retry_after_ms,\n\
              #   resume_grace_ms (a restart moves the open round's deadline by the downtime, at least this)\n\

@@ -24,7 +24,6 @@ use starling_protocol::{
     AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
     UpdateId,
 };
-use starling_transport::server::EnrolmentLimits;
 use starling_transport::server::ServerControl;
 use starling_transport::{Access, Authorizer, Handler, Limits, Request, Response, Server};
 
@@ -820,12 +819,9 @@ impl Coordinator {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        if let Some(i) = sum.iter().position(|v| !v.is_finite()) {
+        if let Err(why) = check_partial(&sum, header.count, header.weight, clip) {
             bump(&self.metrics.updates_refused);
-            return Response::error(
-                ErrorCode::BadRequest,
-                format!("the partial sum's value {i} is not finite"),
-            );
+            return Response::error(ErrorCode::BadRequest, why);
         }
         let stored = StoredPartial {
             meta: meta.clone(),
@@ -1109,7 +1105,10 @@ impl Coordinator {
             self.clone(),
             self.clone(),
             limits,
-            EnrolmentLimits::default(),
+            self.cfg
+                .network
+                .enrolment_limits()
+                .map_err(anyhow::Error::msg)?,
         )?;
         let _ = self.control.set(server.control());
         let admin_task = tokio::spawn(admin.serve(self.clone()));
@@ -1189,6 +1188,38 @@ impl Coordinator {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
+}
+
+/// What a partial sum must satisfy besides its length: finite values, and under user-level DP (`clip`)
+/// what the noise is calibrated for — each of its `count` devices weighs one and contributed a delta of
+/// norm at most `clip`, so the sum's norm is at most `count · clip`. A sum beyond that was not clipped as
+/// the round requires (a faulty or compromised aggregator) and would not be covered by the noise.
+fn check_partial(sum: &[f32], count: u32, weight: f64, clip: Option<f64>) -> Result<(), String> {
+    if let Some(i) = sum.iter().position(|v| !v.is_finite()) {
+        return Err(format!("the partial sum's value {i} is not finite"));
+    }
+    let Some(clip) = clip else {
+        return Ok(());
+    };
+    if (weight - f64::from(count)).abs() > 1e-9 * f64::from(count).max(1.0) {
+        return Err(format!(
+            "under user-level DP each device weighs one: {count} devices cannot weigh {weight}"
+        ));
+    }
+    let norm = sum
+        .iter()
+        .map(|v| f64::from(*v).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    // f32 rounding of the clipped deltas and of their sum: a relative slack of 1e-4.
+    let bound = clip * f64::from(count) * (1.0 + 1e-4);
+    if norm > bound {
+        return Err(format!(
+            "the partial sum's norm {norm:.6} exceeds its {count} devices × clip {clip}: its deltas \
+             were not clipped as the round requires"
+        ));
+    }
+    Ok(())
 }
 
 /// The error code a device (or aggregator) can act on for an engine's refusal of its upload.
@@ -1366,5 +1397,25 @@ impl Handler for Coordinator {
                 message: e.to_string(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_partial;
+
+    #[test]
+    fn a_partial_sum_beyond_its_devices_clip_or_weight_is_refused() {
+        // Two deltas of norm 1 (the clip) in the same direction: norm 2 = 2 devices × clip 1.
+        let sum = [1.2f32, 1.6];
+        assert!(check_partial(&sum, 2, 2.0, Some(1.0)).is_ok());
+        let err = check_partial(&sum, 1, 1.0, Some(1.0)).unwrap_err();
+        assert!(err.contains("norm"), "{err}");
+        let err = check_partial(&sum, 2, 7.0, Some(1.0)).unwrap_err();
+        assert!(err.contains("weighs one"), "{err}");
+        // DP off: FedAvg weights by examples, any norm.
+        assert!(check_partial(&[30.0, 40.0], 2, 70.0, None).is_ok());
+        let err = check_partial(&[f32::NAN, 0.0], 2, 2.0, None).unwrap_err();
+        assert!(err.contains("value 0"), "{err}");
     }
 }

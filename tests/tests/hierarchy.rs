@@ -17,6 +17,8 @@ const COMMON: &str = r#"
 listen = "127.0.0.1:0"
 enrol_listen = "127.0.0.1:0"
 http = false
+# Six devices enrol from one address at once.
+enrol_burst_per_address = 10
 [task]
 local_steps = 8
 batch_size = 4

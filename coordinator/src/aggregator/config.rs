@@ -52,6 +52,10 @@ pub struct AggregatorNetwork {
     pub drain_wait_ms: u64,
     /// On SIGTERM: when devices are told to come back, ms.
     pub drain_retry_after_ms: u64,
+    /// Enrolment attempts one address may make at once (devices provisioned behind one NAT share it).
+    pub enrol_burst_per_address: u32,
+    /// Enrolment attempts one address regains per minute after its burst.
+    pub enrol_per_address_per_minute: f64,
 }
 
 impl Default for AggregatorNetwork {
@@ -63,6 +67,8 @@ impl Default for AggregatorNetwork {
             http: true,
             drain_wait_ms: 10_000,
             drain_retry_after_ms: 2_000,
+            enrol_burst_per_address: 5,
+            enrol_per_address_per_minute: 1.0,
         }
     }
 }
@@ -125,6 +131,9 @@ impl AggregatorConfig {
                 "cohort.poll_ms and cohort.roster_ms must be positive",
             ));
         }
+        let n = &cfg.network;
+        crate::config::enrolment_limits(n.enrol_burst_per_address, n.enrol_per_address_per_minute)
+            .map_err(|e| invalid(&e))?;
         cfg.pin().map_err(|e| invalid(&e))?;
         cfg.signing_key().map_err(|e| invalid(&e))?;
         Ok(cfg)
@@ -149,7 +158,8 @@ impl AggregatorConfig {
             "# Starling edge aggregator. Unknown keys are errors.\n\
              # [root] address, pin, signing_key, name: the root coordinator (written by `aggregator init`)\n\
              # [network] listen, enrol_listen (devices' QUIC endpoints), http_listen, http (probes and\n\
-             #   metrics), drain_wait_ms, drain_retry_after_ms\n\
+             #   metrics), drain_wait_ms, drain_retry_after_ms, enrol_burst_per_address,\n\
+             #   enrol_per_address_per_minute (enrolment rate limit per address)\n\
              # [cohort] size (devices per round), min (fewest worth forwarding at the cut-off),\n\
              #   forward_margin_ms (cut-off before the root's deadline), poll_ms, roster_ms, retry_after_ms\n\n{body}"
         )

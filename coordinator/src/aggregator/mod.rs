@@ -37,7 +37,6 @@ use starling_protocol::{
     UpdateId,
 };
 use starling_transport::client::{Session, TaskReply};
-use starling_transport::server::EnrolmentLimits;
 use starling_transport::{
     Access, Authorizer, Client, Handler, Limits, Request, Response, Server, TransportError,
 };
@@ -477,7 +476,11 @@ impl Aggregator {
             self.clone(),
             self.clone(),
             Limits::default(),
-            EnrolmentLimits::default(),
+            crate::config::enrolment_limits(
+                net.enrol_burst_per_address,
+                net.enrol_per_address_per_minute,
+            )
+            .map_err(AggregatorError::Setting)?,
         )?;
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let http = if net.http {
