@@ -1,6 +1,7 @@
 //! Simulator scale: rounds per second and peak RSS of `starling-sim`'s engine with many virtual clients
-//! (IID split of the whole corpus, the shipped model, a fixed cohort per round). Each population runs in a
-//! child process of its own, so its peak RSS is its own.
+//! (an IID split of the whole corpus, or for populations larger than its speeches an IID sample per
+//! client; the shipped model, a fixed cohort per round). Each population runs in a child process of its
+//! own, so its peak RSS is its own.
 
 use anyhow::{Context, Result};
 
@@ -21,9 +22,25 @@ pub struct Args {
     /// Local steps per client and round.
     #[arg(long, default_value_t = 1)]
     pub local_steps: u32,
+    /// How the corpus becomes clients: `iid` (its speeches dealt once: up to ~40,000 clients), `sampled`
+    /// (each client draws 8 speeches with replacement: any population), or `auto` (iid up to 20,000
+    /// clients, sampled above).
+    #[arg(long, default_value = "auto")]
+    pub partition: String,
     /// Run one population in this process (what the parent spawns).
     #[arg(long, hide = true)]
     pub single: bool,
+}
+
+/// The partition `name` names for `clients` clients.
+fn partition_for(name: &str, clients: usize) -> Result<&'static str> {
+    Ok(match name {
+        "iid" => "iid",
+        "sampled" => "sampled",
+        "auto" if clients > 20_000 => "sampled",
+        "auto" => "iid",
+        other => anyhow::bail!("--partition {other:?}: iid, sampled or auto"),
+    })
 }
 
 /// The bench scenario for `clients` virtual clients.
@@ -32,6 +49,7 @@ pub fn scenario(
     per_round: usize,
     rounds: u64,
     local_steps: u32,
+    partition: &str,
 ) -> Result<Scenario> {
     let text = format!(
         r#"
@@ -42,7 +60,7 @@ rounds = {rounds}
 clients_per_round = {per_round}
 
 [data]
-partition = "iid"
+partition = "{partition}"
 works = "all"
 clients = {clients}
 min_bytes = 0
@@ -78,7 +96,8 @@ targets = ["q", "v"]
 pub fn run(a: &Args) -> Result<()> {
     if a.single {
         let n = *a.clients.first().context("--clients is empty")?;
-        let s = scenario(n, a.per_round, a.rounds, a.local_steps)?;
+        let partition = partition_for(&a.partition, n)?;
+        let s = scenario(n, a.per_round, a.rounds, a.local_steps, partition)?;
         let o = sim::run(&s, &RunOptions::default())?;
         let first = o.rounds.first().map_or(0.0, |r| r.wall_s);
         let last = o.rounds.last().map_or(0.0, |r| r.wall_s);
@@ -88,6 +107,7 @@ pub fn run(a: &Args) -> Result<()> {
             serde_json::json!({
                 "bench": "sim",
                 "clients": o.summary.clients,
+                "partition": partition,
                 "clients_per_round": o.summary.clients_per_round,
                 "rounds": o.summary.rounds,
                 "local_steps": a.local_steps,
@@ -115,6 +135,8 @@ pub fn run(a: &Args) -> Result<()> {
                 &a.rounds.to_string(),
                 "--local-steps",
                 &a.local_steps.to_string(),
+                "--partition",
+                &a.partition,
             ])
             .status()
             .with_context(|| format!("running {}", exe.display()))?;

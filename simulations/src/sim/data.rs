@@ -306,6 +306,29 @@ pub fn load(cfg: &DataConfig, dir: &Path, seed: u64) -> Result<Dataset, SimError
                 ds.push(format!("{}/{}", k.0, k.1), &lines[k], cfg.test_fraction);
             }
         }
+        Partition::Sampled => {
+            let all = corpus(cfg, dir)?;
+            if all.is_empty() {
+                return Err(SimError::Data("the chosen works hold no speech".into()));
+            }
+            for c in 0..cfg.clients {
+                let mut picks: Vec<usize> = (0..cfg.speeches_per_client)
+                    .map(|_| rng.random_range(0..all.len()))
+                    .collect();
+                // In corpus order, as a person's text would read.
+                picks.sort_unstable();
+                let lines: Vec<&str> = picks
+                    .iter()
+                    .flat_map(|&i| all[i].lines.iter().map(String::as_str))
+                    .collect();
+                if lines.iter().map(|l| l.len() + 1).sum::<usize>() < cfg.min_bytes
+                    || lines.len() < 2
+                {
+                    continue;
+                }
+                ds.push(format!("client-{c}"), &lines, cfg.test_fraction);
+            }
+        }
         Partition::Iid | Partition::Dirichlet => {
             let mut all = corpus(cfg, dir)?;
             let n = cfg.clients;
@@ -533,6 +556,29 @@ mod tests {
             let all: usize = speeches_len(&cfg);
             assert_eq!(ds.text.len(), all, "{partition:?}");
         }
+    }
+
+    #[test]
+    fn a_sampled_population_can_outnumber_the_speeches() {
+        let cfg = DataConfig {
+            partition: Partition::Sampled,
+            works: Works::HeldOut,
+            clients: 50_000,
+            min_bytes: 0,
+            speeches_per_client: 4,
+            ..DataConfig::default()
+        };
+        let speeches = corpus(&cfg, &shakespeare()).unwrap().len();
+        assert!(speeches < cfg.clients, "{speeches} speeches");
+        let ds = load(&cfg, &shakespeare(), 3).unwrap();
+        // Clients of one-line speeches only (four picks, under two lines) are left out: rare.
+        assert!(ds.clients.len() > 49_000, "{}", ds.clients.len());
+        assert_eq!(
+            ds.clients[..100],
+            load(&cfg, &shakespeare(), 3).unwrap().clients[..100],
+            "seeded"
+        );
+        assert_ne!(ds.train(0), ds.train(1));
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub enum Partition {
     Dirichlet,
     /// One client per sub-folder or file of `path` (the folder data set).
     Folders,
+    /// Populations larger than the corpus: each of `clients` clients draws `speeches_per_client`
+    /// speeches uniformly, with replacement, from the chosen works (IID; clients overlap in text).
+    Sampled,
 }
 
 /// Which works of the corpus are used.
@@ -169,6 +172,8 @@ pub struct DataConfig {
     pub test_fraction: f64,
     /// Clients with less text than this (bytes) are left out, as LEAF leaves out tiny roles.
     pub min_bytes: usize,
+    /// Speeches each client draws (the sampled partition).
+    pub speeches_per_client: usize,
 }
 
 impl Default for DataConfig {
@@ -182,6 +187,7 @@ impl Default for DataConfig {
             alpha: 0.5,
             test_fraction: 0.2,
             min_bytes: 600,
+            speeches_per_client: 8,
         }
     }
 }
@@ -363,8 +369,17 @@ impl Scenario {
         if d.partition == Partition::Dirichlet && !(d.alpha > 0.0 && d.alpha.is_finite()) {
             return bad("data.alpha must be positive".into());
         }
-        if matches!(d.partition, Partition::Iid | Partition::Dirichlet) && d.clients == 0 {
-            return bad("data.clients must be set for the iid and dirichlet partitions".into());
+        if matches!(
+            d.partition,
+            Partition::Iid | Partition::Dirichlet | Partition::Sampled
+        ) && d.clients == 0
+        {
+            return bad(
+                "data.clients must be set for the iid, dirichlet and sampled partitions".into(),
+            );
+        }
+        if d.partition == Partition::Sampled && d.speeches_per_client < 2 {
+            return bad("data.speeches_per_client must be at least 2".into());
         }
         if (d.dataset == Dataset::Folder) != (d.partition == Partition::Folders) {
             return bad(
