@@ -130,6 +130,8 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
         .map(|e| {
             let edge = Edge::init(&dir.join(&e.name), &serving, e);
             edge.edit_config("size = 100", "size = 3");
+            // Each cohort is forwarded when full (its three devices), never early.
+            edge.edit_config("quiet_ms = 5000", "quiet_ms = 600000");
             edge.edit_config("poll_ms = 500", "poll_ms = 100");
             edge.edit_config("roster_ms = 2000", "roster_ms = 300");
             edge.edit_config("retry_after_ms = 2000", "retry_after_ms = 200");

@@ -84,6 +84,9 @@ pub struct CohortConfig {
     pub min: usize,
     /// The cut-off: devices' deadline and the latest forward, this long before the root's deadline, ms.
     pub forward_margin_ms: u64,
+    /// Forward before the cut-off once every device taken uploaded (at least `min`) and none joined for
+    /// this long, ms: an aggregator with fewer devices than `size` does not hold the round to its deadline.
+    pub quiet_ms: u64,
     /// How often the root is asked for work and the cohort checked, ms.
     pub poll_ms: u64,
     /// How often the active-device roster is re-read from the root, ms (a revocation takes effect here
@@ -99,6 +102,7 @@ impl Default for CohortConfig {
             size: 100,
             min: 1,
             forward_margin_ms: 10_000,
+            quiet_ms: 5_000,
             poll_ms: 500,
             roster_ms: 2_000,
             retry_after_ms: 2_000,
@@ -161,7 +165,8 @@ impl AggregatorConfig {
              #   metrics), drain_wait_ms, drain_retry_after_ms, enrol_burst_per_address,\n\
              #   enrol_per_address_per_minute (enrolment rate limit per address)\n\
              # [cohort] size (devices per round), min (fewest worth forwarding at the cut-off),\n\
-             #   forward_margin_ms (cut-off before the root's deadline), poll_ms, roster_ms, retry_after_ms\n\n{body}"
+             #   forward_margin_ms (cut-off before the root's deadline), quiet_ms (forward early once every\n\
+             #   device taken uploaded and none joined for this long), poll_ms, roster_ms, retry_after_ms\n\n{body}"
         )
     }
 }

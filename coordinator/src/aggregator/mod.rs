@@ -261,6 +261,8 @@ struct Round {
     uploaded: HashSet<Fingerprint>,
     /// The last round forwarded (or given up).
     forwarded: Option<RoundId>,
+    /// When a device last joined the cohort (or the round was taken or resumed), system ms.
+    last_join: u64,
 }
 
 impl Round {
@@ -281,6 +283,46 @@ impl Default for Round {
             selected: HashSet::new(),
             uploaded: HashSet::new(),
             forwarded: None,
+            last_join: 0,
+        }
+    }
+}
+
+/// Where a round's cohort stands.
+#[derive(Debug, Clone, Copy)]
+struct Cohort {
+    /// Updates spooled.
+    uploaded: usize,
+    /// Devices taken.
+    selected: usize,
+    /// When a device last joined (system ms).
+    last_join: u64,
+}
+
+/// What to do with a round's cohort now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Keep gathering.
+    Wait,
+    /// Forward the partial sum.
+    Forward,
+    /// The cut-off passed with too few devices: decline the round.
+    GiveUp,
+}
+
+impl Cohort {
+    /// Forward when full; or when every device taken has uploaded (at least `min`) and none joined for
+    /// `quiet_ms`; or at the cut-off with at least `min`. Give up at the cut-off with fewer.
+    fn due(&self, c: &config::CohortConfig, now: u64, cutoff: u64) -> Due {
+        let quiet = self.uploaded >= c.min
+            && self.uploaded == self.selected
+            && now.saturating_sub(self.last_join) >= c.quiet_ms;
+        if self.uploaded >= c.size || quiet || (now >= cutoff && self.uploaded >= c.min) {
+            Due::Forward
+        } else if now >= cutoff {
+            Due::GiveUp
+        } else {
+            Due::Wait
         }
     }
 }
@@ -356,6 +398,7 @@ impl Aggregator {
             .with_software(format!("starling-aggregator {}", env!("CARGO_PKG_VERSION")));
         let mut round = Round {
             forwarded: spool.forwarded()?,
+            last_join: now_ms(),
             ..Round::default()
         };
         if let Some(task) = spool.task()? {
@@ -573,16 +616,19 @@ impl Aggregator {
         let Some(task) = open else {
             return Ok(());
         };
-        let (uploaded, selected) = {
+        let (uploaded, selected, last_join) = {
             let r = self.lock();
-            (r.uploaded.len(), r.selected.len())
+            (r.uploaded.len(), r.selected.len(), r.last_join)
         };
-        let now = now_ms();
-        let complete = uploaded >= self.cfg.cohort.size
-            || (uploaded > 0 && uploaded == selected && now >= self.cutoff(&task));
-        if complete || (now >= self.cutoff(&task) && uploaded >= self.cfg.cohort.min) {
+        let cohort = Cohort {
+            uploaded,
+            selected,
+            last_join,
+        };
+        let due = cohort.due(&self.cfg.cohort, now_ms(), self.cutoff(&task));
+        if due == Due::Forward {
             self.forward(&session, &task).await?;
-        } else if now >= self.cutoff(&task) {
+        } else if due == Due::GiveUp {
             tracing::warn!(
                 round = task.round.0,
                 uploaded,
@@ -649,6 +695,7 @@ impl Aggregator {
         );
         r.selected.clear();
         r.uploaded.clear();
+        r.last_join = now_ms();
         r.schema = Some(manifest.adapter_schema);
         r.version = manifest.version;
         r.task = Some(Arc::new(task));
@@ -768,6 +815,7 @@ impl Aggregator {
                 return Response::error(ErrorCode::Unavailable, "storage failed; retry");
             }
             r.selected.insert(client);
+            r.last_join = now;
             tracing::info!(
                 round = task.round.0,
                 client = %client,
@@ -1066,5 +1114,55 @@ impl Handler for Aggregator {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cohort_is_forwarded_when_full_quiet_or_cut_off_and_given_up_short() {
+        let c = config::CohortConfig {
+            size: 10,
+            min: 3,
+            quiet_ms: 5_000,
+            ..config::CohortConfig::default()
+        };
+        let at = |uploaded, selected, last_join, now| {
+            Cohort {
+                uploaded,
+                selected,
+                last_join,
+            }
+            .due(&c, now, 100_000)
+        };
+        assert_eq!(at(10, 10, 0, 1_000), Due::Forward, "full");
+        assert_eq!(at(4, 4, 1_000, 5_999), Due::Wait, "not quiet long enough");
+        assert_eq!(
+            at(4, 4, 1_000, 6_000),
+            Due::Forward,
+            "every device taken uploaded, quiet"
+        );
+        assert_eq!(
+            at(4, 5, 1_000, 60_000),
+            Due::Wait,
+            "one device still training"
+        );
+        assert_eq!(
+            at(2, 2, 1_000, 60_000),
+            Due::Wait,
+            "too few to forward early"
+        );
+        assert_eq!(
+            at(4, 5, 1_000, 100_000),
+            Due::Forward,
+            "the cut-off, enough"
+        );
+        assert_eq!(
+            at(2, 5, 1_000, 100_000),
+            Due::GiveUp,
+            "the cut-off, too few"
+        );
     }
 }
