@@ -82,13 +82,18 @@ impl Dataset {
         let n = lines.len();
         let cut = ((n as f64) * (1.0 - test_fraction)).round() as usize;
         let cut = cut.clamp(1.min(n), n.saturating_sub(1).max(1.min(n)));
+        self.push_split(name, &lines[..cut], &lines[cut..]);
+    }
+
+    /// A client whose training and test lines are given apart.
+    fn push_split(&mut self, name: String, train: &[&str], test: &[&str]) {
         let start = self.text.len();
-        for l in &lines[..cut] {
+        for l in train {
             self.text.push_str(l);
             self.text.push('\n');
         }
         let mid = self.text.len();
-        for l in &lines[cut..] {
+        for l in test {
             self.text.push_str(l);
             self.text.push('\n');
         }
@@ -307,26 +312,48 @@ pub fn load(cfg: &DataConfig, dir: &Path, seed: u64) -> Result<Dataset, SimError
             }
         }
         Partition::Sampled => {
+            // Speeches are drawn by many clients, so a client's test text must come from speeches no
+            // client trains on: the corpus is split once into a training pool and a test pool
+            // (`test_fraction` of the speeches), and each client draws its text from the one and its test
+            // split from the other.
             let all = corpus(cfg, dir)?;
-            if all.is_empty() {
-                return Err(SimError::Data("the chosen works hold no speech".into()));
+            let mut order: Vec<usize> = (0..all.len()).collect();
+            order.shuffle(&mut rng);
+            let n_test = ((all.len() as f64) * cfg.test_fraction).round() as usize;
+            let (test_pool, train_pool) = order.split_at(n_test.min(all.len()));
+            if test_pool.is_empty() || train_pool.is_empty() {
+                return Err(SimError::Data(format!(
+                    "{} speeches cannot be split into training and test pools",
+                    all.len()
+                )));
             }
-            for c in 0..cfg.clients {
-                let mut picks: Vec<usize> = (0..cfg.speeches_per_client)
-                    .map(|_| rng.random_range(0..all.len()))
+            let k = cfg.speeches_per_client;
+            let k_test = ((k as f64) * cfg.test_fraction / (1.0 - cfg.test_fraction))
+                .round()
+                .max(1.0) as usize;
+            let mut draw = |pool: &[usize], n: usize| {
+                let mut picks: Vec<usize> = (0..n)
+                    .map(|_| pool[rng.random_range(0..pool.len())])
                     .collect();
                 // In corpus order, as a person's text would read.
                 picks.sort_unstable();
-                let lines: Vec<&str> = picks
-                    .iter()
-                    .flat_map(|&i| all[i].lines.iter().map(String::as_str))
-                    .collect();
-                if lines.iter().map(|l| l.len() + 1).sum::<usize>() < cfg.min_bytes
-                    || lines.len() < 2
+                picks
+            };
+            for c in 0..cfg.clients {
+                let (train, test) = (draw(train_pool, k), draw(test_pool, k_test));
+                let lines = |picks: &[usize]| -> Vec<&str> {
+                    picks
+                        .iter()
+                        .flat_map(|&i| all[i].lines.iter().map(String::as_str))
+                        .collect()
+                };
+                let (train, test) = (lines(&train), lines(&test));
+                if train.iter().map(|l| l.len() + 1).sum::<usize>() < cfg.min_bytes
+                    || train.len() < 2
                 {
                     continue;
                 }
-                ds.push(format!("client-{c}"), &lines, cfg.test_fraction);
+                ds.push_split(format!("client-{c}"), &train, &test);
             }
         }
         Partition::Iid | Partition::Dirichlet => {
@@ -579,6 +606,19 @@ mod tests {
             "seeded"
         );
         assert_ne!(ds.train(0), ds.train(1));
+        // No client's test text is any client's training text.
+        let trained: std::collections::HashSet<&str> = (0..ds.clients.len())
+            .flat_map(|c| ds.train(c).lines())
+            .collect();
+        for c in 0..200 {
+            let test = &ds.text[ds.clients[c].test.clone()];
+            assert!(!test.is_empty());
+            assert!(
+                test.lines()
+                    .all(|l| !trained.contains(l) || l.trim().len() < 30),
+                "client {c}'s test text is trained on"
+            );
+        }
     }
 
     #[test]

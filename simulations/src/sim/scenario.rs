@@ -138,7 +138,9 @@ pub enum Partition {
     /// One client per sub-folder or file of `path` (the folder data set).
     Folders,
     /// Populations larger than the corpus: each of `clients` clients draws `speeches_per_client`
-    /// speeches uniformly, with replacement, from the chosen works (IID; clients overlap in text).
+    /// speeches uniformly, with replacement, from a training pool of the chosen works' speeches, and its
+    /// test split from a disjoint test pool (`test_fraction` of the speeches). IID; clients overlap in
+    /// text (a speech is in many clients' data, so user-level DP protects clients, not speeches).
     Sampled,
 }
 
