@@ -138,11 +138,17 @@ impl Spool {
 
     /// The last round forwarded to the root (or given up).
     pub fn forwarded(&self) -> Result<Option<RoundId>, SpoolError> {
-        Ok(self.meta.get("forwarded")?.map(|v| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v[..8.min(v.len())]);
-            RoundId(u64::from_be_bytes(b))
-        }))
+        self.meta
+            .get("forwarded")?
+            .map(|v| {
+                <[u8; 8]>::try_from(v.as_ref())
+                    .map(|b| RoundId(u64::from_be_bytes(b)))
+                    .map_err(|_| SpoolError::Corrupt {
+                        what: "forwarded round",
+                        detail: format!("{} bytes", v.len()),
+                    })
+            })
+            .transpose()
     }
 
     /// Records `round` as forwarded (or given up) and drops its cohort and updates (flushed).
@@ -182,9 +188,11 @@ impl Spool {
         let mut out = HashSet::new();
         for kv in self.selected.scan_prefix(round.0.to_be_bytes()) {
             let k = kv?.0;
-            let fp = <[u8; 32]>::try_from(&k[8..]).map_err(|_| SpoolError::Corrupt {
-                what: "cohort entry",
-                detail: format!("{} bytes", k.len()),
+            let fp = <[u8; 32]>::try_from(k.get(8..).unwrap_or_default()).map_err(|_| {
+                SpoolError::Corrupt {
+                    what: "cohort entry",
+                    detail: format!("{} bytes", k.len()),
+                }
             })?;
             out.insert(Fingerprint(fp));
         }
