@@ -513,6 +513,11 @@ impl Edge {
 
     /// Starts `aggregator serve --dir`.
     pub fn start(&self) -> EdgeServing {
+        self.start_with(None)
+    }
+
+    /// Starts `aggregator serve --dir` with `failpoint` armed if given.
+    pub fn start_with(&self, failpoint: Option<&str>) -> EdgeServing {
         let mut cmd = command("starling-coordinator");
         cmd.args([
             "aggregator",
@@ -520,6 +525,9 @@ impl Edge {
             "--dir",
             self.dir.to_str().unwrap_or_default(),
         ]);
+        if let Some(p) = failpoint {
+            cmd.env("STARLING_FAILPOINT", p);
+        }
         let (proc, first) = Proc::spawn(cmd, self.name.clone(), true);
         let line = first.unwrap_or_default();
         let bound: serde_json::Value = serde_json::from_str(&line)

@@ -1,8 +1,9 @@
 //! Edge aggregators, end to end with real processes: a root in hierarchical mode, two aggregators enrolled
 //! at it under the aggregator role, and six devices (three behind each) that enrol, train and upload
-//! through their aggregator as they would with a coordinator. One aggregator is SIGKILLed mid-round, right
-//! after it acknowledged an update, and restarted on its directory: its spool still holds the update, the
-//! devices reconnect, the round completes with all six devices. The published versions equal those of a
+//! through their aggregator as they would with a coordinator. Both aggregators are SIGKILLed in round 1 at
+//! exact steps (failpoints) and restarted on their directories — one with every update of its cohort
+//! acknowledged but not forwarded, one with an update flushed but not yet acknowledged: their spools
+//! still hold the updates, the devices reconnect, the round completes with all six devices. The published versions equal those of a
 //! flat run of the same six devices (same data, same training seeds) up to float summation order.
 
 use std::path::{Path, PathBuf};
@@ -138,7 +139,15 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
             edge
         })
         .collect();
-    let mut running: Vec<_> = edges.iter().map(Edge::start).collect();
+    // Both are killed in round 1 at exact steps: edge-a once its cohort is complete — every update
+    // acknowledged — but not forwarded; edge-b right after it flushed its first update to the spool,
+    // before the ack (the device sends it again to the restarted edge-b, which acknowledges it as a
+    // duplicate).
+    let mut running: Vec<_> = edges
+        .iter()
+        .zip(["aggregator-forwarding", "aggregator-update-spooled"])
+        .map(|(e, point)| e.start_with(Some(point)))
+        .collect();
     // Restarts keep the addresses the devices enrolled with.
     for (edge, s) in edges.iter().zip(&running) {
         edge.keep_address(s);
@@ -154,16 +163,26 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
             run(&d, &data[i], i)
         })
         .collect();
-    // Mid-round 1: edge-a has acknowledged one update, not all three.
-    running[0].proc.wait_for("update 1 of 3 spooled", 240);
-    running[0].proc.kill_now();
-    running[0] = edges[0].start();
-    running[0].proc.wait_for("resuming the spooled round", 30);
+    for (i, point) in ["aggregator-forwarding", "aggregator-update-spooled"]
+        .iter()
+        .enumerate()
+    {
+        running[i].proc.wait_for(&format!("failpoint {point}"), 240);
+        running[i].proc.kill_now();
+        running[i] = edges[i].start();
+        running[i].proc.wait_for("resuming the spooled round", 30);
+    }
     assert!(
         serving.proc.wait_exit(300).success(),
         "the root finishes its rounds"
     );
-    // Both forwarded both rounds (edge-a both after its restart): the root needed all four partials.
+    // Both forwarded both rounds after their restarts: the root needed all four partials. edge-b's
+    // device sent its update again and got it acknowledged as a duplicate.
+    let (_, metrics_b) = http_get(running[1].http.as_deref().unwrap_or_default(), "/metrics");
+    assert!(
+        metrics_b.contains("starling_aggregator_updates_duplicate_total 1"),
+        "{metrics_b}"
+    );
     for r in &running {
         let http = r.http.as_deref().expect("the aggregator serves HTTP");
         assert_eq!(http_get(http, "/readyz").0, 200);
@@ -184,7 +203,7 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
 }
 
 #[test]
-fn two_aggregators_one_killed_mid_round_publish_what_the_flat_run_publishes() {
+fn two_aggregators_killed_mid_round_publish_what_the_flat_run_publishes() {
     let tmp = tempfile::tempdir().unwrap();
     let (flat_versions, flat_counts) = flat(&tmp.path().join("flat"));
     let (tree_versions, tree_counts) = hierarchical(&tmp.path().join("tree"));
@@ -192,7 +211,7 @@ fn two_aggregators_one_killed_mid_round_publish_what_the_flat_run_publishes() {
     assert_eq!(
         tree_counts,
         vec![6, 6],
-        "behind aggregators, with one killed mid-round: still six devices a round (no acknowledged \
+        "behind aggregators, both killed mid-round: still six devices a round (no acknowledged \
          update lost)"
     );
     for (v, (a, b)) in flat_versions.iter().zip(&tree_versions).enumerate() {

@@ -627,6 +627,7 @@ impl Aggregator {
         };
         let due = cohort.due(&self.cfg.cohort, now_ms(), self.cutoff(&task));
         if due == Due::Forward {
+            crate::failpoint::hit("aggregator-forwarding");
             self.forward(&session, &task).await?;
         } else if due == Due::GiveUp {
             tracing::warn!(

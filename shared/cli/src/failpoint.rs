@@ -14,14 +14,17 @@ pub const VAR: &str = "STARLING_FAILPOINT";
 /// but not yet acknowledged; a round aggregated but nothing published; a version published (one flushed
 /// transaction) but the engine and the update tree not yet told; a secure round's masked input added to
 /// the stored masked sum but not yet acknowledged. Device: an update computed and persisted but not yet
-/// uploaded.
-pub const POINTS: [&str; 6] = [
+/// uploaded. Edge aggregator: a device's update spooled (flushed) but not yet acknowledged; a cohort
+/// complete (every update acknowledged) but its partial sum not yet forwarded.
+pub const POINTS: [&str; 8] = [
     "upload-received",
     "upload-stored",
     "aggregated",
     "published",
     "masked-input-stored",
     "update-persisted",
+    "aggregator-update-spooled",
+    "aggregator-forwarding",
 ];
 
 /// Stops here, forever, when `STARLING_FAILPOINT` names `point`.
