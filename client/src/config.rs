@@ -238,8 +238,7 @@ impl ClientConfig {
 
     /// The trusted model-signing key.
     pub fn signing_key(&self) -> Result<[u8; 32], String> {
-        starling_protocol::from_hex(&self.coordinator.signing_key)
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        starling_protocol::key_from_hex(&self.coordinator.signing_key)
             .ok_or_else(|| "coordinator.signing_key must be 64 hex digits".to_string())
     }
 

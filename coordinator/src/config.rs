@@ -345,6 +345,29 @@ impl CoordinatorConfig {
         Ok(())
     }
 
+    /// Whether the configured strategy is a function of the updates' weighted sum (what secure aggregation
+    /// and edge aggregators deliver).
+    fn linear_strategy(&self) -> bool {
+        crate::strategy::build(&self.strategy)
+            .map(|s| s.linear())
+            .unwrap_or(false)
+    }
+
+    /// The configured strategy as the file names it (`"median"`, `"fed-avg" with norm_bound`).
+    fn strategy_words(&self) -> String {
+        use clap::ValueEnum as _;
+        let name = self.strategy.kind.to_possible_value().map_or_else(
+            || format!("{:?}", self.strategy.kind),
+            |v| v.get_name().to_string(),
+        );
+        let bound = if self.strategy.norm_bound.is_some() {
+            " with norm_bound"
+        } else {
+            ""
+        };
+        format!("{name:?}{bound}")
+    }
+
     /// What a tier of aggregators cannot work with: a rule that needs every update (its result is not a
     /// function of partial sums; forwarding every update would make the root's work grow with devices
     /// again), secure aggregation at the root (aggregators forward cleartext cohort sums; SecAgg+ per
@@ -354,14 +377,11 @@ impl CoordinatorConfig {
         if !h.enabled {
             return Ok(());
         }
-        let linear = crate::strategy::build(&self.strategy)
-            .map(|s| s.linear())
-            .unwrap_or(false);
-        if !linear && self.privacy.mode == DpPlacement::Off {
+        if !self.linear_strategy() && self.privacy.mode == DpPlacement::Off {
             return Err(format!(
-                "strategy {:?} needs every update, and edge aggregators forward only their cohort's sum: \
+                "strategy {} needs every update, and edge aggregators forward only their cohort's sum: \
                  in hierarchical mode use fed-avg, fed-prox, fed-avg-m, fed-adam, fed-yogi or fed-adagrad",
-                self.strategy.kind
+                self.strategy_words()
             ));
         }
         if self.secure_aggregation.enabled {
@@ -405,20 +425,12 @@ impl CoordinatorConfig {
                 self.rounds.min_clients
             ));
         }
-        let linear = crate::strategy::build(&self.strategy)
-            .map(|s| s.linear())
-            .unwrap_or(false);
-        if self.privacy.mode == DpPlacement::Off && !linear {
+        if self.privacy.mode == DpPlacement::Off && !self.linear_strategy() {
             return Err(format!(
-                "strategy {:?}{} needs every update, and secure aggregation gives only their sum: use \
+                "strategy {} needs every update, and secure aggregation gives only their sum: use \
                  fed-avg, fed-prox, fed-avg-m, fed-adam, fed-yogi or fed-adagrad (norm bounding: set \
                  privacy.clip, devices clip their own deltas)",
-                self.strategy.kind,
-                if self.strategy.norm_bound.is_some() {
-                    " with norm_bound"
-                } else {
-                    ""
-                }
+                self.strategy_words()
             ));
         }
         if sa.weight_cap > 0 && self.privacy.mode != DpPlacement::Off {

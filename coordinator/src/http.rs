@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::service::Coordinator;
+use crate::service::{Coordinator, Health};
 
 /// The page, self-contained (no external scripts, styles or fonts).
 const PAGE: &str = include_str!("status.html");
@@ -30,29 +30,39 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .with_state(coordinator)
 }
 
-/// A round loop silent this long is stuck: liveness fails and a supervisor restarts the process.
+/// A loop silent this long is stuck: liveness fails and a supervisor restarts the process.
 const STALL_MS: u64 = 30_000;
 
-async fn healthz(State(c): State<Arc<Coordinator>>) -> Response {
-    if c.health().live(crate::service::now_ms(), STALL_MS) {
+/// `/healthz` of a process whose `loop_name` (the round loop, the loop towards the root) ticks `health`.
+pub(crate) fn liveness(health: &Health, loop_name: &str) -> Response {
+    if health.live(crate::service::now_ms(), STALL_MS) {
         (StatusCode::OK, "ok\n").into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "the round loop has not run in 30 s\n",
+            format!("{loop_name} has not run in 30 s\n"),
         )
             .into_response()
     }
 }
 
-async fn readyz(State(c): State<Arc<Coordinator>>) -> Response {
-    if c.health().ready() {
+/// `/readyz`: serving, draining or still starting.
+pub(crate) fn readiness(health: &Health) -> Response {
+    if health.ready() {
         (StatusCode::OK, "ready\n").into_response()
-    } else if c.health().draining() {
+    } else if health.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     }
+}
+
+async fn healthz(State(c): State<Arc<Coordinator>>) -> Response {
+    liveness(c.health(), "the round loop")
+}
+
+async fn readyz(State(c): State<Arc<Coordinator>>) -> Response {
+    readiness(c.health())
 }
 
 async fn page() -> Response {

@@ -401,19 +401,7 @@ fn serve(dir: &std::path::Path) -> anyhow::Result<()> {
                 &tls,
                 starling_transport::Limits::default(),
                 |server, http| {
-                    // One machine-readable line for scripts and tests (also kept in the directory, where
-                    // `status` finds the live page while the store is locked), then logs.
-                    let bound = serde_json::json!({
-                        "listening": server.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                        "enrol": server.enrol_addr().map(|a| a.to_string()).unwrap_or_default(),
-                        "fingerprint": server.fingerprint().to_hex(),
-                        "http": http.map(|a| a.to_string()),
-                        "pid": std::process::id(),
-                    });
-                    println!("{bound}");
-                    if let Err(e) = std::fs::write(layout.serving(), format!("{bound}\n")) {
-                        tracing::warn!("writing {}: {e}", layout.serving().display());
-                    }
+                    announce(server, http, &layout.serving());
                     if let Some(a) = http {
                         tracing::info!("status page: http://{a}/  metrics: http://{a}/metrics");
                     }
@@ -423,6 +411,26 @@ fn serve(dir: &std::path::Path) -> anyhow::Result<()> {
             )
             .await
     })
+}
+
+/// One machine-readable line with the bound endpoints for scripts and tests, on stdout and in `file` (where
+/// `status` finds the live page while the store is locked); `serve` and `aggregator serve` both print it.
+fn announce(
+    server: &starling_transport::Server,
+    http: Option<std::net::SocketAddr>,
+    file: &std::path::Path,
+) {
+    let bound = serde_json::json!({
+        "listening": server.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "enrol": server.enrol_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "fingerprint": server.fingerprint().to_hex(),
+        "http": http.map(|a| a.to_string()),
+        "pid": std::process::id(),
+    });
+    println!("{bound}");
+    if let Err(e) = std::fs::write(file, format!("{bound}\n")) {
+        tracing::warn!("writing {}: {e}", file.display());
+    }
 }
 
 /// Resolves on SIGTERM (systemd, Kubernetes, `podman stop`) or Ctrl-C.
@@ -714,19 +722,7 @@ fn aggregator(cmd: AggregatorCmd) -> anyhow::Result<()> {
                     .with_context(|| format!("opening aggregator {}", dir.display()))?,
             );
             a.serve_until(
-                |server, http| {
-                    let bound = serde_json::json!({
-                        "listening": server.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                        "enrol": server.enrol_addr().map(|a| a.to_string()).unwrap_or_default(),
-                        "fingerprint": server.fingerprint().to_hex(),
-                        "http": http.map(|a| a.to_string()),
-                        "pid": std::process::id(),
-                    });
-                    println!("{bound}");
-                    if let Err(e) = std::fs::write(layout.serving(), format!("{bound}\n")) {
-                        tracing::warn!("writing {}: {e}", layout.serving().display());
-                    }
-                },
+                |server, http| announce(server, http, &layout.serving()),
                 shutdown_signal(),
             )
             .await?;

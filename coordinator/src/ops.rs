@@ -170,8 +170,7 @@ impl Enrolled {
             v[k].as_str()
                 .with_context(|| format!("the enrolment has no {k}"))
         };
-        let key = starling_protocol::from_hex(s("signing_key")?)
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        let key = starling_protocol::key_from_hex(s("signing_key")?)
             .context("the enrolment's signing key is not 32 bytes of hex")?;
         Ok(Self {
             name: s("name")?.to_string(),

@@ -747,6 +747,15 @@ impl Coordinator {
         )?)
     }
 
+    /// Whether `id` is the retry of an update or partial sum stored for a round that has closed since (its
+    /// ack was lost): it is acknowledged again, counted nowhere.
+    fn stored_for_a_closed_round(&self, id: &UpdateId) -> bool {
+        match self.store.update_round(id) {
+            Ok(Some(r)) => self.lock().engine.current().map(|c| c.id) != Some(r),
+            _ => false,
+        }
+    }
+
     /// The roster changed (an enrolment or a revocation): aggregators re-read it.
     fn bump_roster(&self) {
         self.roster
@@ -767,11 +776,14 @@ impl Coordinator {
         let clip = (p.mode != crate::config::DpPlacement::Off).then_some(p.clip);
         if header.clip != clip {
             bump(&self.metrics.updates_refused);
+            let said =
+                |c: Option<f64>| c.map_or("not clipped".to_string(), |c| format!("clipped to {c}"));
             return Response::error(
                 ErrorCode::BadRequest,
                 format!(
-                    "the partial sum's deltas were clipped to {:?}; this root's rounds clip to {clip:?}",
-                    header.clip
+                    "the partial sum's deltas were {}; this root's rounds need them {}",
+                    said(header.clip),
+                    said(clip)
                 ),
             );
         }
@@ -783,17 +795,9 @@ impl Coordinator {
             schema: header.schema,
             num_examples: u64::from(header.count),
         };
-        let ack = |duplicate| {
-            Response::Message(Message::Ack(Ack {
-                update_id: header.update_id,
-                duplicate,
-            }))
-        };
-        if let Ok(Some(r)) = self.store.update_round(&header.update_id) {
-            let current = self.lock().engine.current().map(|c| c.id);
-            if Some(r) != current {
-                return ack(true);
-            }
+        let ack = |duplicate| ack(header.update_id, duplicate);
+        if self.stored_for_a_closed_round(&header.update_id) {
+            return ack(true);
         }
         let mut inner = self.lock();
         match inner.engine.check_update(&meta, now) {
@@ -965,17 +969,10 @@ impl Coordinator {
             if duplicate {
                 bump(&self.metrics.updates_duplicate);
             }
-            Response::Message(Message::Ack(Ack {
-                update_id: header.update_id,
-                duplicate,
-            }))
+            ack(header.update_id, duplicate)
         };
-        // A retry of an update stored for an earlier round (its ack was lost): acknowledge again.
-        if let Ok(Some(r)) = self.store.update_round(&header.update_id) {
-            let current = self.lock().engine.current().map(|c| c.id);
-            if Some(r) != current {
-                return ack(true);
-            }
+        if self.stored_for_a_closed_round(&header.update_id) {
+            return ack(true);
         }
         let mut inner = self.lock();
         let checked = if inner.engine.secagg().is_some() {
@@ -1220,6 +1217,14 @@ fn check_partial(sum: &[f32], count: u32, weight: f64, clip: Option<f64>) -> Res
         ));
     }
     Ok(())
+}
+
+/// The acknowledgement of update (or partial sum) `id`.
+fn ack(id: UpdateId, duplicate: bool) -> Response {
+    Response::Message(Message::Ack(Ack {
+        update_id: id,
+        duplicate,
+    }))
 }
 
 /// The error code a device (or aggregator) can act on for an engine's refusal of its upload.

@@ -174,18 +174,15 @@ impl Coord {
     /// `enrol --json` (through the running `serve`'s admin socket, or in the store of a stopped one): token,
     /// pin and signing key.
     pub fn enrol(&self, name: &str) -> Enrolment {
-        let v = coordinator_json(&["enrol", "--dir", self.arg(), "--name", name, "--json"]);
-        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-        Enrolment {
-            name: name.into(),
-            token: s("token"),
-            pin: s("fingerprint"),
-            signing_key: s("signing_key"),
-        }
+        self.enrol_as(name, "device")
     }
 
     /// `enrol --role aggregator --json`: a one-time token for an edge aggregator.
     pub fn enrol_aggregator(&self, name: &str) -> Enrolment {
+        self.enrol_as(name, "aggregator")
+    }
+
+    fn enrol_as(&self, name: &str, role: &str) -> Enrolment {
         let v = coordinator_json(&[
             "enrol",
             "--dir",
@@ -193,7 +190,7 @@ impl Coord {
             "--name",
             name,
             "--role",
-            "aggregator",
+            role,
             "--json",
         ]);
         let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
@@ -635,6 +632,26 @@ impl Device {
         assert!(status.success(), "status: {err}");
         serde_json::from_str(&out).expect("status JSON")
     }
+}
+
+/// Hamlet in `n` consecutive parts, one folder each (a device's text).
+pub fn split_play(dir: &Path, n: usize) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(root().join("assets/shakespeare/hamlet.txt"))
+        .expect("the shipped Hamlet text");
+    let lines: Vec<&str> = text.lines().collect();
+    let part = lines.len() / n;
+    (0..n)
+        .map(|i| {
+            let d = dir.join(format!("data{i}"));
+            std::fs::create_dir_all(&d).expect("creating a data folder");
+            std::fs::write(
+                d.join("text.txt"),
+                lines[i * part..(i + 1) * part].join("\n"),
+            )
+            .expect("writing device text");
+            d
+        })
+        .collect()
 }
 
 /// Hamlet (a play the shipped base model never saw) split in three consecutive parts; each part's first

@@ -6,9 +6,9 @@
 //! still hold the updates, the devices reconnect, the round completes with all six devices. The published versions equal those of a
 //! flat run of the same six devices (same data, same training seeds) up to float summation order.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use starling_tests::{http_get, root, Coord, Device, Edge, Proc, Serving};
+use starling_tests::{http_get, split_play, Coord, Device, Edge, Proc, Serving};
 
 const DEVICES: usize = 6;
 const ROUNDS: u64 = 2;
@@ -55,25 +55,6 @@ retry_after_ms = 200
 enabled = true
 "#;
 
-/// Hamlet in `n` consecutive parts, one folder each.
-fn split(dir: &Path, n: usize) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string(root().join("assets/shakespeare/hamlet.txt")).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    let part = lines.len() / n;
-    (0..n)
-        .map(|i| {
-            let d = dir.join(format!("data{i}"));
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(
-                d.join("text.txt"),
-                lines[i * part..(i + 1) * part].join("\n"),
-            )
-            .unwrap();
-            d
-        })
-        .collect()
-}
-
 fn run(device: &Device, data: &Path, i: usize) -> Proc {
     let seed = (1000 + i).to_string();
     device.run_with(data, None, &["--training-seed", &seed])
@@ -93,7 +74,7 @@ fn outcome(coord: &Coord) -> (Vec<Vec<f32>>, Vec<u64>) {
 }
 
 fn flat(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
-    let data = split(dir, DEVICES);
+    let data = split_play(dir, DEVICES);
     let coord = Coord::init(&dir.join("coord"), &format!("{COMMON}{FLAT}"));
     let enrolments: Vec<_> = (0..DEVICES)
         .map(|i| coord.enrol(&format!("device-{i}")))
@@ -116,7 +97,7 @@ fn flat(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
 }
 
 fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
-    let data = split(dir, DEVICES);
+    let data = split_play(dir, DEVICES);
     let coord = Coord::init(&dir.join("root"), &format!("{COMMON}{HIERARCHY}"));
     let tokens: Vec<_> = (0..DEVICES)
         .map(|i| coord.enrol(&format!("device-{i}")))

@@ -6,10 +6,10 @@
 //! acknowledged update lost. The run beside an uninterrupted one prints both times.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use starling_tests::{root, Coord, Device, Serving};
+use starling_tests::{split_play, Coord, Device, Serving};
 
 const DEVICES: usize = 5;
 const ROUNDS: u64 = 8;
@@ -38,25 +38,6 @@ alpha = 4.0
 targets = ["q", "v"]
 "#;
 
-/// Hamlet in `n` consecutive parts, one folder each.
-fn split(dir: &Path, n: usize) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string(root().join("assets/shakespeare/hamlet.txt")).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    let part = lines.len() / n;
-    (0..n)
-        .map(|i| {
-            let d = dir.join(format!("data{i}"));
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(
-                d.join("text.txt"),
-                lines[i * part..(i + 1) * part].join("\n"),
-            )
-            .unwrap();
-            d
-        })
-        .collect()
-}
-
 /// What one federation run left: published round ids with their update counts, and each device's
 /// acknowledged rounds.
 struct Outcome {
@@ -71,7 +52,7 @@ struct Outcome {
 }
 
 fn federation(dir: &Path, kills: usize, seed: u64) -> Outcome {
-    let data = split(dir, DEVICES);
+    let data = split_play(dir, DEVICES);
     let coord = Coord::init(&dir.join("coord"), CONFIG);
     let enrolments: Vec<_> = (0..DEVICES)
         .map(|i| coord.enrol(&format!("device-{i}")))

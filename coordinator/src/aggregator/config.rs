@@ -150,8 +150,7 @@ impl AggregatorConfig {
 
     /// The root's model-signing key.
     pub fn signing_key(&self) -> Result<[u8; 32], String> {
-        starling_protocol::from_hex(&self.root.signing_key)
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        starling_protocol::key_from_hex(&self.root.signing_key)
             .ok_or_else(|| "root.signing_key must be 64 hex digits".to_string())
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -36,9 +36,6 @@ pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The loop towards the root is stuck if silent this long.
-const STALL_MS: u64 = 30_000;
-
 /// The routes for `aggregator`.
 pub fn router(aggregator: Arc<Aggregator>) -> Router {
     Router::new()
@@ -50,25 +47,11 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
 }
 
 async fn healthz(State(a): State<Arc<Aggregator>>) -> Response {
-    if a.health.live(crate::service::now_ms(), STALL_MS) {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the loop towards the root has not run in 30 s\n",
-        )
-            .into_response()
-    }
+    crate::http::liveness(&a.health, "the loop towards the root")
 }
 
 async fn readyz(State(a): State<Arc<Aggregator>>) -> Response {
-    if a.health.ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else if a.health.draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
-    }
+    crate::http::readiness(&a.health)
 }
 
 async fn status(State(a): State<Arc<Aggregator>>) -> Response {

@@ -50,9 +50,7 @@ impl Digest {
 
     /// The digest written by [`Digest::to_hex`]; `None` for anything but 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Self> {
-        from_hex(s)
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .map(Self)
+        key_from_hex(s).map(Self)
     }
 }
 
@@ -77,6 +75,11 @@ pub fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// 32 bytes written as 64 hex digits (a digest, a public key); `None` for anything else.
+pub fn key_from_hex(s: &str) -> Option<[u8; 32]> {
+    from_hex(s).and_then(|b| <[u8; 32]>::try_from(b).ok())
 }
 
 /// Bytes from lower-case or upper-case hex; `None` for odd lengths or non-hex characters.
