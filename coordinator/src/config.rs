@@ -370,8 +370,9 @@ impl CoordinatorConfig {
 
     /// What a tier of aggregators cannot work with: a rule that needs every update (its result is not a
     /// function of partial sums; forwarding every update would make the root's work grow with devices
-    /// again), secure aggregation at the root (aggregators forward cleartext cohort sums; SecAgg+ per
-    /// cohort is not built yet), and user-level DP without the expected device count.
+    /// again), distributed DP with secure aggregation (then SecAgg+ runs per cohort at the aggregators,
+    /// and a cohort's sum would hold only part of the noise), and user-level DP without the expected
+    /// device count.
     fn validate_hierarchy(&self) -> Result<(), String> {
         let h = &self.hierarchy;
         if !h.enabled {
@@ -384,10 +385,11 @@ impl CoordinatorConfig {
                 self.strategy_words()
             ));
         }
-        if self.secure_aggregation.enabled {
+        if self.secure_aggregation.enabled && self.privacy.mode == DpPlacement::Distributed {
             return Err(
-                "secure_aggregation at the root does not combine with hierarchy: aggregators forward \
-                 their cohorts' sums"
+                "hierarchy with secure aggregation takes privacy.mode = off or central: under \
+                 distributed DP each cohort's sum would carry only its devices' noise shares, and the \
+                 root could not check a noisy partial sum's bound"
                     .into(),
             );
         }
@@ -411,14 +413,18 @@ impl CoordinatorConfig {
         if !sa.enabled {
             return Ok(());
         }
-        let Selection::Count(m) = self.rounds.selection else {
-            return Err(
+        // Behind edge aggregators SecAgg+ runs per cohort, each sized for its cohort (at least 3
+        // devices): [rounds] counts aggregators, and the root checks the settings for a round's devices.
+        let m = match self.rounds.selection {
+            _ if self.hierarchy.enabled => self.hierarchy.devices_per_round.max(3),
+            Selection::Count(m) => m,
+            Selection::Fraction(_) => return Err(
                 "secure_aggregation needs rounds.selection = { count = m }: the modulus and the \
                         neighbour graph are sized for a fixed cohort"
                     .into(),
-            );
+            ),
         };
-        if m < 3 || self.rounds.min_clients < 3 {
+        if !self.hierarchy.enabled && (m < 3 || self.rounds.min_clients < 3) {
             return Err(format!(
                 "secure_aggregation needs cohorts of at least 3 devices (a sum of two reveals each \
                  input to the other): rounds.selection count {m} and rounds.min_clients {} must be ≥ 3",
@@ -536,6 +542,45 @@ mod tests {
         assert_eq!(c.rounds.selection, crate::engine::Selection::Count(5));
         assert_eq!(c.rounds.rounds, Some(3));
         assert!(CoordinatorConfig::parse("[adapter]\ntargets = [\"qq\"]\n", "c").is_err());
+    }
+
+    #[test]
+    fn hierarchy_takes_secure_cohorts_but_not_distributed_noise_or_whole_update_rules() {
+        // Two aggregators a round; SecAgg+ runs per cohort at them, so the root's count is not a cohort.
+        let tree = "[rounds]\nmin_clients = 2\nselection = { count = 2 }\nmin_updates = 2\n\
+                    [hierarchy]\nenabled = true\n[secure_aggregation]\nenabled = true\n";
+        CoordinatorConfig::parse(tree, "c").unwrap();
+        // User-level DP needs the device count (DP-FedAvg's fixed denominator).
+        let err = CoordinatorConfig::parse(&format!("{tree}[privacy]\nmode = \"central\"\n"), "c")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("devices_per_round"), "{err}");
+        let central = tree.replace(
+            "enabled = true\n[secure",
+            "enabled = true\ndevices_per_round = 300\n[secure",
+        ) + "[privacy]\nmode = \"central\"\n";
+        CoordinatorConfig::parse(&central, "c").unwrap();
+        for (extra, word) in [
+            (
+                "[privacy]\nmode = \"distributed\"\n",
+                "privacy.mode = off or central",
+            ),
+            ("[strategy]\nkind = \"median\"\n", "needs every update"),
+            ("[secure_aggregation]\nvalue_bits = 40\n", "30 bits"),
+        ] {
+            let text = if extra.starts_with("[secure") {
+                tree.replace(
+                    "[secure_aggregation]\nenabled = true\n",
+                    "[secure_aggregation]\nenabled = true\nvalue_bits = 40\n",
+                )
+            } else {
+                format!("{tree}{extra}")
+            };
+            let err = CoordinatorConfig::parse(&text, "c")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(word), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -339,6 +339,32 @@ fn rebuild_ledger(
     Ok(Some(l))
 }
 
+/// A secure sum of `count` devices (words modulo `2^bits`) decoded with the `encoding` they used: the
+/// values and their total weight (the devices' count, or — with a `weight_cap` — the sum of the weights
+/// they masked as one more value). The root's secure round and an edge aggregator's secure cohort both
+/// decode with it.
+pub fn decode_secure_sum(
+    encoding: &starling_secagg::mask::Encoding,
+    weight_cap: u64,
+    sum: &[u32],
+    count: usize,
+    bits: u32,
+) -> RoundInput {
+    let mut sum = encoding.decode_sum(sum, bits);
+    let weight = if weight_cap > 0 {
+        let w = sum.pop().unwrap_or(0.0);
+        f64::from(w) / f64::from(encoding.clip)
+    } else {
+        count as f64
+    };
+    RoundInput::Sum {
+        sum,
+        count,
+        weight,
+        loss: None,
+    }
+}
+
 /// The one Task builder: round `round` of `manifest`'s version, due at `deadline`, with FedProx `mu` and,
 /// in a secure round, its parameters and the device's id in it.
 pub fn task(
@@ -463,19 +489,13 @@ impl RoundCore {
         params: &RoundParams,
     ) -> Result<RoundInput, CoreError> {
         let sa = &self.cfg.secure_aggregation;
-        let mut sum = sa.encoding(params.clients)?.decode_sum(sum, params.bits);
-        let weight = if sa.weight_cap > 0 {
-            let w = sum.pop().unwrap_or(0.0);
-            f64::from(w) / f64::from(sa.clip)
-        } else {
-            count as f64
-        };
-        Ok(RoundInput::Sum {
+        Ok(decode_secure_sum(
+            &sa.encoding(params.clients)?,
+            sa.weight_cap,
             sum,
             count,
-            weight,
-            loss: None,
-        })
+            params.bits,
+        ))
     }
 
     /// The partial sum an edge aggregator forwards for `updates` (deltas with their examples and

@@ -109,6 +109,35 @@ impl SecAggConfig {
     }
 }
 
+/// The parameters of an edge aggregator's cohort of `clients` devices in a round whose root handed the
+/// aggregator `template` (the root's secure-aggregation settings for the round: encoding, words, graph
+/// seed): the neighbour graph and threshold sized for the cohort (Bell et al.'s ≈ 3·log₂ n, a majority
+/// of the neighbours), the graph seed bound to the aggregator (`salt`: its key's fingerprint), and the
+/// fewest modulus bits a sum of `clients` encoded deltas cannot wrap. The aggregator keeps cohorts of
+/// at least 3 (a sum of two reveals each input to the other).
+pub fn cohort_params(
+    template: &starling_protocol::message::SecAggTask,
+    clients: usize,
+    salt: &[u8],
+) -> Result<RoundParams, SecAggError> {
+    let (neighbours, threshold) = default_params(clients);
+    let mut h = Sha256::new();
+    h.update(b"starling secagg cohort graph");
+    h.update(template.params.graph_seed);
+    h.update(salt);
+    let params = RoundParams {
+        round: template.params.round,
+        clients,
+        neighbours,
+        threshold,
+        graph_seed: h.finalize().into(),
+        len: template.params.len,
+        bits: Encoding::new(template.clip(), template.value_bits, clients)?.modulus_bits(),
+    };
+    params.graph()?;
+    Ok(params)
+}
+
 /// Where a secure round is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SecAggPhase {

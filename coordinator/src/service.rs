@@ -346,7 +346,8 @@ impl Coordinator {
         } else {
             cohort
         };
-        if cfg.secure_aggregation.enabled {
+        // Behind edge aggregators SecAgg+ runs per cohort there; the root's engine counts partial sums.
+        if cfg.secure_aggregation.enabled && !cfg.hierarchy.enabled {
             engine = engine.with_secure_aggregation(
                 cfg.secure_aggregation.clone(),
                 schema.num_params(),
@@ -741,10 +742,14 @@ impl Coordinator {
                 counted: ids.len(),
             });
         }
-        Ok(RoundInput::from_partials(
-            &partials,
-            self.schema.num_params(),
-        )?)
+        let mut input = RoundInput::from_partials(&partials, self.schema.num_params())?;
+        if let RoundInput::Sum { loss, .. } = &mut input {
+            // Secure cohorts forward no training losses (one more per-device signal).
+            if self.secure_cohorts().is_some() {
+                *loss = None;
+            }
+        }
+        Ok(input)
     }
 
     /// Whether `id` is the retry of an update or partial sum stored for a round that has closed since (its
@@ -753,6 +758,40 @@ impl Coordinator {
         match self.store.update_round(id) {
             Ok(Some(r)) => self.lock().engine.current().map(|c| c.id) != Some(r),
             _ => false,
+        }
+    }
+
+    /// Behind aggregators with `[secure_aggregation]`: each cohort's sum is of integer-encoded deltas
+    /// (SecAgg+ per cohort), each value within this quantum of the float delta.
+    fn secure_cohorts(&self) -> Option<SecureCohorts> {
+        let sa = &self.cfg.secure_aggregation;
+        if !(self.cfg.hierarchy.enabled && sa.enabled) {
+            return None;
+        }
+        let scale = sa.encoding(1).ok()?.scale;
+        Some(SecureCohorts {
+            quantum: 1.0 / scale,
+            len: self.schema.num_params(),
+        })
+    }
+
+    /// The secure-aggregation settings an edge aggregator runs its cohort's SecAgg+ with in `round`: the
+    /// parameters a round of `[hierarchy] devices_per_round` devices would get (encoding, words, graph
+    /// seed); the aggregator sizes the graph and the modulus for its own cohort
+    /// ([`crate::secagg::cohort_params`]).
+    fn cohort_template(&self, round: RoundId) -> Option<(starling_secagg::RoundParams, u32)> {
+        let sa = &self.cfg.secure_aggregation;
+        if !(self.cfg.hierarchy.enabled && sa.enabled) {
+            return None;
+        }
+        let n = self.cfg.hierarchy.devices_per_round.max(3);
+        match sa.params(self.cfg.rounds.seed, round, n, self.schema.num_params(), 0) {
+            Ok(p) => Some((p, 0)),
+            Err(e) => {
+                // Checked when the configuration loaded.
+                tracing::error!("secure-aggregation settings for round {}: {e}", round.0);
+                None
+            }
         }
     }
 
@@ -823,7 +862,8 @@ impl Coordinator {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        if let Err(why) = check_partial(&sum, header.count, header.weight, clip) {
+        let secure = self.secure_cohorts();
+        if let Err(why) = check_partial(&sum, header.count, header.weight, clip, secure) {
             bump(&self.metrics.updates_refused);
             return Response::error(ErrorCode::BadRequest, why);
         }
@@ -1191,9 +1231,29 @@ impl Coordinator {
 /// what the noise is calibrated for — each of its `count` devices weighs one and contributed a delta of
 /// norm at most `clip`, so the sum's norm is at most `count · clip`. A sum beyond that was not clipped as
 /// the round requires (a faulty or compromised aggregator) and would not be covered by the noise.
-fn check_partial(sum: &[f32], count: u32, weight: f64, clip: Option<f64>) -> Result<(), String> {
+/// What the root knows of partial sums made under SecAgg+ per cohort.
+#[derive(Debug, Clone, Copy)]
+struct SecureCohorts {
+    /// One integer step of the encoding: each encoded value is within it of the device's value.
+    quantum: f64,
+    /// Values in a delta.
+    len: usize,
+}
+
+fn check_partial(
+    sum: &[f32],
+    count: u32,
+    weight: f64,
+    clip: Option<f64>,
+    secure: Option<SecureCohorts>,
+) -> Result<(), String> {
     if let Some(i) = sum.iter().position(|v| !v.is_finite()) {
         return Err(format!("the partial sum's value {i} is not finite"));
+    }
+    if secure.is_some() && count < 3 {
+        return Err(format!(
+            "a secure cohort of {count} devices: a sum of fewer than 3 reveals their inputs"
+        ));
     }
     let Some(clip) = clip else {
         return Ok(());
@@ -1208,8 +1268,10 @@ fn check_partial(sum: &[f32], count: u32, weight: f64, clip: Option<f64>) -> Res
         .map(|v| f64::from(*v).powi(2))
         .sum::<f64>()
         .sqrt();
-    // f32 rounding of the clipped deltas and of their sum: a relative slack of 1e-4.
-    let bound = clip * f64::from(count) * (1.0 + 1e-4);
+    // f32 rounding of the clipped deltas and of their sum: a relative slack of 1e-4; under SecAgg+ each
+    // device's encoded delta is also within one integer step per value of its clipped delta.
+    let rounding = secure.map_or(0.0, |s| s.quantum * (s.len as f64).sqrt());
+    let bound = (clip + rounding) * f64::from(count) * (1.0 + 1e-4);
     if norm > bound {
         return Err(format!(
             "the partial sum's norm {norm:.6} exceeds its {count} devices × clip {clip}: its deltas \
@@ -1331,6 +1393,7 @@ impl Handler for Coordinator {
                         secagg,
                     } => {
                         bump(&self.metrics.tasks_offered);
+                        let secagg = secagg.or_else(|| self.cohort_template(round));
                         match self.store.model(model_version) {
                             Ok(Some(model)) => {
                                 let task =
@@ -1413,14 +1476,32 @@ mod tests {
     fn a_partial_sum_beyond_its_devices_clip_or_weight_is_refused() {
         // Two deltas of norm 1 (the clip) in the same direction: norm 2 = 2 devices × clip 1.
         let sum = [1.2f32, 1.6];
-        assert!(check_partial(&sum, 2, 2.0, Some(1.0)).is_ok());
-        let err = check_partial(&sum, 1, 1.0, Some(1.0)).unwrap_err();
+        assert!(check_partial(&sum, 2, 2.0, Some(1.0), None).is_ok());
+        let err = check_partial(&sum, 1, 1.0, Some(1.0), None).unwrap_err();
         assert!(err.contains("norm"), "{err}");
-        let err = check_partial(&sum, 2, 7.0, Some(1.0)).unwrap_err();
+        let err = check_partial(&sum, 2, 7.0, Some(1.0), None).unwrap_err();
         assert!(err.contains("weighs one"), "{err}");
         // DP off: FedAvg weights by examples, any norm.
-        assert!(check_partial(&[30.0, 40.0], 2, 70.0, None).is_ok());
-        let err = check_partial(&[f32::NAN, 0.0], 2, 2.0, None).unwrap_err();
+        assert!(check_partial(&[30.0, 40.0], 2, 70.0, None, None).is_ok());
+        let err = check_partial(&[f32::NAN, 0.0], 2, 2.0, None, None).unwrap_err();
         assert!(err.contains("value 0"), "{err}");
+    }
+
+    #[test]
+    fn a_secure_cohort_sum_has_its_rounding_slack_and_at_least_three_devices() {
+        use super::SecureCohorts;
+        // Three devices at the clip (norm 1 each, 4 values): the encoded values may sit one step
+        // (0.01) from the clipped ones, so their sum's norm may reach 3 × (1 + 0.01·√4).
+        let secure = Some(SecureCohorts {
+            quantum: 0.01,
+            len: 4,
+        });
+        let sum = [3.06f32, 0.0, 0.0, 0.0];
+        assert!(check_partial(&sum, 3, 3.0, Some(1.0), secure).is_ok());
+        assert!(check_partial(&sum, 3, 3.0, Some(1.0), None).is_err());
+        let err = check_partial(&[3.07, 0.0, 0.0, 0.0], 3, 3.0, Some(1.0), secure).unwrap_err();
+        assert!(err.contains("norm"), "{err}");
+        let err = check_partial(&[0.5, 0.0, 0.0, 0.0], 2, 2.0, None, secure).unwrap_err();
+        assert!(err.contains("fewer than 3"), "{err}");
     }
 }

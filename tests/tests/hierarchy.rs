@@ -5,6 +5,12 @@
 //! acknowledged but not forwarded, one with an update flushed but not yet acknowledged: their spools
 //! still hold the updates, the devices reconnect, the round completes with all six devices. The published versions equal those of a
 //! flat run of the same six devices (same data, same training seeds) up to float summation order.
+//!
+//! The second test runs the same with secure aggregation: each aggregator runs SecAgg+ with its cohort of
+//! three and forwards only the unmasked sum; both are killed mid-protocol (one with a masked input stored
+//! but not acknowledged, one with its sum unmasked but not forwarded) and resume from their spools. The
+//! result equals a flat secure run of the six devices (the devices' integer encodings are the same; only
+//! the decoding of two sums instead of one differs, by float rounding).
 
 use std::path::Path;
 
@@ -73,9 +79,15 @@ fn outcome(coord: &Coord) -> (Vec<Vec<f32>>, Vec<u64>) {
     (versions, counts)
 }
 
-fn flat(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
+/// SecAgg+ (at the root in the flat run, per cohort at the aggregators in the tree).
+const SECURE: &str = r#"
+[secure_aggregation]
+enabled = true
+"#;
+
+fn flat(dir: &Path, extra: &str) -> (Vec<Vec<f32>>, Vec<u64>) {
     let data = split_play(dir, DEVICES);
-    let coord = Coord::init(&dir.join("coord"), &format!("{COMMON}{FLAT}"));
+    let coord = Coord::init(&dir.join("coord"), &format!("{COMMON}{FLAT}{extra}"));
     let enrolments: Vec<_> = (0..DEVICES)
         .map(|i| coord.enrol(&format!("device-{i}")))
         .collect();
@@ -96,9 +108,9 @@ fn flat(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
     outcome(&coord)
 }
 
-fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
+fn hierarchical(dir: &Path, extra: &str) -> (Vec<Vec<f32>>, Vec<u64>) {
     let data = split_play(dir, DEVICES);
-    let coord = Coord::init(&dir.join("root"), &format!("{COMMON}{HIERARCHY}"));
+    let coord = Coord::init(&dir.join("root"), &format!("{COMMON}{HIERARCHY}{extra}"));
     let tokens: Vec<_> = (0..DEVICES)
         .map(|i| coord.enrol(&format!("device-{i}")))
         .collect();
@@ -124,9 +136,12 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
     // acknowledged — but not forwarded; edge-b right after it flushed its first update to the spool,
     // before the ack (the device sends it again to the restarted edge-b, which acknowledges it as a
     // duplicate).
+    // Under secure aggregation: edge-a once its cohort's sum is unmasked, not forwarded; edge-b right
+    // after a masked input was added to its stored sum, before the ack.
+    let points = ["aggregator-forwarding", "aggregator-update-spooled"];
     let mut running: Vec<_> = edges
         .iter()
-        .zip(["aggregator-forwarding", "aggregator-update-spooled"])
+        .zip(points)
         .map(|(e, point)| e.start_with(Some(point)))
         .collect();
     // Restarts keep the addresses the devices enrolled with.
@@ -144,10 +159,7 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
             run(&d, &data[i], i)
         })
         .collect();
-    for (i, point) in ["aggregator-forwarding", "aggregator-update-spooled"]
-        .iter()
-        .enumerate()
-    {
+    for (i, point) in points.iter().enumerate() {
         running[i].proc.wait_for(&format!("failpoint {point}"), 240);
         running[i].proc.kill_now();
         running[i] = edges[i].start();
@@ -177,6 +189,7 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
         let status: serde_json::Value = serde_json::from_str(&status).unwrap();
         assert_eq!(status["forwarded"], 2, "{status}");
         assert_eq!(status["roster_devices"], 6, "{status}");
+        assert_eq!(status["secure"], !extra.is_empty(), "{status}");
     }
     drop(procs);
     drop(running);
@@ -186,8 +199,22 @@ fn hierarchical(dir: &Path) -> (Vec<Vec<f32>>, Vec<u64>) {
 #[test]
 fn two_aggregators_killed_mid_round_publish_what_the_flat_run_publishes() {
     let tmp = tempfile::tempdir().unwrap();
-    let (flat_versions, flat_counts) = flat(&tmp.path().join("flat"));
-    let (tree_versions, tree_counts) = hierarchical(&tmp.path().join("tree"));
+    let flat_run = flat(&tmp.path().join("flat"), "");
+    let tree_run = hierarchical(&tmp.path().join("tree"), "");
+    compare(flat_run, tree_run, "hierarchy");
+}
+
+#[test]
+fn two_aggregators_running_secagg_per_cohort_publish_what_the_flat_secure_run_publishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flat_run = flat(&tmp.path().join("flat"), SECURE);
+    let tree_run = hierarchical(&tmp.path().join("tree"), SECURE);
+    compare(flat_run, tree_run, "secure-hierarchy");
+}
+
+/// The flat and the hierarchical runs' published versions, compared.
+fn compare(flat: (Vec<Vec<f32>>, Vec<u64>), tree: (Vec<Vec<f32>>, Vec<u64>), probe: &str) {
+    let ((flat_versions, flat_counts), (tree_versions, tree_counts)) = (flat, tree);
     assert_eq!(flat_counts, vec![6, 6], "the flat run: six devices a round");
     assert_eq!(
         tree_counts,
@@ -208,7 +235,7 @@ fn two_aggregators_killed_mid_round_publish_what_the_flat_run_publishes() {
             .filter(|(x, y)| x != y)
             .count();
         eprintln!(
-            "{{\"probe\":\"hierarchy\",\"version\":{},\"max_rel_diff\":{worst:e}}}",
+            "{{\"probe\":\"{probe}\",\"version\":{},\"max_rel_diff\":{worst:e}}}",
             v + 1
         );
         // Version 1: summation order only (the partial sums add the same terms in another grouping).

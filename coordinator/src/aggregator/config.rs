@@ -94,6 +94,10 @@ pub struct CohortConfig {
     pub roster_ms: u64,
     /// What devices are told when there is no work, ms.
     pub retry_after_ms: u64,
+    /// When the root's rounds are secure (SecAgg+ per cohort): the longest each phase after the keys
+    /// (shares, masked inputs, reveals) may stay open, ms; the keys phase closes 3 × this before the
+    /// cut-off at the latest.
+    pub secure_phase_ms: u64,
 }
 
 impl Default for CohortConfig {
@@ -106,6 +110,7 @@ impl Default for CohortConfig {
             poll_ms: 500,
             roster_ms: 2_000,
             retry_after_ms: 2_000,
+            secure_phase_ms: 15_000,
         }
     }
 }
@@ -130,9 +135,9 @@ impl AggregatorConfig {
         if c.size == 0 || c.min == 0 || c.min > c.size {
             return Err(invalid("cohort needs 1 ≤ min ≤ size"));
         }
-        if c.poll_ms == 0 || c.roster_ms == 0 {
+        if c.poll_ms == 0 || c.roster_ms == 0 || c.secure_phase_ms == 0 {
             return Err(invalid(
-                "cohort.poll_ms and cohort.roster_ms must be positive",
+                "cohort.poll_ms, cohort.roster_ms and cohort.secure_phase_ms must be positive",
             ));
         }
         let n = &cfg.network;
@@ -165,7 +170,8 @@ impl AggregatorConfig {
              #   enrol_per_address_per_minute (enrolment rate limit per address)\n\
              # [cohort] size (devices per round), min (fewest worth forwarding at the cut-off),\n\
              #   forward_margin_ms (cut-off before the root's deadline), quiet_ms (forward early once every\n\
-             #   device taken uploaded and none joined for this long), poll_ms, roster_ms, retry_after_ms\n\n{body}"
+             #   device taken uploaded and none joined for this long), poll_ms, roster_ms, retry_after_ms,\n\
+             #   secure_phase_ms (when the root's rounds are secure: each SecAgg+ phase after the keys)\n\n{body}"
         )
     }
 }

@@ -8,15 +8,21 @@
 //! key enrolled at the root with the aggregator role. The root's work per round then grows with
 //! aggregators, not devices.
 //!
-//! Trust: the aggregator sees its cohort's individual updates, as a flat root does (no secure aggregation
-//! here yet: a root with `[secure_aggregation]` refuses hierarchy); the root sees only sums of cohorts. It
-//! cannot forge models (devices verify the root's signature) nor enrol a key without a device token.
+//! When the root's rounds are secure (its task carries secure-aggregation settings), the aggregator runs
+//! SecAgg+ with its cohort ([`secure`]): it fixes the cohort, runs the phases, and forwards only the
+//! unmasked cohort sum.
+//!
+//! Trust: without secure aggregation the aggregator sees its cohort's individual updates, as a flat root
+//! does; with it, only its cohort's sum. The root sees only sums of cohorts. An aggregator cannot forge
+//! models (devices verify the root's signature) nor enrol a key without a device token; it can drop
+//! devices or forge its cohort's sum (the root bounds the sum's norm under DP, nothing more).
 //!
 //! What must never live here: round policy (the root's [`crate::round_core`]), aggregation rules beyond
 //! the cohort's sum, or protocol decoding (starling-protocol).
 
 pub mod config;
 pub mod http;
+pub mod secure;
 pub mod spool;
 
 use std::collections::{HashMap, HashSet};
@@ -29,7 +35,8 @@ use std::time::Duration;
 use starling_protocol::bulk::BulkHeader;
 use starling_protocol::manifest::ManifestVerifier;
 use starling_protocol::message::{
-    Ack, BlobKind, Decline, Enrol, EnrolFor, ErrorCode, ErrorReply, Forward, Message, NoTask, Task,
+    Ack, BlobKind, Decline, Enrol, EnrolFor, ErrorCode, ErrorReply, Forward, Message, NoTask,
+    SecAggRequest, SecAggTask, Task,
 };
 use starling_protocol::update::{decode_update, validate_update, UpdateLimits};
 use starling_protocol::{
@@ -41,10 +48,11 @@ use starling_transport::{
     Access, Authorizer, Client, Handler, Limits, Request, Response, Server, TransportError,
 };
 
-use crate::round_core::cohort_sum;
+use crate::round_core::{cohort_sum, PartialSum, RoundInput};
 use crate::strategy::ClientUpdate;
 pub use config::AggregatorConfig;
 use http::{bump, AggregatorMetrics};
+use secure::{CohortError, Masked, SecureCohort, Tick, MIN_SECURE_COHORT};
 use spool::{Spool, SpoolError, SpooledUpdate};
 
 /// Largest blob fetched from the root on devices' behalf (a base model bundle).
@@ -86,6 +94,9 @@ pub enum AggregatorError {
     /// The cohort's sum failed.
     #[error("summing the cohort: {0}")]
     Sum(#[from] crate::round_core::CoreError),
+    /// The secure cohort's parameters are unusable.
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] starling_secagg::SecAggError),
     /// A key file.
     #[error("key {path}: {detail}")]
     Key {
@@ -263,6 +274,10 @@ struct Round {
     forwarded: Option<RoundId>,
     /// When a device last joined the cohort (or the round was taken or resumed), system ms.
     last_join: u64,
+    /// The root's secure-aggregation settings for the round (its rounds are secure).
+    template: Option<SecAggTask>,
+    /// The secure cohort, once fixed.
+    secure: Option<SecureCohort>,
 }
 
 impl Round {
@@ -284,6 +299,8 @@ impl Default for Round {
             uploaded: HashSet::new(),
             forwarded: None,
             last_join: 0,
+            template: None,
+            secure: None,
         }
     }
 }
@@ -416,6 +433,8 @@ impl Aggregator {
                 .collect();
             round.schema = Some(manifest.adapter_schema);
             round.version = manifest.version;
+            round.template = task.secagg.clone();
+            round.secure = spool.secure(task.round)?;
             tracing::info!(
                 round = task.round.0,
                 selected = round.selected.len(),
@@ -468,6 +487,9 @@ impl Aggregator {
             "forwarded": r.forwarded.map(|f| f.0),
             "roster_generation": generation,
             "roster_devices": devices,
+            "secure": r.template.is_some(),
+            "secure_phase": r.secure.as_ref().filter(|_| open.is_some())
+                .map(|c| format!("{:?}", c.state.phase)),
             "ready": self.health.ready(),
         })
     }
@@ -616,6 +638,9 @@ impl Aggregator {
         let Some(task) = open else {
             return Ok(());
         };
+        if self.lock().template.is_some() {
+            return self.secure_step(&session, &task).await;
+        }
         let (uploaded, selected, last_join) = {
             let r = self.lock();
             (r.uploaded.len(), r.selected.len(), r.last_join)
@@ -628,31 +653,135 @@ impl Aggregator {
         let due = cohort.due(&self.cfg.cohort, now_ms(), self.cutoff(&task));
         if due == Due::Forward {
             crate::failpoint::hit("aggregator-forwarding");
-            self.forward(&session, &task).await?;
+            let partial = self.cohort_partial(&task)?;
+            self.forward(&session, &task, partial).await?;
         } else if due == Due::GiveUp {
-            tracing::warn!(
-                round = task.round.0,
-                uploaded,
-                min = self.cfg.cohort.min,
-                "too few devices by the cut-off: declining the round"
-            );
-            let declined = session
-                .decline(Decline {
-                    round: task.round,
-                    code: ErrorCode::Unavailable,
-                    reason: format!(
-                        "edge aggregator: {uploaded} of the {} devices needed",
-                        self.cfg.cohort.min
-                    ),
-                })
-                .await;
-            if let Err(e) = declined {
-                tracing::info!("declining round {}: {e}", task.round.0);
-            }
-            bump(&self.metrics.rounds_given_up);
-            self.close_round(task.round)?;
+            self.give_up(
+                &session,
+                &task,
+                format!(
+                    "edge aggregator: {uploaded} of the {} devices needed",
+                    self.cfg.cohort.min
+                ),
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// One pass over a secure round: fix the cohort once it is full, or quiet with enough devices; close
+    /// SecAgg+ phases; forward the unmasked sum, or decline the round when a phase fell short.
+    async fn secure_step(&self, session: &Session, task: &Task) -> Result<(), AggregatorError> {
+        let now = now_ms();
+        let c = &self.cfg.cohort;
+        let min = c.min.max(MIN_SECURE_COHORT);
+        let keys_deadline = self
+            .cutoff(task)
+            .saturating_sub(c.secure_phase_ms.saturating_mul(3));
+        let tick = {
+            let mut guard = self.lock();
+            let r = &mut *guard;
+            match r.secure.as_mut() {
+                None => {
+                    let n = r.selected.len();
+                    let quiet = now.saturating_sub(r.last_join) >= c.quiet_ms;
+                    if n >= min && (quiet || now >= keys_deadline) {
+                        self.fix_cohort(r, task)?;
+                        Tick::Wait
+                    } else if now >= keys_deadline {
+                        Tick::Failed(format!(
+                            "{n} devices asked for the secure round, {min} needed"
+                        ))
+                    } else {
+                        Tick::Wait
+                    }
+                }
+                Some(cohort) => {
+                    let mut next = cohort.clone();
+                    let tick = next.tick(now, c.secure_phase_ms, min);
+                    if let Tick::Phase(phase) = &tick {
+                        self.spool.put_secure(&next)?;
+                        tracing::info!(round = task.round.0, ?phase, "secure cohort phase");
+                        *cohort = next;
+                    }
+                    tick
+                }
+            }
+        };
+        match tick {
+            Tick::Wait | Tick::Phase(_) => Ok(()),
+            Tick::Unmasked(RoundInput::Sum {
+                sum, count, weight, ..
+            }) => {
+                crate::failpoint::hit("aggregator-forwarding");
+                let partial = PartialSum {
+                    sum,
+                    count,
+                    weight,
+                    // Secure cohorts forward no training losses (one more per-device signal).
+                    loss: 0.0,
+                };
+                self.forward(session, task, partial).await
+            }
+            Tick::Unmasked(RoundInput::Updates { .. }) => Ok(()),
+            Tick::Failed(why) => {
+                self.give_up(
+                    session,
+                    task,
+                    format!("edge aggregator, secure cohort: {why}"),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Fixes the secure cohort of `task`'s round as the devices taken so far, stored before any device
+    /// hears of it.
+    fn fix_cohort(&self, r: &mut Round, task: &Task) -> Result<(), AggregatorError> {
+        let Some(template) = &r.template else {
+            return Ok(());
+        };
+        let cohort = SecureCohort::fix(
+            task.round,
+            template,
+            r.selected.iter().copied().collect(),
+            &self.fingerprint.0,
+            self.cutoff(task),
+            self.cfg.cohort.secure_phase_ms,
+        )?;
+        self.spool.put_secure(&cohort)?;
+        tracing::info!(
+            round = task.round.0,
+            devices = cohort.roster.len(),
+            neighbours = cohort.task.params.neighbours,
+            threshold = cohort.task.params.threshold,
+            modulus_bits = cohort.task.params.bits,
+            "secure cohort fixed"
+        );
+        r.secure = Some(cohort);
+        Ok(())
+    }
+
+    /// Declines `task`'s round at the root with `reason` and closes it here.
+    async fn give_up(
+        &self,
+        session: &Session,
+        task: &Task,
+        reason: String,
+    ) -> Result<(), AggregatorError> {
+        tracing::warn!(round = task.round.0, "declining the round: {reason}");
+        let declined = session
+            .decline(Decline {
+                round: task.round,
+                code: ErrorCode::Unavailable,
+                reason,
+            })
+            .await;
+        if let Err(e) = declined {
+            tracing::info!("declining round {}: {e}", task.round.0);
+        }
+        bump(&self.metrics.rounds_given_up);
+        self.close_round(task.round)
     }
 
     /// Re-reads the root's roster if it changed.
@@ -699,6 +828,15 @@ impl Aggregator {
         r.last_join = now_ms();
         r.schema = Some(manifest.adapter_schema);
         r.version = manifest.version;
+        r.template = task.secagg.clone();
+        r.secure = None;
+        if r.template.is_some() && self.cfg.cohort.size < MIN_SECURE_COHORT {
+            tracing::warn!(
+                "the root's rounds are secure and cohort.size is {}: a secure cohort needs {}",
+                self.cfg.cohort.size,
+                MIN_SECURE_COHORT
+            );
+        }
         r.task = Some(Arc::new(task));
         Ok(())
     }
@@ -710,23 +848,20 @@ impl Aggregator {
         r.forwarded = Some(round);
         r.selected.clear();
         r.uploaded.clear();
+        r.secure = None;
         Ok(())
     }
 
-    /// Sums the spooled cohort of `task`'s round and forwards it; the round is closed here once the root
-    /// acknowledged it (or refused it for good).
-    async fn forward(&self, session: &Session, task: &Task) -> Result<(), AggregatorError> {
+    /// The weighted sum of the spooled cohort of `task`'s round ([`cohort_sum`], the root's own rule).
+    fn cohort_partial(&self, task: &Task) -> Result<PartialSum, AggregatorError> {
         let round = task.round;
-        let (schema, version) = {
-            let r = self.lock();
-            (r.schema.clone(), r.version)
-        };
-        let Some(schema) = schema else {
-            return Ok(());
-        };
+        let schema = self.lock().schema.clone().ok_or(AggregatorError::Task {
+            round,
+            detail: "no adapter schema".into(),
+        })?;
         let updates = self.spool.updates(round)?;
         let clip = task.dp.user.map(|u| u.clip());
-        let sum = tokio::task::block_in_place(|| {
+        tokio::task::block_in_place(|| {
             let mut decoded = Vec::with_capacity(updates.len());
             for u in &updates {
                 let d = decode_update(&u.body, &schema, &UpdateLimits::default())
@@ -746,7 +881,26 @@ impl Aggregator {
                 })
                 .collect();
             Ok::<_, AggregatorError>(cohort_sum(&views, clip)?)
-        })?;
+        })
+    }
+
+    /// Forwards the cohort's partial sum of `task`'s round; the round is closed here once the root
+    /// acknowledged it (or refused it for good).
+    async fn forward(
+        &self,
+        session: &Session,
+        task: &Task,
+        sum: PartialSum,
+    ) -> Result<(), AggregatorError> {
+        let round = task.round;
+        let (schema, version) = {
+            let r = self.lock();
+            (r.schema.clone(), r.version)
+        };
+        let Some(schema) = schema else {
+            return Ok(());
+        };
+        let clip = task.dp.user.map(|u| u.clip());
         let body: Vec<u8> = sum.sum.iter().flat_map(|v| v.to_le_bytes()).collect();
         let header = Forward {
             update_id: forward_id(&self.fingerprint, round),
@@ -804,6 +958,9 @@ impl Aggregator {
         if now >= self.cutoff(&task) {
             return wait(format!("round {} is closing here", task.round.0));
         }
+        if r.template.is_some() {
+            return self.secure_task_for(&mut r, &task, client, now);
+        }
         if r.uploaded.contains(&client) {
             return wait("update already received".into());
         }
@@ -828,6 +985,143 @@ impl Aggregator {
         let mut t = (*task).clone();
         t.deadline_unix_ms = self.cutoff(&task);
         Response::Message(Message::Task(Box::new(t)))
+    }
+
+    /// A device asks for work in a secure round: while the cohort forms it is taken and told to come
+    /// back; once the cohort is fixed (full, or quiet with enough devices) its members get the task with
+    /// their part in SecAgg+.
+    fn secure_task_for(
+        &self,
+        r: &mut Round,
+        task: &Arc<Task>,
+        client: Fingerprint,
+        now: u64,
+    ) -> Response {
+        let wait = |retry_after_ms, reason: String| {
+            Response::Message(Message::NoTask(NoTask {
+                retry_after_ms,
+                reason,
+            }))
+        };
+        let size = self.cfg.cohort.size.max(MIN_SECURE_COHORT);
+        if r.secure.is_none() && !r.selected.contains(&client) {
+            if let Err(e) = self.spool.select(task.round, &client) {
+                tracing::error!("spooling a cohort entry: {e}");
+                return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+            }
+            r.selected.insert(client);
+            r.last_join = now;
+            tracing::info!(
+                round = task.round.0,
+                client = %client,
+                "device {} of {size} taken into the secure cohort",
+                r.selected.len(),
+            );
+            if r.selected.len() >= size {
+                if let Err(e) = self.fix_cohort(r, task) {
+                    tracing::error!("fixing the secure cohort: {e}");
+                    return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+                }
+            }
+        }
+        let Some(cohort) = &r.secure else {
+            return wait(
+                self.cfg.cohort.retry_after_ms.min(1_000),
+                format!(
+                    "round {}'s secure cohort is forming here: {} of {size} devices",
+                    task.round.0,
+                    r.selected.len()
+                ),
+            );
+        };
+        match cohort.task_for(&client) {
+            Some(sa) => {
+                let mut t = (**task).clone();
+                t.deadline_unix_ms = cohort.cutoff;
+                t.secagg = Some(sa);
+                Response::Message(Message::Task(Box::new(t)))
+            }
+            None if cohort.id(&client).is_some() => wait(
+                self.cfg.cohort.retry_after_ms,
+                format!("round {}'s secure phases are under way", task.round.0),
+            ),
+            None => wait(
+                self.cfg.cohort.retry_after_ms,
+                format!("round {}'s secure cohort here is full", task.round.0),
+            ),
+        }
+    }
+
+    /// A device's SecAgg+ step in the open secure round; a change is stored before the device hears of it.
+    fn secagg(&self, client: Fingerprint, request: SecAggRequest) -> Response {
+        let mut guard = self.lock();
+        let r = &mut *guard;
+        let open = r.open().map(|t| t.round);
+        let Some(cohort) = r
+            .secure
+            .as_mut()
+            .filter(|c| open == Some(c.round) && c.round == request.round)
+        else {
+            return Response::error(
+                ErrorCode::LateUpdate,
+                format!("no secure round {} is open here", request.round.0),
+            );
+        };
+        let mut next = cohort.clone();
+        let retry = self.cfg.cohort.retry_after_ms.min(1_000);
+        match next.step(&client, request.step, retry) {
+            Ok(outcome) => {
+                if outcome.changed {
+                    if let Err(e) = self.spool.put_secure(&next) {
+                        tracing::error!("spooling the secure cohort: {e}");
+                        return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+                    }
+                    *cohort = next;
+                    self.wake.notify_one();
+                }
+                Response::Message(Message::SecAggReply(Box::new(outcome.reply)))
+            }
+            Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+        }
+    }
+
+    /// A device's masked input in a secure round: added to the cohort's masked sum, which is stored and
+    /// flushed before the ack.
+    fn take_masked(
+        &self,
+        r: &mut Round,
+        client: Fingerprint,
+        update_id: UpdateId,
+        body: &[u8],
+    ) -> Response {
+        let ack = |duplicate| {
+            Response::Message(Message::Ack(Ack {
+                update_id,
+                duplicate,
+            }))
+        };
+        let Some(cohort) = r.secure.as_mut() else {
+            return Response::error(ErrorCode::BadRequest, "not in this round's secure cohort");
+        };
+        let mut next = cohort.clone();
+        match next.masked(&client, body, now_ms()) {
+            Ok(Masked::Duplicate) => ack(true),
+            Ok(Masked::New) => {
+                if let Err(e) = self.spool.put_secure(&next) {
+                    tracing::error!("spooling a masked input: {e}");
+                    return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+                }
+                crate::failpoint::hit("aggregator-update-spooled");
+                *cohort = next;
+                r.uploaded.insert(client);
+                self.wake.notify_one();
+                ack(false)
+            }
+            Err(e @ CohortError::Closed(_)) => {
+                Response::error(ErrorCode::LateUpdate, e.to_string())
+            }
+            Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+        }
     }
 
     /// A device's update: checked against the open round and the task's schema, spooled and flushed
@@ -898,6 +1192,9 @@ impl Aggregator {
         if header.schema != schema.hash() {
             return Response::error(ErrorCode::SchemaMismatch, "another adapter schema");
         }
+        if r.template.is_some() {
+            return self.take_masked(&mut r, client, header.update_id, body);
+        }
         if !r.selected.contains(&client) {
             return Response::error(ErrorCode::BadRequest, "not in this round's cohort");
         }
@@ -942,7 +1239,17 @@ impl Aggregator {
     fn decline(&self, client: Fingerprint, d: &Decline) -> Response {
         tracing::warn!(client = %client, round = d.round.0, code = %d.code, "task declined: {}", d.reason);
         let mut r = self.lock();
-        if r.open().is_some_and(|t| t.round == d.round) && r.selected.remove(&client) {
+        let open = r.open().is_some_and(|t| t.round == d.round);
+        if let Some(cohort) = r.secure.as_mut().filter(|_| open) {
+            let mut next = cohort.clone();
+            if next.decline(&client) {
+                if let Err(e) = self.spool.put_secure(&next) {
+                    tracing::error!("spooling a decline: {e}");
+                } else {
+                    *cohort = next;
+                }
+            }
+        } else if open && r.selected.remove(&client) {
             if let Err(e) = self.spool.unselect(d.round, &client) {
                 tracing::error!("spooling a decline: {e}");
             }
@@ -1064,10 +1371,7 @@ impl Handler for Aggregator {
             Request::Fetch(f) => self.fetch(f.version, f.kind).await,
             Request::Decline(d) => self.decline(client, &d),
             Request::Upload { header, body } => self.upload(client, &header, &body),
-            Request::SecAgg(_) => Response::error(
-                ErrorCode::BadRequest,
-                "secure aggregation is not available behind an edge aggregator",
-            ),
+            Request::SecAgg(r) => self.secagg(client, *r),
             Request::Forward { .. } | Request::EnrolFor(_) | Request::Roster(_) => Response::error(
                 ErrorCode::BadRequest,
                 "an edge aggregator serves devices, not aggregators",

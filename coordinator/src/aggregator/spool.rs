@@ -1,6 +1,6 @@
 //! The edge aggregator's durable state in sled: the root's task for the open round, the devices it took
 //! into that round's cohort, their updates (stored and flushed before a device gets its ack), the last
-//! round forwarded, and the copy of the root's roster. An aggregator killed at any instant restarts with
+//! round forwarded, the copy of the root's roster, and a secure cohort's SecAgg+ state. An aggregator killed at any instant restarts with
 //! every acknowledged update and forwards them. What must never live here: decisions (when to forward,
 //! whom to take) — those are the service's.
 
@@ -10,6 +10,8 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use starling_protocol::message::Task;
 use starling_protocol::{Fingerprint, Message, RoundId, UpdateId};
+
+use super::secure::SecureCohort;
 
 /// Format version of the spool, checked at open.
 const FORMAT: u32 = 1;
@@ -130,6 +132,7 @@ impl Spool {
     /// Takes a new round's task; the cohort and updates of any earlier round are dropped (flushed).
     pub fn put_task(&self, task: &Task) -> Result<(), SpoolError> {
         self.drop_rounds_before(task.round)?;
+        self.meta.remove("secure")?;
         self.meta
             .insert("task", Message::Task(Box::new(task.clone())).encode())?;
         self.db.flush()?;
@@ -154,6 +157,7 @@ impl Spool {
     /// Records `round` as forwarded (or given up) and drops its cohort and updates (flushed).
     pub fn set_forwarded(&self, round: RoundId) -> Result<(), SpoolError> {
         self.meta.insert("forwarded", &round.0.to_be_bytes())?;
+        self.meta.remove("secure")?;
         self.db.flush()?;
         self.drop_rounds_before(RoundId(round.0 + 1))?;
         self.db.flush()?;
@@ -222,6 +226,23 @@ impl Spool {
             .scan_prefix(round.0.to_be_bytes())
             .map(|kv| decode(&kv?.1, "update"))
             .collect()
+    }
+
+    /// The secure cohort of `round` (SecAgg+ state: keys, ciphertexts, the masked sum, reveals), if one
+    /// was fixed.
+    pub fn secure(&self, round: RoundId) -> Result<Option<SecureCohort>, SpoolError> {
+        let Some(raw) = self.meta.get("secure")? else {
+            return Ok(None);
+        };
+        let c: SecureCohort = decode(&raw, "secure cohort")?;
+        Ok((c.round == round).then_some(c))
+    }
+
+    /// Stores (and flushes) the secure cohort after a change, before the device hears of it.
+    pub fn put_secure(&self, cohort: &SecureCohort) -> Result<(), SpoolError> {
+        self.meta.insert("secure", encode(cohort))?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// The copy of the root's roster: its generation and the active devices.
