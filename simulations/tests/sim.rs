@@ -189,6 +189,48 @@ scale = 4.0
     eprintln!("adapter distance from the clean run: FedAvg {d_fedavg}, trimmed mean {d_robust}");
 }
 
+/// Colluders sending one shared vector (the last step reversed): Krum, which rewards updates that sit
+/// close together, picks theirs — round 2 undoes round 1 and the model is back at its base — while the
+/// trimmed mean cuts them away and learns.
+#[test]
+fn colluders_steer_krum_back_to_the_base_model_and_the_trimmed_mean_resists() {
+    let base = |extra: &str| {
+        let mut s = small(&format!(
+            "[attack]\nfraction = 0.2\nkind = \"collude\"\nscale = 1.0\n{extra}"
+        ));
+        s.simulation.rounds = 2;
+        s.data.clients = 20;
+        s.simulation.clients_per_round = sim::scenario::PerRound::Count(20);
+        s.task.local_steps = 5;
+        s.task.learning_rate = 0.01;
+        s
+    };
+    let krum = run(
+        &base("[strategy]\nkind = \"krum\"\nbyzantine = 4\n"),
+        Transport::Memory,
+    );
+    let trimmed = run(
+        &base("[strategy]\nkind = \"trimmed-mean\"\ntrim_beta = 0.2\n"),
+        Transport::Memory,
+    );
+    assert_eq!(krum.summary.attackers, 4);
+    let loss = |o: &Outcome, r: usize| o.rounds[r].test_loss.unwrap();
+    eprintln!(
+        "test loss by round: krum {:?}, trimmed mean {:?}",
+        (0..3).map(|r| loss(&krum, r)).collect::<Vec<_>>(),
+        (0..3).map(|r| loss(&trimmed, r)).collect::<Vec<_>>()
+    );
+    assert!(
+        (loss(&krum, 2) - loss(&krum, 0)).abs() < 1e-4 * loss(&krum, 0),
+        "Krum took the colluders' vector: round 2 undid round 1"
+    );
+    assert!((loss(&krum, 1) - loss(&krum, 0)).abs() > 1e-3);
+    assert!(
+        loss(&trimmed, 2) < loss(&trimmed, 0),
+        "the trimmed mean learns under the same attack"
+    );
+}
+
 #[test]
 fn rounds_complete_with_thirty_percent_dropouts() {
     let s = small(

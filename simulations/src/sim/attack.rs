@@ -1,4 +1,5 @@
-//! Adversarial devices: what an attacker's update becomes (sign flip, scaling, noise) and the corrupted text
+//! Adversarial devices: what an attacker's update becomes (sign flip, scaling, noise, a colluders' shared
+//! vector) and the corrupted text
 //! it may train on instead. What must never live here: which devices attack (the scenario says) or how
 //! the coordinator defends (its strategies).
 
@@ -39,6 +40,12 @@ impl Sim<'_> {
                     *x = (data::normal(&mut rng) * rms * f64::from(s)) as f32;
                 }
             }
+            AttackKind::Collude => match self.last_step(manifest.version)? {
+                Some(step) if step.len() == delta.len() => {
+                    delta = step.into_iter().map(|x| -s * x).collect();
+                }
+                _ => delta.iter_mut().for_each(|x| *x *= -s),
+            },
             AttackKind::CorruptText => {}
         }
         let mut rng = ChaCha20Rng::seed_from_u64(derive(self.seed, "attack-enc", c as u64, round));
@@ -49,6 +56,25 @@ impl Sim<'_> {
             }
             None => encode_update(schema, &delta, task.encoding, &mut rng)?,
         })
+    }
+}
+
+impl Sim<'_> {
+    /// The step that published `version`, v − (v − 1), from the coordinator's public models (what any
+    /// device can fetch); `None` for the first version.
+    fn last_step(&self, version: ModelVersion) -> Result<Option<Vec<f32>>, SimError> {
+        let Some(previous) = version.0.checked_sub(1).map(ModelVersion) else {
+            return Ok(None);
+        };
+        let store = self.coord.store();
+        let (Some(now), Some(before)) = (store.model(version)?, store.model(previous)?) else {
+            return Ok(None);
+        };
+        let (now, before) = (
+            adapter_values(&now.adapter)?,
+            adapter_values(&before.adapter)?,
+        );
+        Ok(Some(now.iter().zip(&before).map(|(a, b)| a - b).collect()))
     }
 }
 

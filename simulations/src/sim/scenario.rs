@@ -246,6 +246,11 @@ pub enum AttackKind {
     Noise,
     /// Trains honestly on corrupted text (bytes shuffled within each line).
     CorruptText,
+    /// Colluders send one shared vector: the model's last published step reversed and times scale,
+    /// −scale × (v_t − v_{t−1}), computed from public models — identical for every colluder without a
+    /// channel between them (the inner-product manipulation of Xie et al., 2020). Identical updates
+    /// are what Krum rewards. In the first round, with no step yet, its own delta sign-flipped.
+    Collude,
 }
 
 /// The `[attack]` table.
