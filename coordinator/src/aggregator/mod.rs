@@ -968,23 +968,41 @@ impl Aggregator {
             if r.selected.len() >= self.cfg.cohort.size {
                 return wait(format!("round {}'s cohort here is full", task.round.0));
             }
-            if let Err(e) = self.spool.select(task.round, &client) {
-                tracing::error!("spooling a cohort entry: {e}");
-                return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+            if let Err(refused) = self.take_into_cohort(&mut r, task.round, client, now, "cohort") {
+                return refused;
             }
-            r.selected.insert(client);
-            r.last_join = now;
-            tracing::info!(
-                round = task.round.0,
-                client = %client,
-                "device {} of {} taken into the cohort",
-                r.selected.len(),
-                self.cfg.cohort.size
-            );
         }
         let mut t = (*task).clone();
         t.deadline_unix_ms = self.cutoff(&task);
         Response::Message(Message::Task(Box::new(t)))
+    }
+
+    /// Takes `client` into `round`'s cohort (stored first); the answer for the device if storage failed.
+    fn take_into_cohort(
+        &self,
+        r: &mut Round,
+        round: RoundId,
+        client: Fingerprint,
+        now: u64,
+        what: &str,
+    ) -> Result<(), Response> {
+        if let Err(e) = self.spool.select(round, &client) {
+            tracing::error!("spooling a cohort entry: {e}");
+            return Err(Response::error(
+                ErrorCode::Unavailable,
+                "storage failed; retry",
+            ));
+        }
+        r.selected.insert(client);
+        r.last_join = now;
+        tracing::info!(
+            round = round.0,
+            client = %client,
+            "device {} of {} taken into the {what}",
+            r.selected.len(),
+            self.cfg.cohort.size
+        );
+        Ok(())
     }
 
     /// A device asks for work in a secure round: while the cohort forms it is taken and told to come
@@ -1005,18 +1023,10 @@ impl Aggregator {
         };
         let size = self.cfg.cohort.size.max(MIN_SECURE_COHORT);
         if r.secure.is_none() && !r.selected.contains(&client) {
-            if let Err(e) = self.spool.select(task.round, &client) {
-                tracing::error!("spooling a cohort entry: {e}");
-                return Response::error(ErrorCode::Unavailable, "storage failed; retry");
+            if let Err(refused) = self.take_into_cohort(r, task.round, client, now, "secure cohort")
+            {
+                return refused;
             }
-            r.selected.insert(client);
-            r.last_join = now;
-            tracing::info!(
-                round = task.round.0,
-                client = %client,
-                "device {} of {size} taken into the secure cohort",
-                r.selected.len(),
-            );
             if r.selected.len() >= size {
                 if let Err(e) = self.fix_cohort(r, task) {
                     tracing::error!("fixing the secure cohort: {e}");
