@@ -514,7 +514,8 @@ impl CoordinatorConfig {
              #   value_bits, phase_timeout_ms, weight_cap (0 = equal weights) — needs selection = {{ count = m }}, min_clients ≥ 3 and a\n\
              #   linear strategy\n\
              # [hierarchy] enabled (devices connect to edge aggregators; [rounds] then counts aggregators),\n\
-             #   devices_per_round (DP-FedAvg's denominator under user-level DP)\n\n{body}"
+             #   devices_per_round (DP-FedAvg's denominator under user-level DP); with [secure_aggregation]\n\
+             #   each aggregator runs SecAgg+ with its own cohort\n\n{body}"
         )
     }
 }
