@@ -189,6 +189,63 @@ scale = 4.0
     eprintln!("adapter distance from the clean run: FedAvg {d_fedavg}, trimmed mean {d_robust}");
 }
 
+/// `[topology] aggregators = 2`: the same eight devices behind two real edge aggregators (four each) in
+/// front of the root in hierarchical mode publish what the flat federation publishes, up to float
+/// summation order — every device takes part in every round either way.
+#[test]
+fn devices_behind_two_edge_aggregators_publish_what_the_flat_federation_publishes() {
+    let everyone = |extra: &str| {
+        let mut s = small(extra);
+        s.data.clients = 8;
+        s.simulation.clients_per_round = sim::scenario::PerRound::Count(8);
+        s.rounds.min_updates = 8;
+        s
+    };
+    let flat = run(&everyone(""), Transport::Memory);
+    let tree = run(
+        &everyone("[topology]\naggregators = 2\nquiet_ms = 600000\n"),
+        Transport::Memory,
+    );
+    assert_eq!(tree.summary.rounds, 3);
+    for (a, b) in flat.rounds.iter().zip(&tree.rounds).skip(1) {
+        assert_eq!(b.participants, 8, "eight devices in round {}", b.round);
+        assert_eq!(a.participants, b.participants);
+        let (x, y) = (a.test_loss.unwrap(), b.test_loss.unwrap());
+        assert!((x - y).abs() < 1e-5 * x, "round {}: {x} vs {y}", a.round);
+    }
+    let worst = flat
+        .final_adapter
+        .iter()
+        .zip(&tree.final_adapter)
+        .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+        .fold(0f32, f32::max);
+    eprintln!("{{\"probe\":\"sim-topology\",\"max_rel_diff\":{worst:e}}}");
+    assert!(worst < 1e-4, "flat and hierarchical differ by {worst}");
+    // The same topology twice is the same run.
+    let again = run(
+        &everyone("[topology]\naggregators = 2\nquiet_ms = 600000\n"),
+        Transport::Memory,
+    );
+    assert_eq!(again.summary.adapter_digests, tree.summary.adapter_digests);
+    // Not over QUIC, and not more aggregators than devices a round.
+    let err = sim::run(
+        &everyone("[topology]\naggregators = 2\n"),
+        &RunOptions {
+            transport: Transport::Quic,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("in-memory"), "{err}");
+    let mut nine = everyone("");
+    nine.topology.aggregators = 9;
+    let err = sim::run(&nine, &RunOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("every aggregator needs a device"),
+        "{err}"
+    );
+}
+
 /// Colluders sending one shared vector (the last step reversed): Krum, which rewards updates that sit
 /// close together, picks theirs — round 2 undoes round 1 and the model is back at its base — while the
 /// trimmed mean cuts them away and learns.

@@ -24,6 +24,7 @@ pub mod config;
 pub mod http;
 pub mod secure;
 pub mod spool;
+pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -43,7 +44,7 @@ use starling_protocol::{
     AdapterSchema, Digest, EnrolmentToken, Fingerprint, ModelVersion, RoundId, SigningIdentity,
     UpdateId,
 };
-use starling_transport::client::{Session, TaskReply};
+use starling_transport::client::TaskReply;
 use starling_transport::{
     Access, Authorizer, Client, Handler, Limits, Request, Response, Server, TransportError,
 };
@@ -54,6 +55,7 @@ pub use config::AggregatorConfig;
 use http::{bump, AggregatorMetrics};
 use secure::{CohortError, Masked, SecureCohort, Tick, MIN_SECURE_COHORT};
 use spool::{Spool, SpoolError, SpooledUpdate};
+use upstream::{Up, Upstream};
 
 /// Largest blob fetched from the root on devices' behalf (a base model bundle).
 const MAX_BLOB: u64 = 16 << 30;
@@ -359,10 +361,11 @@ pub struct Aggregator {
     spool: Spool,
     fingerprint: Fingerprint,
     root_key: [u8; 32],
-    client: Client,
+    upstream: Upstream,
+    clock: crate::service::Clock,
+    roster_due: AtomicU64,
     round: Mutex<Round>,
     roster: RwLock<(u64, HashSet<Fingerprint>)>,
-    upstream: tokio::sync::Mutex<Option<Arc<Session>>>,
     cache: Mutex<Cache>,
     latest: AtomicU64,
     wake: tokio::sync::Notify,
@@ -378,11 +381,6 @@ impl std::fmt::Debug for Aggregator {
             .field("fingerprint", &self.fingerprint)
             .finish()
     }
-}
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    crate::service::now_ms()
 }
 
 /// The id of an aggregator's partial sum for a round: the same after a restart, so a resend is a
@@ -408,14 +406,50 @@ impl Aggregator {
         let layout = AggregatorLayout::new(dir);
         let cfg = AggregatorConfig::load(&layout.config())?;
         let key = read_key(&layout.tls_key())?;
-        let spool = Spool::open(&layout.spool())?;
         let pin = cfg.pin().map_err(AggregatorError::Setting)?;
-        let root_key = cfg.signing_key().map_err(AggregatorError::Setting)?;
         let client = Client::new(&key, pin, resolve(&cfg.root.address)?, limits())?
             .with_software(format!("starling-aggregator {}", env!("CARGO_PKG_VERSION")));
+        let upstream = Upstream::Quic {
+            client: Box::new(client),
+            session: tokio::sync::Mutex::new(None),
+        };
+        Self::with_upstream(
+            layout,
+            cfg,
+            key.fingerprint(),
+            upstream,
+            crate::service::Clock::System,
+        )
+    }
+
+    /// An aggregator in front of a root in this process (the simulator's `[topology]`): its spool in
+    /// `dir`, its configuration `cfg` (the root's address and pin unused), `key` enrolled at `root` under
+    /// the aggregator role, time read from `clock`. It runs no endpoints and no loop of its own: its
+    /// driver calls [`Handler::handle`] for devices and [`Aggregator::poll`] for the work towards the root.
+    pub fn local(
+        dir: &Path,
+        cfg: AggregatorConfig,
+        key: &SigningIdentity,
+        root: Arc<crate::service::Coordinator>,
+        clock: crate::service::Clock,
+    ) -> Result<Self, AggregatorError> {
+        let me = key.fingerprint();
+        let upstream = Upstream::Local { root, me };
+        Self::with_upstream(AggregatorLayout::new(dir), cfg, me, upstream, clock)
+    }
+
+    fn with_upstream(
+        layout: AggregatorLayout,
+        cfg: AggregatorConfig,
+        fingerprint: Fingerprint,
+        upstream: Upstream,
+        clock: crate::service::Clock,
+    ) -> Result<Self, AggregatorError> {
+        let spool = Spool::open(&layout.spool())?;
+        let root_key = cfg.signing_key().map_err(AggregatorError::Setting)?;
         let mut round = Round {
             forwarded: spool.forwarded()?,
-            last_join: now_ms(),
+            last_join: clock.now(),
             ..Round::default()
         };
         if let Some(task) = spool.task()? {
@@ -451,12 +485,13 @@ impl Aggregator {
             cfg,
             layout,
             spool,
-            fingerprint: key.fingerprint(),
+            fingerprint,
             root_key,
-            client,
+            upstream,
+            clock,
+            roster_due: AtomicU64::new(0),
             round: Mutex::new(round),
             roster: RwLock::new(roster),
-            upstream: tokio::sync::Mutex::new(None),
             cache: Mutex::new(Cache::default()),
             latest: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
@@ -504,25 +539,26 @@ impl Aggregator {
             .saturating_sub(self.cfg.cohort.forward_margin_ms)
     }
 
-    /// The session with the root, opened if there is none.
-    async fn session(&self) -> Result<Arc<Session>, AggregatorError> {
-        let mut up = self.upstream.lock().await;
-        if let Some(s) = up.as_ref() {
-            if s.connection().close_reason().is_none() {
-                return Ok(s.clone());
+    /// The time on this aggregator's clock, ms since the Unix epoch.
+    fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// The way to the root, opened if it is not.
+    async fn session(&self) -> Result<Up, AggregatorError> {
+        let (up, opened) = self.upstream.open().await?;
+        if let Some(latest) = opened {
+            self.latest.fetch_max(latest.0, Ordering::Relaxed);
+            if matches!(up, Up::Session(_)) {
+                tracing::info!(root = %self.cfg.root.address, "connected to the root");
             }
         }
-        let s = Arc::new(self.client.connect().await?);
-        self.latest
-            .fetch_max(s.welcome().latest_model.0, Ordering::Relaxed);
-        tracing::info!(root = %self.cfg.root.address, "connected to the root");
-        *up = Some(s.clone());
-        Ok(s)
+        Ok(up)
     }
 
     /// Forgets a session that failed (the next call reconnects).
     async fn reset_session(&self) {
-        *self.upstream.lock().await = None;
+        self.upstream.reset().await;
     }
 
     /// Runs the device endpoints and the work towards the root until `shutdown` resolves, then drains.
@@ -592,7 +628,7 @@ impl Aggregator {
         if left > 0 {
             tracing::warn!(left, "exchanges still in flight when the drain ended");
         }
-        self.client.close().await;
+        self.upstream.close().await;
         let _ = stop_http.send(());
         if let Some((_, task)) = http {
             let _ = task.await;
@@ -604,11 +640,10 @@ impl Aggregator {
     /// Towards the root, forever: keep the roster fresh, take each round's task, forward each cohort.
     async fn upstream_loop(self: Arc<Self>) {
         let poll = Duration::from_millis(self.cfg.cohort.poll_ms);
-        let mut roster_due = 0u64;
         let mut failures = 0u32;
         loop {
-            self.health.ticked(now_ms());
-            match self.step(&mut roster_due).await {
+            self.health.ticked(self.now());
+            match self.poll().await {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -623,15 +658,18 @@ impl Aggregator {
         }
     }
 
-    /// One pass of the upstream loop.
-    async fn step(&self, roster_due: &mut u64) -> Result<(), AggregatorError> {
+    /// One pass of the work towards the root (the serving loop runs it every `poll_ms`; an in-process
+    /// driver calls it itself): re-read the roster when due, take the root's task for a new round, and
+    /// forward the cohort (or decline the round) when its rule says so.
+    pub async fn poll(&self) -> Result<(), AggregatorError> {
         let session = self.session().await?;
-        let now = now_ms();
-        if now >= *roster_due {
+        let now = self.now();
+        if now >= self.roster_due.load(Ordering::Relaxed) {
             self.refresh_roster(&session).await?;
-            *roster_due = now + self.cfg.cohort.roster_ms;
+            self.roster_due
+                .store(now + self.cfg.cohort.roster_ms, Ordering::Relaxed);
         }
-        if let TaskReply::Task(task) = session.request_task(None).await? {
+        if let TaskReply::Task(task) = session.request_task().await? {
             self.take_task(*task)?;
         }
         let open = self.lock().open().cloned();
@@ -650,7 +688,7 @@ impl Aggregator {
             selected,
             last_join,
         };
-        let due = cohort.due(&self.cfg.cohort, now_ms(), self.cutoff(&task));
+        let due = cohort.due(&self.cfg.cohort, self.now(), self.cutoff(&task));
         if due == Due::Forward {
             crate::failpoint::hit("aggregator-forwarding");
             let partial = self.cohort_partial(&task)?;
@@ -671,8 +709,8 @@ impl Aggregator {
 
     /// One pass over a secure round: fix the cohort once it is full, or quiet with enough devices; close
     /// SecAgg+ phases; forward the unmasked sum, or decline the round when a phase fell short.
-    async fn secure_step(&self, session: &Session, task: &Task) -> Result<(), AggregatorError> {
-        let now = now_ms();
+    async fn secure_step(&self, session: &Up, task: &Task) -> Result<(), AggregatorError> {
+        let now = self.now();
         let c = &self.cfg.cohort;
         let min = c.min.max(MIN_SECURE_COHORT);
         let keys_deadline = self
@@ -765,7 +803,7 @@ impl Aggregator {
     /// Declines `task`'s round at the root with `reason` and closes it here.
     async fn give_up(
         &self,
-        session: &Session,
+        session: &Up,
         task: &Task,
         reason: String,
     ) -> Result<(), AggregatorError> {
@@ -785,7 +823,7 @@ impl Aggregator {
     }
 
     /// Re-reads the root's roster if it changed.
-    async fn refresh_roster(&self, session: &Session) -> Result<(), AggregatorError> {
+    async fn refresh_roster(&self, session: &Up) -> Result<(), AggregatorError> {
         let known = self.roster.read().map_or(0, |r| r.0);
         let r = session.roster(known).await?;
         if let Some(devices) = r.devices {
@@ -825,7 +863,7 @@ impl Aggregator {
         );
         r.selected.clear();
         r.uploaded.clear();
-        r.last_join = now_ms();
+        r.last_join = self.now();
         r.schema = Some(manifest.adapter_schema);
         r.version = manifest.version;
         r.template = task.secagg.clone();
@@ -888,7 +926,7 @@ impl Aggregator {
     /// acknowledged it (or refused it for good).
     async fn forward(
         &self,
-        session: &Session,
+        session: &Up,
         task: &Task,
         sum: PartialSum,
     ) -> Result<(), AggregatorError> {
@@ -950,7 +988,7 @@ impl Aggregator {
                 reason,
             }))
         };
-        let now = now_ms();
+        let now = self.now();
         let mut r = self.lock();
         let Some(task) = r.open().cloned() else {
             return wait("waiting for the root's next round".into());
@@ -1114,7 +1152,7 @@ impl Aggregator {
             return Response::error(ErrorCode::BadRequest, "not in this round's secure cohort");
         };
         let mut next = cohort.clone();
-        match next.masked(&client, body, now_ms()) {
+        match next.masked(&client, body, self.now()) {
             Ok(Masked::Duplicate) => ack(true),
             Ok(Masked::New) => {
                 if let Err(e) = self.spool.put_secure(&next) {
@@ -1405,12 +1443,12 @@ impl Handler for Aggregator {
         match enrolled {
             Ok(_) => {
                 // Kept in the spool's copy too: a restart before the next roster read still admits it.
-                let copy = self.roster.write().ok().map(|mut r| {
+                let generation = self.roster.write().ok().map(|mut r| {
                     r.1.insert(client);
-                    (r.0, r.1.iter().copied().collect::<Vec<_>>())
+                    r.0
                 });
-                if let Some((generation, devices)) = copy {
-                    if let Err(e) = self.spool.put_roster(generation, &devices) {
+                if let Some(generation) = generation {
+                    if let Err(e) = self.spool.add_to_roster(generation, &client) {
                         tracing::error!("spooling the roster: {e}");
                     }
                 }

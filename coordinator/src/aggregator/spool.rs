@@ -87,6 +87,7 @@ pub struct Spool {
     selected: sled::Tree,
     updates: sled::Tree,
     index: sled::Tree,
+    roster: sled::Tree,
 }
 
 impl Spool {
@@ -98,6 +99,7 @@ impl Spool {
             selected: db.open_tree("selected")?,
             updates: db.open_tree("updates")?,
             index: db.open_tree("update_index")?,
+            roster: db.open_tree("roster")?,
             db,
         };
         match s.meta.get("format")? {
@@ -245,19 +247,75 @@ impl Spool {
         Ok(())
     }
 
-    /// The copy of the root's roster: its generation and the active devices.
+    /// The copy of the root's roster: its generation and the active devices (one key per device, so an
+    /// enrolment writes one key, not the whole roster; a spool written before that reads its one blob).
     pub fn roster(&self) -> Result<Option<(u64, Vec<Fingerprint>)>, SpoolError> {
-        self.meta
-            .get("roster")?
-            .map(|v| decode(&v, "roster"))
-            .transpose()
+        let Some(g) = self.meta.get("roster_generation")? else {
+            return self
+                .meta
+                .get("roster")?
+                .map(|v| decode(&v, "roster"))
+                .transpose();
+        };
+        let generation = <[u8; 8]>::try_from(g.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| SpoolError::Corrupt {
+                what: "roster generation",
+                detail: format!("{} bytes", g.len()),
+            })?;
+        let devices = self
+            .roster
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                <[u8; 32]>::try_from(k.as_ref())
+                    .map(Fingerprint)
+                    .map_err(|_| SpoolError::Corrupt {
+                        what: "roster entry",
+                        detail: format!("{} bytes", k.len()),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some((generation, devices)))
     }
 
-    /// Keeps a copy of the root's roster (so a restarted aggregator admits devices before it reaches the
-    /// root again).
+    /// Replaces the copy of the root's roster (so a restarted aggregator admits devices before it reaches
+    /// the root).
     pub fn put_roster(&self, generation: u64, devices: &[Fingerprint]) -> Result<(), SpoolError> {
+        // Only the difference is written: a refresh after one enrolment writes one key.
+        let keep: HashSet<Fingerprint> = devices.iter().copied().collect();
+        let mut held = HashSet::new();
+        for k in self.roster.iter().keys() {
+            let k = k?;
+            match <[u8; 32]>::try_from(k.as_ref()).map(Fingerprint) {
+                Ok(fp) if keep.contains(&fp) => {
+                    held.insert(fp);
+                }
+                _ => {
+                    self.roster.remove(k)?;
+                }
+            }
+        }
+        for d in devices.iter().filter(|d| !held.contains(d)) {
+            self.roster.insert(d.0, &[])?;
+        }
         self.meta
-            .insert("roster", encode(&(generation, devices.to_vec())))?;
+            .insert("roster_generation", &generation.to_be_bytes())?;
+        self.meta.remove("roster")?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Adds one device to the copy of the roster (enrolled through this aggregator).
+    pub fn add_to_roster(&self, generation: u64, device: &Fingerprint) -> Result<(), SpoolError> {
+        if self.meta.get("roster_generation")?.is_none() {
+            // A roster still in its one blob (or none yet): rewritten whole once, then per key.
+            let mut devices = self.roster()?.map(|(_, d)| d).unwrap_or_default();
+            devices.push(*device);
+            return self.put_roster(generation, &devices);
+        }
+        self.roster.insert(device.0, &[])?;
         self.db.flush()?;
         Ok(())
     }
@@ -322,5 +380,30 @@ mod tests {
         s.put_update(RoundId(4), &update(2)).unwrap();
         s.put_task(&task(5)).unwrap();
         assert!(s.updates(RoundId(4)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_roster_is_kept_per_device_and_a_spool_with_the_old_blob_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = |i: u8| Fingerprint([i; 32]);
+        {
+            let s = Spool::open(dir.path()).unwrap();
+            // A spool written before per-device keys: the roster as one blob.
+            s.meta
+                .insert("roster", encode(&(4u64, vec![fp(1), fp(2)])))
+                .unwrap();
+            assert_eq!(s.roster().unwrap(), Some((4, vec![fp(1), fp(2)])));
+            s.add_to_roster(5, &fp(3)).unwrap();
+            assert_eq!(s.roster().unwrap(), Some((5, vec![fp(1), fp(2), fp(3)])));
+            s.add_to_roster(5, &fp(4)).unwrap();
+        }
+        let s = Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            s.roster().unwrap(),
+            Some((5, vec![fp(1), fp(2), fp(3), fp(4)]))
+        );
+        // A refresh from the root replaces it: a revoked device leaves.
+        s.put_roster(7, &[fp(4), fp(2), fp(9)]).unwrap();
+        assert_eq!(s.roster().unwrap(), Some((7, vec![fp(2), fp(4), fp(9)])));
     }
 }

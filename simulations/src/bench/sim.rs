@@ -1,7 +1,7 @@
 //! Simulator scale: rounds per second and peak RSS of `starling-sim`'s engine with many virtual clients
 //! (an IID split of the whole corpus, or for populations larger than its speeches an IID sample per
-//! client; the shipped model, a fixed cohort per round). Each population runs in a child process of its
-//! own, so its peak RSS is its own.
+//! client; the shipped model, a fixed cohort per round; optionally behind `--aggregators` edge
+//! aggregators). Each population runs in a child process of its own, so its peak RSS is its own.
 
 use anyhow::{Context, Result};
 
@@ -27,6 +27,9 @@ pub struct Args {
     /// clients, sampled above).
     #[arg(long, default_value = "auto")]
     pub partition: String,
+    /// Edge aggregators between the clients and the root (`[topology] aggregators`; 0: none).
+    #[arg(long, default_value_t = 0)]
+    pub aggregators: usize,
     /// Run one population in this process (what the parent spawns).
     #[arg(long, hide = true)]
     pub single: bool,
@@ -50,6 +53,7 @@ pub fn scenario(
     rounds: u64,
     local_steps: u32,
     partition: &str,
+    aggregators: usize,
 ) -> Result<Scenario> {
     let text = format!(
         r#"
@@ -87,6 +91,9 @@ seq_len = 32
 [adapter]
 rank = 4
 targets = ["q", "v"]
+
+[topology]
+aggregators = {aggregators}
 "#
     );
     Ok(Scenario::parse(&text, "bench scenario")?)
@@ -97,7 +104,14 @@ pub fn run(a: &Args) -> Result<()> {
     if a.single {
         let n = *a.clients.first().context("--clients is empty")?;
         let partition = partition_for(&a.partition, n)?;
-        let s = scenario(n, a.per_round, a.rounds, a.local_steps, partition)?;
+        let s = scenario(
+            n,
+            a.per_round,
+            a.rounds,
+            a.local_steps,
+            partition,
+            a.aggregators,
+        )?;
         let o = sim::run(&s, &RunOptions::default())?;
         let first = o.rounds.first().map_or(0.0, |r| r.wall_s);
         let last = o.rounds.last().map_or(0.0, |r| r.wall_s);
@@ -108,6 +122,7 @@ pub fn run(a: &Args) -> Result<()> {
                 "bench": "sim",
                 "clients": o.summary.clients,
                 "partition": partition,
+                "aggregators": a.aggregators,
                 "clients_per_round": o.summary.clients_per_round,
                 "rounds": o.summary.rounds,
                 "local_steps": a.local_steps,
@@ -137,6 +152,8 @@ pub fn run(a: &Args) -> Result<()> {
                 &a.local_steps.to_string(),
                 "--partition",
                 &a.partition,
+                "--aggregators",
+                &a.aggregators.to_string(),
             ])
             .status()
             .with_context(|| format!("running {}", exe.display()))?;

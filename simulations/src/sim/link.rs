@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use starling_client::driver::{disconnected, transport_event, transport_prepare_failure};
 use starling_client::session::{Event, PendingUpdate, PrepareFailure};
+use starling_coordinator::aggregator::Aggregator;
 use starling_coordinator::service::Coordinator;
 use starling_protocol::message::{
     BlobKind, Decline, Enrol, Message, ModelFetch, SecAggRequest, TaskRequest,
@@ -57,6 +58,9 @@ pub struct Link {
     coord: Arc<Coordinator>,
     rt: tokio::runtime::Runtime,
     quic: Option<QuicLink>,
+    /// Edge aggregators in front of the coordinator (`[topology]`, in memory): device `c` talks to
+    /// `edges[c % edges.len()]`.
+    edges: Vec<Arc<Aggregator>>,
 }
 
 fn size(m: &Message) -> u64 {
@@ -70,6 +74,7 @@ impl Link {
             coord,
             rt: runtime()?,
             quic: None,
+            edges: Vec::new(),
         })
     }
 
@@ -98,12 +103,60 @@ impl Link {
         Ok(Self {
             coord,
             rt,
+            edges: Vec::new(),
             quic: Some(QuicLink {
                 server,
                 pin: tls.fingerprint(),
                 clients: HashMap::new(),
             }),
         })
+    }
+
+    /// Enrols an edge aggregator's key at the coordinator under the aggregator role (a token issued for
+    /// that role, spent as `aggregator init` spends it).
+    pub fn enrol_aggregator(&self, id: &SigningIdentity, name: &str) -> Result<(), SimError> {
+        let (token, hash) = EnrolmentToken::generate()?;
+        self.coord.store().add_token_for(
+            hash,
+            &starling_coordinator::store::PendingToken {
+                name: name.to_string(),
+                created_at: super::run::EPOCH_MS,
+            },
+            starling_coordinator::store::ClientRole::Aggregator,
+        )?;
+        self.rt
+            .block_on(self.coord.enrol(
+                id.fingerprint(),
+                Enrol {
+                    token: token.as_str().to_string(),
+                    name: name.to_string(),
+                },
+            ))
+            .map_err(|e| SimError::Enrolment(e.message))
+    }
+
+    /// Puts `edges` between the devices and the coordinator (the in-memory path only).
+    pub fn set_edges(&mut self, edges: Vec<Arc<Aggregator>>) -> Result<(), SimError> {
+        if self.quic.is_some() && !edges.is_empty() {
+            return Err(SimError::Scenario(
+                "[topology] aggregators run on the in-memory transport (--transport memory)".into(),
+            ));
+        }
+        self.edges = edges;
+        Ok(())
+    }
+
+    /// One pass of every edge aggregator's work towards the coordinator (their serving loop's step).
+    pub fn poll_edges(&self) -> Result<(), SimError> {
+        for e in &self.edges {
+            self.rt.block_on(e.poll())?;
+        }
+        Ok(())
+    }
+
+    /// The edge aggregator device `c` talks to, if there are any.
+    fn edge(&self, c: usize) -> Option<&Arc<Aggregator>> {
+        (!self.edges.is_empty()).then(|| &self.edges[c % self.edges.len()])
     }
 
     /// Whether this is the QUIC path.
@@ -119,17 +172,17 @@ impl Link {
         token: &EnrolmentToken,
     ) -> Result<(), SimError> {
         let name = format!("sim-{c}");
+        let enrol = Enrol {
+            token: token.as_str().to_string(),
+            name: name.clone(),
+        };
         match &mut self.quic {
-            None => self
-                .rt
-                .block_on(self.coord.enrol(
-                    id.fingerprint(),
-                    Enrol {
-                        token: token.as_str().to_string(),
-                        name,
-                    },
-                ))
-                .map_err(|e| SimError::Enrolment(e.message)),
+            // Behind an aggregator the device enrols there (its token is spent at the root).
+            None => match self.edges.get(c % self.edges.len().max(1)) {
+                Some(edge) => self.rt.block_on(edge.enrol(id.fingerprint(), enrol)),
+                None => self.rt.block_on(self.coord.enrol(id.fingerprint(), enrol)),
+            }
+            .map_err(|e| SimError::Enrolment(e.message)),
             Some(q) => {
                 let addrs = q
                     .server
@@ -150,7 +203,10 @@ impl Link {
     /// Opens a session for device `c` (`fp` is its key's fingerprint).
     pub fn connect(&mut self, c: usize, fp: Fingerprint) -> Exchange {
         match &mut self.quic {
-            None => match self.coord.access(&fp) {
+            None => match self
+                .edge(c)
+                .map_or_else(|| self.coord.access(&fp), |e| e.access(&fp))
+            {
                 Access::Allowed => Exchange::new(Event::Connected { client_id: fp }, 0, 0),
                 other => {
                     let refusal = match other {
@@ -194,8 +250,11 @@ impl Link {
         }
     }
 
-    fn memory_request(&self, fp: Fingerprint, req: Request) -> Response {
-        self.rt.block_on(self.coord.handle(fp, req))
+    fn memory_request(&self, c: usize, fp: Fingerprint, req: Request) -> Response {
+        match self.edge(c) {
+            Some(e) => self.rt.block_on(e.handle(fp, req)),
+            None => self.rt.block_on(self.coord.handle(fp, req)),
+        }
     }
 
     fn session(&self, c: usize) -> Result<&starling_transport::Session, Event> {
@@ -228,7 +287,7 @@ impl Link {
         let req = Message::TaskRequest(TaskRequest { held_model: held });
         let up = size(&req);
         if self.quic.is_none() {
-            let reply = self.memory_request(fp, Request::Task(TaskRequest { held_model: held }));
+            let reply = self.memory_request(c, fp, Request::Task(TaskRequest { held_model: held }));
             return match reply {
                 Response::Message(Message::Task(task)) => {
                     let down = size(&Message::Task(task.clone()));
@@ -261,7 +320,7 @@ impl Link {
         max: u64,
     ) -> Fetched {
         if self.quic.is_none() {
-            return match self.memory_request(fp, Request::Fetch(ModelFetch { version, kind })) {
+            return match self.memory_request(c, fp, Request::Fetch(ModelFetch { version, kind })) {
                 Response::Blob(b) if b.len() as u64 <= max => Fetched::Bytes(b.to_vec()),
                 Response::Blob(b) => Fetched::Failed(Event::PrepareFailed {
                     error: format!("blob of {} bytes exceeds {max}", b.len()),
@@ -309,6 +368,7 @@ impl Link {
         let up = size(&Message::Upload(Box::new(header.clone()))) + body.len() as u64;
         if self.quic.is_none() {
             let reply = self.memory_request(
+                c,
                 fp,
                 Request::Upload {
                     header: Box::new(header),
@@ -328,7 +388,7 @@ impl Link {
     pub fn secagg(&mut self, c: usize, fp: Fingerprint, r: SecAggRequest) -> Exchange {
         let up = size(&Message::SecAgg(Box::new(r.clone())));
         if self.quic.is_none() {
-            return memory_reply(up, self.memory_request(fp, Request::SecAgg(Box::new(r))));
+            return memory_reply(up, self.memory_request(c, fp, Request::SecAgg(Box::new(r))));
         }
         let reply = match self.session(c) {
             Err(ev) => return Exchange::new(ev, up, 0),
@@ -344,7 +404,7 @@ impl Link {
     pub fn decline(&mut self, c: usize, fp: Fingerprint, d: Decline) -> Exchange {
         let up = size(&Message::Decline(d.clone()));
         if self.quic.is_none() {
-            return memory_reply(up, self.memory_request(fp, Request::Decline(d)));
+            return memory_reply(up, self.memory_request(c, fp, Request::Decline(d)));
         }
         let reply = match self.session(c) {
             Err(ev) => return Exchange::new(ev, up, 0),

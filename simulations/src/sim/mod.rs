@@ -85,6 +85,9 @@ pub enum SimError {
     /// The coordinator failed.
     #[error("coordinator: {0}")]
     Coordinator(#[from] starling_coordinator::service::ServiceError),
+    /// An edge aggregator of the topology failed.
+    #[error("edge aggregator: {0}")]
+    Aggregator(#[from] starling_coordinator::aggregator::AggregatorError),
     /// The coordinator's store failed.
     #[error("coordinator store: {0}")]
     Store(#[from] starling_coordinator::store::StoreError),

@@ -5,6 +5,7 @@
 //! own modules), or any policy of the coordinator or the device (their crates).
 
 use super::*;
+use starling_coordinator::aggregator::{Aggregator, AggregatorConfig};
 
 /// When a device drops out of a round it was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -613,6 +614,41 @@ impl Sim<'_> {
     }
 }
 
+/// The configuration of edge aggregator `name` in a `[topology]`: its share of the round's devices, its
+/// forwarding rule, polling the root every simulator tick.
+fn edge_config(
+    scen: &Scenario,
+    cfg: &CoordinatorConfig,
+    clients: usize,
+    name: &str,
+    signing_key: &[u8; 32],
+    layout: &Layout,
+) -> Result<AggregatorConfig, SimError> {
+    use starling_coordinator::aggregator::config::{AggregatorNetwork, CohortConfig, RootSection};
+    let t = &scen.topology;
+    let edges = t.aggregators.max(1);
+    let tls = read_key(&layout.tls_key())?;
+    Ok(AggregatorConfig {
+        root: RootSection {
+            address: "in-process".into(),
+            pin: tls.fingerprint().to_hex(),
+            signing_key: Fingerprint(*signing_key).to_hex(),
+            name: name.to_string(),
+        },
+        network: AggregatorNetwork::default(),
+        cohort: CohortConfig {
+            size: scen.cohort_size(clients),
+            min: scen.rounds.min_updates.div_ceil(edges).max(1),
+            forward_margin_ms: t.forward_margin_ms,
+            quiet_ms: t.quiet_ms,
+            poll_ms: scen.simulation.tick_ms,
+            roster_ms: scen.simulation.tick_ms,
+            retry_after_ms: cfg.rounds.retry_after_ms,
+            secure_phase_ms: cfg.secure_aggregation.phase_timeout_ms,
+        },
+    })
+}
+
 /// Runs a scenario on already loaded model and data.
 pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outcome, SimError> {
     let wall = Instant::now();
@@ -670,6 +706,25 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
             Link::quic(coord.clone(), &tls)?
         }
     };
+    // The edge aggregators (`[topology]`): real ones, enrolled at the root under their role, their
+    // spools beside the coordinator's directory, on the simulated clock.
+    let edges = (0..scen.topology.aggregators)
+        .map(|a| {
+            let id = device_identity(seed ^ 0xa66e_6a70_0000_0000, a);
+            let name = format!("edge-{a}");
+            link.enrol_aggregator(&id, &name)?;
+            let cfg = edge_config(scen, &cfg, n, &name, &init.signing_key, &layout)?;
+            let edge = Aggregator::local(
+                &dir.with_file_name(format!("{name}-spool")),
+                cfg,
+                &id,
+                coord.clone(),
+                Clock::Manual(clock.clone()),
+            )?;
+            Ok::<_, SimError>(Arc::new(edge))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    link.set_edges(edges)?;
     // The population: keys, enrolment, speed, bandwidth, adversaries.
     let attackers = (scen.attack.fraction * n as f64).round() as usize;
     let mut order: Vec<usize> = (0..n).collect();
@@ -802,6 +857,8 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
             Kind::Wake => sim.wake(c)?,
             Kind::Complete => sim.complete(c)?,
             Kind::Tick => {
+                // Edge aggregators poll the root first (take a new round's task, forward a cohort).
+                sim.link.poll_edges()?;
                 let finished = coord.tick(EPOCH_MS + at)?;
                 let current = coord.round();
                 if let Some(r) = &current {

@@ -60,6 +60,34 @@ pub struct Scenario {
     /// Secure aggregation (`[secure_aggregation]` of coordinator.toml).
     #[serde(default)]
     pub secure_aggregation: SecAggConfig,
+    /// A tier of edge aggregators between the devices and the root.
+    #[serde(default)]
+    pub topology: TopologyConfig,
+}
+
+/// The `[topology]` table: devices behind real edge aggregators (the coordinator's own, in this process)
+/// in front of the root in hierarchical mode.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologyConfig {
+    /// Edge aggregators (0: devices talk to the coordinator itself). Device `c` sits behind aggregator
+    /// `c mod aggregators`; each takes `⌈clients_per_round / aggregators⌉` devices a round, first come.
+    pub aggregators: usize,
+    /// An aggregator forwards its cohort early once every device it took uploaded and none joined for
+    /// this long, ms (else when full, or at its cut-off `forward_margin_ms` before the root's deadline).
+    pub quiet_ms: u64,
+    /// The cut-off before the root's deadline, ms.
+    pub forward_margin_ms: u64,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            aggregators: 0,
+            quiet_ms: 5_000,
+            forward_margin_ms: 10_000,
+        }
+    }
 }
 
 /// How many clients a round selects: a count (`10`) or a fraction of the connected ones (`0.05`).
@@ -447,9 +475,39 @@ impl Scenario {
             rounds.min_clients = per_round;
         }
         rounds.min_updates = rounds.min_updates.min(per_round).max(1);
+        let mut hierarchy = starling_coordinator::config::HierarchyConfig::default();
+        let edges = self.topology.aggregators;
+        if edges > 0 {
+            // The root's rounds count aggregators: every one of them, each bringing its cohort; a
+            // round needs as many aggregators as hold `min_updates` devices between them.
+            let cohort = self.cohort_size(clients);
+            if edges > per_round {
+                return Err(SimError::Scenario(format!(
+                    "topology.aggregators = {edges} exceeds the {per_round} devices a round takes: \
+                     every aggregator needs a device"
+                )));
+            }
+            if self.secure_aggregation.enabled && cohort < 3 {
+                return Err(SimError::Scenario(format!(
+                    "with secure aggregation each aggregator's cohort needs 3 devices or more; \
+                     {per_round} devices a round over {edges} aggregators give {cohort}"
+                )));
+            }
+            rounds.selection = Selection::Count(edges);
+            rounds.min_clients = edges;
+            rounds.min_updates = rounds.min_updates.div_ceil(cohort).clamp(1, edges);
+            hierarchy.enabled = true;
+            hierarchy.devices_per_round = per_round;
+        }
         let mut privacy = self.privacy.clone();
         if let Some(target) = s.target_epsilon {
-            let q = (per_round as f64 / clients.max(1) as f64).min(1.0);
+            // Behind aggregators the root charges every round at q = 1 (it does not see how each
+            // aggregator picked its devices).
+            let q = if edges > 0 {
+                1.0
+            } else {
+                (per_round as f64 / clients.max(1) as f64).min(1.0)
+            };
             privacy.noise_multiplier = calibrate(target, q, s.rounds, &privacy, num_params)?;
             privacy.epsilon_budget = target;
         }
@@ -460,11 +518,19 @@ impl Scenario {
             task: self.task.clone(),
             adapter: self.adapter.clone(),
             secure_aggregation: self.secure_aggregation.clone(),
+            hierarchy,
             ..CoordinatorConfig::default()
         };
         cfg.validate("scenario")
             .map_err(|e| SimError::Scenario(e.to_string()))?;
         Ok(cfg)
+    }
+
+    /// Devices each edge aggregator takes a round (with `[topology] aggregators`).
+    pub fn cohort_size(&self, clients: usize) -> usize {
+        self.per_round(clients)
+            .div_ceil(self.topology.aggregators.max(1))
+            .max(1)
     }
 
     /// Clients selected per round out of `clients`.

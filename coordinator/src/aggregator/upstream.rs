@@ -1,0 +1,239 @@
+//! How an edge aggregator reaches its root: over QUIC with mutual TLS (deployment), or by calling a root
+//! coordinator in the same process (the simulator's `[topology]`, which runs real aggregators in front of
+//! the real root on simulated time). Both give the aggregator the same typed answers — the root's own
+//! request handler answers either way, so nothing the aggregator does differs between them.
+//!
+//! What must never live here: what the aggregator asks or when (its module's), or protocol decoding.
+
+use std::sync::Arc;
+
+use starling_protocol::message::{
+    Ack, BlobKind, Decline, EnrolFor, Forward, ManifestRequest, Message, ModelFetch, NoTask,
+    Roster, RosterRequest, TaskRequest,
+};
+use starling_protocol::{Fingerprint, ModelVersion, ProtocolError, SignedManifest};
+use starling_transport::client::{Session, TaskReply};
+use starling_transport::{Client, Handler, Request, Response, TransportError};
+
+use crate::service::Coordinator;
+
+/// The way to the root.
+pub enum Upstream {
+    /// Over QUIC: the client (the aggregator's key, the root's pin) and the session it holds.
+    Quic {
+        /// The QUIC client.
+        client: Box<Client>,
+        /// The open session, if any.
+        session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    },
+    /// A root in this process, called as its transport server would call it for this aggregator's key.
+    Local {
+        /// The root.
+        root: Arc<Coordinator>,
+        /// This aggregator's key fingerprint (enrolled at the root under the aggregator role).
+        me: Fingerprint,
+    },
+}
+
+/// An open way to the root (a session, or the local root).
+#[derive(Clone)]
+pub enum Up {
+    /// A QUIC session.
+    Session(Arc<Session>),
+    /// The local root and this aggregator's fingerprint.
+    Local(Arc<Coordinator>, Fingerprint),
+}
+
+impl Upstream {
+    /// The open way to the root and, when it was opened now, the root's latest model version.
+    pub async fn open(&self) -> Result<(Up, Option<ModelVersion>), TransportError> {
+        match self {
+            Upstream::Quic { client, session } => {
+                let mut held = session.lock().await;
+                if let Some(s) = held.as_ref() {
+                    if s.connection().close_reason().is_none() {
+                        return Ok((Up::Session(s.clone()), None));
+                    }
+                }
+                let s = Arc::new(client.connect().await?);
+                let latest = s.welcome().latest_model;
+                *held = Some(s.clone());
+                Ok((Up::Session(s), Some(latest)))
+            }
+            Upstream::Local { root, me } => Ok((
+                Up::Local(root.clone(), *me),
+                Some(Handler::latest_model(root.as_ref())),
+            )),
+        }
+    }
+
+    /// Forgets a session that failed (the next call reconnects).
+    pub async fn reset(&self) {
+        if let Upstream::Quic { session, .. } = self {
+            *session.lock().await = None;
+        }
+    }
+
+    /// Closes the QUIC endpoint (waits for the root to see the close).
+    pub async fn close(&self) {
+        if let Upstream::Quic { client, .. } = self {
+            client.close().await;
+        }
+    }
+}
+
+/// The root's answer to a local request, as a message (an error reply becomes the error a session
+/// returns for it).
+fn local(reply: Response, expected: &'static str) -> Result<Message, TransportError> {
+    match reply {
+        Response::Message(Message::Error(e)) => Err(TransportError::Remote {
+            code: e.code,
+            message: e.message,
+        }),
+        Response::Message(m) => Ok(m),
+        Response::Blob(_) => Err(ProtocolError::Unexpected {
+            expected,
+            got: "Blob",
+        }
+        .into()),
+    }
+}
+
+fn unexpected(expected: &'static str, got: &Message) -> TransportError {
+    ProtocolError::Unexpected {
+        expected,
+        got: got.kind_name(),
+    }
+    .into()
+}
+
+impl Up {
+    async fn call(
+        &self,
+        request: Request,
+        expected: &'static str,
+    ) -> Result<Message, TransportError> {
+        match self {
+            Up::Local(root, me) => local(root.handle(*me, request).await, expected),
+            Up::Session(_) => Err(ProtocolError::Unexpected {
+                expected,
+                got: "a QUIC session",
+            }
+            .into()),
+        }
+    }
+
+    /// The root's task for the open round, or why there is none.
+    pub async fn request_task(&self) -> Result<TaskReply, TransportError> {
+        match self {
+            Up::Session(s) => s.request_task(None).await,
+            Up::Local(..) => {
+                let req = Request::Task(TaskRequest { held_model: None });
+                match self.call(req, "Task or NoTask").await? {
+                    Message::Task(t) => Ok(TaskReply::Task(t)),
+                    Message::NoTask(n) => Ok(TaskReply::NoTask(n)),
+                    other => Err(unexpected("Task or NoTask", &other)),
+                }
+            }
+        }
+    }
+
+    /// The active devices, unless unchanged since `generation`.
+    pub async fn roster(&self, generation: u64) -> Result<Roster, TransportError> {
+        match self {
+            Up::Session(s) => s.roster(generation).await,
+            Up::Local(..) => {
+                let req = Request::Roster(RosterRequest { generation });
+                match self.call(req, "Roster").await? {
+                    Message::Roster(r) => Ok(r),
+                    other => Err(unexpected("Roster", &other)),
+                }
+            }
+        }
+    }
+
+    /// Forwards a partial sum; the ack means the root stored it.
+    pub async fn forward(&self, header: Forward, body: &[u8]) -> Result<Ack, TransportError> {
+        match self {
+            Up::Session(s) => s.forward(header, body).await,
+            Up::Local(..) => {
+                let req = Request::Forward {
+                    header: Box::new(header),
+                    body: body.to_vec(),
+                };
+                match self.call(req, "Ack").await? {
+                    Message::Ack(a) => Ok(a),
+                    other => Err(unexpected("Ack", &other)),
+                }
+            }
+        }
+    }
+
+    /// Declines the round.
+    pub async fn decline(&self, decline: Decline) -> Result<NoTask, TransportError> {
+        match self {
+            Up::Session(s) => s.decline(decline).await,
+            Up::Local(..) => match self.call(Request::Decline(decline), "NoTask").await? {
+                Message::NoTask(n) => Ok(n),
+                other => Err(unexpected("NoTask", &other)),
+            },
+        }
+    }
+
+    /// A signed manifest (`None`: the newest).
+    pub async fn manifest(
+        &self,
+        version: Option<ModelVersion>,
+    ) -> Result<SignedManifest, TransportError> {
+        match self {
+            Up::Session(s) => s.manifest(version).await,
+            Up::Local(..) => {
+                let req = Request::Manifest(ManifestRequest { version });
+                match self.call(req, "Manifest").await? {
+                    Message::Manifest(m) => Ok(m),
+                    other => Err(unexpected("Manifest", &other)),
+                }
+            }
+        }
+    }
+
+    /// A blob of at most `max` bytes.
+    pub async fn fetch(
+        &self,
+        version: ModelVersion,
+        kind: BlobKind,
+        max: u64,
+    ) -> Result<Vec<u8>, TransportError> {
+        match self {
+            Up::Session(s) => s.fetch(version, kind, max).await,
+            Up::Local(root, me) => {
+                match root
+                    .handle(*me, Request::Fetch(ModelFetch { version, kind }))
+                    .await
+                {
+                    Response::Blob(b) if b.len() as u64 <= max => Ok(b.to_vec()),
+                    Response::Blob(b) => Err(ProtocolError::PayloadTooLarge {
+                        len: b.len() as u64,
+                        max,
+                    }
+                    .into()),
+                    other => Err(match local(other, "Blob") {
+                        Err(e) => e,
+                        Ok(m) => unexpected("Blob", &m),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Enrols a device at the root on its behalf.
+    pub async fn enrol_for(&self, request: EnrolFor) -> Result<Fingerprint, TransportError> {
+        match self {
+            Up::Session(s) => s.enrol_for(request).await,
+            Up::Local(..) => match self.call(Request::EnrolFor(request), "Enrolled").await? {
+                Message::Enrolled(e) => Ok(e.client_id),
+                other => Err(unexpected("Enrolled", &other)),
+            },
+        }
+    }
+}
