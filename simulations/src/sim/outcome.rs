@@ -22,7 +22,7 @@ pub struct RoundMetrics {
     pub epsilon_device_max: f64,
     /// Mean example-level ε over devices that trained.
     pub epsilon_device_mean: f64,
-    /// Clients selected.
+    /// Clients selected (behind `[topology]` aggregators: the devices the selected aggregators take).
     pub selected: usize,
     /// Updates aggregated.
     pub participants: usize,

@@ -862,7 +862,12 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
                 let finished = coord.tick(EPOCH_MS + at)?;
                 let current = coord.round();
                 if let Some(r) = &current {
-                    started.entry(r.id.0).or_insert(r.selected.len());
+                    // Behind aggregators the root selects aggregators: count the devices they take.
+                    let selected = match scen.topology.aggregators {
+                        0 => r.selected.len(),
+                        _ => (r.selected.len() * scen.cohort_size(n)).min(scen.per_round(n)),
+                    };
+                    started.entry(r.id.0).or_insert(selected);
                 }
                 let open = current.as_ref().map(|r| r.id.0);
                 let v = coord.latest().0;
