@@ -227,6 +227,22 @@ fn devices_behind_two_edge_aggregators_publish_what_the_flat_federation_publishe
         Transport::Memory,
     );
     assert_eq!(again.summary.adapter_digests, tree.summary.adapter_digests);
+    // A slow link from the aggregators to the root: the same models, later (each partial sum of the
+    // adapter's f32 values takes bytes / 12.5 kB/s to arrive).
+    let slow = run(
+        &everyone("[topology]\naggregators = 2\nquiet_ms = 600000\nuplink_mbps = 0.1\n"),
+        Transport::Memory,
+    );
+    assert_eq!(slow.summary.adapter_digests, tree.summary.adapter_digests);
+    let transfer_s = tree.final_adapter.len() as f64 * 4.0 / 12_500.0;
+    eprintln!(
+        "simulated time: uplink 100 Mbit/s {} s, 0.1 Mbit/s {} s (a partial sum: {transfer_s:.1} s)",
+        tree.summary.sim_time_s, slow.summary.sim_time_s
+    );
+    assert!(
+        slow.summary.sim_time_s >= tree.summary.sim_time_s + 3.0 * transfer_s,
+        "three rounds, each waiting for its partial sums on the slow link"
+    );
     // Not over QUIC, and not more aggregators than devices a round.
     let err = sim::run(
         &everyone("[topology]\naggregators = 2\n"),

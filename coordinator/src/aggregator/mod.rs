@@ -423,19 +423,28 @@ impl Aggregator {
     }
 
     /// An aggregator in front of a root in this process (the simulator's `[topology]`): its spool in
-    /// `dir`, its configuration `cfg` (the root's address and pin unused), `key` enrolled at `root` under
-    /// the aggregator role, time read from `clock`. It runs no endpoints and no loop of its own: its
+    /// `dir`, its configuration `cfg` (the root's address and pin unused), `key` enrolled at the root under
+    /// the aggregator role (`root` made with `key`'s fingerprint), time read from `clock`. It runs no endpoints and no loop of its own: its
     /// driver calls [`Handler::handle`] for devices and [`Aggregator::poll`] for the work towards the root.
     pub fn local(
         dir: &Path,
         cfg: AggregatorConfig,
         key: &SigningIdentity,
-        root: Arc<crate::service::Coordinator>,
+        root: upstream::LocalRoot,
         clock: crate::service::Clock,
     ) -> Result<Self, AggregatorError> {
         let me = key.fingerprint();
-        let upstream = Upstream::Local { root, me };
+        let upstream = Upstream::Local(Arc::new(root));
         Self::with_upstream(AggregatorLayout::new(dir), cfg, me, upstream, clock)
+    }
+
+    /// In front of a local root behind a simulated uplink: hands the root the partial sums whose
+    /// transfer is over (see [`upstream::LocalRoot::deliver`]); how many, and the root's refusals.
+    pub async fn deliver(&self) -> (usize, Vec<String>) {
+        match &self.upstream {
+            Upstream::Local(l) => l.deliver().await,
+            Upstream::Quic { .. } => (0, Vec::new()),
+        }
     }
 
     fn with_upstream(

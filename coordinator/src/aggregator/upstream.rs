@@ -3,6 +3,12 @@
 //! the real root on simulated time). Both give the aggregator the same typed answers — the root's own
 //! request handler answers either way, so nothing the aggregator does differs between them.
 //!
+//! A local root may sit behind a simulated [`Uplink`]: a partial sum then reaches the root once its
+//! transfer (latency + bytes / bandwidth, one sum at a time on the link) is over, when the driver calls
+//! [`LocalRoot::deliver`]. The aggregator hears the link's ack at once; a real one hears the root's when
+//! the sum arrives. The outcome is the same: a sum that arrives late is refused by the root, and a real
+//! aggregator closes its round on that refusal as this one already did.
+//!
 //! What must never live here: what the aggregator asks or when (its module's), or protocol decoding.
 
 use std::sync::Arc;
@@ -15,7 +21,7 @@ use starling_protocol::{Fingerprint, ModelVersion, ProtocolError, SignedManifest
 use starling_transport::client::{Session, TaskReply};
 use starling_transport::{Client, Handler, Request, Response, TransportError};
 
-use crate::service::Coordinator;
+use crate::service::{Clock, Coordinator};
 
 /// The way to the root.
 pub enum Upstream {
@@ -27,12 +33,98 @@ pub enum Upstream {
         session: tokio::sync::Mutex<Option<Arc<Session>>>,
     },
     /// A root in this process, called as its transport server would call it for this aggregator's key.
-    Local {
-        /// The root.
-        root: Arc<Coordinator>,
-        /// This aggregator's key fingerprint (enrolled at the root under the aggregator role).
-        me: Fingerprint,
-    },
+    Local(Arc<LocalRoot>),
+}
+
+/// A root in this process, reached as its transport server would reach it for this aggregator's key.
+pub struct LocalRoot {
+    root: Arc<Coordinator>,
+    me: Fingerprint,
+    uplink: Option<Uplink>,
+}
+
+/// A simulated link from the aggregator to the root for partial sums.
+pub struct Uplink {
+    latency_ms: u64,
+    bytes_per_ms: f64,
+    clock: Clock,
+    state: std::sync::Mutex<Transit>,
+}
+
+/// Partial sums on the link.
+#[derive(Default)]
+struct Transit {
+    /// When the link has sent everything queued so far.
+    busy_until: u64,
+    /// (arrival time, header, body), in sending order.
+    sums: Vec<(u64, Forward, Vec<u8>)>,
+}
+
+impl Uplink {
+    /// Puts a partial sum on the link: it arrives after the sums queued before it are sent, its own
+    /// bytes are sent, and the latency has passed. The link acknowledges it.
+    fn send(&self, header: Forward, body: &[u8]) -> Ack {
+        let now = self.clock.now();
+        let mut t = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = t.busy_until.max(now) + (body.len() as f64 / self.bytes_per_ms) as u64;
+        t.busy_until = sent;
+        let ack = Ack {
+            update_id: header.update_id,
+            duplicate: false,
+        };
+        t.sums.push((sent + self.latency_ms, header, body.to_vec()));
+        ack
+    }
+}
+
+impl LocalRoot {
+    /// `root`, called for the aggregator whose key is `me` (enrolled there under the aggregator role).
+    pub fn new(root: Arc<Coordinator>, me: Fingerprint) -> Self {
+        Self {
+            root,
+            me,
+            uplink: None,
+        }
+    }
+
+    /// The same root behind a link of `latency_ms` and `mbps` for partial sums, timed on `clock`.
+    pub fn with_uplink(mut self, latency_ms: u64, mbps: f64, clock: Clock) -> Self {
+        self.uplink = Some(Uplink {
+            latency_ms,
+            bytes_per_ms: (mbps * 125.0).max(1e-9),
+            clock,
+            state: std::sync::Mutex::new(Transit::default()),
+        });
+        self
+    }
+
+    /// Hands the root the partial sums whose transfer is over; returns how many arrived and the root's
+    /// refusals (a sum that arrived after the round closed).
+    pub async fn deliver(&self) -> (usize, Vec<String>) {
+        let Some(link) = &self.uplink else {
+            return (0, Vec::new());
+        };
+        let now = link.clock.now();
+        let due: Vec<(u64, Forward, Vec<u8>)> = {
+            let mut t = link.state.lock().unwrap_or_else(|p| p.into_inner());
+            let (due, later) = std::mem::take(&mut t.sums)
+                .into_iter()
+                .partition(|(at, ..)| *at <= now);
+            t.sums = later;
+            due
+        };
+        let mut refused = Vec::new();
+        for (_, header, body) in &due {
+            let request = Request::Forward {
+                header: Box::new(header.clone()),
+                body: body.clone(),
+            };
+            if let Err(e) = local(self.root.handle(self.me, request).await, "Ack") {
+                refused.push(e.to_string());
+            }
+        }
+        (due.len(), refused)
+    }
 }
 
 /// An open way to the root (a session, or the local root).
@@ -40,8 +132,8 @@ pub enum Upstream {
 pub enum Up {
     /// A QUIC session.
     Session(Arc<Session>),
-    /// The local root and this aggregator's fingerprint.
-    Local(Arc<Coordinator>, Fingerprint),
+    /// The local root.
+    Local(Arc<LocalRoot>),
 }
 
 impl Upstream {
@@ -60,9 +152,9 @@ impl Upstream {
                 *held = Some(s.clone());
                 Ok((Up::Session(s), Some(latest)))
             }
-            Upstream::Local { root, me } => Ok((
-                Up::Local(root.clone(), *me),
-                Some(Handler::latest_model(root.as_ref())),
+            Upstream::Local(l) => Ok((
+                Up::Local(l.clone()),
+                Some(Handler::latest_model(l.root.as_ref())),
             )),
         }
     }
@@ -114,7 +206,7 @@ impl Up {
         expected: &'static str,
     ) -> Result<Message, TransportError> {
         match self {
-            Up::Local(root, me) => local(root.handle(*me, request).await, expected),
+            Up::Local(l) => local(l.root.handle(l.me, request).await, expected),
             Up::Session(_) => Err(ProtocolError::Unexpected {
                 expected,
                 got: "a QUIC session",
@@ -156,16 +248,19 @@ impl Up {
     pub async fn forward(&self, header: Forward, body: &[u8]) -> Result<Ack, TransportError> {
         match self {
             Up::Session(s) => s.forward(header, body).await,
-            Up::Local(..) => {
-                let req = Request::Forward {
-                    header: Box::new(header),
-                    body: body.to_vec(),
-                };
-                match self.call(req, "Ack").await? {
-                    Message::Ack(a) => Ok(a),
-                    other => Err(unexpected("Ack", &other)),
+            Up::Local(l) => match &l.uplink {
+                Some(link) => Ok(link.send(header, body)),
+                None => {
+                    let req = Request::Forward {
+                        header: Box::new(header),
+                        body: body.to_vec(),
+                    };
+                    match self.call(req, "Ack").await? {
+                        Message::Ack(a) => Ok(a),
+                        other => Err(unexpected("Ack", &other)),
+                    }
                 }
-            }
+            },
         }
     }
 
@@ -206,9 +301,10 @@ impl Up {
     ) -> Result<Vec<u8>, TransportError> {
         match self {
             Up::Session(s) => s.fetch(version, kind, max).await,
-            Up::Local(root, me) => {
-                match root
-                    .handle(*me, Request::Fetch(ModelFetch { version, kind }))
+            Up::Local(l) => {
+                match l
+                    .root
+                    .handle(l.me, Request::Fetch(ModelFetch { version, kind }))
                     .await
                 {
                     Response::Blob(b) if b.len() as u64 <= max => Ok(b.to_vec()),

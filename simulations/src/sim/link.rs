@@ -146,12 +146,16 @@ impl Link {
         Ok(())
     }
 
-    /// One pass of every edge aggregator's work towards the coordinator (their serving loop's step).
-    pub fn poll_edges(&self) -> Result<(), SimError> {
+    /// Every edge aggregator: the partial sums whose transfer to the coordinator is over arrive, then
+    /// one pass of its work towards the coordinator (its serving loop's step). Returns the partial sums
+    /// the coordinator refused on arrival (too late for their round).
+    pub fn poll_edges(&self) -> Result<usize, SimError> {
+        let mut refused = 0;
         for e in &self.edges {
+            refused += self.rt.block_on(e.deliver()).1.len();
             self.rt.block_on(e.poll())?;
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// The edge aggregator device `c` talks to, if there are any.

@@ -5,6 +5,7 @@
 //! own modules), or any policy of the coordinator or the device (their crates).
 
 use super::*;
+use starling_coordinator::aggregator::upstream::LocalRoot;
 use starling_coordinator::aggregator::{Aggregator, AggregatorConfig};
 
 /// When a device drops out of a round it was given.
@@ -714,11 +715,17 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
             let name = format!("edge-{a}");
             link.enrol_aggregator(&id, &name)?;
             let cfg = edge_config(scen, &cfg, n, &name, &init.signing_key, &layout)?;
+            let t = &scen.topology;
+            let root = LocalRoot::new(coord.clone(), id.fingerprint()).with_uplink(
+                t.uplink_latency_ms,
+                t.uplink_mbps,
+                Clock::Manual(clock.clone()),
+            );
             let edge = Aggregator::local(
                 &dir.with_file_name(format!("{name}-spool")),
                 cfg,
                 &id,
-                coord.clone(),
+                root,
                 Clock::Manual(clock.clone()),
             )?;
             Ok::<_, SimError>(Arc::new(edge))
@@ -857,8 +864,9 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
             Kind::Wake => sim.wake(c)?,
             Kind::Complete => sim.complete(c)?,
             Kind::Tick => {
-                // Edge aggregators poll the root first (take a new round's task, forward a cohort).
-                sim.link.poll_edges()?;
+                // Edge aggregators first: the partial sums whose transfer is over reach the root, then
+                // each polls it (takes a new round's task, forwards a cohort).
+                sim.counters.refused += sim.link.poll_edges()?;
                 let finished = coord.tick(EPOCH_MS + at)?;
                 let current = coord.round();
                 if let Some(r) = &current {

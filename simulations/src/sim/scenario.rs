@@ -78,6 +78,11 @@ pub struct TopologyConfig {
     pub quiet_ms: u64,
     /// The cut-off before the root's deadline, ms.
     pub forward_margin_ms: u64,
+    /// Each aggregator's link to the root for partial sums: bandwidth, Mbit/s (a sum arrives once the
+    /// sums before it and its own bytes are sent, plus the latency).
+    pub uplink_mbps: f64,
+    /// Its latency, ms.
+    pub uplink_latency_ms: u64,
 }
 
 impl Default for TopologyConfig {
@@ -86,6 +91,8 @@ impl Default for TopologyConfig {
             aggregators: 0,
             quiet_ms: 5_000,
             forward_margin_ms: 10_000,
+            uplink_mbps: 100.0,
+            uplink_latency_ms: 20,
         }
     }
 }
@@ -396,6 +403,10 @@ impl Scenario {
                             noise_multiplier (plan it with `starling-coordinator privacy ddg-epsilon`)"
                     .into());
             }
+        }
+        let t = &self.topology;
+        if t.aggregators > 0 && !(t.uplink_mbps > 0.0 && t.uplink_mbps.is_finite()) {
+            return bad("topology.uplink_mbps must be positive".into());
         }
         let d = &self.data;
         if !(d.test_fraction > 0.0 && d.test_fraction < 1.0) {
