@@ -18,7 +18,7 @@ use starling_protocol::message::{
     Roster, RosterRequest, TaskRequest,
 };
 use starling_protocol::{Fingerprint, ModelVersion, ProtocolError, SignedManifest};
-use starling_transport::client::{Session, TaskReply};
+use starling_transport::client::{reply, Session, TaskReply};
 use starling_transport::{Client, Handler, Request, Response, TransportError};
 
 use crate::service::{Clock, Coordinator};
@@ -119,7 +119,8 @@ impl LocalRoot {
                 header: Box::new(header.clone()),
                 body: body.clone(),
             };
-            if let Err(e) = local(self.root.handle(self.me, request).await, "Ack") {
+            let answer = local(self.root.handle(self.me, request).await).and_then(reply::ack);
+            if let Err(e) = answer {
                 refused.push(e.to_string());
             }
         }
@@ -174,41 +175,26 @@ impl Upstream {
     }
 }
 
-/// The root's answer to a local request, as a message (an error reply becomes the error a session
-/// returns for it).
-fn local(reply: Response, expected: &'static str) -> Result<Message, TransportError> {
-    match reply {
-        Response::Message(Message::Error(e)) => Err(TransportError::Remote {
-            code: e.code,
-            message: e.message,
-        }),
+/// The root's answer to a local request, as the message a session would have read (its typed reading,
+/// an error reply included, is [`reply`]'s, as for a session).
+fn local(answer: Response) -> Result<Message, TransportError> {
+    match answer {
         Response::Message(m) => Ok(m),
         Response::Blob(_) => Err(ProtocolError::Unexpected {
-            expected,
+            expected: "a message",
             got: "Blob",
         }
         .into()),
     }
 }
 
-fn unexpected(expected: &'static str, got: &Message) -> TransportError {
-    ProtocolError::Unexpected {
-        expected,
-        got: got.kind_name(),
-    }
-    .into()
-}
-
 impl Up {
-    async fn call(
-        &self,
-        request: Request,
-        expected: &'static str,
-    ) -> Result<Message, TransportError> {
+    /// A request to the local root (a session has its own exchanges).
+    async fn call(&self, request: Request) -> Result<Message, TransportError> {
         match self {
-            Up::Local(l) => local(l.root.handle(l.me, request).await, expected),
+            Up::Local(l) => local(l.root.handle(l.me, request).await),
             Up::Session(_) => Err(ProtocolError::Unexpected {
-                expected,
+                expected: "a local root",
                 got: "a QUIC session",
             }
             .into()),
@@ -221,11 +207,7 @@ impl Up {
             Up::Session(s) => s.request_task(None).await,
             Up::Local(..) => {
                 let req = Request::Task(TaskRequest { held_model: None });
-                match self.call(req, "Task or NoTask").await? {
-                    Message::Task(t) => Ok(TaskReply::Task(t)),
-                    Message::NoTask(n) => Ok(TaskReply::NoTask(n)),
-                    other => Err(unexpected("Task or NoTask", &other)),
-                }
+                reply::task(self.call(req).await?)
             }
         }
     }
@@ -236,15 +218,13 @@ impl Up {
             Up::Session(s) => s.roster(generation).await,
             Up::Local(..) => {
                 let req = Request::Roster(RosterRequest { generation });
-                match self.call(req, "Roster").await? {
-                    Message::Roster(r) => Ok(r),
-                    other => Err(unexpected("Roster", &other)),
-                }
+                reply::roster(self.call(req).await?)
             }
         }
     }
 
-    /// Forwards a partial sum; the ack means the root stored it.
+    /// Forwards a partial sum; the ack means the root stored it (or, behind a simulated uplink, that
+    /// the link took it).
     pub async fn forward(&self, header: Forward, body: &[u8]) -> Result<Ack, TransportError> {
         match self {
             Up::Session(s) => s.forward(header, body).await,
@@ -255,10 +235,7 @@ impl Up {
                         header: Box::new(header),
                         body: body.to_vec(),
                     };
-                    match self.call(req, "Ack").await? {
-                        Message::Ack(a) => Ok(a),
-                        other => Err(unexpected("Ack", &other)),
-                    }
+                    reply::ack(self.call(req).await?)
                 }
             },
         }
@@ -268,10 +245,7 @@ impl Up {
     pub async fn decline(&self, decline: Decline) -> Result<NoTask, TransportError> {
         match self {
             Up::Session(s) => s.decline(decline).await,
-            Up::Local(..) => match self.call(Request::Decline(decline), "NoTask").await? {
-                Message::NoTask(n) => Ok(n),
-                other => Err(unexpected("NoTask", &other)),
-            },
+            Up::Local(..) => reply::no_task(self.call(Request::Decline(decline)).await?),
         }
     }
 
@@ -284,10 +258,7 @@ impl Up {
             Up::Session(s) => s.manifest(version).await,
             Up::Local(..) => {
                 let req = Request::Manifest(ManifestRequest { version });
-                match self.call(req, "Manifest").await? {
-                    Message::Manifest(m) => Ok(m),
-                    other => Err(unexpected("Manifest", &other)),
-                }
+                reply::manifest(self.call(req).await?)
             }
         }
     }
@@ -302,21 +273,23 @@ impl Up {
         match self {
             Up::Session(s) => s.fetch(version, kind, max).await,
             Up::Local(l) => {
-                match l
-                    .root
-                    .handle(l.me, Request::Fetch(ModelFetch { version, kind }))
-                    .await
-                {
+                let req = Request::Fetch(ModelFetch { version, kind });
+                match l.root.handle(l.me, req).await {
                     Response::Blob(b) if b.len() as u64 <= max => Ok(b.to_vec()),
                     Response::Blob(b) => Err(ProtocolError::PayloadTooLarge {
                         len: b.len() as u64,
                         max,
                     }
                     .into()),
-                    other => Err(match local(other, "Blob") {
-                        Err(e) => e,
-                        Ok(m) => unexpected("Blob", &m),
+                    Response::Message(Message::Error(e)) => Err(TransportError::Remote {
+                        code: e.code,
+                        message: e.message,
                     }),
+                    Response::Message(m) => Err(ProtocolError::Unexpected {
+                        expected: "Blob",
+                        got: m.kind_name(),
+                    }
+                    .into()),
                 }
             }
         }
@@ -326,10 +299,7 @@ impl Up {
     pub async fn enrol_for(&self, request: EnrolFor) -> Result<Fingerprint, TransportError> {
         match self {
             Up::Session(s) => s.enrol_for(request).await,
-            Up::Local(..) => match self.call(Request::EnrolFor(request), "Enrolled").await? {
-                Message::Enrolled(e) => Ok(e.client_id),
-                other => Err(unexpected("Enrolled", &other)),
-            },
+            Up::Local(..) => reply::enrolled(self.call(Request::EnrolFor(request)).await?),
         }
     }
 }

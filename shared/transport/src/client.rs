@@ -343,19 +343,16 @@ impl Session {
         &self,
         held_model: Option<ModelVersion>,
     ) -> Result<TaskReply, TransportError> {
-        match exchange(
-            &self.conn,
-            &self.limits,
-            &Message::TaskRequest(TaskRequest { held_model }),
-            None,
+        reply::task(
+            exchange(
+                &self.conn,
+                &self.limits,
+                &Message::TaskRequest(TaskRequest { held_model }),
+                None,
+            )
+            .await?
+            .0,
         )
-        .await?
-        .0
-        {
-            Message::Task(t) => Ok(TaskReply::Task(t)),
-            Message::NoTask(n) => Ok(TaskReply::NoTask(n)),
-            other => Err(unexpected("Task or NoTask", &other)),
-        }
     }
 
     /// Fetches a signed manifest (`None`: the newest). Verification is the caller's (it holds the keys).
@@ -363,18 +360,16 @@ impl Session {
         &self,
         version: Option<ModelVersion>,
     ) -> Result<SignedManifest, TransportError> {
-        match exchange(
-            &self.conn,
-            &self.limits,
-            &Message::ManifestRequest(ManifestRequest { version }),
-            None,
+        reply::manifest(
+            exchange(
+                &self.conn,
+                &self.limits,
+                &Message::ManifestRequest(ManifestRequest { version }),
+                None,
+            )
+            .await?
+            .0,
         )
-        .await?
-        .0
-        {
-            Message::Manifest(m) => Ok(m),
-            other => Err(unexpected("Manifest", &other)),
-        }
     }
 
     /// Fetches a blob of at most `max` bytes; its size and digest are verified against the declared ones.
@@ -400,89 +395,77 @@ impl Session {
     /// Uploads an encoded update; `upload.body` must describe `body`. Returns the coordinator's ack, which
     /// means the update is durable. Safe to repeat with the same update id.
     pub async fn upload(&self, upload: Upload, body: &[u8]) -> Result<Ack, TransportError> {
-        match exchange(
-            &self.conn,
-            &self.limits,
-            &Message::Upload(Box::new(upload)),
-            Some(body),
+        reply::ack(
+            exchange(
+                &self.conn,
+                &self.limits,
+                &Message::Upload(Box::new(upload)),
+                Some(body),
+            )
+            .await?
+            .0,
         )
-        .await?
-        .0
-        {
-            Message::Ack(a) => Ok(a),
-            other => Err(unexpected("Ack", &other)),
-        }
     }
 
     /// Declines a round's task (the device's policy forbids it); returns the coordinator's `NoTask`.
     pub async fn decline(&self, decline: Decline) -> Result<NoTask, TransportError> {
-        match exchange(&self.conn, &self.limits, &Message::Decline(decline), None)
-            .await?
-            .0
-        {
-            Message::NoTask(n) => Ok(n),
-            other => Err(unexpected("NoTask", &other)),
-        }
+        reply::no_task(
+            exchange(&self.conn, &self.limits, &Message::Decline(decline), None)
+                .await?
+                .0,
+        )
     }
 
     /// Sends one secure-aggregation step of a round; returns the coordinator's answer.
     pub async fn secagg(&self, request: SecAggRequest) -> Result<SecAggReply, TransportError> {
-        match exchange(
-            &self.conn,
-            &self.limits,
-            &Message::SecAgg(Box::new(request)),
-            None,
+        reply::secagg(
+            exchange(
+                &self.conn,
+                &self.limits,
+                &Message::SecAgg(Box::new(request)),
+                None,
+            )
+            .await?
+            .0,
         )
-        .await?
-        .0
-        {
-            Message::SecAggReply(r) => Ok(*r),
-            other => Err(unexpected("SecAggReply", &other)),
-        }
     }
 
     /// Forwards an edge aggregator's partial sum (`forward.body` must describe `body`); the ack means the
     /// root stored it. Safe to repeat with the same id.
     pub async fn forward(&self, forward: Forward, body: &[u8]) -> Result<Ack, TransportError> {
-        match exchange(
-            &self.conn,
-            &self.limits,
-            &Message::Forward(Box::new(forward)),
-            Some(body),
+        reply::ack(
+            exchange(
+                &self.conn,
+                &self.limits,
+                &Message::Forward(Box::new(forward)),
+                Some(body),
+            )
+            .await?
+            .0,
         )
-        .await?
-        .0
-        {
-            Message::Ack(a) => Ok(a),
-            other => Err(unexpected("Ack", &other)),
-        }
     }
 
     /// Enrols a device's key at the root on the device's behalf (an edge aggregator's request).
     pub async fn enrol_for(&self, request: EnrolFor) -> Result<Fingerprint, TransportError> {
-        match exchange(&self.conn, &self.limits, &Message::EnrolFor(request), None)
-            .await?
-            .0
-        {
-            Message::Enrolled(e) => Ok(e.client_id),
-            other => Err(unexpected("Enrolled", &other)),
-        }
+        reply::enrolled(
+            exchange(&self.conn, &self.limits, &Message::EnrolFor(request), None)
+                .await?
+                .0,
+        )
     }
 
     /// The active devices, unless they are unchanged since `generation` (an edge aggregator's request).
     pub async fn roster(&self, generation: u64) -> Result<Roster, TransportError> {
-        match exchange(
-            &self.conn,
-            &self.limits,
-            &Message::RosterRequest(RosterRequest { generation }),
-            None,
+        reply::roster(
+            exchange(
+                &self.conn,
+                &self.limits,
+                &Message::RosterRequest(RosterRequest { generation }),
+                None,
+            )
+            .await?
+            .0,
         )
-        .await?
-        .0
-        {
-            Message::Roster(r) => Ok(r),
-            other => Err(unexpected("Roster", &other)),
-        }
     }
 
     /// Ends the session politely.
@@ -498,5 +481,71 @@ impl Session {
         send.finish()?;
         let _ = tokio::time::timeout(self.limits.exchange_timeout, self.conn.closed()).await;
         Ok(())
+    }
+}
+
+/// Typed readings of a coordinator's reply message (an error reply becomes
+/// [`TransportError::Remote`]), shared by a QUIC [`Session`] and by callers that get the reply another way
+/// (an edge aggregator calling a root in its own process).
+pub mod reply {
+    use super::{unexpected, TaskReply, TransportError};
+    use starling_protocol::message::{Ack, NoTask, Roster, SecAggReply};
+    use starling_protocol::{Fingerprint, Message, SignedManifest};
+
+    /// A task request's answer.
+    pub fn task(m: Message) -> Result<TaskReply, TransportError> {
+        match m {
+            Message::Task(t) => Ok(TaskReply::Task(t)),
+            Message::NoTask(n) => Ok(TaskReply::NoTask(n)),
+            other => Err(unexpected("Task or NoTask", &other)),
+        }
+    }
+
+    /// A manifest request's answer.
+    pub fn manifest(m: Message) -> Result<SignedManifest, TransportError> {
+        match m {
+            Message::Manifest(m) => Ok(m),
+            other => Err(unexpected("Manifest", &other)),
+        }
+    }
+
+    /// An upload's or a partial sum's acknowledgement.
+    pub fn ack(m: Message) -> Result<Ack, TransportError> {
+        match m {
+            Message::Ack(a) => Ok(a),
+            other => Err(unexpected("Ack", &other)),
+        }
+    }
+
+    /// A decline's answer.
+    pub fn no_task(m: Message) -> Result<NoTask, TransportError> {
+        match m {
+            Message::NoTask(n) => Ok(n),
+            other => Err(unexpected("NoTask", &other)),
+        }
+    }
+
+    /// A secure-aggregation step's answer.
+    pub fn secagg(m: Message) -> Result<SecAggReply, TransportError> {
+        match m {
+            Message::SecAggReply(r) => Ok(*r),
+            other => Err(unexpected("SecAggReply", &other)),
+        }
+    }
+
+    /// An enrolment's answer: the enrolled key.
+    pub fn enrolled(m: Message) -> Result<Fingerprint, TransportError> {
+        match m {
+            Message::Enrolled(e) => Ok(e.client_id),
+            other => Err(unexpected("Enrolled", &other)),
+        }
+    }
+
+    /// A roster request's answer.
+    pub fn roster(m: Message) -> Result<Roster, TransportError> {
+        match m {
+            Message::Roster(r) => Ok(r),
+            other => Err(unexpected("Roster", &other)),
+        }
     }
 }
