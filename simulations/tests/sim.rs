@@ -243,6 +243,31 @@ fn devices_behind_two_edge_aggregators_publish_what_the_flat_federation_publishe
         slow.summary.sim_time_s >= tree.summary.sim_time_s + 3.0 * transfer_s,
         "three rounds, each waiting for its partial sums on the slow link"
     );
+    // With secure aggregation: SecAgg+ at each aggregator for its four devices, the same integer
+    // encodings as a flat secure round of the eight (masked weights: FedAvg's example weights), decoded
+    // as two sums instead of one.
+    let secure =
+        "[secure_aggregation]\nenabled = true\nclip = 0.05\nvalue_bits = 24\nweight_cap = 5000\n";
+    let flat_secure = run(&everyone(secure), Transport::Memory);
+    let mut tree_secure = everyone(secure);
+    tree_secure.topology.aggregators = 2;
+    tree_secure.topology.quiet_ms = 600_000;
+    let tree_secure = run(&tree_secure, Transport::Memory);
+    assert_eq!(tree_secure.summary.rounds, 3, "{:?}", tree_secure.rounds);
+    for r in &tree_secure.rounds[1..] {
+        assert_eq!(r.participants, 8, "{r:?}");
+    }
+    let worst = flat_secure
+        .final_adapter
+        .iter()
+        .zip(&tree_secure.final_adapter)
+        .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+        .fold(0f32, f32::max);
+    eprintln!("{{\"probe\":\"sim-topology-secure\",\"max_rel_diff\":{worst:e}}}");
+    assert!(
+        worst < 1e-4,
+        "flat and hierarchical secure runs differ by {worst}"
+    );
     // Not over QUIC, and not more aggregators than devices a round.
     let err = sim::run(
         &everyone("[topology]\naggregators = 2\n"),

@@ -95,8 +95,8 @@ pub struct CohortConfig {
     /// What devices are told when there is no work, ms.
     pub retry_after_ms: u64,
     /// When the root's rounds are secure (SecAgg+ per cohort): the longest each phase after the keys
-    /// (shares, masked inputs, reveals) may stay open, ms; the keys phase closes 3 × this before the
-    /// cut-off at the latest.
+    /// (shares, masked inputs, reveals) may stay open, ms — a quarter of the time left when the cohort
+    /// is fixed, if that is shorter; the keys phase closes 3 such phases before the cut-off.
     pub secure_phase_ms: u64,
 }
 

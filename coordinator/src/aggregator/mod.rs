@@ -276,6 +276,8 @@ struct Round {
     forwarded: Option<RoundId>,
     /// When a device last joined the cohort (or the round was taken or resumed), system ms.
     last_join: u64,
+    /// When the round was taken from the root (or resumed), system ms.
+    taken_at: u64,
     /// The root's secure-aggregation settings for the round (its rounds are secure).
     template: Option<SecAggTask>,
     /// The secure cohort, once fixed.
@@ -301,6 +303,7 @@ impl Default for Round {
             uploaded: HashSet::new(),
             forwarded: None,
             last_join: 0,
+            taken_at: 0,
             template: None,
             secure: None,
         }
@@ -459,6 +462,7 @@ impl Aggregator {
         let mut round = Round {
             forwarded: spool.forwarded()?,
             last_join: clock.now(),
+            taken_at: clock.now(),
             ..Round::default()
         };
         if let Some(task) = spool.task()? {
@@ -722,20 +726,22 @@ impl Aggregator {
         let now = self.now();
         let c = &self.cfg.cohort;
         let min = c.min.max(MIN_SECURE_COHORT);
-        let keys_deadline = self
-            .cutoff(task)
-            .saturating_sub(c.secure_phase_ms.saturating_mul(3));
         let tick = {
             let mut guard = self.lock();
             let r = &mut *guard;
+            // The cohort forms in the first quarter of the time the round leaves here at most (it is
+            // fixed earlier when full, or quiet with enough devices): the rest is for training and the
+            // four phases.
+            let cutoff = self.cutoff(task);
+            let forming_ends = r.taken_at + cutoff.saturating_sub(r.taken_at) / 4;
             match r.secure.as_mut() {
                 None => {
                     let n = r.selected.len();
                     let quiet = now.saturating_sub(r.last_join) >= c.quiet_ms;
-                    if n >= min && (quiet || now >= keys_deadline) {
+                    if n >= min && (quiet || now >= forming_ends) {
                         self.fix_cohort(r, task)?;
                         Tick::Wait
-                    } else if now >= keys_deadline {
+                    } else if now >= forming_ends {
                         Tick::Failed(format!(
                             "{n} devices asked for the secure round, {min} needed"
                         ))
@@ -745,7 +751,7 @@ impl Aggregator {
                 }
                 Some(cohort) => {
                     let mut next = cohort.clone();
-                    let tick = next.tick(now, c.secure_phase_ms, min);
+                    let tick = next.tick(now, min);
                     if let Tick::Phase(phase) = &tick {
                         self.spool.put_secure(&next)?;
                         tracing::info!(round = task.round.0, ?phase, "secure cohort phase");
@@ -793,6 +799,7 @@ impl Aggregator {
             template,
             r.selected.iter().copied().collect(),
             &self.fingerprint.0,
+            self.now(),
             self.cutoff(task),
             self.cfg.cohort.secure_phase_ms,
         )?;
@@ -873,6 +880,7 @@ impl Aggregator {
         r.selected.clear();
         r.uploaded.clear();
         r.last_join = self.now();
+        r.taken_at = r.last_join;
         r.schema = Some(manifest.adapter_schema);
         r.version = manifest.version;
         r.template = task.secagg.clone();

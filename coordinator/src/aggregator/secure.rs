@@ -42,6 +42,8 @@ pub struct SecureCohort {
     pub keys_deadline: u64,
     /// When every phase must be over (the cut-off before the root's deadline).
     pub cutoff: u64,
+    /// The longest each phase after the keys stays open, ms.
+    pub phase_ms: u64,
     /// The protocol's state.
     pub state: SecAggRound,
 }
@@ -83,13 +85,16 @@ pub enum CohortError {
 }
 
 impl SecureCohort {
-    /// Fixes the cohort of `round` as `devices` under the root's `template`; `salt` binds the neighbour
-    /// graph to this aggregator; phases after the keys get `phase_ms` each before `cutoff`.
+    /// Fixes the cohort of `round` as `devices` at `now` under the root's `template`; `salt` binds the
+    /// neighbour graph to this aggregator. The phases after the keys get `phase_ms` each before `cutoff`
+    /// — or a quarter of the time left each when that is shorter, so the keys phase (training included)
+    /// keeps at least a quarter.
     pub fn fix(
         round: RoundId,
         template: &SecAggTask,
         mut devices: Vec<Fingerprint>,
         salt: &[u8],
+        now: u64,
         cutoff: u64,
         phase_ms: u64,
     ) -> Result<Self, SecAggError> {
@@ -97,6 +102,7 @@ impl SecureCohort {
         devices.dedup();
         let params = cohort_params(template, devices.len(), salt)?;
         let state = SecAggRound::new(params.clone())?;
+        let phase = phase_ms.min(cutoff.saturating_sub(now) / 4);
         Ok(Self {
             round,
             task: SecAggTask {
@@ -106,8 +112,9 @@ impl SecureCohort {
             },
             roster: devices,
             declined: BTreeSet::new(),
-            keys_deadline: cutoff.saturating_sub(phase_ms.saturating_mul(3)),
+            keys_deadline: cutoff.saturating_sub(phase.saturating_mul(3)),
             cutoff,
+            phase_ms: phase,
             state,
         })
     }
@@ -178,14 +185,14 @@ impl SecureCohort {
 
     /// Closes the current phase at `now` if every device still expected answered or its deadline
     /// passed; a phase needs at least `min` devices (and the protocol's threshold).
-    pub fn tick(&mut self, now: u64, phase_ms: u64, min: usize) -> Tick {
+    pub fn tick(&mut self, now: u64, min: usize) -> Tick {
         let expected = (0..self.roster.len() as ClientId).filter(|i| !self.declined.contains(i));
         if !(self.state.all_in(expected) || now >= self.deadline()) {
             return Tick::Wait;
         }
         match self
             .state
-            .close_phase(now, phase_ms, min.max(MIN_SECURE_COHORT))
+            .close_phase(now, self.phase_ms, min.max(MIN_SECURE_COHORT))
         {
             Ok(false) => Tick::Phase(self.state.phase),
             Ok(true) => match self.unmasked() {
@@ -245,6 +252,7 @@ mod tests {
             &template(len),
             devices.iter().rev().copied().collect(),
             b"edge-a",
+            0,
             1_000_000,
             1_000,
         )
@@ -261,10 +269,7 @@ mod tests {
             assert!(o.changed);
             clients.push((*d, cl));
         }
-        assert!(matches!(
-            c.tick(10, 1_000, 3),
-            Tick::Phase(SecAggPhase::Share)
-        ));
+        assert!(matches!(c.tick(10, 3), Tick::Phase(SecAggPhase::Share)));
         assert!(
             c.task_for(&devices[0]).is_none(),
             "no new devices after the keys"
@@ -279,10 +284,7 @@ mod tests {
                 .unwrap();
             c.step(d, SecAggStep::Shares(shares), 100).unwrap();
         }
-        assert!(matches!(
-            c.tick(20, 1_000, 3),
-            Tick::Phase(SecAggPhase::Masked)
-        ));
+        assert!(matches!(c.tick(20, 3), Tick::Phase(SecAggPhase::Masked)));
         let gone = clients.pop().unwrap().0;
         let encoding = Encoding::new(0.5, 8, 4).unwrap();
         let bits = c.state.params().bits;
@@ -308,9 +310,9 @@ mod tests {
             Err(CohortError::Closed(_) | CohortError::SecAgg(_))
         ));
         // The masked phase closes at its deadline (the dropped device never sends).
-        assert!(matches!(c.tick(31, 1_000, 3), Tick::Wait));
+        assert!(matches!(c.tick(31, 3), Tick::Wait));
         assert!(matches!(
-            c.tick(20 + 1_000, 1_000, 3),
+            c.tick(20 + 1_000, 3),
             Tick::Phase(SecAggPhase::Unmask)
         ));
         for (d, cl) in &mut clients {
@@ -325,7 +327,7 @@ mod tests {
         }
         let Tick::Unmasked(RoundInput::Sum {
             sum, count, weight, ..
-        }) = c.tick(1_100, 1_000, 3)
+        }) = c.tick(1_100, 3)
         else {
             panic!()
         };
@@ -338,14 +340,34 @@ mod tests {
     #[test]
     fn a_phase_short_of_devices_fails_the_cohort() {
         let devices: Vec<Fingerprint> = (0..3u8).map(|i| Fingerprint([i + 1; 32])).collect();
-        let mut c =
-            SecureCohort::fix(RoundId(4), &template(3), devices, b"edge-b", 10_000, 1_000).unwrap();
+        let mut c = SecureCohort::fix(
+            RoundId(4),
+            &template(3),
+            devices.clone(),
+            b"edge-b",
+            0,
+            10_000,
+            1_000,
+        )
+        .unwrap();
         assert_eq!(c.keys_deadline, 7_000);
         assert!(c.decline(&Fingerprint([1; 32])));
-        assert!(matches!(c.tick(6_999, 1_000, 1), Tick::Wait));
-        let Tick::Failed(why) = c.tick(7_000, 1_000, 1) else {
+        assert!(matches!(c.tick(6_999, 1), Tick::Wait));
+        let Tick::Failed(why) = c.tick(7_000, 1) else {
             panic!()
         };
         assert!(why.contains("advertised"), "{why}");
+        // Phases longer than the time left: each gets a quarter of it, the keys phase keeps a quarter.
+        let c = SecureCohort::fix(
+            RoundId(4),
+            &template(3),
+            devices,
+            b"edge-b",
+            2_000,
+            10_000,
+            60_000,
+        )
+        .unwrap();
+        assert_eq!((c.phase_ms, c.keys_deadline), (2_000, 4_000));
     }
 }
