@@ -901,7 +901,11 @@ impl Coordinator {
     }
 
     /// An edge aggregator enrols a device with the token the device presented to it (device tokens only).
-    fn enrol_for(&self, request: &starling_protocol::message::EnrolFor) -> Response {
+    fn enrol_for(
+        &self,
+        aggregator: Fingerprint,
+        request: &starling_protocol::message::EnrolFor,
+    ) -> Response {
         let bad = || {
             Response::error(
                 ErrorCode::BadToken,
@@ -918,6 +922,7 @@ impl Coordinator {
                 request.client,
                 self.now(),
                 Some(ClientRole::Device),
+                Some(aggregator),
             )
         };
         match enrolled {
@@ -933,8 +938,11 @@ impl Coordinator {
         }
     }
 
-    /// The active devices for an edge aggregator's copy (unless it holds this generation already).
-    fn roster(&self, known: u64) -> Response {
+    /// The active devices for edge aggregator `aggregator`'s copy (unless it holds this generation
+    /// already): those that enrolled through it, and those enrolled at the root itself (before the tier
+    /// existed) — not those of other aggregators, so each copy grows with its own devices (a device
+    /// stays with the aggregator it enrolled through).
+    fn roster(&self, aggregator: Fingerprint, known: u64) -> Response {
         let generation = self.roster.load(std::sync::atomic::Ordering::SeqCst);
         let devices = if known == generation {
             None
@@ -943,7 +951,18 @@ impl Coordinator {
             match self.store.clients() {
                 Ok(all) => {
                     for c in all {
-                        if c.status == ClientStatus::Active
+                        let mine = match self.store.enrolled_via(&c.fingerprint) {
+                            Ok(via) => via.is_none_or(|a| a == aggregator),
+                            Err(e) => {
+                                tracing::error!("reading the roster: {e}");
+                                return Response::error(
+                                    ErrorCode::Unavailable,
+                                    "storage failed; retry",
+                                );
+                            }
+                        };
+                        if mine
+                            && c.status == ClientStatus::Active
                             && self.store.role(&c.fingerprint).ok() == Some(ClientRole::Device)
                         {
                             active.push(c.fingerprint);
@@ -1381,8 +1400,8 @@ impl Handler for Coordinator {
         }
         match request {
             Request::Forward { header, body } => self.forward(client, &header, &body),
-            Request::EnrolFor(r) => self.enrol_for(&r),
-            Request::Roster(r) => self.roster(r.generation),
+            Request::EnrolFor(r) => self.enrol_for(client, &r),
+            Request::Roster(r) => self.roster(client, r.generation),
             Request::Task(_) => {
                 let decision = self.lock().engine.task_request(client, now);
                 match decision {

@@ -7,7 +7,8 @@
 //! `update_index` (update id → round), `models` (version → [`PublishedModel`]), `ledger` (round →
 //! privacy charge), `meta` (strategy state, next round id, completed rounds, global ledger); for a tier of
 //! edge aggregators: `roles` and `token_roles` (fingerprint or token hash → [`ClientRole`], absent: a
-//! device) and `partials` (round ‖ update id → [`StoredPartial`], the partial sums aggregators forwarded).
+//! device), `enrolled_via` (device fingerprint → the aggregator it enrolled through) and `partials`
+//! (round ‖ update id → [`StoredPartial`], the partial sums aggregators forwarded).
 //! Keys are big-endian so sled's order is numeric order. Values are bincode 2 (the protocol's config is not
 //! reused: this is storage, versioned by `meta/format`).
 //! What must never live here: decisions. The store records what the engine and strategy decided.
@@ -33,11 +34,12 @@ const FORMAT: u32 = 1;
 pub type TreeDump = (String, Vec<(Vec<u8>, Vec<u8>)>);
 
 /// Every tree of the store (what a backup holds).
-const TREES: [&str; 12] = [
+const TREES: [&str; 13] = [
     "clients",
     "tokens",
     "roles",
     "token_roles",
+    "enrolled_via",
     "partials",
     "rounds",
     "updates",
@@ -212,6 +214,7 @@ pub struct Store {
     meta: sled::Tree,
     roles: sled::Tree,
     token_roles: sled::Tree,
+    via: sled::Tree,
     partials: sled::Tree,
 }
 
@@ -270,6 +273,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             roles: db.open_tree("roles")?,
             token_roles: db.open_tree("token_roles")?,
+            via: db.open_tree("enrolled_via")?,
             partials: db.open_tree("partials")?,
             db,
         })
@@ -318,21 +322,28 @@ impl Store {
         client: Fingerprint,
         now: u64,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        self.enrol_as(hash, client, now, None)
+        self.enrol_as(hash, client, now, None, None)
     }
 
     /// [`Store::enrol`] that, with `only`, accepts only a token issued for that role (an aggregator enrolling
     /// a device cannot spend an aggregator's token); a token of another role is left unused and `None` is
-    /// returned.
+    /// returned. `via`: the edge aggregator the client enrolled through (its roster then lists it).
     pub fn enrol_as(
         &self,
         hash: TokenHash,
         client: Fingerprint,
         now: u64,
         only: Option<ClientRole>,
+        via: Option<Fingerprint>,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        let trees = (&self.tokens, &self.clients, &self.token_roles, &self.roles);
-        let r = trees.transaction(|(tokens, clients, token_roles, roles)| {
+        let trees = (
+            &self.tokens,
+            &self.clients,
+            &self.token_roles,
+            &self.roles,
+            &self.via,
+        );
+        let r = trees.transaction(|(tokens, clients, token_roles, roles, vias)| {
             let role = ClientRole::from_stored(token_roles.get(hash.0 .0)?);
             if only.is_some_and(|o| o != role) {
                 return Ok(None);
@@ -365,10 +376,28 @@ impl Store {
                 last_decline: None,
             };
             clients.insert(&client.0, encode(&rec))?;
+            if let Some(a) = via {
+                vias.insert(&client.0, &a.0)?;
+            }
             Ok(Some(rec))
         })?;
         self.flush()?;
         Ok(r)
+    }
+
+    /// The edge aggregator `fp` enrolled through, if it did.
+    pub fn enrolled_via(&self, fp: &Fingerprint) -> Result<Option<Fingerprint>, StoreError> {
+        self.via
+            .get(fp.0)?
+            .map(|v| {
+                <[u8; 32]>::try_from(v.as_ref())
+                    .map(Fingerprint)
+                    .map_err(|_| StoreError::Corrupt {
+                        what: "enrolling aggregator",
+                        detail: format!("{} bytes", v.len()),
+                    })
+            })
+            .transpose()
     }
 
     /// A client's record.

@@ -109,6 +109,9 @@ fn the_root_takes_partial_sums_from_its_aggregators_only_and_publishes_their_mea
             .enrol(&EnrolmentToken::parse(&spare_edge_token).unwrap(), "edge-2")
             .await
             .unwrap();
+        // Each aggregator's roster holds the devices that enrolled through it: not edge-2's.
+        let b = client(3, &serving).connect().await.unwrap();
+        assert_eq!(b.roster(0).await.unwrap().devices, Some(vec![]));
 
         // A device that comes to the root directly is sent to an aggregator and may not act as one.
         let d = client(1, &serving).connect().await.unwrap();
