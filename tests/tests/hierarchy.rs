@@ -185,6 +185,11 @@ fn hierarchical(dir: &Path, extra: &str) -> (Vec<Vec<f32>>, Vec<u64>) {
             metrics.contains("starling_aggregator_partials_forwarded_total 2"),
             "{metrics}"
         );
+        // No secure cohort open once the rounds are forwarded.
+        assert!(
+            metrics.contains("starling_aggregator_secure_phase 0"),
+            "{metrics}"
+        );
         let (_, status) = http_get(http, "/api/status");
         let status: serde_json::Value = serde_json::from_str(&status).unwrap();
         assert_eq!(status["forwarded"], 2, "{status}");

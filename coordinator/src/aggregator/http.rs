@@ -132,6 +132,21 @@ async fn metrics(State(a): State<Arc<Aggregator>>) -> Response {
         "Active devices in the copy of the root's roster.",
         g("roster_devices"),
     );
+    let phase = a.lock().secure.as_ref().map_or(0.0, |c| {
+        use crate::secagg::SecAggPhase as P;
+        match c.state.phase {
+            P::Advertise => 1.0,
+            P::Share => 2.0,
+            P::Masked => 3.0,
+            P::Unmask => 4.0,
+        }
+    });
+    put(
+        "starling_aggregator_secure_phase",
+        "gauge",
+        "The open secure cohort's SecAgg+ phase: 0 none (or forming), 1 keys, 2 shares, 3 masked inputs, 4 reveals.",
+        phase,
+    );
     (
         [(
             header::CONTENT_TYPE,
