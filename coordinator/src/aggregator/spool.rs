@@ -1,8 +1,8 @@
 //! The edge aggregator's durable state in sled: the root's task for the open round, the devices it took
 //! into that round's cohort, their updates (stored and flushed before a device gets its ack), the last
-//! round forwarded, the copy of the root's roster, and a secure cohort's SecAgg+ state. An aggregator killed at any instant restarts with
-//! every acknowledged update and forwards them. What must never live here: decisions (when to forward,
-//! whom to take) — those are the service's.
+//! round forwarded, the copy of the root's roster, and a secure cohort's SecAgg+ state. An aggregator
+//! killed at any instant restarts with every acknowledged update and forwards them. What must never live
+//! here: decisions (when to forward, whom to take) — those are the service's.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -76,6 +76,14 @@ fn decode<T: serde::de::DeserializeOwned>(
         })
 }
 
+/// A stored value of exactly `N` bytes (a round id, a generation, a fingerprint), or what is damaged.
+fn fixed<const N: usize>(bytes: &[u8], what: &'static str) -> Result<[u8; N], SpoolError> {
+    <[u8; N]>::try_from(bytes).map_err(|_| SpoolError::Corrupt {
+        what,
+        detail: format!("{} bytes", bytes.len()),
+    })
+}
+
 fn key(round: RoundId, rest: &[u8]) -> Vec<u8> {
     [&round.0.to_be_bytes()[..], rest].concat()
 }
@@ -145,14 +153,7 @@ impl Spool {
     pub fn forwarded(&self) -> Result<Option<RoundId>, SpoolError> {
         self.meta
             .get("forwarded")?
-            .map(|v| {
-                <[u8; 8]>::try_from(v.as_ref())
-                    .map(|b| RoundId(u64::from_be_bytes(b)))
-                    .map_err(|_| SpoolError::Corrupt {
-                        what: "forwarded round",
-                        detail: format!("{} bytes", v.len()),
-                    })
-            })
+            .map(|v| fixed(&v, "forwarded round").map(|b| RoundId(u64::from_be_bytes(b))))
             .transpose()
     }
 
@@ -194,13 +195,10 @@ impl Spool {
         let mut out = HashSet::new();
         for kv in self.selected.scan_prefix(round.0.to_be_bytes()) {
             let k = kv?.0;
-            let fp = <[u8; 32]>::try_from(k.get(8..).unwrap_or_default()).map_err(|_| {
-                SpoolError::Corrupt {
-                    what: "cohort entry",
-                    detail: format!("{} bytes", k.len()),
-                }
-            })?;
-            out.insert(Fingerprint(fp));
+            out.insert(Fingerprint(fixed(
+                k.get(8..).unwrap_or_default(),
+                "cohort entry",
+            )?));
         }
         Ok(out)
     }
@@ -257,25 +255,12 @@ impl Spool {
                 .map(|v| decode(&v, "roster"))
                 .transpose();
         };
-        let generation = <[u8; 8]>::try_from(g.as_ref())
-            .map(u64::from_be_bytes)
-            .map_err(|_| SpoolError::Corrupt {
-                what: "roster generation",
-                detail: format!("{} bytes", g.len()),
-            })?;
+        let generation = u64::from_be_bytes(fixed(&g, "roster generation")?);
         let devices = self
             .roster
             .iter()
             .keys()
-            .map(|k| {
-                let k = k?;
-                <[u8; 32]>::try_from(k.as_ref())
-                    .map(Fingerprint)
-                    .map_err(|_| SpoolError::Corrupt {
-                        what: "roster entry",
-                        detail: format!("{} bytes", k.len()),
-                    })
-            })
+            .map(|k| Ok::<_, SpoolError>(Fingerprint(fixed(&k?, "roster entry")?)))
             .collect::<Result<_, _>>()?;
         Ok(Some((generation, devices)))
     }
