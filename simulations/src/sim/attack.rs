@@ -1,7 +1,6 @@
 //! Adversarial devices: what an attacker's update becomes (sign flip, scaling, noise, a colluders' shared
-//! vector) and the corrupted text
-//! it may train on instead. What must never live here: which devices attack (the scenario says) or how
-//! the coordinator defends (its strategies).
+//! vector) and the corrupted text it may train on instead. What must never live here: which devices
+//! attack (the scenario says) or how the coordinator defends (its strategies).
 
 use super::*;
 
@@ -57,9 +56,7 @@ impl Sim<'_> {
             None => encode_update(schema, &delta, task.encoding, &mut rng)?,
         })
     }
-}
 
-impl Sim<'_> {
     /// The step that published `version`, v − (v − 1), from the coordinator's public models (what any
     /// device can fetch); `None` for the first version.
     fn last_step(&self, version: ModelVersion) -> Result<Option<Vec<f32>>, SimError> {

@@ -623,16 +623,15 @@ fn edge_config(
     clients: usize,
     name: &str,
     signing_key: &[u8; 32],
-    layout: &Layout,
-) -> Result<AggregatorConfig, SimError> {
+    root_pin: Fingerprint,
+) -> AggregatorConfig {
     use starling_coordinator::aggregator::config::{AggregatorNetwork, CohortConfig, RootSection};
     let t = &scen.topology;
     let edges = t.aggregators.max(1);
-    let tls = read_key(&layout.tls_key())?;
-    Ok(AggregatorConfig {
+    AggregatorConfig {
         root: RootSection {
             address: "in-process".into(),
-            pin: tls.fingerprint().to_hex(),
+            pin: root_pin.to_hex(),
             signing_key: Fingerprint(*signing_key).to_hex(),
             name: name.to_string(),
         },
@@ -647,7 +646,7 @@ fn edge_config(
             retry_after_ms: cfg.rounds.retry_after_ms,
             secure_phase_ms: cfg.secure_aggregation.phase_timeout_ms,
         },
-    })
+    }
 }
 
 /// Runs a scenario on already loaded model and data.
@@ -700,12 +699,10 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
     )?;
     let coord = Arc::new(coord);
     let layout = Layout::new(&dir);
+    let tls = read_key(&layout.tls_key())?;
     let mut link = match opts.transport {
         Transport::Memory => Link::memory(coord.clone())?,
-        Transport::Quic => {
-            let tls = read_key(&layout.tls_key())?;
-            Link::quic(coord.clone(), &tls)?
-        }
+        Transport::Quic => Link::quic(coord.clone(), &tls)?,
     };
     // The edge aggregators (`[topology]`): real ones, enrolled at the root under their role, their
     // spools beside the coordinator's directory, on the simulated clock.
@@ -714,7 +711,7 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
             let id = device_identity(seed ^ 0xa66e_6a70_0000_0000, a);
             let name = format!("edge-{a}");
             link.enrol_aggregator(&id, &name)?;
-            let cfg = edge_config(scen, &cfg, n, &name, &init.signing_key, &layout)?;
+            let cfg = edge_config(scen, &cfg, n, &name, &init.signing_key, tls.fingerprint());
             let t = &scen.topology;
             let root = LocalRoot::new(coord.clone(), id.fingerprint()).with_uplink(
                 t.uplink_latency_ms,
