@@ -7,13 +7,8 @@
 
 use rand::Rng;
 use starling_protocol::message::SecAggTask;
-use starling_secagg::mask::{pack, unpack, Encoding};
+use starling_secagg::mask::{pack, unpack};
 use starling_secagg::{Client, ClientState, ParamsError, SecAggError};
-
-/// The integer encoding a secure task asks for.
-pub fn encoding(task: &SecAggTask) -> Result<Encoding, SecAggError> {
-    Encoding::new(task.clip(), task.value_bits, task.params.clients)
-}
 
 /// A device's FedAvg weight in a secure round: 1 without a `weight_cap`, else `min(examples, cap) / cap`.
 pub fn weight(task: &SecAggTask, examples: u64) -> f32 {
@@ -57,7 +52,7 @@ pub fn encode_delta(
     let Some(n) = noise else {
         return encode_values(task, &values, rng);
     };
-    let enc = encoding(task)?;
+    let enc = task.encoding()?;
     if values.len() != task.params.len {
         return Err(ParamsError::InputLength {
             got: values.len(),
@@ -92,14 +87,14 @@ pub fn encode_values(
         }
         .into());
     }
-    Ok(pack(&encoding(task)?.encode(values, rng), 32))
+    Ok(pack(&task.encoding()?.encode(values, rng), 32))
 }
 
 /// Decodes an unmasked body from [`encode_delta`] back to its values — the weighted delta, then the
 /// weight value with a `weight_cap` (a simulated attacker transforms its delta this way).
 pub fn decode_body(task: &SecAggTask, body: &[u8]) -> Result<Vec<f32>, SecAggError> {
     let words = unpack(body, 32, task.params.len)?;
-    Ok(encoding(task)?.decode_sum(&words, 32))
+    Ok(task.encoding()?.decode_sum(&words, 32))
 }
 
 /// Masks an encoded body (from [`encode_delta`]) with the device's round state: the bytes to upload,

@@ -8,6 +8,7 @@ pub use starling_cli::config::ConfigError;
 
 use crate::engine::{EngineConfig, Selection};
 pub use crate::secagg::SecAggConfig;
+use crate::secagg::MIN_COHORT;
 use crate::strategy::StrategyConfig;
 
 /// The whole configuration file.
@@ -416,7 +417,7 @@ impl CoordinatorConfig {
         // Behind edge aggregators SecAgg+ runs per cohort, each sized for its cohort (at least 3
         // devices): [rounds] counts aggregators, and the root checks the settings for a round's devices.
         let m = match self.rounds.selection {
-            _ if self.hierarchy.enabled => self.hierarchy.devices_per_round.max(3),
+            _ if self.hierarchy.enabled => self.hierarchy.devices_per_round.max(MIN_COHORT),
             Selection::Count(m) => m,
             Selection::Fraction(_) => return Err(
                 "secure_aggregation needs rounds.selection = { count = m }: the modulus and the \
@@ -424,10 +425,11 @@ impl CoordinatorConfig {
                     .into(),
             ),
         };
-        if !self.hierarchy.enabled && (m < 3 || self.rounds.min_clients < 3) {
+        if !self.hierarchy.enabled && (m < MIN_COHORT || self.rounds.min_clients < MIN_COHORT) {
             return Err(format!(
-                "secure_aggregation needs cohorts of at least 3 devices (a sum of two reveals each \
-                 input to the other): rounds.selection count {m} and rounds.min_clients {} must be ≥ 3",
+                "secure_aggregation needs cohorts of at least {MIN_COHORT} devices (a sum of two reveals \
+                 each input to the other): rounds.selection count {m} and rounds.min_clients {} must be \
+                 ≥ {MIN_COHORT}",
                 self.rounds.min_clients
             ));
         }

@@ -349,7 +349,7 @@ pub fn decode_secure_sum(
     sum: &[u32],
     count: usize,
     bits: u32,
-) -> RoundInput {
+) -> (Vec<f32>, f64) {
     let mut sum = encoding.decode_sum(sum, bits);
     let weight = if weight_cap > 0 {
         let w = sum.pop().unwrap_or(0.0);
@@ -357,12 +357,7 @@ pub fn decode_secure_sum(
     } else {
         count as f64
     };
-    RoundInput::Sum {
-        sum,
-        count,
-        weight,
-        loss: None,
-    }
+    (sum, weight)
 }
 
 /// The one Task builder: round `round` of `manifest`'s version, due at `deadline`, with FedProx `mu` and,
@@ -489,13 +484,19 @@ impl RoundCore {
         params: &RoundParams,
     ) -> Result<RoundInput, CoreError> {
         let sa = &self.cfg.secure_aggregation;
-        Ok(decode_secure_sum(
+        let (sum, weight) = decode_secure_sum(
             &sa.encoding(params.clients)?,
             sa.weight_cap,
             sum,
             count,
             params.bits,
-        ))
+        );
+        Ok(RoundInput::Sum {
+            sum,
+            count,
+            weight,
+            loss: None,
+        })
     }
 
     /// The partial sum an edge aggregator forwards for `updates` (deltas with their examples and

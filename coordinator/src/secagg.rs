@@ -114,7 +114,7 @@ impl SecAggConfig {
 /// seed): the neighbour graph and threshold sized for the cohort (Bell et al.'s ≈ 3·log₂ n, a majority
 /// of the neighbours), the graph seed bound to the aggregator (`salt`: its key's fingerprint), and the
 /// fewest modulus bits a sum of `clients` encoded deltas cannot wrap. The aggregator keeps cohorts of
-/// at least 3 (a sum of two reveals each input to the other).
+/// at least [`MIN_COHORT`].
 pub fn cohort_params(
     template: &starling_protocol::message::SecAggTask,
     clients: usize,
@@ -138,6 +138,9 @@ pub fn cohort_params(
     Ok(params)
 }
 
+/// Fewest devices whose inputs a secure sum may hold: a sum of two reveals each input to the other.
+pub const MIN_COHORT: usize = 3;
+
 /// Where a secure round is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SecAggPhase {
@@ -149,6 +152,18 @@ pub enum SecAggPhase {
     Masked,
     /// Devices reveal shares.
     Unmask,
+}
+
+/// The phase's name in status documents and logs: `advertise`, `share`, `masked`, `unmask`.
+impl std::fmt::Display for SecAggPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SecAggPhase::Advertise => "advertise",
+            SecAggPhase::Share => "share",
+            SecAggPhase::Masked => "masked",
+            SecAggPhase::Unmask => "unmask",
+        })
+    }
 }
 
 /// One round's secure aggregation as persisted (public keys, ciphertexts, the running sum of masked

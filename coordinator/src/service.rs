@@ -582,7 +582,7 @@ impl Coordinator {
                 }
                 Action::SecAggPhase { round, phase } => {
                     self.persist_secagg(&inner)?;
-                    tracing::info!(round = round.0, ?phase, "secure aggregation phase");
+                    tracing::info!(round = round.0, %phase, "secure aggregation phase");
                 }
                 Action::Aggregate { .. } | Action::AggregateSum { .. } => {
                     let (round, input) = match action {
@@ -784,7 +784,11 @@ impl Coordinator {
         if !(self.cfg.hierarchy.enabled && sa.enabled) {
             return None;
         }
-        let n = self.cfg.hierarchy.devices_per_round.max(3);
+        let n = self
+            .cfg
+            .hierarchy
+            .devices_per_round
+            .max(crate::secagg::MIN_COHORT);
         match sa.params(self.cfg.rounds.seed, round, n, self.schema.num_params(), 0) {
             Ok(p) => Some((p, 0)),
             Err(e) => {
@@ -1246,10 +1250,6 @@ impl Coordinator {
     }
 }
 
-/// What a partial sum must satisfy besides its length: finite values, and under user-level DP (`clip`)
-/// what the noise is calibrated for — each of its `count` devices weighs one and contributed a delta of
-/// norm at most `clip`, so the sum's norm is at most `count · clip`. A sum beyond that was not clipped as
-/// the round requires (a faulty or compromised aggregator) and would not be covered by the noise.
 /// What the root knows of partial sums made under SecAgg+ per cohort.
 #[derive(Debug, Clone, Copy)]
 struct SecureCohorts {
@@ -1259,6 +1259,12 @@ struct SecureCohorts {
     len: usize,
 }
 
+/// What a partial sum must satisfy besides its length: finite values; from a secure cohort (`secure`),
+/// at least [`crate::secagg::MIN_COHORT`] devices; and under user-level DP (`clip`) what the noise is
+/// calibrated for — each of its `count` devices weighs one and contributed a delta of norm at most `clip`
+/// (plus, from a secure cohort, the encoding's rounding), so the sum's norm is at most `count · clip`. A
+/// sum beyond that was not clipped as the round requires (a faulty or compromised aggregator) and would
+/// not be covered by the noise.
 fn check_partial(
     sum: &[f32],
     count: u32,
@@ -1269,9 +1275,10 @@ fn check_partial(
     if let Some(i) = sum.iter().position(|v| !v.is_finite()) {
         return Err(format!("the partial sum's value {i} is not finite"));
     }
-    if secure.is_some() && count < 3 {
+    let min = crate::secagg::MIN_COHORT;
+    if secure.is_some() && (count as usize) < min {
         return Err(format!(
-            "a secure cohort of {count} devices: a sum of fewer than 3 reveals their inputs"
+            "a secure cohort of {count} devices: a sum of fewer than {min} reveals their inputs"
         ));
     }
     let Some(clip) = clip else {
@@ -1300,8 +1307,8 @@ fn check_partial(
     Ok(())
 }
 
-/// The acknowledgement of update (or partial sum) `id`.
-fn ack(id: UpdateId, duplicate: bool) -> Response {
+/// The acknowledgement of update (or partial sum) `id` (the root's and an edge aggregator's).
+pub(crate) fn ack(id: UpdateId, duplicate: bool) -> Response {
     Response::Message(Message::Ack(Ack {
         update_id: id,
         duplicate,

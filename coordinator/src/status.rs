@@ -156,7 +156,7 @@ fn secure_round(s: &crate::secagg::SecAggRound) -> serde_json::Value {
     let (dropped, reported) = s.server.unmask_request();
     let p = s.params();
     serde_json::json!({
-        "phase": format!("{:?}", s.phase).to_lowercase(),
+        "phase": s.phase.to_string(),
         "phase_deadline_unix_ms": (s.phase != crate::secagg::SecAggPhase::Advertise).then_some(s.phase_deadline),
         "advertised": s.server.advertised().len(), "shared": dropped.len() + reported.len(),
         "masked_inputs": reported.len(), "revealed": s.revealed.len(),

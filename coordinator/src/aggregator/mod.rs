@@ -36,7 +36,7 @@ use std::time::Duration;
 use starling_protocol::bulk::BulkHeader;
 use starling_protocol::manifest::ManifestVerifier;
 use starling_protocol::message::{
-    Ack, BlobKind, Decline, Enrol, EnrolFor, ErrorCode, ErrorReply, Forward, Message, NoTask,
+    BlobKind, Decline, Enrol, EnrolFor, ErrorCode, ErrorReply, Forward, Message, NoTask,
     SecAggRequest, SecAggTask, Task,
 };
 use starling_protocol::update::{decode_update, validate_update, UpdateLimits};
@@ -49,11 +49,12 @@ use starling_transport::{
     Access, Authorizer, Client, Handler, Limits, Request, Response, Server, TransportError,
 };
 
-use crate::round_core::{cohort_sum, PartialSum, RoundInput};
+use crate::round_core::{cohort_sum, PartialSum};
+use crate::secagg::MIN_COHORT;
 use crate::strategy::ClientUpdate;
 pub use config::AggregatorConfig;
 use http::{bump, AggregatorMetrics};
-use secure::{CohortError, Masked, SecureCohort, Tick, MIN_SECURE_COHORT};
+use secure::{CohortError, Masked, SecureCohort, Tick};
 use spool::{Spool, SpoolError, SpooledUpdate};
 use upstream::{Up, Upstream};
 
@@ -442,11 +443,11 @@ impl Aggregator {
     }
 
     /// In front of a local root behind a simulated uplink: hands the root the partial sums whose
-    /// transfer is over (see [`upstream::LocalRoot::deliver`]); how many, and the root's refusals.
-    pub async fn deliver(&self) -> (usize, Vec<String>) {
+    /// transfer is over (see [`upstream::LocalRoot::deliver`]); the root's refusals.
+    pub async fn deliver(&self) -> Vec<String> {
         match &self.upstream {
             Upstream::Local(l) => l.deliver().await,
-            Upstream::Quic { .. } => (0, Vec::new()),
+            Upstream::Quic { .. } => Vec::new(),
         }
     }
 
@@ -537,7 +538,7 @@ impl Aggregator {
             "roster_devices": devices,
             "secure": r.template.is_some(),
             "secure_phase": r.secure.as_ref().filter(|_| open.is_some())
-                .map(|c| format!("{:?}", c.state.phase)),
+                .map(|c| c.state.phase.to_string()),
             "ready": self.health.ready(),
         })
     }
@@ -685,11 +686,14 @@ impl Aggregator {
         if let TaskReply::Task(task) = session.request_task().await? {
             self.take_task(*task)?;
         }
-        let open = self.lock().open().cloned();
+        let (open, secure) = {
+            let r = self.lock();
+            (r.open().cloned(), r.template.is_some())
+        };
         let Some(task) = open else {
             return Ok(());
         };
-        if self.lock().template.is_some() {
+        if secure {
             return self.secure_step(&session, &task).await;
         }
         let (uploaded, selected, last_join) = {
@@ -703,7 +707,6 @@ impl Aggregator {
         };
         let due = cohort.due(&self.cfg.cohort, self.now(), self.cutoff(&task));
         if due == Due::Forward {
-            crate::failpoint::hit("aggregator-forwarding");
             let partial = self.cohort_partial(&task)?;
             self.forward(&session, &task, partial).await?;
         } else if due == Due::GiveUp {
@@ -725,7 +728,7 @@ impl Aggregator {
     async fn secure_step(&self, session: &Up, task: &Task) -> Result<(), AggregatorError> {
         let now = self.now();
         let c = &self.cfg.cohort;
-        let min = c.min.max(MIN_SECURE_COHORT);
+        let min = c.min.max(MIN_COHORT);
         let tick = {
             let mut guard = self.lock();
             let r = &mut *guard;
@@ -750,12 +753,13 @@ impl Aggregator {
                     }
                 }
                 Some(cohort) => {
-                    let mut next = cohort.clone();
-                    let tick = next.tick(now, min);
+                    let tick = self.change_secure(
+                        cohort,
+                        |c| c.tick(now, min),
+                        |t| matches!(t, Tick::Phase(_)),
+                    )?;
                     if let Tick::Phase(phase) = &tick {
-                        self.spool.put_secure(&next)?;
-                        tracing::info!(round = task.round.0, ?phase, "secure cohort phase");
-                        *cohort = next;
+                        tracing::info!(round = task.round.0, %phase, "secure cohort phase");
                     }
                     tick
                 }
@@ -763,20 +767,7 @@ impl Aggregator {
         };
         match tick {
             Tick::Wait | Tick::Phase(_) => Ok(()),
-            Tick::Unmasked(RoundInput::Sum {
-                sum, count, weight, ..
-            }) => {
-                crate::failpoint::hit("aggregator-forwarding");
-                let partial = PartialSum {
-                    sum,
-                    count,
-                    weight,
-                    // Secure cohorts forward no training losses (one more per-device signal).
-                    loss: 0.0,
-                };
-                self.forward(session, task, partial).await
-            }
-            Tick::Unmasked(RoundInput::Updates { .. }) => Ok(()),
+            Tick::Unmasked(partial) => self.forward(session, task, partial).await,
             Tick::Failed(why) => {
                 self.give_up(
                     session,
@@ -786,6 +777,24 @@ impl Aggregator {
                 .await
             }
         }
+    }
+
+    /// Applies `change` to a copy of `cohort`; when `changed` says the copy differs, stores it (flushed)
+    /// and only then puts it in place — what a device hears of is on disk first, and a failed write
+    /// leaves the cohort as it was.
+    fn change_secure<T>(
+        &self,
+        cohort: &mut SecureCohort,
+        change: impl FnOnce(&mut SecureCohort) -> T,
+        changed: impl FnOnce(&T) -> bool,
+    ) -> Result<T, SpoolError> {
+        let mut next = cohort.clone();
+        let out = change(&mut next);
+        if changed(&out) {
+            self.spool.put_secure(&next)?;
+            *cohort = next;
+        }
+        Ok(out)
     }
 
     /// Fixes the secure cohort of `task`'s round as the devices taken so far, stored before any device
@@ -885,11 +894,10 @@ impl Aggregator {
         r.version = manifest.version;
         r.template = task.secagg.clone();
         r.secure = None;
-        if r.template.is_some() && self.cfg.cohort.size < MIN_SECURE_COHORT {
+        if r.template.is_some() && self.cfg.cohort.size < MIN_COHORT {
             tracing::warn!(
-                "the root's rounds are secure and cohort.size is {}: a secure cohort needs {}",
+                "the root's rounds are secure and cohort.size is {}: a secure cohort needs {MIN_COHORT}",
                 self.cfg.cohort.size,
-                MIN_SECURE_COHORT
             );
         }
         r.task = Some(Arc::new(task));
@@ -947,6 +955,7 @@ impl Aggregator {
         task: &Task,
         sum: PartialSum,
     ) -> Result<(), AggregatorError> {
+        crate::failpoint::hit("aggregator-forwarding");
         let round = task.round;
         let (schema, version) = {
             let r = self.lock();
@@ -1076,7 +1085,7 @@ impl Aggregator {
                 reason,
             }))
         };
-        let size = self.cfg.cohort.size.max(MIN_SECURE_COHORT);
+        let size = self.cfg.cohort.size.max(MIN_COHORT);
         if r.secure.is_none() && !r.selected.contains(&client) {
             if let Err(refused) = self.take_into_cohort(r, task.round, client, now, "secure cohort")
             {
@@ -1132,21 +1141,24 @@ impl Aggregator {
                 format!("no secure round {} is open here", request.round.0),
             );
         };
-        let mut next = cohort.clone();
         let retry = self.cfg.cohort.retry_after_ms.min(1_000);
-        match next.step(&client, request.step, retry) {
-            Ok(outcome) => {
+        let stepped = self.change_secure(
+            cohort,
+            |c| c.step(&client, request.step, retry),
+            |o| o.as_ref().is_ok_and(|o| o.changed),
+        );
+        match stepped {
+            Ok(Ok(outcome)) => {
                 if outcome.changed {
-                    if let Err(e) = self.spool.put_secure(&next) {
-                        tracing::error!("spooling the secure cohort: {e}");
-                        return Response::error(ErrorCode::Unavailable, "storage failed; retry");
-                    }
-                    *cohort = next;
                     self.wake.notify_one();
                 }
                 Response::Message(Message::SecAggReply(Box::new(outcome.reply)))
             }
-            Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+            Ok(Err(e)) => Response::error(ErrorCode::BadRequest, e.to_string()),
+            Err(e) => {
+                tracing::error!("spooling the secure cohort: {e}");
+                Response::error(ErrorCode::Unavailable, "storage failed; retry")
+            }
         }
     }
 
@@ -1159,33 +1171,32 @@ impl Aggregator {
         update_id: UpdateId,
         body: &[u8],
     ) -> Response {
-        let ack = |duplicate| {
-            Response::Message(Message::Ack(Ack {
-                update_id,
-                duplicate,
-            }))
-        };
+        let ack = |duplicate| crate::service::ack(update_id, duplicate);
         let Some(cohort) = r.secure.as_mut() else {
             return Response::error(ErrorCode::BadRequest, "not in this round's secure cohort");
         };
-        let mut next = cohort.clone();
-        match next.masked(&client, body, self.now()) {
-            Ok(Masked::Duplicate) => ack(true),
-            Ok(Masked::New) => {
-                if let Err(e) = self.spool.put_secure(&next) {
-                    tracing::error!("spooling a masked input: {e}");
-                    return Response::error(ErrorCode::Unavailable, "storage failed; retry");
-                }
+        let now = self.now();
+        let taken = self.change_secure(
+            cohort,
+            |c| c.masked(&client, body, now),
+            |m| matches!(m, Ok(Masked::New)),
+        );
+        match taken {
+            Ok(Ok(Masked::Duplicate)) => ack(true),
+            Ok(Ok(Masked::New)) => {
                 crate::failpoint::hit("aggregator-update-spooled");
-                *cohort = next;
                 r.uploaded.insert(client);
                 self.wake.notify_one();
                 ack(false)
             }
-            Err(e @ CohortError::Closed(_)) => {
+            Ok(Err(e @ CohortError::Closed(_))) => {
                 Response::error(ErrorCode::LateUpdate, e.to_string())
             }
-            Err(e) => Response::error(ErrorCode::BadRequest, e.to_string()),
+            Ok(Err(e)) => Response::error(ErrorCode::BadRequest, e.to_string()),
+            Err(e) => {
+                tracing::error!("spooling a masked input: {e}");
+                Response::error(ErrorCode::Unavailable, "storage failed; retry")
+            }
         }
     }
 
@@ -1218,12 +1229,7 @@ impl Aggregator {
         header: &starling_protocol::message::Upload,
         body: &[u8],
     ) -> Response {
-        let ack = |duplicate| {
-            Response::Message(Message::Ack(Ack {
-                update_id: header.update_id,
-                duplicate,
-            }))
-        };
+        let ack = |duplicate| crate::service::ack(header.update_id, duplicate);
         match self.spool.has_update(&header.update_id) {
             Ok(true) => return ack(true),
             Ok(false) => {}
@@ -1306,13 +1312,8 @@ impl Aggregator {
         let mut r = self.lock();
         let open = r.open().is_some_and(|t| t.round == d.round);
         if let Some(cohort) = r.secure.as_mut().filter(|_| open) {
-            let mut next = cohort.clone();
-            if next.decline(&client) {
-                if let Err(e) = self.spool.put_secure(&next) {
-                    tracing::error!("spooling a decline: {e}");
-                } else {
-                    *cohort = next;
-                }
+            if let Err(e) = self.change_secure(cohort, |c| c.decline(&client), |counted| *counted) {
+                tracing::error!("spooling a decline: {e}");
             }
         } else if open && r.selected.remove(&client) {
             if let Err(e) = self.spool.unselect(d.round, &client) {

@@ -18,14 +18,10 @@ use std::collections::BTreeSet;
 
 use starling_protocol::message::{SecAggStep, SecAggTask};
 use starling_protocol::{Fingerprint, RoundId};
-use starling_secagg::mask::Encoding;
 use starling_secagg::{ClientId, SecAggError};
 
-use crate::round_core::{decode_secure_sum, RoundInput};
-use crate::secagg::{cohort_params, SecAggPhase, SecAggRound, StepOutcome};
-
-/// Fewest devices in a secure cohort: a sum of two reveals each input to the other.
-pub const MIN_SECURE_COHORT: usize = 3;
+use crate::round_core::{decode_secure_sum, PartialSum};
+use crate::secagg::{cohort_params, SecAggPhase, SecAggRound, StepOutcome, MIN_COHORT};
 
 /// A fixed secure cohort and its SecAgg+ state.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -55,8 +51,8 @@ pub enum Tick {
     Wait,
     /// A phase closed; the state changed (persist it).
     Phase(SecAggPhase),
-    /// The sum is unmasked and decoded.
-    Unmasked(RoundInput),
+    /// The sum is unmasked and decoded (no training losses: one more per-device signal).
+    Unmasked(PartialSum),
     /// The round cannot finish here (too few devices in a phase), with why.
     Failed(String),
 }
@@ -77,7 +73,7 @@ pub enum CohortError {
     #[error("not in this round's secure cohort")]
     NotInCohort,
     /// The masked-input phase is not open.
-    #[error("masked inputs are not taken now (phase {0:?})")]
+    #[error("masked inputs are not taken now (the round is in its {0} phase)")]
     Closed(SecAggPhase),
     /// The protocol refused the message.
     #[error(transparent)]
@@ -192,7 +188,7 @@ impl SecureCohort {
         }
         match self
             .state
-            .close_phase(now, self.phase_ms, min.max(MIN_SECURE_COHORT))
+            .close_phase(now, self.phase_ms, min.max(MIN_COHORT))
         {
             Ok(false) => Tick::Phase(self.state.phase),
             Ok(true) => match self.unmasked() {
@@ -204,17 +200,21 @@ impl SecureCohort {
     }
 
     /// The decoded sum of the devices whose masked inputs are in it.
-    fn unmasked(&self) -> Result<RoundInput, SecAggError> {
+    fn unmasked(&self) -> Result<PartialSum, SecAggError> {
         let (words, count) = self.state.unmask()?;
-        let p = self.state.params();
-        let encoding = Encoding::new(self.task.clip(), self.task.value_bits, p.clients)?;
-        Ok(decode_secure_sum(
-            &encoding,
+        let (sum, weight) = decode_secure_sum(
+            &self.task.encoding()?,
             self.task.weight_cap,
             &words,
             count,
-            p.bits,
-        ))
+            self.state.params().bits,
+        );
+        Ok(PartialSum {
+            sum,
+            count,
+            weight,
+            loss: 0.0,
+        })
     }
 }
 
@@ -223,6 +223,7 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use starling_protocol::message::SecAggReply;
+    use starling_secagg::mask::Encoding;
     use starling_secagg::Client;
 
     fn template(len: usize) -> SecAggTask {
@@ -325,7 +326,7 @@ mod tests {
             let reveals = cl.unmask(&dropped, &reported).unwrap();
             c.step(d, SecAggStep::Reveals(reveals), 100).unwrap();
         }
-        let Tick::Unmasked(RoundInput::Sum {
+        let Tick::Unmasked(PartialSum {
             sum, count, weight, ..
         }) = c.tick(1_100, 3)
         else {

@@ -98,11 +98,16 @@ impl LocalRoot {
         self
     }
 
-    /// Hands the root the partial sums whose transfer is over; returns how many arrived and the root's
-    /// refusals (a sum that arrived after the round closed).
-    pub async fn deliver(&self) -> (usize, Vec<String>) {
+    /// A request to this root, answered as its transport server would answer this aggregator.
+    async fn call(&self, request: Request) -> Result<Message, TransportError> {
+        local(self.root.handle(self.me, request).await)
+    }
+
+    /// Hands the root the partial sums whose transfer is over; returns the root's refusals (a sum that
+    /// arrived after its round closed).
+    pub async fn deliver(&self) -> Vec<String> {
         let Some(link) = &self.uplink else {
-            return (0, Vec::new());
+            return Vec::new();
         };
         let now = link.clock.now();
         let due: Vec<(u64, Forward, Vec<u8>)> = {
@@ -114,17 +119,16 @@ impl LocalRoot {
             due
         };
         let mut refused = Vec::new();
-        for (_, header, body) in &due {
+        for (_, header, body) in due {
             let request = Request::Forward {
-                header: Box::new(header.clone()),
-                body: body.clone(),
+                header: Box::new(header),
+                body,
             };
-            let answer = local(self.root.handle(self.me, request).await).and_then(reply::ack);
-            if let Err(e) = answer {
+            if let Err(e) = self.call(request).await.and_then(reply::ack) {
                 refused.push(e.to_string());
             }
         }
-        (due.len(), refused)
+        refused
     }
 }
 
@@ -189,25 +193,13 @@ fn local(answer: Response) -> Result<Message, TransportError> {
 }
 
 impl Up {
-    /// A request to the local root (a session has its own exchanges).
-    async fn call(&self, request: Request) -> Result<Message, TransportError> {
-        match self {
-            Up::Local(l) => local(l.root.handle(l.me, request).await),
-            Up::Session(_) => Err(ProtocolError::Unexpected {
-                expected: "a local root",
-                got: "a QUIC session",
-            }
-            .into()),
-        }
-    }
-
     /// The root's task for the open round, or why there is none.
     pub async fn request_task(&self) -> Result<TaskReply, TransportError> {
         match self {
             Up::Session(s) => s.request_task(None).await,
-            Up::Local(..) => {
+            Up::Local(l) => {
                 let req = Request::Task(TaskRequest { held_model: None });
-                reply::task(self.call(req).await?)
+                reply::task(l.call(req).await?)
             }
         }
     }
@@ -216,9 +208,9 @@ impl Up {
     pub async fn roster(&self, generation: u64) -> Result<Roster, TransportError> {
         match self {
             Up::Session(s) => s.roster(generation).await,
-            Up::Local(..) => {
+            Up::Local(l) => {
                 let req = Request::Roster(RosterRequest { generation });
-                reply::roster(self.call(req).await?)
+                reply::roster(l.call(req).await?)
             }
         }
     }
@@ -235,7 +227,7 @@ impl Up {
                         header: Box::new(header),
                         body: body.to_vec(),
                     };
-                    reply::ack(self.call(req).await?)
+                    reply::ack(l.call(req).await?)
                 }
             },
         }
@@ -245,7 +237,7 @@ impl Up {
     pub async fn decline(&self, decline: Decline) -> Result<NoTask, TransportError> {
         match self {
             Up::Session(s) => s.decline(decline).await,
-            Up::Local(..) => reply::no_task(self.call(Request::Decline(decline)).await?),
+            Up::Local(l) => reply::no_task(l.call(Request::Decline(decline)).await?),
         }
     }
 
@@ -256,9 +248,9 @@ impl Up {
     ) -> Result<SignedManifest, TransportError> {
         match self {
             Up::Session(s) => s.manifest(version).await,
-            Up::Local(..) => {
+            Up::Local(l) => {
                 let req = Request::Manifest(ManifestRequest { version });
-                reply::manifest(self.call(req).await?)
+                reply::manifest(l.call(req).await?)
             }
         }
     }
@@ -281,15 +273,7 @@ impl Up {
                         max,
                     }
                     .into()),
-                    Response::Message(Message::Error(e)) => Err(TransportError::Remote {
-                        code: e.code,
-                        message: e.message,
-                    }),
-                    Response::Message(m) => Err(ProtocolError::Unexpected {
-                        expected: "Blob",
-                        got: m.kind_name(),
-                    }
-                    .into()),
+                    Response::Message(m) => Err(reply::not_a_blob(&m)),
                 }
             }
         }
@@ -299,7 +283,7 @@ impl Up {
     pub async fn enrol_for(&self, request: EnrolFor) -> Result<Fingerprint, TransportError> {
         match self {
             Up::Session(s) => s.enrol_for(request).await,
-            Up::Local(..) => reply::enrolled(self.call(Request::EnrolFor(request)).await?),
+            Up::Local(l) => reply::enrolled(l.call(Request::EnrolFor(request)).await?),
         }
     }
 }

@@ -226,6 +226,13 @@ impl SecAggTask {
     pub fn clip(&self) -> f32 {
         f32::from_bits(self.clip_bits)
     }
+
+    /// The integer encoding the task asks for (devices encode with it; the sum is decoded with it).
+    pub fn encoding(
+        &self,
+    ) -> Result<starling_secagg::mask::Encoding, starling_secagg::SecAggError> {
+        starling_secagg::mask::Encoding::new(self.clip(), self.value_bits, self.params.clients)
+    }
 }
 
 /// Largest neighbourhood a secure-aggregation message may describe (the graph's degree limit).

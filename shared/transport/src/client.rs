@@ -379,16 +379,16 @@ impl Session {
         kind: BlobKind,
         max: u64,
     ) -> Result<Vec<u8>, TransportError> {
-        let (reply, mut recv) = exchange(
+        let (answer, mut recv) = exchange(
             &self.conn,
             &self.limits,
             &Message::ModelFetch(ModelFetch { version, kind }),
             None,
         )
         .await?;
-        match reply {
+        match answer {
             Message::Blob(header) => read_bulk(&mut recv, header, max).await,
-            other => Err(unexpected("Blob", &other)),
+            other => Err(reply::not_a_blob(&other)),
         }
     }
 
@@ -539,6 +539,11 @@ pub mod reply {
             Message::Enrolled(e) => Ok(e.client_id),
             other => Err(unexpected("Enrolled", &other)),
         }
+    }
+
+    /// What a fetch got instead of a blob (an error reply's error, or "unexpected").
+    pub fn not_a_blob(m: &Message) -> TransportError {
+        unexpected("Blob", m)
     }
 
     /// A roster request's answer.

@@ -152,7 +152,7 @@ impl Link {
     pub fn poll_edges(&self) -> Result<usize, SimError> {
         let mut refused = 0;
         for e in &self.edges {
-            refused += self.rt.block_on(e.deliver()).1.len();
+            refused += self.rt.block_on(e.deliver()).len();
             self.rt.block_on(e.poll())?;
         }
         Ok(refused)
@@ -182,7 +182,7 @@ impl Link {
         };
         match &mut self.quic {
             // Behind an aggregator the device enrols there (its token is spent at the root).
-            None => match self.edges.get(c % self.edges.len().max(1)) {
+            None => match self.edge(c) {
                 Some(edge) => self.rt.block_on(edge.enrol(id.fingerprint(), enrol)),
                 None => self.rt.block_on(self.coord.enrol(id.fingerprint(), enrol)),
             }

@@ -498,9 +498,10 @@ impl Scenario {
                      every aggregator needs a device"
                 )));
             }
-            if self.secure_aggregation.enabled && cohort < 3 {
+            let min = starling_coordinator::secagg::MIN_COHORT;
+            if self.secure_aggregation.enabled && cohort < min {
                 return Err(SimError::Scenario(format!(
-                    "with secure aggregation each aggregator's cohort needs 3 devices or more; \
+                    "with secure aggregation each aggregator's cohort needs {min} devices or more; \
                      {per_round} devices a round over {edges} aggregators give {cohort}"
                 )));
             }
