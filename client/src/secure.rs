@@ -33,9 +33,10 @@ pub struct NoiseShare {
 }
 
 /// Encodes a delta for a secure task trained on `examples` sequences: with a `weight_cap`, the delta
-/// times the device's weight followed by the weight times `clip`; clipped, scaled, stochastically
-/// rounded, plus the device's discrete Gaussian noise share if given (integer steps, exact sampler), as
-/// 32-bit little-endian words (the unmasked body the device keeps until it can mask it).
+/// times the device's weight followed by the weight times `clip`; clipped (per value, or the delta to L2
+/// norm `clip` under the rotated encoding), scaled, stochastically rounded, plus the device's discrete
+/// Gaussian noise share if given (integer steps, exact sampler), as 32-bit little-endian words (the
+/// unmasked body the device keeps until it can mask it).
 pub fn encode_delta(
     task: &SecAggTask,
     delta: &[f32],
@@ -44,6 +45,19 @@ pub fn encode_delta(
     rng: &mut impl Rng,
 ) -> Result<Vec<u8>, SecAggError> {
     let mut values = delta.to_vec();
+    if task.rotated.is_some() {
+        let norm = values
+            .iter()
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let clip = f64::from(task.clip());
+        if norm > clip {
+            values
+                .iter_mut()
+                .for_each(|v| *v = (f64::from(*v) * clip / norm) as f32);
+        }
+    }
     if task.weight_cap > 0 {
         let w = weight(task, examples);
         values.iter_mut().for_each(|x| *x *= w);
@@ -52,14 +66,7 @@ pub fn encode_delta(
     let Some(n) = noise else {
         return encode_values(task, &values, rng);
     };
-    let enc = task.encoding()?;
-    if values.len() != task.params.len {
-        return Err(ParamsError::InputLength {
-            got: values.len(),
-            want: task.params.len,
-        }
-        .into());
-    }
+    let enc = encoding_for(task, &values)?;
     let steps = enc.noise_steps(n.noise_multiplier, n.l2_clip, n.clients);
     let mut draws = vec![0i64; values.len()];
     starling_privacy::sampler::fill_discrete_gaussian(&mut draws, steps, n.key)
@@ -80,21 +87,33 @@ pub fn encode_values(
     values: &[f32],
     rng: &mut impl Rng,
 ) -> Result<Vec<u8>, SecAggError> {
-    if values.len() != task.params.len {
+    Ok(pack(&encoding_for(task, values)?.encode(values, rng), 32))
+}
+
+/// The task's encoding, refused for a number of values other than the task's.
+fn encoding_for(
+    task: &SecAggTask,
+    values: &[f32],
+) -> Result<starling_secagg::mask::Encoding, SecAggError> {
+    let want = match &task.rotated {
+        Some(r) => usize::try_from(r.values).unwrap_or(usize::MAX),
+        None => task.params.len,
+    };
+    if values.len() != want {
         return Err(ParamsError::InputLength {
             got: values.len(),
-            want: task.params.len,
+            want,
         }
         .into());
     }
-    Ok(pack(&task.encoding()?.encode(values, rng), 32))
+    task.encoding()
 }
 
 /// Decodes an unmasked body from [`encode_delta`] back to its values — the weighted delta, then the
 /// weight value with a `weight_cap` (a simulated attacker transforms its delta this way).
 pub fn decode_body(task: &SecAggTask, body: &[u8]) -> Result<Vec<f32>, SecAggError> {
     let words = unpack(body, 32, task.params.len)?;
-    Ok(task.encoding()?.decode_sum(&words, 32))
+    task.encoding()?.decode_sum(&words, 32)
 }
 
 /// Masks an encoded body (from [`encode_delta`]) with the device's round state: the bytes to upload,
@@ -129,6 +148,7 @@ mod tests {
             clip_bits: 0.05f32.to_bits(),
             value_bits: 10,
             weight_cap: 0,
+            rotated: None,
         };
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
         let delta = vec![0.01f32; 20_000];

@@ -449,6 +449,20 @@ impl CoordinatorConfig {
             );
         }
         let noise = self.secagg_noise_steps();
+        if self.privacy.mode == DpPlacement::Distributed && sa.rotated() {
+            return Err(
+                "secure_aggregation.encoding = \"rotated\" with privacy.mode = distributed: the \
+                 devices' noise shares are drawn on the per-value encoding's grid (the rotated \
+                 encoding's scale leaves no room for them); use encoding = \"per-value\", or central DP"
+                    .into(),
+            );
+        }
+        if sa.rotated() && !(2..=31).contains(&sa.modulus_bits) {
+            return Err(format!(
+                "secure_aggregation.modulus_bits {} must lie in 2..=31",
+                sa.modulus_bits
+            ));
+        }
         if self.privacy.mode == DpPlacement::Distributed {
             let p = &self.privacy;
             if !(p.noise_multiplier > 0.0 && p.noise_multiplier.is_finite()) {
@@ -512,9 +526,10 @@ impl CoordinatorConfig {
              #   max_update_bytes, dp_sgd_noise_multiplier (0 = no DP-SGD on devices), dp_sgd_clip,\n\
              #   dp_sgd_sampling_rate (0 = batch_size / the device's sequences), dp_sgd_delta\n\
              # [adapter] rank, alpha, targets, seed\n\
-             # [secure_aggregation] enabled, neighbours (0 = ≈3·log2 n), threshold (0 = majority), clip,\n\
-             #   value_bits, phase_timeout_ms, weight_cap (0 = equal weights) — needs selection = {{ count = m }}, min_clients ≥ 3 and a\n\
-             #   linear strategy\n\
+             # [secure_aggregation] enabled, neighbours (0 = ≈3·log2 n), threshold (0 = majority),\n\
+             #   encoding = per-value (exact; clip per value, value_bits) | rotated (clip = L2 bound, modulus_bits;\n\
+             #   a sum that likely wrapped is refused), phase_timeout_ms, weight_cap (0 = equal weights) —\n\
+             #   needs selection = {{ count = m }}, min_clients ≥ 3 and a linear strategy\n\
              # [hierarchy] enabled (devices connect to edge aggregators; [rounds] then counts aggregators),\n\
              #   devices_per_round (DP-FedAvg's denominator under user-level DP); with [secure_aggregation]\n\
              #   each aggregator runs SecAgg+ with its own cohort\n\n{body}"
@@ -625,6 +640,10 @@ mod tests {
             // 1,000 devices × 2^22 steps per value would wrap around 2^32.
             ("[rounds]\nmin_clients = 1000\nselection = { count = 1000 }\n[secure_aggregation]\nenabled = true\nvalue_bits = 22\n", "wrap"),
             ("[rounds]\nmin_clients = 10\nselection = { count = 10 }\n[secure_aggregation]\nenabled = true\nthreshold = 3\nneighbours = 8\n", "majority"),
+            // The rotated encoding: no device noise shares, and a modulus wide enough for its cohort.
+            ("[rounds]\nmin_clients = 10\nselection = { count = 10 }\n[secure_aggregation]\nenabled = true\nencoding = \"rotated\"\n[privacy]\nmode = \"distributed\"\nnoise_clients = 5\n", "per-value"),
+            ("[rounds]\nmin_clients = 1000\nselection = { count = 1000 }\n[secure_aggregation]\nenabled = true\nencoding = \"rotated\"\nmodulus_bits = 12\n", "steps per device"),
+            ("[rounds]\nmin_clients = 10\nselection = { count = 10 }\n[secure_aggregation]\nenabled = true\nencoding = \"rotated\"\nmodulus_bits = 40\n", "2..=31"),
         ] {
             let err = CoordinatorConfig::parse(cfg, "c").unwrap_err().to_string();
             assert!(err.contains(word), "{cfg}: {err}");
@@ -632,6 +651,9 @@ mod tests {
         let central =
             format!("{ok}[privacy]\nmode = \"central\"\n[strategy]\nkind = \"fed-adam\"\n");
         CoordinatorConfig::parse(&central, "c").unwrap();
+        let rotated = ok.replace("enabled = true", "enabled = true\nencoding = \"rotated\"");
+        let rotated = CoordinatorConfig::parse(&rotated, "c").unwrap();
+        assert!(rotated.secure_aggregation.rotated());
         // The distributed discrete Gaussian: 2 guaranteed shares adding up to σ = 1.0 · C at 2^10 steps
         // per 0.05 — 1.0 · 0.5 · 20,480 / √2 = 7,240.8 → 7,241 steps each.
         let ddg = format!("{ok}[privacy]\nmode = \"distributed\"\nclip = 0.5\nnoise_clients = 2\n");

@@ -349,26 +349,26 @@ pub fn decode_secure_sum(
     sum: &[u32],
     count: usize,
     bits: u32,
-) -> (Vec<f32>, f64) {
-    let mut sum = encoding.decode_sum(sum, bits);
+) -> Result<(Vec<f32>, f64), starling_secagg::SecAggError> {
+    let mut sum = encoding.decode_sum(sum, bits)?;
     let weight = if weight_cap > 0 {
         let w = sum.pop().unwrap_or(0.0);
         f64::from(w) / f64::from(encoding.clip)
     } else {
         count as f64
     };
-    (sum, weight)
+    Ok((sum, weight))
 }
 
 /// The one Task builder: round `round` of `manifest`'s version, due at `deadline`, with FedProx `mu` and,
-/// in a secure round, its parameters and the device's id in it.
+/// in a secure round, the device's part in it ([`crate::secagg::SecAggConfig::task`]).
 pub fn task(
     cfg: &CoordinatorConfig,
     round: RoundId,
     manifest: SignedManifest,
     deadline: u64,
     mu: f32,
-    secagg: Option<(RoundParams, u32)>,
+    secagg: Option<SecAggTask>,
 ) -> Task {
     let t = &cfg.task;
     let p = &cfg.privacy;
@@ -413,13 +413,7 @@ pub fn task(
             },
         },
         max_update_bytes: t.max_update_bytes,
-        secagg: secagg.map(|(params, id)| SecAggTask {
-            params,
-            id,
-            clip_bits: cfg.secure_aggregation.clip.to_bits(),
-            value_bits: cfg.secure_aggregation.value_bits,
-            weight_cap: cfg.secure_aggregation.weight_cap,
-        }),
+        secagg,
     }
 }
 
@@ -471,7 +465,11 @@ impl RoundCore {
             manifest,
             deadline,
             self.strategy.proximal_mu(),
-            secagg,
+            secagg.map(|(params, id)| {
+                self.cfg
+                    .secure_aggregation
+                    .task(params, id, self.schema.num_params())
+            }),
         )
     }
 
@@ -484,13 +482,10 @@ impl RoundCore {
         params: &RoundParams,
     ) -> Result<RoundInput, CoreError> {
         let sa = &self.cfg.secure_aggregation;
-        let (sum, weight) = decode_secure_sum(
-            &sa.encoding(params.clients)?,
-            sa.weight_cap,
-            sum,
-            count,
-            params.bits,
-        );
+        let encoding = sa
+            .task(params.clone(), 0, self.schema.num_params())
+            .encoding()?;
+        let (sum, weight) = decode_secure_sum(&encoding, sa.weight_cap, sum, count, params.bits)?;
         Ok(RoundInput::Sum {
             sum,
             count,

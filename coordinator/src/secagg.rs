@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 
 use sha2::{Digest as _, Sha256};
-use starling_protocol::message::{SecAggReply, SecAggStep};
+use starling_protocol::message::{RotatedTask, SecAggReply, SecAggStep, SecAggTask};
 use starling_protocol::RoundId;
 use starling_secagg::graph::default_params;
 use starling_secagg::mask::Encoding;
@@ -33,10 +33,17 @@ pub struct SecAggConfig {
     pub neighbours: usize,
     /// Shares that reconstruct a secret (0: a majority of the neighbours).
     pub threshold: usize,
-    /// Each delta value is clipped to `[-clip, clip]` before encoding.
+    /// How deltas become integers: `per-value` (each value clipped to `[-clip, clip]` at `value_bits`;
+    /// the modulus wide enough that no sum can wrap) or `rotated` (the delta clipped to L2 norm `clip`,
+    /// randomly rotated, summed modulo `2^modulus_bits`; a sum can wrap with a small probability and is
+    /// then refused — see `starling_secagg::mask`).
+    pub encoding: SecAggEncoding,
+    /// Per value: each delta value is clipped to `[-clip, clip]`. Rotated: the delta's L2 norm bound.
     pub clip: f32,
-    /// Resolution: `2^value_bits` integer steps per `clip`.
+    /// Per value: resolution, `2^value_bits` integer steps per `clip`.
     pub value_bits: u32,
+    /// Rotated: the modulus' bits (each value a device masks and sends is this wide).
+    pub modulus_bits: u32,
     /// Longest time each phase after the first (shares, masked inputs, reveals) may stay open, ms.
     pub phase_timeout_ms: u64,
     /// FedAvg weights under masking: 0 weighs every device the same; `c > 0` weighs a device by
@@ -51,18 +58,83 @@ impl Default for SecAggConfig {
             enabled: false,
             neighbours: 0,
             threshold: 0,
+            encoding: SecAggEncoding::PerValue,
             clip: 0.05,
             value_bits: 10,
+            modulus_bits: 16,
             phase_timeout_ms: 60_000,
             weight_cap: 0,
         }
     }
 }
 
+/// How a secure round's deltas become integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecAggEncoding {
+    /// Each value clipped and scaled alone; no sum can wrap (exact).
+    PerValue,
+    /// The delta L2-clipped and rotated; the modulus a chosen width (modular clipping).
+    Rotated,
+}
+
 impl SecAggConfig {
-    /// The integer encoding for sums of up to `clients` deltas (refused when such a sum could wrap).
+    /// The per-value integer encoding for sums of up to `clients` deltas (refused when such a sum could
+    /// wrap): the grid distributed noise is drawn on.
     pub fn encoding(&self, clients: usize) -> Result<Encoding, SecAggError> {
         Encoding::new(self.clip, self.value_bits, clients)
+    }
+
+    /// Whether deltas are rotated (the rotated encoding).
+    pub fn rotated(&self) -> bool {
+        self.encoding == SecAggEncoding::Rotated
+    }
+
+    /// Values a device encodes for a delta of `len` values: the delta, and one weight value with a
+    /// `weight_cap`.
+    pub fn values(&self, len: usize) -> usize {
+        len + usize::from(self.weight_cap > 0)
+    }
+
+    /// The words a masked input of a `len`-value delta has.
+    pub fn words(&self, len: usize) -> usize {
+        let values = self.values(len);
+        if self.rotated() {
+            starling_secagg::rotation::padded_len(values)
+        } else {
+            values
+        }
+    }
+
+    /// Device `id`'s part in a round with `params`, its deltas of `len` values.
+    pub fn task(&self, params: RoundParams, id: u32, len: usize) -> SecAggTask {
+        SecAggTask {
+            params,
+            id,
+            clip_bits: self.clip.to_bits(),
+            value_bits: self.value_bits,
+            weight_cap: self.weight_cap,
+            rotated: self.rotated().then(|| RotatedTask {
+                values: self.values(len) as u64,
+            }),
+        }
+    }
+
+    /// How far, in L2, one device's encoded delta can lie from its clipped delta in a round of
+    /// `clients` devices (`len` values): one integer step per word.
+    pub fn rounding(&self, clients: usize, len: usize) -> Result<f64, SecAggError> {
+        // Only the encoding matters here, not the graph.
+        let params = RoundParams {
+            round: 0,
+            clients,
+            neighbours: 0,
+            threshold: 0,
+            graph_seed: [0; 32],
+            len: self.words(len),
+            bits: self.modulus_bits,
+        };
+        let words = params.len as f64;
+        Ok(words.sqrt() / self.task(params, 0, len).encoding()?.scale)
     }
 
     /// The parameters of round `round` with `clients` selected devices and `len` values per delta (one
@@ -98,13 +170,18 @@ impl SecAggConfig {
             neighbours: k,
             threshold: t,
             graph_seed: h.finalize().into(),
-            len: len + usize::from(self.weight_cap > 0),
-            bits: self
-                .encoding(clients)?
-                .with_noise(noise_steps as f64)?
-                .modulus_bits(),
+            len: self.words(len),
+            bits: if self.rotated() {
+                self.modulus_bits
+            } else {
+                self.encoding(clients)?
+                    .with_noise(noise_steps as f64)?
+                    .modulus_bits()
+            },
         };
         params.graph()?;
+        // The devices' encoding for this round (refused when the modulus is too narrow for it).
+        self.task(params.clone(), 0, len).encoding()?;
         Ok(params)
     }
 }
@@ -113,8 +190,9 @@ impl SecAggConfig {
 /// aggregator `template` (the root's secure-aggregation settings for the round: encoding, words, graph
 /// seed): the neighbour graph and threshold sized for the cohort (Bell et al.'s ≈ 3·log₂ n, a majority
 /// of the neighbours), the graph seed bound to the aggregator (`salt`: its key's fingerprint), and the
-/// fewest modulus bits a sum of `clients` encoded deltas cannot wrap. The aggregator keeps cohorts of
-/// at least [`MIN_COHORT`].
+/// fewest modulus bits a sum of `clients` encoded deltas cannot wrap (the root's modulus under the rotated
+/// encoding, whose scale then grows for the smaller cohort). The aggregator keeps cohorts of at least
+/// [`MIN_COHORT`].
 pub fn cohort_params(
     template: &starling_protocol::message::SecAggTask,
     clients: usize,
@@ -132,9 +210,17 @@ pub fn cohort_params(
         threshold,
         graph_seed: h.finalize().into(),
         len: template.params.len,
-        bits: Encoding::new(template.clip(), template.value_bits, clients)?.modulus_bits(),
+        bits: match template.rotated {
+            Some(_) => template.params.bits,
+            None => Encoding::new(template.clip(), template.value_bits, clients)?.modulus_bits(),
+        },
     };
     params.graph()?;
+    SecAggTask {
+        params: params.clone(),
+        ..template.clone()
+    }
+    .encoding()?;
     Ok(params)
 }
 

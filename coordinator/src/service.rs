@@ -762,16 +762,20 @@ impl Coordinator {
     }
 
     /// Behind aggregators with `[secure_aggregation]`: each cohort's sum is of integer-encoded deltas
-    /// (SecAgg+ per cohort), each value within this quantum of the float delta.
+    /// (SecAgg+ per cohort), each within an L2 distance of the device's delta — the one of a cohort of
+    /// `devices_per_round`, the coarsest any cohort gets.
     fn secure_cohorts(&self) -> Option<SecureCohorts> {
         let sa = &self.cfg.secure_aggregation;
         if !(self.cfg.hierarchy.enabled && sa.enabled) {
             return None;
         }
-        let scale = sa.encoding(1).ok()?.scale;
+        let n = self
+            .cfg
+            .hierarchy
+            .devices_per_round
+            .max(crate::secagg::MIN_COHORT);
         Some(SecureCohorts {
-            quantum: 1.0 / scale,
-            len: self.schema.num_params(),
+            rounding: sa.rounding(n, self.schema.num_params()).ok()?,
         })
     }
 
@@ -1253,10 +1257,9 @@ impl Coordinator {
 /// What the root knows of partial sums made under SecAgg+ per cohort.
 #[derive(Debug, Clone, Copy)]
 struct SecureCohorts {
-    /// One integer step of the encoding: each encoded value is within it of the device's value.
-    quantum: f64,
-    /// Values in a delta.
-    len: usize,
+    /// How far, in L2, a device's encoded delta can lie from its clipped delta (one integer step per
+    /// word).
+    rounding: f64,
 }
 
 /// What a partial sum must satisfy besides its length: finite values; from a secure cohort (`secure`),
@@ -1295,8 +1298,8 @@ fn check_partial(
         .sum::<f64>()
         .sqrt();
     // f32 rounding of the clipped deltas and of their sum: a relative slack of 1e-4; under SecAgg+ each
-    // device's encoded delta is also within one integer step per value of its clipped delta.
-    let rounding = secure.map_or(0.0, |s| s.quantum * (s.len as f64).sqrt());
+    // device's encoded delta is also within one integer step per word of its clipped delta.
+    let rounding = secure.map_or(0.0, |s| s.rounding);
     let bound = (clip + rounding) * f64::from(count) * (1.0 + 1e-4);
     if norm > bound {
         return Err(format!(
@@ -1519,8 +1522,7 @@ mod tests {
         // Three devices at the clip (norm 1 each, 4 values): the encoded values may sit one step
         // (0.01) from the clipped ones, so their sum's norm may reach 3 × (1 + 0.01·√4).
         let secure = Some(SecureCohorts {
-            quantum: 0.01,
-            len: 4,
+            rounding: 0.01 * 4f64.sqrt(),
         });
         let sum = [3.06f32, 0.0, 0.0, 0.0];
         assert!(check_partial(&sum, 3, 3.0, Some(1.0), secure).is_ok());

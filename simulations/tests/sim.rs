@@ -262,6 +262,31 @@ fn devices_behind_two_edge_aggregators_publish_what_the_flat_federation_publishe
         worst < 1e-4,
         "flat and hierarchical secure runs differ by {worst}"
     );
+    // The rotated encoding per cohort: each aggregator's scale is sized for its four devices. Its
+    // resolution is relative to the bound (the weighted delta and weight value, √2 · clip), and weights
+    // far below the cap leave these vectors at about 1% of it: 31 bits keep the rounding out of sight.
+    let mut tree_rotated = everyone(
+        "[secure_aggregation]\nenabled = true\nencoding = \"rotated\"\nclip = 1.0\n\
+         modulus_bits = 31\nweight_cap = 5000\n",
+    );
+    tree_rotated.topology.aggregators = 2;
+    tree_rotated.topology.quiet_ms = 600_000;
+    let tree_rotated = run(&tree_rotated, Transport::Memory);
+    let worst = |a: &[f32]| {
+        a.iter()
+            .zip(&tree_rotated.final_adapter)
+            .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+            .fold(0f32, f32::max)
+    };
+    let (vs_secure, vs_tree) = (
+        worst(&flat_secure.final_adapter),
+        worst(&tree.final_adapter),
+    );
+    eprintln!("{{\"probe\":\"sim-topology-rotated\",\"vs_flat_secure\":{vs_secure:e},\"vs_tree\":{vs_tree:e}}}");
+    assert!(
+        vs_secure < 1e-4 && vs_tree < 1e-4,
+        "rotated cohorts: {vs_secure} {vs_tree}"
+    );
     // Not over QUIC, and not more aggregators than devices a round.
     let err = sim::run(
         &everyone("[topology]\naggregators = 2\n"),
@@ -450,6 +475,22 @@ fn a_secure_federation_publishes_what_the_clear_one_does_up_to_the_encoding() {
     let quic = run(&base(secure_text), Transport::Quic);
     assert_eq!(secure.summary.adapter_digests, quic.summary.adapter_digests);
     assert_eq!(without_wall_time(&secure), without_wall_time(&quic));
+    // The rotated encoding (over QUIC: its task crosses the wire): deltas L2-clipped (at a bound above
+    // theirs: its resolution is relative to the bound), rotated and summed modulo 2^31 — the same step
+    // up to its rounding.
+    let rotated = run(
+        &base(
+            "[secure_aggregation]\nenabled = true\nencoding = \"rotated\"\nclip = 1.0\n\
+             modulus_bits = 31\nweight_cap = 5000\n",
+        ),
+        Transport::Quic,
+    );
+    assert_eq!(rotated.rounds[1].participants, 6, "{:?}", rotated.rounds);
+    let apart = distance(&rotated.final_adapter, &clear.final_adapter);
+    assert!(
+        apart < 1e-3 * moved,
+        "rotated secure vs clear: {apart}, the round moved the adapter {moved}"
+    );
     // Equal weights (the default): devices weighed alike, so a different step on these uneven roles,
     // but the same direction broadly.
     let equal = run(

@@ -691,6 +691,7 @@ fn secure_task(
         clip_bits: 1.0f32.to_bits(),
         value_bits: 7,
         weight_cap: 0,
+        rotated: None,
     });
     t
 }

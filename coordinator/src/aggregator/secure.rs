@@ -208,7 +208,7 @@ impl SecureCohort {
             &words,
             count,
             self.state.params().bits,
-        );
+        )?;
         Ok(PartialSum {
             sum,
             count,
@@ -233,13 +233,7 @@ mod tests {
             value_bits: 8,
             ..crate::secagg::SecAggConfig::default()
         };
-        SecAggTask {
-            params: cfg.params(7, RoundId(4), 10, len, 0).unwrap(),
-            id: 0,
-            clip_bits: cfg.clip.to_bits(),
-            value_bits: cfg.value_bits,
-            weight_cap: 0,
-        }
+        cfg.task(cfg.params(7, RoundId(4), 10, len, 0).unwrap(), 0, len)
     }
 
     /// Four devices run the protocol through the cohort; one leaves after sharing its keys. The

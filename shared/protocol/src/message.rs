@@ -20,12 +20,12 @@ use crate::{codec, Digest, ModelVersion, ProtocolError, RoundId, UpdateId};
 use starling_secagg::protocol::EncryptedShares;
 use starling_secagg::{PublicKeys, Reveal, RoundParams};
 
-/// The protocol version this build speaks natively. Version 2: bulk payloads declare a BLAKE3 digest
-/// (version 1 declared SHA-256 in the same 32 bytes, so a version-1 peer is refused at its first frame
-/// rather than failing every transfer's digest check).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol version this build speaks natively. Version 3: a secure task says whether its encoding is
+/// rotated (`SecAggTask::rotated`). Version 2: bulk payloads declare a BLAKE3 digest (version 1 declared
+/// SHA-256 in the same 32 bytes). An older peer is refused at its hello rather than misreading a task.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Every version this build can speak, newest last.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2];
+pub const SUPPORTED_VERSIONS: &[u16] = &[3];
 /// Cap on free-text fields (names, reasons, error messages).
 pub const MAX_TEXT: usize = 4096;
 
@@ -219,6 +219,17 @@ pub struct SecAggTask {
     /// 0: every device weighs the same; `c > 0`: the device sends `w·delta` and `w·clip` as a last
     /// value, `w = min(examples, c) / c`.
     pub weight_cap: u64,
+    /// The rotated encoding (`starling_secagg::mask`), when set: the delta is clipped to L2 norm `clip`
+    /// (`value_bits` unused), rotated and summed modulo the round's `2^bits`.
+    pub rotated: Option<RotatedTask>,
+}
+
+/// The rotated encoding of a secure task.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RotatedTask {
+    /// Values a device encodes (its delta, and its weight value with a `weight_cap`); the round's words
+    /// are these padded to whole rotation blocks.
+    pub values: u64,
 }
 
 impl SecAggTask {
@@ -227,11 +238,33 @@ impl SecAggTask {
         f32::from_bits(self.clip_bits)
     }
 
-    /// The integer encoding the task asks for (devices encode with it; the sum is decoded with it).
+    /// The integer encoding the task asks for (devices encode with it; the sum is decoded with it). A
+    /// rotated task is refused when its values do not pad to the round's words.
     pub fn encoding(
         &self,
     ) -> Result<starling_secagg::mask::Encoding, starling_secagg::SecAggError> {
-        starling_secagg::mask::Encoding::new(self.clip(), self.value_bits, self.params.clients)
+        use starling_secagg::mask::Encoding;
+        let p = &self.params;
+        let Some(r) = &self.rotated else {
+            return Encoding::new(self.clip(), self.value_bits, p.clients);
+        };
+        let values = usize::try_from(r.values).unwrap_or(usize::MAX);
+        let words = starling_secagg::rotation::padded_len(values.min(1 << 40));
+        if words != p.len {
+            return Err(starling_secagg::ParamsError::InputLength {
+                got: words,
+                want: p.len,
+            }
+            .into());
+        }
+        // With a weight value beside the delta (both scaled by the weight), the vector's norm is at most
+        // √2 · clip.
+        let norm = if self.weight_cap > 0 {
+            self.clip() * std::f32::consts::SQRT_2
+        } else {
+            self.clip()
+        };
+        Encoding::rotated(self.clip(), norm, p.bits, p.clients, values, p.graph_seed)
     }
 }
 
@@ -843,6 +876,7 @@ pub fn examples() -> Vec<Message> {
                 clip_bits: 0.5f32.to_bits(),
                 value_bits: 7,
                 weight_cap: 0,
+                rotated: Some(RotatedTask { values: 5 }),
             }),
         })),
         Message::NoTask(NoTask {
@@ -1065,10 +1099,10 @@ mod tests {
 
     #[test]
     fn negotiation_picks_the_newest_common_version() {
-        assert_eq!(negotiate(&[0, 2, 7]).unwrap(), 2);
-        // Version 1 (SHA-256 bulk digests) is no longer spoken.
+        assert_eq!(negotiate(&[0, 3, 7]).unwrap(), 3);
+        // Version 1 (SHA-256 bulk digests) and version 2 (no rotated secure tasks) are no longer spoken.
         assert!(matches!(
-            negotiate(&[1, 3]),
+            negotiate(&[1, 2]),
             Err(ProtocolError::NoCommonVersion { .. })
         ));
         let mut v1 = Message::Goodbye(Goodbye { reason: "x".into() }).encode();

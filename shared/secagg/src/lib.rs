@@ -4,8 +4,9 @@
 //! - [`shamir`]: Shamir secret sharing over GF(2^8);
 //! - [`graph`]: the round's sparse neighbour graph (Harary graph over a seeded permutation) and
 //!   default neighbourhood size and threshold;
-//! - [`mask`]: masks expanded with ChaCha20 in Z_{2^32}, and the fixed-point encoding of deltas with
-//!   its wrap-around check;
+//! - [`mask`]: masks expanded with ChaCha20 in Z_{2^32}, and the fixed-point encodings of deltas (per
+//!   value, exact; rotated, with modular clipping) with their wrap-around checks;
+//! - [`rotation`]: the seeded random rotation the rotated encoding flattens vectors with;
 //! - [`protocol`]: the four phases as sans-IO [`protocol::Client`] and [`protocol::Server`] state
 //!   machines (X25519 agreement, ChaCha20-Poly1305 share encryption, the consistency check).
 //!
@@ -15,6 +16,7 @@
 pub mod graph;
 pub mod mask;
 pub mod protocol;
+pub mod rotation;
 pub mod shamir;
 
 pub use protocol::{
@@ -41,6 +43,15 @@ pub enum SecAggError {
     /// A request a client refuses because answering it could reveal a single input.
     #[error("inconsistent unmasking request refused: {0}")]
     Inconsistent(#[from] Inconsistent),
+    /// A rotated sum whose spread says some of its coordinates wrapped around the modulus: decoding it
+    /// would give wrong values, so it is not used.
+    #[error("the unmasked sum likely wrapped around its 2^{bits} modulus ({expected:.2e} coordinates expected to have wrapped): the devices' updates were more aligned than the encoding allows for; raise secure_aggregation.modulus_bits")]
+    Wrapped {
+        /// Coordinates expected to have wrapped.
+        expected: f64,
+        /// Modulus bits.
+        bits: u32,
+    },
 }
 
 /// Why a set of secure-aggregation parameters cannot work.
@@ -111,6 +122,19 @@ pub enum ParamsError {
         /// The largest magnitude a sum could reach.
         bound: f64,
     },
+    /// A rotated encoding whose modulus leaves a device's typical word under one integer step.
+    #[error("a 2^{bits} modulus for {clients} clients leaves {steps:.2} steps per device's typical rotated value (at least 1 needed): raise the modulus bits or lower the clients per sum")]
+    RotatedModulus {
+        /// Modulus bits.
+        bits: u32,
+        /// Clients per sum.
+        clients: usize,
+        /// Steps per standard deviation of one device's rotated value.
+        steps: f64,
+    },
+    /// Noise shares asked of the rotated encoding (its scale leaves no room for them).
+    #[error("the rotated encoding takes no noise shares (its scale is sized for the values alone): use the per-value encoding with distributed noise")]
+    RotatedNoise,
     /// An input of the wrong length for the round.
     #[error("{got} values for a round of {want}")]
     InputLength {

@@ -156,7 +156,9 @@ fn the_unmasked_sum_is_the_plain_sum_with_dropouts_at_every_phase() {
         .iter_mut()
         .flat_map(|c| c.unmask(&dropped, &reported).unwrap())
         .collect();
-    let got = enc.decode_sum(&server.unmask(&reveals).unwrap(), bits);
+    let got = enc
+        .decode_sum(&server.unmask(&reveals).unwrap(), bits)
+        .unwrap();
     for (i, g) in got.iter().enumerate() {
         let want: f32 = deltas.iter().map(|d| d[i]).sum();
         assert!((g - want).abs() <= 30.0 / enc.scale as f32, "{g} vs {want}");
