@@ -46,17 +46,9 @@ pub fn encode_delta(
 ) -> Result<Vec<u8>, SecAggError> {
     let mut values = delta.to_vec();
     if task.rotated.is_some() {
-        let norm = values
-            .iter()
-            .map(|v| f64::from(*v).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let clip = f64::from(task.clip());
-        if norm > clip {
-            values
-                .iter_mut()
-                .for_each(|v| *v = (f64::from(*v) * clip / norm) as f32);
-        }
+        // A delta with a non-finite value is left as it is: the encoding counts such values as 0 and
+        // clips the whole vector to its bound.
+        let _ = starling_privacy::noise::clip_l2(&mut values, f64::from(task.clip()));
     }
     if task.weight_cap > 0 {
         let w = weight(task, examples);
@@ -68,6 +60,8 @@ pub fn encode_delta(
     };
     let enc = encoding_for(task, &values)?;
     let steps = enc.noise_steps(n.noise_multiplier, n.l2_clip, n.clients);
+    // The encoding refuses noise it makes no room for (the rotated kind takes none).
+    let enc = enc.with_noise(steps as f64)?;
     let mut draws = vec![0i64; values.len()];
     starling_privacy::sampler::fill_discrete_gaussian(&mut draws, steps, n.key)
         .map_err(|_| SecAggError::from(ParamsError::NoiseSteps(steps)))?;
