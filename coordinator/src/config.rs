@@ -47,6 +47,14 @@ pub struct HierarchyConfig {
     pub devices_per_round: usize,
 }
 
+impl HierarchyConfig {
+    /// The devices a secure round's settings are sized for: `devices_per_round`, at least the smallest
+    /// secure cohort.
+    pub fn secure_devices(&self) -> usize {
+        self.devices_per_round.max(MIN_COHORT)
+    }
+}
+
 /// Listening addresses.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -417,7 +425,7 @@ impl CoordinatorConfig {
         // Behind edge aggregators SecAgg+ runs per cohort, each sized for its cohort (at least 3
         // devices): [rounds] counts aggregators, and the root checks the settings for a round's devices.
         let m = match self.rounds.selection {
-            _ if self.hierarchy.enabled => self.hierarchy.devices_per_round.max(MIN_COHORT),
+            _ if self.hierarchy.enabled => self.hierarchy.secure_devices(),
             Selection::Count(m) => m,
             Selection::Fraction(_) => return Err(
                 "secure_aggregation needs rounds.selection = { count = m }: the modulus and the \

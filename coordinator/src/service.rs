@@ -769,11 +769,7 @@ impl Coordinator {
         if !(self.cfg.hierarchy.enabled && sa.enabled) {
             return None;
         }
-        let n = self
-            .cfg
-            .hierarchy
-            .devices_per_round
-            .max(crate::secagg::MIN_COHORT);
+        let n = self.cfg.hierarchy.secure_devices();
         Some(SecureCohorts {
             rounding: sa.rounding(n, self.schema.num_params()).ok()?,
         })
@@ -788,11 +784,7 @@ impl Coordinator {
         if !(self.cfg.hierarchy.enabled && sa.enabled) {
             return None;
         }
-        let n = self
-            .cfg
-            .hierarchy
-            .devices_per_round
-            .max(crate::secagg::MIN_COHORT);
+        let n = self.cfg.hierarchy.secure_devices();
         match sa.params(self.cfg.rounds.seed, round, n, self.schema.num_params(), 0) {
             Ok(p) => Some((p, 0)),
             Err(e) => {

@@ -249,7 +249,7 @@ impl SecAggTask {
             return Encoding::new(self.clip(), self.value_bits, p.clients);
         };
         let values = usize::try_from(r.values).unwrap_or(usize::MAX);
-        let words = starling_secagg::rotation::padded_len(values.min(1 << 40));
+        let words = starling_secagg::rotation::padded_len(values);
         if words != p.len {
             return Err(starling_secagg::ParamsError::InputLength {
                 got: words,

@@ -26,13 +26,16 @@ pub fn block_size(len: usize) -> usize {
     while b.saturating_mul(b) < len.saturating_mul(16) {
         b <<= 1;
     }
-    b.min(len.max(1).next_power_of_two())
+    len.max(1)
+        .checked_next_power_of_two()
+        .map_or(b, |p| b.min(p))
 }
 
-/// The words a rotated vector of `len` values has: `len` rounded up to a multiple of its block.
+/// The words a rotated vector of `len` values has: `len` rounded up to a multiple of its block
+/// (saturating: a length no vector can have, say from a peer's task, gives `usize::MAX`, not a panic).
 pub fn padded_len(len: usize) -> usize {
     let b = block_size(len);
-    len.div_ceil(b) * b
+    len.div_ceil(b).saturating_mul(b)
 }
 
 /// The rotation of vectors of one length under one seed.
@@ -161,6 +164,7 @@ mod tests {
         assert_eq!(padded_len(1_000_000), 1_003_520);
         // SmolLM2's rank-8 adapter on q and v (30 layers × 2 × 9,216) is a whole number of blocks.
         assert_eq!(padded_len(552_960), 552_960);
+        assert!(padded_len(usize::MAX) >= usize::MAX - 1);
         for len in [1usize, 2, 5, 17, 100, 1000, 4097, 65_537, 300_001] {
             let b = block_size(len);
             assert!(b.is_power_of_two() && padded_len(len) >= len && padded_len(len) - len < b);
