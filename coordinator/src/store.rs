@@ -247,20 +247,7 @@ impl Store {
     }
 
     fn open_db(dir: &Path) -> Result<Self, StoreError> {
-        // A store closed a moment ago (by `init`, `enrol`, a test) can still be locked by sled's flusher
-        // thread; wait a little for it rather than fail. A store really in use stays an error.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let db = loop {
-            match sled::Config::new().path(dir).open() {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => break other?,
-            }
-        };
+        let db = open_sled(dir)?;
         Ok(Self {
             clients: db.open_tree("clients")?,
             tokens: db.open_tree("tokens")?,
@@ -799,6 +786,24 @@ fn be_u64(v: &[u8]) -> u64 {
     let n = v.len().min(8);
     b[8 - n..].copy_from_slice(&v[v.len() - n..]);
     u64::from_be_bytes(b)
+}
+
+/// Opens the sled database in `dir` (the store's, an aggregator's spool). A database closed a moment ago
+/// in this process (a restart, a test reopening it) can still be locked by sled's flusher thread; this
+/// waits up to 5 s for it rather than fail. A database really in use stays an error.
+pub fn open_sled(dir: &Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ pub struct Spool {
 impl Spool {
     /// Opens (creating if absent) the spool in `dir`.
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = crate::store::open_sled(dir)?;
         let s = Self {
             meta: db.open_tree("meta")?,
             selected: db.open_tree("selected")?,
