@@ -310,6 +310,14 @@ impl CoordinatorConfig {
         if p.mode == DpPlacement::Distributed && p.noise_clients == 0 {
             return Err(invalid("privacy.noise_clients must be at least 1".into()));
         }
+        if p.mode != DpPlacement::Off && !cfg.linear_strategy() {
+            return Err(invalid(format!(
+                "user-level DP clips each delta and noises their sum, and the server rule steps by \
+                 that noisy mean: strategy {} needs every update; use fed-avg, fed-prox, fed-avg-m, \
+                 fed-adam, fed-yogi or fed-adagrad (privacy.clip bounds each delta)",
+                cfg.strategy_words()
+            )));
+        }
         let t = &cfg.task;
         if t.local_steps == 0
             || t.batch_size == 0
@@ -529,7 +537,8 @@ impl CoordinatorConfig {
              #   trimmed-mean | krum | multi-krum; server_lr, momentum, beta1, beta2, tau, proximal_mu,\n\
              #   trim_beta, byzantine, multi_krum_m, norm_bound\n\
              # [privacy] mode = off | central | distributed; clip, noise_multiplier, delta, epsilon_budget,\n\
-             #   accountant = pld | rdp, noise_clients\n\
+             #   accountant = pld | rdp, noise_clients (with DP on, [strategy] is the server rule that steps by\n\
+             #   the noisy mean: a linear kind, e.g. fed-avg-m for DP-FedAvgM)\n\
              # [task] local_steps, batch_size, seq_len, learning_rate, encoding = f32 | int8, int8_block,\n\
              #   max_update_bytes, dp_sgd_noise_multiplier (0 = no DP-SGD on devices), dp_sgd_clip,\n\
              #   dp_sgd_sampling_rate (0 = batch_size / the device's sequences), dp_sgd_delta\n\
@@ -628,6 +637,14 @@ mod tests {
                 "needs every update",
             ),
             ("[strategy]\nnorm_bound = 1.0\n", "norm_bound"),
+            (
+                "[privacy]\nmode = \"central\"\n[strategy]\nkind = \"median\"\n",
+                "noisy mean: strategy \"median\" needs every update",
+            ),
+            (
+                "[privacy]\nmode = \"central\"\n[strategy]\nnorm_bound = 1.0\n",
+                "with norm_bound needs every update",
+            ),
             (
                 "[privacy]\nmode = \"distributed\"\nnoise_clients = 5\n",
                 "exceeds rounds.min_updates",

@@ -277,8 +277,8 @@ impl std::fmt::Debug for RoundCore {
     }
 }
 
-/// The strategy `cfg` asks for, wrapped in DP-FedAvg when user-level DP is on (`expected_clients`: its
-/// fixed denominator; `simulation_noise_key`: reproducible, **not private** noise for simulations).
+/// The strategy `cfg` asks for, stepping by DP-FedAvg's noisy mean when user-level DP is on
+/// (`expected_clients`: its fixed denominator; `simulation_noise_key`: reproducible, **not private** noise for simulations).
 fn build_strategy(
     cfg: &CoordinatorConfig,
     expected_clients: f64,
@@ -300,7 +300,7 @@ fn build_strategy(
                 p.noise_multiplier,
                 expected_clients,
                 placement,
-                cfg.strategy.server_lr,
+                strategy::build(&cfg.strategy)?,
             )?;
             Box::new(match simulation_noise_key {
                 Some(key) => dp.with_simulation_key(key),

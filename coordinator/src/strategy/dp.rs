@@ -1,12 +1,15 @@
 //! User-level DP-FedAvg (McMahan et al. 2018): clip every client's delta to C, sum, add Gaussian noise of
 //! standard deviation z·C (central) — or rely on the clients' noise shares z·C/√n (distributed) — and divide
 //! by the *expected* number of clients per round, a constant, so one client's influence on the step is at
-//! most C / expected. The noise comes from `starling-privacy` (exact, opendp-certified); the engine charges
-//! the global ledger with the effective multiplier this type reports. It never does accounting itself.
+//! most C / expected. The noisy mean then goes through the configured linear server rule (FedAvg's η,
+//! FedAvgM's momentum, FedAdam/Yogi/Adagrad: DP-FedAvgM and DP-FedAdam) — post-processing, so the
+//! guarantee is the noisy mean's. The noise comes from `starling-privacy` (exact, opendp-certified); the
+//! engine charges the global ledger with the effective multiplier this type reports. It never does
+//! accounting itself.
 
 use starling_privacy::{clip_l2, GaussianMechanism, NoisePlacement, PrivacyError};
 
-use super::{check, weighted_sum, AggregateError, ClientUpdate, Strategy};
+use super::{check, weighted_sum, AggregateError, ClientUpdate, Strategy, StrategyState};
 
 /// The noise multiplier a DP-FedAvg round is charged at — the one rule the coordinator's ledger, this
 /// strategy and the simulator's calibration share: for central noise (`central`), what opendp certifies
@@ -42,41 +45,60 @@ pub fn clipped_sum(updates: &[ClientUpdate<'_>], clip: f64) -> Result<Vec<f32>, 
     weighted_sum(&views, &vec![1.0; views.len()])
 }
 
-/// DP-FedAvg with a fixed denominator.
-#[derive(Debug, Clone)]
+/// DP-FedAvg with a fixed denominator, its noisy mean stepped by a linear server rule.
 pub struct DpFedAvg {
     clip: f64,
     noise_multiplier: f64,
     expected_clients: f64,
     placement: NoisePlacement,
-    server_lr: f32,
+    /// The server rule the noisy mean goes through (linear: it sees the mean as one update).
+    server: Box<dyn Strategy>,
     /// Insecure, reproducible noise for simulations only (`None` in deployment: keys from the OS).
     simulation_key: Option<[u8; 32]>,
     rounds: u64,
     last_effective_multiplier: f64,
 }
 
+impl std::fmt::Debug for DpFedAvg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpFedAvg")
+            .field("clip", &self.clip)
+            .field("noise_multiplier", &self.noise_multiplier)
+            .field("expected_clients", &self.expected_clients)
+            .field("placement", &self.placement)
+            .field("server", &self.server.name())
+            .finish()
+    }
+}
+
 impl DpFedAvg {
-    /// Clip bound C, noise multiplier z, expected clients per round, where the noise is added.
+    /// Clip bound C, noise multiplier z, expected clients per round, where the noise is added, and the
+    /// server rule that steps by the noisy mean (it must be linear: a rule that needs every update would
+    /// see one, the mean, and the sensitivity bound is the mean's).
     pub fn new(
         clip: f64,
         noise_multiplier: f64,
         expected_clients: f64,
         placement: NoisePlacement,
-        server_lr: f32,
+        server: Box<dyn Strategy>,
     ) -> Result<Self, AggregateError> {
         let ok = clip.is_finite()
             && clip > 0.0
             && noise_multiplier.is_finite()
             && noise_multiplier >= 0.0
             && expected_clients.is_finite()
-            && expected_clients >= 1.0
-            && server_lr.is_finite()
-            && server_lr > 0.0;
+            && expected_clients >= 1.0;
         if !ok {
             return Err(AggregateError::InvalidParameter(format!(
-                "DP-FedAvg needs C > 0, z ≥ 0, expected clients ≥ 1, η > 0 (got {clip}, {noise_multiplier}, \
-                 {expected_clients}, {server_lr})"
+                "DP-FedAvg needs C > 0, z ≥ 0, expected clients ≥ 1 (got {clip}, {noise_multiplier}, \
+                 {expected_clients})"
+            )));
+        }
+        if !server.linear() {
+            return Err(AggregateError::InvalidParameter(format!(
+                "DP-FedAvg steps with a linear server rule (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, \
+                 FedAdagrad); {} needs every update",
+                server.name()
             )));
         }
         Ok(Self {
@@ -84,7 +106,7 @@ impl DpFedAvg {
             noise_multiplier,
             expected_clients,
             placement,
-            server_lr,
+            server,
             simulation_key: None,
             rounds: 0,
             last_effective_multiplier: noise_multiplier,
@@ -115,10 +137,27 @@ impl Strategy for DpFedAvg {
             NoisePlacement::Central => "central".to_string(),
             NoisePlacement::Distributed { clients } => format!("distributed/{clients}"),
         };
-        format!(
+        let dp = format!(
             "dp-fedavg(C={},z={},{place})",
             self.clip, self.noise_multiplier
-        )
+        );
+        // Plain FedAvg keeps the name manifests have always recorded.
+        match self.server.name() {
+            s if s == "fedavg" => dp,
+            s => format!("{dp}+{s}"),
+        }
+    }
+
+    fn proximal_mu(&self) -> f32 {
+        self.server.proximal_mu()
+    }
+
+    fn state(&self) -> StrategyState {
+        self.server.state()
+    }
+
+    fn restore(&mut self, state: StrategyState) -> Result<(), AggregateError> {
+        self.server.restore(state)
     }
 
     fn aggregate(&mut self, updates: &[ClientUpdate<'_>]) -> Result<Vec<f32>, AggregateError> {
@@ -162,9 +201,9 @@ impl DpFedAvg {
             self.last_effective_multiplier = self.noise_multiplier;
         }
         self.rounds += 1;
-        let scale = self.server_lr / self.expected_clients as f32;
+        let scale = 1.0 / self.expected_clients as f32;
         sum.iter_mut().for_each(|x| *x *= scale);
-        Ok(sum)
+        self.server.aggregate_sum(&sum, 1.0)
     }
 }
 
@@ -176,7 +215,7 @@ mod tests {
     #[test]
     fn without_noise_it_is_a_clipped_sum_over_the_expected_count() {
         let v = vec![(5, vec![3.0, 4.0]), (1, vec![0.0, 0.5])];
-        let mut s = DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, 1.0).unwrap();
+        let mut s = DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, fedavg()).unwrap();
         // (0.6, 0.8) + (0, 0.5) = (0.6, 1.3), / 4
         let got = s.aggregate(&ups(&v)).unwrap();
         assert!((got[0] - 0.15).abs() < 1e-6 && (got[1] - 0.325).abs() < 1e-6);
@@ -186,7 +225,7 @@ mod tests {
     fn central_noise_has_the_configured_spread_and_one_client_moves_the_step_at_most_c_over_m() {
         let dim = 200_000;
         let zeros = vec![(1, vec![0f32; dim])];
-        let mut s = DpFedAvg::new(0.5, 2.0, 10.0, NoisePlacement::Central, 1.0)
+        let mut s = DpFedAvg::new(0.5, 2.0, 10.0, NoisePlacement::Central, fedavg())
             .unwrap()
             .with_simulation_key([7; 32]);
         let step = s.aggregate(&ups(&zeros)).unwrap();
@@ -205,7 +244,7 @@ mod tests {
         let eff = s.effective_noise_multiplier();
         assert!(eff <= 2.0 && eff > 1.99, "{eff}");
         // Sensitivity without noise: adding one huge client changes the step by at most C/m in L2.
-        let mut quiet = DpFedAvg::new(0.5, 0.0, 10.0, NoisePlacement::Central, 1.0).unwrap();
+        let mut quiet = DpFedAvg::new(0.5, 0.0, 10.0, NoisePlacement::Central, fedavg()).unwrap();
         let base = vec![(1, vec![0.1f32; 8]), (1, vec![-0.2f32; 8])];
         let mut more = base.clone();
         more.push((1, vec![1e9f32; 8]));
@@ -218,6 +257,43 @@ mod tests {
             .sum::<f64>()
             .sqrt();
         assert!(diff <= 0.5 / 10.0 + 1e-6, "{diff}");
-        assert!(DpFedAvg::new(0.0, 1.0, 10.0, NoisePlacement::Central, 1.0).is_err());
+        assert!(DpFedAvg::new(0.0, 1.0, 10.0, NoisePlacement::Central, fedavg()).is_err());
+        let median = Box::new(super::super::Median);
+        let err = DpFedAvg::new(0.5, 1.0, 10.0, NoisePlacement::Central, median).unwrap_err();
+        assert!(err.to_string().contains("needs every update"), "{err}");
+    }
+
+    fn fedavg() -> Box<dyn Strategy> {
+        Box::new(super::super::FedAvg::new(1.0, 0.0).unwrap())
+    }
+
+    /// DP-FedAvgM: the server's momentum runs on the noisy mean (post-processing) and is the state a
+    /// restarted coordinator restores; plain FedAvg keeps the name manifests record.
+    #[test]
+    fn the_server_rule_steps_by_the_noisy_mean_and_keeps_its_state() {
+        let v = vec![(1, vec![3.0, 4.0]), (1, vec![0.0, 0.5])];
+        let momentum = || Box::new(super::super::FedAvgM::new(2.0, 0.5).unwrap());
+        let mut s = DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, momentum()).unwrap();
+        assert!(s.name().ends_with("+fedavgm(beta=0.5)"), "{}", s.name());
+        assert_eq!(
+            DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, fedavg())
+                .unwrap()
+                .name(),
+            "dp-fedavg(C=1,z=0,central)"
+        );
+        // Mean (0.15, 0.325); m = mean, step 2·m; then m = 0.5·m + mean.
+        let first = s.aggregate(&ups(&v)).unwrap();
+        assert!((first[0] - 0.3).abs() < 1e-6 && (first[1] - 0.65).abs() < 1e-6);
+        let state = s.state();
+        let second = s.aggregate(&ups(&v)).unwrap();
+        assert!((second[0] - 0.45).abs() < 1e-6 && (second[1] - 0.975).abs() < 1e-6);
+        let mut restarted =
+            DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, momentum()).unwrap();
+        restarted.restore(state).unwrap();
+        assert_eq!(restarted.aggregate(&ups(&v)).unwrap(), second);
+        // Through secure aggregation's sum the same step.
+        let mut summed = DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, momentum()).unwrap();
+        let clipped = clipped_sum(&ups(&v), 1.0).unwrap();
+        assert_eq!(summed.aggregate_sum(&clipped, 2.0).unwrap(), first);
     }
 }
