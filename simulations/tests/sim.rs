@@ -445,6 +445,78 @@ fn shipped_scenarios_parse_and_bad_ones_are_refused_clearly() {
     assert!(bad.to_string().contains("clients_per_round"), "{bad}");
     let dp = Scenario::parse("[simulation]\ntarget_epsilon = 8.0\n", "dp.toml").unwrap_err();
     assert!(dp.to_string().contains("privacy"), "{dp}");
+    for (table, names) in [
+        (
+            "centralized_learning_rates = [0.0]",
+            "centralized_learning_rates",
+        ),
+        (
+            "centralized_learning_rates = [1e-3, inf]",
+            "centralized_learning_rates",
+        ),
+        ("centralized_batch_size = 0", "centralized_batch_size"),
+        ("centralized_steps = 0", "centralized_steps"),
+    ] {
+        let e = Scenario::parse(&format!("[simulation]\n[baselines]\n{table}\n"), "b.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains(names), "{table}: {e}");
+    }
+}
+
+/// `--baselines` trains one centralized model per listed learning rate on its own schedule and reports
+/// the most accurate; the gap closed is measured against that one.
+#[test]
+fn the_centralized_baseline_tries_each_learning_rate_and_reports_the_best() {
+    let mut s = small(
+        "[baselines]\nlocal_only_clients = 1\ncentralized_steps = 8\ncentralized_batch_size = 2\n\
+         centralized_learning_rates = [1e-5, 0.01]\n",
+    );
+    s.simulation.rounds = 1;
+    let o = sim::run(
+        &s,
+        &RunOptions {
+            baselines: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
+    let b = o.summary.baselines.as_ref().unwrap();
+    assert_eq!((b.centralized_steps, b.centralized_batch_size), (8, 2));
+    let lrs: Vec<f64> = b
+        .centralized_tries
+        .iter()
+        .map(|t| t.learning_rate)
+        .collect();
+    assert_eq!(lrs, [1e-5, 0.01]);
+    let (slow, fast) = (
+        &b.centralized_tries[0].scores,
+        &b.centralized_tries[1].scores,
+    );
+    // Both trained from the base adapter: the tiny rate barely moves it, the other one moves it (here,
+    // on 16 roles' few kilobytes, past the best: the larger rate is not the better one).
+    let base = o.summary.base.loss;
+    assert!(
+        (slow.loss - base).abs() * 10.0 < (fast.loss - base).abs(),
+        "{slow:?} {fast:?} base {base}"
+    );
+    let reported = b
+        .centralized_tries
+        .iter()
+        .find(|t| t.learning_rate == b.centralized_learning_rate)
+        .unwrap();
+    assert_eq!(b.centralized, reported.scores);
+    assert!(b
+        .centralized_tries
+        .iter()
+        .all(|t| t.scores.accuracy <= b.centralized.accuracy));
+    let gap = b.centralized.accuracy - o.summary.base.accuracy;
+    if gap > 0.0 {
+        let closed = (o.summary.final_scores.accuracy - o.summary.base.accuracy) / gap;
+        assert_eq!(o.summary.gap_closed, Some(closed));
+    } else {
+        assert_eq!(o.summary.gap_closed, None);
+    }
+    assert_eq!(b.local_only_clients, 1);
 }
 
 #[test]

@@ -4,21 +4,30 @@
 
 use super::*;
 
-/// Trains `steps` steps of LoRA from `start` on `tokens` with the task's other settings (the baseline
+/// How a baseline trains: optimizer steps, sequences per step, learning rate.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    steps: u32,
+    batch_size: u32,
+    learning_rate: f32,
+}
+
+/// Trains LoRA from `start` on `tokens` on `schedule` with the task's other settings (the baseline
 /// task: no DP), through the device's own training path; returns the trained adapter's values.
-#[allow(clippy::too_many_arguments)]
 fn train_alone(
     scen: &Scenario,
     model: &Llama,
     task_of: &Task,
     start: &[f32],
     tokens: &[u32],
-    steps: u32,
+    schedule: Schedule,
     seed: u64,
 ) -> Result<Vec<f32>, SimError> {
     let manifest = starling_coordinator::store::manifest_body(&task_of.manifest)?;
     let mut task = task_of.clone();
-    task.params.local_steps = steps;
+    task.params.local_steps = schedule.steps;
+    task.params.batch_size = schedule.batch_size;
+    task.params.learning_rate = schedule.learning_rate;
     let t = TaskTraining {
         model,
         task: &task,
@@ -70,25 +79,55 @@ pub(super) fn baselines(
     let seed = scen.simulation.seed;
     let task = baseline_task(coord)?;
     let start = v0_adapter(coord)?;
-    let steps =
-        (scen.simulation.rounds * u64::from(scen.task.local_steps)).min(u64::from(u32::MAX));
     let union = l
         .data
         .encode(&l.data.union_train(), &l.tok, l.chat.as_ref())?;
-    let central = train_alone(
-        scen,
-        &l.model,
-        &task,
-        &start,
-        &union,
-        steps as u32,
-        derive(seed, "central", 0, 0),
-    )?;
-    let centralized = evaluate(
-        &l.model,
-        Some(&adapter_from(&l.model, scen, &central)?),
-        evalset,
-    )?;
+    // Centralized: one run per learning rate from the same start and seed; the most accurate is reported.
+    let (central_steps, central_batch, lrs) = scen.baselines.centralized(scen);
+    let mut tries = Vec::with_capacity(lrs.len());
+    for lr in lrs {
+        let central = train_alone(
+            scen,
+            &l.model,
+            &task,
+            &start,
+            &union,
+            Schedule {
+                steps: central_steps,
+                batch_size: central_batch,
+                learning_rate: lr as f32,
+            },
+            derive(seed, "central", 0, 0),
+        )?;
+        let scores = evaluate(
+            &l.model,
+            Some(&adapter_from(&l.model, scen, &central)?),
+            evalset,
+        )?;
+        tries.push(CentralizedTry {
+            learning_rate: lr,
+            scores,
+        });
+    }
+    // The most accurate try (the first of equals); its loss is reported with it.
+    let best = tries
+        .iter()
+        .fold(None::<&CentralizedTry>, |b, t| match b {
+            Some(b) if b.scores.accuracy >= t.scores.accuracy => Some(b),
+            _ => Some(t),
+        })
+        .cloned()
+        .ok_or_else(|| SimError::Scenario("baselines: no centralized learning rate".into()))?;
+    // Local-only training runs the federation's schedule: rounds × local steps at the task's settings.
+    let alone_schedule = Schedule {
+        steps: scen
+            .simulation
+            .rounds
+            .saturating_mul(u64::from(scen.task.local_steps))
+            .min(u64::from(u32::MAX)) as u32,
+        batch_size: scen.task.batch_size,
+        learning_rate: scen.task.learning_rate,
+    };
     // Local-only: a seeded sample of the evaluated clients, each trained alone for the same steps.
     let mut sample: Vec<usize> = eval_clients.to_vec();
     sample.shuffle(&mut ChaCha8Rng::seed_from_u64(derive(
@@ -117,7 +156,7 @@ pub(super) fn baselines(
             &task,
             &start,
             &tokens,
-            steps as u32,
+            alone_schedule,
             derive(seed, "alone", c as u64, 0),
         )?;
         lo.add(evaluate(
@@ -129,8 +168,11 @@ pub(super) fn baselines(
         base.add(evaluate(&l.model, Some(&base_adapter), &own)?);
     }
     Ok(Baselines {
-        centralized,
-        centralized_steps: steps,
+        centralized: best.scores,
+        centralized_steps: u64::from(central_steps),
+        centralized_batch_size: central_batch,
+        centralized_learning_rate: best.learning_rate,
+        centralized_tries: tries,
         local_only: lo.scores(),
         federated_on_local_clients: fed.scores(),
         base_on_local_clients: base.scores(),

@@ -30,7 +30,7 @@ use self::attack::corrupt;
 use self::baselines::baselines;
 pub use self::run::run_loaded;
 use self::run::Sim;
-pub use outcome::{Baselines, Outcome, RoundMetrics, Summary};
+pub use outcome::{Baselines, CentralizedTry, Outcome, RoundMetrics, Summary};
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};

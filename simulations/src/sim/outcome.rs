@@ -51,10 +51,16 @@ pub struct RoundMetrics {
 /// The baselines `--baselines` adds.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Baselines {
-    /// Centralized LoRA on the union of the training data, same optimizer steps as the whole run.
+    /// Centralized LoRA on the union of the training data (no DP): the most accurate of its tries.
     pub centralized: Scores,
     /// Optimizer steps of the centralized baseline.
     pub centralized_steps: u64,
+    /// Sequences per step of the centralized baseline.
+    pub centralized_batch_size: u32,
+    /// The learning rate of the reported centralized try.
+    pub centralized_learning_rate: f64,
+    /// Every centralized try (one per learning rate), in the order the scenario lists them.
+    pub centralized_tries: Vec<CentralizedTry>,
     /// Local-only training (each sampled client alone), scored on each client's own test split.
     pub local_only: Scores,
     /// The final federated model on the same clients' test splits.
@@ -63,6 +69,15 @@ pub struct Baselines {
     pub base_on_local_clients: Scores,
     /// How many clients trained alone.
     pub local_only_clients: usize,
+}
+
+/// One centralized training run of the baselines.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CentralizedTry {
+    /// Its learning rate.
+    pub learning_rate: f64,
+    /// Its scores on the test set.
+    pub scores: Scores,
 }
 
 /// The whole run, as `summary.json` records it.

@@ -128,16 +128,14 @@ fn plots(dir: &Path, o: &Outcome) -> Result<Vec<String>, SimError> {
     // Baselines are horizontal lines on both the accuracy and the loss plot.
     let mut baselines = vec![("base model".to_string(), b.base, BLACK)];
     if let Some(bl) = &b.baselines {
-        baselines.push((
-            format!("centralized ({} steps)", bl.centralized_steps),
-            bl.centralized,
-            RGBColor(0, 150, 60),
-        ));
-        baselines.push((
-            format!("local only ({} clients)", bl.local_only_clients),
-            bl.local_only,
-            RGBColor(230, 120, 0),
-        ));
+        baselines.push((centralized_label(bl), bl.centralized, RGBColor(0, 150, 60)));
+        if bl.local_only_clients > 0 {
+            baselines.push((
+                format!("local only ({} clients)", bl.local_only_clients),
+                bl.local_only,
+                RGBColor(230, 120, 0),
+            ));
+        }
     }
     for (label, scores, color) in baselines {
         acc.push(hline(label.clone(), scores.accuracy, color));
@@ -296,12 +294,12 @@ pub fn table(o: &Outcome) -> String {
         s.strategy
     ));
     t.push_str(&format!(
-        "{:<28} {:>10} {:>11} {:>10}\n",
+        "{:<40} {:>10} {:>11} {:>10}\n",
         "model", "test loss", "perplexity", "accuracy"
     ));
     let row = |name: &str, sc: &super::Scores| {
         format!(
-            "{:<28} {:>10.4} {:>11.3} {:>9.2}%\n",
+            "{:<40} {:>10.4} {:>11.3} {:>9.2}%\n",
             name,
             sc.loss,
             sc.perplexity,
@@ -311,19 +309,23 @@ pub fn table(o: &Outcome) -> String {
     t.push_str(&row("base model", &s.base));
     t.push_str(&row("federated (final)", &s.final_scores));
     if let Some(b) = &s.baselines {
-        t.push_str(&row(
-            &format!("centralized ({} steps)", b.centralized_steps),
-            &b.centralized,
-        ));
-        t.push_str(&row(
-            &format!("local only ({} clients)", b.local_only_clients),
-            &b.local_only,
-        ));
-        t.push_str(&row(
-            "  federated, same clients",
-            &b.federated_on_local_clients,
-        ));
-        t.push_str(&row("  base, same clients", &b.base_on_local_clients));
+        t.push_str(&row(&centralized_label(b), &b.centralized));
+        if b.centralized_tries.len() > 1 {
+            for c in &b.centralized_tries {
+                t.push_str(&row(&format!("  tried lr {}", c.learning_rate), &c.scores));
+            }
+        }
+        if b.local_only_clients > 0 {
+            t.push_str(&row(
+                &format!("local only ({} clients)", b.local_only_clients),
+                &b.local_only,
+            ));
+            t.push_str(&row(
+                "  federated, same clients",
+                &b.federated_on_local_clients,
+            ));
+            t.push_str(&row("  base, same clients", &b.base_on_local_clients));
+        }
     }
     if let Some(g) = s.gap_closed {
         t.push_str(&format!(
@@ -360,6 +362,14 @@ pub fn table(o: &Outcome) -> String {
         s.wall_s
     ));
     t
+}
+
+/// How the centralized baseline is named in the table and the plots: its schedule.
+fn centralized_label(b: &super::Baselines) -> String {
+    format!(
+        "centralized ({} steps × {}, lr {})",
+        b.centralized_steps, b.centralized_batch_size, b.centralized_learning_rate
+    )
 }
 
 #[cfg(test)]

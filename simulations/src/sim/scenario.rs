@@ -341,13 +341,83 @@ impl Default for EvalConfig {
 pub struct BaselineConfig {
     /// Local-only training: how many of the evaluated clients train alone (a seeded sample).
     pub local_only_clients: usize,
+    /// Optimizer steps of the centralized baseline (default: rounds × the task's local steps).
+    pub centralized_steps: Option<u64>,
+    /// Sequences per step of the centralized baseline (default: the task's batch size).
+    pub centralized_batch_size: Option<u32>,
+    /// Learning rates the centralized baseline tries, each from the base adapter; the most accurate on the
+    /// test set is reported, so the baseline is an upper bound on what these settings reach (default: the
+    /// task's learning rate alone).
+    pub centralized_learning_rates: Vec<f64>,
 }
 
 impl Default for BaselineConfig {
     fn default() -> Self {
         Self {
             local_only_clients: 10,
+            centralized_steps: None,
+            centralized_batch_size: None,
+            centralized_learning_rates: Vec::new(),
         }
+    }
+}
+
+/// The most learning rates `[baselines] centralized_learning_rates` may list (each is a training run).
+pub const MAX_CENTRALIZED_TRIES: usize = 16;
+
+/// The largest `[baselines] centralized_batch_size`.
+pub const MAX_CENTRALIZED_BATCH: u32 = 4096;
+
+impl BaselineConfig {
+    /// The centralized baseline's settings for `scen`: steps, sequences per step and the learning rates
+    /// to try, defaults filled in from the task.
+    pub fn centralized(&self, scen: &Scenario) -> (u32, u32, Vec<f64>) {
+        let steps = self
+            .centralized_steps
+            .unwrap_or(
+                scen.simulation
+                    .rounds
+                    .saturating_mul(u64::from(scen.task.local_steps)),
+            )
+            .min(u64::from(u32::MAX)) as u32;
+        let batch = self.centralized_batch_size.unwrap_or(scen.task.batch_size);
+        let lrs = if self.centralized_learning_rates.is_empty() {
+            vec![f64::from(scen.task.learning_rate)]
+        } else {
+            self.centralized_learning_rates.clone()
+        };
+        (steps, batch, lrs)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(s) = self.centralized_steps {
+            if s == 0 || s > u64::from(u32::MAX) {
+                return Err(format!(
+                    "baselines.centralized_steps must lie in 1..={}",
+                    u32::MAX
+                ));
+            }
+        }
+        if let Some(b) = self.centralized_batch_size {
+            if b == 0 || b > MAX_CENTRALIZED_BATCH {
+                return Err(format!(
+                    "baselines.centralized_batch_size must lie in 1..={MAX_CENTRALIZED_BATCH}"
+                ));
+            }
+        }
+        if self.centralized_learning_rates.len() > MAX_CENTRALIZED_TRIES {
+            return Err(format!(
+                "baselines.centralized_learning_rates lists at most {MAX_CENTRALIZED_TRIES} rates (each is a training run)"
+            ));
+        }
+        if self
+            .centralized_learning_rates
+            .iter()
+            .any(|lr| !(lr.is_finite() && *lr > 0.0 && *lr <= 1.0))
+        {
+            return Err("baselines.centralized_learning_rates must lie in (0, 1]".into());
+        }
+        Ok(())
     }
 }
 
@@ -453,6 +523,9 @@ impl Scenario {
         }
         if self.evaluation.windows_per_client == 0 || self.evaluation.every == 0 {
             return bad("evaluation.windows_per_client and evaluation.every must be ≥ 1".into());
+        }
+        if let Err(m) = self.baselines.check() {
+            return bad(m);
         }
         // Checked for a population the size of one cohort (the real one is known when the data are).
         let cohort = match self.simulation.clients_per_round {
