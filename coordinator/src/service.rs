@@ -203,6 +203,8 @@ pub struct Coordinator {
     /// The generation of the active-device roster edge aggregators copy: changes with every enrolment and
     /// revocation (and every start, so an aggregator re-reads it after a restart).
     roster: std::sync::atomic::AtomicU64,
+    /// Why rounds were paused by the privacy budget (the refused round's reason), if they were.
+    budget_pause: Mutex<Option<String>>,
 }
 
 /// Liveness and readiness of a serving coordinator.
@@ -429,6 +431,7 @@ impl Coordinator {
             control: std::sync::OnceLock::new(),
             health: Health::default(),
             roster: std::sync::atomic::AtomicU64::new(now_ms().max(1)),
+            budget_pause: Mutex::new(None),
         })
     }
 
@@ -458,6 +461,9 @@ impl Coordinator {
                     .map_err(anyhow::Error::from)
                     .map(|()| {
                         inner.engine.set_paused(paused);
+                        if !paused {
+                            *self.budget_pause.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        }
                         tracing::info!(
                             paused,
                             "rounds {}",
@@ -519,6 +525,15 @@ impl Coordinator {
     /// The round in progress, if any.
     pub fn round(&self) -> Option<RoundRecord> {
         self.lock().engine.current().cloned()
+    }
+
+    /// Why rounds are paused by the privacy budget (the refused round and its reason), if they are:
+    /// cleared when an operator resumes.
+    pub fn budget_pause(&self) -> Option<String> {
+        self.budget_pause
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The newest published version.
@@ -627,6 +642,20 @@ impl Coordinator {
                             bump(&self.metrics.rounds_refused_privacy);
                             inner.engine.abandon(round.id)?;
                             self.store.close_round()?;
+                            if matches!(e, starling_privacy::PrivacyError::BudgetExceeded { .. }) {
+                                // Every later round would be refused too, after its devices trained
+                                // for nothing: pause (persisted) until an operator raises the budget
+                                // and resumes.
+                                self.store.set_paused(true)?;
+                                inner.engine.set_paused(true);
+                                tracing::error!(
+                                    round = round.id.0,
+                                    "rounds paused: the privacy budget cannot pay for another round \
+                                     ({e}); raise privacy.epsilon_budget and resume, or stop"
+                                );
+                                *self.budget_pause.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(format!("round {} refused: {e}", round.id.0));
+                            }
                         }
                         Err(e) => return Err(e),
                     }

@@ -463,6 +463,27 @@ fn shipped_scenarios_parse_and_bad_ones_are_refused_clearly() {
     }
 }
 
+/// A round the privacy budget cannot pay for pauses the coordinator's rounds (every later round would be
+/// refused too, after its devices trained for nothing), and the simulator stops with the reason instead
+/// of starting rounds until it gives up.
+#[test]
+fn a_round_past_the_privacy_budget_stops_the_run_with_the_reason() {
+    for privacy in [
+        "[privacy]\nmode = \"central\"\nclip = 0.5\nnoise_multiplier = 1.0\nepsilon_budget = 0.01\n",
+        // Clipping without noise: ε is unbounded.
+        "[privacy]\nmode = \"central\"\nclip = 0.5\nnoise_multiplier = 0.0\n",
+    ] {
+        let err = sim::run(&small(privacy), &RunOptions::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, sim::SimError::BudgetSpent(_)),
+            "{privacy}: {text}"
+        );
+        assert!(text.contains("round 1 refused"), "{text}");
+        assert!(text.contains("epsilon_budget"), "{text}");
+    }
+}
+
 /// `--baselines` trains one centralized model per listed learning rate on its own schedule and reports
 /// the most accurate; the gap closed is measured against that one.
 #[test]

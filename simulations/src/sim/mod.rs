@@ -85,6 +85,13 @@ pub enum SimError {
     /// The coordinator failed.
     #[error("coordinator: {0}")]
     Coordinator(#[from] starling_coordinator::service::ServiceError),
+    /// The privacy budget could not pay for a round: the coordinator paused rounds.
+    #[error(
+        "the privacy budget cannot pay for another round ({0}): raise privacy.epsilon_budget or \
+         privacy.noise_multiplier, lower the rounds, or set simulation.target_epsilon to calibrate \
+         the noise"
+    )]
+    BudgetSpent(String),
     /// An edge aggregator of the topology failed.
     #[error("edge aggregator: {0}")]
     Aggregator(#[from] starling_coordinator::aggregator::AggregatorError),

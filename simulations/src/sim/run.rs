@@ -865,6 +865,9 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
                 // each polls it (takes a new round's task, forwards a cohort).
                 sim.counters.refused += sim.link.poll_edges()?;
                 let finished = coord.tick(EPOCH_MS + at)?;
+                if let Some(why) = coord.budget_pause() {
+                    return Err(SimError::BudgetSpent(why));
+                }
                 let current = coord.round();
                 if let Some(r) = &current {
                     // Behind aggregators the root selects aggregators: count the devices they take.
