@@ -503,7 +503,7 @@ fn the_centralized_baseline_tries_each_learning_rate_and_reports_the_best() {
     .unwrap();
     let b = o.summary.baselines.as_ref().unwrap();
     assert_eq!((b.centralized_steps, b.centralized_batch_size), (8, 2));
-    let lrs: Vec<f64> = b
+    let lrs: Vec<f32> = b
         .centralized_tries
         .iter()
         .map(|t| t.learning_rate)

@@ -95,7 +95,7 @@ pub(super) fn baselines(
             Schedule {
                 steps: central_steps,
                 batch_size: central_batch,
-                learning_rate: lr as f32,
+                learning_rate: lr,
             },
             derive(seed, "central", 0, 0),
         )?;

@@ -58,7 +58,7 @@ pub struct Baselines {
     /// Sequences per step of the centralized baseline.
     pub centralized_batch_size: u32,
     /// The learning rate of the reported centralized try.
-    pub centralized_learning_rate: f64,
+    pub centralized_learning_rate: f32,
     /// Every centralized try (one per learning rate), in the order the scenario lists them.
     pub centralized_tries: Vec<CentralizedTry>,
     /// Local-only training (each sampled client alone), scored on each client's own test split.
@@ -75,7 +75,7 @@ pub struct Baselines {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CentralizedTry {
     /// Its learning rate.
-    pub learning_rate: f64,
+    pub learning_rate: f32,
     /// Its scores on the test set.
     pub scores: Scores,
 }

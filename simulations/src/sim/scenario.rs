@@ -347,8 +347,8 @@ pub struct BaselineConfig {
     pub centralized_batch_size: Option<u32>,
     /// Learning rates the centralized baseline tries, each from the base adapter; the most accurate on the
     /// test set is reported, so the baseline is an upper bound on what these settings reach (default: the
-    /// task's learning rate alone).
-    pub centralized_learning_rates: Vec<f64>,
+    /// task's learning rate alone; f32, as the task's rate is).
+    pub centralized_learning_rates: Vec<f32>,
 }
 
 impl Default for BaselineConfig {
@@ -371,7 +371,7 @@ pub const MAX_CENTRALIZED_BATCH: u32 = 4096;
 impl BaselineConfig {
     /// The centralized baseline's settings for `scen`: steps, sequences per step and the learning rates
     /// to try, defaults filled in from the task.
-    pub fn centralized(&self, scen: &Scenario) -> (u32, u32, Vec<f64>) {
+    pub fn centralized(&self, scen: &Scenario) -> (u32, u32, Vec<f32>) {
         let steps = self
             .centralized_steps
             .unwrap_or(
@@ -382,7 +382,7 @@ impl BaselineConfig {
             .min(u64::from(u32::MAX)) as u32;
         let batch = self.centralized_batch_size.unwrap_or(scen.task.batch_size);
         let lrs = if self.centralized_learning_rates.is_empty() {
-            vec![f64::from(scen.task.learning_rate)]
+            vec![scen.task.learning_rate]
         } else {
             self.centralized_learning_rates.clone()
         };
