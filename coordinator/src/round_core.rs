@@ -278,7 +278,8 @@ impl std::fmt::Debug for RoundCore {
 }
 
 /// The strategy `cfg` asks for, stepping by DP-FedAvg's noisy mean when user-level DP is on
-/// (`expected_clients`: its fixed denominator; `simulation_noise_key`: reproducible, **not private** noise for simulations).
+/// (`expected_clients`: its fixed denominator; `simulation_noise_key`: reproducible, **not private**
+/// noise for simulations).
 fn build_strategy(
     cfg: &CoordinatorConfig,
     expected_clients: f64,

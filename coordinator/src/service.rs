@@ -456,14 +456,9 @@ impl Coordinator {
             AdminRequest::Pause | AdminRequest::Resume => {
                 let paused = matches!(request, AdminRequest::Pause);
                 let mut inner = self.lock();
-                self.store
-                    .set_paused(paused)
+                self.set_paused(&mut inner, paused, None)
                     .map_err(anyhow::Error::from)
                     .map(|()| {
-                        inner.engine.set_paused(paused);
-                        if !paused {
-                            *self.budget_pause.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                        }
                         tracing::info!(
                             paused,
                             "rounds {}",
@@ -527,8 +522,22 @@ impl Coordinator {
         self.lock().engine.current().cloned()
     }
 
+    /// Pauses or resumes rounds — persisted first, so a restart keeps them paused — with the privacy
+    /// budget's reason when it paused them (`budget`); an operator's pause or resume clears that reason.
+    fn set_paused(
+        &self,
+        inner: &mut RoundCore,
+        paused: bool,
+        budget: Option<String>,
+    ) -> Result<(), crate::store::StoreError> {
+        self.store.set_paused(paused)?;
+        inner.engine.set_paused(paused);
+        *self.budget_pause.lock().unwrap_or_else(|p| p.into_inner()) = budget;
+        Ok(())
+    }
+
     /// Why rounds are paused by the privacy budget (the refused round and its reason), if they are:
-    /// cleared when an operator resumes.
+    /// cleared when an operator pauses or resumes.
     pub fn budget_pause(&self) -> Option<String> {
         self.budget_pause
             .lock()
@@ -646,15 +655,16 @@ impl Coordinator {
                                 // Every later round would be refused too, after its devices trained
                                 // for nothing: pause (persisted) until an operator raises the budget
                                 // and resumes.
-                                self.store.set_paused(true)?;
-                                inner.engine.set_paused(true);
+                                self.set_paused(
+                                    &mut inner,
+                                    true,
+                                    Some(format!("round {} refused: {e}", round.id.0)),
+                                )?;
                                 tracing::error!(
                                     round = round.id.0,
                                     "rounds paused: the privacy budget cannot pay for another round \
                                      ({e}); raise privacy.epsilon_budget and resume, or stop"
                                 );
-                                *self.budget_pause.lock().unwrap_or_else(|p| p.into_inner()) =
-                                    Some(format!("round {} refused: {e}", round.id.0));
                             }
                         }
                         Err(e) => return Err(e),

@@ -112,19 +112,18 @@ pub(super) fn baselines(
     // The most accurate try (the first of equals); its loss is reported with it.
     let best = tries
         .iter()
-        .fold(None::<&CentralizedTry>, |b, t| match b {
-            Some(b) if b.scores.accuracy >= t.scores.accuracy => Some(b),
-            _ => Some(t),
+        .reduce(|b, t| {
+            if t.scores.accuracy > b.scores.accuracy {
+                t
+            } else {
+                b
+            }
         })
         .cloned()
         .ok_or_else(|| SimError::Scenario("baselines: no centralized learning rate".into()))?;
     // Local-only training runs the federation's schedule: rounds × local steps at the task's settings.
     let alone_schedule = Schedule {
-        steps: scen
-            .simulation
-            .rounds
-            .saturating_mul(u64::from(scen.task.local_steps))
-            .min(u64::from(u32::MAX)) as u32,
+        steps: scen.federation_steps(),
         batch_size: scen.task.batch_size,
         learning_rate: scen.task.learning_rate,
     };

@@ -372,14 +372,10 @@ impl BaselineConfig {
     /// The centralized baseline's settings for `scen`: steps, sequences per step and the learning rates
     /// to try, defaults filled in from the task.
     pub fn centralized(&self, scen: &Scenario) -> (u32, u32, Vec<f32>) {
-        let steps = self
-            .centralized_steps
-            .unwrap_or(
-                scen.simulation
-                    .rounds
-                    .saturating_mul(u64::from(scen.task.local_steps)),
-            )
-            .min(u64::from(u32::MAX)) as u32;
+        let steps = self.centralized_steps.map_or_else(
+            || scen.federation_steps(),
+            |s| s.min(u64::from(u32::MAX)) as u32,
+        );
         let batch = self.centralized_batch_size.unwrap_or(scen.task.batch_size);
         let lrs = if self.centralized_learning_rates.is_empty() {
             vec![scen.task.learning_rate]
@@ -616,6 +612,15 @@ impl Scenario {
         self.per_round(clients)
             .div_ceil(self.topology.aggregators.max(1))
             .max(1)
+    }
+
+    /// The optimizer steps a device of the federation would take in the whole run (rounds × local
+    /// steps, at most `u32::MAX`): the baselines' default schedule length.
+    pub fn federation_steps(&self) -> u32 {
+        self.simulation
+            .rounds
+            .saturating_mul(u64::from(self.task.local_steps))
+            .min(u64::from(u32::MAX)) as u32
     }
 
     /// Clients selected per round out of `clients`.
