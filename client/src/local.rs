@@ -13,7 +13,7 @@ use starling_cli::{sample_text, ModelOpts, SampleOpts};
 use starling_model::data::{text_files, Batcher, TextData};
 use starling_model::dp::{user_level_delta, DpSgd, DpSgdConfig};
 use starling_model::train::Engine;
-use starling_model::{eval_loss, LoraAdapter, LoraConfig, Target, TrainConfig, Trainer};
+use starling_model::{eval_loss, LoraAdapter, LoraConfig, Optimizer, Target, TrainConfig, Trainer};
 
 /// Arguments of `finetune`.
 #[derive(Debug, Clone, Args)]
@@ -57,9 +57,12 @@ pub struct FinetuneArgs {
     /// Warm-up steps.
     #[arg(long, default_value_t = 6)]
     pub warmup: usize,
-    /// AdamW weight decay.
+    /// Decoupled weight decay.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// Update rule: `adamw` or `sgd`.
+    #[arg(long, value_enum, default_value_t = Optimizer::AdamW)]
+    pub optimizer: Optimizer,
     /// Gradient-norm clip (0 disables).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
@@ -152,6 +155,7 @@ pub fn run_finetune(a: &FinetuneArgs) -> anyhow::Result<()> {
         lr: a.lr,
         warmup_steps: a.warmup.min(a.steps),
         weight_decay: a.weight_decay,
+        optimizer: a.optimizer,
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
         seed: a.seed,
         engine: a.engine,

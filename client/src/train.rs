@@ -11,11 +11,11 @@ use rand::{Rng, SeedableRng};
 use starling_model::data::Batcher;
 use starling_model::dp::{user_level_delta, DpSgd, DpSgdConfig};
 use starling_model::{
-    engine::Precision, Llama, LlamaConfig, LoraAdapter, LoraConfig, QuantType, Target, TrainConfig,
-    Trainer,
+    engine::Precision, Llama, LlamaConfig, LoraAdapter, LoraConfig, Optimizer, QuantType, Target,
+    TrainConfig, Trainer,
 };
 use starling_privacy::{AccountantKind, NoisePlacement};
-use starling_protocol::message::{Task, UpdateMetrics};
+use starling_protocol::message::{LocalOptimizer, Task, UpdateMetrics};
 use starling_protocol::update::encode_update;
 use starling_protocol::{AdapterSchema, Digest, Manifest, UpdateId};
 
@@ -160,6 +160,10 @@ pub fn train_task(
         warmup_steps: 0,
         min_lr_ratio: 1.0,
         weight_decay: 0.0,
+        optimizer: match p.optimizer {
+            LocalOptimizer::AdamW => Optimizer::AdamW,
+            LocalOptimizer::Sgd => Optimizer::Sgd,
+        },
         max_grad_norm: Some(1.0),
         seed,
         engine: t.precision.engine(),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 pub use starling_cli::config::ConfigError;
+use starling_protocol::message::LocalOptimizer;
 
 use crate::engine::{EngineConfig, Selection};
 pub use crate::secagg::SecAggConfig;
@@ -197,6 +198,8 @@ pub struct TaskConfig {
     pub seq_len: u32,
     /// Local learning rate.
     pub learning_rate: f32,
+    /// Local update rule: `adamw` (the default) or `sgd` (DP-FedAvg's: see README "Differential privacy").
+    pub optimizer: LocalOptimizer,
     /// Update encoding.
     pub encoding: UpdateEncoding,
     /// Values per int8 block.
@@ -220,6 +223,7 @@ impl Default for TaskConfig {
             batch_size: 8,
             seq_len: 128,
             learning_rate: 2e-3,
+            optimizer: LocalOptimizer::AdamW,
             encoding: UpdateEncoding::F32,
             int8_block: 64,
             max_update_bytes: 256 << 20,
@@ -539,8 +543,8 @@ impl CoordinatorConfig {
              # [privacy] mode = off | central | distributed; clip, noise_multiplier, delta, epsilon_budget,\n\
              #   accountant = pld | rdp, noise_clients (with DP on, [strategy] is the server rule that steps by\n\
              #   the noisy mean: a linear kind, e.g. fed-avg-m for DP-FedAvgM)\n\
-             # [task] local_steps, batch_size, seq_len, learning_rate, encoding = f32 | int8, int8_block,\n\
-             #   max_update_bytes, dp_sgd_noise_multiplier (0 = no DP-SGD on devices), dp_sgd_clip,\n\
+             # [task] local_steps, batch_size, seq_len, learning_rate, optimizer = adamw | sgd,\n\
+             #   encoding = f32 | int8, int8_block, max_update_bytes, dp_sgd_noise_multiplier (0 = no DP-SGD on devices), dp_sgd_clip,\n\
              #   dp_sgd_sampling_rate (0 = batch_size / the device's sequences), dp_sgd_delta\n\
              # [adapter] rank, alpha, targets, seed\n\
              # [secure_aggregation] enabled, neighbours (0 = ≈3·log2 n), threshold (0 = majority),\n\
@@ -577,6 +581,13 @@ mod tests {
         assert_eq!(c.rounds.selection, crate::engine::Selection::Count(5));
         assert_eq!(c.rounds.rounds, Some(3));
         assert!(CoordinatorConfig::parse("[adapter]\ntargets = [\"qq\"]\n", "c").is_err());
+        // The local optimizer by its name; an unknown one is an error naming what is accepted.
+        let sgd = CoordinatorConfig::parse("[task]\noptimizer = \"sgd\"\n", "c").unwrap();
+        assert_eq!(sgd.task.optimizer, LocalOptimizer::Sgd);
+        let err = CoordinatorConfig::parse("[task]\noptimizer = \"adam\"\n", "c")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adamw") && err.contains("sgd"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,7 @@ fn task(round: u64, m: SignedManifest, dp_sgd: Option<DpSgdTask>) -> Box<Task> {
             seq_len: 16,
             learning_rate: 1e-3,
             fedprox_mu: 0.0,
+            optimizer: Default::default(),
         },
         dp: DpTask { user: None, dp_sgd },
         lora: LoraSpec {

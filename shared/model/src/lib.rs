@@ -36,4 +36,4 @@ pub use lora::{LoraAdapter, LoraConfig, Target};
 pub use model::{KvCache, Llama};
 pub use quant::{QMatrix, QuantType};
 pub use tokenizer::Tokenizer;
-pub use train::{eval_loss, TrainConfig, Trainer};
+pub use train::{eval_loss, Optimizer, TrainConfig, Trainer};

@@ -1,5 +1,5 @@
 //! LoRA fine-tuning: next-token cross-entropy, AdamW with decoupled weight decay (PyTorch's
-//! semantics), linear warm-up then cosine decay, gradient accumulation and global gradient-norm
+//! semantics) or plain SGD, linear warm-up then cosine decay, gradient accumulation and global gradient-norm
 //! clipping. Only the adapter's A/B tensors are ever updated; the base model is borrowed
 //! immutably, so it cannot change.
 //!
@@ -53,6 +53,30 @@ impl Engine {
     }
 }
 
+/// The update rule of each optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Optimizer {
+    /// AdamW (decoupled weight decay, bias-corrected moments): each value moves by about the learning
+    /// rate whatever its gradient's size. The default for training on one's own text.
+    #[default]
+    #[value(name = "adamw")]
+    AdamW,
+    /// Plain SGD (with the same decoupled weight decay): the step is the learning rate times the
+    /// gradient. Federated DP-FedAvg's local rule: a delta's norm sits where the gradients are, so the
+    /// clipped deltas of clients who agree add up.
+    Sgd,
+}
+
+impl Optimizer {
+    /// Short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AdamW => "adamw",
+            Self::Sgd => "sgd",
+        }
+    }
+}
+
 /// Optimisation hyper-parameters.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -72,6 +96,8 @@ pub struct TrainConfig {
     pub min_lr_ratio: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// The update rule.
+    pub optimizer: Optimizer,
     /// Adam β₁.
     pub beta1: f64,
     /// Adam β₂.
@@ -97,6 +123,7 @@ impl Default for TrainConfig {
             warmup_steps: 10,
             min_lr_ratio: 0.1,
             weight_decay: 0.01,
+            optimizer: Optimizer::AdamW,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -400,7 +427,7 @@ impl Trainer {
         self.apply_gradients(grads, loss)
     }
 
-    /// One AdamW step with given gradients (canonical order), after the configured norm clipping;
+    /// One optimizer step (AdamW or SGD) with given gradients (canonical order), after the configured norm clipping;
     /// `loss` is only reported. DP-SGD hands in its clipped, noised gradient here.
     pub fn apply_gradients(&mut self, mut grads: Vec<Tensor<2>>, loss: f64) -> Result<StepStats> {
         let step = self.step;
@@ -451,9 +478,14 @@ impl Trainer {
             .zip(self.m.iter_mut())
             .zip(self.v.iter_mut())
         {
-            *m = m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
-            *v = v.clone() * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
-            let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps);
+            let update = match c.optimizer {
+                Optimizer::AdamW => {
+                    *m = m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
+                    *v = v.clone() * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
+                    (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps)
+                }
+                Optimizer::Sgd => g,
+            };
             *p = p.clone() * (1.0 - lr * c.weight_decay) - update * lr;
         }
         self.step += 1;

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 use starling_model::train::next_token_loss;
-use starling_model::{Backend, Llama, LoraAdapter, LoraConfig, Target, TrainConfig, Trainer};
+use starling_model::{
+    Backend, Llama, LoraAdapter, LoraConfig, Optimizer, Target, TrainConfig, Trainer,
+};
 
 fn model() -> Llama {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gqa_untied_f32");
@@ -163,6 +165,65 @@ fn adamw_and_schedule_follow_pytorch() {
             let want = a * (1.0 - 1e-3 * 0.1) - if *g == 0.0 { 0.0 } else { 1e-3 * g.signum() };
             assert!((b - want).abs() < 1e-6, "{b} vs {want}");
         }
+    }
+}
+
+#[test]
+fn sgd_steps_by_the_learning_rate_times_the_clipped_gradient() {
+    // Two SGD steps: each is p·(1 − lr·wd) − lr·g, with g scaled to the global norm bound first —
+    // torch.optim.SGD (no momentum) after clip_grad_norm_, plus the same decoupled decay as AdamW.
+    let m = model();
+    let a = adapter(&m, &[Target::Q, Target::Down]);
+    let cfg = TrainConfig {
+        steps: 2,
+        batch_size: 1,
+        seq_len: 8,
+        lr: 0.5,
+        warmup_steps: 0,
+        // A constant rate (no cosine decay), as devices train.
+        min_lr_ratio: 1.0,
+        weight_decay: 0.01,
+        optimizer: Optimizer::Sgd,
+        max_grad_norm: Some(0.05),
+        ..Default::default()
+    };
+    let mut tr = Trainer::new(a, cfg).unwrap();
+    for s in 0..2 {
+        let before: Vec<Vec<f32>> = tr
+            .adapter
+            .tensors()
+            .iter()
+            .map(|t| t.to_data().try_into_vec::<f32>().unwrap())
+            .collect();
+        let x = ids(m.config.vocab_size, 8, 20 + s);
+        let (g, _) = tr.clone_gradients(&m, &x);
+        let g: Vec<Vec<f32>> = g
+            .iter()
+            .map(|t| t.to_data().try_into_vec::<f32>().unwrap())
+            .collect();
+        let norm = g
+            .iter()
+            .flatten()
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            norm > 0.05,
+            "the test needs a gradient the bound clips ({norm})"
+        );
+        let coef = (0.05 / (norm + 1e-6)) as f32;
+        tr.step(&m, &[x]).unwrap();
+        let mut moved = 0.0f64;
+        for ((p0, p1), g) in before.iter().zip(tr.adapter.tensors()).zip(&g) {
+            let p1 = p1.to_data().try_into_vec::<f32>().unwrap();
+            for ((a, b), g) in p0.iter().zip(&p1).zip(g) {
+                let want = a * (1.0 - 0.5 * 0.01) - 0.5 * coef * g;
+                assert!((b - want).abs() < 1e-6, "step {s}: {b} vs {want}");
+                moved += f64::from(b - a * (1.0 - 0.5 * 0.01)).powi(2);
+            }
+        }
+        // The step's norm is lr × the clipped gradient's norm.
+        assert!((moved.sqrt() - 0.5 * 0.05).abs() < 1e-4, "{}", moved.sqrt());
     }
 }
 

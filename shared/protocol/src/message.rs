@@ -20,12 +20,13 @@ use crate::{codec, Digest, ModelVersion, ProtocolError, RoundId, UpdateId};
 use starling_secagg::protocol::EncryptedShares;
 use starling_secagg::{PublicKeys, Reveal, RoundParams};
 
-/// The protocol version this build speaks natively. Version 3: a secure task says whether its encoding is
+/// The protocol version this build speaks natively. Version 4: a task names the local optimizer
+/// (`TrainParams::optimizer`). Version 3: a secure task says whether its encoding is
 /// rotated (`SecAggTask::rotated`). Version 2: bulk payloads declare a BLAKE3 digest (version 1 declared
 /// SHA-256 in the same 32 bytes). An older peer is refused at its hello rather than misreading a task.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Every version this build can speak, newest last.
-pub const SUPPORTED_VERSIONS: &[u16] = &[3];
+pub const SUPPORTED_VERSIONS: &[u16] = &[4];
 /// Cap on free-text fields (names, reasons, error messages).
 pub const MAX_TEXT: usize = 4096;
 
@@ -85,6 +86,30 @@ pub struct TrainParams {
     pub learning_rate: f32,
     /// FedProx proximal term μ (0 = plain local training).
     pub fedprox_mu: f32,
+    /// The local update rule.
+    pub optimizer: LocalOptimizer,
+}
+
+/// The update rule a device trains with (its gradient-norm bound and decay are fixed by the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum LocalOptimizer {
+    /// AdamW: every value moves by about the learning rate.
+    #[default]
+    #[serde(rename = "adamw")]
+    AdamW,
+    /// Plain SGD: the step is the learning rate times the gradient (DP-FedAvg's local rule).
+    #[serde(rename = "sgd")]
+    Sgd,
+}
+
+impl LocalOptimizer {
+    /// Its name in configuration files and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AdamW => "adamw",
+            Self::Sgd => "sgd",
+        }
+    }
 }
 
 /// Example-level DP-SGD a client must run while training (Poisson sampling, per-example clipping, noise).
@@ -841,6 +866,7 @@ pub fn examples() -> Vec<Message> {
                 seq_len: 128,
                 learning_rate: 1e-3,
                 fedprox_mu: 0.01,
+                optimizer: LocalOptimizer::Sgd,
             },
             dp: DpTask {
                 user: Some(UserDp::ClipAndNoise {
@@ -1099,10 +1125,11 @@ mod tests {
 
     #[test]
     fn negotiation_picks_the_newest_common_version() {
-        assert_eq!(negotiate(&[0, 3, 7]).unwrap(), 3);
-        // Version 1 (SHA-256 bulk digests) and version 2 (no rotated secure tasks) are no longer spoken.
+        assert_eq!(negotiate(&[0, 4, 7]).unwrap(), 4);
+        // Version 1 (SHA-256 bulk digests), version 2 (no rotated secure tasks) and version 3 (no local
+        // optimizer in a task) are no longer spoken.
         assert!(matches!(
-            negotiate(&[1, 2]),
+            negotiate(&[1, 2, 3]),
             Err(ProtocolError::NoCommonVersion { .. })
         ));
         let mut v1 = Message::Goodbye(Goodbye { reason: "x".into() }).encode();

@@ -77,6 +77,7 @@ impl Handler for App {
                     seq_len: 64,
                     learning_rate: 1e-3,
                     fedprox_mu: 0.0,
+                    optimizer: Default::default(),
                 },
                 dp: DpTask {
                     user: Some(UserDp::Clip { clip: 1.0 }),

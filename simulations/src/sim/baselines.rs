@@ -4,11 +4,12 @@
 
 use super::*;
 
-/// How a baseline trains: optimizer steps, sequences per step, learning rate.
+/// How a baseline trains: optimizer steps, sequences per step, update rule, learning rate.
 #[derive(Debug, Clone, Copy)]
 struct Schedule {
     steps: u32,
     batch_size: u32,
+    optimizer: LocalOptimizer,
     learning_rate: f32,
 }
 
@@ -28,6 +29,7 @@ fn train_alone(
     task.params.local_steps = schedule.steps;
     task.params.batch_size = schedule.batch_size;
     task.params.learning_rate = schedule.learning_rate;
+    task.params.optimizer = schedule.optimizer;
     let t = TaskTraining {
         model,
         task: &task,
@@ -83,9 +85,9 @@ pub(super) fn baselines(
         .data
         .encode(&l.data.union_train(), &l.tok, l.chat.as_ref())?;
     // Centralized: one run per learning rate from the same start and seed; the most accurate is reported.
-    let (central_steps, central_batch, lrs) = scen.baselines.centralized(scen);
-    let mut tries = Vec::with_capacity(lrs.len());
-    for lr in lrs {
+    let plan = scen.baselines.centralized(scen);
+    let mut tries = Vec::with_capacity(plan.learning_rates.len());
+    for &lr in &plan.learning_rates {
         let central = train_alone(
             scen,
             &l.model,
@@ -93,8 +95,9 @@ pub(super) fn baselines(
             &start,
             &union,
             Schedule {
-                steps: central_steps,
-                batch_size: central_batch,
+                steps: plan.steps,
+                batch_size: plan.batch_size,
+                optimizer: plan.optimizer,
                 learning_rate: lr,
             },
             derive(seed, "central", 0, 0),
@@ -125,6 +128,7 @@ pub(super) fn baselines(
     let alone_schedule = Schedule {
         steps: scen.federation_steps(),
         batch_size: scen.task.batch_size,
+        optimizer: scen.task.optimizer,
         learning_rate: scen.task.learning_rate,
     };
     // Local-only: a seeded sample of the evaluated clients, each trained alone for the same steps.
@@ -168,8 +172,9 @@ pub(super) fn baselines(
     }
     Ok(Baselines {
         centralized: best.scores,
-        centralized_steps: u64::from(central_steps),
-        centralized_batch_size: central_batch,
+        centralized_steps: u64::from(plan.steps),
+        centralized_batch_size: plan.batch_size,
+        centralized_optimizer: plan.optimizer.name().into(),
         centralized_learning_rate: best.learning_rate,
         centralized_tries: tries,
         local_only: lo.scores(),

@@ -48,7 +48,9 @@ use starling_coordinator::config::{CoordinatorConfig, DpPlacement};
 use starling_coordinator::service::{read_key, Clock, Coordinator, Layout, OpenOptions};
 use starling_model::{Backend, Llama, LoraAdapter, Tokenizer};
 use starling_privacy::AccountantKind;
-use starling_protocol::message::{BlobKind, Decline, SecAggRequest, SecAggStep, Task};
+use starling_protocol::message::{
+    BlobKind, Decline, LocalOptimizer, SecAggRequest, SecAggStep, Task,
+};
 use starling_protocol::update::{adapter_values, decode_update, encode_update, UpdateLimits};
 use starling_protocol::{
     Digest, Encoding, EnrolmentToken, Fingerprint, ModelVersion, SigningIdentity, UpdateId,

@@ -367,8 +367,11 @@ pub fn table(o: &Outcome) -> String {
 /// How the centralized baseline is named in the table and the plots: its schedule.
 fn centralized_label(b: &super::Baselines) -> String {
     format!(
-        "centralized ({} steps × {}, lr {})",
-        b.centralized_steps, b.centralized_batch_size, b.centralized_learning_rate
+        "centralized ({} {} steps × {}, lr {})",
+        b.centralized_optimizer,
+        b.centralized_steps,
+        b.centralized_batch_size,
+        b.centralized_learning_rate
     )
 }
 

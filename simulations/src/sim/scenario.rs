@@ -14,6 +14,7 @@ use starling_coordinator::engine::{EngineConfig, Selection};
 use starling_coordinator::strategy::StrategyConfig;
 use starling_model::QuantType;
 use starling_privacy::{accountant, AccountantKind, DpEvent};
+use starling_protocol::message::LocalOptimizer;
 
 use super::SimError;
 
@@ -349,6 +350,22 @@ pub struct BaselineConfig {
     /// test set is reported, so the baseline is an upper bound on what these settings reach (default: the
     /// task's learning rate alone; f32, as the task's rate is).
     pub centralized_learning_rates: Vec<f32>,
+    /// The centralized baseline's update rule (default: the task's). A federation whose devices run SGD
+    /// (DP-FedAvg's local rule) is fairly compared with the best centralized model, which AdamW trains.
+    pub centralized_optimizer: Option<LocalOptimizer>,
+}
+
+/// The centralized baseline's schedule, the scenario's defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CentralizedPlan {
+    /// Optimizer steps.
+    pub steps: u32,
+    /// Sequences per step.
+    pub batch_size: u32,
+    /// The update rule.
+    pub optimizer: LocalOptimizer,
+    /// Learning rates to try, each from the base adapter.
+    pub learning_rates: Vec<f32>,
 }
 
 impl Default for BaselineConfig {
@@ -358,6 +375,7 @@ impl Default for BaselineConfig {
             centralized_steps: None,
             centralized_batch_size: None,
             centralized_learning_rates: Vec::new(),
+            centralized_optimizer: None,
         }
     }
 }
@@ -369,20 +387,24 @@ pub const MAX_CENTRALIZED_TRIES: usize = 16;
 pub const MAX_CENTRALIZED_BATCH: u32 = 4096;
 
 impl BaselineConfig {
-    /// The centralized baseline's settings for `scen`: steps, sequences per step and the learning rates
-    /// to try, defaults filled in from the task.
-    pub fn centralized(&self, scen: &Scenario) -> (u32, u32, Vec<f32>) {
+    /// The centralized baseline's settings for `scen`, defaults filled in from the task.
+    pub fn centralized(&self, scen: &Scenario) -> CentralizedPlan {
         let steps = self.centralized_steps.map_or_else(
             || scen.federation_steps(),
             |s| s.min(u64::from(u32::MAX)) as u32,
         );
         let batch = self.centralized_batch_size.unwrap_or(scen.task.batch_size);
-        let lrs = if self.centralized_learning_rates.is_empty() {
+        let learning_rates = if self.centralized_learning_rates.is_empty() {
             vec![scen.task.learning_rate]
         } else {
             self.centralized_learning_rates.clone()
         };
-        (steps, batch, lrs)
+        CentralizedPlan {
+            steps,
+            batch_size: batch,
+            optimizer: self.centralized_optimizer.unwrap_or(scen.task.optimizer),
+            learning_rates,
+        }
     }
 
     fn check(&self) -> Result<(), String> {
