@@ -400,6 +400,7 @@ pub fn task(
             seq_len: t.seq_len,
             learning_rate: t.learning_rate,
             fedprox_mu: mu,
+            optimizer: t.optimizer,
         },
         dp,
         lora: LoraSpec {
@@ -516,6 +517,46 @@ impl RoundCore {
         cohort_sum(updates, clip)
     }
 
+    /// ε once `round` is charged, or [`CoreError::Privacy`] if the budget cannot pay for it (`None`: no
+    /// user-level DP). Exactly what [`RoundCore::aggregate`] will charge (the same sampling rate, from the
+    /// same record), so a driver asks before serving the round's tasks: devices never train for a round
+    /// that would be refused. Charges nothing.
+    pub fn preview_epsilon(&self, round: &RoundRecord) -> Result<Option<f64>, CoreError> {
+        let (sampling_rate, eff) = self.rate_and_multiplier(round)?;
+        Ok(self.charge(sampling_rate, eff)?.map(|(_, eps)| eps))
+    }
+
+    /// The sampling rate `round` is charged at and the effective Gaussian multiplier of its noise.
+    fn rate_and_multiplier(&self, round: &RoundRecord) -> Result<(f64, f64), CoreError> {
+        // Behind edge aggregators the root sees aggregators, not the devices each one took (first come,
+        // not a random sample): no amplification by sampling is claimed, every round is charged at q = 1.
+        let sampling_rate = if self.cfg.hierarchy.enabled {
+            1.0
+        } else {
+            (round.selected.len() as f64 / round.eligible.max(1) as f64).min(1.0)
+        };
+        let p = &self.cfg.privacy;
+        let eff = strategy::charged_multiplier(
+            p.mode == DpPlacement::Central,
+            p.clip,
+            p.noise_multiplier,
+            self.schema.num_params(),
+        )?;
+        Ok((sampling_rate, eff))
+    }
+
+    /// The event a round at `sampling_rate` and multiplier `eff` charges, and ε after it, refused past
+    /// the budget.
+    fn charge(&self, sampling_rate: f64, eff: f64) -> Result<Option<(RoundEvent, f64)>, CoreError> {
+        match self.round_event(sampling_rate, eff)? {
+            Some(e) => {
+                let eps = self.epsilon_after(&e)?;
+                Ok(Some((e, eps)))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Aggregates `round` from `input` onto `parent` (the adapter of the round's model version) and signs
     /// the next version, whose parent manifest is `latest` (the newest published version's body digest).
     /// A round that would exceed the privacy budget is refused ([`CoreError::Privacy`]) before anything
@@ -534,24 +575,10 @@ impl RoundCore {
                 found: parent.len(),
             });
         }
-        // Behind edge aggregators the root sees aggregators, not the devices each one took (first come,
-        // not a random sample): no amplification by sampling is claimed, every round is charged at q = 1.
-        let sampling_rate = if self.cfg.hierarchy.enabled {
-            1.0
-        } else {
-            (round.selected.len() as f64 / round.eligible.max(1) as f64).min(1.0)
-        };
-        let p = &self.cfg.privacy;
-        let eff = strategy::charged_multiplier(
-            p.mode == DpPlacement::Central,
-            p.clip,
-            p.noise_multiplier,
-            self.schema.num_params(),
-        )?;
-        let event = self.round_event(sampling_rate, eff)?;
-        let spent = match &event {
-            Some(e) => Some(self.epsilon_after(e)?),
-            None => None,
+        let (sampling_rate, eff) = self.rate_and_multiplier(round)?;
+        let (event, spent) = match self.charge(sampling_rate, eff)? {
+            Some((event, spent)) => (Some(event), Some(spent)),
+            None => (None, None),
         };
         let step = match input {
             RoundInput::Updates { deltas, .. } => {
@@ -732,6 +759,7 @@ mod tests {
     use super::*;
     use crate::engine::{Action, EngineConfig, RoundPhase, UpdateMeta};
     use starling_protocol::manifest::ManifestVerifier;
+    use starling_protocol::message::LocalOptimizer;
     use starling_protocol::{Fingerprint, TensorSpec, UpdateId};
 
     const LEN: usize = 6;
@@ -869,6 +897,8 @@ mod tests {
             .unwrap();
         let eps1 = first.charge.epsilon_after;
         assert!(eps1 > 4.0 && eps1 <= 6.0, "{eps1}");
+        // The preview a driver asks for before serving the round's tasks is the charge, exactly.
+        assert_eq!(c.preview_epsilon(&r).unwrap(), Some(eps1));
         assert_eq!(first.charge.sampling_rate, 1.0);
         assert!(first.charge.noise_multiplier > 0.9, "{:?}", first.charge);
         let m = ManifestVerifier::new(vec![key().public_key()])
@@ -882,8 +912,17 @@ mod tests {
             .unwrap();
         assert_eq!(again.charge.epsilon_after, eps1);
         c.commit(&first).unwrap();
-        // The second round would pass the budget: refused with the privacy error.
+        // The second round would pass the budget: its preview says so before any device trains, and
+        // aggregating it is refused with the same privacy error.
         let r2 = round(&mut c, 10);
+        assert!(
+            matches!(
+                c.preview_epsilon(&r2),
+                Err(CoreError::Privacy(PrivacyError::BudgetExceeded { .. }))
+            ),
+            "{:?}",
+            c.preview_epsilon(&r2)
+        );
         let refused = c.aggregate(&r2, &updates(), &parent, first.model.manifest.digest(), 2);
         assert!(matches!(refused, Err(CoreError::Privacy(_))), "{refused:?}");
     }
@@ -908,6 +947,12 @@ mod tests {
         let t = off.task(RoundId(4), manifest(&off), 99, None);
         assert_eq!((t.round, t.deadline_unix_ms), (RoundId(4), 99));
         assert_eq!(t.dp, DpTask::OFF);
+        assert_eq!(t.params.optimizer, LocalOptimizer::AdamW);
+        let mut cfg = config(DpPlacement::Off, 10.0);
+        cfg.task.optimizer = LocalOptimizer::Sgd;
+        let sgd = core(cfg);
+        let t = sgd.task(RoundId(4), manifest(&sgd), 99, None);
+        assert_eq!(t.params.optimizer, LocalOptimizer::Sgd);
         let mut cfg = config(DpPlacement::Distributed, 10.0);
         cfg.privacy.noise_clients = 3;
         cfg.task.dp_sgd_noise_multiplier = 0.5;

@@ -595,6 +595,27 @@ impl Coordinator {
         for action in actions {
             match action {
                 Action::RoundStarted(r) => {
+                    // A round the privacy budget cannot pay for would be refused after its devices
+                    // trained, and so would every later one: it never starts, and rounds pause
+                    // (persisted) until an operator raises the budget and resumes.
+                    if let Err(CoreError::Privacy(
+                        e @ starling_privacy::PrivacyError::BudgetExceeded { .. },
+                    )) = inner.preview_epsilon(&r)
+                    {
+                        inner.engine.abandon(r.id)?;
+                        bump(&self.metrics.rounds_refused_privacy);
+                        self.set_paused(
+                            &mut inner,
+                            true,
+                            Some(format!("round {} not started: {e}", r.id.0)),
+                        )?;
+                        tracing::error!(
+                            round = r.id.0,
+                            "rounds paused: the privacy budget cannot pay for another round \
+                             ({e}); raise privacy.epsilon_budget and resume, or stop"
+                        );
+                        break;
+                    }
                     self.store.put_round(&r)?;
                     self.persist_secagg(&inner)?;
                     tracing::info!(
@@ -652,8 +673,9 @@ impl Coordinator {
                             inner.engine.abandon(round.id)?;
                             self.store.close_round()?;
                             if matches!(e, starling_privacy::PrivacyError::BudgetExceeded { .. }) {
-                                // Every later round would be refused too, after its devices trained
-                                // for nothing: pause (persisted) until an operator raises the budget
+                                // Checked when the round started; the budget was lowered since (a
+                                // restart with a new configuration). Every later round would be
+                                // refused too: pause (persisted) until an operator raises the budget
                                 // and resumes.
                                 self.set_paused(
                                     &mut inner,

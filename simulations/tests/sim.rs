@@ -463,9 +463,9 @@ fn shipped_scenarios_parse_and_bad_ones_are_refused_clearly() {
     }
 }
 
-/// A round the privacy budget cannot pay for pauses the coordinator's rounds (every later round would be
-/// refused too, after its devices trained for nothing), and the simulator stops with the reason instead
-/// of starting rounds until it gives up.
+/// A round the privacy budget cannot pay for never starts (its devices would train for a round that is
+/// then refused, and so would every later one's): the coordinator pauses rounds, and the simulator stops
+/// with the reason instead of starting rounds until it gives up.
 #[test]
 fn a_round_past_the_privacy_budget_stops_the_run_with_the_reason() {
     for privacy in [
@@ -479,7 +479,7 @@ fn a_round_past_the_privacy_budget_stops_the_run_with_the_reason() {
             matches!(err, sim::SimError::BudgetSpent(_)),
             "{privacy}: {text}"
         );
-        assert!(text.contains("round 1 refused"), "{text}");
+        assert!(text.contains("round 1 not started"), "{text}");
         assert!(text.contains("epsilon_budget"), "{text}");
     }
 }
@@ -503,6 +503,8 @@ fn the_centralized_baseline_tries_each_learning_rate_and_reports_the_best() {
     .unwrap();
     let b = o.summary.baselines.as_ref().unwrap();
     assert_eq!((b.centralized_steps, b.centralized_batch_size), (8, 2));
+    // The task's update rule unless `centralized_optimizer` names another.
+    assert_eq!(b.centralized_optimizer, "adamw");
     let lrs: Vec<f32> = b
         .centralized_tries
         .iter()
