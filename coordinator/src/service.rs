@@ -536,6 +536,25 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Pauses rounds because the privacy budget cannot pay for `round` (`what`: "not started" when its
+    /// preview was refused, "refused" when its aggregation was): every later round would be refused
+    /// too, so rounds wait for an operator to raise the budget and resume. Logged with the reason.
+    fn pause_for_budget(
+        &self,
+        inner: &mut RoundCore,
+        round: RoundId,
+        what: &str,
+        e: &starling_privacy::PrivacyError,
+    ) -> Result<(), crate::store::StoreError> {
+        self.set_paused(inner, true, Some(format!("round {} {what}: {e}", round.0)))?;
+        tracing::error!(
+            round = round.0,
+            "rounds paused: the privacy budget cannot pay for another round \
+             ({e}); raise privacy.epsilon_budget and resume, or stop"
+        );
+        Ok(())
+    }
+
     /// Why rounds are paused by the privacy budget (the refused round and its reason), if they are:
     /// cleared when an operator pauses or resumes.
     pub fn budget_pause(&self) -> Option<String> {
@@ -604,16 +623,7 @@ impl Coordinator {
                     {
                         inner.engine.abandon(r.id)?;
                         bump(&self.metrics.rounds_refused_privacy);
-                        self.set_paused(
-                            &mut inner,
-                            true,
-                            Some(format!("round {} not started: {e}", r.id.0)),
-                        )?;
-                        tracing::error!(
-                            round = r.id.0,
-                            "rounds paused: the privacy budget cannot pay for another round \
-                             ({e}); raise privacy.epsilon_budget and resume, or stop"
-                        );
+                        self.pause_for_budget(&mut inner, r.id, "not started", &e)?;
                         break;
                     }
                     self.store.put_round(&r)?;
@@ -674,19 +684,8 @@ impl Coordinator {
                             self.store.close_round()?;
                             if matches!(e, starling_privacy::PrivacyError::BudgetExceeded { .. }) {
                                 // Checked when the round started; the budget was lowered since (a
-                                // restart with a new configuration). Every later round would be
-                                // refused too: pause (persisted) until an operator raises the budget
-                                // and resumes.
-                                self.set_paused(
-                                    &mut inner,
-                                    true,
-                                    Some(format!("round {} refused: {e}", round.id.0)),
-                                )?;
-                                tracing::error!(
-                                    round = round.id.0,
-                                    "rounds paused: the privacy budget cannot pay for another round \
-                                     ({e}); raise privacy.epsilon_budget and resume, or stop"
-                                );
+                                // restart with a new configuration).
+                                self.pause_for_budget(&mut inner, round.id, "refused", &e)?;
                             }
                         }
                         Err(e) => return Err(e),

@@ -504,7 +504,10 @@ fn the_centralized_baseline_tries_each_learning_rate_and_reports_the_best() {
     let b = o.summary.baselines.as_ref().unwrap();
     assert_eq!((b.centralized_steps, b.centralized_batch_size), (8, 2));
     // The task's update rule unless `centralized_optimizer` names another.
-    assert_eq!(b.centralized_optimizer, "adamw");
+    assert_eq!(
+        b.centralized_optimizer,
+        starling_protocol::message::LocalOptimizer::AdamW
+    );
     let lrs: Vec<f32> = b
         .centralized_tries
         .iter()

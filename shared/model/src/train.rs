@@ -67,16 +67,6 @@ pub enum Optimizer {
     Sgd,
 }
 
-impl Optimizer {
-    /// Short name for reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::AdamW => "adamw",
-            Self::Sgd => "sgd",
-        }
-    }
-}
-
 /// Optimisation hyper-parameters.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {

@@ -174,7 +174,7 @@ pub(super) fn baselines(
         centralized: best.scores,
         centralized_steps: u64::from(plan.steps),
         centralized_batch_size: plan.batch_size,
-        centralized_optimizer: plan.optimizer.name().into(),
+        centralized_optimizer: plan.optimizer,
         centralized_learning_rate: best.learning_rate,
         centralized_tries: tries,
         local_only: lo.scores(),

@@ -57,8 +57,8 @@ pub struct Baselines {
     pub centralized_steps: u64,
     /// Sequences per step of the centralized baseline.
     pub centralized_batch_size: u32,
-    /// The centralized baseline's update rule (`adamw`, `sgd`).
-    pub centralized_optimizer: String,
+    /// The centralized baseline's update rule (`adamw`, `sgd` in `summary.json`).
+    pub centralized_optimizer: LocalOptimizer,
     /// The learning rate of the reported centralized try.
     pub centralized_learning_rate: f32,
     /// Every centralized try (one per learning rate), in the order the scenario lists them.

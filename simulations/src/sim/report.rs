@@ -368,7 +368,7 @@ pub fn table(o: &Outcome) -> String {
 fn centralized_label(b: &super::Baselines) -> String {
     format!(
         "centralized ({} {} steps × {}, lr {})",
-        b.centralized_optimizer,
+        b.centralized_optimizer.name(),
         b.centralized_steps,
         b.centralized_batch_size,
         b.centralized_learning_rate
