@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use starling_protocol::message::{
-    Ack, BlobKind, Decline, Enrol, ErrorCode, ErrorReply, Message, NoTask, SecAggRequest,
+    Ack, BlobKind, Decline, Enrol, ErrorCode, ErrorReply, Message, NoTask, RosterDevices,
+    SecAggRequest,
 };
 use starling_protocol::update::{adapter_values, decode_update, validate_update, UpdateLimits};
 use starling_protocol::{
@@ -998,16 +999,17 @@ impl Coordinator {
         }
     }
 
-    /// The active devices for edge aggregator `aggregator`'s copy (unless it holds this generation
-    /// already): those that enrolled through it, and those enrolled at the root itself (before the tier
-    /// existed) — not those of other aggregators, so each copy grows with its own devices (a device
-    /// stays with the aggregator it enrolled through).
+    /// The devices for edge aggregator `aggregator`'s copy (unless it holds this generation already):
+    /// those that enrolled through it, and those enrolled at the root itself (before the tier existed)
+    /// — not those of other aggregators, so each copy grows with its own devices (a device stays with
+    /// the aggregator it enrolled through). Active ones are admitted there; revoked ones are listed so
+    /// that the aggregator refuses them as revoked, as the root does.
     fn roster(&self, aggregator: Fingerprint, known: u64) -> Response {
         let generation = self.roster.load(std::sync::atomic::Ordering::SeqCst);
         let devices = if known == generation {
             None
         } else {
-            let mut active = Vec::new();
+            let mut listed = RosterDevices::default();
             match self.store.clients() {
                 Ok(all) => {
                     for c in all {
@@ -1021,11 +1023,13 @@ impl Coordinator {
                                 );
                             }
                         };
-                        if mine
-                            && c.status == ClientStatus::Active
-                            && self.store.role(&c.fingerprint).ok() == Some(ClientRole::Device)
+                        if !mine || self.store.role(&c.fingerprint).ok() != Some(ClientRole::Device)
                         {
-                            active.push(c.fingerprint);
+                            continue;
+                        }
+                        match c.status {
+                            ClientStatus::Active => listed.active.push(c.fingerprint),
+                            ClientStatus::Revoked => listed.revoked.push(c.fingerprint),
                         }
                     }
                 }
@@ -1034,7 +1038,7 @@ impl Coordinator {
                     return Response::error(ErrorCode::Unavailable, "storage failed; retry");
                 }
             }
-            Some(active)
+            Some(listed)
         };
         Response::Message(Message::Roster(starling_protocol::message::Roster {
             generation,

@@ -1,15 +1,16 @@
 //! A root in hierarchical mode, spoken to with real protocol clients over QUIC: it takes partial sums only
 //! from keys enrolled as aggregators, checks their clip record and length, counts a resend once, enrols
 //! devices only with device tokens when an aggregator asks, serves aggregators the active-device roster,
-//! sends devices that come to it directly to an aggregator — and publishes version 0 plus the forwarded
+//! lists a device revoked while it serves as revoked in its aggregator's roster, sends devices that come
+//! to it directly to an aggregator — and publishes version 0 plus the forwarded
 //! sum over its weight (FedAvg on a partial sum), computed here independently.
 
 mod common;
 
 use common::{client, identity, next_task, run_json, values, Coord, Serving};
 use starling_protocol::bulk::BulkHeader;
-use starling_protocol::message::{BlobKind, Enrol, EnrolFor, ErrorCode, Forward};
-use starling_protocol::{EnrolmentToken, ManifestVerifier, RoundId, UpdateId};
+use starling_protocol::message::{BlobKind, Enrol, EnrolFor, ErrorCode, Forward, RosterDevices};
+use starling_protocol::{EnrolmentToken, Fingerprint, ManifestVerifier, RoundId, UpdateId};
 use starling_transport::client::TaskReply;
 use starling_transport::TransportError;
 
@@ -102,7 +103,10 @@ fn the_root_takes_partial_sums_from_its_aggregators_only_and_publishes_their_mea
         assert_eq!(enrolled, device_fp);
         // The roster lists the device, not the aggregator; unchanged, it is not sent again.
         let roster = a.roster(0).await.unwrap();
-        assert_eq!(roster.devices, Some(vec![device_fp]));
+        let listed = |active: Vec<Fingerprint>, revoked: Vec<Fingerprint>| {
+            Some(RosterDevices { active, revoked })
+        };
+        assert_eq!(roster.devices, listed(vec![device_fp], vec![]));
         assert_eq!(a.roster(roster.generation).await.unwrap().devices, None);
         // The aggregator token was left unused by the refused attempt: it still enrols an aggregator.
         client(3, &serving)
@@ -111,7 +115,7 @@ fn the_root_takes_partial_sums_from_its_aggregators_only_and_publishes_their_mea
             .unwrap();
         // Each aggregator's roster holds the devices that enrolled through it: not edge-2's.
         let b = client(3, &serving).connect().await.unwrap();
-        assert_eq!(b.roster(0).await.unwrap().devices, Some(vec![]));
+        assert_eq!(b.roster(0).await.unwrap().devices, listed(vec![], vec![]));
 
         // A device that comes to the root directly is sent to an aggregator and may not act as one.
         let d = client(1, &serving).connect().await.unwrap();
@@ -148,6 +152,13 @@ fn the_root_takes_partial_sums_from_its_aggregators_only_and_publishes_their_mea
             ErrorCode::BadRequest,
             "aggregator",
         );
+        // Revoked at the root while it serves, the device moves to its aggregator's revoked list (the
+        // aggregator refuses it as revoked, not as a stranger); edge-2's roster does not change.
+        run_json(&["revoke", "--dir", coord.arg(), "device", "--json"]);
+        let after = a.roster(roster.generation).await.unwrap();
+        assert!(after.generation > roster.generation);
+        assert_eq!(after.devices, listed(vec![], vec![device_fp]));
+        assert_eq!(b.roster(0).await.unwrap().devices, listed(vec![], vec![]));
         refused(
             a.forward(forward(Some(1.0), &body), &body).await,
             ErrorCode::BadRequest,

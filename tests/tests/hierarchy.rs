@@ -14,7 +14,9 @@
 
 use std::path::Path;
 
-use starling_tests::{http_get, split_play, Coord, Device, Edge, Proc, Serving};
+use starling_tests::{
+    coordinator_json, eventually, http_get, split_play, Coord, Device, Edge, Proc, Serving,
+};
 
 const DEVICES: usize = 6;
 const ROUNDS: u64 = 2;
@@ -216,6 +218,107 @@ fn two_aggregators_running_secagg_per_cohort_publish_what_the_flat_secure_run_pu
     let flat_run = flat(&tmp.path().join("flat"), SECURE);
     let tree_run = hierarchical(&tmp.path().join("tree"), SECURE);
     compare(flat_run, tree_run, "secure-hierarchy");
+}
+
+/// One round through one aggregator (the root counts aggregators).
+const ONE_EDGE: &str = r#"
+[rounds]
+min_clients = 1
+selection = { count = 1 }
+min_updates = 1
+round_timeout_ms = 120000
+rounds = 1
+retry_after_ms = 200
+[hierarchy]
+enabled = true
+"#;
+
+/// Devices revoked at the root while it serves, behind an aggregator: one that never connected is refused
+/// there as revoked (what a coordinator says, not "not enrolled"); one whose update is spooled in the
+/// open cohort is cut off and its update is not forwarded — the root's round counts the other two.
+#[test]
+fn devices_revoked_at_the_root_are_refused_by_their_aggregator_and_leave_its_cohort() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = split_play(dir, 4);
+    let coord = Coord::init(&dir.join("root"), &format!("{COMMON}{ONE_EDGE}"));
+    let tokens: Vec<_> = ["a", "b", "c", "x"]
+        .iter()
+        .map(|n| coord.enrol(&format!("device-{n}")))
+        .collect();
+    let edge_token = coord.enrol_aggregator("edge-a");
+    let serving = Serving::start(&coord);
+    let edge = Edge::init(&dir.join(&edge_token.name), &serving, &edge_token);
+    // Never full (three devices take part); forwarded once every device taken has uploaded.
+    edge.edit_config("size = 100", "size = 4");
+    edge.edit_config("quiet_ms = 5000", "quiet_ms = 500");
+    edge.edit_config("poll_ms = 500", "poll_ms = 100");
+    edge.edit_config("roster_ms = 2000", "roster_ms = 300");
+    edge.edit_config("retry_after_ms = 2000", "retry_after_ms = 200");
+    let running = edge.start();
+    let devices: Vec<Device> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Device::enrol_at(&dir.join(format!("dev{i}")), &running.at, e))
+        .collect();
+    let http = running.http.as_deref().expect("the aggregator serves HTTP");
+    let edge_status = || {
+        let (_, body) = http_get(http, "/api/status");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()
+    };
+    let revoke = |name: &str| {
+        let r = coordinator_json(&["revoke", "--dir", coord.arg(), name, "--json"]);
+        assert!(r["revoked"].is_string(), "{r}");
+    };
+    let stopped_revoked = |p: Proc, d: &Device| {
+        assert!(
+            !p.wait_exit(60).success(),
+            "a revoked device stops with an error"
+        );
+        let status = d.status();
+        let error = status["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("revoked"), "{status}");
+    };
+
+    // x is revoked before it ever connects: its handshake at the aggregator is refused as revoked.
+    revoke("device-x");
+    eventually(60, "the aggregator to re-read its roster", || {
+        let s = edge_status();
+        s["roster_revoked"] == 1 && s["roster_devices"] == 3
+    });
+    stopped_revoked(run(&devices[3], &data[3], 3), &devices[3]);
+
+    // a and b upload; c stops right after persisting its update, before uploading it: the cohort waits.
+    let pa = run(&devices[0], &data[0], 0);
+    let pb = run(&devices[1], &data[1], 1);
+    let pc = devices[2].run_with(
+        &data[2],
+        Some("update-persisted"),
+        &["--training-seed", "1002"],
+    );
+    pc.wait_for("failpoint update-persisted", 180);
+    eventually(180, "a's and b's updates to be spooled", || {
+        edge_status()["spooled"] == 2
+    });
+    // b is revoked with its update spooled: cut off, and its update leaves the cohort.
+    revoke("device-b");
+    stopped_revoked(pb, &devices[1]);
+    eventually(60, "b to leave the cohort", || {
+        let s = edge_status();
+        s["spooled"] == 1 && s["selected"] == 2 && s["roster_revoked"] == 2
+    });
+    pc.kill();
+    let pc = run(&devices[2], &data[2], 2);
+    assert!(
+        serving.proc.wait_exit(180).success(),
+        "the root finishes its round"
+    );
+    let status = coord.status();
+    assert_eq!(
+        status["rounds"][0]["updates"], 2,
+        "a's and c's updates, not b's: {status}"
+    );
+    drop((pa, pc, running));
 }
 
 /// The flat and the hierarchical runs' published versions, compared.

@@ -37,7 +37,7 @@ use starling_protocol::bulk::BulkHeader;
 use starling_protocol::manifest::ManifestVerifier;
 use starling_protocol::message::{
     BlobKind, Decline, Enrol, EnrolFor, ErrorCode, ErrorReply, Forward, Message, NoTask,
-    SecAggRequest, SecAggTask, Task,
+    RosterDevices, SecAggRequest, SecAggTask, Task,
 };
 use starling_protocol::update::{decode_update, validate_update, UpdateLimits};
 use starling_protocol::{
@@ -45,6 +45,7 @@ use starling_protocol::{
     UpdateId,
 };
 use starling_transport::client::TaskReply;
+use starling_transport::server::ServerControl;
 use starling_transport::{
     Access, Authorizer, Client, Handler, Limits, Request, Response, Server, TransportError,
 };
@@ -182,7 +183,7 @@ fn resolve(addr: &str) -> Result<SocketAddr, AggregatorError> {
 }
 
 fn limits() -> Limits {
-    // The root's roster of active devices can be long: its frame cap is the protocol's hard cap.
+    // The root's roster of devices can be long: its frame cap is the protocol's hard cap.
     Limits {
         max_frame: starling_protocol::frame::MAX_FRAME_HARD,
         ..Limits::default()
@@ -358,6 +359,27 @@ struct Cache {
     base: Option<Arc<[u8]>>,
 }
 
+/// The aggregator's copy of its devices at the root: whom it admits and whom it refuses as revoked.
+#[derive(Debug, Default)]
+struct RosterCopy {
+    /// The root's roster generation it was read at.
+    generation: u64,
+    /// Active devices: admitted.
+    active: HashSet<Fingerprint>,
+    /// Devices revoked at the root: refused as revoked (any other stranger hears "not enrolled").
+    revoked: HashSet<Fingerprint>,
+}
+
+impl RosterCopy {
+    fn new(generation: u64, devices: RosterDevices) -> Self {
+        Self {
+            generation,
+            active: devices.active.into_iter().collect(),
+            revoked: devices.revoked.into_iter().collect(),
+        }
+    }
+}
+
 /// A running edge aggregator.
 pub struct Aggregator {
     cfg: AggregatorConfig,
@@ -369,7 +391,9 @@ pub struct Aggregator {
     clock: crate::service::Clock,
     roster_due: AtomicU64,
     round: Mutex<Round>,
-    roster: RwLock<(u64, HashSet<Fingerprint>)>,
+    roster: RwLock<RosterCopy>,
+    /// The device endpoint's connections (set once it is bound): a revoked device's are closed.
+    control: std::sync::OnceLock<ServerControl>,
     cache: Mutex<Cache>,
     latest: AtomicU64,
     wake: tokio::sync::Notify,
@@ -493,7 +517,7 @@ impl Aggregator {
         }
         let roster = spool
             .roster()?
-            .map(|(g, d)| (g, d.into_iter().collect()))
+            .map(|(g, d)| RosterCopy::new(g, d))
             .unwrap_or_default();
         Ok(Self {
             cfg,
@@ -506,6 +530,7 @@ impl Aggregator {
             roster_due: AtomicU64::new(0),
             round: Mutex::new(round),
             roster: RwLock::new(roster),
+            control: std::sync::OnceLock::new(),
             cache: Mutex::new(Cache::default()),
             latest: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
@@ -523,7 +548,9 @@ impl Aggregator {
     pub fn status_document(&self) -> serde_json::Value {
         let r = self.lock();
         let open = r.open().map(|t| t.round.0);
-        let (generation, devices) = self.roster.read().map_or((0, 0), |r| (r.0, r.1.len()));
+        let (generation, devices, revoked) = self.roster.read().map_or((0, 0, 0), |r| {
+            (r.generation, r.active.len(), r.revoked.len())
+        });
         serde_json::json!({
             "name": self.cfg.root.name,
             "fingerprint": self.fingerprint.to_hex(),
@@ -536,6 +563,7 @@ impl Aggregator {
             "forwarded": r.forwarded.map(|f| f.0),
             "roster_generation": generation,
             "roster_devices": devices,
+            "roster_revoked": revoked,
             "secure": r.template.is_some(),
             "secure_phase": r.secure.as_ref().filter(|_| open.is_some())
                 .map(|c| c.state.phase.to_string()),
@@ -597,6 +625,7 @@ impl Aggregator {
             )
             .map_err(AggregatorError::Setting)?,
         )?;
+        let _ = self.control.set(server.control());
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let http = if net.http {
             let listener = tokio::net::TcpListener::bind(net.http_listen)
@@ -849,16 +878,55 @@ impl Aggregator {
 
     /// Re-reads the root's roster if it changed.
     async fn refresh_roster(&self, session: &Up) -> Result<(), AggregatorError> {
-        let known = self.roster.read().map_or(0, |r| r.0);
+        let known = self.roster.read().map_or(0, |r| r.generation);
         let r = session.roster(known).await?;
         if let Some(devices) = r.devices {
             self.spool.put_roster(r.generation, &devices)?;
-            let n = devices.len();
-            if let Ok(mut w) = self.roster.write() {
-                *w = (r.generation, devices.into_iter().collect());
+            let (n, revoked) = (devices.active.len(), devices.revoked.len());
+            let copy = RosterCopy::new(r.generation, devices);
+            let newly: Vec<Fingerprint> = match self.roster.write() {
+                Ok(mut w) => {
+                    let newly = copy.revoked.difference(&w.revoked).copied().collect();
+                    *w = copy;
+                    newly
+                }
+                Err(_) => Vec::new(),
+            };
+            tracing::info!(devices = n, revoked, "roster updated");
+            for client in newly {
+                self.revoked(client)?;
             }
-            tracing::info!(devices = n, "roster updated");
         }
+        Ok(())
+    }
+
+    /// `client` was revoked at the root (and is refused here from now on): its connections close, and
+    /// the open cohort stops waiting for it and drops an update it sent — as the root's own round does,
+    /// except in a secure cohort past its keys phase, where a masked input is already inside the sum.
+    fn revoked(&self, client: Fingerprint) -> Result<(), AggregatorError> {
+        let closed = self.control.get().map_or(0, |c| c.disconnect(&client));
+        let mut guard = self.lock();
+        let r = &mut *guard;
+        let Some(round) = r.open().map(|t| t.round) else {
+            tracing::info!(client = %client, closed, "revoked at the root");
+            return Ok(());
+        };
+        let left = match r.secure.as_mut() {
+            Some(cohort) => {
+                self.change_secure(cohort, |c| c.decline(&client), |counted| *counted)?
+            }
+            None => {
+                let left = r.selected.remove(&client);
+                if left {
+                    self.spool.unselect(round, &client)?;
+                }
+                if r.uploaded.remove(&client) {
+                    self.spool.drop_updates_of(round, &client)?;
+                }
+                left
+            }
+        };
+        tracing::info!(client = %client, closed, left_the_open_round = left, "revoked at the root");
         Ok(())
     }
 
@@ -1412,7 +1480,8 @@ impl Aggregator {
 impl Authorizer for Aggregator {
     fn access(&self, client: &Fingerprint) -> Access {
         match self.roster.read() {
-            Ok(r) if r.1.contains(client) => Access::Allowed,
+            Ok(r) if r.active.contains(client) => Access::Allowed,
+            Ok(r) if r.revoked.contains(client) => Access::Revoked,
             _ => Access::NotEnrolled,
         }
     }
@@ -1462,8 +1531,8 @@ impl Handler for Aggregator {
             Ok(_) => {
                 // Kept in the spool's copy too: a restart before the next roster read still admits it.
                 let generation = self.roster.write().ok().map(|mut r| {
-                    r.1.insert(client);
-                    r.0
+                    r.active.insert(client);
+                    r.generation
                 });
                 if let Some(generation) = generation {
                     if let Err(e) = self.spool.add_to_roster(generation, &client) {

@@ -4,17 +4,20 @@
 //! killed at any instant restarts with every acknowledged update and forwards them. What must never live
 //! here: decisions (when to forward, whom to take) — those are the service's.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use starling_protocol::message::Task;
+use starling_protocol::message::{RosterDevices, Task};
 use starling_protocol::{Fingerprint, Message, RoundId, UpdateId};
 
 use super::secure::SecureCohort;
 
 /// Format version of the spool, checked at open.
 const FORMAT: u32 = 1;
+
+/// A roster entry's value for a device revoked at the root (an active device's value is empty).
+const REVOKED: &[u8] = b"revoked";
 
 /// What can go wrong with the spool.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +218,26 @@ impl Spool {
         Ok(())
     }
 
+    /// Drops the updates `client` spooled for `round` (it was revoked before they were forwarded); the
+    /// ids stay known, so a resend is not taken again. Returns how many were dropped.
+    pub fn drop_updates_of(
+        &self,
+        round: RoundId,
+        client: &Fingerprint,
+    ) -> Result<usize, SpoolError> {
+        let mut dropped = 0;
+        for kv in self.updates.scan_prefix(round.0.to_be_bytes()) {
+            let (k, v) = kv?;
+            let u: SpooledUpdate = decode(&v, "update")?;
+            if u.client == *client {
+                self.updates.remove(k)?;
+                dropped += 1;
+            }
+        }
+        self.db.flush()?;
+        Ok(dropped)
+    }
+
     /// Whether an update id was ever spooled (a retry after a lost ack).
     pub fn has_update(&self, id: &UpdateId) -> Result<bool, SpoolError> {
         Ok(self.index.contains_key(id.0)?)
@@ -245,36 +268,56 @@ impl Spool {
         Ok(())
     }
 
-    /// The copy of the root's roster: its generation and the active devices (one key per device, so an
-    /// enrolment writes one key, not the whole roster; a spool written before that reads its one blob).
-    pub fn roster(&self) -> Result<Option<(u64, Vec<Fingerprint>)>, SpoolError> {
+    /// The copy of the root's roster: its generation and its devices, active and revoked (one key per
+    /// device, its value empty for an active device and [`REVOKED`] for a revoked one, so an enrolment
+    /// writes one key, not the whole roster; a spool written before that reads its one blob of active
+    /// devices).
+    pub fn roster(&self) -> Result<Option<(u64, RosterDevices)>, SpoolError> {
         let Some(g) = self.meta.get("roster_generation")? else {
             return self
                 .meta
                 .get("roster")?
-                .map(|v| decode(&v, "roster"))
+                .map(|v| {
+                    decode::<(u64, Vec<Fingerprint>)>(&v, "roster").map(|(g, active)| {
+                        let revoked = Vec::new();
+                        (g, RosterDevices { active, revoked })
+                    })
+                })
                 .transpose();
         };
         let generation = u64::from_be_bytes(fixed(&g, "roster generation")?);
-        let devices = self
-            .roster
-            .iter()
-            .keys()
-            .map(|k| Ok::<_, SpoolError>(Fingerprint(fixed(&k?, "roster entry")?)))
-            .collect::<Result<_, _>>()?;
+        let mut devices = RosterDevices::default();
+        for entry in self.roster.iter() {
+            let (k, v) = entry?;
+            let fp = Fingerprint(fixed(&k, "roster entry")?);
+            match v.as_ref() {
+                [] => devices.active.push(fp),
+                REVOKED => devices.revoked.push(fp),
+                _ => {
+                    return Err(SpoolError::Corrupt {
+                        what: "roster entry",
+                        detail: format!("status {:?}", v.as_ref()),
+                    })
+                }
+            }
+        }
         Ok(Some((generation, devices)))
     }
 
-    /// Replaces the copy of the root's roster (so a restarted aggregator admits devices before it reaches
-    /// the root).
-    pub fn put_roster(&self, generation: u64, devices: &[Fingerprint]) -> Result<(), SpoolError> {
-        // Only the difference is written: a refresh after one enrolment writes one key.
-        let keep: HashSet<Fingerprint> = devices.iter().copied().collect();
+    /// Replaces the copy of the root's roster (so a restarted aggregator admits its devices, and refuses
+    /// its revoked ones as such, before it reaches the root).
+    pub fn put_roster(&self, generation: u64, devices: &RosterDevices) -> Result<(), SpoolError> {
+        // Only the difference is written: a refresh after one enrolment or revocation writes one key.
+        let status = |revoked: bool| if revoked { REVOKED } else { &[] };
+        let want: HashMap<Fingerprint, &[u8]> =
+            (devices.active.iter().map(|d| (*d, status(false))))
+                .chain(devices.revoked.iter().map(|d| (*d, status(true))))
+                .collect();
         let mut held = HashSet::new();
-        for k in self.roster.iter().keys() {
-            let k = k?;
+        for entry in self.roster.iter() {
+            let (k, v) = entry?;
             match <[u8; 32]>::try_from(k.as_ref()).map(Fingerprint) {
-                Ok(fp) if keep.contains(&fp) => {
+                Ok(fp) if want.get(&fp).is_some_and(|w| *w == v.as_ref()) => {
                     held.insert(fp);
                 }
                 _ => {
@@ -282,8 +325,8 @@ impl Spool {
                 }
             }
         }
-        for d in devices.iter().filter(|d| !held.contains(d)) {
-            self.roster.insert(d.0, &[])?;
+        for (d, v) in want.iter().filter(|(d, _)| !held.contains(*d)) {
+            self.roster.insert(d.0, *v)?;
         }
         self.meta
             .insert("roster_generation", &generation.to_be_bytes())?;
@@ -297,7 +340,7 @@ impl Spool {
         if self.meta.get("roster_generation")?.is_none() {
             // A roster still in its one blob (or none yet): rewritten whole once, then per key.
             let mut devices = self.roster()?.map(|(_, d)| d).unwrap_or_default();
-            devices.push(*device);
+            devices.active.push(*device);
             return self.put_roster(generation, &devices);
         }
         self.roster.insert(device.0, &[])?;
@@ -344,7 +387,11 @@ mod tests {
             s.select(RoundId(3), &Fingerprint([2; 32])).unwrap();
             s.unselect(RoundId(3), &Fingerprint([2; 32])).unwrap();
             s.put_update(RoundId(3), &update(1)).unwrap();
-            s.put_roster(9, &[Fingerprint([1; 32])]).unwrap();
+            let devices = RosterDevices {
+                active: vec![Fingerprint([1; 32])],
+                revoked: Vec::new(),
+            };
+            s.put_roster(9, &devices).unwrap();
         }
         let s = Spool::open(dir.path()).unwrap();
         assert_eq!(s.task().unwrap().unwrap().round, RoundId(3));
@@ -368,27 +415,60 @@ mod tests {
     }
 
     #[test]
+    fn a_revoked_devices_update_leaves_the_round_and_its_id_stays_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path()).unwrap();
+        for i in [1, 2] {
+            s.put_update(RoundId(3), &update(i)).unwrap();
+        }
+        s.put_update(RoundId(4), &update(3)).unwrap();
+        assert_eq!(
+            s.drop_updates_of(RoundId(3), &Fingerprint([1; 32]))
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            s.drop_updates_of(RoundId(3), &Fingerprint([3; 32]))
+                .unwrap(),
+            0
+        );
+        drop(s);
+        let s = Spool::open(dir.path()).unwrap();
+        assert_eq!(s.updates(RoundId(3)).unwrap(), vec![update(2)]);
+        assert_eq!(s.updates(RoundId(4)).unwrap(), vec![update(3)]);
+        assert!(s.has_update(&UpdateId([1; 16])).unwrap());
+    }
+
+    #[test]
     fn the_roster_is_kept_per_device_and_a_spool_with_the_old_blob_still_reads() {
         let dir = tempfile::tempdir().unwrap();
         let fp = |i: u8| Fingerprint([i; 32]);
+        let listed = |active: &[u8], revoked: &[u8]| RosterDevices {
+            active: active.iter().map(|i| fp(*i)).collect(),
+            revoked: revoked.iter().map(|i| fp(*i)).collect(),
+        };
         {
             let s = Spool::open(dir.path()).unwrap();
-            // A spool written before per-device keys: the roster as one blob.
+            // A spool written before per-device keys: the roster as one blob of active devices.
             s.meta
                 .insert("roster", encode(&(4u64, vec![fp(1), fp(2)])))
                 .unwrap();
-            assert_eq!(s.roster().unwrap(), Some((4, vec![fp(1), fp(2)])));
+            assert_eq!(s.roster().unwrap(), Some((4, listed(&[1, 2], &[]))));
             s.add_to_roster(5, &fp(3)).unwrap();
-            assert_eq!(s.roster().unwrap(), Some((5, vec![fp(1), fp(2), fp(3)])));
+            assert_eq!(s.roster().unwrap(), Some((5, listed(&[1, 2, 3], &[]))));
             s.add_to_roster(5, &fp(4)).unwrap();
         }
         let s = Spool::open(dir.path()).unwrap();
-        assert_eq!(
-            s.roster().unwrap(),
-            Some((5, vec![fp(1), fp(2), fp(3), fp(4)]))
-        );
-        // A refresh from the root replaces it: a revoked device leaves.
-        s.put_roster(7, &[fp(4), fp(2), fp(9)]).unwrap();
-        assert_eq!(s.roster().unwrap(), Some((7, vec![fp(2), fp(4), fp(9)])));
+        assert_eq!(s.roster().unwrap(), Some((5, listed(&[1, 2, 3, 4], &[]))));
+        // A refresh from the root replaces it: device 1 left, device 3 was revoked (and is listed so),
+        // device 9 is new.
+        s.put_roster(7, &listed(&[4, 2, 9], &[3])).unwrap();
+        assert_eq!(s.roster().unwrap(), Some((7, listed(&[2, 4, 9], &[3]))));
+        drop(s);
+        let s = Spool::open(dir.path()).unwrap();
+        assert_eq!(s.roster().unwrap(), Some((7, listed(&[2, 4, 9], &[3]))));
+        // An entry the spool never wrote is a typed error, not a guess.
+        s.roster.insert(fp(5).0, &b"?"[..]).unwrap();
+        assert!(matches!(s.roster(), Err(SpoolError::Corrupt { .. })));
     }
 }

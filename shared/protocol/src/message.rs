@@ -20,13 +20,15 @@ use crate::{codec, Digest, ModelVersion, ProtocolError, RoundId, UpdateId};
 use starling_secagg::protocol::EncryptedShares;
 use starling_secagg::{PublicKeys, Reveal, RoundParams};
 
-/// The protocol version this build speaks natively. Version 4: a task names the local optimizer
+/// The protocol version this build speaks natively. Version 5: an aggregator's roster lists its revoked
+/// devices beside its active ones (`RosterDevices`), so a revoked device hears "revoked" there too.
+/// Version 4: a task names the local optimizer
 /// (`TrainParams::optimizer`). Version 3: a secure task says whether its encoding is
 /// rotated (`SecAggTask::rotated`). Version 2: bulk payloads declare a BLAKE3 digest (version 1 declared
 /// SHA-256 in the same 32 bytes). An older peer is refused at its hello rather than misreading a task.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Every version this build can speak, newest last.
-pub const SUPPORTED_VERSIONS: &[u16] = &[4];
+pub const SUPPORTED_VERSIONS: &[u16] = &[5];
 /// Cap on free-text fields (names, reasons, error messages).
 pub const MAX_TEXT: usize = 4096;
 
@@ -454,16 +456,26 @@ pub struct RosterRequest {
     pub generation: u64,
 }
 
-/// The active device keys (`None`: unchanged since the generation asked about).
+/// An aggregator's device keys (`None`: unchanged since the generation asked about).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Roster {
     /// This roster's generation (changes with every enrolment and revocation).
     pub generation: u64,
-    /// The active devices' fingerprints, if changed.
-    pub devices: Option<Vec<Fingerprint>>,
+    /// The devices, if changed.
+    pub devices: Option<RosterDevices>,
 }
 
-/// Most devices a roster may list (16 MiB frames at 32 bytes each, with room to spare).
+/// The devices of one aggregator's roster: those it admits and those revoked at the root.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RosterDevices {
+    /// Active devices' fingerprints: admitted.
+    pub active: Vec<Fingerprint>,
+    /// Revoked devices' fingerprints: refused as revoked (not as strangers).
+    pub revoked: Vec<Fingerprint>,
+}
+
+/// Most devices a roster may list, active and revoked together (16 MiB frames at 32 bytes each, with
+/// room to spare).
 pub const MAX_ROSTER: usize = 400_000;
 
 /// The update is durably stored.
@@ -757,7 +769,11 @@ impl Message {
             Message::EnrolFor(e) if long(&e.enrol.token) || long(&e.enrol.name) => {
                 bad("enrolment text too long")
             }
-            Message::Roster(r) if r.devices.as_ref().is_some_and(|d| d.len() > MAX_ROSTER) => {
+            Message::Roster(r)
+                if r.devices.as_ref().is_some_and(|d| {
+                    d.active.len().saturating_add(d.revoked.len()) > MAX_ROSTER
+                }) =>
+            {
                 bad("roster too long")
             }
             _ => Ok(()),
@@ -954,7 +970,10 @@ pub fn examples() -> Vec<Message> {
         Message::RosterRequest(RosterRequest { generation: 7 }),
         Message::Roster(Roster {
             generation: 8,
-            devices: Some(vec![key.fingerprint()]),
+            devices: Some(RosterDevices {
+                active: vec![key.fingerprint()],
+                revoked: vec![Fingerprint([3; 32])],
+            }),
         }),
         Message::Error(ErrorReply {
             code: ErrorCode::LateUpdate,
@@ -1027,9 +1046,13 @@ mod tests {
             let bytes = Message::Forward(Box::new(bad)).encode();
             assert!(Message::decode(&bytes).is_err());
         }
+        // The bound counts active and revoked devices together.
         let long = Message::Roster(Roster {
             generation: 1,
-            devices: Some(vec![Fingerprint([0; 32]); MAX_ROSTER + 1]),
+            devices: Some(RosterDevices {
+                active: vec![Fingerprint([0; 32]); MAX_ROSTER],
+                revoked: vec![Fingerprint([1; 32])],
+            }),
         });
         assert!(Message::decode(&long.encode()).is_err());
     }
@@ -1125,11 +1148,11 @@ mod tests {
 
     #[test]
     fn negotiation_picks_the_newest_common_version() {
-        assert_eq!(negotiate(&[0, 4, 7]).unwrap(), 4);
-        // Version 1 (SHA-256 bulk digests), version 2 (no rotated secure tasks) and version 3 (no local
-        // optimizer in a task) are no longer spoken.
+        assert_eq!(negotiate(&[0, 5, 7]).unwrap(), 5);
+        // Version 1 (SHA-256 bulk digests), version 2 (no rotated secure tasks), version 3 (no local
+        // optimizer in a task) and version 4 (no revoked devices in a roster) are no longer spoken.
         assert!(matches!(
-            negotiate(&[1, 2, 3]),
+            negotiate(&[1, 2, 3, 4]),
             Err(ProtocolError::NoCommonVersion { .. })
         ));
         let mut v1 = Message::Goodbye(Goodbye { reason: "x".into() }).encode();
