@@ -288,15 +288,16 @@ fn devices_revoked_at_the_root_are_refused_by_their_aggregator_and_leave_its_coh
     });
     stopped_revoked(run(&devices[3], &data[3], 3), &devices[3]);
 
-    // a and b upload; c stops right after persisting its update, before uploading it: the cohort waits.
-    let pa = run(&devices[0], &data[0], 0);
-    let pb = run(&devices[1], &data[1], 1);
+    // c joins the cohort first and stops right after persisting its update, before uploading it: the
+    // cohort waits for it (never quiet) while a and b upload.
     let pc = devices[2].run_with(
         &data[2],
         Some("update-persisted"),
         &["--training-seed", "1002"],
     );
     pc.wait_for("failpoint update-persisted", 180);
+    let pa = run(&devices[0], &data[0], 0);
+    let pb = run(&devices[1], &data[1], 1);
     eventually(180, "a's and b's updates to be spooled", || {
         edge_status()["spooled"] == 2
     });
