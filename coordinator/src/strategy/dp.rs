@@ -274,7 +274,11 @@ mod tests {
         let v = vec![(1, vec![3.0, 4.0]), (1, vec![0.0, 0.5])];
         let momentum = || Box::new(super::super::FedAvgM::new(2.0, 0.5).unwrap());
         let mut s = DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, momentum()).unwrap();
-        assert!(s.name().ends_with("+fedavgm(beta=0.5)"), "{}", s.name());
+        assert!(
+            s.name().ends_with("+fedavgm(lr=2,beta=0.5)"),
+            "{}",
+            s.name()
+        );
         assert_eq!(
             DpFedAvg::new(1.0, 0.0, 4.0, NoisePlacement::Central, fedavg())
                 .unwrap()

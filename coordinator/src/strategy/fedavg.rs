@@ -37,10 +37,18 @@ impl FedAvg {
 
 impl Strategy for FedAvg {
     fn name(&self) -> String {
-        if self.mu > 0.0 {
-            format!("fedprox(mu={})", self.mu)
+        // The server rate is named unless it is McMahan et al.'s 1 (the name manifests have always
+        // carried for plain FedAvg), so a manifest says which step made it.
+        let lr = if self.server_lr == 1.0 {
+            String::new()
         } else {
-            "fedavg".into()
+            format!("lr={}", self.server_lr)
+        };
+        match (self.mu > 0.0, lr.is_empty()) {
+            (true, true) => format!("fedprox(mu={})", self.mu),
+            (true, false) => format!("fedprox(mu={},{lr})", self.mu),
+            (false, true) => "fedavg".into(),
+            (false, false) => format!("fedavg({lr})"),
         }
     }
 
@@ -89,7 +97,7 @@ impl FedAvgM {
 
 impl Strategy for FedAvgM {
     fn name(&self) -> String {
-        format!("fedavgm(beta={})", self.beta)
+        format!("fedavgm(lr={},beta={})", self.server_lr, self.beta)
     }
 
     fn linear(&self) -> bool {
@@ -149,6 +157,19 @@ mod tests {
         );
         assert!(FedAvg::new(0.0, 0.0).is_err());
         assert!(FedAvg::new(1.0, -1.0).is_err());
+    }
+
+    #[test]
+    fn names_say_the_server_rate_unless_it_is_one() {
+        let name = |lr, mu| FedAvg::new(lr, mu).unwrap().name();
+        assert_eq!(name(1.0, 0.0), "fedavg");
+        assert_eq!(name(2.0, 0.0), "fedavg(lr=2)");
+        assert_eq!(name(1.0, 0.01), "fedprox(mu=0.01)");
+        assert_eq!(name(0.5, 0.01), "fedprox(mu=0.01,lr=0.5)");
+        assert_eq!(
+            FedAvgM::new(1.0, 0.9).unwrap().name(),
+            "fedavgm(lr=1,beta=0.9)"
+        );
     }
 
     #[test]
