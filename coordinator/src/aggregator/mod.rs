@@ -371,11 +371,11 @@ struct RosterCopy {
 }
 
 impl RosterCopy {
-    fn new(generation: u64, devices: RosterDevices) -> Self {
+    fn new(generation: u64, devices: &RosterDevices) -> Self {
         Self {
             generation,
-            active: devices.active.into_iter().collect(),
-            revoked: devices.revoked.into_iter().collect(),
+            active: devices.active.iter().copied().collect(),
+            revoked: devices.revoked.iter().copied().collect(),
         }
     }
 }
@@ -517,7 +517,7 @@ impl Aggregator {
         }
         let roster = spool
             .roster()?
-            .map(|(g, d)| RosterCopy::new(g, d))
+            .map(|(g, d)| RosterCopy::new(g, &d))
             .unwrap_or_default();
         Ok(Self {
             cfg,
@@ -881,9 +881,11 @@ impl Aggregator {
         let known = self.roster.read().map_or(0, |r| r.generation);
         let r = session.roster(known).await?;
         if let Some(devices) = r.devices {
-            self.spool.put_roster(r.generation, &devices)?;
             let (n, revoked) = (devices.active.len(), devices.revoked.len());
-            let copy = RosterCopy::new(r.generation, devices);
+            let copy = RosterCopy::new(r.generation, &devices);
+            // Refused from here on; then out of the cohort; only then is the new roster spooled: a
+            // restart in between re-reads the old roster, sees the revocation again and repeats the
+            // (idempotent) removal, so a spooled update of a revoked device is never forwarded.
             let newly: Vec<Fingerprint> = match self.roster.write() {
                 Ok(mut w) => {
                     let newly = copy.revoked.difference(&w.revoked).copied().collect();
@@ -892,10 +894,11 @@ impl Aggregator {
                 }
                 Err(_) => Vec::new(),
             };
-            tracing::info!(devices = n, revoked, "roster updated");
             for client in newly {
                 self.revoked(client)?;
             }
+            self.spool.put_roster(r.generation, &devices)?;
+            tracing::info!(devices = n, revoked, "roster updated");
         }
         Ok(())
     }
