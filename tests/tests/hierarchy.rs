@@ -15,7 +15,8 @@
 use std::path::Path;
 
 use starling_tests::{
-    coordinator_json, eventually, http_get, split_play, Coord, Device, Edge, Proc, Serving,
+    coordinator_json, eventually, http_get, split_play, Coord, Device, Edge, Enrolment, Proc,
+    Serving,
 };
 
 const DEVICES: usize = 6;
@@ -39,29 +40,37 @@ alpha = 4.0
 targets = ["q", "v"]
 "#;
 
-/// Every device takes part in every round.
-const FLAT: &str = r#"
+/// The root's `[rounds]`: `rounds` rounds, each taking `count` participants — devices in a flat run,
+/// aggregators in a tree.
+fn rounds(count: usize, rounds: u64) -> String {
+    format!(
+        "
 [rounds]
-min_clients = 6
-selection = { count = 6 }
-min_updates = 6
+min_clients = {count}
+selection = {{ count = {count} }}
+min_updates = {count}
 round_timeout_ms = 120000
-rounds = 2
+rounds = {rounds}
 retry_after_ms = 200
-"#;
+"
+    )
+}
 
-/// The round counts aggregators: both, each bringing its cohort of three.
-const HIERARCHY: &str = r#"
-[rounds]
-min_clients = 2
-selection = { count = 2 }
-min_updates = 2
-round_timeout_ms = 120000
-rounds = 2
-retry_after_ms = 200
-[hierarchy]
-enabled = true
-"#;
+/// The root of a tier of edge aggregators.
+const TREE: &str = "[hierarchy]\nenabled = true\n";
+
+/// An edge aggregator enrolled at `serving` with `token`: `size` devices a round, forwarded early once
+/// every device it took has uploaded and none joined for `quiet_ms`; it polls the root, re-reads the
+/// roster and has devices retry quickly.
+fn edge(dir: &Path, serving: &Serving, token: &Enrolment, size: usize, quiet_ms: u64) -> Edge {
+    let edge = Edge::init(&dir.join(&token.name), serving, token);
+    edge.edit_config("size = 100", &format!("size = {size}"));
+    edge.edit_config("quiet_ms = 5000", &format!("quiet_ms = {quiet_ms}"));
+    edge.edit_config("poll_ms = 500", "poll_ms = 100");
+    edge.edit_config("roster_ms = 2000", "roster_ms = 300");
+    edge.edit_config("retry_after_ms = 2000", "retry_after_ms = 200");
+    edge
+}
 
 fn run(device: &Device, data: &Path, i: usize) -> Proc {
     let seed = (1000 + i).to_string();
@@ -89,7 +98,11 @@ enabled = true
 
 fn flat(dir: &Path, extra: &str) -> (Vec<Vec<f32>>, Vec<u64>) {
     let data = split_play(dir, DEVICES);
-    let coord = Coord::init(&dir.join("coord"), &format!("{COMMON}{FLAT}{extra}"));
+    // Every device takes part in every round.
+    let coord = Coord::init(
+        &dir.join("coord"),
+        &format!("{COMMON}{}{extra}", rounds(DEVICES, ROUNDS)),
+    );
     let enrolments: Vec<_> = (0..DEVICES)
         .map(|i| coord.enrol(&format!("device-{i}")))
         .collect();
@@ -112,7 +125,11 @@ fn flat(dir: &Path, extra: &str) -> (Vec<Vec<f32>>, Vec<u64>) {
 
 fn hierarchical(dir: &Path, extra: &str) -> (Vec<Vec<f32>>, Vec<u64>) {
     let data = split_play(dir, DEVICES);
-    let coord = Coord::init(&dir.join("root"), &format!("{COMMON}{HIERARCHY}{extra}"));
+    // The round counts aggregators: both, each bringing its cohort of three.
+    let coord = Coord::init(
+        &dir.join("root"),
+        &format!("{COMMON}{}{TREE}{extra}", rounds(2, ROUNDS)),
+    );
     let tokens: Vec<_> = (0..DEVICES)
         .map(|i| coord.enrol(&format!("device-{i}")))
         .collect();
@@ -123,16 +140,8 @@ fn hierarchical(dir: &Path, extra: &str) -> (Vec<Vec<f32>>, Vec<u64>) {
     let serving = Serving::start(&coord);
     let edges: Vec<Edge> = edge_tokens
         .iter()
-        .map(|e| {
-            let edge = Edge::init(&dir.join(&e.name), &serving, e);
-            edge.edit_config("size = 100", "size = 3");
-            // Each cohort is forwarded when full (its three devices), never early.
-            edge.edit_config("quiet_ms = 5000", "quiet_ms = 600000");
-            edge.edit_config("poll_ms = 500", "poll_ms = 100");
-            edge.edit_config("roster_ms = 2000", "roster_ms = 300");
-            edge.edit_config("retry_after_ms = 2000", "retry_after_ms = 200");
-            edge
-        })
+        // Each cohort is forwarded when full (its three devices), never early.
+        .map(|e| edge(dir, &serving, e, 3, 600_000))
         .collect();
     // Both are killed in round 1 at exact steps: edge-a once its cohort is complete — every update
     // acknowledged — but not forwarded; edge-b right after it flushed its first update to the spool,
@@ -220,19 +229,6 @@ fn two_aggregators_running_secagg_per_cohort_publish_what_the_flat_secure_run_pu
     compare(flat_run, tree_run, "secure-hierarchy");
 }
 
-/// One round through one aggregator (the root counts aggregators).
-const ONE_EDGE: &str = r#"
-[rounds]
-min_clients = 1
-selection = { count = 1 }
-min_updates = 1
-round_timeout_ms = 120000
-rounds = 1
-retry_after_ms = 200
-[hierarchy]
-enabled = true
-"#;
-
 /// Devices revoked at the root while it serves, behind an aggregator: one that never connected is refused
 /// there as revoked (what a coordinator says, not "not enrolled"); one whose update is spooled in the
 /// open cohort is cut off and its update is not forwarded — the root's round counts the other two.
@@ -241,21 +237,19 @@ fn devices_revoked_at_the_root_are_refused_by_their_aggregator_and_leave_its_coh
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let data = split_play(dir, 4);
-    let coord = Coord::init(&dir.join("root"), &format!("{COMMON}{ONE_EDGE}"));
+    // One round through one aggregator (the root counts aggregators).
+    let coord = Coord::init(
+        &dir.join("root"),
+        &format!("{COMMON}{}{TREE}", rounds(1, 1)),
+    );
     let tokens: Vec<_> = ["a", "b", "c", "x"]
         .iter()
         .map(|n| coord.enrol(&format!("device-{n}")))
         .collect();
     let edge_token = coord.enrol_aggregator("edge-a");
     let serving = Serving::start(&coord);
-    let edge = Edge::init(&dir.join(&edge_token.name), &serving, &edge_token);
     // Never full (three devices take part); forwarded once every device taken has uploaded.
-    edge.edit_config("size = 100", "size = 4");
-    edge.edit_config("quiet_ms = 5000", "quiet_ms = 500");
-    edge.edit_config("poll_ms = 500", "poll_ms = 100");
-    edge.edit_config("roster_ms = 2000", "roster_ms = 300");
-    edge.edit_config("retry_after_ms = 2000", "retry_after_ms = 200");
-    let running = edge.start();
+    let running = edge(dir, &serving, &edge_token, 4, 500).start();
     let devices: Vec<Device> = tokens
         .iter()
         .enumerate()

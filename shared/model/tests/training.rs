@@ -35,6 +35,11 @@ fn ids(vocab: usize, n: usize, seed: usize) -> Vec<u32> {
         .collect()
 }
 
+/// A tensor's values, in order.
+fn values(t: &Tensor<2>) -> Vec<f32> {
+    t.to_data().try_into_vec::<f32>().unwrap()
+}
+
 fn adapter(m: &Llama, targets: &[Target]) -> LoraAdapter {
     common::patterned_adapter(m, targets, 0.0, 0.01)
 }
@@ -44,11 +49,7 @@ fn only_adapter_changes_and_base_is_untouched() {
     let m = model();
     let before = base_weights(&m);
     let a = adapter(&m, &Target::ALL);
-    let start: Vec<Vec<f32>> = a
-        .tensors()
-        .iter()
-        .map(|t| t.to_data().try_into_vec::<f32>().unwrap())
-        .collect();
+    let start: Vec<Vec<f32>> = a.tensors().iter().map(|t| values(t)).collect();
     let cfg = TrainConfig {
         steps: 3,
         batch_size: 2,
@@ -62,12 +63,7 @@ fn only_adapter_changes_and_base_is_untouched() {
         tr.step(&m, &[ids(m.config.vocab_size, 16, s)]).unwrap();
     }
     assert_eq!(base_weights(&m), before, "base weights changed");
-    let end: Vec<Vec<f32>> = tr
-        .adapter
-        .tensors()
-        .iter()
-        .map(|t| t.to_data().try_into_vec::<f32>().unwrap())
-        .collect();
+    let end: Vec<Vec<f32>> = tr.adapter.tensors().iter().map(|t| values(t)).collect();
     assert!(
         start.iter().zip(&end).all(|(a, b)| a != b),
         "every A and B must move"
@@ -95,7 +91,7 @@ fn gradients_match_finite_differences() {
     let eps = 1e-2f32;
     let mut checked = 0;
     for (ti, g) in grads.iter().enumerate() {
-        let gv = g.to_data().try_into_vec::<f32>().unwrap();
+        let gv = values(g);
         for &j in &[0usize, 5, 11] {
             if j >= gv.len() {
                 continue;
@@ -104,7 +100,7 @@ fn gradients_match_finite_differences() {
                 let mut ad = a.clone();
                 let t = &mut ad.tensors_mut()[ti];
                 let dims = t.dims();
-                let mut v = t.to_data().try_into_vec::<f32>().unwrap();
+                let mut v = values(t);
                 v[j] += delta;
                 **t = Tensor::from_data(TensorData::new(v, dims), &m.device);
                 loss_with(&ad)
@@ -156,11 +152,7 @@ fn adamw_and_schedule_follow_pytorch() {
     let (g, _) = tr.clone_gradients(&m, &x);
     tr.step(&m, &[x]).unwrap();
     for ((p0, p1), g) in a.tensors().iter().zip(tr.adapter.tensors()).zip(g) {
-        let (p0, p1, g) = (
-            p0.to_data().try_into_vec::<f32>().unwrap(),
-            p1.to_data().try_into_vec::<f32>().unwrap(),
-            g.to_data().try_into_vec::<f32>().unwrap(),
-        );
+        let (p0, p1, g) = (values(p0), values(p1), values(&g));
         for ((a, b), g) in p0.iter().zip(&p1).zip(&g) {
             let want = a * (1.0 - 1e-3 * 0.1) - if *g == 0.0 { 0.0 } else { 1e-3 * g.signum() };
             assert!((b - want).abs() < 1e-6, "{b} vs {want}");
@@ -189,18 +181,10 @@ fn sgd_steps_by_the_learning_rate_times_the_clipped_gradient() {
     };
     let mut tr = Trainer::new(a, cfg).unwrap();
     for s in 0..2 {
-        let before: Vec<Vec<f32>> = tr
-            .adapter
-            .tensors()
-            .iter()
-            .map(|t| t.to_data().try_into_vec::<f32>().unwrap())
-            .collect();
+        let before: Vec<Vec<f32>> = tr.adapter.tensors().iter().map(|t| values(t)).collect();
         let x = ids(m.config.vocab_size, 8, 20 + s);
         let (g, _) = tr.clone_gradients(&m, &x);
-        let g: Vec<Vec<f32>> = g
-            .iter()
-            .map(|t| t.to_data().try_into_vec::<f32>().unwrap())
-            .collect();
+        let g: Vec<Vec<f32>> = g.iter().map(values).collect();
         let norm = g
             .iter()
             .flatten()
@@ -215,7 +199,7 @@ fn sgd_steps_by_the_learning_rate_times_the_clipped_gradient() {
         tr.step(&m, &[x]).unwrap();
         let mut moved = 0.0f64;
         for ((p0, p1), g) in before.iter().zip(tr.adapter.tensors()).zip(&g) {
-            let p1 = p1.to_data().try_into_vec::<f32>().unwrap();
+            let p1 = values(p1);
             for ((a, b), g) in p0.iter().zip(&p1).zip(g) {
                 let want = a * (1.0 - 0.5 * 0.01) - 0.5 * coef * g;
                 assert!((b - want).abs() < 1e-6, "step {s}: {b} vs {want}");
@@ -264,10 +248,7 @@ fn gradient_accumulation_equals_the_big_batch() {
     let both: Vec<u32> = x1.into_iter().chain(x2).collect();
     let (big, _) = t2.gradients(&m, &[both]).unwrap();
     for (a, b) in acc.iter().zip(&big) {
-        let (a, b) = (
-            a.to_data().try_into_vec::<f32>().unwrap(),
-            b.to_data().try_into_vec::<f32>().unwrap(),
-        );
+        let (a, b) = (values(a), values(b));
         let d = a
             .iter()
             .zip(&b)
