@@ -544,7 +544,8 @@ impl CoordinatorConfig {
              #   accountant = pld | rdp, noise_clients (with DP on, [strategy] is the server rule that steps by\n\
              #   the noisy mean: a linear kind, e.g. fed-avg-m for DP-FedAvgM)\n\
              # [task] local_steps, batch_size, seq_len, learning_rate, optimizer = adamw | sgd,\n\
-             #   encoding = f32 | int8, int8_block, max_update_bytes, dp_sgd_noise_multiplier (0 = no DP-SGD on devices), dp_sgd_clip,\n\
+             #   encoding = f32 | int8, int8_block, max_update_bytes,\n\
+             #   dp_sgd_noise_multiplier (0 = no DP-SGD on devices), dp_sgd_clip,\n\
              #   dp_sgd_sampling_rate (0 = batch_size / the device's sequences), dp_sgd_delta\n\
              # [adapter] rank, alpha, targets, seed\n\
              # [secure_aggregation] enabled, neighbours (0 = ≈3·log2 n), threshold (0 = majority),\n\

@@ -1,6 +1,6 @@
 //! LoRA fine-tuning: next-token cross-entropy, AdamW with decoupled weight decay (PyTorch's
-//! semantics) or plain SGD, linear warm-up then cosine decay, gradient accumulation and global gradient-norm
-//! clipping. Only the adapter's A/B tensors are ever updated; the base model is borrowed
+//! semantics) or plain SGD, linear warm-up then cosine decay, gradient accumulation and global
+//! gradient-norm clipping. Only the adapter's A/B tensors are ever updated; the base model is borrowed
 //! immutably, so it cannot change.
 //!
 //! Data loading lives in `data`; the network in `model`. Privacy (per-example clipping and noise)
@@ -417,8 +417,8 @@ impl Trainer {
         self.apply_gradients(grads, loss)
     }
 
-    /// One optimizer step (AdamW or SGD) with given gradients (canonical order), after the configured norm clipping;
-    /// `loss` is only reported. DP-SGD hands in its clipped, noised gradient here.
+    /// One optimizer step (AdamW or SGD) with given gradients (canonical order), after the configured
+    /// norm clipping; `loss` is only reported. DP-SGD hands in its clipped, noised gradient here.
     pub fn apply_gradients(&mut self, mut grads: Vec<Tensor<2>>, loss: f64) -> Result<StepStats> {
         let step = self.step;
         if grads.len() != self.m.len() {
