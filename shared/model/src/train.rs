@@ -209,14 +209,20 @@ fn sum_sq(t: &Tensor<2>) -> f64 {
     t.clone().powi_scalar(2).sum().into_scalar::<f32>() as f64
 }
 
-/// A LoRA fine-tuning run: adapter, AdamW state and schedule.
+/// AdamW's first and second moments, one pair per adapter tensor (canonical order).
+struct Moments {
+    m: Vec<Tensor<2>>,
+    v: Vec<Tensor<2>>,
+}
+
+/// A LoRA fine-tuning run: adapter, optimizer state and schedule.
 pub struct Trainer {
     /// The adapter being trained.
     pub adapter: LoraAdapter,
     /// Hyper-parameters.
     pub config: TrainConfig,
-    m: Vec<Tensor<2>>,
-    v: Vec<Tensor<2>>,
+    /// AdamW's moments; `None` under SGD, which keeps no state (and allocates none).
+    moments: Option<Moments>,
     step: usize,
     dropout: Dropout,
     /// FedProx: μ and the anchor (the round's starting adapter) of the proximal term μ/2·‖w − w₀‖².
@@ -231,21 +237,22 @@ impl Drop for Trainer {
 }
 
 impl Trainer {
-    /// Starts training `adapter` (fresh AdamW moments).
+    /// Starts training `adapter` (fresh AdamW moments under AdamW, no state under SGD).
     pub fn new(adapter: LoraAdapter, config: TrainConfig) -> Result<Self> {
         config.validate()?;
-        let m = adapter
-            .tensors()
-            .iter()
-            .map(|t| t.zeros_like())
-            .collect::<Vec<_>>();
-        let v = m.clone();
+        let moments = matches!(config.optimizer, Optimizer::AdamW).then(|| {
+            let m = adapter
+                .tensors()
+                .iter()
+                .map(|t| t.zeros_like())
+                .collect::<Vec<_>>();
+            Moments { v: m.clone(), m }
+        });
         let seed = config.seed;
         Ok(Self {
             adapter,
             config,
-            m,
-            v,
+            moments,
             step: 0,
             dropout: Dropout::new(seed ^ 0x5eed_d20f),
             proximal: None,
@@ -421,11 +428,11 @@ impl Trainer {
     /// norm clipping; `loss` is only reported. DP-SGD hands in its clipped, noised gradient here.
     pub fn apply_gradients(&mut self, mut grads: Vec<Tensor<2>>, loss: f64) -> Result<StepStats> {
         let step = self.step;
-        if grads.len() != self.m.len() {
+        let tensors = self.adapter.tensors().len();
+        if grads.len() != tensors {
             return Err(ModelError::InvalidArgument(format!(
-                "{} gradient tensors for {} adapter tensors",
+                "{} gradient tensors for {tensors} adapter tensors",
                 grads.len(),
-                self.m.len()
             )));
         }
         if !loss.is_finite() {
@@ -457,26 +464,24 @@ impl Trainer {
         }
         let c = &self.config;
         let lr = c.lr_at(step);
-        let t = (step + 1) as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        for (((p, g), m), v) in self
-            .adapter
-            .tensors_mut()
-            .into_iter()
-            .zip(grads)
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
-        {
-            let update = match c.optimizer {
-                Optimizer::AdamW => {
+        let params = self.adapter.tensors_mut().into_iter().zip(grads);
+        match &mut self.moments {
+            Some(Moments { m, v }) => {
+                let t = (step + 1) as i32;
+                let bc1 = 1.0 - c.beta1.powi(t);
+                let bc2 = 1.0 - c.beta2.powi(t);
+                for ((p, g), (m, v)) in params.zip(m.iter_mut().zip(v.iter_mut())) {
                     *m = m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
                     *v = v.clone() * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
-                    (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps)
+                    let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps);
+                    *p = p.clone() * (1.0 - lr * c.weight_decay) - update * lr;
                 }
-                Optimizer::Sgd => g,
-            };
-            *p = p.clone() * (1.0 - lr * c.weight_decay) - update * lr;
+            }
+            None => {
+                for (p, g) in params {
+                    *p = p.clone() * (1.0 - lr * c.weight_decay) - g * lr;
+                }
+            }
         }
         self.step += 1;
         Ok(StepStats {

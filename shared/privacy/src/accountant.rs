@@ -92,16 +92,92 @@ fn total_rdp(events: &[DpEvent], orders: &[f64]) -> Result<Vec<f64>, PrivacyErro
 
 /// The composed PLD of all events (identity when there are none).
 pub fn compose_pld(events: &[DpEvent]) -> Result<pld::Pld, PrivacyError> {
-    let mut acc = pld::Pld::identity(pld::DEFAULT_DISCRETIZATION);
-    for e in events.iter().filter(|e| !e.is_noop()) {
-        let one = pld::Pld::subsampled_gaussian(
-            e.noise_multiplier,
-            e.sampling_rate,
-            pld::DEFAULT_DISCRETIZATION,
-        )?;
-        acc = acc.compose(&one.self_compose(e.steps));
+    let mut acc = PldComposition::new();
+    for e in events {
+        acc = acc.then(e)?;
     }
-    Ok(acc)
+    if acc.non_private {
+        return Err(PrivacyError::InvalidParameter(
+            "an event without noise has no PLD (its ε is infinite)".into(),
+        ));
+    }
+    Ok(acc.pld)
+}
+
+/// The PLD of a growing list of events, composed one event at a time in order: the same operations as
+/// [`compose_pld`] on the whole list (so the same ε to the bit), at the cost of one composition per new
+/// event. A ledger keeps one, so that charging round n does not compose all n rounds again.
+#[derive(Clone, Debug)]
+pub struct PldComposition {
+    pld: pld::Pld,
+    /// An event without noise was composed: ε is infinite (its PLD is not built).
+    non_private: bool,
+    /// The last event composed and its PLD: rounds at one rate and multiplier build it once (a tenth of a
+    /// second at σ ≈ 0.37, as much as the composition).
+    last: Option<(DpEvent, std::sync::Arc<pld::Pld>)>,
+}
+
+impl Default for PldComposition {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PldComposition {
+    /// No events yet (ε = 0).
+    pub fn new() -> Self {
+        Self {
+            pld: pld::Pld::identity(pld::DEFAULT_DISCRETIZATION),
+            non_private: false,
+            last: None,
+        }
+    }
+
+    /// This composition followed by `e` (checked first).
+    pub fn then(&self, e: &DpEvent) -> Result<Self, PrivacyError> {
+        e.validate()?;
+        if e.is_noop() || self.non_private {
+            return Ok(self.clone());
+        }
+        if e.is_non_private() {
+            return Ok(Self {
+                pld: self.pld.clone(),
+                non_private: true,
+                last: None,
+            });
+        }
+        let step = match &self.last {
+            Some((last, step)) if last == e => std::sync::Arc::clone(step),
+            _ => std::sync::Arc::new(
+                pld::Pld::subsampled_gaussian(
+                    e.noise_multiplier,
+                    e.sampling_rate,
+                    pld::DEFAULT_DISCRETIZATION,
+                )?
+                .self_compose(e.steps),
+            ),
+        };
+        Ok(Self {
+            pld: self.pld.compose(&step),
+            non_private: false,
+            last: Some((*e, step)),
+        })
+    }
+
+    /// ε for `delta` after the events composed so far (infinite once one of them had no noise).
+    pub fn epsilon(&self, delta: f64) -> Result<PrivacySpent, PrivacyError> {
+        check_delta(delta)?;
+        Ok(PrivacySpent {
+            epsilon: if self.non_private {
+                f64::INFINITY
+            } else {
+                self.pld.epsilon_for_delta(delta)
+            },
+            delta,
+            accountant: AccountantKind::Pld,
+            rdp_order: None,
+        })
+    }
 }
 
 /// ε for `delta` after all `events`.

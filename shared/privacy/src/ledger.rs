@@ -3,9 +3,12 @@
 //! coordinator (user-level ε of DP-FedAvg rounds). Both serialize to JSON for durable storage by their owner.
 //! What must never live here: storage or clocks — the owner persists the ledger it is handed back.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
-use crate::{accountant, AccountantKind, DpEvent, PrivacyError, PrivacySpent};
+use crate::accountant::{self, PldComposition};
+use crate::{AccountantKind, DpEvent, PrivacyError, PrivacySpent};
 
 /// A privacy budget: the largest ε allowed at this δ.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +56,55 @@ pub struct Ledger {
     budget: Budget,
     accountant: AccountantKind,
     entries: Vec<LedgerEntry>,
+    /// What the accountant already worked out for this ledger (never stored: rebuilt on demand).
+    #[serde(skip)]
+    cache: AccountingCache,
+}
+
+/// What a ledger's accountant already computed, so that a coordinator's preview of a round (before devices
+/// train), its check at aggregation and its charge run the accountant once, and a charge composes one new
+/// event onto the PLD of the ones before it rather than all of them again (at 100 rounds of PLD, charging
+/// all over again took seconds a round and a restart's rebuild of the ledger minutes). The entries only
+/// ever grow by [`Ledger::charge`], and a ledger's δ and accountant never change, so a length names the
+/// events a value was computed on.
+#[derive(Default)]
+struct AccountingCache(std::sync::Mutex<Cached>);
+
+#[derive(Clone, Default)]
+struct Cached {
+    /// The PLD composition of the first `.0` entries.
+    composed: Option<(usize, Arc<PldComposition>)>,
+    /// The last preview: ε after `.1` on the first `.0` entries, and (PLD) the composition it made.
+    preview: Option<(usize, DpEvent, PrivacySpent, Option<Arc<PldComposition>>)>,
+}
+
+impl AccountingCache {
+    fn get(&self) -> Cached {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Cached)) {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+impl Clone for AccountingCache {
+    fn clone(&self) -> Self {
+        Self(std::sync::Mutex::new(self.get()))
+    }
+}
+
+impl std::fmt::Debug for AccountingCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccountingCache")
+    }
+}
+
+/// A cache is not part of a ledger's value: two ledgers with the same charges are equal.
+impl PartialEq for AccountingCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Ledger {
@@ -68,6 +120,7 @@ impl Ledger {
             budget,
             accountant,
             entries: Vec::new(),
+            cache: AccountingCache::default(),
         })
     }
 
@@ -100,11 +153,47 @@ impl Ledger {
         (self.budget.epsilon - self.spent()).max(0.0)
     }
 
-    /// ε the ledger would show after `event`, without charging it.
+    /// ε the ledger would show after `event`, without charging it. The answer is remembered until the
+    /// ledger changes, so [`Ledger::check`] and [`Ledger::charge`] of the same event do not run the
+    /// accountant again; under PLD only `event` is composed onto the entries' composition.
     pub fn preview(&self, event: DpEvent) -> Result<PrivacySpent, PrivacyError> {
-        let mut events = self.events();
-        events.push(event);
-        accountant::epsilon(&events, self.budget.delta, self.accountant)
+        let len = self.entries.len();
+        let cached = self.cache.get();
+        if let Some((at, e, spent, _)) = cached.preview {
+            if at == len && e == event {
+                return Ok(spent);
+            }
+        }
+        let (spent, after) = match self.accountant {
+            AccountantKind::Rdp => {
+                let mut events = self.events();
+                events.push(event);
+                (
+                    accountant::epsilon(&events, self.budget.delta, self.accountant)?,
+                    None,
+                )
+            }
+            AccountantKind::Pld => {
+                let before = match cached.composed {
+                    Some((at, c)) if at == len => c,
+                    _ => {
+                        let mut c = PldComposition::new();
+                        for e in &self.entries {
+                            c = c.then(&e.event)?;
+                        }
+                        Arc::new(c)
+                    }
+                };
+                let after = before.then(&event)?;
+                let spent = after.epsilon(self.budget.delta)?;
+                self.cache
+                    .update(|c| c.composed = Some((len, Arc::clone(&before))));
+                (spent, Some(Arc::new(after)))
+            }
+        };
+        self.cache
+            .update(|c| c.preview = Some((len, event, spent, after)));
+        Ok(spent)
     }
 
     /// ε after `event` if it stays within budget, else [`PrivacyError::BudgetExceeded`]; charges nothing
@@ -130,10 +219,19 @@ impl Ledger {
         event: DpEvent,
     ) -> Result<PrivacySpent, PrivacyError> {
         let after = self.check(event)?;
+        let len = self.entries.len();
         self.entries.push(LedgerEntry {
             label: label.into(),
             event,
             epsilon_after: after.epsilon,
+        });
+        // The preview that `check` answered from composed this very event onto these entries.
+        self.cache.update(|c| {
+            if let Some((at, e, _, Some(composed))) = &c.preview {
+                if *at == len && *e == event {
+                    c.composed = Some((len + 1, Arc::clone(composed)));
+                }
+            }
         });
         Ok(after)
     }
@@ -149,11 +247,26 @@ impl Ledger {
         let mut ledger: Ledger =
             serde_json::from_str(text).map_err(|e| PrivacyError::Malformed(e.to_string()))?;
         check_budget(&ledger.budget)?;
+        // Each entry's ε after it, recomputed over the entries before it (one composition each under PLD).
         let mut events = Vec::new();
+        let mut composed = PldComposition::new();
         for entry in &mut ledger.entries {
-            events.push(entry.event);
-            entry.epsilon_after =
-                accountant::epsilon(&events, ledger.budget.delta, ledger.accountant)?.epsilon;
+            entry.epsilon_after = match ledger.accountant {
+                AccountantKind::Rdp => {
+                    events.push(entry.event);
+                    accountant::epsilon(&events, ledger.budget.delta, ledger.accountant)?.epsilon
+                }
+                AccountantKind::Pld => {
+                    composed = composed.then(&entry.event)?;
+                    composed.epsilon(ledger.budget.delta)?.epsilon
+                }
+            };
+        }
+        if ledger.accountant == AccountantKind::Pld {
+            let len = ledger.entries.len();
+            ledger
+                .cache
+                .update(|c| c.composed = Some((len, Arc::new(composed))));
         }
         Ok(ledger)
     }
@@ -172,6 +285,42 @@ fn check_budget(b: &Budget) -> Result<(), PrivacyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_accounting_equals_the_accountant_on_the_whole_list() {
+        let budget = Budget {
+            epsilon: 100.0,
+            delta: 1e-5,
+        };
+        for kind in [AccountantKind::Pld, AccountantKind::Rdp] {
+            let mut l = Ledger::new(LedgerScope::Global, budget, kind).unwrap();
+            let mut events = Vec::new();
+            // Rounds whose sampling rate changes with the eligible population, one charged twice in a row.
+            for (i, q) in [0.01, 0.012, 0.012, 0.009].into_iter().enumerate() {
+                let round = DpEvent::new(q, 1.0, 1).unwrap();
+                events.push(round);
+                let whole = accountant::epsilon(&events, budget.delta, kind).unwrap();
+                // Previewed (computed), checked and charged (remembered): the whole list's ε to the bit.
+                assert_eq!(l.preview(round).unwrap(), whole, "{kind:?} round {i}");
+                assert_eq!(l.check(round).unwrap(), whole);
+                assert_eq!(l.charge(format!("round {i}"), round).unwrap(), whole);
+                // The ledger grew: the same event now costs more, computed afresh.
+                events.push(round);
+                let next = accountant::epsilon(&events, budget.delta, kind).unwrap();
+                events.pop();
+                assert_eq!(l.preview(round).unwrap(), next);
+                assert!(next.epsilon > whole.epsilon);
+            }
+            // Another event is never answered from the cache, and a ledger read back (no cache) agrees.
+            let other = DpEvent::new(0.02, 1.0, 1).unwrap();
+            events.push(other);
+            let whole = accountant::epsilon(&events, budget.delta, kind).unwrap();
+            assert_eq!(l.preview(other).unwrap(), whole);
+            let back = Ledger::from_json(&l.to_json()).unwrap();
+            assert_eq!(back, l);
+            assert_eq!(back.preview(other).unwrap(), whole);
+        }
+    }
 
     #[test]
     fn refuses_the_charge_that_would_exceed_and_keeps_the_rest() {

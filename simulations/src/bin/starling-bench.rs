@@ -42,7 +42,8 @@ enum Cmd {
     },
     /// Prefill and decoding throughput with the KV cache (batch 1, greedy), native path or burn.
     Decode(bench::model::DecodeArgs),
-    /// Gaussian-noise throughput: Starling's exact sampler beside opendp's on the same vectors.
+    /// Gaussian-noise throughput: Starling's exact sampler beside opendp's on the same vectors; the global
+    /// ledger's accounting per round and at a restart.
     Privacy {
         /// Vector lengths noised by Starling's sampler.
         #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
@@ -56,6 +57,15 @@ enum Cmd {
         /// Timed repetitions per size (the best is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Rounds charged to a global ledger (0: skip the ledger figures).
+        #[arg(long, default_value_t = 100)]
+        ledger_rounds: usize,
+        /// The ledger's rounds: sampling rate q (200 of 100,000 clients: scenarios/dp-population.toml).
+        #[arg(long, default_value_t = 0.002)]
+        ledger_sampling_rate: f64,
+        /// The ledger's rounds: noise multiplier σ.
+        #[arg(long, default_value_t = 0.3665)]
+        ledger_noise_multiplier: f64,
     },
     /// QUIC upload throughput beside raw quinn, handshakes/s, update encode/decode throughput.
     Transport(bench::transport::Args),
@@ -86,7 +96,20 @@ fn main() -> Result<()> {
             opendp_size,
             noise_multiplier,
             repeats,
-        } => bench::privacy::run(&sizes, opendp_size, noise_multiplier, repeats.max(1)),
+            ledger_rounds,
+            ledger_sampling_rate,
+            ledger_noise_multiplier,
+        } => {
+            bench::privacy::run(&sizes, opendp_size, noise_multiplier, repeats.max(1))?;
+            if ledger_rounds > 0 {
+                bench::privacy::ledger(
+                    ledger_rounds,
+                    ledger_sampling_rate,
+                    ledger_noise_multiplier,
+                )?;
+            }
+            Ok(())
+        }
         Cmd::Transport(args) => bench::transport::run(&args),
         Cmd::Aggregate(args) => bench::aggregate::run(&args),
         Cmd::Client(args) => bench::client::run(&args),
