@@ -1,6 +1,9 @@
 //! Accounting front door: a run is a list of [`DpEvent`]s (steps of the Poisson-subsampled Gaussian, possibly
-//! with different rates and noise), composed by the RDP or the PLD accountant into ε for a δ or δ for an ε, and
-//! σ calibration for a target (ε, δ). What must never live here: noise or clipping (see [`crate::noise`]).
+//! with different rates and noise), composed by the RDP or the PLD accountant into ε for a δ or δ for an ε (a
+//! [`Composition`] grows the same composition one event at a time), and σ calibration for a target (ε, δ).
+//! What must never live here: noise or clipping (see [`crate::noise`]).
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -79,103 +82,162 @@ fn check_delta(delta: f64) -> Result<(), PrivacyError> {
     Ok(())
 }
 
-fn total_rdp(events: &[DpEvent], orders: &[f64]) -> Result<Vec<f64>, PrivacyError> {
-    let mut total = vec![0.0; orders.len()];
-    for e in events.iter().filter(|e| !e.is_noop()) {
-        let r = rdp::subsampled_gaussian_rdp(e.sampling_rate, e.noise_multiplier, orders)?;
-        for (t, x) in total.iter_mut().zip(r) {
-            *t += x * e.steps as f64;
-        }
-    }
-    Ok(total)
-}
-
 /// The composed PLD of all events (identity when there are none).
 pub fn compose_pld(events: &[DpEvent]) -> Result<pld::Pld, PrivacyError> {
-    let mut acc = PldComposition::new();
-    for e in events {
-        acc = acc.then(e)?;
-    }
-    if acc.non_private {
-        return Err(PrivacyError::InvalidParameter(
+    match Composition::of(events, AccountantKind::Pld)?.state {
+        State::Pld { pld, .. } => Ok(pld),
+        _ => Err(PrivacyError::InvalidParameter(
             "an event without noise has no PLD (its ε is infinite)".into(),
-        ));
+        )),
     }
-    Ok(acc.pld)
 }
 
-/// The PLD of a growing list of events, composed one event at a time in order: the same operations as
-/// [`compose_pld`] on the whole list (so the same ε to the bit), at the cost of one composition per new
-/// event. A ledger keeps one, so that charging round n does not compose all n rounds again.
+/// A growing list of events composed by one accountant, one event at a time in order: the PLD of the
+/// events so far, or their summed RDP over [`rdp::default_orders`]. [`epsilon`] and [`delta`] fold their
+/// whole list through it, so a composition extended event by event gives the same ε to the bit, at the
+/// cost of one composition per new event. A ledger keeps one, so that charging round n does not compose
+/// all n rounds again.
 #[derive(Clone, Debug)]
-pub struct PldComposition {
-    pld: pld::Pld,
-    /// An event without noise was composed: ε is infinite (its PLD is not built).
-    non_private: bool,
-    /// The last event composed and its PLD: rounds at one rate and multiplier build it once (a tenth of a
-    /// second at σ ≈ 0.37, as much as the composition).
-    last: Option<(DpEvent, std::sync::Arc<pld::Pld>)>,
+pub struct Composition {
+    state: State,
 }
 
-impl Default for PldComposition {
-    fn default() -> Self {
-        Self::new()
+/// What a composition holds. `last` is the last event composed and its own PLD or RDP: rounds at one rate
+/// and multiplier compute it once (a tenth of a second for a PLD at σ ≈ 0.37, as much as the composition).
+#[derive(Clone, Debug)]
+enum State {
+    /// The composed privacy loss distribution.
+    Pld {
+        pld: pld::Pld,
+        last: Option<(DpEvent, Arc<pld::Pld>)>,
+    },
+    /// RDP per order of [`rdp::default_orders`], summed over the events.
+    Rdp {
+        total: Vec<f64>,
+        last: Option<(DpEvent, Arc<Vec<f64>>)>,
+    },
+    /// An event without noise was composed by this accountant: ε is infinite from then on.
+    NonPrivate(AccountantKind),
+}
+
+impl Composition {
+    /// No events yet (ε = 0) for the `kind` accountant.
+    pub fn new(kind: AccountantKind) -> Self {
+        let state = match kind {
+            AccountantKind::Pld => State::Pld {
+                pld: pld::Pld::identity(pld::DEFAULT_DISCRETIZATION),
+                last: None,
+            },
+            AccountantKind::Rdp => State::Rdp {
+                total: vec![0.0; rdp::default_orders().len()],
+                last: None,
+            },
+        };
+        Self { state }
     }
-}
 
-impl PldComposition {
-    /// No events yet (ε = 0).
-    pub fn new() -> Self {
-        Self {
-            pld: pld::Pld::identity(pld::DEFAULT_DISCRETIZATION),
-            non_private: false,
-            last: None,
+    /// All `events` composed in order (each checked).
+    pub fn of(events: &[DpEvent], kind: AccountantKind) -> Result<Self, PrivacyError> {
+        let mut c = Self::new(kind);
+        for e in events {
+            c = c.then(e)?;
+        }
+        Ok(c)
+    }
+
+    /// The accountant composing.
+    pub fn kind(&self) -> AccountantKind {
+        match self.state {
+            State::Pld { .. } => AccountantKind::Pld,
+            State::Rdp { .. } => AccountantKind::Rdp,
+            State::NonPrivate(kind) => kind,
         }
     }
 
     /// This composition followed by `e` (checked first).
     pub fn then(&self, e: &DpEvent) -> Result<Self, PrivacyError> {
         e.validate()?;
-        if e.is_noop() || self.non_private {
+        if e.is_noop() || matches!(self.state, State::NonPrivate(_)) {
             return Ok(self.clone());
         }
         if e.is_non_private() {
             return Ok(Self {
-                pld: self.pld.clone(),
-                non_private: true,
-                last: None,
+                state: State::NonPrivate(self.kind()),
             });
         }
-        let step = match &self.last {
-            Some((last, step)) if last == e => std::sync::Arc::clone(step),
-            _ => std::sync::Arc::new(
-                pld::Pld::subsampled_gaussian(
-                    e.noise_multiplier,
-                    e.sampling_rate,
-                    pld::DEFAULT_DISCRETIZATION,
-                )?
-                .self_compose(e.steps),
-            ),
+        let state = match &self.state {
+            State::Pld { pld: acc, last } => {
+                let one = match last {
+                    Some((l, one)) if l == e => Arc::clone(one),
+                    _ => Arc::new(
+                        pld::Pld::subsampled_gaussian(
+                            e.noise_multiplier,
+                            e.sampling_rate,
+                            pld::DEFAULT_DISCRETIZATION,
+                        )?
+                        .self_compose(e.steps),
+                    ),
+                };
+                State::Pld {
+                    pld: acc.compose(&one),
+                    last: Some((*e, one)),
+                }
+            }
+            State::Rdp { total, last } => {
+                let one = match last {
+                    Some((l, one)) if l == e => Arc::clone(one),
+                    _ => {
+                        let orders = rdp::default_orders();
+                        let r = rdp::subsampled_gaussian_rdp(
+                            e.sampling_rate,
+                            e.noise_multiplier,
+                            &orders,
+                        )?;
+                        Arc::new(r.into_iter().map(|x| x * e.steps as f64).collect())
+                    }
+                };
+                State::Rdp {
+                    total: total.iter().zip(one.iter()).map(|(t, x)| t + x).collect(),
+                    last: Some((*e, one)),
+                }
+            }
+            State::NonPrivate(kind) => State::NonPrivate(*kind),
         };
-        Ok(Self {
-            pld: self.pld.compose(&step),
-            non_private: false,
-            last: Some((*e, step)),
-        })
+        Ok(Self { state })
     }
 
     /// ε for `delta` after the events composed so far (infinite once one of them had no noise).
     pub fn epsilon(&self, delta: f64) -> Result<PrivacySpent, PrivacyError> {
         check_delta(delta)?;
+        let (epsilon, rdp_order) = match &self.state {
+            State::NonPrivate(_) => (f64::INFINITY, None),
+            State::Pld { pld, .. } => (pld.epsilon_for_delta(delta), None),
+            State::Rdp { total, .. } => {
+                let (eps, order) = rdp::epsilon_from_rdp(&rdp::default_orders(), total, delta)?;
+                (eps, Some(order))
+            }
+        };
         Ok(PrivacySpent {
-            epsilon: if self.non_private {
-                f64::INFINITY
-            } else {
-                self.pld.epsilon_for_delta(delta)
-            },
+            epsilon,
             delta,
-            accountant: AccountantKind::Pld,
-            rdp_order: None,
+            accountant: self.kind(),
+            rdp_order,
+        })
+    }
+
+    /// δ for `epsilon` after the events composed so far (1 once one of them had no noise).
+    pub fn delta(&self, epsilon: f64) -> Result<f64, PrivacyError> {
+        if epsilon.is_nan() || epsilon < 0.0 {
+            return Err(PrivacyError::InvalidParameter(format!(
+                "ε must be >= 0, got {epsilon}"
+            )));
+        }
+        Ok(match &self.state {
+            State::NonPrivate(_) => 1.0,
+            State::Pld { pld, .. } => pld.delta_for_epsilon(epsilon).clamp(0.0, 1.0),
+            State::Rdp { total, .. } => {
+                rdp::delta_from_rdp(&rdp::default_orders(), total, epsilon)?.0
+            }
         })
     }
 }
@@ -187,38 +249,7 @@ pub fn epsilon(
     kind: AccountantKind,
 ) -> Result<PrivacySpent, PrivacyError> {
     check_delta(delta)?;
-    for e in events {
-        e.validate()?;
-    }
-    if events.iter().any(DpEvent::is_non_private) {
-        return Ok(PrivacySpent {
-            epsilon: f64::INFINITY,
-            delta,
-            accountant: kind,
-            rdp_order: None,
-        });
-    }
-    match kind {
-        AccountantKind::Rdp => {
-            let orders = rdp::default_orders();
-            let (eps, order) = rdp::epsilon_from_rdp(&orders, &total_rdp(events, &orders)?, delta)?;
-            Ok(PrivacySpent {
-                epsilon: eps,
-                delta,
-                accountant: kind,
-                rdp_order: Some(order),
-            })
-        }
-        AccountantKind::Pld => {
-            let eps = compose_pld(events)?.epsilon_for_delta(delta);
-            Ok(PrivacySpent {
-                epsilon: eps,
-                delta,
-                accountant: kind,
-                rdp_order: None,
-            })
-        }
-    }
+    Composition::of(events, kind)?.epsilon(delta)
 }
 
 /// δ for `epsilon` after all `events`.
@@ -228,21 +259,7 @@ pub fn delta(events: &[DpEvent], epsilon: f64, kind: AccountantKind) -> Result<f
             "ε must be >= 0, got {epsilon}"
         )));
     }
-    for e in events {
-        e.validate()?;
-    }
-    if events.iter().any(DpEvent::is_non_private) {
-        return Ok(1.0);
-    }
-    match kind {
-        AccountantKind::Rdp => {
-            let orders = rdp::default_orders();
-            Ok(rdp::delta_from_rdp(&orders, &total_rdp(events, &orders)?, epsilon)?.0)
-        }
-        AccountantKind::Pld => Ok(compose_pld(events)?
-            .delta_for_epsilon(epsilon)
-            .clamp(0.0, 1.0)),
-    }
+    Composition::of(events, kind)?.delta(epsilon)
 }
 
 /// The smallest noise multiplier σ (to a relative 1e-4, always on the safe side) for which `steps` steps at
@@ -295,6 +312,34 @@ pub fn calibrate_noise_multiplier(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_composition_grown_event_by_event_equals_the_whole_list() {
+        let a = DpEvent::new(0.01, 1.1, 3).unwrap();
+        let b = DpEvent::new(0.02, 0.9, 1).unwrap();
+        let noop = DpEvent::new(0.0, 1.0, 5).unwrap();
+        // Repeats reuse the last step's PLD or RDP; a no-op event changes nothing.
+        let events = [a, a, noop, b, b, a];
+        for kind in [AccountantKind::Pld, AccountantKind::Rdp] {
+            let mut grown = Composition::new(kind);
+            for (i, e) in events.iter().enumerate() {
+                grown = grown.then(e).unwrap();
+                let whole = &events[..=i];
+                assert_eq!(grown.epsilon(1e-6).unwrap(), epsilon(whole, 1e-6, kind).unwrap());
+                assert_eq!(grown.delta(2.0).unwrap(), delta(whole, 2.0, kind).unwrap());
+            }
+            assert_eq!(grown.kind(), kind);
+            // Once an event without noise is composed, ε stays infinite.
+            let open = grown
+                .then(&DpEvent::new(0.5, 0.0, 1).unwrap())
+                .unwrap()
+                .then(&a)
+                .unwrap();
+            assert_eq!(open.epsilon(1e-6).unwrap().epsilon, f64::INFINITY);
+            assert_eq!(open.delta(2.0).unwrap(), 1.0);
+            assert!(grown.then(&DpEvent { sampling_rate: 2.0, ..a }).is_err());
+        }
+    }
 
     #[test]
     fn no_events_spend_nothing_and_noiseless_ones_everything() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accountant::{self, PldComposition};
+use crate::accountant::Composition;
 use crate::{AccountantKind, DpEvent, PrivacyError, PrivacySpent};
 
 /// A privacy budget: the largest ε allowed at this δ.
@@ -63,8 +63,8 @@ pub struct Ledger {
 
 /// What a ledger's accountant already computed, so that a coordinator's preview of a round (before devices
 /// train), its check at aggregation and its charge run the accountant once, and a charge composes one new
-/// event onto the PLD of the ones before it rather than all of them again (at 100 rounds of PLD, charging
-/// all over again took seconds a round and a restart's rebuild of the ledger minutes). The entries only
+/// event onto the composition of the ones before it rather than all of them again (at 100 rounds of PLD,
+/// composing all over again took 12 s a call and a restart's rebuild of the ledger ten minutes). The entries only
 /// ever grow by [`Ledger::charge`], and a ledger's δ and accountant never change, so a length names the
 /// events a value was computed on.
 #[derive(Default)]
@@ -72,10 +72,10 @@ struct AccountingCache(std::sync::Mutex<Cached>);
 
 #[derive(Clone, Default)]
 struct Cached {
-    /// The PLD composition of the first `.0` entries.
-    composed: Option<(usize, Arc<PldComposition>)>,
-    /// The last preview: ε after `.1` on the first `.0` entries, and (PLD) the composition it made.
-    preview: Option<(usize, DpEvent, PrivacySpent, Option<Arc<PldComposition>>)>,
+    /// The composition of the first `.0` entries.
+    composed: Option<(usize, Arc<Composition>)>,
+    /// The last preview: ε after `.1` on the first `.0` entries, and the composition it made.
+    preview: Option<(usize, DpEvent, PrivacySpent, Arc<Composition>)>,
 }
 
 impl AccountingCache {
@@ -155,7 +155,7 @@ impl Ledger {
 
     /// ε the ledger would show after `event`, without charging it. The answer is remembered until the
     /// ledger changes, so [`Ledger::check`] and [`Ledger::charge`] of the same event do not run the
-    /// accountant again; under PLD only `event` is composed onto the entries' composition.
+    /// accountant again; only `event` is composed onto the entries' composition.
     pub fn preview(&self, event: DpEvent) -> Result<PrivacySpent, PrivacyError> {
         let len = self.entries.len();
         let cached = self.cache.get();
@@ -164,33 +164,17 @@ impl Ledger {
                 return Ok(spent);
             }
         }
-        let (spent, after) = match self.accountant {
-            AccountantKind::Rdp => {
-                let mut events = self.events();
-                events.push(event);
-                (
-                    accountant::epsilon(&events, self.budget.delta, self.accountant)?,
-                    None,
-                )
-            }
-            AccountantKind::Pld => {
-                let before = match cached.composed {
-                    Some((at, c)) if at == len => c,
-                    _ => {
-                        let mut c = PldComposition::new();
-                        for e in &self.entries {
-                            c = c.then(&e.event)?;
-                        }
-                        Arc::new(c)
-                    }
-                };
-                let after = before.then(&event)?;
-                let spent = after.epsilon(self.budget.delta)?;
+        let before = match cached.composed {
+            Some((at, c)) if at == len => c,
+            _ => {
+                let c = Arc::new(Composition::of(&self.events(), self.accountant)?);
                 self.cache
-                    .update(|c| c.composed = Some((len, Arc::clone(&before))));
-                (spent, Some(Arc::new(after)))
+                    .update(|k| k.composed = Some((len, Arc::clone(&c))));
+                c
             }
         };
+        let after = Arc::new(before.then(&event)?);
+        let spent = after.epsilon(self.budget.delta)?;
         self.cache
             .update(|c| c.preview = Some((len, event, spent, after)));
         Ok(spent)
@@ -227,7 +211,7 @@ impl Ledger {
         });
         // The preview that `check` answered from composed this very event onto these entries.
         self.cache.update(|c| {
-            if let Some((at, e, _, Some(composed))) = &c.preview {
+            if let Some((at, e, _, composed)) = &c.preview {
                 if *at == len && *e == event {
                     c.composed = Some((len + 1, Arc::clone(composed)));
                 }
@@ -247,27 +231,16 @@ impl Ledger {
         let mut ledger: Ledger =
             serde_json::from_str(text).map_err(|e| PrivacyError::Malformed(e.to_string()))?;
         check_budget(&ledger.budget)?;
-        // Each entry's ε after it, recomputed over the entries before it (one composition each under PLD).
-        let mut events = Vec::new();
-        let mut composed = PldComposition::new();
+        // Each entry's ε after it, recomputed over the entries before it (one composition each).
+        let mut composed = Composition::new(ledger.accountant);
         for entry in &mut ledger.entries {
-            entry.epsilon_after = match ledger.accountant {
-                AccountantKind::Rdp => {
-                    events.push(entry.event);
-                    accountant::epsilon(&events, ledger.budget.delta, ledger.accountant)?.epsilon
-                }
-                AccountantKind::Pld => {
-                    composed = composed.then(&entry.event)?;
-                    composed.epsilon(ledger.budget.delta)?.epsilon
-                }
-            };
+            composed = composed.then(&entry.event)?;
+            entry.epsilon_after = composed.epsilon(ledger.budget.delta)?.epsilon;
         }
-        if ledger.accountant == AccountantKind::Pld {
-            let len = ledger.entries.len();
-            ledger
-                .cache
-                .update(|c| c.composed = Some((len, Arc::new(composed))));
-        }
+        let len = ledger.entries.len();
+        ledger
+            .cache
+            .update(|c| c.composed = Some((len, Arc::new(composed))));
         Ok(ledger)
     }
 }
@@ -285,6 +258,7 @@ fn check_budget(b: &Budget) -> Result<(), PrivacyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accountant;
 
     #[test]
     fn cached_accounting_equals_the_accountant_on_the_whole_list() {

@@ -75,7 +75,8 @@ pub fn ledger(rounds: usize, q: f64, sigma: f64) -> Result<()> {
             l.check(event)?;
             l.charge(format!("round {r}"), event)?;
             if r == 1 || r == rounds.div_ceil(2) || r == rounds {
-                per_round.push(serde_json::json!({"round": r, "seconds": t.elapsed().as_secs_f64()}));
+                per_round
+                    .push(serde_json::json!({"round": r, "seconds": t.elapsed().as_secs_f64()}));
             }
         }
         let total = total.elapsed().as_secs_f64();
