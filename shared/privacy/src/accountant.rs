@@ -325,7 +325,10 @@ mod tests {
             for (i, e) in events.iter().enumerate() {
                 grown = grown.then(e).unwrap();
                 let whole = &events[..=i];
-                assert_eq!(grown.epsilon(1e-6).unwrap(), epsilon(whole, 1e-6, kind).unwrap());
+                assert_eq!(
+                    grown.epsilon(1e-6).unwrap(),
+                    epsilon(whole, 1e-6, kind).unwrap()
+                );
                 assert_eq!(grown.delta(2.0).unwrap(), delta(whole, 2.0, kind).unwrap());
             }
             assert_eq!(grown.kind(), kind);
@@ -337,7 +340,12 @@ mod tests {
                 .unwrap();
             assert_eq!(open.epsilon(1e-6).unwrap().epsilon, f64::INFINITY);
             assert_eq!(open.delta(2.0).unwrap(), 1.0);
-            assert!(grown.then(&DpEvent { sampling_rate: 2.0, ..a }).is_err());
+            assert!(grown
+                .then(&DpEvent {
+                    sampling_rate: 2.0,
+                    ..a
+                })
+                .is_err());
         }
     }
 
