@@ -61,12 +61,12 @@ pub struct Ledger {
     cache: AccountingCache,
 }
 
-/// What a ledger's accountant already computed, so that a coordinator's preview of a round (before devices
-/// train), its check at aggregation and its charge run the accountant once, and a charge composes one new
-/// event onto the composition of the ones before it rather than all of them again (at 100 rounds of PLD,
-/// composing all over again took 12 s a call and a restart's rebuild of the ledger ten minutes). The entries only
-/// ever grow by [`Ledger::charge`], and a ledger's δ and accountant never change, so a length names the
-/// events a value was computed on.
+/// What a ledger's accountant already computed, so that a coordinator's preview of a round (before
+/// devices train), its check at aggregation and its charge run the accountant once, and a charge composes
+/// one new event onto the composition of the ones before it rather than all of them again (at 100 rounds
+/// of PLD, composing all over again took 12 s a call, and a restart's rebuild of the ledger about ten
+/// minutes). The entries only ever grow by [`Ledger::charge`], and a ledger's δ and accountant never
+/// change, so a length names the events a value was computed on.
 #[derive(Default)]
 struct AccountingCache(std::sync::Mutex<Cached>);
 
