@@ -157,7 +157,7 @@ impl Composition {
     /// This composition followed by `e` (checked first).
     pub fn then(&self, e: &DpEvent) -> Result<Self, PrivacyError> {
         e.validate()?;
-        if e.is_noop() || matches!(self.state, State::NonPrivate(_)) {
+        if e.is_noop() {
             return Ok(self.clone());
         }
         if e.is_non_private() {
@@ -201,7 +201,8 @@ impl Composition {
                     last: Some((*e, one)),
                 }
             }
-            State::NonPrivate(kind) => State::NonPrivate(*kind),
+            // ε is infinite already: nothing more to compose.
+            State::NonPrivate(_) => return Ok(self.clone()),
         };
         Ok(Self { state })
     }

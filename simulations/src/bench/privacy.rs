@@ -57,8 +57,9 @@ pub fn run(sizes: &[usize], opendp_size: usize, sigma: f64, repeats: usize) -> R
 /// Prints one JSON line per accountant for a coordinator's global ledger over `rounds` rounds at sampling
 /// rate `q` and multiplier `sigma`: the seconds of one round's accounting (preview before the round, check
 /// and charge at aggregation: the coordinator's calls) at the first, middle and last round; the seconds of
-/// composing the whole list afresh at the last round (what every one of those calls cost before the
-/// ledger composed incrementally); and the seconds to read the ledger back at a restart.
+/// composing the whole list afresh at the last round (a lower bound on what every one of those calls
+/// cost before the ledger composed incrementally: that code also rebuilt each round's own PLD); and the
+/// seconds to read the ledger back at a restart.
 pub fn ledger(rounds: usize, q: f64, sigma: f64) -> Result<()> {
     let budget = Budget {
         epsilon: 1e6,
