@@ -12,7 +12,9 @@
 //! randomness other than the DP strategy's noise.
 
 use starling_privacy::ddg::DdgEvent;
-use starling_privacy::{Budget, DpEvent, Ledger, LedgerScope, NoisePlacement, PrivacyError};
+use starling_privacy::{
+    Budget, DpEvent, Ledger, LedgerEntry, LedgerScope, NoisePlacement, PrivacyError,
+};
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest, SignedManifest};
 use starling_protocol::message::{
     DpSgdTask, DpTask, LoraSpec, SecAggTask, Task, TrainParams, UserDp,
@@ -312,7 +314,9 @@ fn build_strategy(
 }
 
 /// The global ledger rebuilt from stored charges (`None` with DP off). ε is recomputed from the stored
-/// events, never read back; a budget lowered below what was spent shows as exhausted, not as an error.
+/// events, never read back; every charge is kept, so a budget lowered below what was spent shows as
+/// exhausted (charging them one by one against the lowered budget would drop the rounds past it, and
+/// under-report what was spent).
 fn rebuild_ledger(
     cfg: &CoordinatorConfig,
     restored: &Restored,
@@ -320,24 +324,28 @@ fn rebuild_ledger(
     if cfg.privacy.mode == DpPlacement::Off {
         return Ok(None);
     }
-    let mut l = Ledger::new(
+    let discrete: std::collections::BTreeSet<RoundId> =
+        restored.discrete.iter().map(|(r, _)| *r).collect();
+    let mut entries = Vec::with_capacity(restored.charges.len());
+    for (round, c) in &restored.charges {
+        if discrete.contains(round) {
+            continue;
+        }
+        entries.push(LedgerEntry {
+            label: format!("round {}", round.0),
+            event: DpEvent::new(c.sampling_rate, c.noise_multiplier, 1)?,
+            epsilon_after: c.epsilon_after,
+        });
+    }
+    Ok(Some(Ledger::with_entries(
         LedgerScope::Global,
         Budget {
             epsilon: cfg.privacy.epsilon_budget,
             delta: cfg.privacy.delta,
         },
         cfg.privacy.accountant,
-    )?;
-    let discrete: std::collections::BTreeSet<RoundId> =
-        restored.discrete.iter().map(|(r, _)| *r).collect();
-    for (round, c) in &restored.charges {
-        if discrete.contains(round) {
-            continue;
-        }
-        let event = DpEvent::new(c.sampling_rate, c.noise_multiplier, 1)?;
-        let _ = l.charge(format!("round {}", round.0), event);
-    }
-    Ok(Some(l))
+        entries,
+    )?))
 }
 
 /// A secure sum of `count` devices (words modulo `2^bits`) decoded with the `encoding` they used: the
@@ -679,9 +687,9 @@ impl RoundCore {
         }
         if let Some(l) = &mut self.ledger {
             if let Some(e) = p.gaussian {
-                // Previewed within the budget by `aggregate`; stored already, so it is charged in memory
+                // Previewed within the budget by `aggregate`; stored already, so it is recorded in memory
                 // even if the budget has since been lowered (the next round is then refused).
-                let _ = l.charge(format!("round {}", p.round.0), e);
+                l.record(format!("round {}", p.round.0), e)?;
             }
         }
         if let Some(e) = p.discrete {
@@ -925,6 +933,28 @@ mod tests {
         );
         let refused = c.aggregate(&r2, &updates(), &parent, first.model.manifest.digest(), 2);
         assert!(matches!(refused, Err(CoreError::Privacy(_))), "{refused:?}");
+        // Restarted with the budget lowered below what was spent, the core keeps the round's charge
+        // (charging it again against the lowered budget would have dropped it) and refuses the next.
+        let cfg = config(DpPlacement::Central, 4.0);
+        let engine =
+            Engine::new(cfg.rounds.clone(), schema().hash(), ModelVersion(1), 1, 0).unwrap();
+        let restarted = RoundCore::new(
+            cfg,
+            schema(),
+            Digest::of(b"base"),
+            key(),
+            engine,
+            2,
+            Some([3; 32]),
+            Restored {
+                charges: vec![(r.id, first.charge)],
+                ..Restored::default()
+            },
+        )
+        .unwrap();
+        let ledger = restarted.ledger.as_ref().unwrap();
+        assert_eq!((ledger.entries().len(), ledger.spent()), (1, eps1));
+        assert_eq!(ledger.remaining(), 0.0);
     }
 
     #[test]

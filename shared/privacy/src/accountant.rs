@@ -3,7 +3,7 @@
 //! [`Composition`] grows the same composition one event at a time), and σ calibration for a target (ε, δ).
 //! What must never live here: noise or clipping (see [`crate::noise`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -84,8 +84,8 @@ fn check_delta(delta: f64) -> Result<(), PrivacyError> {
 
 /// The composed PLD of all events (identity when there are none).
 pub fn compose_pld(events: &[DpEvent]) -> Result<pld::Pld, PrivacyError> {
-    match Composition::of(events, AccountantKind::Pld)?.state {
-        State::Pld { pld, .. } => Ok(pld),
+    match &Composition::of(events, AccountantKind::Pld)?.state {
+        State::Pld(p) => Ok(p.composed().as_ref().clone()),
         _ => Err(PrivacyError::InvalidParameter(
             "an event without noise has no PLD (its ε is infinite)".into(),
         )),
@@ -94,24 +94,106 @@ pub fn compose_pld(events: &[DpEvent]) -> Result<pld::Pld, PrivacyError> {
 
 /// A growing list of events composed by one accountant, one event at a time in order: the PLD of the
 /// events so far, or their summed RDP over [`rdp::default_orders`]. [`epsilon`] and [`delta`] fold their
-/// whole list through it, so a composition extended event by event gives the same ε to the bit, at the
-/// cost of one composition per new event. A ledger keeps one, so that charging round n does not compose
-/// all n rounds again.
+/// whole list through it, so a composition extended event by event gives the same ε to the bit. A ledger
+/// keeps one, so that charging round n does not compose all n rounds again.
+///
+/// The PLD accountant groups consecutive steps at one sampling rate and noise multiplier into a run and
+/// composes a run of n steps as one n-fold self-composition (one FFT raised to the n-th power, as
+/// dp_accounting composes a `SelfComposedDpEvent`), then with the composition of the runs before it. A
+/// round of a run costs one self-composition of the run so far, whatever its length; reading back a
+/// ledger of n identical rounds costs one, not n convolutions of a growing support; and a ledger charged
+/// round by round gives the ε that calibration computed for the same rounds as one event.
 #[derive(Clone, Debug)]
 pub struct Composition {
     state: State,
 }
 
-/// What a composition holds. `last` is the last event composed and its own PLD or RDP: rounds at one rate
-/// and multiplier compute it once (a tenth of a second for a PLD at σ ≈ 0.37, as much as the composition).
+/// Consecutive steps at one sampling rate and noise multiplier, with one step's PLD (a tenth of a second
+/// to build at σ ≈ 0.37, so a run builds it once).
+#[derive(Clone, Debug)]
+struct Run {
+    sampling_rate: f64,
+    noise_multiplier: f64,
+    steps: u64,
+    one: Arc<pld::Pld>,
+}
+
+impl Run {
+    fn continues(&self, e: &DpEvent) -> bool {
+        self.sampling_rate == e.sampling_rate && self.noise_multiplier == e.noise_multiplier
+    }
+}
+
+/// The PLD accountant's state: the composition of the runs that ended (`None`: none did), and the current
+/// run. Their composition is computed when first asked for (ε, δ, or the start of a new run), so that
+/// folding a list of identical rounds costs one self-composition however long it is.
+#[derive(Clone, Debug)]
+struct PldRuns {
+    runs: Option<(Option<Arc<pld::Pld>>, Run)>,
+    composed: Arc<OnceLock<Arc<pld::Pld>>>,
+}
+
+impl PldRuns {
+    /// The PLD of every step so far.
+    fn composed(&self) -> &Arc<pld::Pld> {
+        self.composed.get_or_init(|| {
+            Arc::new(match &self.runs {
+                None => pld::Pld::identity(pld::DEFAULT_DISCRETIZATION),
+                Some((before, run)) => {
+                    let this_run = run.one.self_compose(run.steps);
+                    match before {
+                        Some(b) => b.compose(&this_run),
+                        None => this_run,
+                    }
+                }
+            })
+        })
+    }
+
+    fn then(&self, e: &DpEvent) -> Result<Self, PrivacyError> {
+        let runs = match &self.runs {
+            Some((before, run)) if run.continues(e) => {
+                let steps = run
+                    .steps
+                    .checked_add(e.steps)
+                    .ok_or_else(|| PrivacyError::InvalidParameter("more than 2^64 steps".into()))?;
+                (
+                    before.clone(),
+                    Run {
+                        steps,
+                        ..run.clone()
+                    },
+                )
+            }
+            // A new run: everything so far comes before it.
+            other => (
+                other.as_ref().map(|_| Arc::clone(self.composed())),
+                Run {
+                    sampling_rate: e.sampling_rate,
+                    noise_multiplier: e.noise_multiplier,
+                    steps: e.steps,
+                    one: Arc::new(pld::Pld::subsampled_gaussian(
+                        e.noise_multiplier,
+                        e.sampling_rate,
+                        pld::DEFAULT_DISCRETIZATION,
+                    )?),
+                },
+            ),
+        };
+        Ok(Self {
+            runs: Some(runs),
+            composed: Arc::default(),
+        })
+    }
+}
+
+/// What a composition holds.
 #[derive(Clone, Debug)]
 enum State {
-    /// The composed privacy loss distribution.
-    Pld {
-        pld: pld::Pld,
-        last: Option<(DpEvent, Arc<pld::Pld>)>,
-    },
-    /// RDP per order of [`rdp::default_orders`], summed over the events.
+    /// Privacy loss distributions, composed run by run.
+    Pld(PldRuns),
+    /// RDP per order of [`rdp::default_orders`], summed over the events; `last` is the last event and its
+    /// own RDP, so that repeats compute it once.
     Rdp {
         total: Vec<f64>,
         last: Option<(DpEvent, Arc<Vec<f64>>)>,
@@ -124,10 +206,10 @@ impl Composition {
     /// No events yet (ε = 0) for the `kind` accountant.
     pub fn new(kind: AccountantKind) -> Self {
         let state = match kind {
-            AccountantKind::Pld => State::Pld {
-                pld: pld::Pld::identity(pld::DEFAULT_DISCRETIZATION),
-                last: None,
-            },
+            AccountantKind::Pld => State::Pld(PldRuns {
+                runs: None,
+                composed: Arc::default(),
+            }),
             AccountantKind::Rdp => State::Rdp {
                 total: vec![0.0; rdp::default_orders().len()],
                 last: None,
@@ -145,10 +227,25 @@ impl Composition {
         Ok(c)
     }
 
+    /// Whether composing `e` next costs nothing now: it continues the PLD accountant's current run (or
+    /// is a no-op), so ε after it needs one self-composition whenever it is asked for. Otherwise ε is as
+    /// cheap to ask after every event as at the end (RDP), or the run before `e` must be composed first.
+    pub(crate) fn continues_run(&self, e: &DpEvent) -> bool {
+        match &self.state {
+            State::Pld(p) => {
+                e.is_noop()
+                    || p.runs
+                        .as_ref()
+                        .is_some_and(|(_, run)| !e.is_non_private() && run.continues(e))
+            }
+            _ => false,
+        }
+    }
+
     /// The accountant composing.
     pub fn kind(&self) -> AccountantKind {
         match self.state {
-            State::Pld { .. } => AccountantKind::Pld,
+            State::Pld(_) => AccountantKind::Pld,
             State::Rdp { .. } => AccountantKind::Rdp,
             State::NonPrivate(kind) => kind,
         }
@@ -166,23 +263,7 @@ impl Composition {
             });
         }
         let state = match &self.state {
-            State::Pld { pld: acc, last } => {
-                let one = match last {
-                    Some((l, one)) if l == e => Arc::clone(one),
-                    _ => Arc::new(
-                        pld::Pld::subsampled_gaussian(
-                            e.noise_multiplier,
-                            e.sampling_rate,
-                            pld::DEFAULT_DISCRETIZATION,
-                        )?
-                        .self_compose(e.steps),
-                    ),
-                };
-                State::Pld {
-                    pld: acc.compose(&one),
-                    last: Some((*e, one)),
-                }
-            }
+            State::Pld(p) => State::Pld(p.then(e)?),
             State::Rdp { total, last } => {
                 let one = match last {
                     Some((l, one)) if l == e => Arc::clone(one),
@@ -212,7 +293,7 @@ impl Composition {
         check_delta(delta)?;
         let (epsilon, rdp_order) = match &self.state {
             State::NonPrivate(_) => (f64::INFINITY, None),
-            State::Pld { pld, .. } => (pld.epsilon_for_delta(delta), None),
+            State::Pld(p) => (p.composed().epsilon_for_delta(delta), None),
             State::Rdp { total, .. } => {
                 let (eps, order) = rdp::epsilon_from_rdp(&rdp::default_orders(), total, delta)?;
                 (eps, Some(order))
@@ -235,7 +316,7 @@ impl Composition {
         }
         Ok(match &self.state {
             State::NonPrivate(_) => 1.0,
-            State::Pld { pld, .. } => pld.delta_for_epsilon(epsilon).clamp(0.0, 1.0),
+            State::Pld(p) => p.composed().delta_for_epsilon(epsilon).clamp(0.0, 1.0),
             State::Rdp { total, .. } => {
                 rdp::delta_from_rdp(&rdp::default_orders(), total, epsilon)?.0
             }
@@ -348,6 +429,43 @@ mod tests {
                 })
                 .is_err());
         }
+    }
+
+    #[test]
+    fn a_run_of_rounds_is_one_self_composition() {
+        // A ledger charges one step a round; calibration asks about all the rounds as one event. Both
+        // compose the run as one self-composition, so they agree to the bit.
+        let round = DpEvent::new(0.01, 1.1, 1).unwrap();
+        let rounds = vec![round; 40];
+        let all_at_once = DpEvent { steps: 40, ..round };
+        let grown = epsilon(&rounds, 1e-5, AccountantKind::Pld).unwrap();
+        assert_eq!(
+            grown,
+            epsilon(&[all_at_once], 1e-5, AccountantKind::Pld).unwrap()
+        );
+        // Composing the 40 steps one convolution at a time gives the same ε to within the
+        // discretisation's and truncation's rounding (both err upwards).
+        let one = pld::Pld::subsampled_gaussian(1.1, 0.01, pld::DEFAULT_DISCRETIZATION).unwrap();
+        let mut chained = one.clone();
+        for _ in 1..40 {
+            chained = chained.compose(&one);
+        }
+        let sequential = chained.epsilon_for_delta(1e-5);
+        assert!(
+            (grown.epsilon - sequential).abs() < 1e-6 * sequential,
+            "run {} against step by step {sequential}",
+            grown.epsilon
+        );
+        // A run that is interrupted starts again: a, a, b, a is (a∘a)∘b∘a, not a³∘b.
+        let b = DpEvent::new(0.02, 1.1, 1).unwrap();
+        let broken = epsilon(&[round, round, b, round], 1e-5, AccountantKind::Pld)
+            .unwrap()
+            .epsilon;
+        let by_hand = {
+            let pb = pld::Pld::subsampled_gaussian(1.1, 0.02, pld::DEFAULT_DISCRETIZATION).unwrap();
+            one.self_compose(2).compose(&pb).compose(&one)
+        };
+        assert_eq!(broken, by_hand.epsilon_for_delta(1e-5));
     }
 
     #[test]

@@ -62,11 +62,12 @@ pub struct Ledger {
 }
 
 /// What a ledger's accountant already computed, so that a coordinator's preview of a round (before
-/// devices train), its check at aggregation and its charge run the accountant once, and a charge composes
-/// one new event onto the composition of the ones before it rather than all of them again (at 100 rounds
-/// of PLD, composing all over again took 12 s a call, and a restart's rebuild of the ledger about ten
-/// minutes). The entries only ever grow by [`Ledger::charge`], and a ledger's δ and accountant never
-/// change, so a length names the events a value was computed on.
+/// devices train), its check at aggregation and its charge run the accountant once, and a charge extends
+/// the composition of the events before it rather than composing all of them again (at 100 rounds of PLD,
+/// composing all over again took 12 s a call, and a restart's rebuild of the ledger about ten minutes;
+/// see [`Composition`] for how runs of identical rounds keep both short). The entries only ever grow by
+/// [`Ledger::charge`], and a ledger's δ and accountant never change, so a length names the events a value
+/// was computed on.
 #[derive(Default)]
 struct AccountingCache(std::sync::Mutex<Cached>);
 
@@ -202,14 +203,26 @@ impl Ledger {
         label: impl Into<String>,
         event: DpEvent,
     ) -> Result<PrivacySpent, PrivacyError> {
-        let after = self.check(event)?;
+        self.check(event)?;
+        self.record(label, event)
+    }
+
+    /// Records `event`, a release that already happened, whatever the budget: a ledger never forgets what
+    /// was spent. For an owner that checked the budget before the private work and must account for it
+    /// even if the budget was lowered since (the next check then refuses); everything else charges.
+    pub fn record(
+        &mut self,
+        label: impl Into<String>,
+        event: DpEvent,
+    ) -> Result<PrivacySpent, PrivacyError> {
+        let after = self.preview(event)?;
         let len = self.entries.len();
         self.entries.push(LedgerEntry {
             label: label.into(),
             event,
             epsilon_after: after.epsilon,
         });
-        // The preview that `check` answered from composed this very event onto these entries.
+        // The preview just answered composed this very event onto these entries.
         self.cache.update(|c| {
             if let Some((at, e, _, composed)) = &c.preview {
                 if *at == len && *e == event {
@@ -226,17 +239,59 @@ impl Ledger {
     }
 
     /// A ledger read back from JSON, its budget and events re-checked and its ε recomputed (a stored total is
-    /// never trusted).
+    /// never trusted; see [`Ledger::with_entries`]).
     pub fn from_json(text: &str) -> Result<Self, PrivacyError> {
-        let mut ledger: Ledger =
+        let ledger: Ledger =
             serde_json::from_str(text).map_err(|e| PrivacyError::Malformed(e.to_string()))?;
-        check_budget(&ledger.budget)?;
-        // Each entry's ε after it, recomputed over the entries before it (one composition each).
-        let mut composed = Composition::new(ledger.accountant);
-        for entry in &mut ledger.entries {
-            composed = composed.then(&entry.event)?;
-            entry.epsilon_after = composed.epsilon(ledger.budget.delta)?.epsilon;
+        Self::with_entries(
+            ledger.scope,
+            ledger.budget,
+            ledger.accountant,
+            ledger.entries,
+        )
+    }
+
+    /// A ledger of charges made before (an owner's stored record), its budget and events re-checked and its
+    /// ε recomputed, never read back. Every entry is kept, whatever the budget: a budget lowered below
+    /// what was spent shows as exhausted. Each entry's ε after it is recomputed where a run of identical
+    /// steps ends (and after every entry with RDP); inside a PLD run, which composes as one
+    /// self-composition, recomputing every entry would cost one self-composition each, so a stored value
+    /// is kept only clamped between the ε computed before the run and the ε at its end (the two bounds
+    /// it must lie within; a missing or corrupt value reads as the end's).
+    pub fn with_entries(
+        scope: LedgerScope,
+        budget: Budget,
+        accountant: AccountantKind,
+        mut entries: Vec<LedgerEntry>,
+    ) -> Result<Self, PrivacyError> {
+        check_budget(&budget)?;
+        let mut composed = Composition::new(accountant);
+        let (mut run_start, mut before) = (0, 0.0);
+        for i in 0..entries.len() {
+            composed = composed.then(&entries[i].event)?;
+            if let Some(next) = entries.get(i + 1) {
+                if composed.continues_run(&next.event) {
+                    continue;
+                }
+            }
+            let after = composed.epsilon(budget.delta)?.epsilon;
+            for e in &mut entries[run_start..i] {
+                e.epsilon_after = if e.epsilon_after.is_nan() {
+                    after
+                } else {
+                    e.epsilon_after.max(before).min(after)
+                };
+            }
+            entries[i].epsilon_after = after;
+            (run_start, before) = (i + 1, after);
         }
+        let ledger = Self {
+            scope,
+            budget,
+            accountant,
+            entries,
+            cache: AccountingCache::default(),
+        };
         let len = ledger.entries.len();
         ledger
             .cache
@@ -355,5 +410,60 @@ mod tests {
             AccountantKind::Pld
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_ledger_read_back_recomputes_each_run_and_bounds_what_is_inside_it() {
+        let budget = Budget {
+            epsilon: 100.0,
+            delta: 1e-5,
+        };
+        let (a, b) = (
+            DpEvent::new(0.01, 1.1, 1).unwrap(),
+            DpEvent::new(0.02, 1.1, 1).unwrap(),
+        );
+        let mut l = Ledger::new(LedgerScope::Global, budget, AccountantKind::Pld).unwrap();
+        for (i, e) in [a, a, a, b, b].into_iter().enumerate() {
+            l.charge(format!("round {i}"), e).unwrap();
+        }
+        assert_eq!(Ledger::from_json(&l.to_json()).unwrap(), l);
+        let eps: Vec<f64> = l.entries().iter().map(|e| e.epsilon_after).collect();
+        // Inside the second run a value lowered below the first run's end, and a missing one, are
+        // bounded by what the runs compute; the ends are recomputed whatever is stored.
+        let mut entries = l.entries().to_vec();
+        entries[3].epsilon_after = 0.0;
+        entries[1].epsilon_after = f64::NAN;
+        entries[4].epsilon_after = 0.0;
+        let back = Ledger::with_entries(LedgerScope::Global, budget, AccountantKind::Pld, entries)
+            .unwrap();
+        let got: Vec<f64> = back.entries().iter().map(|e| e.epsilon_after).collect();
+        assert_eq!(got, vec![eps[0], eps[2], eps[2], eps[2], eps[4]]);
+        assert_eq!(back.spent(), l.spent());
+        // A budget lowered below what was spent keeps every charge and shows as exhausted.
+        let lowered = Budget {
+            epsilon: eps[1],
+            ..budget
+        };
+        let strict = Ledger::with_entries(
+            LedgerScope::Global,
+            lowered,
+            AccountantKind::Pld,
+            l.entries().to_vec(),
+        )
+        .unwrap();
+        assert_eq!(strict.entries().len(), 5);
+        assert_eq!(strict.spent(), l.spent());
+        assert_eq!(strict.remaining(), 0.0);
+        assert!(matches!(
+            strict.check(DpEvent::new(1e-6, 1.1, 1).unwrap()),
+            Err(PrivacyError::BudgetExceeded { .. })
+        ));
+        // A release that already happened is recorded past the budget; a charge is refused.
+        let mut strict = strict;
+        assert!(strict.charge("round 5", b).is_err());
+        let after = strict.record("round 5", b).unwrap();
+        assert_eq!(strict.entries().len(), 6);
+        assert_eq!(strict.spent(), after.epsilon);
+        assert!(after.epsilon > l.spent());
     }
 }

@@ -248,7 +248,7 @@ impl Pmf {
         let mut planner = FftPlanner::new();
         planner.plan_fft_forward(len).process(&mut buf);
         for c in buf.iter_mut() {
-            *c = c.powu(n as u32);
+            *c = pow(*c, n);
         }
         planner.plan_fft_inverse(len).process(&mut buf);
         let scale = 1.0 / len as f64;
@@ -360,6 +360,22 @@ fn truncate_tails(mut probs: Vec<f64>, truncation: f64) -> (usize, Vec<f64>, f64
     probs.drain(..left);
     probs[0] += left_mass;
     (left, probs, right_mass)
+}
+
+/// `c` to the `n`-th power by squaring (`Complex::powu` stops at 2³² − 1; below it, the same result).
+fn pow(c: Complex<f64>, n: u64) -> Complex<f64> {
+    match u32::try_from(n) {
+        Ok(n) => c.powu(n),
+        Err(_) => {
+            let half = pow(c, n / 2);
+            let sq = half * half;
+            if n % 2 == 1 {
+                sq * c
+            } else {
+                sq
+            }
+        }
+    }
 }
 
 /// The smallest 2·3·5·7-smooth length ≥ n (fast for rustfft).
@@ -522,6 +538,16 @@ mod tests {
                 "{eps}: {got} vs {exact}"
             );
         }
+    }
+
+    #[test]
+    fn powers_past_u32_are_exact_where_they_can_be() {
+        let i = Complex::new(0.0, 1.0);
+        let big = u64::from(u32::MAX) + 6;
+        assert_eq!(pow(i, big), i.powu(((big % 4) as u32) + 4));
+        assert_eq!(pow(Complex::new(-1.0, 0.0), big), Complex::new(-1.0, 0.0));
+        assert_eq!(pow(Complex::new(0.5, 0.0), big), Complex::new(0.0, 0.0));
+        assert_eq!(pow(i, 7), i.powu(7));
     }
 
     #[test]

@@ -54,27 +54,52 @@ pub fn run(sizes: &[usize], opendp_size: usize, sigma: f64, repeats: usize) -> R
     Ok(())
 }
 
-/// Prints one JSON line per accountant for a coordinator's global ledger over `rounds` rounds at sampling
-/// rate `q` and multiplier `sigma`: the seconds of one round's accounting (preview before the round, check
-/// and charge at aggregation: the coordinator's calls) at the first, middle and last round; the seconds of
-/// composing the whole list afresh at the last round (a lower bound on what every one of those calls
-/// cost before the ledger composed incrementally: that code also rebuilt each round's own PLD); and the
-/// seconds to read the ledger back at a restart.
-pub fn ledger(rounds: usize, q: f64, sigma: f64) -> Result<()> {
+/// How the sampling rate of a benchmarked ledger's rounds behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LedgerPattern {
+    /// Every round at one rate: a fixed population (one run of identical rounds, which the PLD
+    /// accountant composes as one self-composition). Measured for PLD and RDP.
+    Steady,
+    /// The rate moves by 1 % every round, as a population that changes between rounds does: every round
+    /// starts a new run and is composed onto the rounds before it by one convolution. PLD only (RDP
+    /// sums either way).
+    Varying,
+}
+
+/// Prints one JSON line per accountant and pattern for a coordinator's global ledger over `rounds` rounds
+/// at rate `q` and multiplier `sigma`: the seconds of one round's accounting (preview before the round,
+/// check and charge at aggregation: the coordinator's calls) at the first, middle and last round; of all
+/// rounds; of the accountant's ε on the whole list afresh; and of reading the ledger back at a restart.
+pub fn ledger(rounds: usize, q: f64, sigma: f64, patterns: &[LedgerPattern]) -> Result<()> {
     let budget = Budget {
         epsilon: 1e6,
         delta: 1e-5,
     };
-    let event = DpEvent::new(q, sigma, 1)?;
-    for kind in [AccountantKind::Pld, AccountantKind::Rdp] {
+    let rounds = rounds.max(1);
+    let mut runs = Vec::new();
+    for &p in patterns {
+        runs.push((AccountantKind::Pld, p));
+    }
+    if patterns.contains(&LedgerPattern::Steady) {
+        runs.push((AccountantKind::Rdp, LedgerPattern::Steady));
+    }
+    for (kind, pattern) in runs {
+        let event = |r: usize| {
+            let q = match pattern {
+                LedgerPattern::Varying if r.is_multiple_of(2) => q * 1.01,
+                _ => q,
+            };
+            DpEvent::new(q, sigma, 1)
+        };
         let mut l = Ledger::new(LedgerScope::Global, budget, kind)?;
         let mut per_round = Vec::new();
         let total = Instant::now();
-        for r in 1..=rounds.max(1) {
+        for r in 1..=rounds {
             let t = Instant::now();
-            l.preview(event)?;
-            l.check(event)?;
-            l.charge(format!("round {r}"), event)?;
+            let e = event(r)?;
+            l.preview(e)?;
+            l.check(e)?;
+            l.charge(format!("round {r}"), e)?;
             if r == 1 || r == rounds.div_ceil(2) || r == rounds {
                 per_round
                     .push(serde_json::json!({"round": r, "seconds": t.elapsed().as_secs_f64()}));
@@ -95,12 +120,16 @@ pub fn ledger(rounds: usize, q: f64, sigma: f64) -> Result<()> {
             l.spent(),
             whole.epsilon
         );
+        let pattern = match pattern {
+            LedgerPattern::Steady => "steady",
+            LedgerPattern::Varying => "varying",
+        };
         println!(
             "{}",
             serde_json::json!({
-                "bench": "privacy_ledger", "accountant": kind, "rounds": rounds, "sampling_rate": q,
-                "noise_multiplier": sigma, "epsilon": whole.epsilon, "delta": budget.delta,
-                "round_seconds": per_round, "all_rounds_seconds": total,
+                "bench": "privacy_ledger", "accountant": kind, "pattern": pattern, "rounds": rounds,
+                "sampling_rate": q, "noise_multiplier": sigma, "epsilon": whole.epsilon,
+                "delta": budget.delta, "round_seconds": per_round, "all_rounds_seconds": total,
                 "recompose_seconds": recompose, "restore_seconds": restore,
                 "peak_rss_bytes": peak_rss(),
             })

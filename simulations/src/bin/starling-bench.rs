@@ -66,6 +66,9 @@ enum Cmd {
         /// The ledger's rounds: noise multiplier σ.
         #[arg(long, default_value_t = 0.3665)]
         ledger_noise_multiplier: f64,
+        /// Ledger patterns: `steady` (one sampling rate, PLD and RDP), `varying` (q moves every round, PLD).
+        #[arg(long, value_delimiter = ',', default_value = "steady,varying")]
+        ledger_patterns: Vec<bench::privacy::LedgerPattern>,
     },
     /// QUIC upload throughput beside raw quinn, handshakes/s, update encode/decode throughput.
     Transport(bench::transport::Args),
@@ -99,6 +102,7 @@ fn main() -> Result<()> {
             ledger_rounds,
             ledger_sampling_rate,
             ledger_noise_multiplier,
+            ledger_patterns,
         } => {
             bench::privacy::run(&sizes, opendp_size, noise_multiplier, repeats.max(1))?;
             if ledger_rounds > 0 {
@@ -106,6 +110,7 @@ fn main() -> Result<()> {
                     ledger_rounds,
                     ledger_sampling_rate,
                     ledger_noise_multiplier,
+                    &ledger_patterns,
                 )?;
             }
             Ok(())
