@@ -364,7 +364,12 @@ pub fn calibrate_noise_multiplier(
         ));
     }
     let eps_at = |sigma: f64| -> Result<f64, PrivacyError> {
-        Ok(epsilon(&[DpEvent::new(q, sigma, steps)?], delta, kind)?.epsilon)
+        match epsilon(&[DpEvent::new(q, sigma, steps)?], delta, kind) {
+            Ok(spent) => Ok(spent.epsilon),
+            // Too little noise for a PLD to hold: far above any target.
+            Err(PrivacyError::PldTooLarge { .. }) => Ok(f64::INFINITY),
+            Err(e) => Err(e),
+        }
     };
     let mut hi = 1.0;
     while eps_at(hi)? > target_epsilon {

@@ -44,6 +44,17 @@ pub enum PrivacyError {
         /// Position of the first offending element.
         index: usize,
     },
+    /// A noise multiplier so small that its privacy loss distribution would not fit in memory: its ε is
+    /// enormous, and the RDP accountant handles it.
+    #[error("the PLD of the Gaussian at noise multiplier {noise_multiplier} needs {buckets:.3e} buckets (at most {max}): its privacy loss is enormous; use the RDP accountant")]
+    PldTooLarge {
+        /// The noise multiplier σ.
+        noise_multiplier: f64,
+        /// The buckets its discretised PMF would take.
+        buckets: f64,
+        /// The most buckets allowed.
+        max: usize,
+    },
     /// The operating system's entropy source failed.
     #[error("entropy source failed: {0}")]
     Entropy(String),

@@ -13,6 +13,10 @@ use crate::{special, PrivacyError};
 
 /// dp_accounting's default discretisation of privacy-loss values.
 pub const DEFAULT_DISCRETIZATION: f64 = 1e-4;
+/// The most buckets one step's discretised PMF may take (64 MiB of f64; σ = 0.3665 at q = 0.002 takes
+/// 241,007). A multiplier so small that its privacy loss reaches hundreds (σ ≲ 0.03) is refused with an
+/// error rather than exhausting memory; the RDP accountant handles it.
+const MAX_BUCKETS: usize = 1 << 23;
 /// Tail mass dropped (pessimistically) at each composition (dp_accounting's default).
 const TAIL_MASS_TRUNCATION: f64 = 1e-15;
 /// ln of the Gaussian noise mass left out of the discretised range (dp_accounting's default).
@@ -189,21 +193,29 @@ impl Pmf {
         }
     }
 
-    fn connect_dots(loss: &GaussianLoss, d: f64) -> Self {
+    fn connect_dots(loss: &GaussianLoss, d: f64) -> Result<Self, PrivacyError> {
         let (eps_lower, eps_upper) = loss.connect_dots_bounds();
+        let buckets = (eps_upper - eps_lower) / d;
+        if buckets.is_nan() || buckets >= MAX_BUCKETS as f64 {
+            return Err(PrivacyError::PldTooLarge {
+                noise_multiplier: loss.sigma,
+                buckets,
+                max: MAX_BUCKETS,
+            });
+        }
         let lo = (eps_lower / d).floor() as i64;
         let hi = (eps_upper / d).ceil() as i64;
         let mut deltas: Vec<f64> = (lo..=hi)
             .map(|i| loss.delta_for_epsilon(i as f64 * d))
             .collect();
         if lo == hi {
-            return Self {
+            return Ok(Self {
                 discretization: d,
                 lower_loss: lo,
                 probs: vec![1.0 - deltas[0]],
                 infinity_mass: deltas[0],
                 log_mgfs: OnceLock::new(),
-            };
+            });
         }
         // Running minimum: deltas must be non-increasing (they are, up to float noise).
         for i in 1..deltas.len() {
@@ -221,13 +233,13 @@ impl Pmf {
         for p in probs.iter_mut() {
             *p = p.max(0.0);
         }
-        Self {
+        Ok(Self {
             discretization: d,
             lower_loss: lo,
             probs,
             infinity_mass: deltas[n - 1],
             log_mgfs: OnceLock::new(),
-        }
+        })
     }
 
     /// Composition with another PMF of the same discretisation (linear convolution by FFT), tails truncated.
@@ -488,11 +500,11 @@ impl Pld {
                 discretization,
             )
         };
-        let remove = make(Adjacency::Remove);
+        let remove = make(Adjacency::Remove)?;
         let add = if q == 1.0 {
             None
         } else {
-            Some(make(Adjacency::Add))
+            Some(make(Adjacency::Add)?)
         };
         Ok(Self { remove, add })
     }
@@ -566,6 +578,13 @@ mod tests {
                 "{eps}: {got} vs {exact}"
             );
         }
+    }
+
+    #[test]
+    fn a_multiplier_too_small_for_the_pld_is_an_error_not_gigabytes() {
+        let e = Pld::subsampled_gaussian(0.01, 0.002, DEFAULT_DISCRETIZATION).unwrap_err();
+        assert!(e.to_string().contains("RDP"), "{e}");
+        assert!(Pld::subsampled_gaussian(0.3665, 0.002, DEFAULT_DISCRETIZATION).is_ok());
     }
 
     #[test]
