@@ -14,8 +14,8 @@ use crate::{special, PrivacyError};
 /// dp_accounting's default discretisation of privacy-loss values.
 pub const DEFAULT_DISCRETIZATION: f64 = 1e-4;
 /// The most buckets one step's discretised PMF may take (64 MiB of f64; σ = 0.3665 at q = 0.002 takes
-/// 241,007). A multiplier so small that its privacy loss reaches hundreds (σ below 0.03–0.045) is refused with an
-/// error rather than exhausting memory; the RDP accountant handles it.
+/// 241,007). A multiplier so small that its privacy loss reaches hundreds (σ below 0.03–0.045) is
+/// refused with an error rather than exhausting memory; the RDP accountant handles it.
 const MAX_BUCKETS: usize = 1 << 23;
 /// Tail mass dropped (pessimistically) at each composition (dp_accounting's default).
 const TAIL_MASS_TRUNCATION: f64 = 1e-15;
