@@ -55,7 +55,8 @@ pub fn run(sizes: &[usize], opendp_size: usize, sigma: f64, repeats: usize) -> R
 }
 
 /// How the sampling rate of a benchmarked ledger's rounds behaves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LedgerPattern {
     /// Every round at one rate: a fixed population (one run of identical rounds, which the PLD
     /// accountant composes as one self-composition). Measured for PLD and RDP.
@@ -120,10 +121,6 @@ pub fn ledger(rounds: usize, q: f64, sigma: f64, patterns: &[LedgerPattern]) -> 
             l.spent(),
             whole.epsilon
         );
-        let pattern = match pattern {
-            LedgerPattern::Steady => "steady",
-            LedgerPattern::Varying => "varying",
-        };
         println!(
             "{}",
             serde_json::json!({
