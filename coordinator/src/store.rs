@@ -180,6 +180,10 @@ pub struct StoredUpdate {
     pub body: Vec<u8>,
 }
 
+/// The resolution of a client record's `last_seen` (one minute: what an operator's "last seen" needs,
+/// and a population polling every few seconds writes its records a twelfth as often).
+pub const SEEN_RESOLUTION_MS: u64 = 60_000;
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(v, bincode::config::standard())
         .expect("encoding into a Vec cannot fail")
@@ -216,6 +220,8 @@ pub struct Store {
     token_roles: sled::Tree,
     via: sled::Tree,
     partials: sled::Tree,
+    /// When `touch` last wrote each client's `last_seen` (this process only).
+    seen: std::sync::Mutex<std::collections::HashMap<Fingerprint, u64>>,
 }
 
 impl Store {
@@ -262,6 +268,7 @@ impl Store {
             token_roles: db.open_tree("token_roles")?,
             via: db.open_tree("enrolled_via")?,
             partials: db.open_tree("partials")?,
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
             db,
         })
     }
@@ -405,13 +412,41 @@ impl Store {
 
     /// Revokes a client; `false` if unknown.
     pub fn revoke(&self, fp: &Fingerprint) -> Result<bool, StoreError> {
-        let Some(mut rec) = self.client(fp)? else {
+        if self
+            .update_client(fp, |rec| rec.status = ClientStatus::Revoked)?
+            .is_none()
+        {
             return Ok(false);
-        };
-        rec.status = ClientStatus::Revoked;
-        self.clients.insert(fp.0, encode(&rec))?;
+        }
         self.flush()?;
         Ok(true)
+    }
+
+    /// Applies `change` to a client's record atomically; `None` if the client is unknown.
+    ///
+    /// A compare-and-swap: when another writer changed the record between the read and the write (a
+    /// revocation racing a device's request, both served at once), the record is read again and
+    /// `change` applied to the new one. A plain read-modify-write would let the slower writer put back
+    /// the record it read, undoing the other's change — a revoked device would stay active.
+    fn update_client(
+        &self,
+        fp: &Fingerprint,
+        mut change: impl FnMut(&mut ClientRecord),
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        loop {
+            let Some(old) = self.clients.get(fp.0)? else {
+                return Ok(None);
+            };
+            let mut rec: ClientRecord = decode(&old, "client")?;
+            change(&mut rec);
+            if self
+                .clients
+                .compare_and_swap(fp.0, Some(old), Some(encode(&rec)))?
+                .is_ok()
+            {
+                return Ok(Some(rec));
+            }
+        }
     }
 
     /// Records that a client declined a round's task (flushed: the operator's record of it must survive).
@@ -420,20 +455,34 @@ impl Store {
         fp: &Fingerprint,
         decline: DeclineRecord,
     ) -> Result<(), StoreError> {
-        if let Some(mut rec) = self.client(fp)? {
+        let updated = self.update_client(fp, |rec| {
             rec.declines += 1;
-            rec.last_decline = Some(decline);
-            self.clients.insert(fp.0, encode(&rec))?;
+            rec.last_decline = Some(decline.clone());
+        })?;
+        if updated.is_some() {
             self.flush()?;
         }
         Ok(())
     }
 
-    /// Notes a client's activity (not flushed: losing it costs nothing).
+    /// Notes a client's activity at `now` (not flushed: losing it costs nothing).
+    ///
+    /// `last_seen` only moves forward, with a resolution of [`SEEN_RESOLUTION_MS`]: a request within
+    /// that time of the value this process last wrote changes nothing, so a device's every request (a population
+    /// polling for tasks) is not a read, decode, encode and write of its record.
     pub fn touch(&self, fp: &Fingerprint, now: u64) -> Result<(), StoreError> {
-        if let Some(mut rec) = self.client(fp)? {
-            rec.last_seen = now;
-            self.clients.insert(fp.0, encode(&rec))?;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen
+            .get(fp)
+            .is_some_and(|&at| now < at.saturating_add(SEEN_RESOLUTION_MS))
+        {
+            return Ok(());
+        }
+        drop(seen);
+        // The latest of the requests: two served at once may write out of order.
+        if let Some(rec) = self.update_client(fp, |rec| rec.last_seen = rec.last_seen.max(now))? {
+            seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.insert(*fp, rec.last_seen);
         }
         Ok(())
     }
@@ -828,6 +877,81 @@ mod tests {
             train_loss: 1.5,
             body: vec![id; 10],
         }
+    }
+
+    fn enrolled(s: &Store, id: u8, now: u64) {
+        let (tok, hash) = starling_protocol::EnrolmentToken::generate().unwrap();
+        let token = PendingToken {
+            name: format!("device-{id}"),
+            created_at: now,
+        };
+        s.add_token(hash, &token).unwrap();
+        assert!(s.enrol(tok.hash(), fp(id), now).unwrap().is_some());
+    }
+
+    #[test]
+    fn requests_served_during_a_revocation_never_undo_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::create(dir.path()).unwrap();
+        enrolled(&s, 1, 0);
+        // Devices' requests touch the record (each a minute after the last, so each one writes) and
+        // record declines while the operator revokes it.
+        let served = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..3u64 {
+                let (s, served) = (&s, &served);
+                scope.spawn(move || {
+                    for i in 0..300u64 {
+                        let now = (i * 3 + t + 1) * SEEN_RESOLUTION_MS;
+                        s.touch(&fp(1), now).unwrap();
+                        served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i % 50 == 0 {
+                            let decline = DeclineRecord {
+                                round: RoundId(i),
+                                code: "BudgetExhausted".into(),
+                                reason: "spent".into(),
+                                at: now,
+                            };
+                            s.record_decline(&fp(1), decline).unwrap();
+                        }
+                    }
+                });
+            }
+            // Revoked while the requests are being served.
+            while served.load(std::sync::atomic::Ordering::SeqCst) < 150 {
+                std::thread::yield_now();
+            }
+            assert!(s.revoke(&fp(1)).unwrap());
+        });
+        let rec = s.client(&fp(1)).unwrap().unwrap();
+        assert_eq!(
+            rec.status,
+            ClientStatus::Revoked,
+            "a touch undid the revocation"
+        );
+        assert_eq!(rec.declines, 18, "every decline is counted");
+        assert_eq!(rec.last_seen, 900 * SEEN_RESOLUTION_MS);
+    }
+
+    #[test]
+    fn last_seen_is_written_once_a_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::create(dir.path()).unwrap();
+        enrolled(&s, 1, 1_000);
+        s.touch(&fp(1), 2_000).unwrap();
+        assert_eq!(s.client(&fp(1)).unwrap().unwrap().last_seen, 2_000);
+        s.touch(&fp(1), 2_000 + SEEN_RESOLUTION_MS - 1).unwrap();
+        assert_eq!(s.client(&fp(1)).unwrap().unwrap().last_seen, 2_000);
+        s.touch(&fp(1), 2_000 + SEEN_RESOLUTION_MS).unwrap();
+        let at = 2_000 + SEEN_RESOLUTION_MS;
+        assert_eq!(s.client(&fp(1)).unwrap().unwrap().last_seen, at);
+        // Requests served out of order (or a clock set back) never move it back.
+        s.touch(&fp(1), 500).unwrap();
+        assert_eq!(s.client(&fp(1)).unwrap().unwrap().last_seen, at);
+        // An unknown key is neither written nor remembered.
+        s.touch(&fp(9), 5_000).unwrap();
+        assert!(s.client(&fp(9)).unwrap().is_none());
+        assert!(!s.seen.lock().unwrap().contains_key(&fp(9)));
     }
 
     #[test]
