@@ -349,6 +349,35 @@ fn colluders_steer_krum_back_to_the_base_model_and_the_trimmed_mean_resists() {
 }
 
 #[test]
+fn training_ahead_on_workers_changes_nothing_in_the_results() {
+    // Dropouts (before training and before upload) leave trainings started and never taken.
+    let mut s = small(
+        r#"
+[devices]
+dropout = 0.3
+offline_ms = 120000
+"#,
+    );
+    s.simulation.clients_per_round = sim::scenario::PerRound::Count(6);
+    s.rounds.min_updates = 2;
+    let with = |workers| {
+        let opts = RunOptions {
+            train_workers: Some(workers),
+            ..RunOptions::default()
+        };
+        sim::run(&s, &opts).unwrap()
+    };
+    let (inline, ahead) = (with(0), with(3));
+    assert_eq!(inline.summary.rounds, 3);
+    assert!(inline.rounds.iter().map(|r| r.dropouts).sum::<usize>() > 0);
+    assert_eq!(without_wall_time(&inline), without_wall_time(&ahead));
+    assert_eq!(
+        inline.summary.adapter_digests,
+        ahead.summary.adapter_digests
+    );
+}
+
+#[test]
 fn rounds_complete_with_thirty_percent_dropouts() {
     let s = small(
         r#"

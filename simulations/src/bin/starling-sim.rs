@@ -49,6 +49,10 @@ enum Cmd {
         /// Keep the coordinator's directory (sled store, keys, signed versions) in this folder.
         #[arg(long)]
         keep_coordinator: Option<PathBuf>,
+        /// Threads training devices ahead of the simulated clock (default: one per core; 0: none, each
+        /// training runs when it completes). The results are the same with any number.
+        #[arg(long)]
+        train_workers: Option<usize>,
     },
     /// Prints the embedded default scenario (a starting point for your own).
     ShowDefault,
@@ -113,6 +117,7 @@ fn real_main() -> anyhow::Result<()> {
             rounds,
             seed,
             keep_coordinator,
+            train_workers,
         } => {
             let mut scen = match &scenario {
                 Some(p) => Scenario::load(p)?,
@@ -145,6 +150,7 @@ fn real_main() -> anyhow::Result<()> {
                     .and_then(|p| p.parent().map(|d| d.to_path_buf())),
                 work_dir: keep_coordinator,
                 on_round: Some(on_round),
+                train_workers,
             };
             let outcome = sim::run(&scen, &opts).context("simulation failed")?;
             if let Ok(mut g) = BAR.lock() {

@@ -22,6 +22,7 @@ pub mod data;
 pub mod eval;
 pub mod link;
 mod outcome;
+mod pool;
 pub mod report;
 mod run;
 pub mod scenario;
@@ -172,6 +173,9 @@ pub struct RunOptions {
     pub work_dir: Option<PathBuf>,
     /// Called after every published round (the progress bar).
     pub on_round: Option<fn(&RoundMetrics, u64)>,
+    /// Threads that train devices ahead of the simulated clock (`None`: one per core; `Some(0)`: every
+    /// training runs on the event loop's thread when it completes). The results do not depend on it.
+    pub train_workers: Option<usize>,
 }
 
 /// A deterministic 64-bit value derived from the run's seed and a few labels.

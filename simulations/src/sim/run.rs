@@ -4,6 +4,7 @@
 //! What must never live here: the scenario's schema, the result schema, the baselines or the attacks (their
 //! own modules), or any policy of the coordinator or the device (their crates).
 
+use super::pool::{CloseOnDrop, Job, Pool};
 use super::*;
 use starling_coordinator::aggregator::upstream::LocalRoot;
 use starling_coordinator::aggregator::{Aggregator, AggregatorConfig};
@@ -123,6 +124,8 @@ pub(super) struct Sim<'a> {
     pub(super) eps_sum: f64,
     pub(super) eps_devices: usize,
     pub(super) now: u64,
+    /// Trainings started and not yet taken.
+    pub(super) pool: &'a Pool<'a>,
 }
 
 impl Sim<'_> {
@@ -270,6 +273,15 @@ impl Sim<'_> {
                 }
                 other => {
                     let delay = self.start(c, &other);
+                    if let Action::Train {
+                        task,
+                        manifest,
+                        dp_sampling_rate,
+                    } = &other
+                    {
+                        let due = self.now + delay.max(1);
+                        self.start_training(c, task, manifest, *dp_sampling_rate, due)?;
+                    }
                     if let State::Active(a) = &mut self.devices[c].state {
                         a.inflight = Some(other);
                     }
@@ -555,16 +567,16 @@ impl Sim<'_> {
         self.ds.encode(&text, self.tok, self.chat)
     }
 
-    pub(super) fn train(
-        &mut self,
+    /// What device `c`'s training of `task` needs, or why it cannot train.
+    fn training_job(
+        &self,
         c: usize,
         task: &Task,
         manifest: &starling_protocol::Manifest,
         dp_sampling_rate: Option<f64>,
-    ) -> Result<Event, SimError> {
-        let failed = |error: String| Ok(Event::TrainingFailed { error });
+    ) -> Result<Result<Job, String>, SimError> {
         let State::Active(a) = &self.devices[c].state else {
-            return failed("device is not running".into());
+            return Ok(Err("device is not running".into()));
         };
         let Some(digest) = a
             .session
@@ -573,33 +585,65 @@ impl Sim<'_> {
             .as_ref()
             .and_then(HeldModel::adapter)
         else {
-            return failed("no model held".into());
+            return Ok(Err("no model held".into()));
         };
-        let Some(blob) = self.adapters.get(&digest).cloned() else {
-            return failed("the held adapter is not cached".into());
+        let Some(blob) = self.adapters.get(&digest) else {
+            return Ok(Err("the held adapter is not cached".into()));
         };
-        let start = match adapter_values(&blob) {
+        let start = match adapter_values(blob) {
             Ok(v) => v,
-            Err(e) => return failed(e.to_string()),
+            Err(e) => return Ok(Err(e.to_string())),
         };
         let tokens = match &a.tokens {
             Some(t) => t.clone(),
             None => Arc::new(self.tokens(c)?),
         };
-        let round = task.round.0;
-        let t = TaskTraining {
-            model: self.model,
-            task,
-            manifest,
-            start: &start,
-            tokens: &tokens,
+        Ok(Ok(Job {
+            task: task.clone(),
+            manifest: manifest.clone(),
+            start,
+            tokens,
             dp_sampling_rate,
-            seed: Some(derive(self.seed, "train", c as u64, round)),
+            seed: derive(self.seed, "train", c as u64, task.round.0),
             precision: self.scen.simulation.precision,
+        }))
+    }
+
+    /// Device `c` starts training `task`: the training starts on the pool, due at simulated time `due`
+    /// (one that cannot start is left to [`Sim::train`] to report).
+    pub(super) fn start_training(
+        &self,
+        c: usize,
+        task: &Task,
+        manifest: &starling_protocol::Manifest,
+        dp_sampling_rate: Option<f64>,
+        due: u64,
+    ) -> Result<(), SimError> {
+        if let Ok(job) = self.training_job(c, task, manifest, dp_sampling_rate)? {
+            self.pool.submit((c, task.round.0), due, job);
+        }
+        Ok(())
+    }
+
+    /// Device `c`'s training of `task` completes: its update (from the pool, or trained now).
+    pub(super) fn train(
+        &mut self,
+        c: usize,
+        task: &Task,
+        manifest: &starling_protocol::Manifest,
+        dp_sampling_rate: Option<f64>,
+    ) -> Result<Event, SimError> {
+        let round = task.round.0;
+        let result = match self.pool.take((c, round)) {
+            Some(r) => r,
+            None => match self.training_job(c, task, manifest, dp_sampling_rate)? {
+                Ok(job) => job.run(self.model),
+                Err(e) => Err(e),
+            },
         };
-        let mut trained = match train_task(&t, |_, _| true) {
+        let mut trained = match result {
             Ok(t) => t,
-            Err(e) => return failed(e.to_string()),
+            Err(error) => return Ok(Event::TrainingFailed { error }),
         };
         if self.devices[c].attacker {
             trained.body = self.attack(c, round, task, manifest, &trained.body)?;
@@ -648,6 +692,9 @@ fn edge_config(
         },
     }
 }
+
+/// How many bytes of trained updates (as f32 values) the pool may hold ahead of their completion.
+const TRAINED_BYTES_AHEAD: usize = 256 << 20;
 
 /// A scratch directory for the simulated coordinator's state: in `/dev/shm` where it can be (Linux
 /// without `TMPDIR` set), else in the temporary directory. The simulated coordinator is the deployed one,
@@ -796,222 +843,240 @@ pub fn run_loaded(scen: &Scenario, opts: &RunOptions, l: &Loaded) -> Result<Outc
         seed: 0,
         retry_ms: cfg.rounds.retry_after_ms,
     };
-    let mut sim = Sim {
-        scen,
-        seed,
-        coord: coord.clone(),
-        clock,
-        link,
-        model: &l.model,
-        tok: &l.tok,
-        chat: l.chat.as_ref(),
-        ds: &l.data,
-        devices,
-        queue: BinaryHeap::new(),
-        seq: 0,
-        session_cfg,
-        held: BTreeMap::new(),
-        adapters: HashMap::new(),
-        bodies: HashMap::new(),
-        counters: Counters::default(),
-        eps_max: 0.0,
-        eps_sum: 0.0,
-        eps_devices: 0,
-        now: 0,
-    };
-    let startup = scen.devices.startup_ms.max(1);
-    for c in 0..n {
-        let at = (unit(seed, "start", c as u64, 0) * startup as f64) as u64;
-        sim.schedule(at, Kind::Wake, c);
-    }
-    // The coordinator's first tick comes once every device's first request has arrived (connect and ask:
-    // two round trips), so the first round samples from the whole population as later ones do.
-    sim.schedule(
-        startup + 2 * scen.devices.latency_ms + 1,
-        Kind::Tick,
-        usize::MAX,
-    );
-
-    // Round 0: the base model.
-    let base_scores = evaluate(
+    // Trainings run on workers ahead of the simulated clock (`pool`); the results do not depend on them.
+    let workers = opts
+        .train_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Finished updates waiting for their simulated completion hold at most ~256 MiB (f32 values).
+    let pool = Pool::new(
         &l.model,
-        Some(&adapter_from(&l.model, scen, &v0_adapter(&coord)?)?),
-        &evalset,
-    )?;
-    let mut rounds = vec![RoundMetrics {
-        round: 0,
-        version: 0,
-        test_loss: Some(base_scores.loss),
-        perplexity: Some(base_scores.perplexity),
-        accuracy: Some(base_scores.accuracy),
-        epsilon_user: 0.0,
-        epsilon_device_max: 0.0,
-        epsilon_device_mean: 0.0,
-        selected: 0,
-        participants: 0,
-        dropouts: 0,
-        declined: 0,
-        refused: 0,
-        train_loss: 0.0,
-        bytes_up: 0,
-        bytes_down: 0,
-        base_bytes_down: 0,
-        abandoned_before: 0,
-        sim_time_s: 0.0,
-        wall_s: wall.elapsed().as_secs_f64(),
-    }];
-    if let Some(f) = opts.on_round {
-        f(&rounds[0], scen.simulation.rounds);
-    }
-    let mut latest = 0u64;
-    let mut started: BTreeMap<u64, usize> = BTreeMap::new();
-    let mut published_rounds = std::collections::BTreeSet::new();
-    let mut abandoned_seen = 0u64;
-    let mut totals = Counters::default();
-    let mut final_scores = base_scores;
-    let mut digests = vec![adapter_digest(&coord, 0)?];
-    let max_rounds = scen.simulation.rounds * 4 + 20;
-    while let Some(Reverse((at, _, kind, c))) = sim.queue.pop() {
-        sim.now = at;
-        sim.set_clock();
-        match kind {
-            Kind::Wake => sim.wake(c)?,
-            Kind::Complete => sim.complete(c)?,
-            Kind::Tick => {
-                // Edge aggregators first: the partial sums whose transfer is over reach the root, then
-                // each polls it (takes a new round's task, forwards a cohort).
-                sim.counters.refused += sim.link.poll_edges()?;
-                let finished = coord.tick(EPOCH_MS + at)?;
-                if let Some(why) = coord.budget_pause() {
-                    return Err(SimError::BudgetSpent(why));
-                }
-                let current = coord.round();
-                if let Some(r) = &current {
-                    // Behind aggregators the root selects aggregators: count the devices they take.
-                    let selected = match scen.topology.aggregators {
-                        0 => r.selected.len(),
-                        _ => (r.selected.len() * scen.cohort_size(n)).min(scen.per_round(n)),
-                    };
-                    started.entry(r.id.0).or_insert(selected);
-                }
-                let open = current.as_ref().map(|r| r.id.0);
-                let v = coord.latest().0;
-                if v > latest {
-                    latest = v;
-                    let evaluate_now =
-                        v % scen.evaluation.every == 0 || v >= scen.simulation.rounds || finished;
-                    let mut m =
-                        sim.round_metrics(v, &started, evaluate_now.then_some(&evalset), wall)?;
-                    published_rounds.insert(m.round);
-                    // Started rounds that are neither published nor open were abandoned.
-                    let abandoned = started
-                        .keys()
-                        .filter(|id| !published_rounds.contains(*id) && Some(**id) != open)
-                        .count() as u64;
-                    m.abandoned_before = abandoned.saturating_sub(abandoned_seen);
-                    abandoned_seen = abandoned;
-                    if let (Some(loss), Some(acc)) = (m.test_loss, m.accuracy) {
-                        final_scores = Scores {
-                            loss,
-                            perplexity: loss.exp(),
-                            accuracy: acc,
-                            tokens: evalset.tokens(),
+        (TRAINED_BYTES_AHEAD / (num_params.max(1) * 4)).max(2 * workers),
+    );
+    std::thread::scope(|scope| {
+        let close = CloseOnDrop(&pool);
+        for _ in 0..workers {
+            scope.spawn(|| pool.work());
+        }
+        let mut sim = Sim {
+            scen,
+            seed,
+            coord: coord.clone(),
+            clock,
+            link,
+            model: &l.model,
+            tok: &l.tok,
+            chat: l.chat.as_ref(),
+            ds: &l.data,
+            devices,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            session_cfg,
+            held: BTreeMap::new(),
+            adapters: HashMap::new(),
+            bodies: HashMap::new(),
+            counters: Counters::default(),
+            eps_max: 0.0,
+            eps_sum: 0.0,
+            eps_devices: 0,
+            now: 0,
+            pool: &pool,
+        };
+        let startup = scen.devices.startup_ms.max(1);
+        for c in 0..n {
+            let at = (unit(seed, "start", c as u64, 0) * startup as f64) as u64;
+            sim.schedule(at, Kind::Wake, c);
+        }
+        // The coordinator's first tick comes once every device's first request has arrived (connect and ask:
+        // two round trips), so the first round samples from the whole population as later ones do.
+        sim.schedule(
+            startup + 2 * scen.devices.latency_ms + 1,
+            Kind::Tick,
+            usize::MAX,
+        );
+
+        // Round 0: the base model.
+        let base_scores = evaluate(
+            &l.model,
+            Some(&adapter_from(&l.model, scen, &v0_adapter(&coord)?)?),
+            &evalset,
+        )?;
+        let mut rounds = vec![RoundMetrics {
+            round: 0,
+            version: 0,
+            test_loss: Some(base_scores.loss),
+            perplexity: Some(base_scores.perplexity),
+            accuracy: Some(base_scores.accuracy),
+            epsilon_user: 0.0,
+            epsilon_device_max: 0.0,
+            epsilon_device_mean: 0.0,
+            selected: 0,
+            participants: 0,
+            dropouts: 0,
+            declined: 0,
+            refused: 0,
+            train_loss: 0.0,
+            bytes_up: 0,
+            bytes_down: 0,
+            base_bytes_down: 0,
+            abandoned_before: 0,
+            sim_time_s: 0.0,
+            wall_s: wall.elapsed().as_secs_f64(),
+        }];
+        if let Some(f) = opts.on_round {
+            f(&rounds[0], scen.simulation.rounds);
+        }
+        let mut latest = 0u64;
+        let mut started: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut published_rounds = std::collections::BTreeSet::new();
+        let mut abandoned_seen = 0u64;
+        let mut totals = Counters::default();
+        let mut final_scores = base_scores;
+        let mut digests = vec![adapter_digest(&coord, 0)?];
+        let max_rounds = scen.simulation.rounds * 4 + 20;
+        while let Some(Reverse((at, _, kind, c))) = sim.queue.pop() {
+            sim.now = at;
+            sim.set_clock();
+            match kind {
+                Kind::Wake => sim.wake(c)?,
+                Kind::Complete => sim.complete(c)?,
+                Kind::Tick => {
+                    // Edge aggregators first: the partial sums whose transfer is over reach the root, then
+                    // each polls it (takes a new round's task, forwards a cohort).
+                    sim.counters.refused += sim.link.poll_edges()?;
+                    let finished = coord.tick(EPOCH_MS + at)?;
+                    if let Some(why) = coord.budget_pause() {
+                        return Err(SimError::BudgetSpent(why));
+                    }
+                    let current = coord.round();
+                    if let Some(r) = &current {
+                        // Behind aggregators the root selects aggregators: count the devices they take.
+                        let selected = match scen.topology.aggregators {
+                            0 => r.selected.len(),
+                            _ => (r.selected.len() * scen.cohort_size(n)).min(scen.per_round(n)),
                         };
+                        started.entry(r.id.0).or_insert(selected);
                     }
-                    digests.push(adapter_digest(&coord, v)?);
-                    accumulate(&mut totals, &m);
-                    if let Some(f) = opts.on_round {
-                        f(&m, scen.simulation.rounds);
+                    let open = current.as_ref().map(|r| r.id.0);
+                    let v = coord.latest().0;
+                    if v > latest {
+                        latest = v;
+                        let evaluate_now = v % scen.evaluation.every == 0
+                            || v >= scen.simulation.rounds
+                            || finished;
+                        let mut m =
+                            sim.round_metrics(v, &started, evaluate_now.then_some(&evalset), wall)?;
+                        published_rounds.insert(m.round);
+                        // Started rounds that are neither published nor open were abandoned.
+                        let abandoned = started
+                            .keys()
+                            .filter(|id| !published_rounds.contains(*id) && Some(**id) != open)
+                            .count() as u64;
+                        m.abandoned_before = abandoned.saturating_sub(abandoned_seen);
+                        abandoned_seen = abandoned;
+                        if let (Some(loss), Some(acc)) = (m.test_loss, m.accuracy) {
+                            final_scores = Scores {
+                                loss,
+                                perplexity: loss.exp(),
+                                accuracy: acc,
+                                tokens: evalset.tokens(),
+                            };
+                        }
+                        digests.push(adapter_digest(&coord, v)?);
+                        accumulate(&mut totals, &m);
+                        if let Some(f) = opts.on_round {
+                            f(&m, scen.simulation.rounds);
+                        }
+                        rounds.push(m);
                     }
-                    rounds.push(m);
+                    if finished {
+                        break;
+                    }
+                    if started.len() as u64 > max_rounds {
+                        return Err(SimError::Stalled(format!(
+                            "{} rounds started, {latest} published: too few updates arrive by the deadline \
+                             (dropouts, the deadline, or clients per round against min_updates)",
+                            started.len()
+                        )));
+                    }
+                    let next = at + scen.simulation.tick_ms;
+                    sim.schedule(next, Kind::Tick, usize::MAX);
                 }
-                if finished {
-                    break;
-                }
-                if started.len() as u64 > max_rounds {
-                    return Err(SimError::Stalled(format!(
-                        "{} rounds started, {latest} published: too few updates arrive by the deadline \
-                         (dropouts, the deadline, or clients per round against min_updates)",
-                        started.len()
-                    )));
-                }
-                let next = at + scen.simulation.tick_ms;
-                sim.schedule(next, Kind::Tick, usize::MAX);
             }
         }
-    }
-    let abandoned = started.len() as u64 - published_rounds.len() as u64;
-    let final_adapter = adapter_values(&published_adapter(&coord, latest)?)?;
-    let initial_adapter = adapter_values(&published_adapter(&coord, 0)?)?;
-    let sim_time_s = sim.now as f64 / 1000.0;
-    let eps_user = rounds.last().map_or(0.0, |r| r.epsilon_user);
-    let eps_dev = sim.eps_max;
-    let Sim { link, .. } = sim;
-    link.shutdown();
-    let baselines = if opts.baselines {
-        Some(baselines(
-            scen,
-            l,
-            &evalset,
-            &eval_clients,
-            &final_adapter,
-            &coord,
-        )?)
-    } else {
-        None
-    };
-    let gap_closed = baselines.as_ref().and_then(|b| {
-        let gap = b.centralized.accuracy - base_scores.accuracy;
-        (gap > 0.0).then(|| (final_scores.accuracy - base_scores.accuracy) / gap)
-    });
-    let gap_closed_loss = baselines.as_ref().and_then(|b| {
-        let gap = base_scores.loss - b.centralized.loss;
-        (gap > 0.0).then(|| (base_scores.loss - final_scores.loss) / gap)
-    });
-    let summary = Summary {
-        scenario: scen.simulation.name.clone(),
-        seed,
-        transport: opts.transport,
-        clients: n,
-        clients_per_round: scen.per_round(n),
-        eval_clients: eval_clients.len(),
-        attackers,
-        rounds: latest,
-        rounds_abandoned: abandoned,
-        strategy: if cfg.privacy.mode == DpPlacement::Off {
-            format!("{:?}", cfg.strategy.kind)
+        let abandoned = started.len() as u64 - published_rounds.len() as u64;
+        let final_adapter = adapter_values(&published_adapter(&coord, latest)?)?;
+        let initial_adapter = adapter_values(&published_adapter(&coord, 0)?)?;
+        let sim_time_s = sim.now as f64 / 1000.0;
+        let eps_user = rounds.last().map_or(0.0, |r| r.epsilon_user);
+        let eps_dev = sim.eps_max;
+        drop(close);
+        let Sim { link, .. } = sim;
+        link.shutdown();
+        let baselines = if opts.baselines {
+            Some(baselines(
+                scen,
+                l,
+                &evalset,
+                &eval_clients,
+                &final_adapter,
+                &coord,
+            )?)
         } else {
-            format!("DP-FedAvg ({:?})", cfg.privacy.mode)
-        },
-        noise_multiplier: if cfg.privacy.mode == DpPlacement::Off {
-            0.0
-        } else {
-            cfg.privacy.noise_multiplier
-        },
-        base: base_scores,
-        final_scores,
-        epsilon_user: eps_user,
-        delta_user: if cfg.privacy.mode == DpPlacement::Off {
-            0.0
-        } else {
-            cfg.privacy.delta
-        },
-        epsilon_device_max: eps_dev,
-        bytes_up: totals.bytes_up,
-        bytes_down: totals.bytes_down,
-        base_bytes_down: totals.base_bytes_down,
-        baselines,
-        gap_closed,
-        gap_closed_loss,
-        adapter_digests: digests,
-        sim_time_s,
-        wall_s: wall.elapsed().as_secs_f64(),
-    };
-    Ok(Outcome {
-        rounds,
-        summary,
-        final_adapter,
-        initial_adapter,
+            None
+        };
+        let gap_closed = baselines.as_ref().and_then(|b| {
+            let gap = b.centralized.accuracy - base_scores.accuracy;
+            (gap > 0.0).then(|| (final_scores.accuracy - base_scores.accuracy) / gap)
+        });
+        let gap_closed_loss = baselines.as_ref().and_then(|b| {
+            let gap = base_scores.loss - b.centralized.loss;
+            (gap > 0.0).then(|| (base_scores.loss - final_scores.loss) / gap)
+        });
+        let summary = Summary {
+            scenario: scen.simulation.name.clone(),
+            seed,
+            transport: opts.transport,
+            clients: n,
+            clients_per_round: scen.per_round(n),
+            eval_clients: eval_clients.len(),
+            attackers,
+            rounds: latest,
+            rounds_abandoned: abandoned,
+            strategy: if cfg.privacy.mode == DpPlacement::Off {
+                format!("{:?}", cfg.strategy.kind)
+            } else {
+                format!("DP-FedAvg ({:?})", cfg.privacy.mode)
+            },
+            noise_multiplier: if cfg.privacy.mode == DpPlacement::Off {
+                0.0
+            } else {
+                cfg.privacy.noise_multiplier
+            },
+            base: base_scores,
+            final_scores,
+            epsilon_user: eps_user,
+            delta_user: if cfg.privacy.mode == DpPlacement::Off {
+                0.0
+            } else {
+                cfg.privacy.delta
+            },
+            epsilon_device_max: eps_dev,
+            bytes_up: totals.bytes_up,
+            bytes_down: totals.bytes_down,
+            base_bytes_down: totals.base_bytes_down,
+            baselines,
+            gap_closed,
+            gap_closed_loss,
+            adapter_digests: digests,
+            sim_time_s,
+            wall_s: wall.elapsed().as_secs_f64(),
+        };
+        Ok(Outcome {
+            rounds,
+            summary,
+            final_adapter,
+            initial_adapter,
+        })
     })
 }
 
