@@ -13,7 +13,7 @@
 
 use starling_privacy::ddg::DdgEvent;
 use starling_privacy::{
-    Budget, DpEvent, Ledger, LedgerEntry, LedgerScope, NoisePlacement, PrivacyError,
+    Budget, Checkpoint, DpEvent, Ledger, LedgerEntry, LedgerScope, NoisePlacement, PrivacyError,
 };
 use starling_protocol::manifest::{DpMode, DpRecord, Manifest, SignedManifest};
 use starling_protocol::message::{
@@ -225,6 +225,8 @@ pub struct Restored {
     pub charges: Vec<(RoundId, RoundCharge)>,
     /// The rounds charged as the distributed discrete Gaussian, with their events.
     pub discrete: Vec<(RoundId, DdgEvent)>,
+    /// The global ledger's last stored checkpoint ([`RoundCore::ledger_checkpoint`]), if one was.
+    pub ledger_checkpoint: Option<Checkpoint>,
 }
 
 /// What one round charges to the global ledger.
@@ -337,13 +339,25 @@ fn rebuild_ledger(
             epsilon_after: c.epsilon_after,
         });
     }
+    let budget = Budget {
+        epsilon: cfg.privacy.epsilon_budget,
+        delta: cfg.privacy.delta,
+    };
+    let kind = cfg.privacy.accountant;
+    if let Some(cp) = &restored.ledger_checkpoint {
+        match Ledger::resume(LedgerScope::Global, budget, kind, entries.clone(), Some(cp)) {
+            Ok(l) => return Ok(Some(l)),
+            // Taken on other rounds (a store restored from a backup) or unreadable: it only saves time.
+            Err(PrivacyError::Corrupt(why)) => {
+                tracing::warn!("the privacy ledger's checkpoint is not used ({why}): composing every round again")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(Some(Ledger::with_entries(
         LedgerScope::Global,
-        Budget {
-            epsilon: cfg.privacy.epsilon_budget,
-            delta: cfg.privacy.delta,
-        },
-        cfg.privacy.accountant,
+        budget,
+        kind,
         entries,
     )?))
 }
@@ -699,6 +713,28 @@ impl RoundCore {
         Ok(())
     }
 
+    /// The global ledger's checkpoint, for the driver to store after committing a round whose charge
+    /// started a new run of identical rounds (a sampling rate or multiplier other than the round
+    /// before's); `None` otherwise, and for the RDP accountant. A restart resumes the ledger's composition
+    /// from it ([`Restored::ledger_checkpoint`]): inside a run, the rounds after it compose as one.
+    pub fn ledger_checkpoint(&self) -> Result<Option<Checkpoint>, CoreError> {
+        let Some(l) = &self.ledger else {
+            return Ok(None);
+        };
+        let starts_run = match l.entries() {
+            [.., before, last] => {
+                (before.event.sampling_rate, before.event.noise_multiplier)
+                    != (last.event.sampling_rate, last.event.noise_multiplier)
+            }
+            [_] => true,
+            [] => false,
+        };
+        if !starts_run {
+            return Ok(None);
+        }
+        Ok(l.checkpoint()?)
+    }
+
     /// Whether rounds charge the ledger, and how: `Some(true)` the subsampled Gaussian, `Some(false)` the
     /// devices' discrete Gaussian shares under secure aggregation, `None` no user-level DP.
     fn round_kind(&self) -> Option<bool> {
@@ -955,6 +991,70 @@ mod tests {
         let ledger = restarted.ledger.as_ref().unwrap();
         assert_eq!((ledger.entries().len(), ledger.spent()), (1, eps1));
         assert_eq!(ledger.remaining(), 0.0);
+    }
+
+    #[test]
+    fn a_restart_resumes_the_ledger_from_its_checkpoint_and_ignores_a_foreign_one() {
+        let cfg = config(DpPlacement::Central, 100.0);
+        let restarted = |charges: &[(RoundId, RoundCharge)], checkpoint: Option<Checkpoint>| {
+            let engine =
+                Engine::new(cfg.rounds.clone(), schema().hash(), ModelVersion(0), 1, 0).unwrap();
+            let restored = Restored {
+                charges: charges.to_vec(),
+                ledger_checkpoint: checkpoint,
+                ..Restored::default()
+            };
+            RoundCore::new(
+                cfg.clone(),
+                schema(),
+                Digest::of(b"base"),
+                key(),
+                engine,
+                2,
+                Some([3; 32]),
+                restored,
+            )
+            .unwrap()
+        };
+        // A population that grows: the sampling rate moves every round but two.
+        let charges: Vec<(RoundId, RoundCharge)> = [0.01, 0.011, 0.012, 0.012, 0.013, 0.014]
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let charge = RoundCharge {
+                    sampling_rate: q,
+                    noise_multiplier: 1.0,
+                    epsilon_after: f64::NAN,
+                    mean_train_loss: 1.0,
+                    updates: 2,
+                };
+                (RoundId(i as u64), charge)
+            })
+            .collect();
+        // As stored: each round with the ε after it.
+        let full = restarted(&charges, None);
+        let mut charges = charges;
+        for ((_, c), e) in charges
+            .iter_mut()
+            .zip(full.ledger.as_ref().unwrap().entries())
+        {
+            c.epsilon_after = e.epsilon_after;
+        }
+        // The driver stores a checkpoint after a round that starts a run, not after one continuing it.
+        let at = |n: usize| restarted(&charges[..n], None).ledger_checkpoint().unwrap();
+        assert!(at(3).is_some());
+        assert!(at(4).is_none(), "round 3 continues round 2's run");
+        let cp = at(5).unwrap();
+        assert_eq!(cp.events, 5);
+        // A restart two rounds later resumes from it: the same ledger as composing every round again.
+        let resumed = restarted(&charges, Some(cp.clone()));
+        let entries = |c: &RoundCore| c.ledger.as_ref().unwrap().entries().to_vec();
+        assert_eq!(entries(&resumed), entries(&full));
+        assert!(full.ledger.as_ref().unwrap().spent() > 0.0);
+        // A checkpoint taken on other rounds (a store restored from an older backup) is not used.
+        let mut foreign = cp;
+        foreign.events_hash ^= 1;
+        assert_eq!(entries(&restarted(&charges, Some(foreign))), entries(&full));
     }
 
     #[test]

@@ -409,6 +409,10 @@ impl Coordinator {
             strategy: store.strategy_state()?,
             charges: store.ledger()?,
             discrete: store.ledger_ddg()?,
+            ledger_checkpoint: store.ledger_checkpoint().unwrap_or_else(|e| {
+                tracing::warn!("the privacy ledger's checkpoint does not read back ({e})");
+                None
+            }),
         };
         let core = RoundCore::new(
             cfg.clone(),
@@ -743,6 +747,16 @@ impl Coordinator {
             &p.strategy,
         )?;
         core.commit(&p)?;
+        // Only saves a restart time: a failure is logged, the round stands.
+        match core.ledger_checkpoint() {
+            Ok(Some(cp)) => {
+                if let Err(e) = self.store.put_ledger_checkpoint(&cp) {
+                    tracing::warn!("storing the privacy ledger's checkpoint: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("the privacy ledger's checkpoint: {e}"),
+        }
         Ok(p.version)
     }
 

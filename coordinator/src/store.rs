@@ -790,6 +790,24 @@ impl Store {
         by_round(&self.ledger, "ledger entry")
     }
 
+    /// Stores the global privacy ledger's checkpoint (not flushed: it only saves a restart time, and one
+    /// older than the ledger's last rounds is resumed from all the same).
+    pub fn put_ledger_checkpoint(
+        &self,
+        checkpoint: &starling_privacy::Checkpoint,
+    ) -> Result<(), StoreError> {
+        self.meta.insert("ledger_checkpoint", encode(checkpoint))?;
+        Ok(())
+    }
+
+    /// The global privacy ledger's stored checkpoint, if one was.
+    pub fn ledger_checkpoint(&self) -> Result<Option<starling_privacy::Checkpoint>, StoreError> {
+        self.meta
+            .get("ledger_checkpoint")?
+            .map(|v| decode(&v, "ledger checkpoint"))
+            .transpose()
+    }
+
     /// The distributed discrete Gaussian events charged, by round.
     pub fn ledger_ddg(&self) -> Result<Vec<(RoundId, DdgEvent)>, StoreError> {
         by_round(&self.ledger_ddg, "discrete Gaussian ledger entry")
@@ -931,6 +949,30 @@ mod tests {
         );
         assert_eq!(rec.declines, 18, "every decline is counted");
         assert_eq!(rec.last_seen, 900 * SEEN_RESOLUTION_MS);
+    }
+
+    #[test]
+    fn the_ledger_checkpoint_reads_back_after_reopening() {
+        use starling_privacy::{AccountantKind, Budget, DpEvent, Ledger, LedgerScope};
+        let dir = tempfile::tempdir().unwrap();
+        let budget = Budget {
+            epsilon: 100.0,
+            delta: 1e-5,
+        };
+        let mut l = Ledger::new(LedgerScope::Global, budget, AccountantKind::Pld).unwrap();
+        for q in [0.01, 0.02] {
+            l.charge("round", DpEvent::new(q, 1.0, 1).unwrap()).unwrap();
+        }
+        let cp = l.checkpoint().unwrap().unwrap();
+        assert!(!cp.before.is_empty());
+        {
+            let s = Store::create(dir.path()).unwrap();
+            assert_eq!(s.ledger_checkpoint().unwrap(), None);
+            s.put_ledger_checkpoint(&cp).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.ledger_checkpoint().unwrap(), Some(cp));
     }
 
     #[test]

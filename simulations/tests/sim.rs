@@ -411,8 +411,44 @@ epsilon_budget = 1000.0
 accountant = "pld"
 "#,
     );
-    let o = run(&s, Transport::Memory);
+    let work = tempfile::tempdir().unwrap();
+    let coordinator_dir = work.path().join("coordinator");
+    let opts = RunOptions {
+        work_dir: Some(coordinator_dir.clone()),
+        ..RunOptions::default()
+    };
+    let o = sim::run(&s, &opts).unwrap();
     assert_eq!(o.summary.rounds, 3);
+    // The coordinator stored its ledger's checkpoint when the first round started the run; a restart
+    // resumes from it to the same ε.
+    let layout = starling_coordinator::service::Layout::new(&coordinator_dir);
+    let store = starling_coordinator::store::Store::open(&layout.store()).unwrap();
+    let checkpoint = store.ledger_checkpoint().unwrap().unwrap();
+    assert_eq!((checkpoint.events, checkpoint.run.unwrap().steps), (1, 1));
+    let entries: Vec<starling_privacy::LedgerEntry> = store
+        .ledger()
+        .unwrap()
+        .iter()
+        .map(|(r, c)| starling_privacy::LedgerEntry {
+            label: format!("round {}", r.0),
+            event: DpEvent::new(c.sampling_rate, c.noise_multiplier, 1).unwrap(),
+            epsilon_after: c.epsilon_after,
+        })
+        .collect();
+    let budget = starling_privacy::Budget {
+        epsilon: 1000.0,
+        delta: 1e-5,
+    };
+    let scope = starling_privacy::LedgerScope::Global;
+    let resumed = starling_privacy::Ledger::resume(
+        scope,
+        budget,
+        AccountantKind::Pld,
+        entries,
+        Some(&checkpoint),
+    )
+    .unwrap();
+    assert_eq!(resumed.spent(), o.summary.epsilon_user);
     let dir = starling_simulations::sim::scenario::resolve(&s.simulation.base_model, None);
     let model = Llama::load(&dir, None, &starling_model::Backend::default().device()).unwrap();
     let n = sim::adapter_params(&model, &s).unwrap();

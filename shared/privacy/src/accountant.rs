@@ -324,6 +324,143 @@ impl Composition {
     }
 }
 
+/// A PLD composition's state written out, so that a long composition resumes without composing its
+/// events again: the PLD of the runs that ended before the current one, and that run. A coordinator
+/// stores its global ledger's after every round, and a restart reads the ledger back from it: where the
+/// sampling rate moves every round (a population that grows), each round is a run of its own and the
+/// rebuild otherwise costs one convolution a round.
+///
+/// It names the events it covers (the first `events` of the list, and a hash of their rates, multipliers
+/// and steps), so that it is only ever resumed on the list it was taken from; resumed, the composition
+/// gives the ε of composing the whole list to the bit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// How many events it covers, from the first.
+    pub events: usize,
+    /// [`events_hash`] of those events.
+    pub events_hash: u64,
+    /// The PLD of the runs that ended before the current one ([`pld::Pld::to_bytes`]; empty: none did).
+    pub before: Vec<u8>,
+    /// The run in progress as one event of all its steps (`None`: nothing composed yet).
+    pub run: Option<DpEvent>,
+}
+
+/// A hash of events' rates, multipliers and steps (FNV-1a over their bits): it tells a checkpoint's list
+/// from another, and is not a defence against tampering (whoever can change a stored checkpoint can
+/// change the stored events it would be checked against).
+pub fn events_hash(events: &[DpEvent]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for e in events {
+        let words = [
+            e.sampling_rate.to_bits(),
+            e.noise_multiplier.to_bits(),
+            e.steps,
+        ];
+        for b in words.iter().flat_map(|w| w.to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Composition {
+    /// This composition's checkpoint, taken after `events` (the list it composed): `None` for RDP, whose
+    /// state is a few numbers recomputed in milliseconds, and after an event without noise.
+    pub fn checkpoint(&self, events: &[DpEvent]) -> Option<Checkpoint> {
+        let State::Pld(p) = &self.state else {
+            return None;
+        };
+        let (before, run) = match &p.runs {
+            None => (Vec::new(), None),
+            Some((before, run)) => (
+                before.as_ref().map_or_else(Vec::new, |b| b.to_bytes()),
+                Some(DpEvent {
+                    sampling_rate: run.sampling_rate,
+                    noise_multiplier: run.noise_multiplier,
+                    steps: run.steps,
+                }),
+            ),
+        };
+        Some(Checkpoint {
+            events: events.len(),
+            events_hash: events_hash(events),
+            before,
+            run,
+        })
+    }
+
+    /// The PLD composition of all `events`, resumed from `checkpoint` (taken on their first
+    /// `checkpoint.events`): only the events after it are composed. [`PrivacyError::Corrupt`] when the
+    /// checkpoint does not cover a prefix of `events` or does not read back.
+    pub fn resume(checkpoint: &Checkpoint, events: &[DpEvent]) -> Result<Self, PrivacyError> {
+        let covered = events.get(..checkpoint.events).ok_or_else(|| {
+            PrivacyError::Corrupt(format!(
+                "a checkpoint of {} events for a list of {}",
+                checkpoint.events,
+                events.len()
+            ))
+        })?;
+        if events_hash(covered) != checkpoint.events_hash {
+            return Err(PrivacyError::Corrupt(
+                "a checkpoint taken on other events".into(),
+            ));
+        }
+        let runs = match &checkpoint.run {
+            None if checkpoint.before.is_empty() => None,
+            None => {
+                return Err(PrivacyError::Corrupt(
+                    "a checkpoint with runs before and none in progress".into(),
+                ))
+            }
+            Some(run) => {
+                run.validate()?;
+                if run.is_noop() || run.is_non_private() {
+                    return Err(PrivacyError::Corrupt(format!(
+                        "a checkpoint's run {run:?} is not a private one"
+                    )));
+                }
+                let before = if checkpoint.before.is_empty() {
+                    None
+                } else {
+                    let b = pld::Pld::from_bytes(&checkpoint.before)?;
+                    if b.discretization() != pld::DEFAULT_DISCRETIZATION {
+                        return Err(PrivacyError::Corrupt(format!(
+                            "a checkpoint's PLD discretised at {}",
+                            b.discretization()
+                        )));
+                    }
+                    Some(Arc::new(b))
+                };
+                let one = pld::Pld::subsampled_gaussian(
+                    run.noise_multiplier,
+                    run.sampling_rate,
+                    pld::DEFAULT_DISCRETIZATION,
+                )?;
+                Some((
+                    before,
+                    Run {
+                        sampling_rate: run.sampling_rate,
+                        noise_multiplier: run.noise_multiplier,
+                        steps: run.steps,
+                        one: Arc::new(one),
+                    },
+                ))
+            }
+        };
+        let mut c = Self {
+            state: State::Pld(PldRuns {
+                runs,
+                composed: Arc::default(),
+            }),
+        };
+        for e in &events[checkpoint.events..] {
+            c = c.then(e)?;
+        }
+        Ok(c)
+    }
+}
+
 /// ε for `delta` after all `events`.
 pub fn epsilon(
     events: &[DpEvent],

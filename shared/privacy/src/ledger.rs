@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accountant::Composition;
+use crate::accountant::{Checkpoint, Composition};
 use crate::{AccountantKind, DpEvent, PrivacyError, PrivacySpent};
 
 /// A privacy budget: the largest ε allowed at this δ.
@@ -262,12 +262,59 @@ impl Ledger {
         scope: LedgerScope,
         budget: Budget,
         accountant: AccountantKind,
+        entries: Vec<LedgerEntry>,
+    ) -> Result<Self, PrivacyError> {
+        Self::resume(scope, budget, accountant, entries, None)
+    }
+
+    /// [`Ledger::with_entries`], resuming the composition from `checkpoint` (a [`Ledger::checkpoint`] the
+    /// owner stored, taken on a prefix of these entries) so that only the entries after it are composed.
+    /// The entries it covers keep their stored ε, clamped to lie between 0 and the ε the checkpoint
+    /// recomputes at its end and made non-decreasing (a missing or corrupt value reads as that end's);
+    /// the total is recomputed as always. A checkpoint that does not belong to these entries or does not
+    /// read back is [`PrivacyError::Corrupt`]: the owner then reads the ledger back without it.
+    pub fn resume(
+        scope: LedgerScope,
+        budget: Budget,
+        accountant: AccountantKind,
         mut entries: Vec<LedgerEntry>,
+        checkpoint: Option<&Checkpoint>,
     ) -> Result<Self, PrivacyError> {
         check_budget(&budget)?;
-        let mut composed = Composition::new(accountant);
-        let (mut run_start, mut before) = (0, 0.0);
-        for i in 0..entries.len() {
+        let (mut composed, start) = match checkpoint {
+            Some(cp) if accountant == AccountantKind::Pld => {
+                // Only the covered entries: the loop below composes the rest, computing ε where runs end.
+                let covered = entries.get(..cp.events).unwrap_or(&entries);
+                let events: Vec<DpEvent> = covered.iter().map(|e| e.event).collect();
+                let resumed = Composition::resume(cp, &events)?;
+                let at = resumed.epsilon(budget.delta)?.epsilon;
+                let mut floor = 0.0f64;
+                for e in &mut entries[..cp.events] {
+                    e.epsilon_after = if e.epsilon_after.is_nan() {
+                        at
+                    } else {
+                        e.epsilon_after.max(floor).min(at)
+                    };
+                    floor = e.epsilon_after;
+                }
+                // The checkpoint's own end is computed, not clamped.
+                if let Some(last) = cp.events.checked_sub(1) {
+                    entries[last].epsilon_after = at;
+                }
+                (resumed, cp.events)
+            }
+            Some(_) => {
+                return Err(PrivacyError::Corrupt(
+                    "a PLD checkpoint for a ledger of another accountant".into(),
+                ))
+            }
+            None => (Composition::new(accountant), 0),
+        };
+        let mut run_start = start;
+        let mut before = start
+            .checked_sub(1)
+            .map_or(0.0, |i| entries[i].epsilon_after);
+        for i in start..entries.len() {
             composed = composed.then(&entries[i].event)?;
             if let Some(next) = entries.get(i + 1) {
                 if composed.continues_run(&next.event) {
@@ -297,6 +344,24 @@ impl Ledger {
             .cache
             .update(|c| c.composed = Some((len, Arc::new(composed))));
         Ok(ledger)
+    }
+
+    /// The checkpoint of this ledger's composition, for its owner to store beside its entries and hand to
+    /// [`Ledger::resume`] when it reads them back (`None` for RDP, which recomputes in milliseconds). It
+    /// holds the PLD of the runs of identical rounds that ended (a few MB), so an owner stores it after a
+    /// charge that started a new run.
+    pub fn checkpoint(&self) -> Result<Option<Checkpoint>, PrivacyError> {
+        let len = self.entries.len();
+        let composed = match self.cache.get().composed {
+            Some((at, c)) if at == len => c,
+            _ => {
+                let c = Arc::new(Composition::of(&self.events(), self.accountant)?);
+                self.cache
+                    .update(|k| k.composed = Some((len, Arc::clone(&c))));
+                c
+            }
+        };
+        Ok(composed.checkpoint(&self.events()))
     }
 }
 
@@ -410,6 +475,105 @@ mod tests {
             AccountantKind::Pld
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_ledger_resumed_from_its_checkpoint_equals_the_one_composed_again() {
+        let budget = Budget {
+            epsilon: 100.0,
+            delta: 1e-5,
+        };
+        // A population that grows (q moves every round), then holds (a run), then moves again.
+        let qs = [
+            0.010, 0.011, 0.012, 0.013, 0.013, 0.013, 0.013, 0.014, 0.015,
+        ];
+        let mut live = Ledger::new(LedgerScope::Global, budget, AccountantKind::Pld).unwrap();
+        let mut checkpoints = Vec::new();
+        for (i, q) in qs.into_iter().enumerate() {
+            live.charge(format!("round {i}"), DpEvent::new(q, 1.0, 1).unwrap())
+                .unwrap();
+            checkpoints.push(live.checkpoint().unwrap().unwrap());
+        }
+        let entries = live.entries().to_vec();
+        let again = Ledger::with_entries(
+            LedgerScope::Global,
+            budget,
+            AccountantKind::Pld,
+            entries.clone(),
+        )
+        .unwrap();
+        assert_eq!(again.spent(), live.spent());
+        // From a checkpoint after every round (the last ones inside the run of 0.013, where the run
+        // goes on past the checkpoint): the same ε to the bit, at every entry.
+        for cp in &checkpoints {
+            let resumed = Ledger::resume(
+                LedgerScope::Global,
+                budget,
+                AccountantKind::Pld,
+                entries.clone(),
+                Some(cp),
+            )
+            .unwrap();
+            assert_eq!(
+                resumed.entries(),
+                again.entries(),
+                "from {} events",
+                cp.events
+            );
+            // It goes on charging as the live ledger does.
+            let next = DpEvent::new(0.016, 1.0, 1).unwrap();
+            assert_eq!(resumed.preview(next).unwrap(), live.preview(next).unwrap());
+        }
+        // Inside a run, a checkpoint holds no PLD at all until the run ends; a round that starts a new
+        // run stores the composition of the ones before it.
+        assert!(checkpoints[0].before.is_empty());
+        assert!(!checkpoints[3].before.is_empty());
+        assert_eq!(checkpoints[6].before, checkpoints[3].before);
+        assert_eq!(checkpoints[6].run.unwrap().steps, 4);
+        // Stored ε inside the covered entries is kept within its bounds, and the checkpoint's end is
+        // recomputed.
+        let mut tampered = entries.clone();
+        tampered[1].epsilon_after = 1e9;
+        tampered[2].epsilon_after = f64::NAN;
+        tampered[4].epsilon_after = -3.0;
+        let cp = &checkpoints[4];
+        let r = Ledger::resume(
+            LedgerScope::Global,
+            budget,
+            AccountantKind::Pld,
+            tampered,
+            Some(cp),
+        )
+        .unwrap();
+        let at = again.entries()[4].epsilon_after;
+        assert_eq!(r.entries()[1].epsilon_after, at);
+        assert_eq!(r.entries()[2].epsilon_after, at);
+        assert_eq!(r.entries()[4].epsilon_after, at);
+        assert_eq!(r.spent(), again.spent());
+        // A checkpoint of other events, of more events than there are, with bad bytes, or for RDP:
+        // refused, and the owner reads the ledger back without it.
+        let corrupt = |cp: &Checkpoint, kind| {
+            matches!(
+                Ledger::resume(LedgerScope::Global, budget, kind, entries.clone(), Some(cp)),
+                Err(PrivacyError::Corrupt(_))
+            )
+        };
+        let mut other = checkpoints[5].clone();
+        other.events_hash ^= 1;
+        assert!(corrupt(&other, AccountantKind::Pld));
+        let mut longer = checkpoints[8].clone();
+        longer.events = entries.len() + 1;
+        assert!(corrupt(&longer, AccountantKind::Pld));
+        let mut bad = checkpoints[8].clone();
+        bad.before.truncate(100);
+        assert!(corrupt(&bad, AccountantKind::Pld));
+        let mut no_run = checkpoints[8].clone();
+        no_run.run = None;
+        assert!(corrupt(&no_run, AccountantKind::Pld));
+        assert!(corrupt(&checkpoints[8], AccountantKind::Rdp));
+        let rdp = Ledger::with_entries(LedgerScope::Global, budget, AccountantKind::Rdp, entries)
+            .unwrap();
+        assert!(rdp.checkpoint().unwrap().is_none());
     }
 
     #[test]

@@ -17,7 +17,9 @@ pub mod rdp;
 pub mod sampler;
 mod special;
 
-pub use accountant::{calibrate_noise_multiplier, AccountantKind, DpEvent, PrivacySpent};
+pub use accountant::{
+    calibrate_noise_multiplier, AccountantKind, Checkpoint, DpEvent, PrivacySpent,
+};
 pub use ledger::{Budget, Ledger, LedgerEntry, LedgerScope};
 pub use noise::{
     add_central_noise, clip_and_sum, clip_l2, l2_norm, privatize_client_delta, GaussianMechanism,
@@ -55,6 +57,10 @@ pub enum PrivacyError {
         /// The most buckets allowed.
         max: usize,
     },
+    /// Stored accounting state (a checkpoint of a composition) that does not read back as what was written,
+    /// or does not belong to the events it is read back with.
+    #[error("stored privacy accounting: {0}")]
+    Corrupt(String),
     /// The operating system's entropy source failed.
     #[error("entropy source failed: {0}")]
     Entropy(String),

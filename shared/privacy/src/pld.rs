@@ -462,6 +462,77 @@ fn fft_convolve(a: &[f64], b: &[f64]) -> Vec<f64> {
     fa[..out_len].iter().map(|c| c.re / len as f64).collect()
 }
 
+/// The most buckets a stored PMF may hold when read back (512 MiB of f64): a composed PLD is far smaller.
+const MAX_STORED_BUCKETS: u64 = 1 << 26;
+/// The first bytes of a stored PLD (format 1).
+const STORED_MAGIC: &[u8; 5] = b"SPLD1";
+
+/// Reads `N` bytes from the front of `bytes`.
+fn take<const N: usize>(bytes: &mut &[u8]) -> Result<[u8; N], PrivacyError> {
+    let (head, rest) = bytes.split_first_chunk::<N>().ok_or_else(|| {
+        PrivacyError::Corrupt(format!(
+            "a stored PLD ends early ({} bytes left)",
+            bytes.len()
+        ))
+    })?;
+    *bytes = rest;
+    Ok(*head)
+}
+
+impl Pmf {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.discretization.to_le_bytes());
+        out.extend_from_slice(&self.lower_loss.to_le_bytes());
+        out.extend_from_slice(&self.infinity_mass.to_le_bytes());
+        out.extend_from_slice(&(self.probs.len() as u64).to_le_bytes());
+        for p in &self.probs {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+
+    /// A PMF written by [`Pmf::write`], checked to be a probability distribution (up to the round-off
+    /// of its FFTs) before anything is computed on it.
+    fn read(bytes: &mut &[u8]) -> Result<Self, PrivacyError> {
+        let bad = |what: String| PrivacyError::Corrupt(format!("a stored PLD: {what}"));
+        let discretization = f64::from_le_bytes(take(bytes)?);
+        let lower_loss = i64::from_le_bytes(take(bytes)?);
+        let infinity_mass = f64::from_le_bytes(take(bytes)?);
+        let n = u64::from_le_bytes(take(bytes)?);
+        if !(discretization > 0.0 && discretization.is_finite()) {
+            return Err(bad(format!("discretisation {discretization}")));
+        }
+        if !(0.0..=1.0).contains(&infinity_mass) {
+            return Err(bad(format!("mass at infinity {infinity_mass}")));
+        }
+        if n == 0 || n > MAX_STORED_BUCKETS || (bytes.len() as u64) < n * 8 {
+            return Err(bad(format!(
+                "{n} buckets in {} bytes (at most {MAX_STORED_BUCKETS})",
+                bytes.len()
+            )));
+        }
+        let mut probs = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let p = f64::from_le_bytes(take(bytes)?);
+            // FFT round-off leaves values a hair below zero; nothing else may be.
+            if !(-1e-12..=1.0 + 1e-9).contains(&p) {
+                return Err(bad(format!("probability {p} at bucket {i}")));
+            }
+            probs.push(p);
+        }
+        let total = probs.iter().sum::<f64>() + infinity_mass;
+        if (total - 1.0).abs() > 1e-6 {
+            return Err(bad(format!("total mass {total}")));
+        }
+        Ok(Self {
+            discretization,
+            lower_loss,
+            probs,
+            infinity_mass,
+            log_mgfs: OnceLock::new(),
+        })
+    }
+}
+
 impl Pld {
     /// The PLD of no mechanism at all (ε = 0).
     pub fn identity(discretization: f64) -> Self {
@@ -531,6 +602,56 @@ impl Pld {
         }
     }
 
+    /// The width of its privacy-loss buckets.
+    pub(crate) fn discretization(&self) -> f64 {
+        self.remove.discretization
+    }
+
+    /// The PLD as bytes (a checkpoint of a long composition), read back exactly by [`Pld::from_bytes`].
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let len = self.remove.probs.len() + self.add.as_ref().map_or(0, |a| a.probs.len());
+        let mut out = Vec::with_capacity(STORED_MAGIC.len() + 1 + 64 + 8 * len);
+        out.extend_from_slice(STORED_MAGIC);
+        out.push(u8::from(self.add.is_some()));
+        self.remove.write(&mut out);
+        if let Some(a) = &self.add {
+            a.write(&mut out);
+        }
+        out
+    }
+
+    /// A PLD written by [`Pld::to_bytes`]: the same values to the bit, or [`PrivacyError::Corrupt`] for
+    /// bytes that are not one (bounded sizes, finite probabilities summing to one, one discretisation).
+    pub fn from_bytes(mut bytes: &[u8]) -> Result<Self, PrivacyError> {
+        if take::<5>(&mut bytes)? != *STORED_MAGIC {
+            return Err(PrivacyError::Corrupt("not a stored PLD (format 1)".into()));
+        }
+        let has_add = match take::<1>(&mut bytes)?[0] {
+            0 => false,
+            1 => true,
+            b => return Err(PrivacyError::Corrupt(format!("a stored PLD: flag {b}"))),
+        };
+        let remove = Pmf::read(&mut bytes)?;
+        let add = if has_add {
+            let a = Pmf::read(&mut bytes)?;
+            if a.discretization != remove.discretization {
+                return Err(PrivacyError::Corrupt(
+                    "a stored PLD: its adjacencies differ in discretisation".into(),
+                ));
+            }
+            Some(a)
+        } else {
+            None
+        };
+        if !bytes.is_empty() {
+            return Err(PrivacyError::Corrupt(format!(
+                "a stored PLD: {} bytes after its end",
+                bytes.len()
+            )));
+        }
+        Ok(Self { remove, add })
+    }
+
     /// ε for a target δ: the worse of the two adjacencies.
     pub fn epsilon_for_delta(&self, delta: f64) -> f64 {
         let r = self.remove.epsilon_for_delta(delta);
@@ -551,6 +672,48 @@ impl Pld {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_pld_reads_back_to_the_bit_and_bad_bytes_are_refused() {
+        let one = Pld::subsampled_gaussian(1.0, 0.01, DEFAULT_DISCRETIZATION).unwrap();
+        let pld = one.self_compose(7).compose(&one);
+        let bytes = pld.to_bytes();
+        let back = Pld::from_bytes(&bytes).unwrap();
+        assert_eq!(back.to_bytes(), bytes);
+        assert_eq!(back.epsilon_for_delta(1e-5), pld.epsilon_for_delta(1e-5));
+        // q = 1: one adjacency.
+        let full = Pld::subsampled_gaussian(2.0, 1.0, DEFAULT_DISCRETIZATION).unwrap();
+        assert_eq!(
+            Pld::from_bytes(&full.to_bytes()).unwrap().to_bytes(),
+            full.to_bytes()
+        );
+        let refused = |b: &[u8]| matches!(Pld::from_bytes(b), Err(PrivacyError::Corrupt(_)));
+        assert!(refused(&bytes[..bytes.len() - 1]), "truncated");
+        assert!(
+            refused(&[bytes.as_slice(), &[0]].concat()),
+            "trailing bytes"
+        );
+        assert!(refused(b"SPLD2"), "another format");
+        assert!(refused(&[]), "empty");
+        // Header: magic (5), flag (1), discretisation (8), lower loss (8), mass at ∞ (8), count (8).
+        let mut huge = bytes.clone();
+        huge[30..38].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(
+            refused(&huge),
+            "a count past the bound is refused before allocating"
+        );
+        let first = 38;
+        for bad in [f64::NAN, -0.5, 2.0] {
+            let mut b = bytes.clone();
+            b[first..first + 8].copy_from_slice(&bad.to_le_bytes());
+            assert!(refused(&b), "probability {bad}");
+        }
+        // A PMF whose mass is not one (a tampered bucket that stays in [0, 1]).
+        let mut b = bytes.clone();
+        let p = f64::from_le_bytes(b[first..first + 8].try_into().unwrap());
+        b[first..first + 8].copy_from_slice(&(p + 0.01).min(1.0).to_le_bytes());
+        assert!(refused(&b), "mass {p} + 0.01");
+    }
 
     #[test]
     fn pmfs_are_probability_distributions() {

@@ -70,7 +70,8 @@ pub enum LedgerPattern {
 /// Prints one JSON line per accountant and pattern for a coordinator's global ledger over `rounds` rounds
 /// at rate `q` and multiplier `sigma`: the seconds of one round's accounting (preview before the round,
 /// check and charge at aggregation: the coordinator's calls) at the first, middle and last round; of all
-/// rounds; of the accountant's ε on the whole list afresh; and of reading the ledger back at a restart.
+/// rounds; of the accountant's ε on the whole list afresh; of reading the ledger back at a restart, from
+/// its entries alone and resumed from its checkpoint; and the checkpoint's time and size.
 pub fn ledger(rounds: usize, q: f64, sigma: f64, patterns: &[LedgerPattern]) -> Result<()> {
     let budget = Budget {
         epsilon: 1e6,
@@ -115,10 +116,29 @@ pub fn ledger(rounds: usize, q: f64, sigma: f64, patterns: &[LedgerPattern]) -> 
         let t = Instant::now();
         let back = Ledger::from_json(&json)?;
         let restore = t.elapsed().as_secs_f64();
+        // What a coordinator stores after a round that starts a run, and a restart resumed from it.
+        let t = Instant::now();
+        let checkpoint = l.checkpoint()?;
+        let checkpoint_s = t.elapsed().as_secs_f64();
+        // Its stored size is the PLD's bytes and a few dozen more.
+        let checkpoint_bytes = checkpoint.as_ref().map(|c| c.before.len());
+        let t = Instant::now();
+        let resumed = Ledger::resume(
+            LedgerScope::Global,
+            budget,
+            kind,
+            back.entries().to_vec(),
+            checkpoint.as_ref(),
+        )?;
+        let resume = t.elapsed().as_secs_f64();
         anyhow::ensure!(
-            back.spent() == whole.epsilon && l.spent() == whole.epsilon,
-            "the ledger's ε {} differs from the accountant's {} on its events",
+            back.spent() == whole.epsilon
+                && l.spent() == whole.epsilon
+                && resumed.spent() == whole.epsilon,
+            "the ledger's ε {} (read back {}, resumed {}) differs from the accountant's {} on its events",
             l.spent(),
+            back.spent(),
+            resumed.spent(),
             whole.epsilon
         );
         println!(
@@ -128,6 +148,8 @@ pub fn ledger(rounds: usize, q: f64, sigma: f64, patterns: &[LedgerPattern]) -> 
                 "sampling_rate": q, "noise_multiplier": sigma, "epsilon": whole.epsilon,
                 "delta": budget.delta, "round_seconds": per_round, "all_rounds_seconds": total,
                 "recompose_seconds": recompose, "restore_seconds": restore,
+                "checkpoint_seconds": checkpoint_s, "checkpoint_pld_bytes": checkpoint_bytes,
+                "restore_from_checkpoint_seconds": resume,
                 "peak_rss_bytes": peak_rss(),
             })
         );
