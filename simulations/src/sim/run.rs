@@ -696,13 +696,39 @@ fn edge_config(
 /// How many bytes of trained updates (as f32 values) the pool may hold ahead of their completion.
 const TRAINED_BYTES_AHEAD: usize = 256 << 20;
 
+/// The free space `/dev/shm` must have for the simulated coordinator's state to go there (a container's
+/// default of 64 MB would fill up at population scale: 100,000 clients' store takes ~100 MB).
+const SHM_FREE_BYTES: u64 = 1 << 30;
+
+/// Bytes free to an unprivileged user in the file system holding `path`; `None` where it cannot be told.
+#[cfg(unix)]
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero `statvfs` is a valid value of that plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid struct for statvfs to fill.
+    let ok = unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0;
+    #[allow(clippy::unnecessary_cast)] // the fields' widths differ between platforms
+    ok.then(|| (st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_: &std::path::Path) -> Option<u64> {
+    None
+}
+
 /// A scratch directory for the simulated coordinator's state: in `/dev/shm` where it can be (Linux
-/// without `TMPDIR` set), else in the temporary directory. The simulated coordinator is the deployed one,
-/// which flushes its store before it acknowledges an update; on a disk those flushes were 40% of a
-/// population round's time (`scenarios/dp-population.toml`), and a simulation's state needs no disk.
+/// without `TMPDIR` set, with [`SHM_FREE_BYTES`] free), else in the temporary directory. The simulated
+/// coordinator is the deployed one, which flushes its store before it acknowledges an update; on a disk
+/// those flushes were 40% of a population round's time (`scenarios/dp-population.toml`), and a
+/// simulation's state needs no disk.
 fn scratch_dir() -> Result<tempfile::TempDir, SimError> {
     let shm = std::path::Path::new("/dev/shm");
-    if std::env::var_os("TMPDIR").is_none() && shm.is_dir() {
+    if std::env::var_os("TMPDIR").is_none()
+        && shm.is_dir()
+        && free_bytes(shm).is_some_and(|b| b >= SHM_FREE_BYTES)
+    {
         if let Ok(t) = tempfile::Builder::new()
             .prefix("starling-sim")
             .tempdir_in(shm)
@@ -1141,5 +1167,19 @@ impl Sim<'_> {
             sim_time_s: self.now as f64 / 1000.0,
             wall_s: wall.elapsed().as_secs_f64(),
         })
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_space_is_told_for_a_directory_and_not_for_a_missing_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(free_bytes(tmp.path()).is_some_and(|b| b > 0));
+        assert_eq!(free_bytes(&tmp.path().join("missing")), None);
+        // The scratch directory exists, wherever it went.
+        assert!(scratch_dir().unwrap().path().is_dir());
     }
 }
