@@ -93,7 +93,8 @@ impl<'m> Pool<'m> {
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A worker that panicked leaves its training running forever; `take` then trains it itself.
+        // Nothing panics while holding the lock (trainings run outside it), so a poisoned one is still
+        // consistent.
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -157,7 +158,10 @@ impl<'m> Pool<'m> {
             };
             s.running.insert(key);
             drop(s);
-            let result = job.run(self.model);
+            // A panic (a bug) becomes the training's error, not a loop waiting forever for its result.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(self.model)))
+                    .unwrap_or_else(|_| Err("the training panicked".into()));
             s = self.lock();
             s.running.remove(&key);
             if !s.stale.remove(&key) {
