@@ -737,15 +737,7 @@ impl RoundCore {
         {
             return Ok(None);
         }
-        let starts_run = match l.entries() {
-            [.., before, last] => {
-                (before.event.sampling_rate, before.event.noise_multiplier)
-                    != (last.event.sampling_rate, last.event.noise_multiplier)
-            }
-            [_] => true,
-            [] => false,
-        };
-        if !starts_run {
+        if !l.last_starts_run() {
             return Ok(None);
         }
         let checkpoint = l.checkpoint()?;

@@ -348,9 +348,9 @@ fn colluders_steer_krum_back_to_the_base_model_and_the_trimmed_mean_resists() {
     );
 }
 
-#[test]
-fn training_ahead_on_workers_changes_nothing_in_the_results() {
-    // Dropouts (before training and before upload) leave trainings started and never taken.
+/// The small scenario with 30% of the selected devices dropping out (before training or before upload),
+/// 6 a round of which 2 suffice.
+fn with_dropouts() -> Scenario {
     let mut s = small(
         r#"
 [devices]
@@ -360,6 +360,13 @@ offline_ms = 120000
     );
     s.simulation.clients_per_round = sim::scenario::PerRound::Count(6);
     s.rounds.min_updates = 2;
+    s
+}
+
+#[test]
+fn training_ahead_on_workers_changes_nothing_in_the_results() {
+    // Dropouts (before training and before upload) leave trainings started and never taken.
+    let s = with_dropouts();
     let with = |workers| {
         let opts = RunOptions {
             train_workers: Some(workers),
@@ -379,16 +386,7 @@ offline_ms = 120000
 
 #[test]
 fn rounds_complete_with_thirty_percent_dropouts() {
-    let s = small(
-        r#"
-[devices]
-dropout = 0.3
-offline_ms = 120000
-"#,
-    );
-    let mut s = s;
-    s.simulation.clients_per_round = sim::scenario::PerRound::Count(6);
-    s.rounds.min_updates = 2;
+    let s = with_dropouts();
     let o = run(&s, Transport::Memory);
     assert_eq!(o.summary.rounds, 3, "{:?}", o.rounds);
     let dropped: usize = o.rounds.iter().map(|r| r.dropouts).sum();

@@ -167,12 +167,7 @@ impl Ledger {
         }
         let before = match cached.composed {
             Some((at, c)) if at == len => c,
-            _ => {
-                let c = Arc::new(Composition::of(&self.events(), self.accountant)?);
-                self.cache
-                    .update(|k| k.composed = Some((len, Arc::clone(&c))));
-                c
-            }
+            _ => self.composition()?,
         };
         let after = Arc::new(before.then(&event)?);
         let spent = after.epsilon(self.budget.delta)?;
@@ -290,11 +285,7 @@ impl Ledger {
                 let at = resumed.epsilon(budget.delta)?.epsilon;
                 let mut floor = 0.0f64;
                 for e in &mut entries[..cp.events] {
-                    e.epsilon_after = if e.epsilon_after.is_nan() {
-                        at
-                    } else {
-                        e.epsilon_after.max(floor).min(at)
-                    };
+                    e.epsilon_after = bounded(e.epsilon_after, floor, at);
                     floor = e.epsilon_after;
                 }
                 // The checkpoint's own end is computed, not clamped.
@@ -323,11 +314,7 @@ impl Ledger {
             }
             let after = composed.epsilon(budget.delta)?.epsilon;
             for e in &mut entries[run_start..i] {
-                e.epsilon_after = if e.epsilon_after.is_nan() {
-                    after
-                } else {
-                    e.epsilon_after.max(before).min(after)
-                };
+                e.epsilon_after = bounded(e.epsilon_after, before, after);
             }
             entries[i].epsilon_after = after;
             (run_start, before) = (i + 1, after);
@@ -351,17 +338,44 @@ impl Ledger {
     /// holds the PLD of the runs of identical rounds that ended (a few MB), so an owner stores it after a
     /// charge that started a new run.
     pub fn checkpoint(&self) -> Result<Option<Checkpoint>, PrivacyError> {
-        let len = self.entries.len();
-        let composed = match self.cache.get().composed {
-            Some((at, c)) if at == len => c,
-            _ => {
-                let c = Arc::new(Composition::of(&self.events(), self.accountant)?);
-                self.cache
-                    .update(|k| k.composed = Some((len, Arc::clone(&c))));
-                c
+        Ok(self.composition()?.checkpoint(&self.events()))
+    }
+
+    /// Whether the last entry began a run of identical steps (a sampling rate or multiplier other than
+    /// the entry before's): where an owner stores a [`Ledger::checkpoint`], since inside a run the
+    /// entries after one compose as one.
+    pub fn last_starts_run(&self) -> bool {
+        match self.entries.as_slice() {
+            [.., before, last] => {
+                (before.event.sampling_rate, before.event.noise_multiplier)
+                    != (last.event.sampling_rate, last.event.noise_multiplier)
             }
-        };
-        Ok(composed.checkpoint(&self.events()))
+            [_] => true,
+            [] => false,
+        }
+    }
+
+    /// The composition of every entry: the cached one, or composed now and cached.
+    fn composition(&self) -> Result<Arc<Composition>, PrivacyError> {
+        let len = self.entries.len();
+        if let Some((at, c)) = self.cache.get().composed {
+            if at == len {
+                return Ok(c);
+            }
+        }
+        let c = Arc::new(Composition::of(&self.events(), self.accountant)?);
+        self.cache
+            .update(|k| k.composed = Some((len, Arc::clone(&c))));
+        Ok(c)
+    }
+}
+
+/// A stored ε kept within the two values recomputed around it (a NaN reads as the upper one).
+fn bounded(stored: f64, lower: f64, upper: f64) -> f64 {
+    if stored.is_nan() {
+        upper
+    } else {
+        stored.max(lower).min(upper)
     }
 }
 
