@@ -417,7 +417,8 @@ impl Composition {
                 run.validate()?;
                 if run.is_noop() || run.is_non_private() {
                     return Err(PrivacyError::Corrupt(format!(
-                        "a checkpoint's run {run:?} is not a private one"
+                        "a checkpoint's run of {} steps at q = {}, σ = {} is not a private one",
+                        run.steps, run.sampling_rate, run.noise_multiplier
                     )));
                 }
                 let before = if checkpoint.before.is_empty() {
