@@ -539,7 +539,8 @@ impl CoordinatorConfig {
              #   resume_grace_ms (a restart moves the open round's deadline by the downtime, at least this)\n\
              # [strategy] kind = fed-avg | fed-prox | fed-avg-m | fed-adam | fed-yogi | fed-adagrad | median |\n\
              #   trimmed-mean | krum | multi-krum; server_lr, momentum, beta1, beta2, tau, proximal_mu,\n\
-             #   trim_beta, byzantine, multi_krum_m, norm_bound\n\
+             #   trim_beta, byzantine, multi_krum_m, norm_bound, lr_decay_rounds, lr_decay_floor (a cosine\n\
+             #   decay of the server step over that many rounds, to that fraction of it)\n\
              # [privacy] mode = off | central | distributed; clip, noise_multiplier, delta, epsilon_budget,\n\
              #   accountant = pld | rdp, noise_clients (with DP on, [strategy] is the server rule that steps by\n\
              #   the noisy mean: a linear kind, e.g. fed-avg-m for DP-FedAvgM)\n\

@@ -8,12 +8,14 @@
 //! wrapper, which only clips and noises and reports what it did).
 
 mod bound;
+mod decay;
 mod dp;
 mod fedavg;
 mod fedopt;
 mod robust;
 
 pub use bound::NormBound;
+pub use decay::CosineDecay;
 pub use dp::{charged_multiplier, clipped_sum, DpFedAvg};
 pub use fedavg::{FedAvg, FedAvgM};
 pub use fedopt::{FedOpt, FedOptKind};
@@ -214,6 +216,10 @@ pub fn build(config: &StrategyConfig) -> Result<Box<dyn Strategy>, AggregateErro
         StrategyKind::Krum => Box::new(Krum::new(config.byzantine, 1)?),
         StrategyKind::MultiKrum => Box::new(Krum::new(config.byzantine, config.multi_krum_m)?),
     };
+    let inner = match config.lr_decay_rounds {
+        Some(h) => Box::new(CosineDecay::new(h, config.lr_decay_floor, inner)?),
+        None => inner,
+    };
     Ok(match config.norm_bound {
         Some(b) => Box::new(NormBound::new(b, inner)?),
         None => inner,
@@ -274,6 +280,10 @@ pub struct StrategyConfig {
     pub multi_krum_m: usize,
     /// Clip every update to this L2 norm before the rule (norm bounding).
     pub norm_bound: Option<f32>,
+    /// Decay the server step along a cosine over this many rounds (none: a constant rate).
+    pub lr_decay_rounds: Option<u64>,
+    /// The fraction of the server step left once `lr_decay_rounds` have passed.
+    pub lr_decay_floor: f32,
 }
 
 impl Default for StrategyConfig {
@@ -290,6 +300,8 @@ impl Default for StrategyConfig {
             byzantine: 1,
             multi_krum_m: 3,
             norm_bound: None,
+            lr_decay_rounds: None,
+            lr_decay_floor: 0.0,
         }
     }
 }
@@ -376,6 +388,13 @@ pub(crate) mod tests {
             })
             .unwrap();
             assert!(!s.name().is_empty());
+            let decayed = build(&StrategyConfig {
+                kind,
+                lr_decay_rounds: Some(100),
+                ..StrategyConfig::default()
+            })
+            .unwrap();
+            assert!(decayed.name().ends_with("+cosine(rounds=100,floor=0)"));
         }
         let prox = build(&StrategyConfig {
             kind: StrategyKind::FedProx,
