@@ -60,7 +60,7 @@ enum Cmd {
         /// Rounds charged to a global ledger (0: skip the ledger figures).
         #[arg(long, default_value_t = 100)]
         ledger_rounds: usize,
-        /// The ledger's rounds: sampling rate q (200 of 100,000 clients: scenarios/dp-population.toml).
+        /// The ledger's rounds: sampling rate q (200 of 100,000 clients: scenarios/dp-population-fedavg.toml).
         #[arg(long, default_value_t = 0.002)]
         ledger_sampling_rate: f64,
         /// The ledger's rounds: noise multiplier σ.

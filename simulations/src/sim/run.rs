@@ -721,7 +721,7 @@ fn free_bytes(_: &std::path::Path) -> Option<u64> {
 /// A scratch directory for the simulated coordinator's state: in `/dev/shm` where it can be (Linux
 /// without `TMPDIR` set, with [`SHM_FREE_BYTES`] free), else in the temporary directory. The simulated
 /// coordinator is the deployed one, which flushes its store before it acknowledges an update; on a disk
-/// those flushes were 40% of a population round's time (`scenarios/dp-population.toml`), and a
+/// those flushes were 40% of a population round's time (`scenarios/dp-population-fedavg.toml`), and a
 /// simulation's state needs no disk.
 fn scratch_dir() -> Result<tempfile::TempDir, SimError> {
     let shm = std::path::Path::new("/dev/shm");
