@@ -152,12 +152,20 @@ impl Strategy for DpFedAvg {
         self.server.proximal_mu()
     }
 
+    /// The server rule's state, with the rounds noised so far (a restarted simulation draws the next
+    /// round's noise from the stream it would have used, not the first round's again).
     fn state(&self) -> StrategyState {
-        self.server.state()
+        StrategyState {
+            rounds: self.rounds,
+            ..self.server.state()
+        }
     }
 
     fn restore(&mut self, state: StrategyState) -> Result<(), AggregateError> {
-        self.server.restore(state)
+        let rounds = state.rounds;
+        self.server.restore(state)?;
+        self.rounds = rounds;
+        Ok(())
     }
 
     fn aggregate(&mut self, updates: &[ClientUpdate<'_>]) -> Result<Vec<f32>, AggregateError> {
@@ -261,6 +269,27 @@ mod tests {
         let median = Box::new(super::super::Median);
         let err = DpFedAvg::new(0.5, 1.0, 10.0, NoisePlacement::Central, median).unwrap_err();
         assert!(err.to_string().contains("needs every update"), "{err}");
+    }
+
+    /// A restored DP-FedAvg continues the simulation noise stream: the round after a restart gets the
+    /// noise the uninterrupted run drew for it, over a stateless server rule too.
+    #[test]
+    fn a_restart_resumes_the_noise_stream() {
+        let v = vec![(1, vec![0.5f32; 64]), (1, vec![-0.25f32; 64])];
+        let make = || {
+            DpFedAvg::new(1.0, 1.0, 2.0, NoisePlacement::Central, fedavg())
+                .unwrap()
+                .with_simulation_key([3; 32])
+        };
+        let mut run = make();
+        let first = run.aggregate(&ups(&v)).unwrap();
+        let state = run.state();
+        assert_eq!(state.rounds, 1);
+        let second = run.aggregate(&ups(&v)).unwrap();
+        assert_ne!(first, second, "every round draws fresh noise");
+        let mut restarted = make();
+        restarted.restore(state).unwrap();
+        assert_eq!(restarted.aggregate(&ups(&v)).unwrap(), second);
     }
 
     fn fedavg() -> Box<dyn Strategy> {
