@@ -24,7 +24,7 @@ http = false
 min_clients = 5
 selection = { count = 5 }
 min_updates = 3
-# Rounds close when all five report; the deadline only bounds a round nobody finishes. Three minutes
+# Rounds close when all five report; the deadline only bounds a round some device never finishes. Three minutes
 # keeps a round whose five debug-built trainings run on two loaded cores (≈ 60 s seen) from being
 # abandoned, which the probe would read as a round lost to a kill.
 round_timeout_ms = 180000
